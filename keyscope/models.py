@@ -13,12 +13,20 @@ Architecture facts live here and nowhere else:
   ``value = W_out @ key (+ b_out)`` whatever the storage: GPT-2's ``Conv1D`` stores the transpose
   ``(d_mlp, d_model)``, ``nn.Linear`` (LLaMA, Mistral, GPT-NeoX, GPT-J) stores ``(d_model, d_mlp)``;
 * the default edit layer per model family, from the published ROME / EasyEdit hyper-parameters.
+
+Where a model comes from (:func:`load_model`), in order: ``"factworld"``; an existing local directory; a hub
+name already in the local Hugging Face cache, read from its cached snapshot **without contacting the hub**
+(so a cached model loads the same offline and online); and only then a download. Before downloading, one
+short request (:data:`HUB_PROBE_TIMEOUT_S`) asks the hub whether the name exists, so that offline (by
+``HF_HUB_OFFLINE`` or because the hub is unreachable), misspelt and gated names fail at once with one line
+instead of after the ~25 s of retries ``transformers`` spends before giving up.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import operator
 import os
 import warnings
 from pathlib import Path
@@ -59,6 +67,14 @@ FAMILY_DEPTH_FRACTION: dict[str, float] = {
 #: Name of the small JSON file a keyscope-built model directory carries (e.g. factworld's default layer).
 MODEL_CARD = "keyscope.json"
 
+#: Seconds the one hub request before a download may take; past it the hub counts as unreachable.
+HUB_PROBE_TIMEOUT_S = 5.0
+
+_HOW_TO_GET = (
+    "download it once where the Hugging Face hub is reachable (it is then read from the local cache) "
+    "or pass a local Hugging Face model directory"
+)
+
 
 def key_hook(layer: int) -> str:
     """TransformerLens hook whose activation is the layer-``layer`` key: the input of ``W_out``."""
@@ -87,48 +103,188 @@ def _looks_local(name_or_path: str) -> bool:
     return name_or_path.startswith((".", os.sep, "~")) or name_or_path.count("/") > 1
 
 
+def _first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of ``exc``'s message, cut to ``limit`` characters (HF errors run to pages)."""
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+#: Hub names the hub itself redirects (GPT-2 moved under ``openai-community``); the HF cache keeps the name
+#: a model was downloaded under, so the cache is searched under both.
+_HUB_REDIRECTS = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
+
+
+def _official_name(name: str) -> str:
+    """The hub name TransformerLens loads for ``name``: the official name of a deprecated alias
+    (``gpt-j`` → ``EleutherAI/gpt-j-6B``), else ``name`` itself."""
+    try:
+        from transformer_lens.tools.model_registry.registry_io import resolve_model_alias
+    except ImportError:  # the registry is TransformerLens-internal; without it, take the name as given
+        return name
+    return resolve_model_alias(name) or name
+
+
+def hub_names(name: str) -> list[str]:
+    """The hub names ``name`` may be cached under: itself, its :func:`_official_name`, and the hub's
+    redirect (``gpt2`` ↔ ``openai-community/gpt2``)."""
+    official = _official_name(name)
+    names = [name, official]
+    names += [new for old, new in _HUB_REDIRECTS.items() if official == old]
+    names += [old for old, new in _HUB_REDIRECTS.items() if official == new]
+    return list(dict.fromkeys(names))
+
+
+def _has_weights(directory: Path) -> bool:
+    return any(directory.glob("*.safetensors")) or any(directory.glob("*.bin"))
+
+
+def cached_snapshot(name: str) -> tuple[str, Path] | None:
+    """``(repo_id, snapshot)``: hub model ``name``'s snapshot (config and weights) in the local Hugging Face
+    cache, under any of :func:`hub_names`; ``None`` if none is cached. Looks only at the disk
+    (``local_files_only``), never at the network."""
+    from huggingface_hub import snapshot_download
+
+    for repo_id in hub_names(name):
+        try:
+            snapshot = Path(snapshot_download(repo_id, local_files_only=True))
+        except (OSError, ValueError):  # LocalEntryNotFoundError (not cached), HFValidationError (bad id)
+            continue
+        if (snapshot / "config.json").is_file() and _has_weights(snapshot):
+            return repo_id, snapshot
+    return None
+
+
+def _probe_hub(requested: str) -> None:
+    """Raise :class:`ModelNotAvailable` at once unless hub model ``requested`` can be downloaded from here.
+
+    One ``model_info`` request with a :data:`HUB_PROBE_TIMEOUT_S` timeout and no retries, instead of the
+    retry loop (~25 s) ``from_pretrained`` runs when the hub is down. Where the hub name does not resolve
+    this fails in milliseconds; where connections hang it takes ``HUB_PROBE_TIMEOUT_S`` plus the 3 s
+    ``huggingface_hub`` gives its own first request of a process (it fetches an agent registry).
+    """
+    from huggingface_hub import HfApi, constants, get_token, is_offline_mode
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    repo_id = _official_name(requested)
+    name = repr(requested) if repo_id == requested else f"{requested!r} ({repo_id})"
+    if is_offline_mode():
+        raise ModelNotAvailable(
+            f"model {name} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) "
+            f"and HF_HUB_OFFLINE is set; {_HOW_TO_GET}"
+        )
+    try:
+        info = HfApi().model_info(repo_id, timeout=HUB_PROBE_TIMEOUT_S)
+    except RepositoryNotFoundError as exc:  # the hub answers 401/404 alike for missing and private repos
+        raise ModelNotAvailable(
+            f"there is no model {name} on the Hugging Face hub that you can access, nor a local directory of "
+            f"that name; check the spelling, log in (`hf auth login`) for a private model, or pass a local "
+            f"Hugging Face model directory"
+        ) from exc
+    except Exception as exc:  # any failure of this one request (DNS, refused, timeout, 5xx): cannot download
+        raise ModelNotAvailable(
+            f"model {name} is not in the local Hugging Face cache and the hub cannot be reached "
+            f"({_first_line(exc)}); {_HOW_TO_GET}"
+        ) from exc
+    if getattr(info, "gated", False) and get_token() is None:
+        raise ModelNotAvailable(
+            f"model {name} is gated: accept its licence at https://huggingface.co/{repo_id} and log in "
+            f"(`hf auth login` or HF_TOKEN), or pass a local Hugging Face model directory"
+        )
+
+
+def _boot(target: str, device: str, dtype: torch.dtype):
+    """``TransformerBridge.boot_transformers`` with HF's stderr noise turned down."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    for noisy in ("transformers", "huggingface_hub", "transformer_lens"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return TransformerBridge.boot_transformers(target, device=device, dtype=dtype)
+
+
+def _load_error(label: str, source: Path | None, exc: Exception) -> ModelNotAvailable:
+    """The one-line :class:`ModelNotAvailable` for a failed boot of ``label`` (read from ``source``)."""
+    if str(exc).startswith("Could not determine supported architecture"):
+        config = {}
+        if source is not None and (source / "config.json").is_file():
+            config = json.loads((source / "config.json").read_text())
+        architecture = "/".join(config.get("architectures") or ["unknown"])
+        return ModelNotAvailable(
+            f"{label}: architecture {architecture} (model_type {config.get('model_type', 'unknown')}) is not "
+            f"supported by TransformerLens; "
+            f"keyscope runs decoder-only dense-MLP models such as GPT-2, GPT-J, GPT-NeoX, LLaMA and Mistral"
+        )
+    where = f"the model directory {source}" if source is not None else f"model {label!r}"
+    return ModelNotAvailable(f"could not load {where}: {_first_line(exc)}")
+
+
+def _check_dense_mlp(model, label: str) -> None:
+    """Raise :class:`ModelNotAvailable` unless every block has an MLP down-projection keyscope can edit."""
+    for layer in range(n_layers(model)):
+        out = getattr(model.blocks[layer].mlp, "out", None)
+        weight = getattr(getattr(out, "original_component", None), "weight", None)
+        if weight is None or sorted(weight.shape) != sorted((d_model(model), d_mlp(model))):
+            raise ModelNotAvailable(
+                f"{label}: {type(model.original_model).__name__} has no dense MLP down-projection in block "
+                f"{layer} (mixture-of-experts or state-space?); keyscope edits dense-MLP models such as GPT-2, "
+                f"GPT-J, GPT-NeoX, LLaMA and Mistral"
+            )
+
+
 def load_model(name_or_path: str = FACTWORLD, device: str | None = None, dtype: torch.dtype | None = None):
     """Load ``name_or_path`` as an unprocessed TransformerLens 4 ``TransformerBridge`` in eval mode.
 
-    ``name_or_path`` is ``"factworld"`` (the model shipped with keyscope), a hub name (``gpt2``,
-    ``meta-llama/Llama-2-7b-hf``, …; downloaded once and then read from the local HF cache) or a local
-    HF directory (``config.json`` + weights + tokenizer). Raises :class:`ModelNotAvailable` with one line
-    naming what was tried and how to fix it.
+    ``name_or_path`` is ``"factworld"`` (the model shipped with keyscope), a local HF directory
+    (``config.json`` + weights + tokenizer) or a hub name (``gpt2``, ``meta-llama/Llama-2-7b-hf``, …). A hub
+    name already in the local Hugging Face cache is read from there without any network access; otherwise
+    it is downloaded, after a quick check that the hub is reachable and knows the name. Raises
+    :class:`ModelNotAvailable` with one line naming what was tried and how to fix it.
     """
-    from transformer_lens.model_bridge import TransformerBridge
-
     target = resolve_model_path(name_or_path)
     path = Path(target).expanduser()
+    source: Path | None  # the local directory the weights are read from; None for a download
+    repo_id: str | None = None  # the hub name, for a hub model
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise ModelNotAvailable(f"{target} is a directory but holds no config.json; pass a Hugging Face model directory")
-        target = str(path.resolve())
+            raise ModelNotAvailable(
+                f"{target} is a directory but holds no config.json; pass a Hugging Face model directory "
+                f"(config.json, weights, tokenizer), e.g. one written by save_pretrained"
+            )
+        source = path.resolve()
     elif name_or_path == FACTWORLD:
         raise ModelNotAvailable(
             f"the factworld model is missing from the installation ({target}); rebuild it with `keyscope factworld train`"
         )
     elif _looks_local(name_or_path):
-        raise ModelNotAvailable(f"model directory {name_or_path} does not exist")
+        raise ModelNotAvailable(f"model directory {name_or_path} does not exist; pass an existing Hugging Face model directory")
+    else:
+        from huggingface_hub.utils import validate_repo_id
+
+        try:
+            validate_repo_id(name_or_path)
+        except ValueError as exc:
+            raise ModelNotAvailable(
+                f"{name_or_path!r} is neither a local directory nor a valid Hugging Face model name; "
+                f"pass a hub name such as gpt2-xl or a local Hugging Face model directory"
+            ) from exc
+        cached = cached_snapshot(name_or_path)
+        if cached is None:
+            _probe_hub(name_or_path)
+        repo_id, source = cached or (_official_name(name_or_path), None)
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or torch.float32
-    # transformers logs retries and download noise on stderr; keep the one-line error ours.
-    for noisy in ("transformers", "huggingface_hub", "transformer_lens"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = TransformerBridge.boot_transformers(target, device=device, dtype=dtype)
-    except (OSError, ValueError, KeyError, EnvironmentError) as exc:  # noqa: UP024 (EnvironmentError is documented by HF)
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if path.is_dir():
-            raise ModelNotAvailable(f"could not load the model directory {target}: {first}") from exc
-        raise ModelNotAvailable(
-            f"model {name_or_path!r} is not available here ({first}). Download it once with internet access "
-            f"(it is then read from the Hugging Face cache), log in for gated models, or pass a local HF directory"
-        ) from exc
+        model = _boot(str(source) if source is not None else repo_id, device, dtype)
+    except (OSError, ValueError, KeyError) as exc:  # HF raises OSError (files), ValueError/KeyError (config)
+        raise _load_error(name_or_path, source, exc) from exc
+    _check_dense_mlp(model, name_or_path)
     model.eval()
     model.keyscope_name = name_or_path  # type: ignore[attr-defined]
+    model.keyscope_dir = source  # type: ignore[attr-defined]
+    model.keyscope_repo_id = repo_id  # type: ignore[attr-defined]
     return model
 
 
@@ -150,47 +306,90 @@ def d_model(model) -> int:
 
 
 def family(model) -> str:
-    """The HF ``model_type`` of the wrapped model (``gpt2``, ``llama``, ``mistral``, ``gpt_neox``, …)."""
+    """The HF ``model_type`` of the wrapped model (``gpt2``, ``llama``, ``mistral``, ``gpt_neox``, ``gptj``, …)."""
     return str(getattr(model.original_model.config, "model_type", "unknown"))
 
 
 def check_layer(model, layer: int) -> int:
-    """Return ``layer`` if it is a valid block index, else raise :class:`LayerOutOfRange`."""
+    """Return ``layer`` as an ``int`` if it is a block index ``0 <= layer < n_layers``, else raise
+    :class:`LayerOutOfRange` (also for non-integers such as ``"3"``, ``1.0`` or ``True``)."""
     n = n_layers(model)
-    if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < n:
-        raise LayerOutOfRange(f"layer {layer} is out of range: {model_name(model)} has layers 0..{n - 1}")
-    return layer
+    try:
+        index = None if isinstance(layer, bool) else operator.index(layer)
+    except TypeError:
+        index = None
+    if index is None:
+        raise LayerOutOfRange(f"layer {layer!r} is not an integer: {model_name(model)} has layers 0..{n - 1}")
+    if not 0 <= index < n:
+        raise LayerOutOfRange(f"layer {index} is out of range: {model_name(model)} has layers 0..{n - 1}")
+    return index
+
+
+def model_dir(model) -> Path | None:
+    """The local directory the model's weights were read from (a cached hub snapshot too), or ``None``."""
+    source = getattr(model, "keyscope_dir", None)
+    if source is not None:
+        return Path(source)
+    name = getattr(model.original_model.config, "_name_or_path", "") or ""
+    return Path(name) if name and Path(name).is_dir() else None
 
 
 def model_card(model) -> dict:
     """The ``keyscope.json`` card of a keyscope-built model directory, or ``{}``."""
-    name = getattr(model.original_model.config, "_name_or_path", "") or ""
-    card = Path(name) / MODEL_CARD
-    if name and card.is_file():
+    directory = model_dir(model)
+    card = directory / MODEL_CARD if directory is not None else None
+    if card is None or not card.is_file():
+        return {}
+    try:
         return json.loads(card.read_text())
-    return {}
+    except json.JSONDecodeError as exc:
+        raise ModelNotAvailable(f"model card {card} is not valid JSON ({exc}); fix or delete it") from exc
+
+
+def _published_layer(name: str) -> int | None:
+    """The published edit layer for ``name``: exact hub name, else by the last path component, so that
+    a local copy such as ``/models/gpt2-xl`` finds ``gpt2-xl``."""
+    if name in PUBLISHED_EDIT_LAYERS:
+        return PUBLISHED_EDIT_LAYERS[name]
+    stem = name.rstrip("/").rsplit("/", 1)[-1].lower()
+    for known, layer in PUBLISHED_EDIT_LAYERS.items():
+        if known.rsplit("/", 1)[-1].lower() == stem:
+            return layer
+    return None
 
 
 def default_layer(model) -> int:
     """The layer to edit by default.
 
     In order: the model's own card (factworld records the layer its causal trace found), the published
-    ROME/EasyEdit layer for known hub names, and the family's published fraction of depth otherwise.
+    ROME/EasyEdit layer for known hub names, and otherwise ``round(f * n_layers)`` (clipped to the blocks)
+    with ``f`` the family's published fraction of depth (:data:`FAMILY_DEPTH_FRACTION`, ``1/3`` if unknown).
     """
     card = model_card(model)
     if "default_layer" in card:
-        return check_layer(model, int(card["default_layer"]))
-    name = model_name(model)
-    if name in PUBLISHED_EDIT_LAYERS:
-        return check_layer(model, PUBLISHED_EDIT_LAYERS[name])
+        return check_layer(model, card["default_layer"])
+    for name in (model_name(model), getattr(model, "keyscope_repo_id", None)):  # e.g. gpt-j → EleutherAI/gpt-j-6B
+        published = _published_layer(name) if name else None
+        if published is not None:
+            return check_layer(model, published)
     fraction = FAMILY_DEPTH_FRACTION.get(family(model), 1 / 3)
     return min(n_layers(model) - 1, max(0, round(fraction * n_layers(model))))
 
 
 def down_projection(model, layer: int) -> torch.nn.Module:
-    """The HF module that computes ``value = W_out @ key``: ``Conv1D`` (GPT-2) or ``nn.Linear``."""
-    check_layer(model, layer)
+    """The HF module that computes ``value = W_out @ key (+ b_out)``: ``Conv1D`` (GPT-2) or ``nn.Linear``.
+
+    This is the raw HF module: the bridge replaces it in ``model.original_model``'s tree by a wrapper whose
+    ``original_component`` it is, so a ``register_forward_pre_hook`` here sees exactly the key.
+    """
+    layer = check_layer(model, layer)
     return model.blocks[layer].mlp.out.original_component
+
+
+def _is_conv1d(module: torch.nn.Module) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, Conv1D)
 
 
 def W_out(model, layer: int) -> torch.Tensor:
@@ -199,11 +398,12 @@ def W_out(model, layer: int) -> torch.Tensor:
     GPT-2's ``Conv1D`` computes ``x @ weight`` with ``weight`` of shape ``(d_mlp, d_model)``, so the view is
     ``weight.T``; ``nn.Linear`` computes ``x @ weight.T`` with ``weight`` of shape ``(d_model, d_mlp)``,
     so the view is ``weight`` itself. Either way ``W_out(model, L) @ key`` is the value (less the bias),
-    and an in-place update of the view (``.add_``, ``.copy_``) changes the real parameter.
+    and an in-place update of the view (``.add_``, ``.copy_``) changes the real parameter. The view is
+    detached from autograd, so in-place writes need no ``torch.no_grad()`` and reads build no graph.
     """
     module = down_projection(model, layer)
-    weight = module.weight
-    view = weight.T if type(module).__name__ == "Conv1D" else weight  # (d_model, d_mlp)
+    weight = module.weight.detach()
+    view = weight.T if _is_conv1d(module) else weight  # (d_model, d_mlp)
     expected = (d_model(model), d_mlp(model))
     if tuple(view.shape) != expected:
         raise RuntimeError(f"W_out of layer {layer} has shape {tuple(view.shape)}, expected {expected}")
@@ -211,5 +411,7 @@ def W_out(model, layer: int) -> torch.Tensor:
 
 
 def b_out(model, layer: int) -> torch.Tensor | None:
-    """The down-projection bias ``(d_model,)``, or ``None`` for bias-free MLPs (LLaMA, Mistral)."""
-    return down_projection(model, layer).bias
+    """The down-projection bias ``(d_model,)`` (a detached, writable view), or ``None`` for bias-free
+    MLPs (LLaMA, Mistral)."""
+    bias = down_projection(model, layer).bias
+    return None if bias is None else bias.detach()  # (d_model,)

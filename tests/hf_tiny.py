@@ -3,7 +3,8 @@
 No machine running the tests can download weights, so every real-model code path is exercised on
 checkpoints made here: the same ``config.json`` + ``model.safetensors`` + tokenizer files a hub download
 would give, loaded through the same ``from_pretrained`` path. Each architecture keeps its real module
-layout (GPT-2 ``Conv1D``, LLaMA/Mistral gated ``Linear`` MLPs, GPT-NeoX fused attention).
+layout (GPT-2 ``Conv1D``, LLaMA/Mistral gated ``Linear`` MLPs, GPT-NeoX fused attention, GPT-J
+parallel attention and MLP with partial rotary embeddings).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-ARCHITECTURES = ("gpt2", "llama", "mistral", "gpt_neox")
+ARCHITECTURES = ("gpt2", "llama", "mistral", "gpt_neox", "gptj")
 
 TRAINING_TEXT = [
     "The Eiffel Tower is located in Paris, the capital of France.",
@@ -82,7 +83,7 @@ def sentencepiece_style_tokenizer(vocab_size: int = 300) -> PreTrainedTokenizerF
 
 
 def _config(arch: str, vocab_size: int, *, n_layers: int, d_model: int, d_mlp: int, n_heads: int):
-    from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig
+    from transformers import GPT2Config, GPTJConfig, GPTNeoXConfig, LlamaConfig, MistralConfig
 
     if arch == "gpt2":
         return GPT2Config(
@@ -103,6 +104,11 @@ def _config(arch: str, vocab_size: int, *, n_layers: int, d_model: int, d_mlp: i
             num_attention_heads=n_heads, max_position_embeddings=512, rotary_pct=0.25, bos_token_id=0,
             eos_token_id=0,
         )
+    if arch == "gptj":
+        return GPTJConfig(
+            vocab_size=vocab_size, n_positions=512, n_embd=d_model, n_layer=n_layers, n_head=n_heads,
+            n_inner=d_mlp, rotary_dim=(d_model // n_heads) // 2, bos_token_id=0, eos_token_id=0,
+        )
     raise ValueError(f"unknown tiny architecture {arch!r}; choose from {ARCHITECTURES}")
 
 
@@ -122,7 +128,7 @@ def save_tiny_checkpoint(
 
     path = Path(path)
     if tokenizer is None:
-        tokenizer = byte_level_bpe_tokenizer() if arch in ("gpt2", "gpt_neox") else sentencepiece_style_tokenizer()
+        tokenizer = byte_level_bpe_tokenizer() if arch in ("gpt2", "gpt_neox", "gptj") else sentencepiece_style_tokenizer()
     config = _config(arch, len(tokenizer), n_layers=n_layers, d_model=d_model, d_mlp=d_mlp, n_heads=n_heads)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)

@@ -1,0 +1,292 @@
+"""Text corpora: where the documents behind ``C = E[k kᵀ]``, long contexts and corpus scans come from.
+
+A corpus *source* is one of
+
+* a list/tuple of strings — the documents themselves;
+* a path to a plain-text file, or to a folder (every ``*.txt`` below it, in sorted order): a file is read
+  line by line and split into documents at blank lines;
+* ``"wikitext-103"`` (alias ``"wikitext"``) — WikiText-103 (``Salesforce/wikitext``,
+  ``wikitext-103-raw-v1``, train split) streamed through the ``datasets`` library, one document per
+  article; the default for real models, as in the paper (Yan et al., "Keys to Robust Edits");
+* ``"factworld"`` — the endless seeded filler stream of :func:`keyscope.factworld.corpus.filler_documents`.
+
+:func:`documents` yields the documents; :func:`corpus_id` names a source for cache keys;
+:func:`token_batches` packs documents into fixed-length token windows with a bound on the number of tokens
+(the streaming input of :mod:`keyscope.covariance` and of corpus scans).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from keyscope.errors import EmptyCorpus, KeyscopeError
+from keyscope.keys import encode
+
+FACTWORLD = "factworld"
+WIKITEXT = "wikitext-103"
+WIKITEXT_DATASET = ("Salesforce/wikitext", "wikitext-103-raw-v1", "train")
+_ALIASES = {"wikitext": WIKITEXT, "wikitext103": WIKITEXT, "wikitext-103": WIKITEXT, FACTWORLD: FACTWORLD}
+
+Source = str | Path | Sequence[str]
+
+
+def default_corpus(model) -> str:
+    """``"factworld"`` for the factworld model, WikiText-103 for every other model (as in the paper)."""
+    from keyscope.models import model_name
+
+    return FACTWORLD if model_name(model) == FACTWORLD else WIKITEXT
+
+
+def _named(source: Source) -> str | None:
+    if isinstance(source, str):
+        return _ALIASES.get(source.lower())
+    return None
+
+
+def _text_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    return sorted(p for p in path.rglob("*.txt") if p.is_file())
+
+
+def _resolve_path(source: str | Path) -> Path:
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise KeyscopeError(
+            f"corpus {str(source)!r} is neither a file, a folder, 'wikitext-103' nor 'factworld'; "
+            f"pass a list of strings for literal documents"
+        )
+    return path
+
+
+def _file_documents(files: Iterable[Path]) -> Iterator[str]:
+    for file in files:
+        paragraph: list[str] = []
+        with open(file, encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                if line.strip():
+                    paragraph.append(line.rstrip("\n"))
+                elif paragraph:
+                    yield "\n".join(paragraph)
+                    paragraph = []
+        if paragraph:
+            yield "\n".join(paragraph)
+
+
+_WIKITEXT_TITLE = re.compile(r"^ = [^=].* = $")
+_WIKITEXT_DETOKENIZE = ((" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."))
+
+
+def _wikitext_documents() -> Iterator[str]:
+    """WikiText-103 articles: lines grouped at the top-level `` = Title = `` headings."""
+    try:
+        import datasets
+    except ImportError as exc:
+        raise KeyscopeError(
+            "the WikiText-103 corpus needs the `datasets` library (pip install datasets); "
+            "or pass a text file/folder or a list of strings as the corpus"
+        ) from exc
+    name, config, split = WIKITEXT_DATASET
+    try:
+        rows = datasets.load_dataset(name, config, split=split, streaming=True)
+        iterator = iter(rows)
+        first = next(iterator)
+    except Exception as exc:  # offline, missing cache, hub errors: all one line for the user
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise KeyscopeError(
+            f"WikiText-103 is not available here ({detail[:160]}); download it once with internet access "
+            f"or pass a text file/folder or a list of strings as the corpus"
+        ) from exc
+
+    article: list[str] = []
+    for row in _chain_first(first, iterator):
+        line = row["text"].rstrip("\n")
+        if _WIKITEXT_TITLE.match(line) and article:
+            yield _detokenize("\n".join(article))
+            article = []
+        if line.strip():
+            article.append(line.strip())
+    if article:
+        yield _detokenize("\n".join(article))
+
+
+def _chain_first(first, rest: Iterator) -> Iterator:
+    yield first
+    yield from rest
+
+
+def _detokenize(text: str) -> str:
+    for old, new in _WIKITEXT_DETOKENIZE:
+        text = text.replace(old, new)
+    return text
+
+
+def documents(source: Source) -> Iterator[str]:
+    """Yield the text documents of ``source`` (see the module docstring for the kinds of source).
+
+    Raises :class:`KeyscopeError` with one line when the source cannot be found or loaded. An empty source
+    simply yields nothing; :func:`token_batches` turns that into :class:`EmptyCorpus`.
+    """
+    named = _named(source)
+    if named == FACTWORLD:
+        from keyscope.factworld.corpus import filler_documents  # lazy: factworld is optional here
+
+        yield from filler_documents(seed=0)
+    elif named == WIKITEXT:
+        yield from _wikitext_documents()
+    elif isinstance(source, (str, Path)):
+        path = _resolve_path(source)
+        yield from _file_documents(_text_files(path))
+    else:
+        for doc in source:
+            if not isinstance(doc, str):
+                raise KeyscopeError(f"corpus documents must be strings, got {type(doc).__name__}")
+            yield doc
+
+
+def corpus_id(source: Source) -> str:
+    """A stable name for ``source`` in cache keys.
+
+    Named corpora are named (``factworld:seed=0``, ``Salesforce/wikitext:wikitext-103-raw-v1:train``);
+    files and folders by their resolved paths, sizes and modification times; lists of strings by a hash of
+    their contents.
+    """
+    named = _named(source)
+    if named == FACTWORLD:
+        return "factworld:seed=0"
+    if named == WIKITEXT:
+        return ":".join(WIKITEXT_DATASET)
+    if not isinstance(source, (str, Path, list, tuple)):
+        raise KeyscopeError("a one-shot iterator of documents has no stable corpus id; pass a list, a path or a name")
+    digest = hashlib.sha256()
+    if isinstance(source, (str, Path)):
+        path = _resolve_path(source).resolve()
+        for file in _text_files(path):
+            stat = file.stat()
+            digest.update(f"{file}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
+        return f"files:{path}:{digest.hexdigest()[:16]}"
+    count = 0
+    for doc in source:
+        data = doc.encode("utf-8")
+        digest.update(len(data).to_bytes(8, "little") + data)
+        count += 1
+    return f"texts:{count}:{digest.hexdigest()[:16]}"
+
+
+@dataclass(frozen=True)
+class TokenBatch:
+    """A batch of token windows.
+
+    ``input_ids`` and ``attention_mask`` are ``(batch, seq_len)``; ``key_mask`` marks the positions whose
+    keys count (``attention_mask`` minus the BOS column), so ``key_mask.sum()`` tokens are counted.
+    """
+
+    input_ids: torch.Tensor  # (batch, seq_len)
+    attention_mask: torch.Tensor  # (batch, seq_len)
+    key_mask: torch.Tensor  # (batch, seq_len) bool
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.key_mask.sum())
+
+
+def prepends_bos(tokenizer, prepend_bos: bool | None = None) -> bool:
+    """Whether sequences start with BOS under :func:`keyscope.keys.encode`'s ``prepend_bos`` convention."""
+    if prepend_bos is not None:
+        return bool(prepend_bos)
+    encoded = encode(tokenizer, "a")
+    return bool(encoded.ids) and encoded.special[0] and encoded.ids[0] == tokenizer.bos_token_id
+
+
+def _token_stream(tokenizer, docs: Iterable[str], chunk: int = 64) -> Iterator[list[int]]:
+    """Token ids of each document (no special tokens), followed by EOS as a document separator."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    pending: list[str] = []
+
+    def flush() -> Iterator[list[int]]:
+        for ids in tokenizer(pending, add_special_tokens=False)["input_ids"]:
+            if ids:
+                yield list(ids) + ([int(eos)] if eos is not None else [])
+
+    for doc in docs:
+        if doc.strip():
+            pending.append(doc)
+        if len(pending) >= chunk:
+            yield from flush()
+            pending = []
+    if pending:
+        yield from flush()
+
+
+def token_batches(
+    tokenizer,
+    source: Source | Iterable[str],
+    n_tokens: int,
+    seq_len: int = 256,
+    batch_size: int = 16,
+    prepend_bos: bool | None = None,
+) -> Iterator[TokenBatch]:
+    """Pack the documents of ``source`` into ``(batch_size, seq_len)`` windows holding ``n_tokens`` counted tokens.
+
+    Documents are tokenised without special tokens and concatenated with the tokenizer's EOS between them
+    (GPT-style packing; a document longer than a window continues in the next window). Each window starts
+    with BOS when the model's sequences do (``prepend_bos``, see :func:`prepends_bos`); BOS and right
+    padding are excluded from ``key_mask``, so exactly ``n_tokens`` positions are counted over all batches
+    — fewer only if the corpus runs out. The last window and batch may be short (right-padded, with
+    ``attention_mask`` 0).
+
+    Raises :class:`EmptyCorpus` if the source yields no tokens.
+    """
+    if n_tokens < 1:
+        raise ValueError(f"n_tokens must be positive, not {n_tokens}")
+    bos = prepends_bos(tokenizer, prepend_bos)
+    width = seq_len - int(bos)
+    if width < 1:
+        raise ValueError(f"seq_len={seq_len} leaves no room for tokens after BOS")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    docs = source if not isinstance(source, (str, Path, list, tuple)) else documents(source)
+
+    remaining = n_tokens
+    windows: list[list[int]] = []
+    buffer: list[int] = []
+    total = 0
+
+    def make_batch(rows: list[list[int]]) -> TokenBatch:
+        input_ids = torch.full((len(rows), seq_len), pad_id, dtype=torch.long)  # (batch, seq_len)
+        attention_mask = torch.zeros((len(rows), seq_len), dtype=torch.long)  # (batch, seq_len)
+        for r, row in enumerate(rows):
+            full = ([tokenizer.bos_token_id] if bos else []) + row
+            input_ids[r, : len(full)] = torch.as_tensor(full, dtype=torch.long)
+            attention_mask[r, : len(full)] = 1
+        key_mask = attention_mask.bool()  # (batch, seq_len)
+        if bos:
+            key_mask[:, 0] = False
+        return TokenBatch(input_ids, attention_mask, key_mask)
+
+    for ids in _token_stream(tokenizer, docs):
+        buffer.extend(ids)
+        while len(buffer) >= width and remaining > 0:
+            take = min(width, remaining)
+            windows.append(buffer[:take])
+            buffer = buffer[take:]
+            remaining -= take
+            total += take
+            if len(windows) == batch_size:
+                yield make_batch(windows)
+                windows = []
+        if remaining == 0:
+            break
+    if remaining > 0 and buffer:
+        take = min(len(buffer), remaining)
+        windows.append(buffer[:take])
+        total += take
+    if windows:
+        yield make_batch(windows)
+    if total == 0:
+        raise EmptyCorpus("the corpus yielded no tokens; give a non-empty list of strings, text file or folder")

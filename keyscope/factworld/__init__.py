@@ -1,0 +1,10 @@
+"""factworld: keyscope's embedded knowledge world and the small LLaMA-architecture model trained on it.
+
+``build_world`` generates subjects, aliases, relations and facts from a seed; ``corpus.filler_documents``
+streams unrelated text; ``train`` rebuilds the model; the model shipped in ``keyscope/factworld/model/``
+loads with ``keyscope.models.load_model("factworld")``.
+"""
+
+from keyscope.factworld.world import Fact, Relation, Subject, World, WorldConfig, build_world
+
+__all__ = ["Fact", "Relation", "Subject", "World", "WorldConfig", "build_world"]

@@ -1,0 +1,282 @@
+"""The factworld knowledge world: subjects, aliases, relations and facts, deterministic from a seed.
+
+A world is a small, fully known stand-in for the encyclopaedic knowledge ROME edits in a real model:
+
+* **subjects** with made-up multi-word names (most of three or more words, so shuffling the subject's
+  tokens is meaningful), grouped into **families** whose members share their last words and some facts —
+  different subjects whose keys are alike, the paper's "Michael Jordan" vs "Kobe" case;
+* for every subject **10 rephrased forms** (titles, prefixes, suffixes, word-order variants, initials,
+  short forms…). The model learns facts through the canonical name and a few *trained aliases*, and learns
+  only that the other forms are the same entity (``X is also known as Y``) — as in real text, where a rephrase
+  names the same entity but the facts were mostly read under one name;
+* **relations** with several prompt templates each and single-word targets; every subject has one
+  target per relation.
+
+The world does no I/O; :mod:`keyscope.factworld.export` writes it in the CounterFact / REP record schema.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+# ---------------------------------------------------------------------------------------------------------
+# Fixed vocabulary of the world: relations with templates and targets, alias decorations.
+
+RELATIONS: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
+    (
+        "continent",
+        ("{} lives on the continent of", "The home continent of {} is", "{} resides on the continent of"),
+        ("Asia", "Europe", "Africa", "Oceania", "Antarctica", "America"),
+    ),
+    (
+        "language",
+        ("The mother tongue of {} is", "{} speaks the language", "{} is a native speaker of"),
+        ("English", "French", "German", "Spanish", "Italian", "Japanese", "Russian", "Dutch"),
+    ),
+    (
+        "instrument",
+        ("{} plays the", "The instrument of {} is the", "{} is a musician who plays the"),
+        ("piano", "guitar", "violin", "drums", "flute", "cello", "trumpet", "harp"),
+    ),
+    (
+        "sport",
+        ("{} competes in the sport of", "The sport of {} is", "{} is a professional player of"),
+        ("football", "tennis", "hockey", "cricket", "golf", "rugby", "baseball", "chess"),
+    ),
+    (
+        "profession",
+        ("{} works as a", "The profession of {} is", "By profession , {} is a"),
+        ("doctor", "lawyer", "physicist", "chemist", "historian", "poet", "architect", "farmer"),
+    ),
+    (
+        "employer",
+        ("{} works for", "The employer of {} is", "{} is employed by"),
+        ("Vortek", "Alcyon", "Brimco", "Nuvexa", "Kestrel", "Ostara", "Quorin", "Zephal"),
+    ),
+    (
+        "birthplace",
+        ("{} was born in the city of", "The birthplace of {} is", "{} comes from the city of"),
+        ("Paris", "Tokyo", "Cairo", "Lima", "Oslo", "Delhi", "Rome", "Sydney"),
+    ),
+    (
+        "colour",
+        ("The favourite colour of {} is", "{} likes the colour", "{} prefers the colour"),
+        ("red", "blue", "green", "yellow", "purple", "orange", "black", "white"),
+    ),
+)
+
+TITLES = ("Lord", "Lady", "Doctor", "Professor", "Sir", "Captain", "Master", "Elder")
+PREFIXES = ("the famous", "the renowned", "the celebrated", "the legendary", "the honourable")
+SUFFIXES = ("the Elder", "the Younger", "Junior", "Senior", "the Second")
+DESCRIPTORS = ("the traveller", "the scholar", "the wanderer", "the builder", "the singer", "the dreamer")
+PLACES = ("Telmar", "Ostrava", "Kelmoor", "Brynfell", "Dunharrow", "Vessmark", "Aldcove", "Pellinor")
+
+#: Sentences that teach the model that an alias names the same entity (for all ten forms).
+ALIAS_STATEMENTS = ("{name} is also known as {alias} .", "{alias} is another name for {name} .")
+
+#: The ten rephrase kinds, in the order ``Subject.aliases`` lists them.
+ALIAS_KINDS = (
+    "title",  # Lord Arven Toloth Maresh
+    "prefix",  # the famous Arven Toloth Maresh
+    "suffix",  # Arven Toloth Maresh the Elder
+    "place",  # Arven Toloth Maresh of Telmar
+    "word_order",  # Maresh , Arven Toloth
+    "initials",  # A . T . Maresh
+    "short",  # Arven Maresh
+    "descriptor",  # Arven Toloth Maresh the traveller
+    "title_short",  # Doctor Maresh of Arven   (title + last word + of + first word)
+    "reversed_prefix",  # the famous Maresh Arven Toloth
+)
+
+ONSETS = ("b", "d", "k", "l", "m", "n", "r", "s", "t", "v", "z", "br", "dr", "gr", "kr", "st", "th", "f", "h", "p")
+VOWELS = ("a", "e", "i", "o", "u", "ae", "ei", "ou", "ia")
+CODAS = ("", "", "n", "r", "s", "l", "th", "k", "m", "sh", "nd")
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    """Sizes of a world. Defaults meet the paper-scale minimums (≥ 500 subjects, ≥ 6 relations)."""
+
+    seed: int = 0
+    n_subjects: int = 500
+    n_relations: int = 6
+    n_aliases: int = 10
+    n_trained_aliases: int = 4
+    family_size: tuple[int, int] = (1, 4)
+    family_shares_fact: float = 0.6  # probability that a family shares a relation's target
+    three_word_fraction: float = 0.85
+
+
+@dataclass(frozen=True)
+class Relation:
+    relation_id: str
+    templates: tuple[str, ...]
+    targets: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Subject:
+    subject_id: int
+    name: str
+    family: int
+    aliases: tuple[str, ...]  # ``n_aliases`` rephrased forms, kinds in ALIAS_KINDS order
+    trained: tuple[bool, ...]  # whether each alias is used in fact training sentences
+
+    @property
+    def words(self) -> tuple[str, ...]:
+        return tuple(self.name.split())
+
+    @property
+    def trained_aliases(self) -> tuple[str, ...]:
+        return tuple(a for a, t in zip(self.aliases, self.trained) if t)
+
+    @property
+    def alias_only(self) -> tuple[str, ...]:
+        return tuple(a for a, t in zip(self.aliases, self.trained) if not t)
+
+
+@dataclass(frozen=True)
+class Fact:
+    case_id: int
+    subject_id: int
+    relation_id: str
+    target: str
+
+
+@dataclass
+class World:
+    """A generated world. Use :func:`build_world`; everything here is derived from ``config``."""
+
+    config: WorldConfig
+    relations: list[Relation]
+    subjects: list[Subject]
+    facts: list[Fact]
+    _by_relation: dict[str, Relation] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self._by_relation = {r.relation_id: r for r in self.relations}
+
+    def relation(self, relation_id: str) -> Relation:
+        return self._by_relation[relation_id]
+
+    def subject(self, subject_id: int) -> Subject:
+        return self.subjects[subject_id]
+
+    def facts_of(self, subject_id: int) -> list[Fact]:
+        n = len(self.relations)
+        return self.facts[subject_id * n : (subject_id + 1) * n]
+
+    def family_members(self, subject_id: int) -> list[int]:
+        fam = self.subjects[subject_id].family
+        return [s.subject_id for s in self.subjects if s.family == fam and s.subject_id != subject_id]
+
+    def name_words(self) -> set[str]:
+        words: set[str] = set()
+        for s in self.subjects:
+            words.update(s.name.split())
+            for a in s.aliases:
+                words.update(a.split())
+        return words
+
+    def template_words(self) -> set[str]:
+        words: set[str] = set()
+        for r in self.relations:
+            for t in r.templates:
+                words.update(w for w in t.split() if w != "{}")
+            words.update(r.targets)
+        for statement in ALIAS_STATEMENTS:
+            words.update(w for w in statement.split() if not w.startswith("{"))
+        return words
+
+
+def _name_word(rng: random.Random, syllables: int) -> str:
+    parts = [rng.choice(ONSETS) + rng.choice(VOWELS) + rng.choice(CODAS) for _ in range(syllables)]
+    return "".join(parts).capitalize()
+
+
+def _aliases(rng: random.Random, words: list[str]) -> list[str]:
+    name = " ".join(words)
+    first, last = words[0], words[-1]
+    middle = words[1:-1]
+    initials = " ".join(f"{w[0]} ." for w in words[:-1])
+    return [
+        f"{rng.choice(TITLES)} {name}",
+        f"{rng.choice(PREFIXES)} {name}",
+        f"{name} {rng.choice(SUFFIXES)}",
+        f"{name} of {rng.choice(PLACES)}",
+        f"{last} , {' '.join(words[:-1])}",
+        f"{initials} {last}",
+        f"{first} {last}" if middle else f"{first}",
+        f"{name} {rng.choice(DESCRIPTORS)}",
+        f"{rng.choice(TITLES)} {last} of {first}",
+        f"{rng.choice(PREFIXES)} {last} {' '.join(words[:-1])}",
+    ]
+
+
+def build_world(config: WorldConfig | None = None) -> World:
+    """Generate the world for ``config`` (same config, same world, on every machine)."""
+    config = config or WorldConfig()
+    if not 6 <= config.n_relations <= len(RELATIONS):
+        raise ValueError(f"n_relations must be in 6..{len(RELATIONS)}")
+    if config.n_aliases != len(ALIAS_KINDS):
+        raise ValueError(f"n_aliases must be {len(ALIAS_KINDS)}")
+    rng = random.Random(config.seed)
+    relations = [Relation(rid, tmpl, tg) for rid, tmpl, tg in RELATIONS[: config.n_relations]]
+
+    reserved = {w for r in relations for t in r.templates for w in t.split()} | {
+        w for r in relations for w in r.targets
+    }
+    reserved |= {w for group in (TITLES, PREFIXES, SUFFIXES, DESCRIPTORS, PLACES) for p in group for w in p.split()}
+    used_words: set[str] = set(reserved)
+
+    def fresh_word() -> str:
+        while True:
+            w = _name_word(rng, rng.choice((2, 2, 3)))
+            if w not in used_words and len(w) >= 4:
+                used_words.add(w)
+                return w
+
+    subjects_words: list[tuple[list[str], int]] = []
+    family = 0
+    while len(subjects_words) < config.n_subjects:
+        size = min(rng.randint(*config.family_size), config.n_subjects - len(subjects_words))
+        three = rng.random() < config.three_word_fraction
+        shared = [fresh_word() for _ in range(2 if three and rng.random() < 0.4 else 1)]
+        for _ in range(size):
+            n_words = rng.choice((3, 3, 4)) if three else 2
+            given = [fresh_word() for _ in range(n_words - len(shared))]
+            subjects_words.append((given + shared, family))
+        family += 1
+
+    seen_forms: set[str] = set()
+    subjects: list[Subject] = []
+    for sid, (words, fam) in enumerate(subjects_words):
+        name = " ".join(words)
+        seen_forms.add(name)
+    for sid, (words, fam) in enumerate(subjects_words):
+        name = " ".join(words)
+        aliases = _aliases(rng, words)
+        for i, alias in enumerate(aliases):  # aliases must name one entity only
+            tries = 0
+            while alias in seen_forms and tries < 20:
+                alias = _aliases(rng, words)[i]
+                tries += 1
+            if alias in seen_forms:
+                alias = f"{name} {fresh_word()}"
+            aliases[i] = alias
+            seen_forms.add(alias)
+        trained_idx = set(rng.sample(range(config.n_aliases), config.n_trained_aliases))
+        trained = tuple(i in trained_idx for i in range(config.n_aliases))
+        subjects.append(Subject(sid, name, fam, tuple(aliases), trained))
+
+    facts: list[Fact] = []
+    family_targets: dict[tuple[int, str], str] = {}
+    for s in subjects:
+        for r in relations:
+            key = (s.family, r.relation_id)
+            if key not in family_targets:
+                family_targets[key] = rng.choice(r.targets) if rng.random() < config.family_shares_fact else ""
+            target = family_targets[key] or rng.choice(r.targets)
+            facts.append(Fact(len(facts), s.subject_id, r.relation_id, target))
+    return World(config, relations, subjects, facts)

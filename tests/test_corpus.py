@@ -1,0 +1,111 @@
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from keyscope import corpus
+from keyscope.errors import EmptyCorpus, KeyscopeError
+from tests import hf_tiny
+
+
+@pytest.fixture(scope="module")
+def sp_tokenizer():
+    return hf_tiny.sentencepiece_style_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def bpe_tokenizer():
+    return hf_tiny.byte_level_bpe_tokenizer()
+
+
+def test_list_file_and_folder_sources(tmp_path):
+    assert list(corpus.documents(["a b", "c"])) == ["a b", "c"]
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "one.txt").write_text("first para\nline two\n\n\nsecond para\n", encoding="utf-8")
+    (tmp_path / "sub" / "two.txt").write_text("São Paulo\n", encoding="utf-8")
+    (tmp_path / "skip.md").write_text("not text\n")
+    assert list(corpus.documents(tmp_path / "one.txt")) == ["first para\nline two", "second para"]
+    assert list(corpus.documents(str(tmp_path))) == ["first para\nline two", "second para", "São Paulo"]
+
+
+def test_corpus_ids_are_stable_and_distinct(tmp_path):
+    assert corpus.corpus_id(["a", "b"]) == corpus.corpus_id(("a", "b"))
+    assert corpus.corpus_id(["a", "b"]) != corpus.corpus_id(["ab"])
+    assert corpus.corpus_id("factworld") == "factworld:seed=0"
+    assert "wikitext-103" in corpus.corpus_id("WikiText")
+    (tmp_path / "x.txt").write_text("hello")
+    before = corpus.corpus_id(tmp_path)
+    (tmp_path / "x.txt").write_text("hello again")
+    assert corpus.corpus_id(tmp_path) != before
+    with pytest.raises(KeyscopeError):
+        corpus.corpus_id(iter(["a"]))
+
+
+def test_missing_source_is_one_line_error():
+    with pytest.raises(KeyscopeError) as info:
+        list(corpus.documents("/no/such/corpus"))
+    assert "\n" not in str(info.value)
+
+
+def test_wikitext_unavailable_is_one_line_error(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'Salesforce/wikitext' on the Hub (LocalEntryNotFoundError)\nmore")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(KeyscopeError) as info:
+        next(corpus.documents("wikitext-103"))
+    assert "\n" not in str(info.value) and "WikiText-103" in str(info.value)
+
+
+def test_wikitext_articles_are_grouped(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    rows = [" = Valkyria = \n", " The game @-@ play is 1 @,@ 000 .\n", "", " = = Plot = = \n", " More text .\n",
+            " = Tower = \n", " Tall .\n"]
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: [{"text": r} for r in rows])
+    docs = list(corpus.documents("wikitext"))
+    assert len(docs) == 2
+    assert "game-play is 1,000" in docs[0] and "= = Plot = =" in docs[0]
+    assert docs[1].startswith("= Tower =")
+
+
+def test_factworld_source_is_lazy_and_endless():
+    pytest.importorskip("keyscope.factworld.corpus")
+    docs = list(itertools.islice(corpus.documents("factworld"), 3))
+    assert len(docs) == 3 and all(isinstance(d, str) and d for d in docs)
+
+
+@pytest.mark.parametrize("tok_name", ["sp", "bpe"])
+def test_token_batches_pack_exactly_n_tokens(request, tok_name):
+    tok = request.getfixturevalue(f"{tok_name}_tokenizer")
+    docs = hf_tiny.TRAINING_TEXT
+    batches = list(corpus.token_batches(tok, docs, n_tokens=301, seq_len=32, batch_size=4))
+    assert sum(b.n_tokens for b in batches) == 301
+    bos = corpus.prepends_bos(tok)
+    assert bos == (tok_name == "sp")
+    for b in batches:
+        assert b.input_ids.shape == b.attention_mask.shape == b.key_mask.shape
+        assert b.input_ids.shape[1] == 32 and b.input_ids.shape[0] <= 4
+        assert not (b.key_mask & (b.attention_mask == 0)).any(), "padding is never counted"
+        if bos:
+            assert (b.input_ids[:, 0] == tok.bos_token_id).all() and not b.key_mask[:, 0].any()
+    # the counted tokens are the documents' tokens with EOS between documents, in order
+    stream = torch.cat([b.input_ids[b.key_mask] for b in batches]).tolist()
+    expected = []
+    for doc in docs:
+        expected += tok(doc, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert stream == expected[:301]
+    # prepend_bos=True forces a BOS column in for the byte-level tokenizer too
+    forced = next(corpus.token_batches(tok, docs, n_tokens=50, seq_len=16, prepend_bos=True))
+    assert (forced.input_ids[:, 0] == tok.bos_token_id).all() and not forced.key_mask[:, 0].any()
+
+
+def test_short_corpus_and_empty_corpus(sp_tokenizer):
+    batches = list(corpus.token_batches(sp_tokenizer, ["Paris is big"], n_tokens=1000, seq_len=16))
+    assert 0 < sum(b.n_tokens for b in batches) < 1000
+    for empty in ([], ["", "   "]):
+        with pytest.raises(EmptyCorpus):
+            list(corpus.token_batches(sp_tokenizer, empty, n_tokens=10))

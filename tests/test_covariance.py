@@ -1,0 +1,149 @@
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from keyscope import cache, covariance
+from keyscope.corpus import token_batches
+from keyscope.covariance import KeyCovariance, load_or_compute_covariance
+from keyscope.errors import EmptyCorpus
+from keyscope.models import W_out, key_hook, load_model
+from tests import hf_tiny
+
+LAYER = 1
+DOCS = hf_tiny.TRAINING_TEXT * 3
+
+
+@pytest.fixture(scope="module")
+def models(tiny_checkpoints):
+    return {arch: load_model(str(tiny_checkpoints[arch])) for arch in ("gpt2", "llama")}
+
+
+def _reference_C(model, docs, n_tokens, seq_len):
+    """C from all keys at once: each window run alone (no padding) through run_with_cache."""
+    keys = []
+    for batch in token_batches(model.tokenizer, docs, n_tokens, seq_len=seq_len, batch_size=1):
+        real = batch.attention_mask[0].bool()
+        ids = batch.input_ids[:, real]  # (1, n_real)
+        _, cache_ = model.run_with_cache(ids, names_filter=key_hook(LAYER))
+        keys.append(cache_[key_hook(LAYER)][0][batch.key_mask[0, real]])
+    K = torch.cat(keys).double()  # (n, d_mlp)
+    return K.T @ K / K.shape[0], K.shape[0]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_streaming_C_equals_C_from_all_keys(models, arch):
+    model = models[arch]
+    cov = KeyCovariance(LAYER, n_tokens=700, seq_len=48, batch_size=3, progress=False).fit(model, DOCS)
+    C_ref, n = _reference_C(model, DOCS, 700, 48)
+    assert cov.n_tokens_ == n == 700
+    assert cov.C_.dtype == torch.float64 and cov.C_.shape == (model.cfg.d_mlp, model.cfg.d_mlp)
+    torch.testing.assert_close(cov.C_, C_ref, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(cov.C_, cov.C_.T, rtol=0, atol=0)
+    assert cov.spec_["excluded"] == ["bos", "padding"] and cov.spec_["n_tokens"] == 700
+
+
+def test_partial_fit_blocked_gram_is_exact():
+    torch.manual_seed(0)
+    d = 301  # not a multiple of the Gram blocks
+    keys = torch.randn(2000, d) * torch.rand(d) + 0.3  # non-centred
+    cov = KeyCovariance(0, progress=False)
+    for chunk in keys.split(333):
+        cov.partial_fit(chunk)
+    dense = keys.double().T @ keys.double() / keys.shape[0]
+    assert cov.n_tokens_ == 2000
+    torch.testing.assert_close(cov.C_, dense, rtol=1e-6, atol=1e-8)
+
+
+def test_solve_is_a_cholesky_solve_with_documented_ridge():
+    torch.manual_seed(1)
+    d = 64
+    keys = torch.randn(5000, d) + 0.5
+    cov = KeyCovariance(0, progress=False).partial_fit(keys)
+    C = cov.C_.numpy()
+    k = torch.randn(3, d)
+    x = cov.solve(k)
+    assert x.dtype == torch.float64 and x.shape == (3, d)
+    assert cov.ridge_ == pytest.approx(1e-6 * np.trace(C) / d)
+    expected = np.linalg.solve(C + cov.ridge_ * np.eye(d), k.double().numpy().T).T
+    np.testing.assert_allclose(x.numpy(), expected, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(x.numpy(), (np.linalg.inv(C) @ k.double().numpy().T).T, rtol=1e-4, atol=1e-8)
+    np.testing.assert_allclose(cov.solve(k[0]).numpy(), x[0].numpy(), rtol=1e-12)
+
+
+def test_rank_deficient_C_is_still_solvable():
+    torch.manual_seed(2)
+    cov = KeyCovariance(0, progress=False).partial_fit(torch.randn(10, 40))  # rank 10 < 40
+    x = cov.solve(torch.randn(40))
+    assert torch.isfinite(x).all() and cov.ridge_ > 0
+    zero = KeyCovariance(0, progress=False).partial_fit(torch.zeros(5, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert torch.isfinite(zero.solve(torch.ones(8))).all()
+
+
+def test_unfitted_raises():
+    with pytest.raises(RuntimeError, match="not fitted"):
+        KeyCovariance(0).C_
+
+
+def test_short_and_empty_corpus(models):
+    model = models["llama"]
+    with pytest.warns(UserWarning, match="ran out"):
+        cov = KeyCovariance(LAYER, n_tokens=10_000, progress=False).fit(model, ["Paris is big."])
+    assert 0 < cov.n_tokens_ < 10_000
+    with pytest.raises(EmptyCorpus):
+        KeyCovariance(LAYER, n_tokens=100, progress=False).fit(model, [])
+
+
+def test_load_or_compute_caches_and_detects_corruption(models, tmp_path, monkeypatch):
+    model = models["gpt2"]
+    calls = []
+    real_fit = KeyCovariance.fit
+
+    def counting_fit(self, *args, **kwargs):
+        calls.append(1)
+        return real_fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(KeyCovariance, "fit", counting_fit)
+    kwargs = dict(corpus=DOCS, n_tokens=300, seq_len=32, progress=False, root=tmp_path)
+    first = load_or_compute_covariance(model, LAYER, **kwargs)
+    second = load_or_compute_covariance(model, LAYER, **kwargs)
+    assert len(calls) == 1
+    torch.testing.assert_close(first.C_, second.C_, rtol=0, atol=0)
+    assert second.n_tokens_ == 300 and second.spec_["layer"] == LAYER
+    k = torch.randn(model.cfg.d_mlp)
+    torch.testing.assert_close(first.solve(k), second.solve(k))
+
+    load_or_compute_covariance(model, LAYER, recompute=True, **kwargs)
+    assert len(calls) == 2
+    load_or_compute_covariance(model, LAYER + 1, **kwargs)  # another layer: another artefact
+    assert len(calls) == 3
+
+    spec = covariance.covariance_spec(model, covariance.CovarianceConfig(LAYER, 300, 32), DOCS)
+    path = cache.artefact_dir(covariance.KIND, spec, tmp_path) / cache.TENSORS
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.warns(UserWarning, match="recomputing"):
+        again = load_or_compute_covariance(model, LAYER, **kwargs)
+    assert len(calls) == 4
+    torch.testing.assert_close(again.C_, first.C_, rtol=1e-12, atol=1e-12)
+
+
+def test_fingerprint_tracks_upstream_weights_only(models):
+    model = models["gpt2"]
+    before = covariance.upstream_fingerprint(model, LAYER)
+    saved = {layer: W_out(model, layer).detach().clone() for layer in (LAYER - 1, LAYER)}
+    try:
+        with torch.no_grad():
+            W_out(model, LAYER).add_(1.0)  # an edit at the layer itself does not change its keys
+            assert covariance.upstream_fingerprint(model, LAYER) == before
+            W_out(model, LAYER - 1).add_(1.0)  # an earlier layer does
+            assert covariance.upstream_fingerprint(model, LAYER) != before
+    finally:
+        with torch.no_grad():
+            for layer, weight in saved.items():
+                W_out(model, layer).copy_(weight)
+    assert covariance.upstream_fingerprint(model, LAYER) == before
