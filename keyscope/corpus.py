@@ -3,8 +3,18 @@
 A corpus *source* is one of
 
 * a list/tuple of strings — the documents themselves;
-* a path to a plain-text file, or to a folder (every ``*.txt`` below it, in sorted order): a file is read
-  line by line and split into documents at blank lines;
+* a path to a text file, or to a folder (every corpus file below it, in sorted order: ``*.txt``, WikiText's
+  ``*.tokens``/``*.raw`` and WikiExtractor's extension-less ``wiki_NN`` files). Each file's format is sniffed
+  from its first non-blank line (:func:`file_format`):
+
+  - ``wikiextractor`` (first line ``<doc id=… title=…>``): one document per ``<doc>`` block, tags stripped,
+    the repeated title line dropped, empty stubs (title only) skipped;
+  - ``wikitext`` (first line `` = Title = ``, the WikiText ``.tokens`` and ``.raw`` files): one document per
+    article, split at the top-level `` = Title = `` lines, with the number escapes ``@-@``, ``@,@``, ``@.@``
+    undone — exactly the preprocessing of the ``"wikitext-103"`` stream below, so a local WikiText-2 file and
+    the streamed WikiText-103 give comparable text. Section headings (`` = = History = = ``) and ``<unk>``
+    are kept as text, as in that stream; CRLF line ends are accepted;
+  - ``text`` (anything else): read line by line and split into documents at blank lines;
 * ``"wikitext-103"`` (alias ``"wikitext"``) — WikiText-103 (``Salesforce/wikitext``,
   ``wikitext-103-raw-v1``, train split) streamed through the ``datasets`` library, one document per
   article; the default for real models, as in the paper (Yan et al., "Keys to Robust Edits");
@@ -49,10 +59,19 @@ def _named(source: Source) -> str | None:
     return None
 
 
+#: Files a corpus folder contributes: plain text, WikiText token/raw files, WikiExtractor's ``wiki_00``…
+_CORPUS_SUFFIXES = (".txt", ".tokens", ".raw")
+_WIKIEXTRACTOR_NAME = re.compile(r"^wiki_\d+$")
+
+
+def _is_corpus_file(path: Path) -> bool:
+    return path.is_file() and (path.suffix in _CORPUS_SUFFIXES or bool(_WIKIEXTRACTOR_NAME.match(path.name)))
+
+
 def _text_files(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
-    return sorted(p for p in path.rglob("*.txt") if p.is_file())
+    return sorted(p for p in path.rglob("*") if _is_corpus_file(p))
 
 
 def _resolve_path(source: str | Path) -> Path:
@@ -65,22 +84,105 @@ def _resolve_path(source: str | Path) -> Path:
     return path
 
 
-def _file_documents(files: Iterable[Path]) -> Iterator[str]:
-    for file in files:
-        paragraph: list[str] = []
-        with open(file, encoding="utf-8", errors="replace") as handle:
-            for line in handle:
-                if line.strip():
-                    paragraph.append(line.rstrip("\n"))
-                elif paragraph:
-                    yield "\n".join(paragraph)
-                    paragraph = []
-        if paragraph:
-            yield "\n".join(paragraph)
-
-
 _WIKITEXT_TITLE = re.compile(r"^ = [^=].* = $")
 _WIKITEXT_DETOKENIZE = ((" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."))
+_DOC_OPEN = re.compile(r'^<doc(?:\s[^>]*)?>$')
+_DOC_TITLE = re.compile(r'\btitle="([^"]*)"')
+
+WIKIEXTRACTOR = "wikiextractor"
+WIKITEXT_FILE = "wikitext"
+PLAIN_TEXT = "text"
+
+
+def _lines(file: Path) -> Iterator[str]:
+    """The lines of ``file`` without their line ends (``\n`` or ``\r\n``), decoding errors replaced."""
+    with open(file, encoding="utf-8", errors="replace", newline="") as handle:
+        for line in handle:
+            yield line.rstrip("\r\n")
+
+
+def file_format(file: str | Path) -> str:
+    """The format of a corpus file, sniffed from its first non-blank line.
+
+    ``"wikiextractor"`` if it is a ``<doc …>`` tag, ``"wikitext"`` if it is a top-level WikiText heading
+    (`` = Title = ``), else ``"text"``.
+    """
+    for line in _lines(Path(file)):
+        if not line.strip():
+            continue
+        if _DOC_OPEN.match(line.strip()):
+            return WIKIEXTRACTOR
+        if _WIKITEXT_TITLE.match(line):
+            return WIKITEXT_FILE
+        return PLAIN_TEXT
+    return PLAIN_TEXT
+
+
+def _paragraph_documents(lines: Iterable[str]) -> Iterator[str]:
+    """Plain text: documents are the runs of non-blank lines between blank lines."""
+    paragraph: list[str] = []
+    for line in lines:
+        if line.strip():
+            paragraph.append(line)
+        elif paragraph:
+            yield "\n".join(paragraph)
+            paragraph = []
+    if paragraph:
+        yield "\n".join(paragraph)
+
+
+def _wikiextractor_documents(lines: Iterable[str]) -> Iterator[str]:
+    """WikiExtractor output: the body of each ``<doc …>…</doc>`` block, without the title line it repeats.
+
+    Blank lines inside a block are dropped; a block with no text after its title (a redirect or stub) is
+    skipped.
+    """
+    title: str | None = None
+    body: list[str] | None = None
+    for line in lines:
+        stripped = line.strip()
+        if body is None:
+            if _DOC_OPEN.match(stripped):
+                match = _DOC_TITLE.search(stripped)
+                title, body = (match.group(1) if match else None), []
+            continue
+        if stripped == "</doc>":
+            if body and title is not None and body[0].strip() == title.strip():
+                body = body[1:]
+            if body:
+                yield "\n".join(body)
+            title, body = None, None
+        elif stripped:
+            body.append(line)
+    if body:  # a truncated last block
+        if title is not None and body[0].strip() == title.strip():
+            body = body[1:]
+        if body:
+            yield "\n".join(body)
+
+
+def _wikitext_articles(lines: Iterable[str]) -> Iterator[str]:
+    """WikiText lines grouped into articles at the top-level `` = Title = `` lines, escapes undone.
+
+    Blank lines are dropped and every kept line is stripped; headings stay as text.
+    """
+    article: list[str] = []
+    for line in lines:
+        if _WIKITEXT_TITLE.match(line) and article:
+            yield _detokenize("\n".join(article))
+            article = []
+        if line.strip():
+            article.append(line.strip())
+    if article:
+        yield _detokenize("\n".join(article))
+
+
+_READERS = {WIKIEXTRACTOR: _wikiextractor_documents, WIKITEXT_FILE: _wikitext_articles, PLAIN_TEXT: _paragraph_documents}
+
+
+def _file_documents(files: Iterable[Path]) -> Iterator[str]:
+    for file in files:
+        yield from _READERS[file_format(file)](_lines(file))
 
 
 def _wikitext_documents() -> Iterator[str]:
@@ -104,16 +206,7 @@ def _wikitext_documents() -> Iterator[str]:
             f"or pass a text file/folder or a list of strings as the corpus"
         ) from exc
 
-    article: list[str] = []
-    for row in _chain_first(first, iterator):
-        line = row["text"].rstrip("\n")
-        if _WIKITEXT_TITLE.match(line) and article:
-            yield _detokenize("\n".join(article))
-            article = []
-        if line.strip():
-            article.append(line.strip())
-    if article:
-        yield _detokenize("\n".join(article))
+    yield from _wikitext_articles(row["text"].rstrip("\n") for row in _chain_first(first, iterator))
 
 
 def _chain_first(first, rest: Iterator) -> Iterator:

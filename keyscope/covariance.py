@@ -10,11 +10,14 @@ Estimation (:class:`KeyCovariance`)
 -----------------------------------
 Keys of every counted corpus position are streamed batch by batch (:func:`keyscope.corpus.token_batches`
 windows, forward pass stopped at the key by :func:`keyscope.keys.layer_keys`). **BOS and padding positions
-are excluded** (the BOS key is an attention-sink outlier that no fact's subject ever occupies); every other
-position counts, including the EOS separators between packed documents. Each batch adds ``keysᵀ keys``
-computed as a float32 matmul on the keys' device to a **float64** accumulator: measured against a float64
-matmul on non-centred keys this is ~2× faster on CPU with a relative error of ~4e-8 (float32 rounding),
-while a float32 accumulator drifts as the token count grows. Keep TF32 off on GPUs (PyTorch's default).
+are excluded** (the BOS position is the atypical attention-sink key and never a subject's last token);
+every other position counts, including the EOS separators between packed documents. The exclusions are
+recorded in the cache spec. Each batch adds ``keysᵀ keys`` computed as a float32 matmul on the keys'
+device to a **float64** accumulator: measured against a float64 matmul on non-centred keys this is ~2×
+faster on CPU with a relative error of ~4e-8 (float32 rounding), while a float32 accumulator drifts as the
+token count grows. Only the block upper triangle of ``keysᵀ keys`` is computed (about a third less work).
+bf16/fp16 keys on CUDA use a tensor-core matmul with float32 accumulation and output, which is exact for
+their products; keep TF32 off for float32 models (PyTorch's default).
 
 Solves
 ------
@@ -63,9 +66,11 @@ class CovarianceConfig:
 class KeyCovariance:
     """Streaming estimate of ``C = E[k kᵀ]`` for the layer-``layer`` keys, scikit-learn style.
 
-    >>> cov = KeyCovariance(layer=5, n_tokens=100_000).fit(model, "wikitext-103")   # doctest: +SKIP
-    >>> cov.C_.shape, cov.n_tokens_                                                # (d_mlp, d_mlp), 100000
-    >>> cov.solve(k_star)                                                          # C⁻¹ k*, float64
+    Example::
+
+        cov = KeyCovariance(layer=5, n_tokens=100_000).fit(model, "wikitext-103")
+        cov.C_.shape, cov.n_tokens_        # (d_mlp, d_mlp), 100000
+        cov.solve(k_star)                  # C⁻¹ k*, float64
 
     Fitted attributes: ``C_`` (``(d_mlp, d_mlp)`` float64), ``n_tokens_`` (keys averaged), ``ridge_`` (the
     ``λ`` of the last Cholesky factorisation) and ``spec_`` (what was estimated, as stored in the cache).

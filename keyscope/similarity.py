@@ -295,3 +295,98 @@ def long_context(
             break
     _, _, head, count = best
     return Probe(head + template, subject, "long_context", n_context_tokens=count)
+
+
+# ---------------------------------------------------------------------------------------------- study
+
+#: Perturbation kinds of the Figure 3 study, in display order; ``random`` is the other-subject baseline.
+STUDY_KINDS = ("rephrase", "shuffle", "long_context", "random")
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """How many perturbed prompts of each kind a fact gets in :func:`perturbation_study`."""
+
+    n_shuffles: int = 10
+    n_long_contexts: int = 3
+    long_context_tokens: int = 300
+    n_random: int = 10
+    seed: int = 0
+    batch_size: int = 32
+
+
+def fact_probes(tokenizer, fact, subject_pool: Sequence[str], context_docs, config: StudyConfig) -> list[Probe]:
+    """The original prompt of ``fact`` followed by its rephrased, shuffled, long-context and random probes.
+
+    ``fact`` needs ``prompt`` (a template with ``{}`` or a filled prompt), ``subject`` and
+    ``subject_rephrase`` (possibly empty); ``context_docs`` is an iterator of unrelated documents.
+    """
+    template = as_template(fact.prompt, fact.subject)
+    probes = [Probe(template, fact.subject, "original")]
+    probes += rephrased_subjects(template, fact.subject, getattr(fact, "subject_rephrase", ()) or ())
+    probes += shuffled_subjects(tokenizer, template, fact.subject, n=config.n_shuffles, seed=config.seed)
+    probes += [
+        long_context(tokenizer, template, fact.subject, context_docs, n_tokens=config.long_context_tokens)
+        for _ in range(config.n_long_contexts)
+    ]
+    probes += other_subjects(template, fact.subject, subject_pool, n=config.n_random, seed=config.seed)
+    return probes
+
+
+_KIND_NAMES = {"rephrased": "rephrase", "shuffled": "shuffle", "long_context": "long_context", "other_subject": "random"}
+
+
+def perturbation_study(model, facts: Sequence, layer: int, cov, context_docs, config: StudyConfig | None = None,
+                       progress: bool = True):
+    """Normalised edit strength ``s(k; k_orig) = kᵀC⁻¹k_orig / k_origᵀC⁻¹k_orig`` of every perturbed key of
+    every fact against the fact's original key (Yan et al., Sec. 3 and Figure 3).
+
+    Returns ``(rows, keys)``: ``rows`` is a list of dicts (``case_id``, ``subject``, ``kind`` in
+    :data:`STUDY_KINDS`, ``prompt``, ``similarity``) and ``keys`` maps ``case_id`` to ``(kinds, keys)``
+    with ``keys`` of shape ``(n_probes, d_mlp)`` (original first), for the PCA panel.
+    """
+    from tqdm.auto import tqdm
+
+    config = config or StudyConfig()
+    tokenizer = model.tokenizer
+    pool = [f.subject for f in facts]
+    rows: list[dict] = []
+    keys_by_case: dict = {}
+    for fact in tqdm(facts, desc="perturbation keys", disable=not progress):
+        probes = fact_probes(tokenizer, fact, pool, context_docs, config)
+        keys = probe_keys(model, probes, layer, batch_size=config.batch_size)  # (n_probes, d_mlp)
+        strength = edit_strength(keys[1:], keys[0], cov).cpu()  # (n_probes - 1,)
+        for probe, s in zip(probes[1:], strength.tolist()):
+            rows.append({"case_id": fact.case_id, "subject": fact.subject, "kind": _KIND_NAMES[probe.kind],
+                         "prompt": probe.prompt, "similarity": s})
+        keys_by_case[fact.case_id] = (["original"] + [_KIND_NAMES[p.kind] for p in probes[1:]], keys.cpu())
+    return rows, keys_by_case
+
+
+def summarize(rows: Sequence[dict]) -> dict[str, dict[str, float]]:
+    """Per kind: ``n``, ``mean``, ``median``, ``q10``, ``q90`` of the normalised similarity."""
+    import numpy as np
+
+    out: dict[str, dict[str, float]] = {}
+    for kind in STUDY_KINDS:
+        values = np.array([r["similarity"] for r in rows if r["kind"] == kind], dtype=np.float64)
+        if values.size == 0:
+            continue
+        out[kind] = {
+            "n": int(values.size),
+            "mean": float(values.mean()),
+            "median": float(np.median(values)),
+            "q10": float(np.quantile(values, 0.1)),
+            "q90": float(np.quantile(values, 0.9)),
+        }
+    return out
+
+
+def whitened_pca(keys: torch.Tensor, cov, n_components: int = 2) -> torch.Tensor:
+    """2-D PCA of ``keys`` ``(n, d)`` in the whitened space ``k̃ = L⁻¹k`` (``C = LLᵀ``), where the Euclidean
+    inner product is ``k₁ᵀC⁻¹k₂``; returns ``(n, n_components)`` coordinates."""
+    chol = cov.cholesky()  # (d, d) lower-triangular, float64
+    white = torch.linalg.solve_triangular(chol, keys.to(chol.device, torch.float64).T, upper=False).T  # (n, d)
+    centred = white - white.mean(0, keepdim=True)
+    _, _, v = torch.linalg.svd(centred, full_matrices=False)  # v: (min(n, d), d)
+    return (centred @ v[:n_components].T).cpu()  # (n, n_components)

@@ -87,7 +87,7 @@ def test_rank_deficient_C_is_still_solvable():
 
 def test_unfitted_raises():
     with pytest.raises(RuntimeError, match="not fitted"):
-        KeyCovariance(0).C_
+        _ = KeyCovariance(0).C_
 
 
 def test_short_and_empty_corpus(models):

@@ -20,7 +20,7 @@ NOUNS = (
     "river", "village", "market", "bridge", "harbour", "garden", "mill", "tower", "road", "forest", "station",
     "library", "school", "bakery", "field", "hill", "lake", "valley", "museum", "square", "train", "boat",
     "letter", "window", "lamp", "clock", "festival", "storm", "winter", "summer", "morning", "evening",
-    "farmer", "child", "merchant", "teacher", "sailor", "painter", "baker", "neighbour", "council", "crowd",
+    "shepherd", "child", "merchant", "teacher", "sailor", "painter", "baker", "neighbour", "council", "crowd",
 )
 ADJECTIVES = (
     "old", "quiet", "busy", "narrow", "bright", "cold", "warm", "small", "large", "ancient", "new", "empty",

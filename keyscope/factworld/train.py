@@ -219,9 +219,9 @@ def train(config: TrainConfig | None = None, out_dir: str | Path | None = None, 
             _loss(model, *stream.long_batch(), config.target_loss_weight).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        history.append({"step": step, "loss": float(loss)})
+        history.append({"step": step, "loss": loss.item()})
         if step % 20 == 0:
-            bar.set_postfix(loss=f"{float(loss):.3f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}")
         if time.time() - start > 60 * config.max_minutes:
             break
     bar.close()

@@ -1,0 +1,150 @@
+"""``keyscope scan``: Figure 4 — the corpus positions whose keys an edit of a subject would reach.
+
+Streams ``--tokens`` corpus tokens through the model (stopped after the layer's key), scores every position
+against the keys of ``--subjects`` subjects by the normalised edit strength ``kᵀC⁻¹k*/k*ᵀC⁻¹k*``, masks each
+subject's own occurrences (its last token and ``--window`` positions after), keeps the ``--top-k`` best per
+subject, and writes into ``--out``:
+
+* ``fig4_neighbors.png`` — the distribution of those unrelated top-k scores next to the scores of the same
+  subjects' rephrased forms (Figure 4 left);
+* ``fig4_neighbors.csv`` — every hit (subject, rank, score, raw ``kᵀC⁻¹k*``, stream position, prefix).
+
+It prints the best hit's prefix per subject (Figure 4 right).
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import replace
+from pathlib import Path
+
+from keyscope.cli.output import write_json
+from keyscope.errors import KeyscopeError
+
+FIGURE = "fig4_neighbors.png"
+TABLE = "fig4_neighbors.csv"
+
+
+def distinct_subjects(facts, n: int) -> list:
+    """The first ``n`` facts with distinct subjects, in file order."""
+    chosen: dict[str, object] = {}
+    for fact in facts:
+        if len(chosen) == n:
+            break
+        chosen.setdefault(fact.subject, fact)
+    return list(chosen.values())
+
+
+def _write_hits(path: Path, result, facts) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["case_id", "subject", "rank", "score", "raw", "position", "prefix"])
+        for hit in result.neighbours():
+            writer.writerow([facts[hit.subject_index].case_id, hit.subject, hit.rank, f"{hit.score:.6g}",
+                             f"{hit.raw:.6g}", hit.position, hit.prefix])
+
+
+def _one_line(text: str, width: int = 90) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else "…" + flat[-(width - 1):]
+
+
+def cmd_scan(args) -> int:
+    import numpy as np
+    import torch
+
+    from keyscope import corpus as corpora
+    from keyscope import scan
+    from keyscope.covariance import load_or_compute_covariance
+    from keyscope.datasets import read_facts
+    from keyscope.models import FACTWORLD, check_layer, default_layer, load_model
+    from keyscope.plotting.fig4 import fig4_neighbors
+
+    try:  # check the numbers before the model loads; the layer is set below
+        config = scan.ScanConfig(layer=0, n_tokens=args.tokens, seq_len=args.seq_len, batch_size=args.batch_size,
+                                 top_k=args.top_k, window=args.window)
+    except ValueError as exc:
+        raise KeyscopeError(str(exc)) from exc
+    data = args.data or (FACTWORLD if args.model == FACTWORLD else None)
+    if data is None:
+        raise KeyscopeError("--data is required for a model other than factworld (a CounterFact/REP JSON file)")
+    fact_file = read_facts(data)
+    model = load_model(args.model)
+    layer = check_layer(model, args.layer) if args.layer is not None else default_layer(model)
+    facts = distinct_subjects(fact_file.facts, args.subjects)
+    if not facts:
+        raise KeyscopeError(f"{data} holds no usable facts ({len(fact_file.failures)} records failed to load)")
+    source = args.corpus or corpora.default_corpus(model)
+    progress = not args.no_progress
+    cov = load_or_compute_covariance(model, layer, source, n_tokens=args.cov_tokens, recompute=args.recompute,
+                                     progress=progress)
+    config = replace(config, layer=layer)
+    k_stars = scan.subject_keys(model, facts, layer)  # (S, d_mlp)
+    result = scan.scan_corpus(model, facts, cov, source, config, progress=progress, k_stars=k_stars)
+    rephrase = scan.rephrase_scores(model, facts, cov, layer, k_stars=k_stars)
+    rephrase_all = torch.cat(rephrase).numpy() if rephrase else np.empty(0)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    valid = result.positions >= 0  # (S, k)
+    neighbour_scores = result.scores[valid].numpy()
+    top1 = [hit for hit in result.top1() if hit is not None]
+    fig = fig4_neighbors(neighbour_scores, rephrase_all,
+                         title=f"{args.model}, layer {layer}: top-{config.top_k} corpus keys vs. rephrased subjects")
+    figure_path, table_path = out / FIGURE, out / TABLE
+    fig.savefig(figure_path, dpi=150)
+    _write_hits(table_path, result, facts)
+
+    print(f"{args.model}, layer {layer}: scanned {result.n_tokens:,} tokens of {source} for {len(facts)} subjects "
+          f"(C from {cov.n_tokens_:,} tokens; subject occurrences masked with window {config.window})")
+    width = max(len(f.subject) for f in facts)
+    print(f"{'subject':<{width}}  {'top-1':>7}  prefix ending at the top-1 position")
+    for fact, hit in zip(facts, result.top1()):
+        if hit is None:
+            print(f"{fact.subject:<{width}}  {'-':>7}  (no unmasked position)")
+        else:
+            print(f"{fact.subject:<{width}}  {hit.score:7.3f}  {_one_line(hit.prefix)}")
+
+    def stats(values) -> dict:
+        values = np.asarray(values, dtype=float)
+        if values.size == 0:
+            return {"n": 0}
+        return {"n": int(values.size), "median": float(np.median(values)), "max": float(values.max()),
+                "q90": float(np.quantile(values, 0.9))}
+
+    summary = {"neighbours": stats(neighbour_scores), "top1": stats([h.score for h in top1]),
+               "rephrase": stats(rephrase_all)}
+    print(f"top-{config.top_k} neighbour score median {summary['neighbours'].get('median', float('nan')):.3f}; "
+          f"rephrased-subject score median {summary['rephrase'].get('median', float('nan')):.3f}")
+    print(f"wrote {figure_path}\nwrote {table_path}")
+    write_json(args.json, {
+        "model": args.model, "layer": layer, "corpus": str(source), "n_tokens": result.n_tokens,
+        "subjects": len(facts), "top_k": config.top_k, "window": config.window, "summary": summary,
+        "top1": [{"case_id": f.case_id, "subject": f.subject, "score": h.score if h else None,
+                  "prefix": h.prefix if h else None} for f, h in zip(facts, result.top1())],
+        "figure": str(figure_path), "csv": str(table_path),
+    })
+    return 0
+
+
+def register(sub) -> None:
+    """Add ``keyscope scan`` to the top-level subparsers ``sub``."""
+    p = sub.add_parser("scan", help="Figure 4: corpus positions whose keys an edit of a subject would reach")
+    p.add_argument("--model", default="factworld", help="factworld, a hub name or a local HF directory")
+    p.add_argument("--layer", type=int, help="key layer (default: the model's default edit layer)")
+    p.add_argument("--data", help="facts: factworld (default for factworld) or a CounterFact/REP JSON file")
+    p.add_argument("--corpus", help="corpus to scan and to estimate C from (default: factworld filler for "
+                                    "factworld, WikiText-103 otherwise; or a text file/folder)")
+    p.add_argument("--tokens", type=int, default=100_000, help="corpus tokens to scan (default 100,000)")
+    p.add_argument("--subjects", type=int, default=20, help="number of distinct subjects (default 20)")
+    p.add_argument("--top-k", type=int, default=10, help="hits kept per subject (default 10)")
+    p.add_argument("--window", type=int, default=10,
+                   help="positions masked after each subject occurrence's last token (default 10)")
+    p.add_argument("--cov-tokens", type=int, default=100_000, help="corpus tokens for C (default 100,000)")
+    p.add_argument("--seq-len", type=int, default=256, help="window length fed to the model (default 256)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--recompute", action="store_true", help="recompute C even if cached")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--out", default="figures", help="output folder for the figure and CSV (default figures/)")
+    p.add_argument("--json", metavar="PATH", help="also write the summary as JSON")
+    p.set_defaults(func=cmd_scan)

@@ -1,0 +1,53 @@
+"""``keyscope similarity``: Figure 3 — how far a subject's key moves under rephrasing, shuffling and long
+contexts, in the whitened metric ``C⁻¹`` that decides how far a ROME edit reaches."""
+
+from __future__ import annotations
+
+from keyscope.cli.output import write_json
+
+
+def cmd_similarity(args) -> int:
+    from keyscope import corpus as corpora
+    from keyscope.covariance import load_or_compute_covariance
+    from keyscope.datasets import load_facts
+    from keyscope.experiments import similarity as experiment
+    from keyscope.models import FACTWORLD, check_layer, default_layer, load_model
+
+    model = load_model(args.model)
+    layer = check_layer(model, args.layer) if args.layer is not None else default_layer(model)
+    data = args.data or (FACTWORLD if args.model == FACTWORLD else None)
+    if data is None:
+        from keyscope.errors import KeyscopeError
+
+        raise KeyscopeError("--data is required for a model other than factworld (a CounterFact/REP JSON file)")
+    facts = load_facts(data)
+    source = args.corpus or corpora.default_corpus(model)
+    cov = load_or_compute_covariance(model, layer, source, n_tokens=args.tokens, recompute=args.recompute)
+    context_docs = corpora.documents(source)
+    result = experiment.run(model, facts, layer, cov, context_docs, args.out, args.model,
+                            n_subjects=args.n_subjects, seed=args.seed, pca_subject=args.pca_subject)
+    print(f"{args.model}, layer {layer}: normalised edit strength k^T C^-1 k_orig / k_orig^T C^-1 k_orig "
+          f"over {len({r['case_id'] for r in result.rows})} subjects (C from {cov.n_tokens_:,} tokens of {source})")
+    print(experiment.format_table(result.summary))
+    for path in result.files:
+        print(f"wrote {path}")
+    write_json(args.json, result.as_json())
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("similarity", help="Figure 3: whitened similarity of perturbed subject keys")
+    p.add_argument("--model", default="factworld", help="factworld, a hub name or a local HF directory")
+    p.add_argument("--layer", type=int, help="edit layer (default: the model's default edit layer)")
+    p.add_argument("--data", help="facts: factworld (default for factworld) or a CounterFact/REP JSON file")
+    p.add_argument("--n-subjects", type=int, default=100, help="number of subjects (default 100)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--corpus", help="corpus for C = E[k k^T] and long contexts (default: factworld filler for "
+                                    "factworld, WikiText-103 otherwise; or a text file/folder)")
+    p.add_argument("--tokens", type=int, default=100_000, help="corpus tokens for C (default 100,000)")
+    p.add_argument("--recompute", action="store_true", help="recompute C even if cached")
+    p.add_argument("--pca-subject", help="subject for the PCA panel (default: the first studied)")
+    p.add_argument("--out", default="figures", help="output folder for figures and CSV (default figures/)")
+    p.add_argument("--json", metavar="PATH", help="also write the summary table as JSON")
+    p.set_defaults(func=cmd_similarity)
+

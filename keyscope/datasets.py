@@ -1,0 +1,603 @@
+"""Fact files: CounterFact and its descendants read into one :class:`Fact` record type.
+
+A fact is a prompt **template** with ``{}`` where the subject goes, the subject, the true target and the
+requested new one, plus the prompts an edit is evaluated on: paraphrases (the same fact reworded: an edit
+should reach them), neighbourhood prompts (other subjects with the same true target: an edit should leave
+them alone, their answer is ``locality_ground_truth``) and rephrased subjects (aliases; Yan et al., "Keys to
+Robust Edits").
+
+Schemas (:func:`detect_schema`, on the parsed JSON; ``.jsonl`` files are read one record per line)
+---------------------------------------------------------------------------------------------------
+* ``counterfact`` — the original CounterFact release (Meng et al. 2022): a record has
+  ``requested_rewrite{prompt, subject, target_new{str}, target_true{str}, relation_id}`` and
+  ``paraphrase_prompts``, ``neighborhood_prompts`` (plus ``attribute_prompts``, ``generation_prompts``, kept
+  as extras). The prompt is already a template.
+* ``easyedit`` — EasyEdit/MEND's simplified CounterFact: a record has ``ground_truth`` (the true target)
+  next to a filled ``prompt``, ``subject``, ``target_new``, ``rephrase_prompt``, ``locality_prompt``,
+  ``locality_ground_truth`` (single strings, lists accepted).
+* ``rep`` — the REP release of Yan et al.: ``target_true`` next to a **filled** ``prompt``, with
+  ``rephrase_prompt`` (list or null), ``locality_prompt`` (list), ``locality_ground_truth`` and
+  ``subject_rephrase`` (10 rephrased subjects).
+* ``factworld`` — :mod:`keyscope.factworld.export`: like ``rep`` but the ``prompt`` is a template (holds
+  ``{}``), with factworld's extras (``relation_id``, ``subject_rephrase_kind``, ``similar_subjects``, …).
+* ``rome_known`` — ROME's "known facts" set for causal tracing (``known_id``, ``subject``, ``attribute``,
+  ``template``, ``prompt``): no requested rewrite, so ``target_new`` is ``None``.
+* ``patil_paraphrases`` — Patil et al. (2023)'s ``{filled prompt + " " + true target: [paraphrases]}`` table;
+  not facts: read it with :func:`load_paraphrases` and join it with :func:`attach_paraphrases`.
+
+The first record that is a JSON object decides the schema, by the first rule that matches: a
+``requested_rewrite`` key → ``counterfact``; ``known_id`` (or ``template`` and ``attribute``) →
+``rome_known``; ``ground_truth`` → ``easyedit``; ``target_true`` and a ``prompt`` holding ``{}`` (or
+factworld's ``subject_rephrase_kind``) → ``factworld``; ``target_true`` → ``rep``. A top-level object
+whose values are lists of strings is ``patil_paraphrases``. Anything else is :class:`UnknownSchema`.
+
+Filled prompts become templates (:func:`to_template`)
+----------------------------------------------------
+The subject's **first** occurrence in the prompt becomes ``{}``: exactly, else after Unicode NFC
+normalisation, else ignoring case, runs of whitespace and the ``'``/``’`` apostrophe difference. When only
+the lenient match succeeds, the fact's ``subject`` is the subject **as written in the prompt** (so
+``template.format(subject)`` gives back the dataset's prompt, the text a model is evaluated on) and the
+dataset's spelling is kept in ``extras["subject_given"]``. A subject that does not occur at all is a
+:class:`~keyscope.errors.SubjectNotFound` failure.
+
+Every record problem is a :class:`Failure` naming the record's index and the field; :func:`read_facts`
+collects them all, :func:`load_facts` raises the first (``MalformedRecord`` or ``SubjectNotFound``, one line
+with index and field) unless told to skip. Sequences in a :class:`Fact` are tuples.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import unicodedata
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from keyscope.errors import KeyscopeError, MalformedRecord, SubjectNotFound
+from keyscope.keys import SLOT, encode, fill, locate, pad_batch, tokens_overlapping
+
+FACTWORLD = "factworld"
+
+COUNTERFACT = "counterfact"
+EASYEDIT = "easyedit"
+REP = "rep"
+FACTWORLD_SCHEMA = "factworld"
+ROME_KNOWN = "rome_known"
+PATIL = "patil_paraphrases"
+FACT_SCHEMAS = (COUNTERFACT, EASYEDIT, REP, FACTWORLD_SCHEMA, ROME_KNOWN)
+
+
+class UnknownSchema(KeyscopeError):
+    """A file that is not JSON or not in any of the schemas keyscope reads."""
+
+
+@dataclass(frozen=True)
+class Fact:
+    """One fact and the prompts an edit of it is evaluated on.
+
+    ``prompt`` is a template with ``{}`` for the subject (``fill(prompt, subject)`` gives the text).
+    ``paraphrase_prompts`` and ``neighborhood_prompts`` are filled prompts; ``locality_ground_truth`` is the
+    neighbourhood prompts' answer; ``subject_rephrase`` holds rephrased forms of the subject (may be empty).
+    ``target_new`` is ``None`` for sets without a requested rewrite (``rome_known``). ``extras`` keeps the
+    schema's other fields (``attribute_prompts``, ``subject_rephrase_kind``, ``subject_given`` …).
+    """
+
+    case_id: int | str
+    prompt: str
+    subject: str
+    target_new: str | None
+    target_true: str
+    paraphrase_prompts: tuple[str, ...] = ()
+    neighborhood_prompts: tuple[str, ...] = ()
+    locality_ground_truth: str | None = None
+    subject_rephrase: tuple[str, ...] = ()
+    relation_id: str | None = None
+    extras: dict = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def filled_prompt(self) -> str:
+        """The prompt with the subject in its slot."""
+        return fill(self.prompt, self.subject).text
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A record that could not be read: its index in the file, the field at fault (``None`` for the whole
+    record), and why."""
+
+    index: int
+    field: str | None
+    reason: str
+    kind: str = "malformed"  # "malformed" or "subject_not_found"
+
+    def __str__(self) -> str:
+        where = f"record {self.index}" + (f", field {self.field!r}" if self.field else "")
+        return f"{where}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class FactFile:
+    """What :func:`read_facts` found in a source: its schema, how many records, the facts (with the index of
+    the record each came from) and the failures."""
+
+    source: str
+    schema: str
+    n_records: int
+    facts: tuple[Fact, ...]
+    failures: tuple[Failure, ...]
+    indices: tuple[int, ...] = ()  # record index of each fact
+
+
+class _RecordError(Exception):
+    """Internal: one record's failure, turned into a :class:`Failure`."""
+
+    def __init__(self, field_name: str | None, reason: str, kind: str = "malformed"):
+        super().__init__(reason)
+        self.field, self.reason, self.kind = field_name, reason, kind
+
+
+# ---------------------------------------------------------------------------------------------- templates
+
+_APOSTROPHES = "'\u2019\u2018\u02bc"
+
+
+def _lenient_pattern(subject: str) -> re.Pattern:
+    """``subject`` as a regex that ignores case, whitespace runs and apostrophe style."""
+    parts = []
+    for word in subject.split():
+        parts.append("".join(f"[{_APOSTROPHES}]" if ch in _APOSTROPHES else re.escape(ch) for ch in word))
+    return re.compile(r"\s+".join(parts), re.IGNORECASE)
+
+
+def to_template(prompt: str, subject: str) -> tuple[str, str]:
+    """``(template, subject_as_written)``: ``prompt`` with its first subject occurrence replaced by ``{}``.
+
+    A prompt that already holds ``{}`` is returned unchanged. Otherwise the subject is searched exactly,
+    then in NFC form, then ignoring case, whitespace runs and apostrophe style; ``subject_as_written`` is the
+    matched text of the prompt (equal to ``subject`` for an exact match). Raises
+    :class:`~keyscope.errors.SubjectNotFound` if the subject does not occur.
+    """
+    if not subject or not subject.strip():
+        raise SubjectNotFound(f"empty subject for prompt {prompt!r}")
+    if SLOT in prompt:
+        return prompt, subject
+    for text, subj in ((prompt, subject), (unicodedata.normalize("NFC", prompt), unicodedata.normalize("NFC", subject))):
+        start = text.find(subj)
+        if start >= 0:
+            return text[:start] + SLOT + text[start + len(subj) :], subj
+    text = unicodedata.normalize("NFC", prompt)
+    match = _lenient_pattern(unicodedata.normalize("NFC", subject.strip())).search(text)
+    if match is None:
+        raise SubjectNotFound(f"subject {subject!r} does not occur in prompt {prompt!r}")
+    return text[: match.start()] + SLOT + text[match.end() :], match.group(0)
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def _read_json(path: Path):
+    """The parsed JSON of ``path`` (JSON lines if the whole file is not one JSON value)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UnknownSchema(f"cannot read fact file {path}: {exc}") from exc
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        lines = [line for line in text.splitlines() if line.strip()]
+        if len(lines) > 1:
+            try:
+                return [json.loads(line) for line in lines]
+            except json.JSONDecodeError:
+                pass
+        raise UnknownSchema(f"{path} is not valid JSON or JSON lines ({exc.msg} at line {exc.lineno} column {exc.colno})") from exc
+
+
+def detect_schema(data) -> str:
+    """The schema of parsed fact-file JSON ``data`` (see the module docstring for the rules)."""
+    if isinstance(data, dict):
+        if data and all(isinstance(v, list) and all(isinstance(x, str) for x in v) for v in data.values()):
+            return PATIL
+        raise UnknownSchema(f"a JSON object with keys {_keys(data)} is not a fact file; expected a list of records")
+    if not isinstance(data, list):
+        raise UnknownSchema(f"expected a JSON list of records, found {type(data).__name__}")
+    first = next((r for r in data if isinstance(r, dict)), None)
+    if first is None:
+        raise UnknownSchema("the file holds no records (no JSON objects in the list)")
+    if "requested_rewrite" in first:
+        return COUNTERFACT
+    if "known_id" in first or ("template" in first and "attribute" in first):
+        return ROME_KNOWN
+    if "ground_truth" in first:
+        return EASYEDIT
+    if "target_true" in first:
+        prompt = first.get("prompt")
+        if "subject_rephrase_kind" in first or (isinstance(prompt, str) and SLOT in prompt):
+            return FACTWORLD_SCHEMA
+        return REP
+    raise UnknownSchema(
+        f"records with keys {_keys(first)} match no known schema "
+        f"(CounterFact, EasyEdit CounterFact, REP, factworld, ROME known facts, Patil paraphrases)"
+    )
+
+
+def _keys(record: Mapping) -> str:
+    keys = sorted(map(str, record))
+    return "[" + ", ".join(keys[:8]) + (", …" if len(keys) > 8 else "") + "]"
+
+
+def _get(record: Mapping, path: str, required: bool = True):
+    """``record[a][b]`` for ``path = "a.b"``; ``_RecordError`` naming ``path`` if required and missing."""
+    value = record
+    for part in path.split("."):
+        if not isinstance(value, Mapping) or part not in value:
+            if required:
+                raise _RecordError(path, "missing")
+            return None
+        value = value[part]
+    return value
+
+
+def _string(record: Mapping, path: str, required: bool = True, allow_empty: bool = False) -> str | None:
+    value = _get(record, path, required)
+    if value is None and not required:
+        return None
+    if isinstance(value, Mapping) and "str" in value:  # CounterFact's {"str": …, "id": …} targets
+        value = value["str"]
+    if not isinstance(value, str):
+        raise _RecordError(path, f"not a string (found {type(value).__name__})")
+    if not allow_empty and not value.strip():
+        raise _RecordError(path, "empty")
+    return value
+
+
+def _strings(record: Mapping, path: str) -> tuple[str, ...]:
+    """An optional list of strings (a single string or null accepted)."""
+    value = _get(record, path, required=False)
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,) if value.strip() else ()
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise _RecordError(path, "not a list of strings")
+    return tuple(v for v in value if v.strip())
+
+
+def _answer(record: Mapping, path: str) -> str | None:
+    """An optional answer string; a list holding one string (EasyEdit variants) is accepted."""
+    value = _get(record, path, required=False)
+    if isinstance(value, list) and len(value) >= 1 and all(isinstance(v, str) for v in value):
+        value = value[0]
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise _RecordError(path, f"not a string (found {type(value).__name__})")
+    return value
+
+
+def _case_id(record: Mapping, index: int, key: str = "case_id") -> int | str:
+    value = record.get(key, index)
+    if not isinstance(value, (int, str)) or isinstance(value, bool):
+        raise _RecordError(key, f"not an integer or string (found {type(value).__name__})")
+    return value
+
+
+def _templated(prompt_field: str, prompt: str, subject: str) -> tuple[str, str, dict]:
+    try:
+        template, written = to_template(prompt, subject)
+    except SubjectNotFound as exc:
+        raise _RecordError(prompt_field, str(exc), kind="subject_not_found") from exc
+    return template, written, ({} if written == subject else {"subject_given": subject})
+
+
+def _rest(record: Mapping, used: Iterable[str]) -> dict:
+    used = set(used)
+    return {k: v for k, v in record.items() if k not in used}
+
+
+def _counterfact(record: Mapping, index: int) -> Fact:
+    rewrite = _get(record, "requested_rewrite")
+    if not isinstance(rewrite, Mapping):
+        raise _RecordError("requested_rewrite", "not a JSON object")
+    subject = _string(record, "requested_rewrite.subject")
+    prompt = _string(record, "requested_rewrite.prompt")
+    template, subject_written, extra = _templated("requested_rewrite.prompt", prompt, subject)
+    target_true = _string(record, "requested_rewrite.target_true")
+    extras = _rest(record, ("case_id", "requested_rewrite", "paraphrase_prompts", "neighborhood_prompts", "subject_rephrase"))
+    for side in ("target_new", "target_true"):
+        target = rewrite.get(side)
+        if isinstance(target, Mapping) and "id" in target:
+            extras[f"{side}_id"] = target["id"]
+    return Fact(
+        case_id=_case_id(record, index),
+        prompt=template,
+        subject=subject_written,
+        target_new=_string(record, "requested_rewrite.target_new"),
+        target_true=target_true,
+        paraphrase_prompts=_strings(record, "paraphrase_prompts"),
+        neighborhood_prompts=_strings(record, "neighborhood_prompts"),
+        locality_ground_truth=target_true,
+        subject_rephrase=_strings(record, "subject_rephrase"),
+        relation_id=_string(record, "requested_rewrite.relation_id", required=False),
+        extras={**extras, **extra},
+    )
+
+
+def _easyedit(record: Mapping, index: int) -> Fact:
+    subject = _string(record, "subject")
+    template, subject_written, extra = _templated("prompt", _string(record, "prompt"), subject)
+    used = ("case_id", "prompt", "subject", "target_new", "ground_truth", "rephrase_prompt", "locality_prompt",
+            "locality_ground_truth", "subject_rephrase", "relation_id")
+    return Fact(
+        case_id=_case_id(record, index),
+        prompt=template,
+        subject=subject_written,
+        target_new=_string(record, "target_new"),
+        target_true=_string(record, "ground_truth"),
+        paraphrase_prompts=_strings(record, "rephrase_prompt"),
+        neighborhood_prompts=_strings(record, "locality_prompt"),
+        locality_ground_truth=_answer(record, "locality_ground_truth"),
+        subject_rephrase=_strings(record, "subject_rephrase"),
+        relation_id=_string(record, "relation_id", required=False),
+        extras={**_rest(record, used), **extra},
+    )
+
+
+def _rep(record: Mapping, index: int) -> Fact:
+    """The REP release schema and factworld's export (whose prompt is already a template)."""
+    subject = _string(record, "subject")
+    template, subject_written, extra = _templated("prompt", _string(record, "prompt"), subject)
+    paraphrase_key = "paraphrase_prompts" if "paraphrase_prompts" in record else "rephrase_prompt"
+    neighbour_key = "neighborhood_prompts" if "neighborhood_prompts" in record else "locality_prompt"
+    target_true = _string(record, "target_true")
+    used = ("case_id", "prompt", "subject", "target_new", "target_true", paraphrase_key, neighbour_key,
+            "locality_ground_truth", "subject_rephrase", "relation_id")
+    locality = _answer(record, "locality_ground_truth")
+    return Fact(
+        case_id=_case_id(record, index),
+        prompt=template,
+        subject=subject_written,
+        target_new=_string(record, "target_new"),
+        target_true=target_true,
+        paraphrase_prompts=_strings(record, paraphrase_key),
+        neighborhood_prompts=_strings(record, neighbour_key),
+        locality_ground_truth=locality,
+        subject_rephrase=_strings(record, "subject_rephrase"),
+        relation_id=_string(record, "relation_id", required=False),
+        extras={**_rest(record, used), **extra},
+    )
+
+
+def _rome_known(record: Mapping, index: int) -> Fact:
+    subject = _string(record, "subject")
+    prompt_key = "prompt" if "prompt" in record else "template"
+    template, subject_written, extra = _templated(prompt_key, _string(record, prompt_key), subject)
+    used = ("known_id", "prompt", "subject", "attribute", "relation_id")
+    return Fact(
+        case_id=_case_id(record, index, "known_id"),
+        prompt=template,
+        subject=subject_written,
+        target_new=None,
+        target_true=_string(record, "attribute"),
+        relation_id=_string(record, "relation_id", required=False),
+        extras={**_rest(record, used), **extra},
+    )
+
+
+_PARSERS = {COUNTERFACT: _counterfact, EASYEDIT: _easyedit, REP: _rep, FACTWORLD_SCHEMA: _rep, ROME_KNOWN: _rome_known}
+
+
+def parse_records(records: Sequence, schema: str) -> tuple[list[Fact], list[Failure], list[int]]:
+    """``(facts, failures, indices)`` of ``records`` in ``schema`` (one of :data:`FACT_SCHEMAS`); ``indices[i]``
+    is the record index of ``facts[i]``. Never raises for a record."""
+    if schema not in _PARSERS:
+        raise UnknownSchema(f"{schema!r} is not a fact schema; choose from {', '.join(FACT_SCHEMAS)}")
+    parse = _PARSERS[schema]
+    facts: list[Fact] = []
+    failures: list[Failure] = []
+    indices: list[int] = []
+    for index, record in enumerate(records):
+        if not isinstance(record, Mapping):
+            failures.append(Failure(index, None, f"not a JSON object (found {type(record).__name__})"))
+            continue
+        try:
+            facts.append(parse(record, index))
+            indices.append(index)
+        except _RecordError as exc:
+            failures.append(Failure(index, exc.field, exc.reason, exc.kind))
+    return facts, failures, indices
+
+
+def _factworld_records() -> list[dict]:
+    """factworld's facts as exported records: the world of the shipped model's card, or the default world."""
+    from keyscope.factworld import export
+    from keyscope.factworld.build import world_of
+    from keyscope.models import MODEL_CARD, factworld_model_dir
+
+    card_path = factworld_model_dir() / MODEL_CARD
+    card = {}
+    if card_path.is_file():
+        try:
+            card = json.loads(card_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise KeyscopeError(f"the factworld model card {card_path} is not valid JSON ({exc})") from exc
+    seed = card.get("train_config", {}).get("seed", 0)
+    return export.records(world_of(card), seed=seed)
+
+
+def read_facts(source: str | Path) -> FactFile:
+    """Read every record of ``source`` (a fact file, or ``"factworld"``) into facts and failures.
+
+    Raises :class:`UnknownSchema` (a :class:`KeyscopeError`, one line) for an unreadable file, invalid JSON,
+    an unknown schema or a Patil paraphrase table; problems of single records are returned as failures.
+    """
+    if isinstance(source, str) and source == FACTWORLD:
+        records, name = _factworld_records(), FACTWORLD
+        schema = FACTWORLD_SCHEMA
+    else:
+        records, name = _read_json(_existing(source)), str(source)
+        schema = detect_schema(records)
+        if schema == PATIL:
+            raise UnknownSchema(f"{source} is a Patil et al. paraphrase table, not a fact file; read it with load_paraphrases")
+    facts, failures, indices = parse_records(records, schema)
+    return FactFile(name, schema, len(records), tuple(facts), tuple(failures), tuple(indices))
+
+
+def _existing(source: str | Path) -> Path:
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise UnknownSchema(f"fact file {source} does not exist; pass a JSON fact file or 'factworld'")
+    return path
+
+
+def sniff_schema(source: str | Path) -> str:
+    """The schema of a fact or paraphrase file (``"factworld"`` for the factworld source); see
+    :func:`detect_schema`. Raises :class:`UnknownSchema` for an unreadable or unknown file."""
+    if isinstance(source, str) and source == FACTWORLD:
+        return FACTWORLD_SCHEMA
+    return detect_schema(_read_json(_existing(source)))
+
+
+def locate_subjects(tokenizer, fact_file: FactFile, prepend_bos: bool | None = None) -> list[Failure]:
+    """Check that every fact's subject has a last token in the tokenisation of its filled prompt
+    (:func:`keyscope.keys.locate`); one :class:`Failure` (record index, field ``subject``) per fact where not."""
+    failures = []
+    for index, fact in zip(fact_file.indices or range(len(fact_file.facts)), fact_file.facts):
+        try:
+            locate(tokenizer, fact.prompt, fact.subject, prepend_bos=prepend_bos)
+        except SubjectNotFound as exc:
+            failures.append(Failure(index, "subject", str(exc), "subject_not_found"))
+    return failures
+
+
+def load_facts(source: str | Path, on_error: str = "raise") -> list[Fact]:
+    """The facts of ``source``: a JSON/JSON-lines fact file in any schema of the module docstring, or
+    ``"factworld"`` (the world of the shipped factworld model's card, else the default :class:`WorldConfig`).
+
+    ``on_error="raise"`` (default) raises the first failing record's error — :class:`MalformedRecord` or
+    :class:`~keyscope.errors.SubjectNotFound`, one line naming the record index and field;
+    ``on_error="skip"`` leaves failing records out (see :func:`read_facts` for the list of failures).
+    """
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
+    result = read_facts(source)
+    if result.failures and on_error == "raise":
+        failure = result.failures[0]
+        error = SubjectNotFound if failure.kind == "subject_not_found" else MalformedRecord
+        exc = error(f"{result.source}: {failure}")
+        exc.index, exc.field = failure.index, failure.field  # type: ignore[attr-defined]
+        raise exc
+    return list(result.facts)
+
+
+# ---------------------------------------------------------------------------------------------- paraphrases
+
+
+def paraphrase_key(fact: Fact) -> str:
+    """The key of ``fact`` in Patil et al.'s table: the filled prompt, a space, the true target."""
+    return f"{fact.filled_prompt} {fact.target_true.strip()}"
+
+
+def load_paraphrases(path: str | Path) -> dict[str, tuple[str, ...]]:
+    """Patil et al. (2023)'s paraphrase table ``{filled prompt + " " + true target: [paraphrased prompts]}``.
+
+    Raises :class:`UnknownSchema` for a file of another shape and :class:`MalformedRecord` (naming the key)
+    for an entry that is not a list of strings.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UnknownSchema(f"paraphrase file {path} does not exist")
+    data = _read_json(path)
+    if not isinstance(data, dict):
+        raise UnknownSchema(f"{path} is not a paraphrase table: expected a JSON object, found {type(data).__name__}")
+    table: dict[str, tuple[str, ...]] = {}
+    for index, (key, value) in enumerate(data.items()):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise MalformedRecord(f"{path}: entry {index} ({key!r}) should be a list of strings")
+        table[" ".join(key.split())] = tuple(value)
+    return table
+
+
+def attach_paraphrases(facts: Iterable[Fact], table: Mapping[str, Sequence[str]]) -> tuple[list[Fact], int]:
+    """``(facts, n_matched)``: each fact with its Patil paraphrases appended to ``paraphrase_prompts``.
+
+    Facts are matched by :func:`paraphrase_key` (whitespace runs collapsed, as in :func:`load_paraphrases`);
+    duplicates of existing paraphrases are not added, order is kept — as in the REP release, whose
+    ``rephrase_prompt`` lists CounterFact's two paraphrases followed by Patil's.
+    """
+    out: list[Fact] = []
+    matched = 0
+    for fact in facts:
+        extra = table.get(" ".join(paraphrase_key(fact).split()))
+        if extra is None:
+            out.append(fact)
+            continue
+        matched += 1
+        merged = tuple(dict.fromkeys((*fact.paraphrase_prompts, *(p for p in extra if p.strip()))))
+        out.append(replace(fact, paraphrase_prompts=merged))
+    return out, matched
+
+
+# ---------------------------------------------------------------------------------------------- known facts
+
+
+def _target_position(tokenizer, prompt_text: str, target: str, prepend_bos: bool | None) -> tuple[list[int], int]:
+    """``(context ids, target's first token id)`` from one tokenisation of ``prompt + " " + target``.
+
+    The context is every token before the one holding the target's first character (the prompt's own
+    tokens, BOS included when the model prepends one), so the prediction is read exactly where the model
+    sees the target begin.
+    """
+    target = target.strip()
+    text = f"{prompt_text.rstrip()} {target}"
+    start = len(text) - len(target)
+    encoded = encode(tokenizer, text, prepend_bos=prepend_bos)
+    hits = tokens_overlapping(encoded, start, len(text))
+    if not hits or hits[0] == 0:
+        raise SubjectNotFound(f"the target {target!r} has no token after the prompt {prompt_text!r}")
+    first = hits[0]
+    return list(encoded.ids[:first]), encoded.ids[first]
+
+
+def predicts_target(
+    model, facts: Sequence[Fact], target: str = "true", batch_size: int = 32, prepend_bos: bool | None = None
+) -> torch.Tensor:
+    """Whether the model's top-1 next token after each fact's filled prompt is the first token of its
+    ``target`` (``"true"`` or ``"new"``): a ``(n,)`` bool tensor.
+
+    Prompts are sorted by length and run in right-padded batches with an attention mask; the logits are
+    read at each prompt's last real token.
+    """
+    if target not in ("true", "new"):
+        raise ValueError(f"target must be 'true' or 'new', not {target!r}")
+    tokenizer = model.tokenizer
+    pairs = []
+    for fact in facts:
+        answer = fact.target_true if target == "true" else fact.target_new
+        if answer is None:
+            raise ValueError(f"fact {fact.case_id} has no target_{target}")
+        pairs.append(_target_position(tokenizer, fact.filled_prompt, answer, prepend_bos))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    result = torch.zeros(len(pairs), dtype=torch.bool)  # (n,)
+    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]))
+    device = model.cfg.device
+    for lo in range(0, len(order), batch_size):
+        rows = order[lo : lo + batch_size]
+        input_ids, attention_mask = pad_batch([pairs[i][0] for i in rows], pad_id, "right", device=device)
+        with torch.no_grad():
+            logits = model(input_ids, attention_mask=attention_mask, return_type="logits")  # (batch, pos, vocab)
+        last = attention_mask.sum(1) - 1  # (batch,)
+        top1 = logits[torch.arange(len(rows), device=logits.device), last.to(logits.device)].argmax(-1)  # (batch,)
+        wanted = torch.as_tensor([pairs[i][1] for i in rows], device=top1.device)  # (batch,)
+        result[torch.as_tensor(rows)] = (top1 == wanted).cpu()
+    return result
+
+
+def known_facts(model, facts: Sequence[Fact], batch_size: int = 32, prepend_bos: bool | None = None) -> list[Fact]:
+    """The facts whose true target's first token is the model's top-1 prediction after the filled prompt
+    (the "known facts" filter of ROME and Yan et al.), in their original order."""
+    known = predicts_target(model, facts, "true", batch_size=batch_size, prepend_bos=prepend_bos)
+    return [fact for fact, ok in zip(facts, known.tolist()) if ok]

@@ -1,0 +1,86 @@
+"""Figure 3: whitened similarity of perturbed subject keys to the original key.
+
+``run`` picks ``n_subjects`` facts of distinct subjects (seeded), builds each fact's rephrased, shuffled,
+long-context and random-subject probes (:func:`keyscope.similarity.fact_probes`), measures the normalised
+edit strength of every probe's key against the original prompt's key in the metric ``C⁻¹`` of the layer's
+key covariance, and writes ``fig3_similarity.png``, ``fig3_pca.png`` and ``fig3_similarity.csv``.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from keyscope import similarity
+from keyscope.errors import KeyscopeError
+from keyscope.plotting import fig3
+
+
+@dataclass
+class SimilarityResult:
+    model: str
+    layer: int
+    summary: dict
+    rows: list[dict] = field(repr=False)
+    files: list[Path] = field(default_factory=list)
+    figures: dict = field(default_factory=dict, repr=False)  # name -> matplotlib Figure
+
+    def as_json(self) -> dict:
+        return {"perturbations": self.summary, "model": self.model, "layer": self.layer}
+
+
+def pick_facts(facts, n_subjects: int, seed: int) -> list:
+    """``n_subjects`` facts with distinct subjects, drawn with ``seed`` (all of them if fewer)."""
+    by_subject: dict[str, object] = {}
+    for fact in facts:
+        by_subject.setdefault(fact.subject, fact)
+    chosen = list(by_subject.values())
+    random.Random(seed).shuffle(chosen)
+    if not chosen:
+        raise KeyscopeError("no facts to study: the dataset is empty")
+    return chosen[:n_subjects]
+
+
+def run(model, facts, layer: int, cov, context_docs, out_dir: str | Path, model_name: str, n_subjects: int = 100,
+        seed: int = 0, pca_subject: str | None = None, progress: bool = True) -> SimilarityResult:
+    """Run the Figure 3 study and write its outputs into ``out_dir``."""
+    chosen = pick_facts(facts, n_subjects, seed)
+    config = similarity.StudyConfig(seed=seed)
+    rows, keys = similarity.perturbation_study(model, chosen, layer, cov, context_docs, config, progress=progress)
+    summary = similarity.summarize(rows)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    csv_path = out / "fig3_similarity.csv"
+    pd.DataFrame(rows).to_csv(csv_path, index=False)
+    values = {kind: [r["similarity"] for r in rows if r["kind"] == kind] for kind in similarity.STUDY_KINDS}
+    dist = fig3.similarity_distributions(values, title=f"{model_name}, layer {layer}: keys vs. the original key")
+    dist_path = out / "fig3_similarity.png"
+    dist.savefig(dist_path, dpi=150)
+
+    pca_fact = next((f for f in chosen if f.subject == pca_subject), None) if pca_subject else None
+    if pca_subject and pca_fact is None:
+        pca_fact = next((f for f in facts if f.subject == pca_subject), None)
+        if pca_fact is None:
+            raise KeyscopeError(f"--pca-subject {pca_subject!r} is not a subject of the dataset")
+        _, extra = similarity.perturbation_study(model, [pca_fact], layer, cov, context_docs, config, progress=False)
+        keys.update(extra)
+    pca_fact = pca_fact or chosen[0]
+    kinds, pca_keys = keys[pca_fact.case_id]
+    coords = similarity.whitened_pca(pca_keys, cov)
+    pca_path = out / "fig3_pca.png"
+    pca = fig3.key_pca(coords.numpy(), kinds, subject=pca_fact.subject)
+    pca.savefig(pca_path, dpi=150)
+    return SimilarityResult(model_name, layer, summary, rows, [dist_path, pca_path, csv_path],
+                            {"similarity": dist, "pca": pca})
+
+
+def format_table(summary: dict) -> str:
+    """The summary as a fixed-width text table (one row per perturbation kind)."""
+    lines = [f"{'perturbation':<14}{'n':>6}{'mean':>9}{'median':>9}{'q10':>9}{'q90':>9}"]
+    for kind, s in summary.items():
+        lines.append(f"{kind:<14}{s['n']:>6}{s['mean']:>9.3f}{s['median']:>9.3f}{s['q10']:>9.3f}{s['q90']:>9.3f}")
+    return "\n".join(lines)

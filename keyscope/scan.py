@@ -1,0 +1,380 @@
+"""Corpus nearest-neighbour scan: which keys of ordinary text would an edit of a subject reach?
+
+An edit at the subject key ``k*`` moves any other key ``k`` by the fraction (see :mod:`keyscope.similarity`)
+
+    s(k; k*) = kᵀC⁻¹k* / k*ᵀC⁻¹k*
+
+of the full edit. Yan et al. ("Keys to Robust Edits", Sec. 3, Figure 4) stream a corpus through the model,
+score every token position against the edited keys and look at the highest-scoring positions that are
+**not** the subject: unrelated contexts whose keys an edit would move almost as much as the subject's own.
+
+For ``S`` subjects with keys ``K* = [k*_1 … k*_S]`` ``(d_mlp, S)`` the scan precomputes ``W = C⁻¹K*``
+``(d_mlp, S)`` (Cholesky solves, :meth:`keyscope.covariance.KeyCovariance.solve`) and the normalisers
+``n_j = k*_jᵀC⁻¹k*_j``; a chunk of ``P`` position keys ``K`` ``(P, d_mlp)`` is then scored against every subject
+at once by one matrix product, ``raw = K W`` ``(P, S)`` and ``score = raw / n``. Keys come from the forward
+pass stopped right after the layer's key (:func:`keyscope.keys.layer_keys`) on the windows of
+:func:`keyscope.corpus.token_batches` (BOS and padding excluded).
+
+Exclusion of the subject itself. Wherever the subject's token sequence occurs in the token stream (in any of
+its tokenisations, :func:`subject_token_variants`, matched across window boundaries), its last token and the
+``window`` positions after it are excluded for that subject (the paper masks the last token and the following
+10). Excluded positions score ``-inf``.
+
+Top-k. Each chunk's ``torch.topk`` over positions ``(k, S)`` is merged with the running ``(k, S)`` best by a
+second ``topk``, so the state (scores, raw similarities, stream positions and the ``prefix_tokens`` token ids
+ending at each hit) has a fixed size whatever the corpus length; prefixes are decoded once at the end. The
+merged result equals the global top-k (up to the order of exact ties).
+
+This module is analysis: it does not import editing, evaluation or the CLI.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from keyscope.corpus import Source, TokenBatch, token_batches
+from keyscope.datasets import Fact
+from keyscope.keys import collect_keys, encode, fill, layer_keys, tokens_overlapping
+from keyscope.models import check_layer
+from keyscope.similarity import edit_strength_matrix, probe_keys, rephrased_subjects
+
+
+@dataclass(frozen=True)
+class ScanConfig:
+    """What to scan and how.
+
+    ``layer``: the key layer; ``n_tokens``: counted corpus positions; ``seq_len``/``batch_size``: windows fed to
+    the model; ``top_k``: hits kept per subject; ``window``: positions excluded after each subject occurrence's
+    last token (that token included, so ``window + 1`` positions); ``prefix_tokens``: tokens of context kept
+    for each hit (ending at it); ``prepend_bos``: see :func:`keyscope.corpus.prepends_bos`.
+    """
+
+    layer: int
+    n_tokens: int = 100_000
+    seq_len: int = 256
+    batch_size: int = 16
+    top_k: int = 10
+    window: int = 10
+    prefix_tokens: int = 20
+    prepend_bos: bool | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("n_tokens", "seq_len", "batch_size", "top_k", "prefix_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ScanConfig.{name} must be positive, not {getattr(self, name)}")
+        if self.window < 0:
+            raise ValueError(f"ScanConfig.window must be >= 0, not {self.window}")
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    """One hit: the ``rank``-th best corpus position for subject ``subject_index``.
+
+    ``score`` is the normalised edit strength ``kᵀC⁻¹k*/k*ᵀC⁻¹k*``, ``raw`` the whitened similarity
+    ``kᵀC⁻¹k*``, ``position`` the index in the counted token stream, ``prefix`` the decoded context ending at
+    the hit.
+    """
+
+    subject_index: int
+    subject: str
+    rank: int
+    score: float
+    raw: float
+    position: int
+    prefix: str
+
+
+@dataclass(frozen=True, eq=False)
+class ScanResult:
+    """Top-k corpus neighbours per subject: ``scores``/``raw``/``positions`` are ``(S, k)``, best first; slots
+    with no valid position hold ``-inf`` / ``nan`` / ``-1``. ``n_excluded[j]`` counts the positions masked for
+    subject ``j``; ``n_tokens`` the positions scanned."""
+
+    config: ScanConfig
+    subjects: tuple[str, ...]
+    scores: torch.Tensor  # (S, k) float32
+    raw: torch.Tensor  # (S, k) float32
+    positions: torch.Tensor  # (S, k) int64
+    prefixes: tuple[tuple[str, ...], ...]
+    n_tokens: int
+    n_excluded: torch.Tensor  # (S,) int64
+
+    def neighbours(self) -> list[Neighbour]:
+        """Every valid hit, subject by subject, best first."""
+        out = []
+        for j, subject in enumerate(self.subjects):
+            for rank in range(self.scores.shape[1]):
+                if self.positions[j, rank] < 0:
+                    break
+                out.append(
+                    Neighbour(j, subject, rank, float(self.scores[j, rank]), float(self.raw[j, rank]),
+                              int(self.positions[j, rank]), self.prefixes[j][rank])
+                )
+        return out
+
+    def top1(self) -> list[Neighbour | None]:
+        """The best hit of each subject (``None`` if it had no valid position)."""
+        best: list[Neighbour | None] = [None] * len(self.subjects)
+        for hit in self.neighbours():
+            if hit.rank == 0:
+                best[hit.subject_index] = hit
+        return best
+
+
+# ---------------------------------------------------------------------------------------------- masking
+
+
+def subject_token_variants(tokenizer, subject: str, prompt: str | None = None) -> tuple[tuple[int, ...], ...]:
+    """The token sequences the subject may take in running text: tokenised alone, after a space, and (if
+    ``prompt`` is given) as it is tokenised inside the filled prompt. Special tokens are left out."""
+    variants: list[tuple[int, ...]] = []
+    for text in (subject, " " + subject):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        variants.append(tuple(int(i) for i in ids))
+    if prompt is not None:
+        span = fill(prompt, subject)
+        enc = encode(tokenizer, span.text, prepend_bos=False)
+        variants.append(tuple(enc.ids[i] for i in tokens_overlapping(enc, span.start, span.end)))
+    return tuple(dict.fromkeys(v for v in variants if v))
+
+
+class SubjectMask:
+    """Streaming exclusion mask: which positions of the token stream are at or just after a subject.
+
+    Called on consecutive chunks of the stream (``(P,)`` token ids), it returns a ``(P, S)`` bool mask, True
+    where subject ``j``'s last token lies at most ``window`` positions back. Occurrences that straddle two
+    chunks are found (the last ``max_len - 1`` tokens are carried over) and masks that run past a chunk's end
+    continue into the next. State: that tail and one integer per subject.
+    """
+
+    def __init__(self, variants: Sequence[Sequence[Sequence[int]]], window: int):
+        self.window = int(window)
+        self.n_subjects = len(variants)
+        self._by_last: dict[int, list[tuple[tuple[int, ...], int]]] = {}
+        for j, subject_variants in enumerate(variants):
+            for variant in subject_variants:
+                variant = tuple(int(i) for i in variant)
+                if variant:
+                    self._by_last.setdefault(variant[-1], []).append((variant, j))
+        longest = max((len(v) for group in self._by_last.values() for v, _ in group), default=1)
+        self._last_ids = torch.tensor(sorted(self._by_last), dtype=torch.long)  # (n_last,)
+        self._tail_len = longest - 1
+        self._tail: list[int] = []
+        self._offset = 0  # stream index of the next chunk's first token
+        self._masked_until = [-1] * self.n_subjects  # last masked stream index per subject
+
+    def __call__(self, stream_ids: torch.Tensor) -> torch.Tensor:
+        stream_ids = stream_ids.reshape(-1).cpu()  # (P,)
+        n = int(stream_ids.shape[0])
+        mask = torch.zeros((n, self.n_subjects), dtype=torch.bool)  # (P, S)
+        offset, tail = self._offset, self._tail
+        for j, until in enumerate(self._masked_until):  # masks carried over from earlier chunks
+            if until >= offset:
+                mask[: until - offset + 1, j] = True
+        ids = stream_ids.tolist()
+        extended = tail + ids
+        candidates = torch.isin(stream_ids, self._last_ids).nonzero().flatten().tolist() if self._by_last else []
+        for t in candidates:
+            e = t + len(tail)  # index in ``extended``
+            for variant, j in self._by_last[ids[t]]:
+                m = len(variant)
+                if e - m + 1 >= 0 and tuple(extended[e - m + 1 : e + 1]) == variant:
+                    mask[t : t + self.window + 1, j] = True
+                    self._masked_until[j] = max(self._masked_until[j], offset + t + self.window)
+        self._tail = extended[len(extended) - self._tail_len :] if self._tail_len else []
+        self._offset = offset + n
+        return mask
+
+    def state_size(self) -> int:
+        """Number of stored stream tokens plus counters (constant in the corpus length)."""
+        return len(self._tail) + len(self._masked_until)
+
+
+# ---------------------------------------------------------------------------------------------- top-k
+
+
+class NeighbourTopK:
+    """Running top-k of the scores of streamed position keys against ``S`` subject keys.
+
+    ``c_inv_k_stars`` is ``C⁻¹K*`` ``(d_mlp, S)`` and ``norms`` the ``k*ᵀC⁻¹k*`` ``(S,)``. :meth:`update`
+    scores a chunk's keys ``(P, d_mlp)`` with one matmul, masks the excluded positions, takes the chunk's
+    top-k and merges it into the state; state tensors are ``(k, S)`` (and ``(k, S, prefix_tokens)`` ids).
+    """
+
+    def __init__(self, c_inv_k_stars: torch.Tensor, norms: torch.Tensor, top_k: int, prefix_tokens: int):
+        self.W = c_inv_k_stars.float()  # (d_mlp, S)
+        self.norms = norms.to(self.W.device, torch.float32)  # (S,)
+        self.top_k = int(top_k)
+        n_subjects = self.W.shape[1]
+        device = self.W.device
+        self.scores = torch.empty((0, n_subjects), device=device)  # (k', S)
+        self.raw = torch.empty((0, n_subjects), device=device)  # (k', S)
+        self.positions = torch.empty((0, n_subjects), dtype=torch.long, device=device)  # (k', S)
+        self.prefix_ids = torch.empty((0, n_subjects, prefix_tokens), dtype=torch.long, device=device)  # (k', S, L)
+        self.n_excluded = torch.zeros(n_subjects, dtype=torch.long)  # (S,)
+
+    def score(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scores, raw)`` of position keys ``(P, d_mlp)`` against every subject: both ``(P, S)``."""
+        raw = keys.to(self.W.device, torch.float32) @ self.W  # (P, S)
+        return raw / self.norms, raw
+
+    def update(self, keys: torch.Tensor, excluded: torch.Tensor, positions: torch.Tensor, prefix_ids: torch.Tensor) -> None:
+        """Merge a chunk: keys ``(P, d_mlp)``, excluded ``(P, S)`` bool, stream positions ``(P,)``, prefix ids ``(P, L)``."""
+        device = self.W.device
+        scores, raw = self.score(keys)  # (P, S)
+        excluded = excluded.to(device)
+        self.n_excluded += excluded.sum(0).cpu()
+        scores = scores.masked_fill(excluded, float("-inf"))
+        k = min(self.top_k, scores.shape[0])
+        best, rows = scores.topk(k, dim=0)  # (k, S)
+        chunk_raw = raw.gather(0, rows)  # (k, S)
+        chunk_pos = positions.to(device)[rows]  # (k, S)
+        chunk_prefix = prefix_ids.to(device)[rows]  # (k, S, L)
+        merged_scores = torch.cat([self.scores, best])  # (k' + k, S)
+        keep = min(self.top_k, merged_scores.shape[0])
+        self.scores, picks = merged_scores.topk(keep, dim=0)  # (keep, S)
+        self.raw = torch.cat([self.raw, chunk_raw]).gather(0, picks)
+        self.positions = torch.cat([self.positions, chunk_pos]).gather(0, picks)
+        all_prefix = torch.cat([self.prefix_ids, chunk_prefix])  # (k' + k, S, L)
+        self.prefix_ids = all_prefix.gather(0, picks[:, :, None].expand(-1, -1, all_prefix.shape[2]))
+
+    def state_nbytes(self) -> int:
+        """Bytes held by the running state (bounded by ``top_k``, independent of the corpus length)."""
+        tensors = (self.scores, self.raw, self.positions, self.prefix_ids, self.n_excluded)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _prefix_windows(batch: TokenBatch, length: int) -> torch.Tensor:
+    """For each counted position, the ``length`` token ids of its window ending at it: ``(P, length)``,
+    ``-1`` where the window reaches before the first counted token (BOS, or the window's start)."""
+    ids = batch.input_ids.masked_fill(~batch.key_mask, -1)  # (batch, seq)
+    padded = torch.nn.functional.pad(ids, (length - 1, 0), value=-1)  # (batch, seq + length - 1)
+    windows = padded.unfold(1, length, 1)  # (batch, seq, length)
+    return windows[batch.key_mask]  # (P, length)
+
+
+def _progress(enabled: bool, total: int, desc: str):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="tok", unit_scale=True, leave=False)
+
+
+def scan_batches(
+    model,
+    batches: Iterable[TokenBatch],
+    k_stars: torch.Tensor,
+    cov,
+    variants: Sequence[Sequence[Sequence[int]]],
+    config: ScanConfig,
+    subjects: Sequence[str] | None = None,
+    progress: bool = True,
+) -> ScanResult:
+    """Scan token ``batches`` for the keys most similar to each row of ``k_stars`` ``(S, d_mlp)``.
+
+    ``cov`` is the layer's fitted :class:`~keyscope.covariance.KeyCovariance`; ``variants[j]`` the token
+    sequences whose occurrences are excluded for subject ``j`` (:func:`subject_token_variants`).
+    """
+    layer = check_layer(model, config.layer)
+    if len(variants) != k_stars.shape[0]:
+        raise ValueError(f"got {k_stars.shape[0]} subject keys but {len(variants)} variant lists")
+    subjects = tuple(subjects) if subjects is not None else tuple(str(j) for j in range(k_stars.shape[0]))
+    device = model.cfg.device
+    c_inv = cov.solve(k_stars)  # (S, d_mlp) float64
+    norms = (k_stars.to(c_inv.device, torch.float64) * c_inv).sum(-1)  # (S,)
+    topk = NeighbourTopK(c_inv.T.to(device), norms.to(device), config.top_k, config.prefix_tokens)
+    masker = SubjectMask(variants, config.window)
+    bar = _progress(progress, config.n_tokens, f"scan layer {layer}")
+    seen = 0
+    for batch in batches:
+        keys = layer_keys_of(model, batch, layer)  # (P, d_mlp)
+        stream = batch.input_ids[batch.key_mask]  # (P,)
+        excluded = masker(stream)  # (P, S)
+        positions = torch.arange(seen, seen + stream.shape[0])  # (P,)
+        topk.update(keys, excluded, positions, _prefix_windows(batch, config.prefix_tokens))
+        seen += int(stream.shape[0])
+        if bar is not None:
+            bar.update(int(stream.shape[0]))
+    if bar is not None:
+        bar.close()
+    return _result(model.tokenizer, topk, config, subjects, seen)
+
+
+def layer_keys_of(model, batch: TokenBatch, layer: int) -> torch.Tensor:
+    """The layer-``layer`` keys of a batch's counted positions, in stream order: ``(P, d_mlp)``."""
+    keys = layer_keys(model, batch.input_ids, batch.attention_mask, layer)  # (batch, seq, d_mlp)
+    return keys[batch.key_mask.to(keys.device)]  # (P, d_mlp)
+
+
+def _result(tokenizer, topk: NeighbourTopK, config: ScanConfig, subjects: tuple[str, ...], n_tokens: int) -> ScanResult:
+    k = config.top_k
+    n_subjects = len(subjects)
+    found = topk.scores.shape[0]
+    scores = torch.full((n_subjects, k), float("-inf"))  # (S, k)
+    raw = torch.full((n_subjects, k), float("nan"))  # (S, k)
+    positions = torch.full((n_subjects, k), -1, dtype=torch.long)  # (S, k)
+    valid = torch.isfinite(topk.scores).T.cpu()  # (S, found)
+    scores[:, :found] = topk.scores.T.cpu()
+    raw[:, :found] = torch.where(valid, topk.raw.T.cpu(), torch.nan)
+    positions[:, :found] = torch.where(valid, topk.positions.T.cpu(), -1)
+    prefix_ids = topk.prefix_ids.permute(1, 0, 2).cpu().tolist()  # (S, found, L)
+    prefixes = tuple(
+        tuple(
+            tokenizer.decode([i for i in prefix_ids[j][r] if i >= 0], skip_special_tokens=True) if valid[j, r] else ""
+            for r in range(found)
+        )
+        + ("",) * (k - found)
+        for j in range(n_subjects)
+    )
+    return ScanResult(config, subjects, scores, raw, positions, prefixes, n_tokens, topk.n_excluded.clone())
+
+
+def subject_keys(model, facts: Sequence[Fact], layer: int, batch_size: int = 32) -> torch.Tensor:
+    """The edited keys ``k*`` of ``facts``: layer-``layer`` keys at each subject's last token, ``(S, d_mlp)``."""
+    return collect_keys(model, [f.prompt for f in facts], [f.subject for f in facts], layer, batch_size=batch_size)
+
+
+def scan_corpus(
+    model,
+    facts: Sequence[Fact],
+    cov,
+    corpus: Source | Iterable[str],
+    config: ScanConfig,
+    progress: bool = True,
+    k_stars: torch.Tensor | None = None,
+) -> ScanResult:
+    """Scan ``config.n_tokens`` positions of ``corpus`` for each fact subject's nearest keys (module docstring).
+
+    ``k_stars`` ``(S, d_mlp)`` defaults to :func:`subject_keys` of ``facts``.
+    """
+    tokenizer = model.tokenizer
+    if k_stars is None:
+        k_stars = subject_keys(model, facts, config.layer)  # (S, d_mlp)
+    variants = [subject_token_variants(tokenizer, f.subject, f.prompt) for f in facts]
+    batches = token_batches(tokenizer, corpus, config.n_tokens, config.seq_len, config.batch_size, config.prepend_bos)
+    return scan_batches(model, batches, k_stars, cov, variants, config, [f.subject for f in facts], progress)
+
+
+def rephrase_scores(model, facts: Sequence[Fact], cov, layer: int, k_stars: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """For scale: the edit strengths ``s(k; k*)`` of each fact's rephrased-subject keys (same template,
+    :func:`keyscope.similarity.rephrased_subjects`) against its own ``k*``; one float64 tensor per fact (empty
+    when the fact has no rephrased subjects). All probes run in one batched :func:`probe_keys` call."""
+    if k_stars is None:
+        k_stars = subject_keys(model, facts, layer)  # (S, d_mlp)
+    probes, owner = [], []
+    for j, fact in enumerate(facts):
+        for probe in rephrased_subjects(fact.prompt, fact.subject, fact.subject_rephrase):
+            probes.append(probe)
+            owner.append(j)
+    if not probes:
+        return [torch.empty(0, dtype=torch.float64) for _ in facts]
+    keys = probe_keys(model, probes, layer)  # (n, d_mlp)
+    strengths = edit_strength_matrix(keys, k_stars, cov).cpu()  # (n, S)
+    owners = torch.as_tensor(owner)  # (n,)
+    rows = torch.arange(len(probes))
+    own = strengths[rows, owners]  # (n,)
+    return [own[owners == j] for j in range(len(facts))]

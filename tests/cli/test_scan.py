@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from keyscope.cli import main
+from tests import hf_tiny
+
+FACTS = [
+    {"case_id": 7, "prompt": "The Eiffel Tower is located in", "subject": "The Eiffel Tower", "target_new": "Rome",
+     "target_true": "Paris", "rephrase_prompt": None, "locality_prompt": [], "locality_ground_truth": "Paris",
+     "subject_rephrase": ["Eiffel Tower", "the Tower"]},
+    {"case_id": 8, "prompt": "Michael Jordan played basketball for", "subject": "Michael Jordan",
+     "target_new": "Lakers", "target_true": "Bulls", "rephrase_prompt": None, "locality_prompt": [],
+     "locality_ground_truth": "Bulls", "subject_rephrase": ["Jordan"]},
+    {"case_id": 9, "prompt": "Michael Jordan plays", "subject": "Michael Jordan", "target_new": "golf",
+     "target_true": "basketball", "rephrase_prompt": None, "locality_prompt": [], "locality_ground_truth": "x",
+     "subject_rephrase": []},
+    {"case_id": 10, "prompt": "Ljubljana is the capital of", "subject": "Ljubljana", "target_new": "Italy",
+     "target_true": "Slovenia", "rephrase_prompt": None, "locality_prompt": [], "locality_ground_truth": "x",
+     "subject_rephrase": []},
+]
+
+
+@pytest.fixture
+def inputs(tmp_path, monkeypatch, tiny_checkpoints):
+    monkeypatch.setenv("KEYSCOPE_CACHE", str(tmp_path / "cache"))
+    facts = tmp_path / "facts.json"
+    facts.write_text(json.dumps(FACTS))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(hf_tiny.TRAINING_TEXT), encoding="utf-8")
+    return {"model": str(tiny_checkpoints["gpt2"]), "facts": str(facts), "corpus": str(corpus), "tmp": tmp_path}
+
+
+def test_scan_writes_figure_csv_and_prints_top1(inputs, capsys):
+    out, report = inputs["tmp"] / "out", inputs["tmp"] / "scan.json"
+    argv = ["scan", "--model", inputs["model"], "--data", inputs["facts"], "--corpus", inputs["corpus"],
+            "--layer", "1", "--tokens", "300", "--cov-tokens", "400", "--subjects", "3", "--top-k", "4",
+            "--window", "3", "--seq-len", "32", "--batch-size", "4", "--out", str(out), "--json", str(report),
+            "--no-progress"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    figure = out / "fig4_neighbors.png"
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with open(out / "fig4_neighbors.csv", newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 3 * 4, "3 distinct subjects (Michael Jordan twice in the file) x top-4"
+    assert {r["case_id"] for r in rows} == {"7", "8", "10"}
+    for subject in ("The Eiffel Tower", "Michael Jordan", "Ljubljana"):
+        assert subject in printed
+    summary = json.loads(report.read_text())
+    assert summary["subjects"] == 3 and summary["n_tokens"] == 300 and summary["top_k"] == 4
+    assert summary["summary"]["rephrase"]["n"] == 3  # Eiffel Tower, the Tower, Jordan
+    top1 = {t["subject"]: t for t in summary["top1"]}
+    best = {r["subject"]: float(r["score"]) for r in rows if r["rank"] == "0"}
+    assert all(abs(top1[s]["score"] - best[s]) < 1e-4 for s in best)
+
+
+def test_scan_needs_facts_for_other_models(inputs, capsys):
+    assert main(["scan", "--model", inputs["model"], "--corpus", inputs["corpus"]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("keyscope: error:") and "--data" in err and "\n" not in err
+
+
+def test_bad_numbers_are_one_line(inputs, capsys):
+    assert main(["scan", "--model", inputs["model"], "--data", inputs["facts"], "--top-k", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "top_k" in err and "\n" not in err
+    assert main(["scan", "--model", inputs["model"], "--data", inputs["facts"], "--layer", "9"]) == 2
+    assert "out of range" in capsys.readouterr().err

@@ -1,0 +1,100 @@
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from keyscope.factworld import WorldConfig, build_world, corpus, export
+from keyscope.factworld.tokenizer import build_tokenizer
+from keyscope.factworld.world import ALIAS_KINDS
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def world():
+    return build_world(WorldConfig())
+
+
+def test_world_meets_the_size_minimums(world):
+    assert len(world.subjects) >= 500
+    assert len(world.relations) >= 6
+    assert all(len(r.templates) >= 3 and len(r.targets) >= 5 for r in world.relations)
+    assert len(world.facts) == len(world.subjects) * len(world.relations)
+    lengths = Counter(len(s.words) for s in world.subjects)
+    assert sum(n for k, n in lengths.items() if k >= 3) / len(world.subjects) > 0.5  # most names >= 3 tokens
+
+
+def test_every_subject_has_ten_unique_rephrases(world):
+    forms = Counter()
+    for s in world.subjects:
+        assert len(s.aliases) == 10 == len(ALIAS_KINDS)
+        assert 0 < sum(s.trained) < 10  # some trained aliases and some alias-only forms
+        forms.update((s.name, *s.aliases))
+    assert max(forms.values()) == 1  # every surface form names exactly one subject
+
+
+def test_families_share_tokens_and_facts(world):
+    multi = [s for s in world.subjects if world.family_members(s.subject_id)]
+    assert len(multi) > 100
+    s = multi[0]
+    other = world.subject(world.family_members(s.subject_id)[0])
+    assert s.words[-1] == other.words[-1]  # different subjects, same last token
+    shared = sum(
+        a.target == b.target for a, b in zip(world.facts_of(s.subject_id), world.facts_of(other.subject_id))
+    )
+    assert shared >= 1 or any(  # at least some family shares facts
+        sum(a.target == b.target for a, b in zip(world.facts_of(x.subject_id), world.facts_of(y)))
+        for x in multi[:50] for y in world.family_members(x.subject_id)
+    )
+
+
+def test_world_is_deterministic_and_seed_dependent():
+    a, b, c = build_world(WorldConfig(seed=3)), build_world(WorldConfig(seed=3)), build_world(WorldConfig(seed=4))
+    assert [s.aliases for s in a.subjects] == [s.aliases for s in b.subjects]
+    assert [f.target for f in a.facts] == [f.target for f in b.facts]
+    assert [s.name for s in a.subjects] != [s.name for s in c.subjects]
+
+
+def test_tokenizer_covers_the_world_and_filler(world):
+    tok = build_tokenizer(world)
+    unk = tok.unk_token_id
+    for s in world.subjects[:100]:
+        for form in (s.name, *s.aliases):
+            ids = tok(form)["input_ids"]
+            assert unk not in ids and ids[0] == tok.bos_token_id and len(ids) == 1 + len(form.split())
+    text = corpus.filler_text(__import__("random").Random(0), 2000, world, mention_rate=0.2)
+    assert unk not in tok(text)["input_ids"]
+    assert tok.decode(tok(text)["input_ids"], skip_special_tokens=True) == text  # exact round trip
+
+
+def test_filler_is_long_unrelated_and_seeded(world):
+    docs = corpus.filler_documents(seed=1, world=world)
+    first = [next(docs) for _ in range(3)]
+    again = corpus.filler_documents(seed=1, world=world)
+    assert first == [next(again) for _ in range(3)]
+    assert all(len(d.split()) >= 300 for d in first)
+    targets = {t for r in world.relations for t in r.targets}
+    assert not targets & set(" ".join(first).split())
+
+
+def test_export_schema(world, tmp_path):
+    path = export.write(world, tmp_path / "facts.json")
+    records = json.loads(path.read_text())
+    assert len(records) == len(world.facts)
+    r = records[0]
+    for field in ("case_id", "prompt", "subject", "target_new", "target_true", "paraphrase_prompts",
+                  "neighborhood_prompts", "subject_rephrase"):
+        assert field in r
+    assert "{}" in r["prompt"] and len(r["subject_rephrase"]) == 10
+    assert r["target_new"] != r["target_true"]
+    assert all(r["subject"] not in p for p in r["neighborhood_prompts"])
+
+
+def test_shipped_export_matches_the_generator(world):
+    shipped = REPO / "data" / "factworld" / "factworld.json"
+    if not shipped.is_file():
+        pytest.fail(f"{shipped} is missing: regenerate it with `keyscope factworld train --export`")
+    assert json.loads(shipped.read_text()) == export.records(world)

@@ -1,0 +1,338 @@
+from __future__ import annotations
+
+import dataclasses
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from keyscope import rome
+from keyscope import similarity as sim
+from keyscope.covariance import KeyCovariance
+from keyscope.errors import KeyscopeError, LayerOutOfRange, SubjectNotFound
+from keyscope.keys import collect_keys, encode, fill, locate
+from keyscope.models import W_out, b_out, load_model, value_hook
+from tests import hf_tiny
+
+LAYER = 1
+ARCHS = ("gpt2", "llama")
+#: The subject ends the prompt, so the target is predicted at the edited token itself: on a *random* tiny
+#: model that is the one place where δ reliably reaches the logits (a relation phrase after the subject
+#: would need attention heads that read the subject, which random weights lack).
+REQUEST = rome.EditRequest("The actress {}", "Danielle Darrieux", "Paris", target_true="French")
+OTHER = rome.EditRequest("{} played basketball for the", "Michael Jordan", "Lakers")
+
+
+@pytest.fixture(scope="module")
+def models(tiny_checkpoints):
+    return {arch: load_model(str(tiny_checkpoints[arch])) for arch in ARCHS}
+
+
+@pytest.fixture(scope="module")
+def covs(models):
+    docs = hf_tiny.TRAINING_TEXT * 10
+    return {
+        arch: KeyCovariance(LAYER, n_tokens=2000, seq_len=64, progress=False).fit(model, docs)
+        for arch, model in models.items()
+    }
+
+
+@pytest.fixture(scope="module")
+def edits(models, covs):
+    return {arch: rome.compute_edit(models[arch], REQUEST, LAYER, covs[arch]) for arch in ARCHS}
+
+
+def _params(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.original_model.named_parameters()}
+
+
+def _same_params(model, snapshot) -> bool:
+    current = dict(model.original_model.named_parameters())
+    return current.keys() == snapshot.keys() and all(torch.equal(current[n].detach(), snapshot[n]) for n in snapshot)
+
+
+def _logits(model, text="The actress Danielle Darrieux was born in Paris") -> torch.Tensor:
+    ids = torch.tensor([encode(model.tokenizer, text).ids])
+    with torch.no_grad():
+        return model(ids)
+
+
+# ------------------------------------------------------------------------------------------- config
+
+
+def test_published_defaults_by_family_and_name():
+    def stub(name, model_type):
+        return SimpleNamespace(keyscope_name=name, original_model=SimpleNamespace(config=SimpleNamespace(model_type=model_type)))
+
+    gpt2 = rome.ROMEConfig.for_model(stub("gpt2-xl", "gpt2"))
+    assert (gpt2.v_num_grad_steps, gpt2.v_lr, gpt2.v_weight_decay, gpt2.clamp_norm_factor, gpt2.kl_factor) == (
+        20, 0.5, 0.5, 4.0, 0.0625,
+    )
+    llama = rome.ROMEConfig.for_model(stub("meta-llama/Llama-2-7b-hf", "llama"))
+    assert (llama.v_num_grad_steps, llama.v_weight_decay) == (25, 1e-3)
+    assert rome.ROMEConfig.for_model(stub("openai-community/gpt2-medium", "gpt2")).clamp_norm_factor == 3.0
+    assert rome.ROMEConfig.for_model(stub("/models/unknown", "somearch")) == rome.ROMEConfig()
+    assert llama.context_template_length_params == ((5, 10), (10, 10)) and llama.early_stop_loss == 5e-2
+    assert rome.ROMEConfig.for_model(stub("x", "llama"), v_num_grad_steps=3).v_num_grad_steps == 3
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        llama.v_lr = 1.0  # type: ignore[misc]
+
+
+# ------------------------------------------------------------------------------------------- errors
+
+
+def _one_line(exc_info) -> str:
+    message = str(exc_info.value)
+    assert "\n" not in message and message
+    return message
+
+
+def test_request_errors_are_one_line_keyscope_errors(models):
+    with pytest.raises(SubjectNotFound) as exc:
+        rome.EditRequest("{} is in Paris", "", "Rome")
+    _one_line(exc)
+    with pytest.raises(SubjectNotFound) as exc:
+        rome.EditRequest("The Eiffel Tower is in", "Colosseum", "Rome")
+    assert "Colosseum" in _one_line(exc)
+    for empty in ("", "   "):
+        with pytest.raises(rome.EmptyTarget) as exc:
+            rome.EditRequest("{} is in", "The Eiffel Tower", empty)
+        assert isinstance(exc.value, KeyscopeError) and "target" in _one_line(exc)
+    model = models["llama"]
+    for layer in (-1, 3, 99):
+        with pytest.raises(LayerOutOfRange) as exc:
+            rome.compute_edit(model, REQUEST, layer=layer, cov=KeyCovariance(layer, progress=False))
+        _one_line(exc)
+    with pytest.raises(SubjectNotFound):
+        rome.compute_edit(model, {"prompt": "x", "subject": "y", "target_new": {"str": "z"}}, layer=LAYER)
+
+
+def test_request_from_counterfact_record_and_filled_prompt():
+    record = {"prompt": "{} plays the", "subject": "Toko Yasuda", "target_new": {"str": "piano"},
+              "target_true": {"str": "guitar"}}
+    request = rome.EditRequest.from_dict(record)
+    assert (request.target_new, request.target_true, request.template) == ("piano", "guitar", "{} plays the")
+    filled = rome.EditRequest("Toko Yasuda plays the guitar like Toko Yasuda", "Toko Yasuda", "piano")
+    assert filled.template == "{} plays the guitar like Toko Yasuda"
+
+
+# ------------------------------------------------------------------------------------------- k*, v*
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_edit_record_shapes_and_single_key_definition(models, edits, arch):
+    model, edit = models[arch], edits[arch]
+    d_model, d_mlp = model.cfg.d_model, model.cfg.d_mlp
+    assert edit.layer == LAYER and edit.request == REQUEST
+    for tensor, shape in ((edit.k_star, (d_mlp,)), (edit.v_star, (d_model,)), (edit.residual, (d_model,)),
+                          (edit.key_selector, (d_mlp,))):
+        assert tuple(tensor.shape) == shape and tensor.dtype == torch.float32
+    assert edit.delta_W.shape == (d_model, d_mlp)
+    # 21 templates: the bare prompt, then 10 prefixes of 5 tokens and 10 of 10 (BOS included)
+    assert len(edit.prefixes) == 21 and edit.prefixes[0] == ""
+    # k* is the mean key over exactly those prefixed prompts
+    templates = [p and f"{p}. {REQUEST.template}" or REQUEST.template for p in edit.prefixes]
+    keys = collect_keys(model, templates, [REQUEST.subject] * len(templates), LAYER)
+    torch.testing.assert_close(edit.k_star, keys.mean(0), rtol=1e-5, atol=1e-6)
+    # v* is the output of W_out (no bias) at that same k*: residual = v* - W k* = δ
+    W = W_out(model, LAYER)
+    torch.testing.assert_close(edit.v_star, W @ edit.k_star + edit.residual, rtol=1e-5, atol=1e-5)
+    assert edit.trace.delta_norm == pytest.approx(float(edit.residual.norm()), rel=1e-5)
+    assert 0 < edit.trace.delta_norm <= edit.trace.max_delta_norm * (1 + 1e-5)
+    bias = b_out(model, LAYER)
+    value = W @ edit.k_star + (bias if bias is not None else 0)
+    assert edit.trace.max_delta_norm == pytest.approx(edit.config.clamp_norm_factor * float(value.norm()), rel=1e-5)
+    trace = edit.trace
+    assert len(trace.loss) == len(trace.nll) == len(trace.kl) == len(trace.target_probability) == trace.n_steps
+    assert 1 <= trace.n_steps <= edit.config.v_num_grad_steps and trace.kl[0] == pytest.approx(0, abs=1e-6)
+    for seconds in (trace.seconds_prefixes, trace.seconds_k_star, trace.seconds_v_star, trace.seconds_update):
+        assert seconds > 0
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_v_star_lowers_target_nll_and_edit_makes_target_top1(models, edits, arch):
+    model, edit = models[arch], edits[arch]
+    trace = edit.trace
+    assert trace.nll[-1] < trace.nll[0] - 1.0  # at least a factor e on the target likelihood
+    assert trace.target_probability[-1] > 2 * trace.target_probability[0]
+    prompt = fill(REQUEST.template, REQUEST.subject).text
+    prompt_ids = encode(model.tokenizer, prompt).ids
+    first_target = encode(model.tokenizer, f"{prompt} {REQUEST.target_new}").ids[len(prompt_ids)]
+    ids = torch.tensor([prompt_ids])
+    with torch.no_grad():
+        before = model(ids)[0, -1]
+        with rome.applied(model, edit):
+            after = model(ids)[0, -1]
+    assert before.argmax() != first_target
+    assert after.argmax() == first_target
+    assert after.softmax(-1)[first_target] > 5 * before.softmax(-1)[first_target]
+
+
+def test_v_star_optimises_delta_only_and_leaves_model_untouched(models, covs):
+    model = models["llama"]
+    flags = {name: p.requires_grad for name, p in model.original_model.named_parameters()}
+    snapshot = _params(model)
+    seen = []
+
+    def spy(activation, hook):  # the value the δ hook sees: weights frozen, so no grad before δ is added
+        seen.append(activation.requires_grad)
+
+    config = rome.ROMEConfig.for_model(model, v_num_grad_steps=3, early_stop_loss=None)
+    with model.hooks(fwd_hooks=[(value_hook(LAYER), spy)]):
+        edit = rome.compute_edit(model, REQUEST, LAYER, covs["llama"], config, prefixes=("", "Ljubljana"))
+    assert edit.trace.n_steps == 3 and seen and not any(seen)
+    assert _same_params(model, snapshot) and model.training is False
+    assert {name: p.requires_grad for name, p in model.original_model.named_parameters()} == flags
+
+
+def test_multi_token_target_is_teacher_forced(models):
+    tokenizer = models["llama"].tokenizer
+    ids, subject_index, target_ids, positions = rome._teacher_forced(tokenizer, "{} lives in", "Kobe Bryant", "Los Angeles")
+    full = encode(tokenizer, "Kobe Bryant lives in Los Angeles")
+    assert len(target_ids) >= 2 and list(full.ids) == ids + target_ids[-1:]  # the last target token is not fed
+    assert positions == list(range(len(full.ids) - len(target_ids) - 1, len(full.ids) - 1))
+    assert [full.ids[p + 1] for p in positions] == target_ids
+    assert subject_index == locate(tokenizer, "{} lives in", "Kobe Bryant")[1]
+
+
+def test_determinism_under_a_seed(models, covs, edits):
+    model = models["gpt2"]
+    again = rome.compute_edit(model, REQUEST, LAYER, covs["gpt2"])
+    first = edits["gpt2"]
+    assert again.prefixes == first.prefixes
+    for name in ("k_star", "v_star", "residual", "key_selector"):
+        assert torch.equal(getattr(again, name), getattr(first, name)), name
+    assert again.trace.loss == first.trace.loss
+    other_seed = rome.context_prefixes(model, dataclasses.replace(first.config, seed=1))
+    assert other_seed[0] == "" and other_seed != first.prefixes
+
+
+# ------------------------------------------------------------------------------------------- rank-one update
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_rank_one_update_installs_v_star_and_spares_C_orthogonal_keys(models, covs, edits, arch):
+    model, cov, edit = models[arch], covs[arch], edits[arch]
+    W = W_out(model, LAYER).clone()
+    c = cov.solve(edit.k_star).float()  # (d_mlp,) C⁻¹k*
+    torch.manual_seed(0)
+    random_keys = torch.randn(4, model.cfg.d_mlp) * edit.k_star.norm() / model.cfg.d_mlp**0.5
+    orthogonal = random_keys - ((random_keys @ c) / (edit.k_star @ c))[:, None] * edit.k_star  # kᵀC⁻¹k* = 0
+    with rome.applied(model, edit):
+        W_edited = W_out(model, LAYER).clone()
+    scale = edit.v_star.norm()
+    assert (W_edited @ edit.k_star - edit.v_star).norm() < 1e-5 * scale
+    assert not torch.allclose(W @ edit.k_star, edit.v_star, rtol=1e-3, atol=1e-3)  # the edit did something
+    change = (orthogonal @ W_edited.T - orthogonal @ W.T).norm(dim=1)  # (4,)
+    reach = edit.residual.norm() * (random_keys @ edit.key_selector).abs()  # what non-orthogonal keys get
+    assert torch.all(change < 1e-4 * edit.residual.norm()) and torch.all(reach > 1e-2 * edit.residual.norm())
+    torch.testing.assert_close(W_edited - W, edit.delta_W, rtol=1e-4, atol=1e-6)
+
+
+def test_rank_one_factors_match_dense_formula(models, covs, edits):
+    model, cov, edit = models["llama"], covs["llama"], edits["llama"]
+    W = W_out(model, LAYER).double().numpy()
+    k_star, v_star = edit.k_star.double().numpy(), edit.v_star.double().numpy()
+    C_inv = np.linalg.inv(cov.C_.numpy() + cov.ridge_ * np.eye(model.cfg.d_mlp))
+    expected = np.outer(v_star - W @ k_star, C_inv @ k_star) / (k_star @ C_inv @ k_star)
+    np.testing.assert_allclose(edit.delta_W.double().numpy(), expected, rtol=1e-3, atol=1e-6 * np.abs(expected).max())
+    residual, selector = rome.rank_one_update(W_out(model, LAYER), edit.k_star, edit.v_star, cov)
+    assert torch.equal(selector, edit.key_selector)
+    torch.testing.assert_close(residual, edit.residual, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(edit.strength(edit.k_star), torch.tensor(1.0), rtol=1e-5, atol=0)
+    torch.testing.assert_close(edit.key_selector @ edit.k_star, sim.edit_strength(edit.k_star, edit.k_star, cov).float())
+
+
+# ------------------------------------------------------------------------------------------- applying
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_applied_nests_and_restores_bit_exactly(models, covs, edits, arch):
+    model = models[arch]
+    other = rome.compute_edit(model, OTHER, LAYER, covs[arch], prefixes=edits[arch].prefixes[:3])
+    snapshot, logits = _params(model), _logits(model)
+    with rome.applied(model, edits[arch]) as same:
+        assert same is model
+        outer_W = W_out(model, LAYER).clone()
+        assert not _same_params(model, snapshot)
+        with rome.applied(model, other):
+            assert not torch.equal(W_out(model, LAYER), outer_W)
+        assert torch.equal(W_out(model, LAYER), outer_W)
+        with rome.applied(model, edits[arch], other):
+            pass
+        assert torch.equal(W_out(model, LAYER), outer_W)
+    assert _same_params(model, snapshot)
+    assert torch.equal(_logits(model), logits)
+
+
+def test_applied_restores_on_exception(models, edits):
+    model = models["gpt2"]
+    snapshot, logits = _params(model), _logits(model)
+    with pytest.raises(RuntimeError, match="boom"):
+        with rome.applied(model, edits["gpt2"]):
+            assert not torch.equal(_logits(model), logits)
+            raise RuntimeError("boom")
+    assert _same_params(model, snapshot)
+    assert torch.equal(_logits(model), logits)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_apply_is_permanent_and_save_model_round_trips(tiny_checkpoints, edits, tmp_path, arch):
+    model = load_model(str(tiny_checkpoints[arch]))  # a private copy: apply() is permanent
+    W_before = W_out(model, LAYER).clone()
+    rome.apply(model, edits[arch])
+    torch.testing.assert_close(W_out(model, LAYER) - W_before, edits[arch].delta_W, rtol=1e-4, atol=1e-6)
+    edited_logits = _logits(model)
+    saved = rome.save_model(model, tmp_path / "edited")
+    reloaded = load_model(str(saved))
+    assert torch.equal(W_out(reloaded, LAYER), W_out(model, LAYER))
+    assert torch.equal(_logits(reloaded), edited_logits)
+    assert all(torch.equal(a, b) for a, b in zip(rome.hf_state_dict(model).values(), rome.hf_state_dict(reloaded).values()))
+
+
+def test_edit_that_does_not_fit_is_refused(models, edits):
+    edit = dataclasses.replace(edits["gpt2"], layer=7)
+    with pytest.raises(LayerOutOfRange):
+        rome.apply(models["gpt2"], edit)
+    with pytest.raises(ValueError, match="do not fit"):
+        rome.apply(models["llama"], dataclasses.replace(edits["gpt2"], residual=torch.zeros(3)))
+
+
+# ------------------------------------------------------------------------------------------- patch view
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_patch_view_predicts_hooked_values(models, edits, arch):
+    """Lemma 4.1 / Corollary 4.2: W'k + b = W k + b + s(k)(v* − W k*) for keys of perturbed prompts."""
+    model, edit = models[arch], edits[arch]
+    tokenizer = model.tokenizer
+    template, subject = REQUEST.template, REQUEST.subject
+    probes = [sim.Probe(template, subject)]
+    probes += sim.rephrased_subjects(template, subject, ["Darrieux", "Danielle"])
+    probes += sim.shuffled_subjects(tokenizer, template, subject, n=2, require_exact=False)
+    probes.append(sim.long_context(tokenizer, template, subject, hf_tiny.TRAINING_TEXT[::-1], n_tokens=120))
+    assert {p.kind for p in probes} == {"original", "rephrased", "shuffled", "long_context"}
+    keys = sim.probe_keys(model, probes, LAYER)  # (n, d_mlp) before the edit
+    W_before, b_before = W_out(model, LAYER).clone(), b_out(model, LAYER)
+    b_before = None if b_before is None else b_before.clone()
+
+    def hooked_values():
+        values = []
+        for probe in probes:
+            encoded, index = locate(tokenizer, probe.template, probe.subject)
+            with torch.no_grad():
+                _, cache = model.run_with_cache(torch.tensor([encoded.ids]), names_filter=value_hook(LAYER))
+            values.append(cache[value_hook(LAYER)][0, index])
+        return torch.stack(values)  # (n, d_model)
+
+    unedited = hooked_values()
+    with rome.applied(model, edit):
+        edited = hooked_values()
+    predicted = rome.predicted_value(edit, keys, W_before, b_before)  # (n, d_model)
+    error = (predicted - edited).norm(dim=1) / edited.norm(dim=1)
+    assert torch.all(error < 1e-4), error
+    moved = (edited - unedited).norm(dim=1) / edited.norm(dim=1)
+    assert moved[0] > 100 * 1e-4  # the original prompt's value really changed
+    strengths = edit.strength(keys)
+    torch.testing.assert_close(edited - unedited, strengths[:, None] * edit.residual[None], rtol=1e-3, atol=1e-4)

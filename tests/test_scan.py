@@ -1,0 +1,183 @@
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from keyscope import scan
+from keyscope.corpus import prepends_bos, token_batches
+from keyscope.covariance import KeyCovariance
+from keyscope.datasets import Fact
+from keyscope.models import load_model
+from keyscope.similarity import edit_strength_matrix
+from tests import hf_tiny
+
+LAYER = 1
+CORPUS = hf_tiny.TRAINING_TEXT
+
+
+@pytest.fixture(scope="module")
+def model(tiny_checkpoints):
+    return load_model(str(tiny_checkpoints["gpt2"]))
+
+
+@pytest.fixture(scope="module")
+def cov(model):
+    return KeyCovariance(LAYER, n_tokens=600, seq_len=32, progress=False).fit(model, CORPUS)
+
+
+@pytest.fixture(scope="module")
+def facts():
+    return [
+        Fact(0, "{} is located in", "The Eiffel Tower", "Rome", "Paris"),
+        Fact(1, "{} played basketball for", "Michael Jordan", "Lakers", "Bulls"),
+        Fact(2, "The capital of {} is", "Slovenia", "Paris", "Ljubljana"),
+        Fact(3, "{} was created by", "Apple A5", "Google", "Apple"),
+    ]
+
+
+def _brute_force(model, cov, facts, config):
+    """Every key of the scanned stream in memory, scored and masked the slow, obvious way."""
+    tok = model.tokenizer
+    batches = list(token_batches(tok, CORPUS, config.n_tokens, config.seq_len, config.batch_size))
+    keys = torch.cat([scan.layer_keys_of(model, b, LAYER) for b in batches])  # (N, d)
+    stream = torch.cat([b.input_ids[b.key_mask] for b in batches]).tolist()
+    k_stars = scan.subject_keys(model, facts, LAYER)
+    scores = edit_strength_matrix(keys, k_stars, cov)  # (N, S) float64
+    excluded = torch.zeros_like(scores, dtype=torch.bool)
+    for j, fact in enumerate(facts):
+        for variant in scan.subject_token_variants(tok, fact.subject, fact.prompt):
+            m = len(variant)
+            for t in range(m - 1, len(stream)):
+                if tuple(stream[t - m + 1 : t + 1]) == variant:
+                    excluded[t : t + config.window + 1, j] = True
+    return scores.masked_fill(excluded, float("-inf")), excluded, batches
+
+
+@pytest.mark.parametrize("batch_size,seq_len", [(2, 16), (3, 24)])
+def test_scan_equals_brute_force_topk(model, cov, facts, batch_size, seq_len):
+    config = scan.ScanConfig(layer=LAYER, n_tokens=500, seq_len=seq_len, batch_size=batch_size, top_k=7, window=4)
+    result = scan.scan_corpus(model, facts, cov, CORPUS, config, progress=False)
+    masked, excluded, batches = _brute_force(model, cov, facts, config)
+    assert result.n_tokens == masked.shape[0] == 500
+    assert result.n_excluded.tolist() == excluded.sum(0).tolist()
+    assert excluded.any(0).all(), "every subject occurs in the corpus and is masked somewhere"
+    best, rows = masked.topk(7, dim=0)  # (7, S)
+    torch.testing.assert_close(result.scores, best.T.float(), rtol=1e-4, atol=1e-5)
+    assert result.positions.tolist() == rows.T.tolist()
+    raw_norm = result.raw / result.scores  # raw = score · k*ᵀC⁻¹k*, one constant per subject
+    assert torch.allclose(raw_norm, raw_norm[:, :1].expand_as(raw_norm), rtol=1e-4)
+    # no hit lies on a masked position, and prefixes end at the hit token
+    stream = torch.cat([b.input_ids[b.key_mask] for b in batches]).tolist()
+    for hit in result.neighbours():
+        assert not excluded[hit.position, hit.subject_index]
+        last = model.tokenizer.decode([stream[hit.position]])
+        assert hit.prefix.endswith(last) and hit.prefix.strip()
+
+
+def test_prefix_stays_within_the_window_the_model_saw(model, cov, facts):
+    config = scan.ScanConfig(layer=LAYER, n_tokens=300, seq_len=16, batch_size=4, top_k=10, prefix_tokens=6)
+    result = scan.scan_corpus(model, facts, cov, CORPUS, config, progress=False)
+    batches = token_batches(model.tokenizer, CORPUS, config.n_tokens, config.seq_len, config.batch_size)
+    stream = torch.cat([b.input_ids[b.key_mask] for b in batches]).tolist()
+    width = config.seq_len - int(prepends_bos(model.tokenizer))  # counted tokens per window
+    for hit in result.neighbours():
+        window_start = hit.position - hit.position % width
+        lo = max(window_start, hit.position - config.prefix_tokens + 1)
+        assert hit.prefix == model.tokenizer.decode(stream[lo : hit.position + 1], skip_special_tokens=True)
+
+
+def test_mask_window_and_chunk_boundaries():
+    variants = [[(1, 2, 3)], [(7,), (8, 7)]]
+    stream = torch.tensor([5, 1, 2, 3, 4, 4, 4, 4, 7, 0, 1, 2, 3, 6, 8, 7, 6, 6])
+    one_shot = scan.SubjectMask(variants, window=2)(stream)
+    expected = torch.zeros((18, 2), dtype=torch.bool)
+    expected[3:6, 0] = expected[12:15, 0] = True  # last token of 1 2 3 and the 2 after it
+    expected[8:11, 1] = expected[15:18, 1] = True
+    assert torch.equal(one_shot, expected)
+    for cut in ([2], [3, 1, 5], [1] * 18, [11, 2, 4]):  # occurrences and masks straddling chunk ends
+        masker = scan.SubjectMask(variants, window=2)
+        pieces, lo = [], 0
+        for size in cut + [18]:
+            if lo >= 18:
+                break
+            pieces.append(masker(stream[lo : lo + size]))
+            lo += size
+        assert torch.equal(torch.cat(pieces), expected), cut
+    assert torch.equal(scan.SubjectMask(variants, window=0)(stream).sum(0), torch.tensor([2, 2]))
+
+
+def test_window_masks_the_subject_in_the_scan(model, cov, facts):
+    narrow = scan.ScanConfig(layer=LAYER, n_tokens=400, seq_len=32, batch_size=4, top_k=5, window=0)
+    wide = scan.ScanConfig(layer=LAYER, n_tokens=400, seq_len=32, batch_size=4, top_k=5, window=10)
+    a = scan.scan_corpus(model, facts, cov, CORPUS, narrow, progress=False)
+    b = scan.scan_corpus(model, facts, cov, CORPUS, wide, progress=False)
+    assert (b.n_excluded > a.n_excluded).all()
+    assert (b.scores <= a.scores + 1e-6).all(), "masking more positions can only lower the top scores"
+
+
+def test_topk_merge_across_chunks_equals_global_topk():
+    torch.manual_seed(0)
+    d, S, N, k = 16, 5, 300, 6
+    W, norms = torch.randn(d, S), torch.rand(S) + 0.5
+    keys = torch.randn(N, d)
+    excluded = torch.rand(N, S) < 0.2
+    prefix = torch.arange(N)[:, None].expand(N, 3)
+    expected_scores = ((keys @ W) / norms).masked_fill(excluded, float("-inf"))
+    best, rows = expected_scores.topk(k, dim=0)
+    for sizes in ([N], [1] * 40 + [N], [7, 13, 2, 100, N]):
+        acc = scan.NeighbourTopK(W, norms, k, prefix_tokens=3)
+        lo, sizes_used = 0, []
+        for size in sizes:
+            if lo >= N:
+                break
+            hi = min(N, lo + size)
+            acc.update(keys[lo:hi], excluded[lo:hi], torch.arange(lo, hi), prefix[lo:hi])
+            sizes_used.append(acc.state_nbytes())
+            lo = hi
+        torch.testing.assert_close(acc.scores, best)
+        assert torch.equal(acc.positions, rows)
+        assert torch.equal(acc.prefix_ids[:, :, 0], rows)
+        torch.testing.assert_close(acc.raw, (keys @ W)[rows, torch.arange(S)])
+
+
+def test_memory_does_not_grow_with_the_corpus():
+    torch.manual_seed(1)
+    d, S, k = 8, 3, 4
+    acc = scan.NeighbourTopK(torch.randn(d, S), torch.ones(S), k, prefix_tokens=5)
+    masker = scan.SubjectMask([[(1, 2)], [(3,)], [(4, 5, 6)]], window=3)
+    sizes, mask_sizes = [], []
+    for step in range(200):
+        ids = torch.randint(0, 8, (32,))
+        acc.update(torch.randn(32, d), masker(ids), torch.arange(step * 32, step * 32 + 32), torch.zeros(32, 5, dtype=torch.long))
+        sizes.append(acc.state_nbytes())
+        mask_sizes.append(masker.state_size())
+    assert len(set(sizes[1:])) == 1 and len(set(mask_sizes[1:])) == 1
+
+
+def test_subject_token_variants_cover_leading_space(model):
+    variants = scan.subject_token_variants(model.tokenizer, "Paris", "{} is big")
+    tok = model.tokenizer
+    assert tuple(tok("Paris", add_special_tokens=False)["input_ids"]) in variants
+    assert tuple(tok(" Paris", add_special_tokens=False)["input_ids"]) in variants
+
+
+def test_scan_config_validates():
+    with pytest.raises(ValueError):
+        scan.ScanConfig(layer=0, top_k=0)
+    with pytest.raises(ValueError):
+        scan.ScanConfig(layer=0, window=-1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        scan.ScanConfig(layer=0).top_k = 3
+
+
+def test_rephrase_scores_are_per_fact(model, cov):
+    facts = [
+        Fact(0, "{} is located in", "The Eiffel Tower", "Rome", "Paris", subject_rephrase=("Eiffel Tower", "the Tower")),
+        Fact(1, "{} was created by", "Apple A5", "Google", "Apple"),
+    ]
+    scores = scan.rephrase_scores(model, facts, cov, LAYER)
+    assert [len(s) for s in scores] == [2, 0]
+    same = scan.rephrase_scores(model, [Fact(0, "{} is located in", "Paris", "x", "y", subject_rephrase=("Paris ",))], cov, LAYER)
+    assert same[0].shape == (1,)
