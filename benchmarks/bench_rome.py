@@ -101,7 +101,7 @@ def bench(label: str, model, layer: int | None, corpus, cov_tokens: int, n_edits
     )
 
     def cell(values: list[float]) -> str:
-        return f"{statistics.mean(values):7.3f} ({min(values):.3f}–{max(values):.3f})"
+        return f"{statistics.mean(values):7.3f} ({min(values):.3f}–{max(values):.3f})".ljust(23)
 
     stages = {
         "prefixes": [t.seconds_prefixes for t in traces],
@@ -123,11 +123,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layer", type=int, default=None, help="edit layer of --model (default: its default layer)")
     parser.add_argument("--corpus", default=None,
                         help="covariance corpus of --model (default: factworld for factworld, else synthetic text)")
-    parser.add_argument("--cov-tokens", type=int, default=20_000, help="tokens of the covariance estimate")
+    parser.add_argument("--cov-tokens", type=int, default=10_000, help="tokens of the covariance estimate")
     parser.add_argument("--edits", type=int, default=3, help="edits timed per model")
     parser.add_argument("--device", default=None)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's; use 1 on a machine shared with other jobs)")
     parser.add_argument("--skip-gpt2", action="store_true", help="do not build and time the random GPT-2-small")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     rows: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:

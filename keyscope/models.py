@@ -196,12 +196,19 @@ def _probe_hub(requested: str) -> None:
 def _boot(target: str, device: str, dtype: torch.dtype):
     """``TransformerBridge.boot_transformers`` with HF's stderr noise turned down."""
     from transformer_lens.model_bridge import TransformerBridge
+    from transformers.utils import logging as hf_logging
 
     for noisy in ("transformers", "huggingface_hub", "transformer_lens"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return TransformerBridge.boot_transformers(target, device=device, dtype=dtype)
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # "Loading weights" bars on stderr
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return TransformerBridge.boot_transformers(target, device=device, dtype=dtype)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _load_error(label: str, source: Path | None, exc: Exception) -> ModelNotAvailable:

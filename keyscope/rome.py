@@ -69,6 +69,7 @@ from __future__ import annotations
 
 import json
 import time
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -317,6 +318,67 @@ class Edit:
         return key.float() @ selector
 
 
+# ---------------------------------------------------------------------------------------------- logits
+
+
+#: Hook on the input of the final norm: the residual stream the unembedding reads.
+FINAL_RESIDUAL_HOOK = "ln_final.hook_in"
+_FAST_LOGITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> bool, checked once per model
+
+
+class _ResidualCaptured(Exception):
+    """Raised from :data:`FINAL_RESIDUAL_HOOK` to end the forward pass before the full unembedding."""
+
+    def __init__(self, residual: torch.Tensor):
+        super().__init__("final residual captured")
+        self.residual = residual
+
+
+def _logits_via_final_residual(model, input_ids, attention_mask, rows, positions) -> torch.Tensor:
+    def capture(residual: torch.Tensor, hook) -> None:
+        raise _ResidualCaptured(residual)
+
+    try:
+        with model.hooks(fwd_hooks=[(FINAL_RESIDUAL_HOOK, capture)]):
+            model(input_ids, attention_mask=attention_mask)
+    except _ResidualCaptured as captured:
+        return model.unembed(model.ln_final(captured.residual[rows, positions]))  # (n, vocab)
+    raise RuntimeError(f"the hook {FINAL_RESIDUAL_HOOK} did not fire")
+
+
+def _fast_logits_ok(model) -> bool:
+    """Whether ``unembed(ln_final(residual))`` at chosen positions reproduces the model's logits there
+    (true for GPT-2, GPT-J, GPT-NeoX, LLaMA, Mistral; a model with e.g. logit soft-capping would fail and
+    fall back to full logits). Checked once per model on a short random sequence."""
+    if model not in _FAST_LOGITS:
+        ok = FINAL_RESIDUAL_HOOK in model.hook_dict
+        if ok:
+            generator = torch.Generator().manual_seed(0)
+            ids = torch.randint(0, int(model.cfg.d_vocab), (2, 6), generator=generator).to(model.cfg.device)
+            rows, positions = torch.tensor([0, 1, 1]), torch.tensor([5, 2, 5])
+            with torch.no_grad():
+                full = model(ids)[rows, positions].float()  # (3, vocab)
+                try:
+                    fast = _logits_via_final_residual(model, ids, None, rows, positions).float()
+                except Exception:  # any failure of the shortcut: use full logits
+                    fast = None
+            ok = fast is not None and torch.allclose(fast, full, rtol=1e-3, atol=1e-3 * float(full.abs().max()))
+        _FAST_LOGITS[model] = ok
+    return _FAST_LOGITS[model]
+
+
+def _logits_at(model, input_ids, attention_mask, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Logits ``(n, vocab)`` at ``(rows[i], positions[i])`` of a forward pass over ``input_ids``.
+
+    Only those positions are unembedded (the forward stops at the final norm's input): for GPT-2 small the
+    unembedding of every position is ~30% of a forward pass, and the v* objective needs one position per
+    target token. Falls back to the full logits where the shortcut does not reproduce them.
+    """
+    if _fast_logits_ok(model):
+        return _logits_via_final_residual(model, input_ids, attention_mask, rows, positions)
+    return model(input_ids, attention_mask=attention_mask)[rows, positions]
+
+
 # ---------------------------------------------------------------------------------------------- k*
 
 
@@ -363,7 +425,9 @@ def context_prefixes(model, config: ROMEConfig | None = None) -> tuple[str, ...]
     n_vocab = len(tokenizer)
     with torch.no_grad():
         while ids.shape[1] < max(lengths):
-            logits = model(ids.to(model.cfg.device), return_type="logits")[:, -1, :].float().cpu()  # (n, vocab)
+            last = torch.full((ids.shape[0],), ids.shape[1] - 1)  # (n,)
+            logits = _logits_at(model, ids.to(model.cfg.device), None, torch.arange(ids.shape[0]), last)
+            logits = logits.float().cpu()  # (n, vocab)
             logits[:, n_vocab:] = float("-inf")
             top = logits.topk(min(config.prefix_top_k, n_vocab), dim=-1)  # (n, k)
             choice = torch.multinomial(top.values.softmax(-1), 1, generator=generator)  # (n, 1)
@@ -490,14 +554,15 @@ def compute_v_star(
     every weight frozen; only ``δ`` has a gradient. Minimised with Adam (``v_lr``)::
 
         loss(δ) = mean_j mean_t −log P(target_t | x_j + prompt + target_<t)        (rewriting NLL)
-                + kl_factor · KL(P₀ ‖ P_δ)  at the last position of "{subject} is a"   (essence)
+                + kl_factor · KL(P_δ ‖ P₀)  at the last position of "{subject} is a"   (essence)
                 + v_weight_decay · ‖δ‖ / ‖v‖²                                        (ROME's decay)
 
     with ``P₀`` the unedited distribution (the first evaluation, ``δ = 0``) and ``v = W k* + b``; after each
     step ``δ`` is projected onto ``‖δ‖ ≤ clamp_norm_factor · ‖v‖``. ROME's loop: ``v_num_grad_steps``
     evaluations, stopping early once ``loss < early_stop_loss`` (or the mean target probability reaches
-    ``early_stop_probability``); the returned δ is the last one evaluated. (ROME's code takes the KL at the
-    subject's last token of the essence prompt and as ``KL(P_δ ‖ P₀)``; this follows the paper's eq. 4.)
+    ``early_stop_probability``); the returned δ is the last one evaluated. The KL has the direction of ROME's
+    ``compute_v.py`` (``kl_div(P₀, P_δ)``, i.e. ``KL(P_δ ‖ P₀)``), but is taken at the essence prompt's last
+    position (the next-token distribution after "is a"), where ROME's code reads it at the subject's last token.
     """
     layer = check_layer(model, layer)
     start = time.perf_counter()
@@ -513,6 +578,10 @@ def compute_v_star(
     delta = torch.zeros(d_model(model), dtype=torch.float32, device=device, requires_grad=True)  # (d_model,)
     optimizer = torch.optim.Adam([delta], lr=config.v_lr)
     counts = torch.bincount(batch.target_rows, minlength=batch.n_prompts).float()  # (n_prompts,)
+    kl_row = torch.tensor([batch.n_prompts], device=device)
+    rows = torch.cat([batch.target_rows, kl_row])  # (n_targets + 1,): the target tokens, then the KL prompt
+    positions = torch.cat([batch.target_positions, kl_row.new_tensor([batch.kl_position])])  # (n_targets + 1,)
+    _fast_logits_ok(model)  # decide the logits path before the δ hook is installed
 
     def add_delta(activation: torch.Tensor, hook) -> torch.Tensor:
         return activation + (batch.inject * delta).to(activation.dtype)  # (batch, pos, d_model)
@@ -523,15 +592,14 @@ def compute_v_star(
     with _frozen(model), torch.enable_grad(), model.hooks(fwd_hooks=[(value_hook(layer), add_delta)]):
         for step in range(config.v_num_grad_steps):
             optimizer.zero_grad()
-            logits = model(batch.input_ids, attention_mask=batch.attention_mask)  # (batch, pos, vocab)
-            target_logits = logits[batch.target_rows, batch.target_positions].float()  # (n_targets, vocab)
-            log_probs = target_logits.log_softmax(-1).gather(1, batch.target_ids[:, None])[:, 0]  # (n_targets,)
+            logits = _logits_at(model, batch.input_ids, batch.attention_mask, rows, positions).float()  # (n_targets + 1, vocab)
+            log_probs = logits[:-1].log_softmax(-1).gather(1, batch.target_ids[:, None])[:, 0]  # (n_targets,)
             per_prompt = torch.zeros(batch.n_prompts, device=device).index_add(0, batch.target_rows, log_probs) / counts
             nll = -per_prompt.mean()
-            kl_log_probs = logits[batch.n_prompts, batch.kl_position].float().log_softmax(-1)  # (vocab,)
+            kl_log_probs = logits[-1].log_softmax(-1)  # (vocab,)
             if reference is None:
                 reference = kl_log_probs.detach()
-            kl = (reference.exp() * (reference - kl_log_probs)).sum()
+            kl = (kl_log_probs.exp() * (kl_log_probs - reference)).sum()  # KL(P_δ ‖ P₀)
             weight_decay = config.v_weight_decay * delta.norm() / value_norm**2
             loss = nll + config.kl_factor * kl + weight_decay
             probability = float(per_prompt.detach().exp().mean())

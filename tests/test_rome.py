@@ -11,7 +11,7 @@ from keyscope import rome
 from keyscope import similarity as sim
 from keyscope.covariance import KeyCovariance
 from keyscope.errors import KeyscopeError, LayerOutOfRange, SubjectNotFound
-from keyscope.keys import collect_keys, encode, fill, locate
+from keyscope.keys import collect_keys, encode, fill, locate, pad_batch
 from keyscope.models import W_out, b_out, load_model, value_hook
 from tests import hf_tiny
 
@@ -186,6 +186,27 @@ def test_v_star_optimises_delta_only_and_leaves_model_untouched(models, covs):
     assert {name: p.requires_grad for name, p in model.original_model.named_parameters()} == flags
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_essence_kl_and_weight_decay_terms(models, covs, edits, arch):
+    model = models[arch]
+    trace = edits[arch].trace
+    config = edits[arch].config
+    assert trace.weight_decay[-1] == pytest.approx(
+        config.v_weight_decay * trace.delta_norm / trace.value_norm**2, rel=1e-4
+    )
+    free, kept = (
+        rome.compute_edit(model, REQUEST, LAYER, covs[arch], dataclasses.replace(
+            config, kl_factor=kl_factor, v_num_grad_steps=10, early_stop_loss=None), prefixes=edits[arch].prefixes[:4])
+        for kl_factor in (0.0, 1000.0)
+    )
+    assert free.trace.kl[0] == kept.trace.kl[0] == pytest.approx(0, abs=1e-6)
+    assert free.trace.kl[-1] > 1e-4  # δ moves the essence prompt's distribution when nothing holds it
+    assert kept.trace.kl[-1] < 0.5 * free.trace.kl[-1]  # the KL term holds it
+    assert kept.trace.loss[-1] == pytest.approx(
+        kept.trace.nll[-1] + 1000.0 * kept.trace.kl[-1] + kept.trace.weight_decay[-1], rel=1e-4
+    )
+
+
 def test_multi_token_target_is_teacher_forced(models):
     tokenizer = models["llama"].tokenizer
     ids, subject_index, target_ids, positions = rome._teacher_forced(tokenizer, "{} lives in", "Kobe Bryant", "Los Angeles")
@@ -194,6 +215,19 @@ def test_multi_token_target_is_teacher_forced(models):
     assert positions == list(range(len(full.ids) - len(target_ids) - 1, len(full.ids) - 1))
     assert [full.ids[p + 1] for p in positions] == target_ids
     assert subject_index == locate(tokenizer, "{} lives in", "Kobe Bryant")[1]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_logits_at_selected_positions_equal_full_logits(models, arch):
+    model = models[arch]
+    assert rome._fast_logits_ok(model)  # the shortcut is used on these architectures
+    texts = ["The actress Danielle Darrieux", "Kobe Bryant played for the Los Angeles Lakers."]
+    ids, mask = pad_batch([encode(model.tokenizer, t).ids for t in texts], 0, "right")
+    rows, positions = torch.tensor([0, 0, 1, 1]), torch.tensor([1, int(mask[0].sum()) - 1, 0, int(mask[1].sum()) - 1])
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask)[rows, positions]  # (4, vocab)
+        selected = rome._logits_at(model, ids, mask, rows, positions)  # (4, vocab)
+    torch.testing.assert_close(selected, full, rtol=1e-5, atol=1e-5)
 
 
 def test_determinism_under_a_seed(models, covs, edits):

@@ -52,14 +52,14 @@ class TrainConfig:
     seed: int = 0
     world: WorldConfig = field(default_factory=WorldConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    steps: int = 2400
-    batch_size: int = 128
-    lr: float = 3e-3
+    steps: int = 800
+    batch_size: int = 256
+    lr: float = 4e-3
     warmup: int = 100
     weight_decay: float = 0.01
     canonical_fraction: float = 0.4  # of fact sentences; the rest use trained aliases
     alias_statement_fraction: float = 0.08
-    long_batch_every: int = 4  # steps between long batches (filler and long-context facts)
+    long_batch_every: int = 6  # steps between long batches (filler and long-context facts)
     long_batch_size: int = 16
     filler_words: int = 64
     max_context_words: int = 160
@@ -251,4 +251,6 @@ def save(out_dir, model, tokenizer, config: TrainConfig, history: list[dict], se
         }
     )
     card_path.write_text(json.dumps(card, indent=2) + "\n")
+    for file in out.iterdir():  # safetensors are written 0600; package data must be world-readable
+        file.chmod(0o644)
     return out
