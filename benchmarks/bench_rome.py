@@ -15,7 +15,8 @@ Two models are timed:
 The layer's covariance comes from :func:`keyscope.covariance.load_or_compute_covariance` with
 ``--cov-tokens`` tokens (cached in a temporary directory, so its one-off cost is reported separately).
 Every edit runs with the model family's published ROME hyper-parameters (:meth:`ROMEConfig.for_model`),
-samples its own context prefixes and uses a different request; the table reports the mean and the
+samples its own context prefixes and uses a different request (factworld: counterfactual edits of its own
+facts; otherwise fixed requests over the test sentences' words); the table reports the mean and the
 min–max over ``--edits`` edits, plus the number of v* steps (early stopping varies it).
 """
 
@@ -45,6 +46,19 @@ REQUESTS = [
     rome.EditRequest("The mother tongue of {} is", "Danielle Darrieux", "English"),
     rome.EditRequest("{} was created by", "Apple A5", "Google"),
 ]
+
+def factworld_requests(n: int = 5) -> list[rome.EditRequest]:
+    """Counterfactual edits of factworld facts: each fact's first template, the relation's next target."""
+    from keyscope.factworld.world import build_world
+
+    world = build_world()
+    requests = []
+    for fact in world.facts[:: max(1, len(world.facts) // n)][:n]:
+        relation = world.relation(fact.relation_id)
+        new = next(t for t in relation.targets if t != fact.target)
+        requests.append(rome.EditRequest(relation.templates[0], world.subject(fact.subject_id).name, new, fact.target))
+    return requests
+
 
 GPT2_SMALL = {"n_layer": 12, "n_embd": 768, "n_inner": 3072, "n_head": 12, "vocab_size": 50257}
 
@@ -81,7 +95,8 @@ def save_gpt2_small(path: Path) -> Path:
     return path
 
 
-def bench(label: str, model, layer: int | None, corpus, cov_tokens: int, n_edits: int, cache_root: Path) -> list[str]:
+def bench(label: str, model, layer: int | None, corpus, cov_tokens: int, n_edits: int, cache_root: Path,
+          requests: list[rome.EditRequest] = REQUESTS) -> list[str]:
     """Time ``n_edits`` edits on ``model``; return the table rows."""
     layer = default_layer(model) if layer is None else layer
     start = time.perf_counter()
@@ -91,7 +106,7 @@ def bench(label: str, model, layer: int | None, corpus, cov_tokens: int, n_edits
     config = rome.ROMEConfig.for_model(model)
     traces = []
     for i in range(n_edits):
-        edit = rome.compute_edit(model, REQUESTS[i % len(REQUESTS)], layer, cov, config)
+        edit = rome.compute_edit(model, requests[i % len(requests)], layer, cov, config)
         traces.append(edit.trace)
     cfg = model.cfg
     print(
@@ -141,9 +156,11 @@ def main(argv: list[str] | None = None) -> None:
         except KeyscopeError as exc:
             print(f"{args.model}: skipped ({exc})")
         else:
-            corpus = args.corpus or (FACTWORLD if args.model == FACTWORLD else _documents())
+            factworld = args.model == FACTWORLD
+            corpus = args.corpus or (FACTWORLD if factworld else _documents())
+            requests = factworld_requests() if factworld else REQUESTS
             rows += bench(Path(args.model).name or args.model, model, args.layer, corpus, args.cov_tokens, args.edits,
-                          cache_root)
+                          cache_root, requests)
             del model
         if not args.skip_gpt2:
             path = save_gpt2_small(Path(tmp) / "gpt2-small-random")

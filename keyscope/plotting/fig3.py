@@ -51,11 +51,13 @@ def key_pca(coords: np.ndarray, kinds: Sequence[str], subject: str = "", title: 
     coords = np.asarray(coords, dtype=float)
     fig = Figure(figsize=(5.0, 4.4), layout="constrained")
     ax = fig.add_subplot()
-    for kind in dict.fromkeys(kinds):
+    order = [k for k in dict.fromkeys(kinds) if k != "original"] + (["original"] if "original" in kinds else [])
+    for kind in order:  # the original last, hollow, so keys that coincide with it stay visible
         idx = [i for i, k in enumerate(kinds) if k == kind]
-        ax.scatter(coords[idx, 0], coords[idx, 1], s=90 if kind == "original" else 28,
-                   marker="*" if kind == "original" else "o", color=COLOURS.get(kind), label=LABELS.get(kind, kind),
-                   edgecolors="white", linewidths=0.5, zorder=3 if kind == "original" else 2)
+        style = (dict(s=160, marker="*", facecolors="none", edgecolors="black", linewidths=1.2, zorder=4)
+                 if kind == "original" else dict(s=30, marker="o", color=COLOURS.get(kind), alpha=0.75,
+                                                 edgecolors="white", linewidths=0.5, zorder=2))
+        ax.scatter(coords[idx, 0], coords[idx, 1], label=f"{LABELS.get(kind, kind)} ({len(idx)})", **style)
     ax.set_xlabel("whitened PC 1")
     ax.set_ylabel("whitened PC 2")
     ax.set_title(title or (f"Keys of “{subject}” under perturbations" if subject else "Keys under perturbations"),
