@@ -47,10 +47,12 @@ Source = str | Path | Sequence[str]
 
 
 def default_corpus(model) -> str:
-    """``"factworld"`` for the factworld model, WikiText-103 for every other model (as in the paper)."""
-    from keyscope.models import model_name
+    """``"factworld"`` for a factworld model (the shipped one or one rebuilt with ``keyscope factworld train``,
+    known by its card), WikiText-103 for every other model (as in the paper)."""
+    from keyscope.models import model_card, model_name
 
-    return FACTWORLD if model_name(model) == FACTWORLD else WIKITEXT
+    is_factworld = model_name(model) == FACTWORLD or model_card(model).get("name") == FACTWORLD
+    return FACTWORLD if is_factworld else WIKITEXT
 
 
 def _named(source: Source) -> str | None:

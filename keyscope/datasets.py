@@ -57,7 +57,8 @@ from pathlib import Path
 import torch
 
 from keyscope.errors import KeyscopeError, MalformedRecord, SubjectNotFound
-from keyscope.keys import SLOT, encode, fill, locate, pad_batch, tokens_overlapping
+from keyscope.keys import SLOT, fill, locate
+from keyscope.predictions import next_token_top_k, target_context
 
 FACTWORLD = "factworld"
 
@@ -544,24 +545,6 @@ def attach_paraphrases(facts: Iterable[Fact], table: Mapping[str, Sequence[str]]
 # ---------------------------------------------------------------------------------------------- known facts
 
 
-def _target_position(tokenizer, prompt_text: str, target: str, prepend_bos: bool | None) -> tuple[list[int], int]:
-    """``(context ids, target's first token id)`` from one tokenisation of ``prompt + " " + target``.
-
-    The context is every token before the one holding the target's first character (the prompt's own
-    tokens, BOS included when the model prepends one), so the prediction is read exactly where the model
-    sees the target begin.
-    """
-    target = target.strip()
-    text = f"{prompt_text.rstrip()} {target}"
-    start = len(text) - len(target)
-    encoded = encode(tokenizer, text, prepend_bos=prepend_bos)
-    hits = tokens_overlapping(encoded, start, len(text))
-    if not hits or hits[0] == 0:
-        raise SubjectNotFound(f"the target {target!r} has no token after the prompt {prompt_text!r}")
-    first = hits[0]
-    return list(encoded.ids[:first]), encoded.ids[first]
-
-
 def predicts_target(
     model, facts: Sequence[Fact], target: str = "true", batch_size: int = 32, prepend_bos: bool | None = None
 ) -> torch.Tensor:
@@ -579,21 +562,11 @@ def predicts_target(
         answer = fact.target_true if target == "true" else fact.target_new
         if answer is None:
             raise ValueError(f"fact {fact.case_id} has no target_{target}")
-        pairs.append(_target_position(tokenizer, fact.filled_prompt, answer, prepend_bos))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    result = torch.zeros(len(pairs), dtype=torch.bool)  # (n,)
-    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]))
-    device = model.cfg.device
-    for lo in range(0, len(order), batch_size):
-        rows = order[lo : lo + batch_size]
-        input_ids, attention_mask = pad_batch([pairs[i][0] for i in rows], pad_id, "right", device=device)
-        with torch.no_grad():
-            logits = model(input_ids, attention_mask=attention_mask, return_type="logits")  # (batch, pos, vocab)
-        last = attention_mask.sum(1) - 1  # (batch,)
-        top1 = logits[torch.arange(len(rows), device=logits.device), last.to(logits.device)].argmax(-1)  # (batch,)
-        wanted = torch.as_tensor([pairs[i][1] for i in rows], device=top1.device)  # (batch,)
-        result[torch.as_tensor(rows)] = (top1 == wanted).cpu()
-    return result
+        pairs.append(target_context(tokenizer, fact.filled_prompt, answer, prepend_bos))
+    if not pairs:
+        return torch.zeros(0, dtype=torch.bool)
+    top1 = next_token_top_k(model, [context for context, _ in pairs], k=1, batch_size=batch_size).top1  # (n,)
+    return top1 == torch.as_tensor([first for _, first in pairs])  # (n,)
 
 
 def known_facts(model, facts: Sequence[Fact], batch_size: int = 32, prepend_bos: bool | None = None) -> list[Fact]:

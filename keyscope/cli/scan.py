@@ -14,34 +14,10 @@ It prints the best hit's prefix per subject (Figure 4 right).
 
 from __future__ import annotations
 
-import csv
 from dataclasses import replace
-from pathlib import Path
 
 from keyscope.cli.output import write_json
 from keyscope.errors import KeyscopeError
-
-FIGURE = "fig4_neighbors.png"
-TABLE = "fig4_neighbors.csv"
-
-
-def distinct_subjects(facts, n: int) -> list:
-    """The first ``n`` facts with distinct subjects, in file order."""
-    chosen: dict[str, object] = {}
-    for fact in facts:
-        if len(chosen) == n:
-            break
-        chosen.setdefault(fact.subject, fact)
-    return list(chosen.values())
-
-
-def _write_hits(path: Path, result, facts) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["case_id", "subject", "rank", "score", "raw", "position", "prefix"])
-        for hit in result.neighbours():
-            writer.writerow([facts[hit.subject_index].case_id, hit.subject, hit.rank, f"{hit.score:.6g}",
-                             f"{hit.raw:.6g}", hit.position, hit.prefix])
 
 
 def _one_line(text: str, width: int = 90) -> str:
@@ -50,15 +26,12 @@ def _one_line(text: str, width: int = 90) -> str:
 
 
 def cmd_scan(args) -> int:
-    import numpy as np
-    import torch
-
     from keyscope import corpus as corpora
     from keyscope import scan
     from keyscope.covariance import load_or_compute_covariance
     from keyscope.datasets import read_facts
+    from keyscope.experiments import scan as experiment
     from keyscope.models import FACTWORLD, check_layer, default_layer, load_model
-    from keyscope.plotting.fig4 import fig4_neighbors
 
     try:  # check the numbers before the model loads; the layer is set below
         config = scan.ScanConfig(layer=0, n_tokens=args.tokens, seq_len=args.seq_len, batch_size=args.batch_size,
@@ -71,7 +44,7 @@ def cmd_scan(args) -> int:
     fact_file = read_facts(data)
     model = load_model(args.model)
     layer = check_layer(model, args.layer) if args.layer is not None else default_layer(model)
-    facts = distinct_subjects(fact_file.facts, args.subjects)
+    facts = experiment.distinct_subjects(fact_file.facts, args.subjects)
     if not facts:
         raise KeyscopeError(f"{data} holds no usable facts ({len(fact_file.failures)} records failed to load)")
     source = args.corpus or corpora.default_corpus(model)
@@ -79,22 +52,8 @@ def cmd_scan(args) -> int:
     cov = load_or_compute_covariance(model, layer, source, n_tokens=args.cov_tokens, recompute=args.recompute,
                                      progress=progress)
     config = replace(config, layer=layer)
-    k_stars = scan.subject_keys(model, facts, layer)  # (S, d_mlp)
-    result = scan.scan_corpus(model, facts, cov, source, config, progress=progress, k_stars=k_stars)
-    rephrase = scan.rephrase_scores(model, facts, cov, layer, k_stars=k_stars)
-    rephrase_all = torch.cat(rephrase).numpy() if rephrase else np.empty(0)
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    valid = result.positions >= 0  # (S, k)
-    neighbour_scores = result.scores[valid].numpy()
-    top1 = [hit for hit in result.top1() if hit is not None]
-    fig = fig4_neighbors(neighbour_scores, rephrase_all,
-                         title=f"{args.model}, layer {layer}: top-{config.top_k} corpus keys vs. rephrased subjects")
-    figure_path, table_path = out / FIGURE, out / TABLE
-    fig.savefig(figure_path, dpi=150)
-    _write_hits(table_path, result, facts)
-
+    report = experiment.run(model, facts, cov, source, config, args.out, args.model, progress=progress)
+    result, summary = report.result, report.summary
     print(f"{args.model}, layer {layer}: scanned {result.n_tokens:,} tokens of {source} for {len(facts)} subjects "
           f"(C from {cov.n_tokens_:,} tokens; subject occurrences masked with window {config.window})")
     width = max(len(f.subject) for f in facts)
@@ -105,25 +64,11 @@ def cmd_scan(args) -> int:
         else:
             print(f"{fact.subject:<{width}}  {hit.score:7.3f}  {_one_line(hit.prefix)}")
 
-    def stats(values) -> dict:
-        values = np.asarray(values, dtype=float)
-        if values.size == 0:
-            return {"n": 0}
-        return {"n": int(values.size), "median": float(np.median(values)), "max": float(values.max()),
-                "q90": float(np.quantile(values, 0.9))}
-
-    summary = {"neighbours": stats(neighbour_scores), "top1": stats([h.score for h in top1]),
-               "rephrase": stats(rephrase_all)}
     print(f"top-{config.top_k} neighbour score median {summary['neighbours'].get('median', float('nan')):.3f}; "
           f"rephrased-subject score median {summary['rephrase'].get('median', float('nan')):.3f}")
-    print(f"wrote {figure_path}\nwrote {table_path}")
-    write_json(args.json, {
-        "model": args.model, "layer": layer, "corpus": str(source), "n_tokens": result.n_tokens,
-        "subjects": len(facts), "top_k": config.top_k, "window": config.window, "summary": summary,
-        "top1": [{"case_id": f.case_id, "subject": f.subject, "score": h.score if h else None,
-                  "prefix": h.prefix if h else None} for f, h in zip(facts, result.top1())],
-        "figure": str(figure_path), "csv": str(table_path),
-    })
+    for path in report.files:
+        print(f"wrote {path}")
+    write_json(args.json, report.as_json(config))
     return 0
 
 

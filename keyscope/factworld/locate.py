@@ -30,6 +30,33 @@ def _subject_prompts(world: World, n: int, seed: int):
         yield template.format(subject.name), len(before.split()), len(subject.words), fact.target
 
 
+def _restored_probability(model, ids, noise, first: int, last: int, target_id: int,
+                          restore: tuple[int, torch.Tensor] | None) -> float:
+    """P(target) with the subject embeddings ``[first, last]`` corrupted by ``noise`` and, if ``restore`` is
+    ``(layer, clean_mlp_output)``, that layer's MLP output at ``last`` put back to its clean value."""
+    layers = model.model.layers
+
+    def corrupt(_module, _inp, out):
+        out = out.clone()
+        out[0, first : last + 1] += noise
+        return out
+
+    def put_back(_module, _inp, out):
+        out = out.clone()
+        out[0, last] = restore[1]
+        return out
+
+    handles = [model.get_input_embeddings().register_forward_hook(corrupt)]
+    if restore is not None:
+        handles.append(layers[restore[0]].mlp.register_forward_hook(put_back))
+    try:
+        logits = model(input_ids=ids).logits[0, -1]  # (vocab,)
+    finally:
+        for h in handles:
+            h.remove()
+    return float(torch.softmax(logits.float(), -1)[target_id])
+
+
 @torch.no_grad()
 def trace_mlp_layers(model, tokenizer, world: World, n_prompts: int = 120, noise_scale: float = 3.0, seed: int = 0):
     """Average indirect effect of each layer's MLP output at the subject's last token: a list per layer."""
@@ -44,42 +71,22 @@ def trace_mlp_layers(model, tokenizer, world: World, n_prompts: int = 120, noise
         first, last = 1 + n_before, n_before + n_subject  # subject token span [first, last]
         target_id = tokenizer.convert_tokens_to_ids(target)
         clean_out: dict[int, torch.Tensor] = {}
-
-        def save(layer: int):
-            def hook(_module, _inp, out):
-                clean_out[layer] = out[0, last].clone()  # (d_model,)
-            return hook
-
-        handles = [layer.mlp.register_forward_hook(save(i)) for i, layer in enumerate(layers)]
-        model(input_ids=ids)
-        for h in handles:
-            h.remove()
-
+        handles = [
+            layer.mlp.register_forward_hook(
+                lambda _m, _i, out, i=i, store=clean_out, pos=last: store.__setitem__(i, out[0, pos].clone())
+            )
+            for i, layer in enumerate(layers)
+        ]
+        try:
+            model(input_ids=ids)
+        finally:
+            for h in handles:
+                h.remove()
         noise = torch.randn((n_subject, embed.weight.shape[1]), generator=gen) * sigma  # (n_subject, d_model)
-
-        def corrupt(_module, _inp, out):
-            out = out.clone()
-            out[0, first : last + 1] += noise
-            return out
-
-        def run(restore_layer: int | None) -> float:
-            handles = [embed.register_forward_hook(corrupt)]
-            if restore_layer is not None:
-                def restore(_module, _inp, out):
-                    out = out.clone()
-                    out[0, last] = clean_out[restore_layer]
-                    return out
-                handles.append(layers[restore_layer].mlp.register_forward_hook(restore))
-            try:
-                logits = model(input_ids=ids).logits[0, -1]  # (vocab,)
-            finally:
-                for h in handles:
-                    h.remove()
-            return float(torch.softmax(logits.float(), -1)[target_id])
-
-        corrupted = run(None)
-        for layer in range(len(layers)):
-            effects[layer] += run(layer) - corrupted
+        corrupted = _restored_probability(model, ids, noise, first, last, target_id, None)
+        for i in range(len(layers)):
+            restored = _restored_probability(model, ids, noise, first, last, target_id, (i, clean_out[i]))
+            effects[i] += restored - corrupted
         count += 1
     return (effects / max(count, 1)).tolist()
 

@@ -98,3 +98,11 @@ def test_shipped_export_matches_the_generator(world):
     if not shipped.is_file():
         pytest.fail(f"{shipped} is missing: regenerate it with `keyscope factworld train --export`")
     assert json.loads(shipped.read_text()) == export.records(world)
+
+
+def test_pooled_names_share_every_word():
+    world = build_world(WorldConfig(n_subjects=200, name_pool_share=6.0))
+    counts = Counter(w for s in world.subjects for w in s.words)
+    assert sorted(counts.values())[len(counts) // 2] >= 3  # the median word is in >= 3 names
+    assert len({s.words for s in world.subjects}) == len(world.subjects)  # ordered combinations are unique
+    assert build_world(WorldConfig(n_subjects=200, name_pool_share=6.0)).subjects == world.subjects

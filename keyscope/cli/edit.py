@@ -1,0 +1,95 @@
+"""``keyscope edit``: one ROME edit and how far it reaches — the edit prompt, rephrased subjects, token
+shuffles and a long context, each with its key's normalised edit strength ``s(k) = kᵀC⁻¹k*/k*ᵀC⁻¹k*`` and
+the model's top predictions before and after the edit.
+
+    keyscope edit --model gpt2-xl --subject "Danielle Darrieux" --prompt "{}'s mother tongue is" --target English
+    keyscope edit --case 12                      # a fact of the factworld world (target = its target_new)
+"""
+
+from __future__ import annotations
+
+from keyscope.cli.output import write_json
+from keyscope.errors import KeyscopeError
+
+
+def _find_case(data: str, case: str):
+    from keyscope.datasets import load_facts
+
+    facts = load_facts(data)
+    for fact in facts:
+        if str(fact.case_id) == str(case):
+            return fact
+    ids = [str(f.case_id) for f in facts]
+    shown = f"{ids[0]}..{ids[-1]}" if ids else "none"
+    raise KeyscopeError(f"unknown case id {case!r} in {data} ({len(ids)} facts, case ids {shown})")
+
+
+def _request(args):
+    """The edit request and its fact (``None`` without ``--case``), checked before the model loads."""
+    from keyscope.models import FACTWORLD
+    from keyscope.rome import EditRequest
+
+    fact = None
+    if args.case is not None:
+        data = args.data or (FACTWORLD if args.model == FACTWORLD else None)
+        if data is None:
+            raise KeyscopeError("--case needs --data for a model other than factworld (a CounterFact/REP JSON file)")
+        fact = _find_case(data, args.case)
+    subject = args.subject or (fact.subject if fact else None)
+    prompt = args.prompt or (fact.prompt if fact else None)
+    target = args.target or (fact.target_new if fact else None)
+    missing = [flag for flag, value in (("--subject", subject), ("--prompt", prompt), ("--target", target))
+               if not value]
+    if missing:
+        raise KeyscopeError(f"give {', '.join(missing)} (or --case ID to take them from a fact)")
+    target_true = fact.target_true if fact is not None and subject == fact.subject else None
+    return EditRequest(prompt, subject, target, target_true), fact
+
+
+def cmd_edit(args) -> int:
+    from keyscope import corpus as corpora
+    from keyscope.covariance import load_or_compute_covariance
+    from keyscope.experiments import edit as experiment
+    from keyscope.models import check_layer, default_layer, load_model
+    from keyscope.rome import ROMEConfig
+
+    if args.shuffles < 0 or args.context_tokens < 0 or args.tokens < 1:
+        raise KeyscopeError("--shuffles and --context-tokens must be >= 0 and --tokens >= 1")
+    request, fact = _request(args)
+    model = load_model(args.model)
+    layer = check_layer(model, args.layer) if args.layer is not None else default_layer(model)
+    source = args.corpus or corpora.default_corpus(model)
+    cov = load_or_compute_covariance(model, layer, source, n_tokens=args.tokens, recompute=args.recompute,
+                                     progress=not args.no_progress)
+    config = experiment.ProbeConfig(n_shuffles=args.shuffles, long_context_tokens=args.context_tokens,
+                                    seed=args.seed)
+    rephrasings = fact.subject_rephrase if fact is not None and request.subject == fact.subject else ()
+    report = experiment.run(model, request, layer, cov, corpora.documents(source), rephrasings, config,
+                            ROMEConfig.for_model(model), case_id=fact.case_id if fact is not None else None)
+    print(experiment.format_report(report))
+    write_json(args.json, report.as_json())
+    return 0
+
+
+def register(sub) -> None:
+    """Add ``keyscope edit`` to the top-level subparsers ``sub``."""
+    p = sub.add_parser("edit", help="one ROME edit: predictions before/after on rephrased, shuffled and "
+                                    "long-context prompts, with each key's edit strength")
+    p.add_argument("--subject", help="the subject whose fact is edited (must occur in --prompt)")
+    p.add_argument("--prompt", help="the prompt, with {} where the subject goes (or holding the subject)")
+    p.add_argument("--target", help="the new target to write")
+    p.add_argument("--case", help="take subject, prompt and target (its target_new) from this fact's case id")
+    p.add_argument("--data", help="facts for --case: factworld (default for factworld) or a CounterFact/REP file")
+    p.add_argument("--model", default="factworld", help="factworld, a hub name or a local HF directory")
+    p.add_argument("--layer", type=int, help="edit layer (default: the model's default edit layer)")
+    p.add_argument("--corpus", help="corpus for C = E[k k^T] and the long context (default: factworld filler for "
+                                    "factworld, WikiText-103 otherwise; or a text file/folder)")
+    p.add_argument("--tokens", type=int, default=100_000, help="corpus tokens for C (default 100,000)")
+    p.add_argument("--recompute", action="store_true", help="recompute C even if cached")
+    p.add_argument("--shuffles", type=int, default=10, help="token shuffles of the subject shown (default 10)")
+    p.add_argument("--context-tokens", type=int, default=300,
+                   help="tokens of unrelated text before the long-context prompt (default 300; 0: none)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the shuffles")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--json", metavar="PATH", help="also write everything shown as JSON")
+    p.set_defaults(func=cmd_edit)

@@ -1,0 +1,62 @@
+"""``keyscope values``: Figure 5 — ROME's edited values are "loud voices" — and the quality of the edits.
+
+Edits ``--n`` random counterfactual facts the model knows, one at a time (each undone before the next), with
+the published ROME hyper-parameters of the model's family; prints efficacy (new target top-1 on the edit
+prompt), locality (neighbourhood prompts whose top-1 is unchanged), paraphrase and rephrased-subject top-1
+rates, seconds per edit and the median value norm at ``k*`` before (``‖W k* (+b)‖``) and after (``‖v*‖``) the
+edit, and writes ``fig5_value_norms.png`` and ``fig5_value_norms.csv`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+from keyscope.cli.output import write_json
+from keyscope.errors import KeyscopeError
+
+
+def cmd_values(args) -> int:
+    from keyscope import corpus as corpora
+    from keyscope.covariance import load_or_compute_covariance
+    from keyscope.datasets import load_facts
+    from keyscope.experiments import values as experiment
+    from keyscope.models import FACTWORLD, check_layer, default_layer, load_model
+    from keyscope.rome import ROMEConfig
+
+    if args.n < 1 or args.tokens < 1:
+        raise KeyscopeError("--n and --tokens must be at least 1")
+    data = args.data or (FACTWORLD if args.model == FACTWORLD else None)
+    if data is None:
+        raise KeyscopeError("--data is required for a model other than factworld (a CounterFact/REP JSON file)")
+    facts = load_facts(data)
+    model = load_model(args.model)
+    layer = check_layer(model, args.layer) if args.layer is not None else default_layer(model)
+    source = args.corpus or corpora.default_corpus(model)
+    progress = not args.no_progress
+    cov = load_or_compute_covariance(model, layer, source, n_tokens=args.tokens, recompute=args.recompute,
+                                     progress=progress)
+    result = experiment.run(model, facts, layer, cov, args.out, n=args.n, seed=args.seed,
+                            config=ROMEConfig.for_model(model), progress=progress)
+    print(experiment.format_summary(result))
+    for skip in result.skipped:
+        print(f"skipped case {skip['case_id']}: {skip['reason']}")
+    for path in result.files:
+        print(f"wrote {path}")
+    write_json(args.json, result.as_json())
+    return 0
+
+
+def register(sub) -> None:
+    """Add ``keyscope values`` to the top-level subparsers ``sub``."""
+    p = sub.add_parser("values", help="Figure 5: value norms before/after ROME edits, and edit quality")
+    p.add_argument("--model", default="factworld", help="factworld, a hub name or a local HF directory")
+    p.add_argument("--layer", type=int, help="edit layer (default: the model's default edit layer)")
+    p.add_argument("--data", help="facts: factworld (default for factworld) or a CounterFact/REP JSON file")
+    p.add_argument("--n", type=int, default=100, help="number of edits (default 100)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the choice of facts")
+    p.add_argument("--corpus", help="corpus for C = E[k k^T] (default: factworld filler for factworld, "
+                                    "WikiText-103 otherwise; or a text file/folder)")
+    p.add_argument("--tokens", type=int, default=100_000, help="corpus tokens for C (default 100,000)")
+    p.add_argument("--recompute", action="store_true", help="recompute C even if cached")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--out", default="figures", help="output folder for the figure and CSV (default figures/)")
+    p.add_argument("--json", metavar="PATH", help="also write the summary as JSON")
+    p.set_defaults(func=cmd_values)

@@ -1,0 +1,92 @@
+"""Figure 4: the corpus positions whose keys an edit of a subject would reach.
+
+``run`` scores every position of ``config.n_tokens`` corpus tokens against the subjects' keys by the
+normalised edit strength ``kᵀC⁻¹k*/k*ᵀC⁻¹k*`` (:func:`keyscope.scan.scan_corpus`, subject occurrences masked),
+compares the top-k unrelated scores with the scores of the same subjects' rephrased forms, and writes
+``fig4_neighbors.png`` and ``fig4_neighbors.csv`` (every hit with its decoded prefix).
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from keyscope import scan
+from keyscope.plotting.fig4 import fig4_neighbors
+
+FIGURE = "fig4_neighbors.png"
+TABLE = "fig4_neighbors.csv"
+
+
+def distinct_subjects(facts, n: int) -> list:
+    """The first ``n`` facts with distinct subjects, in file order."""
+    chosen: dict[str, object] = {}
+    for fact in facts:
+        if len(chosen) == n:
+            break
+        chosen.setdefault(fact.subject, fact)
+    return list(chosen.values())
+
+
+def _stats(values) -> dict:
+    values = np.asarray(values, dtype=float)
+    if values.size == 0:
+        return {"n": 0}
+    return {"n": int(values.size), "median": float(np.median(values)), "max": float(values.max()),
+            "q90": float(np.quantile(values, 0.9))}
+
+
+@dataclass
+class ScanReport:
+    model: str
+    layer: int
+    corpus: str
+    facts: list = field(repr=False)
+    result: scan.ScanResult = field(repr=False)
+    summary: dict = field(default_factory=dict)
+    files: list[Path] = field(default_factory=list)
+    figure: object = field(default=None, repr=False)
+
+    def as_json(self, config: scan.ScanConfig) -> dict:
+        return {
+            "model": self.model, "layer": self.layer, "corpus": self.corpus, "n_tokens": self.result.n_tokens,
+            "subjects": len(self.facts), "top_k": config.top_k, "window": config.window, "summary": self.summary,
+            "top1": [{"case_id": f.case_id, "subject": f.subject, "score": h.score if h else None,
+                      "prefix": h.prefix if h else None} for f, h in zip(self.facts, self.result.top1())],
+            "figure": str(self.files[0]), "csv": str(self.files[1]),
+        }
+
+
+def _write_hits(path: Path, result, facts) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["case_id", "subject", "rank", "score", "raw", "position", "prefix"])
+        for hit in result.neighbours():
+            writer.writerow([facts[hit.subject_index].case_id, hit.subject, hit.rank, f"{hit.score:.6g}",
+                             f"{hit.raw:.6g}", hit.position, hit.prefix])
+
+
+def run(model, facts, cov, source, config: scan.ScanConfig, out_dir: str | Path, model_name: str,
+        progress: bool = True) -> ScanReport:
+    """Scan ``source`` for the keys of ``facts`` at ``config.layer``; write the figure and CSV into ``out_dir``."""
+    k_stars = scan.subject_keys(model, facts, config.layer)  # (S, d_mlp)
+    result = scan.scan_corpus(model, facts, cov, source, config, progress=progress, k_stars=k_stars)
+    rephrase = scan.rephrase_scores(model, facts, cov, config.layer, k_stars=k_stars)
+    rephrase_all = torch.cat(rephrase).numpy() if rephrase else np.empty(0)
+    neighbour_scores = result.scores[result.positions >= 0].numpy()  # unmasked hits only
+    top1 = [hit for hit in result.top1() if hit is not None]
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    figure = fig4_neighbors(neighbour_scores, rephrase_all, title=(
+        f"{model_name}, layer {config.layer}: top-{config.top_k} corpus keys vs. rephrased subjects"))
+    figure_path, table_path = out / FIGURE, out / TABLE
+    figure.savefig(figure_path, dpi=150)
+    _write_hits(table_path, result, facts)
+    summary = {"neighbours": _stats(neighbour_scores), "top1": _stats([h.score for h in top1]),
+               "rephrase": _stats(rephrase_all)}
+    return ScanReport(model_name, config.layer, str(source), facts, result, summary, [figure_path, table_path], figure)

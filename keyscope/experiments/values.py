@@ -1,0 +1,220 @@
+"""Figure 5 and edit quality: ROME's installed values are "loud voices".
+
+``run`` edits ``n`` counterfactual facts one at a time — each with :func:`keyscope.rome.compute_edit` and
+:func:`keyscope.rome.applied`, so the model is restored bit-exactly before the next edit — and records:
+
+* the **value norm at the edited key** before the edit, ``‖v‖ = ‖W k* + b‖`` (the unedited MLP output at
+  ``k*``; ``b = 0`` for bias-free MLPs), and after it, ``‖v* + b‖`` (the rank-one update makes
+  ``W' k* = v*`` exactly, ROME eq. 2), which is ``‖v*‖`` for bias-free MLPs. ROME's v* optimisation pushes
+  ``‖v*‖`` far above the norms of ordinary values (up to ``clamp_norm_factor · ‖v‖`` away from them), the
+  "loud voices" of Yan et al. ("Keys to Robust Edits", Figure 5);
+* **efficacy** ("success"): the new target's first token is the top-1 prediction after the edit prompt
+  (ROME's efficacy score as a top-1 rate, as in Yan et al.);
+* **locality**: the fraction of the facts' neighbourhood prompts (other subjects, same relation and true
+  target) whose top-1 token after the edit equals the unedited model's top-1 (computed first, for all
+  facts, before any edit), pooled over all neighbourhood prompts;
+* and, reported alongside, the top-1 rate of the new target on the paraphrase prompts ("paraphrase") and
+  on the prompt with each rephrased subject ("rephrase").
+
+Facts are drawn (seeded) among those the unedited model **knows** — top-1 on the first token of
+``target_true`` (:func:`keyscope.datasets.known_facts`), as in ROME and Yan et al. — and that have a
+``target_new`` different from ``target_true``. The context prefixes are sampled once
+(:func:`keyscope.rome.context_prefixes`) and shared by every edit, as ROME caches them. Writes
+``fig5_value_norms.png`` (:func:`keyscope.plotting.fig5.value_norms`) and ``fig5_value_norms.csv`` (one row
+per edit).
+"""
+
+from __future__ import annotations
+
+import csv
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from keyscope import rome
+from keyscope.datasets import known_facts, predicts_target
+from keyscope.errors import KeyscopeError
+from keyscope.keys import fill
+from keyscope.models import b_out, model_name
+from keyscope.plotting import fig5
+from keyscope.predictions import next_token_top_k, prompt_context, target_context
+
+FIGURE = "fig5_value_norms.png"
+TABLE = "fig5_value_norms.csv"
+
+
+def _stats(values) -> dict:
+    values = np.asarray(values, dtype=float)
+    if values.size == 0:
+        return {"n": 0}
+    return {"n": int(values.size), "mean": float(values.mean()), "median": float(np.median(values)),
+            "q10": float(np.quantile(values, 0.1)), "q90": float(np.quantile(values, 0.9))}
+
+
+def _rate(hits: int, total: int) -> float | None:
+    return hits / total if total else None
+
+
+@dataclass
+class ValuesResult:
+    """Per-edit rows, the pooled quality numbers and value-norm statistics, and the files written."""
+
+    model: str
+    layer: int
+    rows: list[dict] = field(repr=False)
+    summary: dict = field(default_factory=dict)
+    skipped: list[dict] = field(default_factory=list)
+    config: rome.ROMEConfig | None = None
+    files: list[Path] = field(default_factory=list)
+    figures: dict = field(default_factory=dict, repr=False)  # name -> matplotlib Figure
+
+    def as_json(self) -> dict:
+        return {**self.summary, "model": self.model, "layer": self.layer, "skipped": self.skipped,
+                "rome_config": asdict(self.config) if self.config is not None else None,
+                "files": [str(p) for p in self.files]}
+
+
+def select_facts(model, facts, n: int, seed: int = 0, batch_size: int = 64) -> tuple[list, int]:
+    """``(chosen, n_known)``: up to ``n`` facts drawn with ``seed`` among those with a ``target_new`` other
+    than ``target_true`` that the unedited model knows (top-1 on ``target_true``), in drawn order."""
+    candidates = [f for f in facts if f.target_new and f.target_new.strip() != (f.target_true or "").strip()]
+    known = known_facts(model, candidates, batch_size=batch_size)
+    if not known:
+        raise KeyscopeError(f"the model knows none of the {len(candidates)} facts with a new target "
+                            f"(top-1 on the first token of target_true); nothing to edit")
+    chosen = list(known)
+    random.Random(seed).shuffle(chosen)
+    return chosen[:n], len(known)
+
+
+def _contexts(tokenizer, fact) -> dict[str, list]:
+    """The token contexts one fact is evaluated on: neighbourhood prompts (for their top-1), and the
+    paraphrases and rephrased-subject prompts with the new target's first token."""
+    target = fact.target_new
+    rephrased = [fill(fact.prompt, alias).text for alias in fact.subject_rephrase if alias.strip()]
+    return {
+        "neighbourhood": [prompt_context(tokenizer, p) for p in fact.neighborhood_prompts],
+        "paraphrase": [target_context(tokenizer, p, target) for p in fact.paraphrase_prompts],
+        "rephrase": [target_context(tokenizer, p, target) for p in rephrased],
+    }
+
+
+def _top1_rate(model, pairs, batch_size: int) -> tuple[int, int]:
+    """``(hits, total)``: how many ``(context, token)`` pairs have ``token`` as the top-1 next token."""
+    if not pairs:
+        return 0, 0
+    top1 = next_token_top_k(model, [c for c, _ in pairs], batch_size=batch_size).top1  # (n,)
+    return int((top1 == torch.as_tensor([t for _, t in pairs])).sum()), len(pairs)
+
+
+def run(model, facts, layer: int, cov, out_dir: str | Path, n: int = 100, seed: int = 0,
+        config: rome.ROMEConfig | None = None, batch_size: int = 64, progress: bool = True) -> ValuesResult:
+    """Edit ``n`` known facts one at a time at ``layer`` (covariance ``cov``), measure quality and value
+    norms (module docstring) and write the figure and CSV into ``out_dir``."""
+    from tqdm.auto import tqdm
+
+    config = config or rome.ROMEConfig.for_model(model)
+    tokenizer = model.tokenizer
+    chosen, n_known = select_facts(model, facts, n, seed, batch_size)
+    contexts = [_contexts(tokenizer, fact) for fact in chosen]
+    neighbourhood = [c for fact_contexts in contexts for c in fact_contexts["neighbourhood"]]
+    unedited = (next_token_top_k(model, neighbourhood, batch_size=batch_size).top1  # (n_neighbourhood,)
+                if neighbourhood else torch.zeros(0, dtype=torch.long))
+    start = time.perf_counter()
+    prefixes = rome.context_prefixes(model, config)
+    seconds_prefixes = time.perf_counter() - start
+    bias = b_out(model, layer)
+
+    rows, skipped, offset = [], [], 0
+    for fact, fact_contexts in zip(tqdm(chosen, desc="ROME edits", disable=not progress), contexts):
+        n_neighbours = len(fact_contexts["neighbourhood"])
+        before = unedited[offset : offset + n_neighbours]  # (n_neighbours,)
+        offset += n_neighbours
+        start = time.perf_counter()
+        try:
+            edit = rome.compute_edit(model, rome.EditRequest(fact.prompt, fact.subject, fact.target_new,
+                                                             fact.target_true), layer, cov, config, prefixes=prefixes)
+        except KeyscopeError as exc:  # e.g. a target that does not tokenise on its own after the prompt
+            skipped.append({"case_id": fact.case_id, "reason": str(exc)})
+            continue
+        seconds = time.perf_counter() - start
+        value_after = edit.v_star + (bias.float().to(edit.v_star.device) if bias is not None else 0.0)  # (d_model,)
+        with rome.applied(model, edit):
+            success = bool(predicts_target(model, [fact], "new", batch_size=batch_size)[0])
+            after = (next_token_top_k(model, fact_contexts["neighbourhood"], batch_size=batch_size).top1
+                     if n_neighbours else torch.zeros(0, dtype=torch.long))  # (n_neighbours,)
+            paraphrase = _top1_rate(model, fact_contexts["paraphrase"], batch_size)
+            rephrase = _top1_rate(model, fact_contexts["rephrase"], batch_size)
+        trace = edit.trace
+        rows.append({
+            "case_id": fact.case_id, "subject": fact.subject, "target_true": fact.target_true,
+            "target_new": fact.target_new, "success": success,
+            "neighbourhood_unchanged": int((after == before).sum()), "neighbourhood": n_neighbours,
+            "paraphrase_hits": paraphrase[0], "paraphrases": paraphrase[1],
+            "rephrase_hits": rephrase[0], "rephrases": rephrase[1],
+            "value_norm_before": trace.value_norm, "value_norm_after": float(value_after.norm()),
+            "delta_norm": trace.delta_norm, "max_delta_norm": trace.max_delta_norm, "steps": trace.n_steps,
+            "target_probability": trace.target_probability[-1], "seconds": seconds,
+            "seconds_k_star": trace.seconds_k_star, "seconds_v_star": trace.seconds_v_star,
+            "seconds_update": trace.seconds_update,
+        })
+    if not rows:
+        raise KeyscopeError(f"every one of the {len(chosen)} edits failed; first: {skipped[0]['reason']}")
+
+    def pooled(hits: str, total: str) -> float | None:
+        return _rate(sum(r[hits] for r in rows), sum(r[total] for r in rows))
+
+    before_norms = [r["value_norm_before"] for r in rows]
+    after_norms = [r["value_norm_after"] for r in rows]
+    summary = {
+        "n": len(rows),
+        "success": sum(r["success"] for r in rows) / len(rows),
+        "locality": pooled("neighbourhood_unchanged", "neighbourhood"),
+        "seconds_per_edit": float(np.mean([r["seconds"] for r in rows])),
+        "paraphrase": pooled("paraphrase_hits", "paraphrases"),
+        "rephrase": pooled("rephrase_hits", "rephrases"),
+        "n_known": n_known,
+        "seconds_prefixes": seconds_prefixes,
+        "value_norms": {"before": _stats(before_norms), "after": _stats(after_norms),
+                        "ratio": _stats(np.asarray(after_norms) / np.asarray(before_norms))},
+    }
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    name = model_name(model)
+    figure = fig5.value_norms(before_norms, after_norms,
+                              title=f"{name}, layer {layer}: value norm at k* over {len(rows)} ROME edits")
+    figure_path, table_path = out / FIGURE, out / TABLE
+    figure.savefig(figure_path, dpi=150)
+    with open(table_path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return ValuesResult(name, layer, rows, summary, skipped, config, [figure_path, table_path], {"value_norms": figure})
+
+
+def format_summary(result: ValuesResult) -> str:
+    """The quality numbers and value-norm medians as text."""
+    s = result.summary
+
+    def pct(value) -> str:
+        return "n/a" if value is None else f"{100 * value:.1f}%"
+
+    norms = s["value_norms"]
+    lines = [
+        f"{result.model}, layer {result.layer}: {s['n']} edits of known facts ({s['n_known']} known"
+        + (f", {len(result.skipped)} skipped" if result.skipped else "") + ")",
+        f"success (new target top-1)      {pct(s['success'])}",
+        f"locality (neighbours unchanged) {pct(s['locality'])}",
+        f"paraphrase (new target top-1)   {pct(s['paraphrase'])}",
+        f"rephrased subject (new top-1)   {pct(s['rephrase'])}",
+        f"seconds per edit                {s['seconds_per_edit']:.3f} (prefixes sampled once: "
+        f"{s['seconds_prefixes']:.3f} s)",
+        f"median |v| before {norms['before']['median']:.3f}, after {norms['after']['median']:.3f} "
+        f"(median ratio {norms['ratio']['median']:.2f})",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,118 @@
+"""Next-token predictions at the end of prompts: the model's top-k tokens and the probability of a target.
+
+An edit is judged by what the model predicts right after a prompt (ROME's efficacy, paraphrase and
+neighbourhood scores; Yan et al.'s rephrased, shuffled and long-context probes). Everything here reads the
+next-token distribution ``P(· | prompt) = softmax(logits[last real token])`` of prompts given as **context
+token ids** — the exact sequences fed to the model — run in right-padded batches with an attention mask
+(exact for a causal model: real tokens never attend to the pads after them; see :mod:`keyscope.keys`).
+
+* :func:`prompt_context` tokenises a prompt as the model sees it (BOS included where the tokenizer adds
+  one; special tokens after the last word, such as an appended EOS, removed);
+* :func:`target_context` tokenises ``prompt + " " + target`` once and returns the ids before the target's
+  first token and that token, so the prediction is read where the model sees the target begin;
+* :func:`next_token_top_k` runs the batches and returns the top-k tokens with their probabilities, and
+  optionally the probability of one chosen token per prompt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from keyscope.errors import SubjectNotFound
+from keyscope.keys import encode, pad_batch, tokens_overlapping
+
+__all__ = ["TopK", "prompt_context", "target_context", "next_token_top_k", "decode_token"]
+
+
+@dataclass(frozen=True)
+class TopK:
+    """Next-token predictions of ``n`` prompts: ``ids`` and ``probabilities`` ``(n, k)`` (best first) and,
+    when target tokens were given, ``target_probabilities`` ``(n,)``. CPU tensors, float32 probabilities."""
+
+    ids: torch.Tensor  # (n, k) long
+    probabilities: torch.Tensor  # (n, k) float32
+    target_probabilities: torch.Tensor | None = None  # (n,) float32
+
+    @property
+    def top1(self) -> torch.Tensor:
+        """The argmax token of each prompt: ``(n,)`` long."""
+        return self.ids[:, 0]
+
+
+def prompt_context(tokenizer, text: str, prepend_bos: bool | None = None) -> list[int]:
+    """The token ids the model reads for ``text``, up to and including its last non-special token
+    (a BOS in front is kept, an EOS a tokenizer appends is dropped)."""
+    encoded = encode(tokenizer, text, prepend_bos=prepend_bos)
+    real = [i for i, special in enumerate(encoded.special) if not special]
+    if not real:
+        raise ValueError(f"the prompt {text!r} has no tokens")
+    return list(encoded.ids[: real[-1] + 1])
+
+
+def target_context(tokenizer, prompt_text: str, target: str, prepend_bos: bool | None = None) -> tuple[list[int], int]:
+    """``(context ids, target's first token id)`` from one tokenisation of ``prompt + " " + target``.
+
+    The context is every token before the one holding the target's first character (the prompt's own
+    tokens, BOS included when the model prepends one), so the prediction is read exactly where the model
+    sees the target begin. Raises :class:`~keyscope.errors.SubjectNotFound` if the target has no token of
+    its own after the prompt.
+    """
+    target = target.strip()
+    text = f"{prompt_text.rstrip()} {target}"
+    start = len(text) - len(target)
+    encoded = encode(tokenizer, text, prepend_bos=prepend_bos)
+    hits = tokens_overlapping(encoded, start, len(text))
+    if not hits or hits[0] == 0:
+        raise SubjectNotFound(f"the target {target!r} has no token after the prompt {prompt_text!r}")
+    first = hits[0]
+    return list(encoded.ids[:first]), encoded.ids[first]
+
+
+@torch.no_grad()
+def next_token_top_k(
+    model,
+    contexts: Sequence[Sequence[int]],
+    k: int = 1,
+    batch_size: int = 32,
+    targets: Sequence[int] | None = None,
+) -> TopK:
+    """Top-``k`` next tokens after each context (token ids as fed to the model) and their probabilities.
+
+    Contexts are sorted by length and run in right-padded batches of ``batch_size``; the logits ``(batch,
+    pos, vocab)`` are read at each row's last real token, ``P = softmax(logits)`` in float32. With
+    ``targets`` (one token id per context) also returns ``P(target)``. Row ``i`` belongs to ``contexts[i]``.
+    """
+    n = len(contexts)
+    if targets is not None and len(targets) != n:
+        raise ValueError(f"got {n} contexts but {len(targets)} targets")
+    if any(len(c) == 0 for c in contexts):
+        raise ValueError("every context needs at least one token")
+    tokenizer = model.tokenizer
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    k = min(k, int(model.cfg.d_vocab))
+    ids = torch.zeros((n, k), dtype=torch.long)  # (n, k)
+    probs = torch.zeros((n, k), dtype=torch.float32)  # (n, k)
+    target_probs = torch.zeros(n, dtype=torch.float32) if targets is not None else None  # (n,)
+    device = model.cfg.device
+    order = sorted(range(n), key=lambda i: len(contexts[i]))
+    for lo in range(0, n, batch_size):
+        rows = order[lo : lo + batch_size]
+        input_ids, attention_mask = pad_batch([contexts[i] for i in rows], pad_id, "right", device=device)
+        logits = model(input_ids, attention_mask=attention_mask, return_type="logits")  # (batch, pos, vocab)
+        last = (attention_mask.sum(1) - 1).to(logits.device)  # (batch,)
+        p = logits[torch.arange(len(rows), device=logits.device), last].float().softmax(-1)  # (batch, vocab)
+        top = p.topk(k, dim=-1)  # (batch, k)
+        index = torch.as_tensor(rows)
+        ids[index], probs[index] = top.indices.cpu(), top.values.cpu()
+        if target_probs is not None:
+            wanted = torch.as_tensor([targets[i] for i in rows], device=p.device)  # (batch,)
+            target_probs[index] = p.gather(1, wanted[:, None])[:, 0].cpu()
+    return TopK(ids, probs, target_probs)
+
+
+def decode_token(tokenizer, token_id: int) -> str:
+    """One token as text (GPT-2's ``Ġ`` and SentencePiece's ``▁`` become the space they stand for)."""
+    return tokenizer.decode([int(token_id)], skip_special_tokens=False, clean_up_tokenization_spaces=False)

@@ -1,0 +1,100 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from keyscope.cli import main
+from tests import hf_tiny
+
+FACTS = [
+    {"case_id": 7, "prompt": "The Eiffel Tower is located in", "subject": "The Eiffel Tower", "target_new": "Rome",
+     "target_true": "Paris", "rephrase_prompt": None, "locality_prompt": [], "locality_ground_truth": "Paris",
+     "subject_rephrase": ["Eiffel Tower", "the Tower"]},
+    {"case_id": 8, "prompt": "Michael Jordan played basketball for the", "subject": "Michael Jordan",
+     "target_new": "Lakers", "target_true": "Bulls", "rephrase_prompt": None, "locality_prompt": [],
+     "locality_ground_truth": "Bulls", "subject_rephrase": ["Jordan", "MJ", "Air Jordan"]},
+]
+
+REPORT_KEYS = {"model", "layer", "case_id", "request", "seconds", "v_star", "probes"}
+
+
+@pytest.fixture
+def inputs(tmp_path, monkeypatch, tiny_checkpoints):
+    monkeypatch.setenv("KEYSCOPE_CACHE", str(tmp_path / "cache"))
+    facts = tmp_path / "facts.json"
+    facts.write_text(json.dumps(FACTS))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(hf_tiny.TRAINING_TEXT * 3), encoding="utf-8")
+    base = ["edit", "--model", str(tiny_checkpoints["llama"]), "--layer", "1", "--corpus", str(corpus),
+            "--tokens", "500", "--no-progress"]
+    return {"base": base, "facts": str(facts), "tmp": tmp_path}
+
+
+def test_edit_a_case_shows_every_probe_before_and_after(inputs, capsys):
+    report = inputs["tmp"] / "edit.json"
+    argv = inputs["base"] + ["--data", inputs["facts"], "--case", "8", "--shuffles", "3", "--context-tokens", "40",
+                             "--json", str(report)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(report.read_text())
+    assert set(result) == REPORT_KEYS and result["case_id"] == 8 and result["layer"] == 1
+    assert result["request"] == {"prompt": "{} played basketball for the", "subject": "Michael Jordan",
+                                 "target_new": "Lakers", "target_true": "Bulls"}
+    assert set(result["seconds"]) == {"prefixes", "k_star", "v_star", "update", "total"}
+    assert all(t >= 0 for t in result["seconds"].values()) and result["seconds"]["v_star"] > 0
+    kinds = [p["kind"] for p in result["probes"]]
+    assert kinds[0] == "original" and kinds.count("rephrased") == 3 and kinds[-1] == "long_context"
+    assert 1 <= kinds.count("shuffled") <= 3  # two subject tokens or more: at least one shuffle
+    for probe in result["probes"]:
+        assert len(probe["before"]) == len(probe["after"]) == 3
+        assert probe["before"][0]["probability"] >= probe["before"][1]["probability"] >= probe["before"][2]["probability"]
+        assert 0 <= probe["target_probability_before"] <= 1 and 0 <= probe["target_probability_after"] <= 1
+        assert isinstance(probe["strength"], float)
+    long = result["probes"][-1]
+    assert long["n_context_tokens"] == 40 and long["prompt"].endswith("Michael Jordan played basketball for the")
+    # s(k) of the bare prompt against the prefix-averaged k*: the edit reaches it
+    assert result["probes"][0]["strength"] > 0.5
+    assert "[original]" in printed and "[rephrased]" in printed and "[long_context]" in printed
+    assert printed.count("before:") == len(kinds) and printed.count("after:") == len(kinds)
+    assert "k*" in printed and "v*" in printed and "update" in printed
+
+
+def test_edit_from_arguments_has_no_rephrasings(inputs, capsys):
+    argv = inputs["base"] + ["--subject", "The Eiffel Tower", "--prompt", "{} is located in", "--target", "Rome",
+                             "--shuffles", "0", "--context-tokens", "0", "--json", str(inputs["tmp"] / "e.json")]
+    assert main(argv) == 0
+    result = json.loads((inputs["tmp"] / "e.json").read_text())
+    assert [p["kind"] for p in result["probes"]] == ["original"]
+    assert result["case_id"] is None and result["request"]["target_true"] is None
+    assert "'The Eiffel Tower is located in' -> 'Rome'" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--subject", "Colosseum", "--prompt", "The Eiffel Tower is in", "--target", "Rome"], "Colosseum"),
+        (["--case", "99"], "unknown case id '99'"),
+        (["--case", "7", "--layer", "9"], "out of range"),
+        (["--subject", "The Eiffel Tower", "--prompt", "{} is in"], "--target"),
+        (["--case", "7", "--target", " "], "target"),
+    ],
+)
+def test_edit_errors_are_one_line_with_exit_2(inputs, capsys, extra, message):
+    argv = inputs["base"] + ["--data", inputs["facts"]] + extra  # a second --layer overrides the first
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("keyscope: error:") and message in err and "\n" not in err
+
+
+@pytest.mark.slow
+def test_edit_a_factworld_case(capsys, tmp_path):
+    report = tmp_path / "edit.json"
+    assert main(["edit", "--case", "0", "--shuffles", "2", "--no-progress", "--json", str(report)]) == 0
+    result = json.loads(report.read_text())
+    kinds = [p["kind"] for p in result["probes"]]
+    assert result["model"] == "factworld" and result["case_id"] == 0
+    assert kinds.count("rephrased") == 10 and kinds[-1] == "long_context"
+    original = result["probes"][0]
+    assert original["after"][0]["token"].strip() == result["request"]["target_new"]
+    assert original["strength"] > 0.5
