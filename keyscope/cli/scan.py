@@ -26,31 +26,24 @@ def _one_line(text: str, width: int = 90) -> str:
 
 
 def cmd_scan(args) -> int:
-    from keyscope import corpus as corpora
     from keyscope import scan
-    from keyscope.covariance import load_or_compute_covariance
+    from keyscope.cli.common import covariance, data_source, model_and_layer
     from keyscope.datasets import read_facts
     from keyscope.experiments import scan as experiment
-    from keyscope.models import FACTWORLD, check_layer, default_layer, load_model
 
     try:  # check the numbers before the model loads; the layer is set below
         config = scan.ScanConfig(layer=0, n_tokens=args.tokens, seq_len=args.seq_len, batch_size=args.batch_size,
                                  top_k=args.top_k, window=args.window)
     except ValueError as exc:
         raise KeyscopeError(str(exc)) from exc
-    data = args.data or (FACTWORLD if args.model == FACTWORLD else None)
-    if data is None:
-        raise KeyscopeError("--data is required for a model other than factworld (a CounterFact/REP JSON file)")
+    data = data_source(args)
     fact_file = read_facts(data)
-    model = load_model(args.model)
-    layer = check_layer(model, args.layer) if args.layer is not None else default_layer(model)
+    model, layer = model_and_layer(args)
     facts = experiment.distinct_subjects(fact_file.facts, args.subjects)
     if not facts:
         raise KeyscopeError(f"{data} holds no usable facts ({len(fact_file.failures)} records failed to load)")
-    source = args.corpus or corpora.default_corpus(model)
     progress = not args.no_progress
-    cov = load_or_compute_covariance(model, layer, source, n_tokens=args.cov_tokens, recompute=args.recompute,
-                                     progress=progress)
+    cov, source = covariance(model, layer, args, args.cov_tokens, progress=progress)
     config = replace(config, layer=layer)
     report = experiment.run(model, facts, cov, source, config, args.out, args.model, progress=progress)
     result, summary = report.result, report.summary

@@ -8,21 +8,14 @@ from keyscope.cli.output import write_json
 
 def cmd_similarity(args) -> int:
     from keyscope import corpus as corpora
-    from keyscope.covariance import load_or_compute_covariance
+    from keyscope.cli.common import covariance, data_source, model_and_layer
     from keyscope.datasets import load_facts
     from keyscope.experiments import similarity as experiment
-    from keyscope.models import FACTWORLD, check_layer, default_layer, load_model
 
-    model = load_model(args.model)
-    layer = check_layer(model, args.layer) if args.layer is not None else default_layer(model)
-    data = args.data or (FACTWORLD if args.model == FACTWORLD else None)
-    if data is None:
-        from keyscope.errors import KeyscopeError
-
-        raise KeyscopeError("--data is required for a model other than factworld (a CounterFact/REP JSON file)")
+    data = data_source(args)
+    model, layer = model_and_layer(args)
     facts = load_facts(data)
-    source = args.corpus or corpora.default_corpus(model)
-    cov = load_or_compute_covariance(model, layer, source, n_tokens=args.tokens, recompute=args.recompute)
+    cov, source = covariance(model, layer, args, args.tokens)
     context_docs = corpora.documents(source)
     result = experiment.run(model, facts, layer, cov, context_docs, args.out, args.model,
                             n_subjects=args.n_subjects, seed=args.seed, pca_subject=args.pca_subject)

@@ -14,25 +14,17 @@ from keyscope.errors import KeyscopeError
 
 
 def cmd_values(args) -> int:
-    from keyscope import corpus as corpora
-    from keyscope.covariance import load_or_compute_covariance
+    from keyscope.cli.common import covariance, data_source, model_and_layer
     from keyscope.datasets import load_facts
     from keyscope.experiments import values as experiment
-    from keyscope.models import FACTWORLD, check_layer, default_layer, load_model
     from keyscope.rome import ROMEConfig
 
     if args.n < 1 or args.tokens < 1:
         raise KeyscopeError("--n and --tokens must be at least 1")
-    data = args.data or (FACTWORLD if args.model == FACTWORLD else None)
-    if data is None:
-        raise KeyscopeError("--data is required for a model other than factworld (a CounterFact/REP JSON file)")
-    facts = load_facts(data)
-    model = load_model(args.model)
-    layer = check_layer(model, args.layer) if args.layer is not None else default_layer(model)
-    source = args.corpus or corpora.default_corpus(model)
+    facts = load_facts(data_source(args))
+    model, layer = model_and_layer(args)
     progress = not args.no_progress
-    cov = load_or_compute_covariance(model, layer, source, n_tokens=args.tokens, recompute=args.recompute,
-                                     progress=progress)
+    cov, _ = covariance(model, layer, args, args.tokens, progress=progress)
     result = experiment.run(model, facts, layer, cov, args.out, n=args.n, seed=args.seed,
                             config=ROMEConfig.for_model(model), progress=progress)
     print(experiment.format_summary(result))

@@ -1,0 +1,36 @@
+"""What several commands share: the model and layer from ``--model/--layer``, the facts from ``--data``, and
+the layer's key covariance ``C`` from ``--corpus/--recompute``."""
+
+from __future__ import annotations
+
+from keyscope.errors import KeyscopeError
+
+
+def data_source(args) -> str:
+    """``--data``, defaulting to factworld's own facts for the factworld model."""
+    from keyscope.models import FACTWORLD
+
+    data = args.data or (FACTWORLD if args.model == FACTWORLD else None)
+    if data is None:
+        raise KeyscopeError("--data is required for a model other than factworld (a CounterFact/REP JSON file)")
+    return data
+
+
+def model_and_layer(args):
+    """The model of ``--model`` and ``--layer`` (checked), or the model's default edit layer."""
+    from keyscope.models import check_layer, default_layer, load_model
+
+    model = load_model(args.model)
+    layer = check_layer(model, args.layer) if args.layer is not None else default_layer(model)
+    return model, layer
+
+
+def covariance(model, layer: int, args, n_tokens: int, progress: bool = True):
+    """``(C, corpus)``: the cached layer-``layer`` key covariance over ``--corpus`` (the model's default corpus)."""
+    from keyscope import corpus as corpora
+    from keyscope.covariance import load_or_compute_covariance
+
+    source = args.corpus or corpora.default_corpus(model)
+    cov = load_or_compute_covariance(model, layer, source, n_tokens=n_tokens, recompute=args.recompute,
+                                     progress=progress)
+    return cov, source
