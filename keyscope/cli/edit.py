@@ -26,15 +26,12 @@ def _find_case(data: str, case: str):
 
 def _request(args):
     """The edit request and its fact (``None`` without ``--case``), checked before the model loads."""
-    from keyscope.models import FACTWORLD
+    from keyscope.cli.common import data_source
     from keyscope.rome import EditRequest
 
     fact = None
     if args.case is not None:
-        data = args.data or (FACTWORLD if args.model == FACTWORLD else None)
-        if data is None:
-            raise KeyscopeError("--case needs --data for a model other than factworld (a CounterFact/REP JSON file)")
-        fact = _find_case(data, args.case)
+        fact = _find_case(data_source(args), args.case)
     subject = args.subject or (fact.subject if fact else None)
     prompt = args.prompt or (fact.prompt if fact else None)
     target = args.target or (fact.target_new if fact else None)
@@ -48,19 +45,15 @@ def _request(args):
 
 def cmd_edit(args) -> int:
     from keyscope import corpus as corpora
-    from keyscope.covariance import load_or_compute_covariance
+    from keyscope.cli.common import covariance, model_and_layer
     from keyscope.experiments import edit as experiment
-    from keyscope.models import check_layer, default_layer, load_model
     from keyscope.rome import ROMEConfig
 
     if args.shuffles < 0 or args.context_tokens < 0 or args.tokens < 1:
         raise KeyscopeError("--shuffles and --context-tokens must be >= 0 and --tokens >= 1")
     request, fact = _request(args)
-    model = load_model(args.model)
-    layer = check_layer(model, args.layer) if args.layer is not None else default_layer(model)
-    source = args.corpus or corpora.default_corpus(model)
-    cov = load_or_compute_covariance(model, layer, source, n_tokens=args.tokens, recompute=args.recompute,
-                                     progress=not args.no_progress)
+    model, layer = model_and_layer(args)
+    cov, source = covariance(model, layer, args, args.tokens, progress=not args.no_progress)
     config = experiment.ProbeConfig(n_shuffles=args.shuffles, long_context_tokens=args.context_tokens,
                                     seed=args.seed)
     rephrasings = fact.subject_rephrase if fact is not None and request.subject == fact.subject else ()
