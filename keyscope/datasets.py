@@ -48,6 +48,7 @@ with index and field) unless told to skip. Sequences in a :class:`Fact` are tupl
 from __future__ import annotations
 
 import json
+import random
 import re
 import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
@@ -574,3 +575,20 @@ def known_facts(model, facts: Sequence[Fact], batch_size: int = 32, prepend_bos:
     (the "known facts" filter of ROME and Yan et al.), in their original order."""
     known = predicts_target(model, facts, "true", batch_size=batch_size, prepend_bos=prepend_bos)
     return [fact for fact, ok in zip(facts, known.tolist()) if ok]
+
+
+class UnknownFacts(KeyscopeError):
+    """The model knows none of the facts to edit."""
+
+
+def sample_known_facts(model, facts, n: int, seed: int = 0, batch_size: int = 64) -> tuple[list, int]:
+    """``(chosen, n_known)``: up to ``n`` facts drawn with ``seed`` among those with a ``target_new`` other
+    than ``target_true`` that the unedited model knows (top-1 on ``target_true``), in drawn order."""
+    candidates = [f for f in facts if f.target_new and f.target_new.strip() != (f.target_true or "").strip()]
+    known = known_facts(model, candidates, batch_size=batch_size)
+    if not known:
+        raise UnknownFacts(f"the model knows none of the {len(candidates)} facts with a new target "
+                            f"(top-1 on the first token of target_true); nothing to edit")
+    chosen = list(known)
+    random.Random(seed).shuffle(chosen)
+    return chosen[:n], len(known)

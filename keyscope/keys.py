@@ -209,6 +209,51 @@ def layer_keys(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | No
     raise RuntimeError(f"the key hook {key_hook(layer)} did not fire during the forward pass")
 
 
+def collect_context_keys(
+    model,
+    prompts: Sequence[str],
+    subjects: Sequence[str],
+    layer: int,
+    max_per_prompt: int | None = None,
+    batch_size: int = 32,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Layer-``layer`` keys at the positions of each prompt **outside** its subject (template words, long
+    contexts; BOS and other special tokens excluded): float32 ``(n_keys, d_mlp)``.
+
+    These are keys an edit of the subject should leave alone. With ``max_per_prompt`` at most that many
+    positions per prompt are kept, drawn with ``seed`` (a 300-token context otherwise dominates).
+    """
+    if len(prompts) != len(subjects):
+        raise ValueError(f"got {len(prompts)} prompts but {len(subjects)} subjects")
+    check_layer(model, layer)
+    tokenizer = model.tokenizer
+    rng = torch.Generator().manual_seed(seed)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    chosen: list[tuple[list[int], list[int]]] = []  # (ids, positions) per prompt
+    for prompt, subject in zip(prompts, subjects):
+        span = fill(prompt, subject)
+        encoded = encode(tokenizer, span.text)
+        inside = set(tokens_overlapping(encoded, span.start, span.end))
+        positions = [i for i, sp in enumerate(encoded.special) if not sp and i not in inside]
+        if max_per_prompt is not None and len(positions) > max_per_prompt:
+            pick = torch.randperm(len(positions), generator=rng)[:max_per_prompt].sort().values
+            positions = [positions[i] for i in pick.tolist()]
+        chosen.append((list(encoded.ids), positions))
+    out: list[torch.Tensor] = []
+    order = sorted(range(len(chosen)), key=lambda i: len(chosen[i][0]))
+    for lo in range(0, len(order), batch_size):
+        rows = order[lo : lo + batch_size]
+        input_ids, attention_mask = pad_batch([chosen[i][0] for i in rows], pad_id, device=model.cfg.device)
+        batch_keys = layer_keys(model, input_ids, attention_mask, layer)  # (batch, pos, d_mlp)
+        for row, i in enumerate(rows):
+            if chosen[i][1]:
+                out.append(batch_keys[row, chosen[i][1]].float())  # (n_positions, d_mlp)
+    if not out:
+        return torch.zeros((0, int(model.cfg.d_mlp)), device=model.cfg.device)
+    return torch.cat(out)  # (n_keys, d_mlp)
+
+
 def collect_keys(
     model,
     prompts: Sequence[str],

@@ -29,6 +29,7 @@ import logging
 import operator
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -422,3 +423,62 @@ def b_out(model, layer: int) -> torch.Tensor | None:
     MLPs (LLaMA, Mistral)."""
     bias = down_projection(model, layer).bias
     return None if bias is None else bias.detach()  # (d_model,)
+
+
+# ---------------------------------------------------------------------------------------------- attention paths
+
+
+@dataclass(frozen=True)
+class Norm:
+    """A pre-norm as a frozen-scale linear map: ``norm(x) ≈ (x − mean(x) if centred) / scale ⊙ weight (+ bias)``.
+
+    ``LayerNorm`` (GPT-2, GPT-J, GPT-NeoX) centres, ``RMSNorm`` (LLaMA, Mistral) does not; ``scale`` is read
+    per position from the norm's ``hook_scale`` on a clean run.
+    """
+
+    weight: torch.Tensor  # (d_model,)
+    centred: bool
+
+    def linear(self, delta: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+        """The change of the norm's output for a change ``delta`` ``(..., d_model)`` of its input, with the
+        scale frozen (the bias cancels)."""
+        if self.centred:
+            delta = delta - delta.mean(-1, keepdim=True)
+        return delta / scale * self.weight.to(delta.device, delta.dtype)
+
+    def adjoint(self, readout: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+        """The transpose of :meth:`linear`: the vector ``m`` with ``linear(delta) · readout = delta · m``,
+        i.e. ``m = P (weight ⊙ readout) / scale`` (``P`` the centring projection for LayerNorm)."""
+        m = readout * self.weight.to(readout.device, readout.dtype) / scale
+        return m - m.mean(-1, keepdim=True) if self.centred else m
+
+
+def _norm(module) -> Norm:
+    component = getattr(module, "original_component", module)
+    weight = getattr(component, "weight", None)
+    if weight is None:
+        raise NotImplementedError(f"{type(component).__name__} has no weight; cannot linearise it")
+    centred = "rms" not in type(component).__name__.lower()
+    return Norm(weight.detach(), centred)
+
+
+def attention_norm(model, layer: int) -> Norm:
+    """The norm in front of block ``layer``'s attention (hook ``blocks.{layer}.ln1.hook_scale``)."""
+    return _norm(model.blocks[check_layer(model, layer)].ln1)
+
+
+def final_norm(model) -> Norm:
+    """The final norm in front of the unembedding (hook ``ln_final.hook_scale``)."""
+    return _norm(model.ln_final)
+
+
+def head_ov(model, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(W_V, W_O)`` of block ``layer``'s heads: ``(n_heads, d_model, d_head)`` and ``(n_heads, d_head,
+    d_model)``, so head ``h`` moves a normalised source vector ``x`` to ``x W_V[h] W_O[h]`` (before its
+    attention weight). Grouped-query value heads (Mistral, LLaMA-2-70B) are repeated to the query heads."""
+    layer = check_layer(model, layer)
+    W_V = model.W_V[layer].detach()  # (n_kv_heads or n_heads, d_model, d_head)
+    W_O = model.W_O[layer].detach()  # (n_heads, d_head, d_model)
+    if W_V.shape[0] != W_O.shape[0]:
+        W_V = W_V.repeat_interleave(W_O.shape[0] // W_V.shape[0], dim=0)
+    return W_V, W_O

@@ -11,7 +11,9 @@ token ids** — the exact sequences fed to the model — run in right-padded bat
 * :func:`target_context` tokenises ``prompt + " " + target`` once and returns the ids before the target's
   first token and that token, so the prediction is read where the model sees the target begin;
 * :func:`next_token_top_k` runs the batches and returns the top-k tokens with their probabilities, and
-  optionally the probability of one chosen token per prompt.
+  optionally the probability of one chosen token per prompt;
+* :func:`score_targets` scores whole (multi-token) targets teacher-forced: their log-probability, whether
+  every target token is the top-1 prediction, and the argmax tokens at the target positions.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import torch
 from keyscope.errors import SubjectNotFound
 from keyscope.keys import encode, pad_batch, tokens_overlapping
 
-__all__ = ["TopK", "prompt_context", "target_context", "next_token_top_k", "decode_token"]
+__all__ = ["TopK", "prompt_context", "target_context", "target_sequence", "TargetScores", "score_targets",
+           "next_token_top_k", "decode_token"]
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,17 @@ def target_context(tokenizer, prompt_text: str, target: str, prepend_bos: bool |
     sees the target begin. Raises :class:`~keyscope.errors.SubjectNotFound` if the target has no token of
     its own after the prompt.
     """
+    ids, n_target = target_sequence(tokenizer, prompt_text, target, prepend_bos)
+    first = len(ids) - n_target
+    return ids[:first], ids[first]
+
+
+def target_sequence(tokenizer, prompt_text: str, target: str, prepend_bos: bool | None = None) -> tuple[list[int], int]:
+    """``(ids, n_target)``: one tokenisation of ``prompt + " " + target`` up to the target's last token, and
+    how many of its final tokens belong to the target (those whose character span overlaps the target).
+
+    Raises :class:`~keyscope.errors.SubjectNotFound` if the target has no token of its own after the prompt.
+    """
     target = target.strip()
     text = f"{prompt_text.rstrip()} {target}"
     start = len(text) - len(target)
@@ -67,8 +81,62 @@ def target_context(tokenizer, prompt_text: str, target: str, prepend_bos: bool |
     hits = tokens_overlapping(encoded, start, len(text))
     if not hits or hits[0] == 0:
         raise SubjectNotFound(f"the target {target!r} has no token after the prompt {prompt_text!r}")
-    first = hits[0]
-    return list(encoded.ids[:first]), encoded.ids[first]
+    return list(encoded.ids[: hits[-1] + 1]), hits[-1] + 1 - hits[0]
+
+
+@dataclass(frozen=True)
+class TargetScores:
+    """Teacher-forced scores of ``n`` (prompt, target) sequences (CPU tensors):
+
+    * ``log_probability`` ``(n,)``: ``Σ_t log P(target_t | prompt, target_<t)`` in float32;
+    * ``top1`` ``(n,)`` bool: every target token is the argmax at its position;
+    * ``argmax``: per sequence, the tuple of argmax tokens at the target positions.
+    """
+
+    log_probability: torch.Tensor
+    top1: torch.Tensor
+    argmax: tuple[tuple[int, ...], ...]
+
+
+@torch.no_grad()
+def score_targets(model, sequences: Sequence[tuple[Sequence[int], int]], batch_size: int = 32) -> TargetScores:
+    """Score ``(ids, n_target)`` sequences from :func:`target_sequence` (see :class:`TargetScores`).
+
+    The logits at position ``t − 1`` predict token ``t``, so only ``ids[:-1]`` is run; sequences sharing it
+    (one-token targets after the same prompt, such as a new and a true object) share one row. Rows run in
+    right-padded, length-sorted batches with an attention mask. Row ``i`` belongs to ``sequences[i]``.
+    """
+    n = len(sequences)
+    if any(n_target < 1 or n_target >= len(ids) for ids, n_target in sequences):
+        raise ValueError("every sequence needs at least one context token and one target token")
+    inputs: dict[tuple[int, ...], int] = {}
+    run_of = [inputs.setdefault(tuple(ids[:-1]), len(inputs)) for ids, _ in sequences]
+    runs = list(inputs)
+    tokenizer = model.tokenizer
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    members: list[list[int]] = [[] for _ in runs]
+    for i, r in enumerate(run_of):
+        members[r].append(i)
+    log_probability = torch.zeros(n, dtype=torch.float32)  # (n,)
+    top1 = torch.zeros(n, dtype=torch.bool)  # (n,)
+    argmax: list[tuple[int, ...]] = [()] * n
+    device = model.cfg.device
+    order = sorted(range(len(runs)), key=lambda r: len(runs[r]))
+    for lo in range(0, len(runs), batch_size):
+        batch = order[lo : lo + batch_size]
+        input_ids, attention_mask = pad_batch([runs[r] for r in batch], pad_id, "right", device=device)
+        logits = model(input_ids, attention_mask=attention_mask, return_type="logits")  # (batch, pos, vocab)
+        for row, r in enumerate(batch):
+            length = len(runs[r])  # = len(ids) - 1
+            for i in members[r]:
+                ids, n_target = sequences[i]
+                logp = logits[row, length - n_target : length].float().log_softmax(-1)  # (n_target, vocab)
+                wanted = torch.as_tensor(list(ids[len(ids) - n_target :]), device=logp.device)  # (n_target,)
+                log_probability[i] = logp.gather(1, wanted[:, None]).sum().cpu()
+                best = logp.argmax(-1)  # (n_target,)
+                top1[i] = bool((best == wanted).all())
+                argmax[i] = tuple(best.tolist())
+    return TargetScores(log_probability, top1, tuple(argmax))
 
 
 @torch.no_grad()

@@ -105,6 +105,7 @@ __all__ = [
     "compute_edit",
     "context_prefixes",
     "compute_k_star",
+    "prefixed_keys",
     "compute_v_star",
     "rank_one_update",
     "predicted_value",
@@ -437,17 +438,22 @@ def context_prefixes(model, config: ROMEConfig | None = None) -> tuple[str, ...]
     return ("", *(_clean_prefix(text) for text in texts))
 
 
-def compute_k_star(model, request: EditRequest, layer: int, prefixes: Sequence[str]) -> torch.Tensor:
-    """``k* = mean_j k(x_j + prompt)``: the layer-``layer`` key at the subject's last token, averaged over
-    the prompt behind each prefix (``""`` = the bare prompt) — ROME eq. 3. ``(d_mlp,)`` float32.
+def prefixed_keys(model, request: EditRequest, layer: int, prefixes: Sequence[str]) -> torch.Tensor:
+    """The layer-``layer`` keys ``k(x_j + prompt)`` at the subject's last token behind each prefix (``""`` =
+    the bare prompt, first): ``(n_prefixes, d_mlp)`` float32.
 
     The key at the subject's last token depends only on the tokens up to it, so the rest of the prompt
     does not matter; the forward passes stop at the key (:func:`keyscope.keys.collect_keys`).
     """
     layer = check_layer(model, layer)
     templates = [_prefixed(prefix, request.template) for prefix in prefixes]
-    keys = collect_keys(model, templates, [request.subject] * len(templates), layer)  # (n_prefixes, d_mlp)
-    return keys.mean(0)  # (d_mlp,)
+    return collect_keys(model, templates, [request.subject] * len(templates), layer)  # (n_prefixes, d_mlp)
+
+
+def compute_k_star(model, request: EditRequest, layer: int, prefixes: Sequence[str]) -> torch.Tensor:
+    """``k* = mean_j k(x_j + prompt)``: the layer-``layer`` key at the subject's last token, averaged over
+    the prompt behind each prefix (``""`` = the bare prompt) — ROME eq. 3. ``(d_mlp,)`` float32."""
+    return prefixed_keys(model, request, layer, prefixes).mean(0)  # (d_mlp,)
 
 
 # ---------------------------------------------------------------------------------------------- v*

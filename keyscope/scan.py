@@ -333,6 +333,26 @@ def _result(tokenizer, topk: NeighbourTopK, config: ScanConfig, subjects: tuple[
     return ScanResult(config, subjects, scores, raw, positions, prefixes, n_tokens, topk.n_excluded.clone())
 
 
+def sample_corpus_keys(model, corpus: Source | Iterable[str], layer: int, n_keys: int = 512, n_tokens: int = 20_000,
+                       seed: int = 0, seq_len: int = 128, batch_size: int = 16) -> torch.Tensor:
+    """``n_keys`` layer-``layer`` keys of ordinary text: positions drawn uniformly (with ``seed``) from the
+    first ``n_tokens`` counted tokens of ``corpus``, float32 ``(n_keys, d_mlp)`` (fewer if the corpus is
+    shorter). Streams the batches and keeps only the drawn positions."""
+    check_layer(model, layer)
+    if n_keys < 1:
+        raise ValueError(f"n_keys must be positive, not {n_keys}")
+    generator = torch.Generator().manual_seed(seed)
+    wanted = torch.randperm(n_tokens, generator=generator)[:n_keys].sort().values  # (n_keys,) stream positions
+    picked: list[torch.Tensor] = []
+    seen = 0
+    for batch in token_batches(model.tokenizer, corpus, n_tokens, seq_len=seq_len, batch_size=batch_size):
+        keys = layer_keys_of(model, batch, layer)  # (P, d_mlp)
+        inside = wanted[(wanted >= seen) & (wanted < seen + keys.shape[0])] - seen
+        picked.append(keys[inside.to(keys.device)].float())
+        seen += keys.shape[0]
+    return torch.cat(picked)  # (n_keys, d_mlp)
+
+
 def subject_keys(model, facts: Sequence[Fact], layer: int, batch_size: int = 32) -> torch.Tensor:
     """The edited keys ``k*`` of ``facts``: layer-``layer`` keys at each subject's last token, ``(S, d_mlp)``."""
     return collect_keys(model, [f.prompt for f in facts], [f.subject for f in facts], layer, batch_size=batch_size)

@@ -39,3 +39,26 @@ def test_contexts_keep_the_bos_and_stop_before_the_target(model):
     assert before == context and decode_token(tokenizer, first).strip() != ""
     with pytest.raises(ValueError):
         next_token_top_k(model, [context], targets=[1, 2])
+
+
+def test_score_targets_is_teacher_forced_and_shares_rows(model):
+    from keyscope.predictions import score_targets, target_sequence
+
+    tokenizer = model.tokenizer
+    pairs = [("The Eiffel Tower is located in", "Rome Italy"), ("The Eiffel Tower is located in", "Paris"),
+             ("Kobe Bryant played for the", "Los Angeles Lakers"), ("Kobe Bryant played for the", "Paris")]
+    sequences = [target_sequence(tokenizer, p, t) for p, t in pairs]
+    assert sequences[0][1] >= 2  # a multi-token target
+    for batch_size in (1, 4):
+        scores = score_targets(model, sequences, batch_size=batch_size)
+        for i, (ids, n_target) in enumerate(sequences):
+            with torch.no_grad():
+                logp = model(torch.tensor([ids]), return_type="logits")[0].float().log_softmax(-1)
+            rows = range(len(ids) - n_target - 1, len(ids) - 1)
+            wanted = ids[len(ids) - n_target :]
+            expected = sum(float(logp[r, t]) for r, t in zip(rows, wanted))
+            assert float(scores.log_probability[i]) == pytest.approx(expected, abs=1e-4)
+            best = tuple(int(logp[r].argmax()) for r in rows)
+            assert scores.argmax[i] == best and bool(scores.top1[i]) == (list(best) == list(wanted))
+    with pytest.raises(ValueError):
+        score_targets(model, [([1], 1)])

@@ -26,8 +26,6 @@ per edit).
 
 from __future__ import annotations
 
-import csv
-import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,8 +34,9 @@ import numpy as np
 import torch
 
 from keyscope import rome
-from keyscope.datasets import known_facts, predicts_target
+from keyscope.datasets import predicts_target, sample_known_facts
 from keyscope.errors import KeyscopeError
+from keyscope.experiments.tables import write_csv
 from keyscope.keys import fill
 from keyscope.models import b_out, model_name
 from keyscope.plotting import fig5
@@ -78,19 +77,6 @@ class ValuesResult:
                 "files": [str(p) for p in self.files]}
 
 
-def select_facts(model, facts, n: int, seed: int = 0, batch_size: int = 64) -> tuple[list, int]:
-    """``(chosen, n_known)``: up to ``n`` facts drawn with ``seed`` among those with a ``target_new`` other
-    than ``target_true`` that the unedited model knows (top-1 on ``target_true``), in drawn order."""
-    candidates = [f for f in facts if f.target_new and f.target_new.strip() != (f.target_true or "").strip()]
-    known = known_facts(model, candidates, batch_size=batch_size)
-    if not known:
-        raise KeyscopeError(f"the model knows none of the {len(candidates)} facts with a new target "
-                            f"(top-1 on the first token of target_true); nothing to edit")
-    chosen = list(known)
-    random.Random(seed).shuffle(chosen)
-    return chosen[:n], len(known)
-
-
 def _contexts(tokenizer, fact) -> dict[str, list]:
     """The token contexts one fact is evaluated on: neighbourhood prompts (for their top-1), and the
     paraphrases and rephrased-subject prompts with the new target's first token."""
@@ -119,7 +105,7 @@ def run(model, facts, layer: int, cov, out_dir: str | Path, n: int = 100, seed: 
 
     config = config or rome.ROMEConfig.for_model(model)
     tokenizer = model.tokenizer
-    chosen, n_known = select_facts(model, facts, n, seed, batch_size)
+    chosen, n_known = sample_known_facts(model, facts, n, seed, batch_size)
     contexts = [_contexts(tokenizer, fact) for fact in chosen]
     neighbourhood = [c for fact_contexts in contexts for c in fact_contexts["neighbourhood"]]
     unedited = (next_token_top_k(model, neighbourhood, batch_size=batch_size).top1  # (n_neighbourhood,)
@@ -190,10 +176,7 @@ def run(model, facts, layer: int, cov, out_dir: str | Path, n: int = 100, seed: 
                               title=f"{name}, layer {layer}: value norm at k* over {len(rows)} ROME edits")
     figure_path, table_path = out / FIGURE, out / TABLE
     figure.savefig(figure_path, dpi=150)
-    with open(table_path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(table_path, rows)
     return ValuesResult(name, layer, rows, summary, skipped, config, [figure_path, table_path], {"value_norms": figure})
 
 

@@ -64,6 +64,10 @@ class TrainConfig:
     filler_words: int = 64
     max_context_words: int = 160
     target_loss_weight: float = 1.0
+    #: Weight of the next-token loss on the subject's own tokens in fact sentences. Predicting a name's
+    #: next word is pure memorisation of names; with pooled names it is as hard as the facts and takes
+    #: the gradient away from them.
+    subject_loss_weight: float = 1.0
     max_minutes: float = 10.0
 
 
@@ -87,53 +91,65 @@ class FactStream:
         ids = [self.bos, *self.ids(template.format(form)), self.vocab[fact.target]]
         return ids, len(ids) - 1
 
-    def _fact_example(self, context_words: int = 0) -> tuple[list[int], int]:
+    def _subject_positions(self, form: str, template: str) -> list[int]:
+        """Token indices (after the BOS) of ``form``'s words in ``<bos> template(form) target``."""
+        start = len(template.split("{}")[0].split()) + 1
+        return list(range(start, start + len(form.split())))
+
+    def _fact_example(self, context_words: int = 0) -> tuple[list[int], int, list[int]]:
         rng = self.rng
         fact = rng.choice(self.world.facts)
         subject = self.world.subject(fact.subject_id)
         form = subject.name if rng.random() < self.config.canonical_fraction else rng.choice(subject.trained_aliases)
         template = rng.choice(self.world.relation(fact.relation_id).templates)
         ids, target = self.fact_sentence(fact, form, template)
+        subject = self._subject_positions(form, template)
         if context_words:
             prefix = self.ids(corpus.filler_text(self.filler_rng, context_words, self.world, 0.05))
             ids = [ids[0], *prefix, *ids[1:]]
             target += len(prefix)
-        return ids, target
+            subject = [i + len(prefix) for i in subject]
+        return ids, target, subject
 
-    def _alias_example(self) -> tuple[list[int], int]:
+    def _alias_example(self) -> tuple[list[int], int, list[int]]:
         subject = self.rng.choice(self.world.subjects)
         alias = self.rng.choice(subject.aliases)
         text = self.rng.choice(ALIAS_STATEMENTS).format(name=subject.name, alias=alias)
-        return [self.bos, *self.ids(text)], -1
+        return [self.bos, *self.ids(text)], -1, []
 
-    def _filler_example(self) -> tuple[list[int], int]:
+    def _filler_example(self) -> tuple[list[int], int, list[int]]:
         text = corpus.filler_text(self.filler_rng, self.config.filler_words, self.world, 0.05)
-        return [self.bos, *self.ids(text)], -1
+        return [self.bos, *self.ids(text)], -1, []
 
-    @staticmethod
-    def _pad(rows: list[tuple[list[int], int]], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        width = max(len(ids) for ids, _ in rows)
-        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)  # (batch, pos)
+    def _pad(self, rows: list[tuple[list[int], int, list[int]]]) -> tuple[torch.Tensor, ...]:
+        width = max(len(ids) for ids, _, _ in rows)
+        input_ids = torch.full((len(rows), width), self.pad, dtype=torch.long)  # (batch, pos)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)  # (batch, pos)
-        for i, (ids, _) in enumerate(rows):
+        loss_weight = torch.zeros((len(rows), width))  # (batch, pos) weight of predicting token pos
+        for i, (ids, _, subject) in enumerate(rows):
             input_ids[i, : len(ids)] = torch.tensor(ids)
             attention_mask[i, : len(ids)] = 1
-        target_index = torch.tensor([t for _, t in rows])  # (batch,)
-        return input_ids, attention_mask, target_index
+            loss_weight[i, 1 : len(ids)] = 1.0
+            if subject:
+                loss_weight[i, subject] = self.config.subject_loss_weight
+        target_index = torch.tensor([t for _, t, _ in rows])  # (batch,)
+        return input_ids, attention_mask, target_index, loss_weight
 
-    def batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def batch(self) -> tuple[torch.Tensor, ...]:
         """A short batch: fact sentences and alias statements.
 
-        Returns ``(input_ids, attention_mask, target_index)``; ``target_index`` is -1 for non-fact rows.
+        Returns ``(input_ids, attention_mask, target_index, loss_weight)``; ``target_index`` is -1 for
+        non-fact rows; ``loss_weight[b, t]`` weighs the loss of predicting token ``t`` (0 on pads and the BOS,
+        ``subject_loss_weight`` on a fact sentence's subject words, 1 elsewhere).
         """
         cfg, rng = self.config, self.rng
         rows = [
             self._alias_example() if rng.random() < cfg.alias_statement_fraction else self._fact_example()
             for _ in range(cfg.batch_size)
         ]
-        return self._pad(rows, self.pad)
+        return self._pad(rows)
 
-    def long_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def long_batch(self) -> tuple[torch.Tensor, ...]:
         """A long batch, kept apart so that short rows are not padded to its width: filler windows and
         fact sentences after up to ``max_context_words`` words of filler."""
         cfg, rng = self.config, self.rng
@@ -141,7 +157,7 @@ class FactStream:
             self._fact_example(rng.randint(8, cfg.max_context_words)) if i % 2 else self._filler_example()
             for i in range(cfg.long_batch_size)
         ]
-        return self._pad(rows, self.pad)
+        return self._pad(rows)
 
 
 def build_hf_model(config: ModelConfig, tokenizer):
@@ -165,12 +181,12 @@ def build_hf_model(config: ModelConfig, tokenizer):
     return LlamaForCausalLM(hf_config)
 
 
-def _loss(model, input_ids, attention_mask, target_index, target_weight: float) -> torch.Tensor:
+def _loss(model, input_ids, attention_mask, target_index, loss_weight, target_weight: float) -> torch.Tensor:
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (batch, pos, vocab)
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (batch, pos-1, vocab)
     nll = -logp.gather(-1, input_ids[:, 1:, None])[..., 0]  # (batch, pos-1)
-    mask = attention_mask[:, 1:].float()  # (batch, pos-1)
-    loss = (nll * mask).sum() / mask.sum()
+    mask = loss_weight[:, 1:]  # (batch, pos-1)
+    loss = (nll * mask).sum() / mask.sum().clamp_min(1.0)
     has_target = target_index >= 0
     if has_target.any() and target_weight > 0:
         rows = torch.nonzero(has_target)[:, 0]

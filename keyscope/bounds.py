@@ -1,0 +1,359 @@
+"""The paper's lemmas checked on real edits (Yan et al., "Keys to Robust Edits", Sec. 4).
+
+For each edited fact (known facts, as in :mod:`keyscope.evaluate`), with ``ε₁`` the logit gap (true − new)
+before the edit and ``ε₂`` the gap (new − true) after it, at the prompt's last position:
+
+**Lemma 4.4** (Δv must be large and aligned). The edit changes the value at the subject's last token by
+``Δv`` (measured on the value hook; by Lemma 4.1 it is ``α(k₀)·(v* − W k*)``). A head ``h`` of a later layer
+carries it to the last position as ``a_h · Δvᵀ m_h`` of the new-vs-true logit difference, where, with the
+norms' scales frozen at their clean values (``s₁`` at the subject for the head's pre-norm, ``s_f`` at the last
+position for the final norm; centring ``P = I − 11ᵀ/d`` for LayerNorm, ``P = I`` for RMSNorm)::
+
+    m_h = P (γ₁ ⊙ W_V^h W_O^h P (γ_f ⊙ (w_new − w_true)) / s_f) / s₁
+
+and ``a_h`` its attention weight from the last position to the subject. Reported per edit: the largest
+single-head gain with ``a_h = 1`` (the lemma's bound) and with the actual ``a_h``, whether it reaches
+``ε₁ + ε₂``, and the Cauchy–Schwarz lower bound ``‖Δv‖ ≥ (ε₁ + ε₂) / max_h ‖m_h‖`` against the actual ``‖Δv‖``.
+
+**Lemma 4.6** (robustness). For every rephrased, shuffled and long-context query of the fact, the edit
+strength ``α = k_sᵀC⁻¹k* / k*ᵀC⁻¹k*`` of its key (the adapted key ``k̂_s`` under REP) predicts how much of
+the edit reaches it: the AUROC of ``α`` for whether the query succeeds after the edit (new target top-1),
+and the Pearson correlation between the predicted value change ``α`` (in units of ``Δv* = v* − W k*``)
+and the measured one, ``(v' − v)ᵀΔv* / ‖Δv*‖²`` at the query's subject token — separately for ROME and
+ROME+REP. For ROME the value part is exact by Lemma 4.1 (a check of the hooks); under REP the adapted key
+also moves the old value, ``W(k̂ − k)``, which the correlation exposes.
+
+**Lemma 4.7** (specificity). For neighbourhood prompts and the top corpus-scan prefixes of ``k*``
+(:mod:`keyscope.scan`), ``α`` (the largest over the prompt's positions; at the hit for scan prefixes) against
+the measured change of their own prediction: the drop in log-probability of the unedited top-1 token and
+whether the top-1 flips (AUROC of ``α`` for a flip).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from keyscope import rep, rome
+from keyscope.datasets import Fact, sample_known_facts
+from keyscope.errors import KeyscopeError
+from keyscope.keys import encode, locate, pad_batch
+from keyscope.models import attention_norm, final_norm, head_ov, key_hook, model_name, n_layers, value_hook
+from keyscope.predictions import prompt_context, target_context
+
+__all__ = ["BoundsConfig", "BoundsResult", "lemma_4_4", "observe", "run", "auroc", "pearson"]
+
+ROBUSTNESS_KINDS = ("rephrase", "shuffle", "long")
+SPECIFICITY_KINDS = ("neighbourhood", "corpus")
+
+
+@dataclass(frozen=True)
+class BoundsConfig:
+    """How many edits, which queries, and the corpus scan for Lemma 4.7. No I/O."""
+
+    n: int = 50
+    seed: int = 0
+    methods: tuple[str, ...] = ("rome", "rome+rep")
+    scan_tokens: int = 50_000
+    scan_top_k: int = 5
+    scan_prefix_tokens: int = 12
+    batch_size: int = 32
+
+
+# ---------------------------------------------------------------------------------------------- statistics
+
+
+def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float | None:
+    """Area under the ROC curve of ``scores`` for ``labels`` (ties counted half); ``None`` with one class."""
+    scores, labels = np.asarray(scores, float), np.asarray(labels, bool)
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    from scipy.stats import rankdata
+
+    ranks = rankdata(scores)
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def pearson(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Pearson correlation; ``None`` for fewer than 3 points or a constant series."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    keep = np.isfinite(x) & np.isfinite(y)
+    x, y = x[keep], y[keep]
+    if len(x) < 3 or x.std() == 0 or y.std() == 0:
+        return None
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+# ---------------------------------------------------------------------------------------------- Lemma 4.4
+
+
+@torch.no_grad()
+def lemma_4_4(model, edit: rome.Edit, fact: Fact) -> dict | None:
+    """Lemma 4.4 for one edit on its own prompt (module docstring); ``None`` if the edit is at the last layer
+    (no head after it)."""
+    layer = edit.layer
+    later = range(layer + 1, n_layers(model))
+    if not later:
+        return None
+    tokenizer = model.tokenizer
+    encoded, subject_pos = locate(tokenizer, fact.prompt, fact.subject)
+    context, new_id = target_context(tokenizer, fact.filled_prompt, fact.target_new)
+    _, true_id = target_context(tokenizer, fact.filled_prompt, fact.target_true)
+    ids = torch.as_tensor([context], device=model.cfg.device)  # (1, pos)
+    last = len(context) - 1
+    names = {f"blocks.{b}.ln1.hook_scale" for b in later} | {f"blocks.{b}.attn.hook_pattern" for b in later}
+    names |= {"ln_final.hook_scale", value_hook(layer)}
+    logits, cache = model.run_with_cache(ids, names_filter=lambda name: name in names)
+    eps1 = float(logits[0, last, true_id] - logits[0, last, new_id])
+    with rome.applied(model, edit):
+        edited, edited_cache = model.run_with_cache(ids, names_filter=lambda name: name == value_hook(layer))
+    eps2 = float(edited[0, last, new_id] - edited[0, last, true_id])
+    delta_v = (edited_cache[value_hook(layer)][0, subject_pos] - cache[value_hook(layer)][0, subject_pos]).double()
+    W_U = model.W_U.detach()  # (d_model, d_vocab)
+    direction = (W_U[:, new_id] - W_U[:, true_id]).double()  # (d_model,)
+    final = final_norm(model)
+    read = final.adjoint(direction, float(cache["ln_final.hook_scale"][0, last]))  # (d_model,)
+    best = {"unit": -math.inf, "attention": -math.inf, "norm": 0.0, "head": None}
+    for block in later:
+        W_V, W_O = head_ov(model, block)  # (H, d_model, d_head), (H, d_head, d_model)
+        through = torch.einsum("hmd,hdn,n->hm", W_V.double(), W_O.double(), read)  # (H, d_model)
+        scale = float(cache[f"blocks.{block}.ln1.hook_scale"][0, subject_pos])
+        m = attention_norm(model, block).adjoint(through, scale)  # (H, d_model)
+        gains = m @ delta_v  # (H,)
+        weights = cache[f"blocks.{block}.attn.hook_pattern"][0, :, last, subject_pos].double()  # (H,)
+        for h in range(len(gains)):
+            if float(gains[h]) > best["unit"]:
+                best["unit"], best["head"] = float(gains[h]), (block, h)
+            best["attention"] = max(best["attention"], float(weights[h] * gains[h]))
+            best["norm"] = max(best["norm"], float(m[h].norm()))
+    needed = eps1 + eps2
+    norm_bound = needed / best["norm"] if best["norm"] > 0 and needed > 0 else 0.0
+    return {
+        "case_id": fact.case_id, "eps1": eps1, "eps2": eps2, "needed": needed,
+        "best_gain_unit": best["unit"], "best_gain_attention": best["attention"], "best_head": best["head"],
+        "single_head_holds": best["unit"] >= needed, "delta_v_norm": float(delta_v.norm()),
+        "norm_bound": norm_bound, "norm_bound_holds": float(delta_v.norm()) >= norm_bound,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- observations
+
+
+@dataclass(frozen=True)
+class Observation:
+    """A forward pass over prompts with whatever edit/adaptor is applied: per prompt the key's edit
+    strength at a chosen position and the largest over all positions, the value there, and the last
+    position's log-probabilities."""
+
+    alpha: torch.Tensor  # (n,)
+    alpha_max: torch.Tensor  # (n,)
+    value: torch.Tensor  # (n, d_model)
+    log_probs: torch.Tensor  # (n, d_vocab)
+
+
+@torch.no_grad()
+def observe(model, edit: rome.Edit, sequences: Sequence[Sequence[int]], positions: Sequence[int],
+            batch_size: int = 32) -> Observation:
+    """Run ``sequences`` (token ids) in right-padded batches, capturing the layer's key — after any adaptor
+    hook, so under REP the adapted key — and value, and the logits at each row's last token."""
+    layer = edit.layer
+    tokenizer = model.tokenizer
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    n = len(sequences)
+    alpha = torch.zeros(n)
+    alpha_max = torch.zeros(n)
+    values = torch.zeros((n, int(model.cfg.d_model)))
+    log_probs: list[torch.Tensor | None] = [None] * n
+    captured: dict[str, torch.Tensor] = {}
+
+    def keep(name):
+        def hook(activation, hook):
+            captured[name] = activation.detach()
+        return hook
+
+    order = sorted(range(n), key=lambda i: len(sequences[i]))
+    for lo in range(0, n, batch_size):
+        rows = order[lo : lo + batch_size]
+        input_ids, mask = pad_batch([sequences[i] for i in rows], pad_id, "right", device=model.cfg.device)
+        with model.hooks(fwd_hooks=[(key_hook(layer), keep("key")), (value_hook(layer), keep("value"))]):
+            logits = model(input_ids, attention_mask=mask, return_type="logits")  # (batch, pos, vocab)
+        strength = edit.strength(captured["key"].float())  # (batch, pos)
+        strength = strength.masked_fill(mask.to(strength.device) == 0, -math.inf)
+        for r, i in enumerate(rows):
+            length = len(sequences[i])
+            alpha[i] = float(strength[r, positions[i]])
+            alpha_max[i] = float(strength[r, 1 if length > 1 else 0 : length].max())  # BOS excluded
+            values[i] = captured["value"][r, positions[i]].float().cpu()
+            log_probs[i] = logits[r, length - 1].float().log_softmax(-1).cpu()
+    return Observation(alpha, alpha_max, values, torch.stack(log_probs) if n else torch.zeros((0, 1)))
+
+
+# ---------------------------------------------------------------------------------------------- run
+
+
+@dataclass
+class BoundsResult:
+    """Per-edit Lemma 4.4 rows, per-query rows for Lemmas 4.6/4.7, and the summary."""
+
+    model: str
+    layer: int
+    lemma_4_4_rows: list[dict] = field(repr=False)
+    query_rows: list[dict] = field(repr=False)
+    summary: dict
+    config: BoundsConfig
+    skipped: list[dict] = field(default_factory=list)
+
+    def as_json(self) -> dict:
+        return {"n": len(self.lemma_4_4_rows), "model": self.model, "layer": self.layer, **self.summary,
+                "config": asdict(self.config), "skipped": self.skipped}
+
+
+def _summary(l44: list[dict], rows: list[dict], methods: Sequence[str]) -> dict:
+    valid = [r for r in l44 if r is not None]
+    lemma_4_4 = {
+        "holds_fraction": float(np.mean([r["single_head_holds"] for r in valid])) if valid else None,
+        "attention_weighted_holds_fraction": float(np.mean([r["best_gain_attention"] >= r["needed"] for r in valid]))
+        if valid else None,
+        "norm_bound_holds_fraction": float(np.mean([r["norm_bound_holds"] for r in valid])) if valid else None,
+        "median_needed": float(np.median([r["needed"] for r in valid])) if valid else None,
+        "median_best_gain_unit": float(np.median([r["best_gain_unit"] for r in valid])) if valid else None,
+        "median_delta_v_norm": float(np.median([r["delta_v_norm"] for r in valid])) if valid else None,
+        "median_norm_bound": float(np.median([r["norm_bound"] for r in valid])) if valid else None,
+    }
+    by_method_46, by_method_47 = {}, {}
+    for method in methods:
+        robust = [r for r in rows if r["method"] == method and r["kind"] in ROBUSTNESS_KINDS]
+        specific = [r for r in rows if r["method"] == method and r["kind"] in SPECIFICITY_KINDS]
+        by_method_46[method] = {
+            "auroc": auroc([r["alpha"] for r in robust], [r["success"] for r in robust]),
+            "pearson": pearson([r["alpha"] for r in robust], [r["value_coefficient"] for r in robust]),
+            "pearson_logit_gap": pearson([r["alpha"] for r in robust], [r["gap_change"] for r in robust]),
+            "n_queries": len(robust),
+            "by_kind": {k: auroc([r["alpha"] for r in robust if r["kind"] == k],
+                                 [r["success"] for r in robust if r["kind"] == k]) for k in ROBUSTNESS_KINDS},
+        }
+        by_method_47[method] = {
+            "auroc": auroc([r["alpha"] for r in specific], [r["flipped"] for r in specific]),
+            "pearson": pearson([r["alpha"] for r in specific], [-r["own_logprob_change"] for r in specific]),
+            "flip_rate": float(np.mean([r["flipped"] for r in specific])) if specific else None,
+            "n_queries": len(specific),
+        }
+    first = methods[0]
+    return {
+        "lemma_4_4": lemma_4_4,
+        "lemma_4_6": {"auroc": by_method_46[first]["auroc"], "pearson": by_method_46[first]["pearson"],
+                      "methods": by_method_46},
+        "lemma_4_7": {"auroc": by_method_47[first]["auroc"], "pearson": by_method_47[first]["pearson"],
+                      "methods": by_method_47},
+    }
+
+
+def _robustness_rows(model, edit, queries, method, before: Observation, after: Observation, new_id, true_id,
+                     kinds) -> list[dict]:
+    residual = edit.residual.double().cpu()
+    scale = float(residual @ residual)
+    out = []
+    for i, kind in enumerate(kinds):
+        change = (after.value[i].double() - before.value[i].double()) @ residual / scale if scale > 0 else 0.0
+        gap_before = float(before.log_probs[i, new_id] - before.log_probs[i, true_id])
+        gap_after = float(after.log_probs[i, new_id] - after.log_probs[i, true_id])
+        out.append({"case_id": queries.fact.case_id, "method": method, "kind": kind, "alpha": float(after.alpha[i]),
+                    "success": int(after.log_probs[i].argmax()) == new_id, "value_coefficient": float(change),
+                    "gap_change": gap_after - gap_before})
+    return out
+
+
+def _specificity_rows(case_id, method, before: Observation, after: Observation, kinds, use_max) -> list[dict]:
+    out = []
+    for i, kind in enumerate(kinds):
+        top = int(before.log_probs[i].argmax())
+        out.append({"case_id": case_id, "method": method, "kind": kind,
+                    "alpha": float(after.alpha_max[i] if use_max[i] else after.alpha[i]),
+                    "flipped": int(after.log_probs[i].argmax()) != top,
+                    "own_logprob_change": float(after.log_probs[i, top] - before.log_probs[i, top])})
+    return out
+
+
+def run(model, facts: Sequence[Fact], layer: int, cov, context_docs, corpus=None, config: BoundsConfig | None = None,
+        rome_config: rome.ROMEConfig | None = None, rep_config: rep.REPConfig | None = None,
+        progress: bool = True) -> BoundsResult:
+    """Edit ``config.n`` known facts and collect Lemma 4.4/4.6/4.7 evidence (module docstring)."""
+    from tqdm.auto import tqdm
+
+    from keyscope import evaluate as ev
+    from keyscope.scan import ScanConfig, scan_corpus
+
+    config = config or BoundsConfig()
+    rome_config = rome_config or rome.ROMEConfig.for_model(model)
+    rep_config = rep_config or rep.REPConfig()
+    tokenizer = model.tokenizer
+    chosen, _ = sample_known_facts(model, facts, config.n, config.seed, batch_size=config.batch_size)
+    eval_config = ev.EvalConfig(n=config.n, seed=config.seed)
+    shared = ev.prepare(model, facts, layer, corpus, rome_config,
+                        rep_config if "rome+rep" in config.methods else None, eval_config.n_corpus_negatives,
+                        config.seed, config.batch_size)
+    edits, skipped = [], []
+    for fact in tqdm(chosen, desc="ROME edits", disable=not progress):
+        try:
+            request = rome.EditRequest(fact.prompt, fact.subject, fact.target_new, fact.target_true)
+            edits.append((fact, rome.compute_edit(model, request, layer, cov, rome_config, prefixes=shared.prefixes)))
+        except KeyscopeError as exc:
+            skipped.append({"case_id": fact.case_id, "reason": str(exc)})
+    if not edits:
+        raise KeyscopeError(f"no fact could be edited ({len(skipped)} skipped)")
+    scan = None
+    if corpus is not None and config.scan_top_k:
+        scan = scan_corpus(model, [f for f, _ in edits], cov, corpus,
+                           ScanConfig(layer, n_tokens=config.scan_tokens, top_k=config.scan_top_k,
+                                      prefix_tokens=config.scan_prefix_tokens), progress=progress,
+                           k_stars=torch.stack([e.k_star for _, e in edits]))
+    l44_rows, rows = [], []
+    for j, (fact, edit) in enumerate(tqdm(edits, desc="lemmas", disable=not progress)):
+        l44_rows.append(lemma_4_4(model, edit, fact))
+        queries = ev.fact_queries(tokenizer, fact, context_docs, eval_config)
+        robust, kinds = [], []
+        for kind in ROBUSTNESS_KINDS:
+            for probe in (*queries.perturbed[kind][0], *queries.perturbed[kind][1]):
+                encoded, position = locate(tokenizer, probe.template, probe.subject)
+                context, _ = target_context(tokenizer, probe.prompt, fact.target_new)
+                robust.append((context, position))
+                kinds.append(kind)
+        _, new_id = target_context(tokenizer, fact.filled_prompt, fact.target_new)
+        _, true_id = target_context(tokenizer, fact.filled_prompt, fact.target_true)
+        specific, spec_kinds, use_max = [], [], []
+        for prompt in fact.neighborhood_prompts:
+            context = prompt_context(tokenizer, prompt)
+            specific.append((context, len(context) - 1))
+            spec_kinds.append("neighbourhood")
+            use_max.append(True)
+        if scan is not None:
+            for prefix in scan.prefixes[j]:
+                if prefix.strip():
+                    context = list(encode(tokenizer, prefix).ids)
+                    specific.append((context, len(context) - 1))
+                    spec_kinds.append("corpus")
+                    use_max.append(False)
+        seqs = [s for s, _ in robust] + [s for s, _ in specific]
+        positions = [p for _, p in robust] + [p for _, p in specific]
+        before = observe(model, edit, seqs, positions, config.batch_size)
+        fitted = None
+        if "rome+rep" in config.methods:
+            fitted = ev.fit_rep(model, edit, queries, rep_config, shared, config.batch_size)
+        for method in config.methods:
+            with rep.applied(model, edit, fitted if method == "rome+rep" else None):
+                after = observe(model, edit, seqs, positions, config.batch_size)
+            n_robust = len(robust)
+            split = lambda obs, lo, hi: Observation(obs.alpha[lo:hi], obs.alpha_max[lo:hi], obs.value[lo:hi],  # noqa: E731
+                                                    obs.log_probs[lo:hi])
+            rows += _robustness_rows(model, edit, queries, method, split(before, 0, n_robust),
+                                     split(after, 0, n_robust), new_id, true_id, kinds)
+            rows += _specificity_rows(fact.case_id, method, split(before, n_robust, len(seqs)),
+                                      split(after, n_robust, len(seqs)), spec_kinds, use_max)
+    summary = _summary(l44_rows, rows, config.methods)
+    return BoundsResult(model_name(model), layer, [r for r in l44_rows if r is not None], rows, summary, config,
+                        skipped)

@@ -1,0 +1,55 @@
+"""``keyscope bounds``: check the paper's lemmas on real edits (Lemma 4.4: Δv through a single attention
+path; Lemma 4.6: α predicts robustness, for ROME and ROME+REP; Lemma 4.7: α predicts specificity on
+neighbourhood prompts and corpus-scan prefixes). Prints the summary, writes ``fig_bounds.png``, ``bounds.md``
+and per-edit/per-query CSVs into ``--out`` and, with ``--json``,
+``{"lemma_4_4": {"holds_fraction": …}, "lemma_4_6": {"auroc": …, "pearson": …}, "lemma_4_7": {"auroc": …}}``.
+"""
+
+from __future__ import annotations
+
+from keyscope.cli.output import write_json
+from keyscope.errors import KeyscopeError
+
+
+def cmd_bounds(args) -> int:
+    from keyscope import bounds
+    from keyscope import corpus as corpora
+    from keyscope.cli.common import covariance, data_source, model_and_layer
+    from keyscope.datasets import load_facts
+    from keyscope.experiments import bounds as experiment
+
+    if args.n < 1:
+        raise KeyscopeError("--n must be at least 1")
+    facts = load_facts(data_source(args))
+    model, layer = model_and_layer(args)
+    progress = not args.no_progress
+    cov, source = covariance(model, layer, args, args.tokens, progress=progress)
+    methods = ("rome",) if args.rome_only else ("rome", "rome+rep")
+    config = bounds.BoundsConfig(n=args.n, seed=args.seed, methods=methods, scan_tokens=args.scan_tokens)
+    result = bounds.run(model, facts, layer, cov, corpora.documents(args.context or source), corpus=source,
+                        config=config, progress=progress)
+    print(experiment.format_summary(result))
+    for path in experiment.write(result, args.out):
+        print(f"wrote {path}")
+    write_json(args.json, result.as_json())
+    return 0
+
+
+def register(sub) -> None:
+    """Add ``keyscope bounds`` to the top-level subparsers ``sub``."""
+    p = sub.add_parser("bounds", help="check Lemmas 4.4, 4.6 and 4.7 on real edits")
+    p.add_argument("--model", default="factworld", help="factworld, a hub name or a local HF directory")
+    p.add_argument("--layer", type=int, help="edit layer (default: the model's default edit layer)")
+    p.add_argument("--data", help="facts: factworld (default for factworld) or a CounterFact/REP JSON file")
+    p.add_argument("--n", type=int, default=50, help="number of edited facts (default 50)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the facts and splits")
+    p.add_argument("--rome-only", action="store_true", help="skip ROME+REP")
+    p.add_argument("--corpus", help="corpus for C, REP's negatives and the scan (default: the model's default)")
+    p.add_argument("--context", help="text for the long contexts (default: the corpus)")
+    p.add_argument("--tokens", type=int, default=100_000, help="corpus tokens for C (default 100,000)")
+    p.add_argument("--scan-tokens", type=int, default=50_000, help="corpus tokens scanned for Lemma 4.7 prefixes")
+    p.add_argument("--recompute", action="store_true", help="recompute C even if cached")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--out", default="figures", help="output folder (default figures/)")
+    p.add_argument("--json", metavar="PATH", help="also write the summary as JSON")
+    p.set_defaults(func=cmd_bounds)

@@ -1,0 +1,86 @@
+"""``keyscope evaluate``: Table 1 (ROME vs ROME+REP: Success, Locality, Rephrase/Shuffle/Long in-domain and
+out-of-domain) and, with ``--tau-sweep``, Figure 7.
+
+Edits ``--n`` facts the model knows, one at a time, with each method in ``--methods``; prints the table,
+writes ``table1.csv``, ``table1.md`` and ``table1_facts.csv`` (and ``fig7_tau_sweep.png``) into ``--out``, and
+with ``--json`` the summary ``{"n": …, "methods": {"rome": {"success": …, …}, "rome+rep": {…}}}``.
+"""
+
+from __future__ import annotations
+
+from keyscope.cli.output import write_json
+from keyscope.errors import KeyscopeError
+
+
+def parse_taus(text: str | None) -> tuple[float, ...]:
+    if not text:
+        return ()
+    try:
+        taus = tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise KeyscopeError(f"--tau-sweep must be comma-separated numbers in (0, 1), not {text!r}") from None
+    if not taus or any(not 0.0 < t < 1.0 for t in taus):
+        raise KeyscopeError(f"--tau-sweep values must lie in (0, 1), not {text!r}")
+    return taus
+
+
+def cmd_evaluate(args) -> int:
+    from dataclasses import replace
+
+    from keyscope import corpus as corpora
+    from keyscope import evaluate as ev
+    from keyscope.cli.common import covariance, data_source, model_and_layer
+    from keyscope.datasets import load_facts
+    from keyscope.experiments import table1
+    from keyscope.rep import REPConfig
+
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    unknown = [m for m in methods if m not in ev.METHODS]
+    if not methods or unknown:
+        raise KeyscopeError(f"--methods takes a comma-separated subset of {','.join(ev.METHODS)}, not {args.methods!r}")
+    if args.n < 1:
+        raise KeyscopeError("--n must be at least 1")
+    if not 0.0 < args.tau < 1.0:
+        raise KeyscopeError(f"--tau must lie in (0, 1), not {args.tau}")
+    taus = parse_taus(args.tau_sweep)
+    if taus and "rome+rep" not in methods:
+        raise KeyscopeError("--tau-sweep needs the rome+rep method")
+    facts = load_facts(data_source(args))
+    model, layer = model_and_layer(args)
+    progress = not args.no_progress
+    cov, source = covariance(model, layer, args, args.tokens, progress=progress)
+    rep_config = REPConfig.paper(tau=args.tau) if args.rep_setting == "paper" else REPConfig(tau=args.tau)
+    config = ev.EvalConfig(n=args.n, seed=args.seed)
+    context = args.context or source
+    result = ev.evaluate(model, facts, layer, cov, corpora.documents(context), corpus=source, methods=methods,
+                         config=config, rep_config=replace(rep_config, seed=args.seed), taus=taus, progress=progress)
+    print(table1.format_table(result, methods))
+    for skip in result.skipped:
+        print(f"skipped case {skip['case_id']}: {skip['reason']}")
+    for path in table1.write(result, args.out, methods):
+        print(f"wrote {path}")
+    write_json(args.json, result.as_json())
+    return 0
+
+
+def register(sub) -> None:
+    """Add ``keyscope evaluate`` to the top-level subparsers ``sub``."""
+    p = sub.add_parser("evaluate", help="Table 1: ROME vs ROME+REP robustness; --tau-sweep: Figure 7")
+    p.add_argument("--model", default="factworld", help="factworld, a hub name or a local HF directory")
+    p.add_argument("--layer", type=int, help="edit layer (default: the model's default edit layer)")
+    p.add_argument("--data", help="facts: factworld (default for factworld) or a CounterFact/REP JSON file")
+    p.add_argument("--n", type=int, default=100, help="number of edited facts (default 100)")
+    p.add_argument("--methods", default="rome,rome+rep", help="comma-separated: rome, rome+rep (default both)")
+    p.add_argument("--tau", type=float, default=0.9, help="REP's gate threshold (default 0.9)")
+    p.add_argument("--tau-sweep", metavar="T1,T2,…", help="also evaluate REP at these thresholds (Figure 7)")
+    p.add_argument("--rep-setting", choices=("keyscope", "paper"), default="keyscope",
+                   help="REP training: keyscope's default or the released code's (10 steps, no negatives…)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the facts, splits and adaptors")
+    p.add_argument("--corpus", help="corpus for C and REP's negatives (default: the model's default corpus)")
+    p.add_argument("--context", help="text for the long contexts (default: the corpus)")
+    p.add_argument("--tokens", type=int, default=100_000, help="corpus tokens for C (default 100,000)")
+    p.add_argument("--recompute", action="store_true", help="recompute C even if cached")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--out", default="figures", help="output folder (default figures/)")
+    p.add_argument("--json", metavar="PATH", help="also write the summary as JSON")
+    p.set_defaults(func=cmd_evaluate)

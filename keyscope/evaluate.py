@@ -1,0 +1,360 @@
+"""Robustness evaluation of ROME and ROME+REP: Table 1 and the τ sweep of Figure 7 (Yan et al., Sec. 6).
+
+For every fact (only facts the unedited model knows — top-1 on the true target — are edited, as in the
+paper) :func:`evaluate_fact` computes one ROME edit and, for ``rome+rep``, fits a REP adaptor for it
+(:mod:`keyscope.rep`), then asks, with each method applied (:func:`keyscope.rep.applied`; weights and hooks
+are restored between facts):
+
+* **Success** — every target token of the new object is the teacher-forced top-1 on the edit prompt;
+* **Locality** — each neighbourhood prompt (other subjects, same relation) keeps the unedited model's
+  top-1 tokens (teacher-forced on ``locality_ground_truth`` or ``target_true``, compared token by token);
+* **Rephrase**, **Shuffle**, **Long** — success on the edit prompt with a rephrased subject, with the
+  subject's tokens shuffled, and after ``long_context_tokens`` tokens of unrelated text.
+
+The perturbed prompts of each kind (up to ``n_rephrase`` rephrasings, ``n_shuffles`` shuffles,
+``n_long_contexts`` long contexts) are split in two halves with the seed: **in-domain** (``_id``) is the half
+the adaptor is trained on, **out-of-domain** (``_ood``) the held-out half it never sees. ROME never trains
+on either, so its ID and OOD numbers differ only by sampling. REP's other positives are the subject under
+the fact's paraphrase templates; its gate negatives are other subjects' keys — never those of the
+neighbourhood prompts, which are held out for Locality — and keys of unrelated corpus text.
+
+Metrics are **micro-averaged** (pooled over all prompts of all facts) with a 95% confidence interval from
+a cluster bootstrap over facts (prompts of one fact are not independent). ROME's probability comparison
+``P(new) > P(true)`` (whole-target log-probabilities) is reported too, as ``prob``, for comparability with
+ROME's tables.
+
+``taus`` evaluates one fitted adaptor at several gate thresholds without retraining (Figure 7).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from keyscope import rep, rome
+from keyscope.datasets import Fact, sample_known_facts
+from keyscope.errors import KeyscopeError
+from keyscope.keys import collect_keys
+from keyscope.predictions import score_targets, target_sequence
+from keyscope.similarity import Probe, as_template, long_context, rephrased_subjects, shuffled_subjects
+
+__all__ = ["EvalConfig", "METHODS", "METRICS", "KINDS", "FactQueries", "fact_queries", "EvalResult",
+           "evaluate", "evaluate_fact", "summarize", "bootstrap_interval", "Shared", "prepare", "fit_rep",
+           "negative_subject_keys"]
+
+#: Methods in Table 1's row order.
+METHODS = ("rome", "rome+rep")
+#: Perturbation kinds, each reported in-domain and out-of-domain.
+KINDS = ("rephrase", "shuffle", "long")
+#: Table 1's columns.
+METRICS = ("success", "locality", *(f"{k}_id" for k in KINDS), *(f"{k}_ood" for k in KINDS))
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """What is evaluated per fact and how intervals are computed. No I/O."""
+
+    n: int = 100
+    seed: int = 0
+    n_rephrase: int = 10
+    n_shuffles: int = 10
+    n_long_contexts: int = 6
+    long_context_tokens: int = 300
+    n_corpus_negatives: int = 512
+    bootstrap: int = 1000
+    batch_size: int = 32
+
+    def __post_init__(self):
+        if self.n < 1:
+            raise ValueError(f"n must be positive, not {self.n}")
+
+
+@dataclass(frozen=True)
+class FactQueries:
+    """The prompts one fact is judged on. ``perturbed[kind] = (in_domain, out_of_domain)`` probe lists."""
+
+    fact: Fact
+    perturbed: dict[str, tuple[tuple[Probe, ...], tuple[Probe, ...]]]
+    templates: tuple[Probe, ...]  # the subject in the paraphrase templates (REP positives only)
+
+    def training_probes(self) -> list[Probe]:
+        """REP's positives: the in-domain half of every kind plus the paraphrase templates."""
+        return [p for kind in KINDS for p in self.perturbed[kind][0]] + list(self.templates)
+
+
+def _halves(items: Sequence, rng: random.Random) -> tuple[tuple, tuple]:
+    """A seeded split of ``items`` into an in-domain half (the larger, for odd counts) and the rest."""
+    items = list(items)
+    rng.shuffle(items)
+    cut = (len(items) + 1) // 2
+    return tuple(items[:cut]), tuple(items[cut:])
+
+
+def fact_queries(tokenizer, fact: Fact, context_docs: Iterable[str], config: EvalConfig) -> FactQueries:
+    """Build the rephrased, shuffled and long-context probes of ``fact`` and split each kind in halves."""
+    template = as_template(fact.prompt, fact.subject)
+    rng = random.Random(f"{config.seed}:{fact.case_id}")
+    rephrased = rephrased_subjects(template, fact.subject, list(fact.subject_rephrase)[: config.n_rephrase])
+    shuffled = shuffled_subjects(tokenizer, template, fact.subject, n=config.n_shuffles, seed=config.seed)
+    longs = [long_context(tokenizer, template, fact.subject, context_docs, n_tokens=config.long_context_tokens)
+             for _ in range(config.n_long_contexts)]
+    templates = []
+    for prompt in fact.paraphrase_prompts:
+        try:
+            templates.append(Probe(as_template(prompt, fact.subject), fact.subject, "template"))
+        except KeyscopeError:  # a paraphrase that does not name the subject verbatim
+            continue
+    perturbed = {"rephrase": _halves(rephrased, rng), "shuffle": _halves(shuffled, rng), "long": _halves(longs, rng)}
+    return FactQueries(fact, perturbed, tuple(templates))
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+
+
+@dataclass
+class _Plan:
+    """The scored sequences of one fact: each query is a pair of rows (new target, true target)."""
+
+    sequences: list[tuple[list[int], int]] = field(default_factory=list)
+    groups: dict[str, list[tuple[int, int]]] = field(default_factory=dict)  # metric -> (row new, row true)
+    locality: list[int] = field(default_factory=list)  # rows of the neighbourhood prompts
+
+    def add(self, seq: tuple[list[int], int]) -> int:
+        self.sequences.append(seq)
+        return len(self.sequences) - 1
+
+
+def _plan(tokenizer, queries: FactQueries) -> _Plan:
+    fact = queries.fact
+    plan = _Plan()
+
+    def query(metric: str, prompt: str) -> None:
+        rows = (plan.add(target_sequence(tokenizer, prompt, fact.target_new)),
+                plan.add(target_sequence(tokenizer, prompt, fact.target_true)))
+        plan.groups.setdefault(metric, []).append(rows)
+
+    query("success", fact.filled_prompt)
+    for kind in KINDS:
+        in_domain, out_of_domain = queries.perturbed[kind]
+        for probe in in_domain:
+            query(f"{kind}_id", probe.prompt)
+        for probe in out_of_domain:
+            query(f"{kind}_ood", probe.prompt)
+    truth = fact.locality_ground_truth or fact.target_true
+    plan.locality = [plan.add(target_sequence(tokenizer, p, truth)) for p in fact.neighborhood_prompts]
+    return plan
+
+
+def _score(model, plan: _Plan, unedited_locality: tuple, batch_size: int) -> dict[str, tuple[int, int, int]]:
+    """Per metric ``(hits, total, prob_hits)`` for the model as it is now (edits and hooks applied)."""
+    scores = score_targets(model, plan.sequences, batch_size=batch_size)
+    out: dict[str, tuple[int, int, int]] = {}
+    for metric in METRICS:
+        if metric == "locality":
+            kept = sum(scores.argmax[row] == before for row, before in zip(plan.locality, unedited_locality))
+            out[metric] = (kept, len(plan.locality), 0)
+            continue
+        pairs = plan.groups.get(metric, [])
+        hits = sum(bool(scores.top1[new]) for new, _ in pairs)
+        prob = sum(bool(scores.log_probability[new] > scores.log_probability[true]) for new, true in pairs)
+        out[metric] = (hits, len(pairs), prob)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- per fact
+
+
+@dataclass(frozen=True)
+class Shared:
+    """What every fact of a run shares: ROME's prefixes, other subjects' keys and corpus keys (REP's gate
+    negatives). Build it with :func:`prepare`."""
+
+    prefixes: tuple[str, ...]
+    subject_keys: torch.Tensor | None  # (n_subjects, d_mlp)
+    subject_names: tuple[str, ...]
+    corpus_keys: torch.Tensor | None  # (n_corpus, d_mlp)
+
+
+def prepare(model, facts: Sequence[Fact], layer: int, corpus=None, rome_config: rome.ROMEConfig | None = None,
+            rep_config: rep.REPConfig | None = None, n_corpus_negatives: int = 512, seed: int = 0,
+            batch_size: int = 32) -> Shared:
+    """ROME's context prefixes and, when REP gets gate negatives, the layer keys of every subject in ``facts``
+    (one prompt each) and ``n_corpus_negatives`` keys of ``corpus``."""
+    from keyscope.scan import sample_corpus_keys
+
+    prefixes = rome.context_prefixes(model, rome_config or rome.ROMEConfig.for_model(model))
+    if rep_config is None or not rep_config.gate_negatives:
+        return Shared(prefixes, None, (), None)
+    pool: dict[str, Fact] = {}
+    for fact in facts:
+        pool.setdefault(fact.subject.strip(), fact)
+    subject_keys = collect_keys(model, [f.prompt for f in pool.values()], [f.subject for f in pool.values()],
+                                layer, batch_size=batch_size)  # (n_subjects, d_mlp)
+    corpus_keys = None
+    if corpus is not None and n_corpus_negatives:
+        corpus_keys = sample_corpus_keys(model, corpus, layer, n_corpus_negatives, seed=seed)  # (n, d_mlp)
+    return Shared(prefixes, subject_keys, tuple(pool), corpus_keys)
+
+
+def fit_rep(model, edit: rome.Edit, queries: FactQueries, rep_config: rep.REPConfig, shared: Shared,
+            batch_size: int = 32) -> rep.REP:
+    """REP's adaptor for ``edit``, trained on the in-domain probes of ``queries`` (and the negatives of
+    ``shared``, never the neighbourhood prompts' subjects)."""
+    keys = rep.gather_keys(model, edit, queries.training_probes(), rep_config,
+                           subject_keys=negative_subject_keys(shared, queries.fact), corpus_keys=shared.corpus_keys,
+                           batch_size=batch_size)
+    return rep.REP(rep_config).fit(edit, keys)
+
+
+def negative_subject_keys(shared: Shared, fact: Fact) -> torch.Tensor | None:
+    """Keys of subjects other than the fact's own and those named in its neighbourhood prompts."""
+    if shared.subject_keys is None:
+        return None
+    held_out = {fact.subject.strip()}
+    keep = [i for i, name in enumerate(shared.subject_names)
+            if name.strip() not in held_out and not any(name in p for p in fact.neighborhood_prompts)]
+    return shared.subject_keys[torch.as_tensor(keep, dtype=torch.long)]
+
+
+def evaluate_fact(model, fact: Fact, queries: FactQueries, layer: int, cov, methods: Sequence[str],
+                  rome_config: rome.ROMEConfig, rep_config: rep.REPConfig, shared: Shared,
+                  taus: Sequence[float] = (), batch_size: int = 32) -> dict:
+    """Edit one fact with every method and score it: ``{"case_id", "edit_seconds", "methods": {name:
+    {metric: (hits, total, prob_hits)}}}``; with ``taus``, ``rome+rep@τ`` entries for each threshold."""
+    import time
+
+    tokenizer = model.tokenizer
+    plan = _plan(tokenizer, queries)
+    unedited = score_targets(model, [plan.sequences[r] for r in plan.locality], batch_size=batch_size).argmax
+    start = time.perf_counter()
+    edit = rome.compute_edit(model, rome.EditRequest(fact.prompt, fact.subject, fact.target_new, fact.target_true),
+                             layer, cov, rome_config, prefixes=shared.prefixes)
+    row = {"case_id": fact.case_id, "edit_seconds": time.perf_counter() - start, "methods": {}}
+    if "rome" in methods:
+        with rep.applied(model, edit):
+            row["methods"]["rome"] = _score(model, plan, unedited, batch_size)
+    if "rome+rep" in methods:
+        start = time.perf_counter()
+        fitted = fit_rep(model, edit, queries, rep_config, shared, batch_size)
+        row["rep_seconds"] = time.perf_counter() - start
+        with rep.applied(model, edit, fitted):
+            row["methods"]["rome+rep"] = _score(model, plan, unedited, batch_size)
+        for tau in taus:
+            with rep.applied(model, edit, fitted, tau):
+                row["methods"][f"rome+rep@{tau:g}"] = _score(model, plan, unedited, batch_size)
+    return row
+
+
+# ---------------------------------------------------------------------------------------------- summaries
+
+
+def bootstrap_interval(hits: np.ndarray, totals: np.ndarray, n_resamples: int = 1000, seed: int = 0,
+                       level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of the micro-average ``Σ hits / Σ totals`` under resampling of the facts (the
+    clusters) with replacement."""
+    hits, totals = np.asarray(hits, float), np.asarray(totals, float)
+    if totals.sum() == 0:
+        return (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    index = rng.integers(0, len(hits), size=(n_resamples, len(hits)))  # (B, n_facts)
+    sums = totals[index].sum(1)
+    ratios = np.where(sums > 0, hits[index].sum(1) / np.maximum(sums, 1), np.nan)
+    lo, hi = np.nanquantile(ratios, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(lo), float(hi)
+
+
+def summarize(rows: Sequence[dict], n_resamples: int = 1000, seed: int = 0) -> dict:
+    """Per method: each metric's micro-average, its 95% interval (``ci``), the ``P(new) > P(true)`` rate
+    (``prob``) and the number of prompts (``counts``)."""
+    methods = sorted({m for r in rows for m in r["methods"]}, key=lambda m: (m not in METHODS, m))
+    out = {}
+    for method in methods:
+        scored = [r["methods"][method] for r in rows if method in r["methods"]]
+        entry: dict = {"ci": {}, "prob": {}, "counts": {}}
+        for metric in METRICS:
+            hits = np.array([s[metric][0] for s in scored])
+            totals = np.array([s[metric][1] for s in scored])
+            probs = np.array([s[metric][2] for s in scored])
+            total = int(totals.sum())
+            entry[metric] = float(hits.sum() / total) if total else None
+            entry["ci"][metric] = list(bootstrap_interval(hits, totals, n_resamples, seed)) if total else None
+            if metric != "locality":
+                entry["prob"][metric] = float(probs.sum() / total) if total else None
+            entry["counts"][metric] = total
+        out[method] = entry
+    return out
+
+
+@dataclass
+class EvalResult:
+    """Per-fact rows, the summary per method (see :func:`summarize`) and the run's settings."""
+
+    model: str
+    layer: int
+    rows: list[dict] = field(repr=False)
+    summary: dict
+    config: EvalConfig
+    rep_config: rep.REPConfig
+    n_known: int
+    taus: tuple[float, ...] = ()
+    seconds: float = 0.0
+    skipped: list[dict] = field(default_factory=list)
+
+    def table(self, methods: Sequence[str] = METHODS) -> dict:
+        """Table 1: ``{method: {metric: value}}`` for the methods present."""
+        return {m: {k: self.summary[m][k] for k in METRICS} for m in methods if m in self.summary}
+
+    def tau_sweep(self) -> dict[float, dict]:
+        """``{τ: {metric: value}}`` of the sweep (Figure 7)."""
+        return {tau: {k: self.summary[f"rome+rep@{tau:g}"][k] for k in METRICS}
+                for tau in self.taus if f"rome+rep@{tau:g}" in self.summary}
+
+    def as_json(self) -> dict:
+        methods = {m: {**{k: v for k, v in s.items()}} for m, s in self.summary.items()}
+        return {"n": len(self.rows), "n_known": self.n_known, "model": self.model, "layer": self.layer,
+                "methods": methods, "seconds": round(self.seconds, 1), "config": asdict(self.config),
+                "rep_config": asdict(self.rep_config), "taus": list(self.taus), "skipped": self.skipped}
+
+
+def evaluate(model, facts: Sequence[Fact], layer: int, cov, context_docs: Iterable[str], corpus=None,
+             methods: Sequence[str] = METHODS, config: EvalConfig | None = None,
+             rome_config: rome.ROMEConfig | None = None, rep_config: rep.REPConfig | None = None,
+             taus: Sequence[float] = (), progress: bool = True) -> EvalResult:
+    """Evaluate ``methods`` on ``config.n`` known facts drawn with ``config.seed`` (module docstring).
+
+    ``context_docs`` supplies the long contexts (an iterator: each fact gets fresh text); ``corpus`` (a
+    :mod:`keyscope.corpus` source) supplies REP's corpus negatives.
+    """
+    import time
+
+    from tqdm.auto import tqdm
+
+    from keyscope.models import model_name
+
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise KeyscopeError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    config = config or EvalConfig()
+    rome_config = rome_config or rome.ROMEConfig.for_model(model)
+    rep_config = rep_config or rep.REPConfig()
+    start = time.perf_counter()
+    chosen, n_known = sample_known_facts(model, facts, config.n, config.seed, batch_size=config.batch_size)
+    shared = prepare(model, facts, layer, corpus, rome_config, rep_config if "rome+rep" in methods else None,
+                     config.n_corpus_negatives, config.seed, config.batch_size)
+    rows, skipped = [], []
+    for fact in tqdm(chosen, desc="evaluating edits", disable=not progress):
+        try:
+            queries = fact_queries(model.tokenizer, fact, context_docs, config)
+            rows.append(evaluate_fact(model, fact, queries, layer, cov, methods, rome_config, rep_config, shared,
+                                      taus, config.batch_size))
+        except KeyscopeError as exc:  # e.g. a target without a token of its own after the prompt
+            skipped.append({"case_id": fact.case_id, "reason": str(exc)})
+    if not rows:
+        raise KeyscopeError(f"no fact could be evaluated ({len(skipped)} skipped; first: {skipped[0]['reason']})")
+    summary = summarize(rows, config.bootstrap, config.seed)
+    return EvalResult(model_name(model), layer, rows, summary, config, rep_config, n_known, tuple(taus),
+                      time.perf_counter() - start, skipped)

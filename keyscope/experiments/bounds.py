@@ -1,0 +1,61 @@
+"""The lemma report: run :func:`keyscope.bounds.run` and write ``fig_bounds.png``, ``bounds_edits.csv``
+(Lemma 4.4 per edit), ``bounds_queries.csv`` (α and measured changes per query) and ``bounds.md``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from keyscope import bounds
+from keyscope.experiments.tables import write_csv
+from keyscope.plotting import bounds as plot
+
+FIGURE = "fig_bounds.png"
+EDITS_CSV = "bounds_edits.csv"
+QUERIES_CSV = "bounds_queries.csv"
+REPORT = "bounds.md"
+
+
+def _fmt(value, pct: bool = False) -> str:
+    if value is None:
+        return "n/a"
+    return f"{100 * value:.1f}%" if pct else f"{value:.3f}"
+
+
+def format_summary(result: bounds.BoundsResult) -> str:
+    """The lemma summary as text (also the body of ``bounds.md``)."""
+    s = result.summary
+    l44 = s["lemma_4_4"]
+    lines = [
+        f"{result.model}, layer {result.layer}: {len(result.lemma_4_4_rows)} ROME edits",
+        "Lemma 4.4 (a single attention path must carry ε1 + ε2):",
+        f"  largest single-head gain (attention weight 1) >= ε1 + ε2: {_fmt(l44['holds_fraction'], True)} of edits",
+        f"  ... with the heads' actual attention weights:             {_fmt(l44['attention_weighted_holds_fraction'], True)}",
+        f"  ||Δv|| >= (ε1 + ε2) / max_h ||m_h|| (Cauchy–Schwarz):     {_fmt(l44['norm_bound_holds_fraction'], True)} "
+        f"(median bound {_fmt(l44['median_norm_bound'])}, median ||Δv|| {_fmt(l44['median_delta_v_norm'])})",
+    ]
+    for name, lemma in (("Lemma 4.6 (robustness)", "lemma_4_6"), ("Lemma 4.7 (specificity)", "lemma_4_7")):
+        lines.append(f"{name}:")
+        for method, m in s[lemma]["methods"].items():
+            extra = (f", Pearson(α, measured value change) {_fmt(m['pearson'])}, Pearson(α, logit-gap change) "
+                     f"{_fmt(m['pearson_logit_gap'])}" if lemma == "lemma_4_6" else
+                     f", Pearson(α, drop of own log-prob) {_fmt(m['pearson'])}, flip rate {_fmt(m['flip_rate'], True)}")
+            target = "success" if lemma == "lemma_4_6" else "a flipped prediction"
+            lines.append(f"  {method:9s} AUROC of α for {target} {_fmt(m['auroc'])} over {m['n_queries']} queries{extra}")
+    return "\n".join(lines)
+
+
+def write(result: bounds.BoundsResult, out_dir: str | Path) -> list[Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = [out / FIGURE, out / REPORT]
+    figure = plot.alpha_scatter(result.query_rows, title=f"{result.model}, layer {result.layer}: "
+                                f"{len(result.lemma_4_4_rows)} ROME edits")
+    figure.savefig(files[0], dpi=150)
+    files[1].write_text("```\n" + format_summary(result) + "\n```\n")
+    if result.lemma_4_4_rows:
+        write_csv(out / EDITS_CSV, result.lemma_4_4_rows)
+        files.append(out / EDITS_CSV)
+    if result.query_rows:
+        write_csv(out / QUERIES_CSV, result.query_rows)
+        files.append(out / QUERIES_CSV)
+    return files

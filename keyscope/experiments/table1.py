@@ -1,0 +1,106 @@
+"""Table 1 and Figure 7: ROME and ROME+REP on Success, Locality and the Rephrase/Shuffle/Long probes,
+in-domain and out-of-domain, and ROME+REP against the gate threshold τ.
+
+``run`` calls :func:`keyscope.evaluate.evaluate` and writes ``table1.csv`` (one row per method: every metric,
+its 95% interval and the ``P(new) > P(true)`` rate), ``table1.md`` (the table as in the paper, in percent
+with intervals) and ``table1_facts.csv`` (per fact and method: hits and totals); with a τ sweep also
+``fig7_tau_sweep.png`` and ``fig7_tau_sweep.csv``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from keyscope import evaluate as ev
+from keyscope.experiments.tables import write_csv
+from keyscope.plotting import fig7
+
+TABLE_CSV = "table1.csv"
+TABLE_MD = "table1.md"
+FACTS_CSV = "table1_facts.csv"
+FIGURE = "fig7_tau_sweep.png"
+SWEEP_CSV = "fig7_tau_sweep.csv"
+
+#: What the paper reports for ROME+REP minus ROME on LLaMA-2-7B, in-domain, in points (Yan et al., Table 1,
+#: as quoted in keyscope's issue #5): Rephrase +27, Shuffle +64, Long +4; Success −3.5, Locality −4.8.
+PAPER_DELTAS = {"success": -3.5, "locality": -4.8, "rephrase_id": 27.0, "shuffle_id": 64.0, "long_id": 4.0}
+
+HEADERS = {"success": "Success", "locality": "Locality", "rephrase_id": "Rephrase ID", "shuffle_id": "Shuffle ID",
+           "long_id": "Long ID", "rephrase_ood": "Rephrase OOD", "shuffle_ood": "Shuffle OOD", "long_ood": "Long OOD"}
+
+
+def _pct(value) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}"
+
+
+def markdown(result: ev.EvalResult, methods=ev.METHODS) -> str:
+    """Table 1 as markdown: percent, with the 95% interval under each number."""
+    names = [m for m in methods if m in result.summary]
+    head = "| method | " + " | ".join(HEADERS[m] for m in ev.METRICS) + " |"
+    rule = "|---|" + "---:|" * len(ev.METRICS)
+    lines = [head, rule]
+    for method in names:
+        s = result.summary[method]
+        cells = []
+        for metric in ev.METRICS:
+            ci = s["ci"][metric]
+            cells.append(_pct(s[metric]) + ("" if ci is None else f" [{_pct(ci[0])}, {_pct(ci[1])}]"))
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    n_prompts = result.summary[names[0]]["counts"]
+    lines.append("")
+    lines.append(f"{len(result.rows)} edits of known facts, {result.model}, layer {result.layer}; micro-averaged "
+                 "top-1 rates in percent with 95% cluster-bootstrap intervals; prompts per column: "
+                 + ", ".join(f"{HEADERS[m]} {n_prompts[m]}" for m in ev.METRICS) + ".")
+    return "\n".join(lines) + "\n"
+
+
+def format_table(result: ev.EvalResult, methods=ev.METHODS) -> str:
+    """Table 1 as aligned text for the terminal."""
+    names = [m for m in methods if m in result.summary]
+    width = max(len(m) for m in names) + 2
+    head = "method".ljust(width) + "".join(HEADERS[m].rjust(14) for m in ev.METRICS)
+    lines = [head]
+    for method in names:
+        s = result.summary[method]
+        lines.append(method.ljust(width) + "".join(_pct(s[m]).rjust(14) for m in ev.METRICS))
+    lines.append(f"{len(result.rows)} edits ({result.n_known} known facts), {result.seconds:.0f} s")
+    return "\n".join(lines)
+
+
+def write(result: ev.EvalResult, out_dir: str | Path, methods=ev.METHODS) -> list[Path]:
+    """Write the table (CSV, markdown), the per-fact CSV and, with a sweep, Figure 7 into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table_rows = []
+    for method in [m for m in methods if m in result.summary]:
+        s = result.summary[method]
+        row = {"method": method}
+        for metric in ev.METRICS:
+            ci = s["ci"][metric] or (None, None)
+            row.update({metric: s[metric], f"{metric}_lo": ci[0], f"{metric}_hi": ci[1],
+                        f"{metric}_prompts": s["counts"][metric]})
+            if metric in s["prob"]:
+                row[f"{metric}_p_new_gt_true"] = s["prob"][metric]
+        table_rows.append(row)
+    files = [out / TABLE_CSV, out / TABLE_MD, out / FACTS_CSV]
+    write_csv(files[0], table_rows)
+    files[1].write_text(markdown(result, methods))
+    fact_rows = []
+    for r in result.rows:
+        for method, scores in r["methods"].items():
+            row = {"case_id": r["case_id"], "method": method}
+            for metric in ev.METRICS:
+                row[f"{metric}_hits"], row[f"{metric}_total"] = scores[metric][0], scores[metric][1]
+            fact_rows.append(row)
+    write_csv(files[2], fact_rows)
+    sweep = result.tau_sweep()
+    if sweep:
+        taus = sorted(sweep)
+        figure = fig7.tau_sweep(taus, {m: [sweep[t][m] for t in taus] for m in ev.METRICS},
+                                baseline=result.summary.get("rome"),
+                                title=f"{result.model}, layer {result.layer}: ROME+REP against the gate threshold "
+                                      f"({len(result.rows)} edits; dotted: ROME)")
+        figure.savefig(out / FIGURE, dpi=150)
+        write_csv(out / SWEEP_CSV, [{"tau": t, **sweep[t]} for t in taus])
+        files += [out / FIGURE, out / SWEEP_CSV]
+    return files

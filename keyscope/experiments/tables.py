@@ -1,0 +1,23 @@
+"""Writing result rows: one CSV writer for every experiment."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def write_csv(path: str | Path, rows: Sequence[dict]) -> Path:
+    """Write ``rows`` (dicts) as CSV with the union of their keys as columns (first-seen order; missing
+    cells empty), atomically."""
+    path = Path(path)
+    columns: dict[str, None] = {}
+    for row in rows:
+        columns.update(dict.fromkeys(row))
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(columns), restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)
+    return path

@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from keyscope import evaluate as ev
+from keyscope.datasets import Fact
+from keyscope.models import load_model
+from tests import hf_tiny
+
+
+def test_bootstrap_interval_brackets_the_micro_average_and_narrows_with_more_facts():
+    rng = np.random.default_rng(0)
+    totals = rng.integers(1, 10, size=40)
+    hits = rng.binomial(totals, 0.7)
+    point = hits.sum() / totals.sum()
+    lo, hi = ev.bootstrap_interval(hits, totals, 2000, seed=1)
+    assert lo <= point <= hi and 0 < hi - lo < 0.3
+    lo4, hi4 = ev.bootstrap_interval(np.tile(hits, 4), np.tile(totals, 4), 2000, seed=1)
+    assert hi4 - lo4 < hi - lo
+    assert ev.bootstrap_interval(np.zeros(3), np.zeros(3)) != ev.bootstrap_interval(hits, totals)
+
+
+def test_summarize_micro_averages_over_prompts_not_facts():
+    def scores(success, rephrase):
+        return {m: (0, 0, 0) for m in ev.METRICS} | {"success": (success, 1, success), "rephrase_id": rephrase}
+
+    rows = [{"case_id": 0, "methods": {"rome": scores(1, (1, 1, 1))}},
+            {"case_id": 1, "methods": {"rome": scores(0, (0, 9, 3))}}]
+    summary = ev.summarize(rows, n_resamples=200)["rome"]
+    assert summary["success"] == 0.5
+    assert summary["rephrase_id"] == pytest.approx(1 / 10)  # pooled: 1 hit of 10 prompts (a macro mean is 0.5)
+    assert summary["prob"]["rephrase_id"] == pytest.approx(4 / 10)
+    assert summary["locality"] is None and summary["counts"]["rephrase_id"] == 10
+
+
+def test_halves_are_seeded_disjoint_and_cover_the_items():
+    items = list(range(7))
+    a = ev._halves(items, random.Random("s"))
+    b = ev._halves(items, random.Random("s"))
+    assert a == b and len(a[0]) == 4 and len(a[1]) == 3
+    assert sorted(a[0] + a[1]) == items
+
+
+def test_fact_queries_split_every_kind_into_disjoint_halves(tiny_checkpoints):
+    model = load_model(str(tiny_checkpoints["llama"]))
+    fact = Fact(0, "{} is located in", "The Eiffel Tower", "Rome", "Paris",
+                paraphrase_prompts=("Where is The Eiffel Tower ? It is in",),
+                subject_rephrase=("Eiffel Tower", "the Tower", "The Iron Lady", "Tour Eiffel"))
+    config = ev.EvalConfig(n_shuffles=4, n_long_contexts=2, long_context_tokens=20)
+    queries = ev.fact_queries(model.tokenizer, fact, iter(hf_tiny.TRAINING_TEXT * 20), config)
+    for kind in ev.KINDS:
+        in_domain, out_of_domain = queries.perturbed[kind]
+        assert in_domain and out_of_domain, kind
+        assert not {p.prompt for p in in_domain} & {p.prompt for p in out_of_domain}
+    assert len(queries.perturbed["rephrase"][0]) + len(queries.perturbed["rephrase"][1]) == 4
+    assert [p.kind for p in queries.templates] == ["template"]
+    training = queries.training_probes()
+    assert all(p not in training for kind in ev.KINDS for p in queries.perturbed[kind][1])
