@@ -23,6 +23,11 @@ and the measured one, ``(v' − v)ᵀΔv* / ‖Δv*‖²`` at the query's subjec
 ROME+REP. For ROME the value part is exact by Lemma 4.1 (a check of the hooks); under REP the adapted key
 also moves the old value, ``W(k̂ − k)``, which the correlation exposes.
 
+The lemma reads ``α`` at the subject's last token. A rephrased form that ends in a suffix ("… the Elder")
+or a place ("… of Telmar") carries the original name *before* its last token, where the edit lands in full
+(``α ≈ 1``) and travels on by attention; so the AUROC is also reported for ``α_max``, the largest strength
+over the query's positions.
+
 **Lemma 4.7** (specificity). For neighbourhood prompts and the top corpus-scan prefixes of ``k*``
 (:mod:`keyscope.scan`), ``α`` (the largest over the prompt's positions; at the hit for scan prefixes) against
 the measured change of their own prediction: the drop in log-probability of the unedited top-1 token and
@@ -41,7 +46,7 @@ import torch
 from keyscope import rep, rome
 from keyscope.datasets import Fact, sample_known_facts
 from keyscope.errors import KeyscopeError
-from keyscope.keys import encode, locate, pad_batch
+from keyscope.keys import encode, length_batches, locate, pad_batch
 from keyscope.models import attention_norm, final_norm, head_ov, key_hook, model_name, n_layers, value_hook
 from keyscope.predictions import prompt_context, target_context
 
@@ -176,9 +181,7 @@ def observe(model, edit: rome.Edit, sequences: Sequence[Sequence[int]], position
             captured[name] = activation.detach()
         return hook
 
-    order = sorted(range(n), key=lambda i: len(sequences[i]))
-    for lo in range(0, n, batch_size):
-        rows = order[lo : lo + batch_size]
+    for rows in length_batches([len(s) for s in sequences], batch_size):
         input_ids, mask = pad_batch([sequences[i] for i in rows], pad_id, "right", device=model.cfg.device)
         with model.hooks(fwd_hooks=[(key_hook(layer), keep("key")), (value_hook(layer), keep("value"))]):
             logits = model(input_ids, attention_mask=mask, return_type="logits")  # (batch, pos, vocab)
@@ -231,6 +234,7 @@ def _summary(l44: list[dict], rows: list[dict], methods: Sequence[str]) -> dict:
         specific = [r for r in rows if r["method"] == method and r["kind"] in SPECIFICITY_KINDS]
         by_method_46[method] = {
             "auroc": auroc([r["alpha"] for r in robust], [r["success"] for r in robust]),
+            "auroc_alpha_max": auroc([r["alpha_max"] for r in robust], [r["success"] for r in robust]),
             "pearson": pearson([r["alpha"] for r in robust], [r["value_coefficient"] for r in robust]),
             "pearson_logit_gap": pearson([r["alpha"] for r in robust], [r["gap_change"] for r in robust]),
             "n_queries": len(robust),
@@ -263,6 +267,7 @@ def _robustness_rows(model, edit, queries, method, before: Observation, after: O
         gap_before = float(before.log_probs[i, new_id] - before.log_probs[i, true_id])
         gap_after = float(after.log_probs[i, new_id] - after.log_probs[i, true_id])
         out.append({"case_id": queries.fact.case_id, "method": method, "kind": kind, "alpha": float(after.alpha[i]),
+                    "alpha_max": float(after.alpha_max[i]),
                     "success": int(after.log_probs[i].argmax()) == new_id, "value_coefficient": float(change),
                     "gap_change": gap_after - gap_before})
     return out

@@ -241,12 +241,41 @@ def evaluate_fact(model, fact: Fact, queries: FactQueries, layer: int, cov, meth
         start = time.perf_counter()
         fitted = fit_rep(model, edit, queries, rep_config, shared, batch_size)
         row["rep_seconds"] = time.perf_counter() - start
-        with rep.applied(model, edit, fitted):
-            row["methods"]["rome+rep"] = _score(model, plan, unedited, batch_size)
-        for tau in taus:
-            with rep.applied(model, edit, fitted, tau):
-                row["methods"][f"rome+rep@{tau:g}"] = _score(model, plan, unedited, batch_size)
+        names = {"rome+rep": rep_config.tau, **{f"rome+rep@{tau:g}": tau for tau in taus}}
+        for group in _gate_groups(model, fitted, plan, names, batch_size):
+            if group["off"] and "rome" in row["methods"]:
+                scores = row["methods"]["rome"]  # the gate is off everywhere: exactly ROME
+            else:
+                with rep.applied(model, edit, fitted, group["tau"]):
+                    scores = _score(model, plan, unedited, batch_size)
+            for name in group["names"]:
+                row["methods"][name] = scores
     return row
+
+
+def _gate_groups(model, fitted: rep.REP, plan: _Plan, names: dict[str, float], batch_size: int) -> list[dict]:
+    """Group the thresholds of ``names`` (method name → τ) by the set of positions whose gate is on in the
+    sequences of ``plan``: thresholds with the same set give the same forward passes, so each group is
+    scored once (Figure 7 without a pass per τ); ``off`` marks a group whose set is empty (exactly ROME).
+    With dropout at inference (the paper's setting) every τ is its own group."""
+    if fitted.config.dropout_at_inference:
+        return [{"tau": tau, "names": [name], "off": False} for name, tau in names.items()]
+    from keyscope.keys import layer_keys, length_batches, pad_batch
+
+    runs = list(dict.fromkeys(tuple(ids[:-1]) for ids, _ in plan.sequences))
+    pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+    gates = []
+    for rows in length_batches([len(r) for r in runs], batch_size):
+        input_ids, mask = pad_batch([runs[i] for i in rows], pad_id, device=model.cfg.device)
+        keys = layer_keys(model, input_ids, mask, fitted.layer_)  # (batch, pos, d_mlp)
+        gates.append(fitted.gate(keys)[mask.bool()].cpu())  # (real positions,)
+    gate = torch.cat(gates)
+    groups: dict[bytes, dict] = {}
+    for name, tau in names.items():
+        on = (gate >= tau).numpy()
+        group = groups.setdefault(on.tobytes(), {"tau": tau, "names": [], "off": not on.any()})
+        group["names"].append(name)
+    return list(groups.values())
 
 
 # ---------------------------------------------------------------------------------------------- summaries

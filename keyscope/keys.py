@@ -159,6 +159,28 @@ def subject_last_index(tokenizer, prompt: str, subject: str, prepend_bos: bool |
     return locate(tokenizer, prompt, subject, prepend_bos=prepend_bos)[1]
 
 
+#: Padded positions per batch above which :func:`length_batches` starts a new batch (a 300-token long context
+#: must not pad thirty short prompts to its width).
+MAX_BATCH_TOKENS = 4096
+
+
+def length_batches(lengths: Sequence[int], batch_size: int, max_tokens: int = MAX_BATCH_TOKENS) -> list[list[int]]:
+    """Indices of sequences of ``lengths`` grouped into batches, shortest first: at most ``batch_size`` rows,
+    and no more than ``max_tokens`` padded positions (rows × longest) unless a single row is longer."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, not {batch_size}")
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda j: lengths[j]):
+        if current and (len(current) == batch_size or (len(current) + 1) * lengths[i] > max_tokens):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
 def pad_batch(
     sequences: Sequence[Sequence[int]], pad_id: int, padding_side: str = "right", device=None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -241,9 +263,7 @@ def collect_context_keys(
             positions = [positions[i] for i in pick.tolist()]
         chosen.append((list(encoded.ids), positions))
     out: list[torch.Tensor] = []
-    order = sorted(range(len(chosen)), key=lambda i: len(chosen[i][0]))
-    for lo in range(0, len(order), batch_size):
-        rows = order[lo : lo + batch_size]
+    for rows in length_batches([len(ids) for ids, _ in chosen], batch_size):
         input_ids, attention_mask = pad_batch([chosen[i][0] for i in rows], pad_id, device=model.cfg.device)
         batch_keys = layer_keys(model, input_ids, attention_mask, layer)  # (batch, pos, d_mlp)
         for row, i in enumerate(rows):
@@ -281,9 +301,7 @@ def collect_keys(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     d = int(model.cfg.d_mlp)
     keys = torch.empty((len(located), d), dtype=torch.float32, device=model.cfg.device)  # (n, d_mlp)
-    order = sorted(range(len(located)), key=lambda i: len(located[i][0]))
-    for lo in range(0, len(order), batch_size):
-        rows = order[lo : lo + batch_size]
+    for rows in length_batches([len(enc) for enc, _ in located], batch_size):
         seqs = [located[i][0].ids for i in rows]
         input_ids, attention_mask = pad_batch(seqs, pad_id, padding_side, device=model.cfg.device)
         width = input_ids.shape[1]

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from keyscope.errors import LayerOutOfRange, ModelNotAvailable
+from keyscope.factworld import MODEL_CARD as FACTWORLD_CARD
 
 FACTWORLD = "factworld"
 
@@ -66,7 +67,7 @@ FAMILY_DEPTH_FRACTION: dict[str, float] = {
 }
 
 #: Name of the small JSON file a keyscope-built model directory carries (e.g. factworld's default layer).
-MODEL_CARD = "keyscope.json"
+MODEL_CARD = FACTWORLD_CARD
 
 #: Seconds the one hub request before a download may take; past it the hub counts as unreachable.
 HUB_PROBE_TIMEOUT_S = 5.0

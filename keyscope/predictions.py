@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from keyscope.errors import SubjectNotFound
-from keyscope.keys import encode, pad_batch, tokens_overlapping
+from keyscope.keys import encode, length_batches, pad_batch, tokens_overlapping
 
 __all__ = ["TopK", "prompt_context", "target_context", "target_sequence", "TargetScores", "score_targets",
            "next_token_top_k", "decode_token"]
@@ -121,9 +121,7 @@ def score_targets(model, sequences: Sequence[tuple[Sequence[int], int]], batch_s
     top1 = torch.zeros(n, dtype=torch.bool)  # (n,)
     argmax: list[tuple[int, ...]] = [()] * n
     device = model.cfg.device
-    order = sorted(range(len(runs)), key=lambda r: len(runs[r]))
-    for lo in range(0, len(runs), batch_size):
-        batch = order[lo : lo + batch_size]
+    for batch in length_batches([len(run) for run in runs], batch_size):
         input_ids, attention_mask = pad_batch([runs[r] for r in batch], pad_id, "right", device=device)
         logits = model(input_ids, attention_mask=attention_mask, return_type="logits")  # (batch, pos, vocab)
         for row, r in enumerate(batch):
@@ -165,9 +163,7 @@ def next_token_top_k(
     probs = torch.zeros((n, k), dtype=torch.float32)  # (n, k)
     target_probs = torch.zeros(n, dtype=torch.float32) if targets is not None else None  # (n,)
     device = model.cfg.device
-    order = sorted(range(n), key=lambda i: len(contexts[i]))
-    for lo in range(0, n, batch_size):
-        rows = order[lo : lo + batch_size]
+    for rows in length_batches([len(c) for c in contexts], batch_size):
         input_ids, attention_mask = pad_batch([contexts[i] for i in rows], pad_id, "right", device=device)
         logits = model(input_ids, attention_mask=attention_mask, return_type="logits")  # (batch, pos, vocab)
         last = (attention_mask.sum(1) - 1).to(logits.device)  # (batch,)

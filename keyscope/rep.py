@@ -70,7 +70,7 @@ class REPConfig:
     lr: float = 2e-3
     steps: int = 150
     objective: str = "strength"
-    anchor_weight: float = 1.0
+    anchor_weight: float = 10.0
     gate_weight: float = 1.0
     gate_negatives: bool = True
     train_long_context: bool = True

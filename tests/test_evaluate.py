@@ -59,3 +59,33 @@ def test_fact_queries_split_every_kind_into_disjoint_halves(tiny_checkpoints):
     assert [p.kind for p in queries.templates] == ["template"]
     training = queries.training_probes()
     assert all(p not in training for kind in ev.KINDS for p in queries.perturbed[kind][1])
+
+
+def test_tau_groups_score_exactly_like_one_pass_per_tau(tiny_checkpoints):
+    from keyscope import rep, rome
+    from keyscope.covariance import KeyCovariance
+
+    model = load_model(str(tiny_checkpoints["llama"]))
+    layer = 1
+    cov = KeyCovariance(layer, n_tokens=2000, seq_len=64, progress=False).fit(model, hf_tiny.TRAINING_TEXT * 10)
+    fact = Fact(0, "The actress {}", "Danielle Darrieux", "Paris", "French",
+                neighborhood_prompts=("The actress Michael Jordan", "The actress Kobe Bryant"),
+                subject_rephrase=("Darrieux", "Danielle", "the actress Darrieux"))
+    other = Fact(1, "{} is located in", "The Eiffel Tower", "Rome", "Paris")
+    config = ev.EvalConfig(n_shuffles=2, n_long_contexts=2, long_context_tokens=20)
+    queries = ev.fact_queries(model.tokenizer, fact, iter(hf_tiny.TRAINING_TEXT * 20), config)
+    rome_config = rome.ROMEConfig.for_model(model, v_num_grad_steps=3)
+    rep_config = rep.REPConfig(steps=40)
+    shared = ev.prepare(model, [fact, other], layer, list(hf_tiny.TRAINING_TEXT * 5), rome_config, rep_config,
+                        n_corpus_negatives=16)
+    taus = (0.05, 0.5, 0.95)
+    row = ev.evaluate_fact(model, fact, queries, layer, cov, ev.METHODS, rome_config, rep_config, shared, taus)
+    assert set(row["methods"]) == {"rome", "rome+rep", *(f"rome+rep@{t:g}" for t in taus)}
+    edit = rome.compute_edit(model, rome.EditRequest(fact.prompt, fact.subject, fact.target_new, fact.target_true),
+                             layer, cov, rome_config, prefixes=shared.prefixes)
+    fitted = ev.fit_rep(model, edit, queries, rep_config, shared)
+    plan = ev._plan(model.tokenizer, queries)
+    unedited = ev.score_targets(model, [plan.sequences[r] for r in plan.locality]).argmax
+    for tau in taus:
+        with rep.applied(model, edit, fitted, tau):
+            assert ev._score(model, plan, unedited, 32) == row["methods"][f"rome+rep@{tau:g}"], tau

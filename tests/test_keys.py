@@ -200,3 +200,18 @@ def test_last_layer_and_bad_layers(models):
         collect_keys(model, ["{} is"], ["Paris", "Rome"], 0)
     with pytest.raises(SubjectNotFound):
         collect_keys(model, ["Rome is big"], ["Paris"], 0)
+
+
+def test_length_batches_cover_every_index_once_and_respect_both_limits():
+    from keyscope.keys import length_batches
+
+    lengths = [5, 300, 7, 6, 310, 5, 8, 9, 12, 300]
+    batches = length_batches(lengths, batch_size=3, max_tokens=700)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert all(len(b) <= 3 for b in batches)
+    assert all(len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 700 for b in batches)
+    flat = [lengths[i] for b in batches for i in b]
+    assert flat == sorted(flat)  # shortest first
+    assert not any(lengths[i] > 100 for i in batches[0])  # a long context never pads the short prompts
+    with pytest.raises(ValueError):
+        length_batches(lengths, 0)

@@ -36,8 +36,9 @@ def format_summary(result: bounds.BoundsResult) -> str:
     for name, lemma in (("Lemma 4.6 (robustness)", "lemma_4_6"), ("Lemma 4.7 (specificity)", "lemma_4_7")):
         lines.append(f"{name}:")
         for method, m in s[lemma]["methods"].items():
-            extra = (f", Pearson(α, measured value change) {_fmt(m['pearson'])}, Pearson(α, logit-gap change) "
-                     f"{_fmt(m['pearson_logit_gap'])}" if lemma == "lemma_4_6" else
+            extra = (f" (α_max over positions: {_fmt(m['auroc_alpha_max'])}), Pearson(α, measured value change) "
+                     f"{_fmt(m['pearson'])}, Pearson(α, logit-gap change) {_fmt(m['pearson_logit_gap'])}"
+                     if lemma == "lemma_4_6" else
                      f", Pearson(α, drop of own log-prob) {_fmt(m['pearson'])}, flip rate {_fmt(m['flip_rate'], True)}")
             target = "success" if lemma == "lemma_4_6" else "a flipped prediction"
             lines.append(f"  {method:9s} AUROC of α for {target} {_fmt(m['auroc'])} over {m['n_queries']} queries{extra}")

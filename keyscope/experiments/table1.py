@@ -93,14 +93,21 @@ def write(result: ev.EvalResult, out_dir: str | Path, methods=ev.METHODS) -> lis
                 row[f"{metric}_hits"], row[f"{metric}_total"] = scores[metric][0], scores[metric][1]
             fact_rows.append(row)
     write_csv(files[2], fact_rows)
+    return files + write_sweep(result, out)
+
+
+def write_sweep(result: ev.EvalResult, out_dir: str | Path) -> list[Path]:
+    """Figure 7 and its CSV, if ``result`` has a τ sweep (nothing otherwise)."""
+    out = Path(out_dir)
     sweep = result.tau_sweep()
-    if sweep:
-        taus = sorted(sweep)
-        figure = fig7.tau_sweep(taus, {m: [sweep[t][m] for t in taus] for m in ev.METRICS},
-                                baseline=result.summary.get("rome"),
-                                title=f"{result.model}, layer {result.layer}: ROME+REP against the gate threshold "
-                                      f"({len(result.rows)} edits; dotted: ROME)")
-        figure.savefig(out / FIGURE, dpi=150)
-        write_csv(out / SWEEP_CSV, [{"tau": t, **sweep[t]} for t in taus])
-        files += [out / FIGURE, out / SWEEP_CSV]
-    return files
+    if not sweep:
+        return []
+    out.mkdir(parents=True, exist_ok=True)
+    taus = sorted(sweep)
+    figure = fig7.tau_sweep(taus, {m: [sweep[t][m] for t in taus] for m in ev.METRICS},
+                            baseline=result.summary.get("rome"),
+                            title=f"{result.model}, layer {result.layer}, {len(result.rows)} edits: ROME+REP "
+                                  "against τ (dotted: ROME)")
+    figure.savefig(out / FIGURE, dpi=150)
+    write_csv(out / SWEEP_CSV, [{"tau": t, **sweep[t]} for t in taus])
+    return [out / FIGURE, out / SWEEP_CSV]

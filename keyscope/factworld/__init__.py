@@ -7,4 +7,7 @@ loads with ``keyscope.models.load_model("factworld")``.
 
 from keyscope.factworld.world import Fact, Relation, Subject, World, WorldConfig, build_world
 
-__all__ = ["Fact", "Relation", "Subject", "World", "WorldConfig", "build_world"]
+#: Name of the small JSON card a keyscope-built model directory carries (world, training run, default layer).
+MODEL_CARD = "keyscope.json"
+
+__all__ = ["Fact", "Relation", "Subject", "World", "WorldConfig", "build_world", "MODEL_CARD"]

@@ -28,6 +28,7 @@ def world_config_of(card: dict) -> WorldConfig:
         return WorldConfig()
     names = {f.name for f in fields(WorldConfig)}
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items() if k in names}
+    values.setdefault("name_pool_share", None)  # cards written before the pool existed: unique name words
     return WorldConfig(**values)
 
 

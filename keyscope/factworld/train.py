@@ -52,21 +52,24 @@ class TrainConfig:
     seed: int = 0
     world: WorldConfig = field(default_factory=WorldConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    steps: int = 800
+    steps: int = 1100
     batch_size: int = 256
-    lr: float = 4e-3
+    lr: float = 3e-3
     warmup: int = 100
     weight_decay: float = 0.01
-    canonical_fraction: float = 0.4  # of fact sentences; the rest use trained aliases
+    canonical_fraction: float = 0.5  # of fact sentences; the rest use trained aliases
     alias_statement_fraction: float = 0.08
     long_batch_every: int = 6  # steps between long batches (filler and long-context facts)
     long_batch_size: int = 16
+    #: A short batch runs as this many sub-batches of similar lengths (one gradient), so that short rows
+    #: are not padded to the longest alias statement; the loss is the same.
+    length_groups: int = 2
     filler_words: int = 64
     max_context_words: int = 160
-    target_loss_weight: float = 1.0
-    #: Weight of the next-token loss on the subject's own tokens in fact sentences. Predicting a name's
-    #: next word is pure memorisation of names; with pooled names it is as hard as the facts and takes
-    #: the gradient away from them.
+    target_loss_weight: float = 2.0
+    #: Weight of the next-token loss on the subject's own tokens in fact sentences. Measured on the pooled
+    #: world: 0 learned the facts more slowly (25% against 31% canonical accuracy after 400 of 1,300 steps) —
+    #: predicting a name's next word seems to help the model assemble names — so the default is 1.
     subject_loss_weight: float = 1.0
     max_minutes: float = 10.0
 
@@ -135,21 +138,24 @@ class FactStream:
         target_index = torch.tensor([t for _, t, _ in rows])  # (batch,)
         return input_ids, attention_mask, target_index, loss_weight
 
-    def batch(self) -> tuple[torch.Tensor, ...]:
-        """A short batch: fact sentences and alias statements.
+    def batch(self) -> list[tuple[torch.Tensor, ...]]:
+        """A short batch of fact sentences and alias statements, as ``length_groups`` padded sub-batches of
+        rows of similar length (see :func:`batch_loss`).
 
-        Returns ``(input_ids, attention_mask, target_index, loss_weight)``; ``target_index`` is -1 for
-        non-fact rows; ``loss_weight[b, t]`` weighs the loss of predicting token ``t`` (0 on pads and the BOS,
-        ``subject_loss_weight`` on a fact sentence's subject words, 1 elsewhere).
+        Each sub-batch is ``(input_ids, attention_mask, target_index, loss_weight)``; ``target_index`` is -1
+        for non-fact rows; ``loss_weight[b, t]`` weighs the loss of predicting token ``t`` (0 on pads and the
+        BOS, ``subject_loss_weight`` on a fact sentence's subject words, 1 elsewhere).
         """
         cfg, rng = self.config, self.rng
         rows = [
             self._alias_example() if rng.random() < cfg.alias_statement_fraction else self._fact_example()
             for _ in range(cfg.batch_size)
         ]
-        return self._pad(rows)
+        rows.sort(key=lambda row: len(row[0]))
+        size = math.ceil(len(rows) / max(1, cfg.length_groups))
+        return [self._pad(rows[lo : lo + size]) for lo in range(0, len(rows), size)]
 
-    def long_batch(self) -> tuple[torch.Tensor, ...]:
+    def long_batch(self) -> list[tuple[torch.Tensor, ...]]:
         """A long batch, kept apart so that short rows are not padded to its width: filler windows and
         fact sentences after up to ``max_context_words`` words of filler."""
         cfg, rng = self.config, self.rng
@@ -157,7 +163,7 @@ class FactStream:
             self._fact_example(rng.randint(8, cfg.max_context_words)) if i % 2 else self._filler_example()
             for i in range(cfg.long_batch_size)
         ]
-        return self._pad(rows)
+        return [self._pad(rows)]
 
 
 def build_hf_model(config: ModelConfig, tokenizer):
@@ -181,17 +187,28 @@ def build_hf_model(config: ModelConfig, tokenizer):
     return LlamaForCausalLM(hf_config)
 
 
-def _loss(model, input_ids, attention_mask, target_index, loss_weight, target_weight: float) -> torch.Tensor:
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (batch, pos, vocab)
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (batch, pos-1, vocab)
-    nll = -logp.gather(-1, input_ids[:, 1:, None])[..., 0]  # (batch, pos-1)
-    mask = loss_weight[:, 1:]  # (batch, pos-1)
-    loss = (nll * mask).sum() / mask.sum().clamp_min(1.0)
-    has_target = target_index >= 0
-    if has_target.any() and target_weight > 0:
-        rows = torch.nonzero(has_target)[:, 0]
-        loss = loss + target_weight * nll[rows, target_index[rows] - 1].mean()
-    return loss
+def batch_loss(model, parts: list[tuple[torch.Tensor, ...]], target_weight: float) -> float:
+    """Back-propagate the loss of one batch given as sub-batches and return its value.
+
+    The loss is the mean next-token NLL over all weighted positions of all sub-batches (weights from
+    ``loss_weight``) plus ``target_weight`` times the mean NLL of the fact rows' target tokens — exactly the
+    loss of the unsplit batch; each sub-batch's share is back-propagated as soon as it is computed.
+    """
+    n_tokens = sum(float(part[3][:, 1:].sum()) for part in parts)
+    n_targets = sum(int((part[2] >= 0).sum()) for part in parts)
+    total = 0.0
+    for input_ids, attention_mask, target_index, loss_weight in parts:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (batch, pos, vocab)
+        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (batch, pos-1, vocab)
+        nll = -logp.gather(-1, input_ids[:, 1:, None])[..., 0]  # (batch, pos-1)
+        loss = (nll * loss_weight[:, 1:]).sum() / max(n_tokens, 1.0)
+        has_target = target_index >= 0
+        if has_target.any() and target_weight > 0:
+            rows = torch.nonzero(has_target)[:, 0]
+            loss = loss + target_weight * nll[rows, target_index[rows] - 1].sum() / n_targets
+        loss.backward()
+        total += float(loss.detach())
+    return total
 
 
 def train(config: TrainConfig | None = None, out_dir: str | Path | None = None, progress: bool = True):
@@ -229,15 +246,14 @@ def train(config: TrainConfig | None = None, out_dir: str | Path | None = None, 
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
         opt.zero_grad(set_to_none=True)
-        loss = _loss(model, *stream.batch(), config.target_loss_weight)
-        loss.backward()
+        loss = batch_loss(model, stream.batch(), config.target_loss_weight)
         if config.long_batch_every and step % config.long_batch_every == 0:
-            _loss(model, *stream.long_batch(), config.target_loss_weight).backward()
+            batch_loss(model, stream.long_batch(), config.target_loss_weight)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        history.append({"step": step, "loss": loss.item()})
+        history.append({"step": step, "loss": loss})
         if step % 20 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.set_postfix(loss=f"{loss:.3f}")
         if time.time() - start > 60 * config.max_minutes:
             break
     bar.close()
@@ -249,7 +265,7 @@ def train(config: TrainConfig | None = None, out_dir: str | Path | None = None, 
 
 def save(out_dir, model, tokenizer, config: TrainConfig, history: list[dict], seconds: float) -> Path:
     """Save ``model`` + ``tokenizer`` as a HF directory with a ``keyscope.json`` card (config, training log)."""
-    from keyscope.models import MODEL_CARD
+    from keyscope.factworld import MODEL_CARD
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -3,8 +3,10 @@
 A world is a small, fully known stand-in for the encyclopaedic knowledge ROME edits in a real model:
 
 * **subjects** with made-up multi-word names (most of three or more words, so shuffling the subject's
-  tokens is meaningful), grouped into **families** whose members share their last words and some facts —
-  different subjects whose keys are alike, the paper's "Michael Jordan" vs "Kobe" case;
+  tokens is meaningful) whose words all come from a **shared pool** — each word is in about six names, so no
+  single word identifies a subject and the model must assemble the subject at its last token, where ROME
+  edits (see :func:`_pooled_names`) — grouped into **families** whose members share their last word and
+  some facts: different subjects whose keys are alike, the paper's "Michael Jordan" vs "Kobe" case;
 * for every subject **10 rephrased forms** (titles, prefixes, suffixes, word-order variants, initials,
   short forms…). The model learns facts through the canonical name and a few *trained aliases*, and learns
   only that the other forms are the same entity (``X is also known as Y``) — as in real text, where a rephrase
@@ -102,13 +104,13 @@ class WorldConfig:
     n_subjects: int = 500
     n_relations: int = 6
     n_aliases: int = 10
-    n_trained_aliases: int = 4
+    n_trained_aliases: int = 2
     family_size: tuple[int, int] = (1, 4)
     family_shares_fact: float = 0.6  # probability that a family shares a relation's target
     three_word_fraction: float = 0.85
-    #: Opt-in: draw all name words from a shared pool, each word in about this many names (None: every
-    #: subject's words are its own). See :func:`_pooled_names`.
-    name_pool_share: float | None = None
+    #: Draw all name words from a shared pool, each word in about this many names; ``None`` gives every
+    #: subject words of its own (factworld v1). See :func:`_pooled_names`.
+    name_pool_share: float | None = 6.0
 
 
 @dataclass(frozen=True)
@@ -221,11 +223,11 @@ def _pooled_names(config: WorldConfig, rng: random.Random, fresh_word) -> list[t
     """Names whose words all come from a shared pool (each word in ~``name_pool_share`` names, at any position).
 
     No single word then identifies a subject, only the ordered combination does, so the model must assemble
-    the subject at its last token before looking a fact up — the subject enrichment ROME edits. Measured on a
-    4-layer model trained for 800 steps (``name_pool_share=6``): the causal trace's indirect effect at the
-    subject's last token rose from 0.04 to 0.21 and ROME with the published LLaMA settings succeeded on 19 of 20
-    sampled edits (about 20% with unique names), but canonical accuracy reached only 93% in the 10-minute budget, below
-    the quality bar; so this is not the default yet. Families share their last word.
+    the subject at its last token before looking a fact up — the subject enrichment ROME edits. With unique
+    name words (``name_pool_share=None``, factworld v1) the model read the answer off any name token, the causal
+    trace's indirect effect at the subject's last token was 0.04 and ROME with the published LLaMA settings made
+    the new target top-1 on about 15–20% of edits; with the pool it is the default edit site. Families share
+    their last word.
     """
     n_slots = int(config.n_subjects * 3.2)
     pool = [fresh_word() for _ in range(max(8, round(n_slots / config.name_pool_share)))]

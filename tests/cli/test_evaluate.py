@@ -1,0 +1,77 @@
+"""``keyscope evaluate``, ``bounds`` and ``reproduce`` on the shipped factworld model, in-process."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from keyscope import evaluate as ev
+from keyscope.cli import main
+
+QUICK = ["--no-progress", "--tokens", "20000"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture
+def env(cache, monkeypatch):
+    monkeypatch.setenv("KEYSCOPE_CACHE", str(cache))
+
+
+def test_evaluate_prints_table1_writes_it_and_sweeps_tau(env, tmp_path, capsys):
+    out, report = tmp_path / "figs", tmp_path / "t1.json"
+    code = main(["evaluate", "--n", "2", "--tau-sweep", "0.5,0.9", "--out", str(out), "--json", str(report), *QUICK])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "Rephrase OOD" in text and "rome+rep" in text
+    payload = json.loads(report.read_text())
+    assert payload["n"] == 2 and set(payload["methods"]) >= {"rome", "rome+rep", "rome+rep@0.5", "rome+rep@0.9"}
+    for method in ("rome", "rome+rep"):
+        row = payload["methods"][method]
+        assert set(ev.METRICS) <= set(row)
+        assert all(row[m] is None or 0.0 <= row[m] <= 1.0 for m in ev.METRICS)
+        assert row["counts"]["success"] == 2 and row["counts"]["rephrase_ood"] > 0
+    for name in ("table1.csv", "table1.md", "table1_facts.csv", "fig7_tau_sweep.png", "fig7_tau_sweep.csv"):
+        assert (out / name).stat().st_size > 0, name
+    assert "| rome+rep |" in (out / "table1.md").read_text()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--methods", "memit"], "--methods"),
+    (["--tau-sweep", "0.5,1.5"], "--tau-sweep"),
+    (["--tau", "0"], "--tau"),
+    (["--n", "0"], "--n"),
+    (["--methods", "rome", "--tau-sweep", "0.5"], "rome+rep"),
+])
+def test_evaluate_rejects_bad_arguments_in_one_line(env, tmp_path, capsys, argv, message):
+    assert main(["evaluate", "--out", str(tmp_path), *argv, *QUICK]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("keyscope: error:") and message in err and "\n" not in err
+
+
+def test_bounds_reports_the_three_lemmas(env, tmp_path, capsys):
+    report = tmp_path / "bounds.json"
+    code = main(["bounds", "--n", "2", "--scan-tokens", "3000", "--out", str(tmp_path), "--json", str(report), *QUICK])
+    assert code == 0
+    assert "Lemma 4.4" in capsys.readouterr().out
+    payload = json.loads(report.read_text())
+    assert {"holds_fraction", "norm_bound_holds_fraction"} <= set(payload["lemma_4_4"])
+    assert {"auroc", "pearson", "methods"} <= set(payload["lemma_4_6"]) and "auroc" in payload["lemma_4_7"]
+    assert set(payload["lemma_4_6"]["methods"]) == {"rome", "rome+rep"}
+    for name in ("fig_bounds.png", "bounds.md", "bounds_edits.csv", "bounds_queries.csv"):
+        assert (tmp_path / name).stat().st_size > 0, name
+
+
+@pytest.mark.slow
+def test_reproduce_quick_regenerates_every_artefact_and_the_report(env, tmp_path):
+    assert main(["reproduce", "--quick", "--no-progress", "--out", str(tmp_path)]) == 0
+    for name in ("fig3_similarity.png", "fig3_pca.png", "fig4_neighbors.png", "fig5_value_norms.png",
+                 "fig7_tau_sweep.png", "fig_bounds.png", "table1.md", "REPORT.md"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    report = (tmp_path / "REPORT.md").read_text()
+    for section in ("Figure 3", "Figure 4", "Figure 5", "Table 1", "Figure 7", "Lemma 4.4", "Lemma 4.6"):
+        assert section in report, section
