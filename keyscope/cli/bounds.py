@@ -7,6 +7,7 @@ and per-edit/per-query CSVs into ``--out`` and, with ``--json``,
 
 from __future__ import annotations
 
+from keyscope.cli.common import add_covariance_arguments, add_model_arguments, add_output_arguments
 from keyscope.cli.output import write_json
 from keyscope.errors import KeyscopeError
 
@@ -38,18 +39,13 @@ def cmd_bounds(args) -> int:
 def register(sub) -> None:
     """Add ``keyscope bounds`` to the top-level subparsers ``sub``."""
     p = sub.add_parser("bounds", help="check Lemmas 4.4, 4.6 and 4.7 on real edits")
-    p.add_argument("--model", default="factworld", help="factworld, a hub name or a local HF directory")
-    p.add_argument("--layer", type=int, help="edit layer (default: the model's default edit layer)")
-    p.add_argument("--data", help="facts: factworld (default for factworld) or a CounterFact/REP JSON file")
+    add_model_arguments(p)
     p.add_argument("--n", type=int, default=50, help="number of edited facts (default 50)")
     p.add_argument("--seed", type=int, default=0, help="seed of the facts and splits")
     p.add_argument("--rome-only", action="store_true", help="skip ROME+REP")
     p.add_argument("--corpus", help="corpus for C, REP's negatives and the scan (default: the model's default)")
     p.add_argument("--context", help="text for the long contexts (default: the corpus)")
-    p.add_argument("--tokens", type=int, default=100_000, help="corpus tokens for C (default 100,000)")
+    add_covariance_arguments(p)
     p.add_argument("--scan-tokens", type=int, default=50_000, help="corpus tokens scanned for Lemma 4.7 prefixes")
-    p.add_argument("--recompute", action="store_true", help="recompute C even if cached")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--out", default="figures", help="output folder (default figures/)")
-    p.add_argument("--json", metavar="PATH", help="also write the summary as JSON")
+    add_output_arguments(p, "outputs")
     p.set_defaults(func=cmd_bounds)

@@ -34,3 +34,23 @@ def covariance(model, layer: int, args, n_tokens: int, progress: bool = True):
     cov = load_or_compute_covariance(model, layer, source, n_tokens=n_tokens, recompute=args.recompute,
                                      progress=progress)
     return cov, source
+
+
+def add_model_arguments(parser) -> None:
+    """``--model``, ``--layer`` and ``--data``, as every editing command takes them."""
+    parser.add_argument("--model", default="factworld", help="factworld, a hub name or a local HF directory")
+    parser.add_argument("--layer", type=int, help="edit layer (default: the model's default edit layer)")
+    parser.add_argument("--data", help="facts: factworld (default for factworld) or a CounterFact/REP JSON file")
+
+
+def add_covariance_arguments(parser) -> None:
+    """``--tokens`` and ``--recompute`` for the layer's key covariance C."""
+    parser.add_argument("--tokens", type=int, default=100_000, help="corpus tokens for C (default 100,000)")
+    parser.add_argument("--recompute", action="store_true", help="recompute C even if cached")
+
+
+def add_output_arguments(parser, what: str = "the figure and CSV") -> None:
+    """``--no-progress``, ``--out`` and ``--json``."""
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--out", default="figures", help=f"output folder for {what} (default figures/)")
+    parser.add_argument("--json", metavar="PATH", help="also write the summary as JSON")

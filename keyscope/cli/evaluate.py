@@ -8,6 +8,7 @@ with ``--json`` the summary ``{"n": …, "methods": {"rome": {"success": …, �
 
 from __future__ import annotations
 
+from keyscope.cli.common import add_covariance_arguments, add_model_arguments, add_output_arguments
 from keyscope.cli.output import write_json
 from keyscope.errors import KeyscopeError
 
@@ -66,9 +67,7 @@ def cmd_evaluate(args) -> int:
 def register(sub) -> None:
     """Add ``keyscope evaluate`` to the top-level subparsers ``sub``."""
     p = sub.add_parser("evaluate", help="Table 1: ROME vs ROME+REP robustness; --tau-sweep: Figure 7")
-    p.add_argument("--model", default="factworld", help="factworld, a hub name or a local HF directory")
-    p.add_argument("--layer", type=int, help="edit layer (default: the model's default edit layer)")
-    p.add_argument("--data", help="facts: factworld (default for factworld) or a CounterFact/REP JSON file")
+    add_model_arguments(p)
     p.add_argument("--n", type=int, default=100, help="number of edited facts (default 100)")
     p.add_argument("--methods", default="rome,rome+rep", help="comma-separated: rome, rome+rep (default both)")
     p.add_argument("--tau", type=float, default=0.9, help="REP's gate threshold (default 0.9)")
@@ -78,9 +77,6 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the facts, splits and adaptors")
     p.add_argument("--corpus", help="corpus for C and REP's negatives (default: the model's default corpus)")
     p.add_argument("--context", help="text for the long contexts (default: the corpus)")
-    p.add_argument("--tokens", type=int, default=100_000, help="corpus tokens for C (default 100,000)")
-    p.add_argument("--recompute", action="store_true", help="recompute C even if cached")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--out", default="figures", help="output folder (default figures/)")
-    p.add_argument("--json", metavar="PATH", help="also write the summary as JSON")
+    add_covariance_arguments(p)
+    add_output_arguments(p, "outputs")
     p.set_defaults(func=cmd_evaluate)

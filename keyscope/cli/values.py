@@ -9,6 +9,7 @@ edit, and writes ``fig5_value_norms.png`` and ``fig5_value_norms.csv`` into ``--
 
 from __future__ import annotations
 
+from keyscope.cli.common import add_covariance_arguments, add_model_arguments, add_output_arguments
 from keyscope.cli.output import write_json
 from keyscope.errors import KeyscopeError
 
@@ -39,16 +40,11 @@ def cmd_values(args) -> int:
 def register(sub) -> None:
     """Add ``keyscope values`` to the top-level subparsers ``sub``."""
     p = sub.add_parser("values", help="Figure 5: value norms before/after ROME edits, and edit quality")
-    p.add_argument("--model", default="factworld", help="factworld, a hub name or a local HF directory")
-    p.add_argument("--layer", type=int, help="edit layer (default: the model's default edit layer)")
-    p.add_argument("--data", help="facts: factworld (default for factworld) or a CounterFact/REP JSON file")
+    add_model_arguments(p)
     p.add_argument("--n", type=int, default=100, help="number of edits (default 100)")
     p.add_argument("--seed", type=int, default=0, help="seed of the choice of facts")
     p.add_argument("--corpus", help="corpus for C = E[k k^T] (default: factworld filler for factworld, "
                                     "WikiText-103 otherwise; or a text file/folder)")
-    p.add_argument("--tokens", type=int, default=100_000, help="corpus tokens for C (default 100,000)")
-    p.add_argument("--recompute", action="store_true", help="recompute C even if cached")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--out", default="figures", help="output folder for the figure and CSV (default figures/)")
-    p.add_argument("--json", metavar="PATH", help="also write the summary as JSON")
+    add_covariance_arguments(p)
+    add_output_arguments(p, "the figure and CSV")
     p.set_defaults(func=cmd_values)
