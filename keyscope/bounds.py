@@ -160,6 +160,10 @@ class Observation:
     value: torch.Tensor  # (n, d_model)
     log_probs: torch.Tensor  # (n, d_vocab)
 
+    def rows(self, lo: int, hi: int) -> Observation:
+        """The observation of prompts ``lo:hi``."""
+        return Observation(self.alpha[lo:hi], self.alpha_max[lo:hi], self.value[lo:hi], self.log_probs[lo:hi])
+
 
 @torch.no_grad()
 def observe(model, edit: rome.Edit, sequences: Sequence[Sequence[int]], positions: Sequence[int],
@@ -257,7 +261,7 @@ def _summary(l44: list[dict], rows: list[dict], methods: Sequence[str]) -> dict:
     }
 
 
-def _robustness_rows(model, edit, queries, method, before: Observation, after: Observation, new_id, true_id,
+def _robustness_rows(edit, queries, method, before: Observation, after: Observation, new_id, true_id,
                      kinds) -> list[dict]:
     residual = edit.residual.double().cpu()
     scale = float(residual @ residual)
@@ -353,12 +357,10 @@ def run(model, facts: Sequence[Fact], layer: int, cov, context_docs, corpus=None
             with rep.applied(model, edit, fitted if method == "rome+rep" else None):
                 after = observe(model, edit, seqs, positions, config.batch_size)
             n_robust = len(robust)
-            split = lambda obs, lo, hi: Observation(obs.alpha[lo:hi], obs.alpha_max[lo:hi], obs.value[lo:hi],  # noqa: E731
-                                                    obs.log_probs[lo:hi])
-            rows += _robustness_rows(model, edit, queries, method, split(before, 0, n_robust),
-                                     split(after, 0, n_robust), new_id, true_id, kinds)
-            rows += _specificity_rows(fact.case_id, method, split(before, n_robust, len(seqs)),
-                                      split(after, n_robust, len(seqs)), spec_kinds, use_max)
+            rows += _robustness_rows(edit, queries, method, before.rows(0, n_robust), after.rows(0, n_robust),
+                                     new_id, true_id, kinds)
+            rows += _specificity_rows(fact.case_id, method, before.rows(n_robust, len(seqs)),
+                                      after.rows(n_robust, len(seqs)), spec_kinds, use_max)
     summary = _summary(l44_rows, rows, config.methods)
     return BoundsResult(model_name(model), layer, [r for r in l44_rows if r is not None], rows, summary, config,
                         skipped)

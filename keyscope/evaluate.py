@@ -29,6 +29,7 @@ ROME's tables.
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -225,8 +226,6 @@ def evaluate_fact(model, fact: Fact, queries: FactQueries, layer: int, cov, meth
                   taus: Sequence[float] = (), batch_size: int = 32) -> dict:
     """Edit one fact with every method and score it: ``{"case_id", "edit_seconds", "methods": {name:
     {metric: (hits, total, prob_hits)}}}``; with ``taus``, ``rome+rep@τ`` entries for each threshold."""
-    import time
-
     tokenizer = model.tokenizer
     plan = _plan(tokenizer, queries)
     unedited = score_targets(model, [plan.sequences[r] for r in plan.locality], batch_size=batch_size).argmax
@@ -343,7 +342,7 @@ class EvalResult:
                 for tau in self.taus if f"rome+rep@{tau:g}" in self.summary}
 
     def as_json(self) -> dict:
-        methods = {m: {**{k: v for k, v in s.items()}} for m, s in self.summary.items()}
+        methods = {m: dict(s) for m, s in self.summary.items()}
         return {"n": len(self.rows), "n_known": self.n_known, "model": self.model, "layer": self.layer,
                 "methods": methods, "seconds": round(self.seconds, 1), "config": asdict(self.config),
                 "rep_config": asdict(self.rep_config), "taus": list(self.taus), "skipped": self.skipped}
@@ -358,8 +357,6 @@ def evaluate(model, facts: Sequence[Fact], layer: int, cov, context_docs: Iterab
     ``context_docs`` supplies the long contexts (an iterator: each fact gets fresh text); ``corpus`` (a
     :mod:`keyscope.corpus` source) supplies REP's corpus negatives.
     """
-    import time
-
     from tqdm.auto import tqdm
 
     from keyscope.models import model_name

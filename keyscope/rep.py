@@ -185,7 +185,9 @@ def gather_keys(
         positives = [p for p in positives if p.kind != "long_context"]
     d = edit.k_star.shape[0]
     pos = probe_keys(model, positives, layer, batch_size=batch_size) if positives else torch.zeros((0, d), device=device)
-    anchors = rome.prefixed_keys(model, request, layer, edit.prefixes)  # (n_prefixes, d_mlp), the edit prompt first
+    anchors = edit.prefix_keys  # (n_prefixes, d_mlp), the edit prompt first
+    if anchors is None:
+        anchors = rome.prefixed_keys(model, request, layer, edit.prefixes)
     negatives = [torch.zeros((0, d), device=device)]
     if config.gate_negatives:
         if subject_keys is not None and len(subject_keys):

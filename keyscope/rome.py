@@ -293,7 +293,8 @@ class Edit:
     * ``residual = v* − W k*`` ``(d_model,)`` (equal to the optimised δ);
     * ``key_selector = C⁻¹k* / (k*ᵀC⁻¹k*)`` ``(d_mlp,)``: ``key_selector · k`` is the edit strength ``s(k)``.
 
-    All float32 on the model's device. ``prefixes`` are the context prefixes used (``""`` for the bare prompt).
+    All float32 on the model's device. ``prefixes`` are the context prefixes used (``""`` for the bare prompt);
+    ``prefix_keys`` the keys behind each of them, whose mean is ``k_star``.
     """
 
     request: EditRequest
@@ -307,6 +308,7 @@ class Edit:
     trace: EditTrace
     model: str = ""
     covariance: dict = field(default_factory=dict)  # the spec of the C used
+    prefix_keys: torch.Tensor | None = field(default=None, repr=False)  # (n_prefixes, d_mlp), mean = k_star
 
     @property
     def delta_W(self) -> torch.Tensor:
@@ -726,7 +728,8 @@ def compute_edit(
     seconds_prefixes = time.perf_counter() - start
 
     start = time.perf_counter()
-    k_star = compute_k_star(model, request, layer, prefixes)  # (d_mlp,)
+    prefix_keys = prefixed_keys(model, request, layer, prefixes)  # (n_prefixes, d_mlp)
+    k_star = prefix_keys.mean(0)  # (d_mlp,) ROME eq. 3, as compute_k_star
     seconds_k_star = time.perf_counter() - start
 
     v_star, trace = compute_v_star(model, request, layer, k_star, prefixes, config)  # (d_model,)
@@ -748,6 +751,7 @@ def compute_edit(
         trace=trace,
         model=model_name(model),
         covariance=dict(cov.spec_),
+        prefix_keys=prefix_keys,
     )
 
 

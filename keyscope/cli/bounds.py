@@ -15,16 +15,13 @@ from keyscope.errors import KeyscopeError
 def cmd_bounds(args) -> int:
     from keyscope import bounds
     from keyscope import corpus as corpora
-    from keyscope.cli.common import covariance, data_source, model_and_layer
-    from keyscope.datasets import load_facts
+    from keyscope.cli.common import edit_inputs
     from keyscope.experiments import bounds as experiment
 
     if args.n < 1:
         raise KeyscopeError("--n must be at least 1")
-    facts = load_facts(data_source(args))
-    model, layer = model_and_layer(args)
+    facts, model, layer, cov, source = edit_inputs(args)
     progress = not args.no_progress
-    cov, source = covariance(model, layer, args, args.tokens, progress=progress)
     methods = ("rome",) if args.rome_only else ("rome", "rome+rep")
     config = bounds.BoundsConfig(n=args.n, seed=args.seed, methods=methods, scan_tokens=args.scan_tokens)
     result = bounds.run(model, facts, layer, cov, corpora.documents(args.context or source), corpus=source,

@@ -54,3 +54,14 @@ def add_output_arguments(parser, what: str = "the figure and CSV") -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--out", default="figures", help=f"output folder for {what} (default figures/)")
     parser.add_argument("--json", metavar="PATH", help="also write the summary as JSON")
+
+
+def edit_inputs(args):
+    """What an editing command starts from: ``(facts, model, layer, C, corpus)`` from ``--data``, ``--model``,
+    ``--layer``, ``--corpus``, ``--tokens``, ``--recompute`` and ``--no-progress``."""
+    from keyscope.datasets import load_facts
+
+    facts = load_facts(data_source(args))
+    model, layer = model_and_layer(args)
+    cov, source = covariance(model, layer, args, args.tokens, progress=not args.no_progress)
+    return facts, model, layer, cov, source

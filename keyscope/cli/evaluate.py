@@ -30,8 +30,7 @@ def cmd_evaluate(args) -> int:
 
     from keyscope import corpus as corpora
     from keyscope import evaluate as ev
-    from keyscope.cli.common import covariance, data_source, model_and_layer
-    from keyscope.datasets import load_facts
+    from keyscope.cli.common import edit_inputs
     from keyscope.experiments import table1
     from keyscope.rep import REPConfig
 
@@ -46,10 +45,8 @@ def cmd_evaluate(args) -> int:
     taus = parse_taus(args.tau_sweep)
     if taus and "rome+rep" not in methods:
         raise KeyscopeError("--tau-sweep needs the rome+rep method")
-    facts = load_facts(data_source(args))
-    model, layer = model_and_layer(args)
+    facts, model, layer, cov, source = edit_inputs(args)
     progress = not args.no_progress
-    cov, source = covariance(model, layer, args, args.tokens, progress=progress)
     rep_config = REPConfig.paper(tau=args.tau) if args.rep_setting == "paper" else REPConfig(tau=args.tau)
     config = ev.EvalConfig(n=args.n, seed=args.seed)
     context = args.context or source

@@ -15,17 +15,14 @@ from keyscope.errors import KeyscopeError
 
 
 def cmd_values(args) -> int:
-    from keyscope.cli.common import covariance, data_source, model_and_layer
-    from keyscope.datasets import load_facts
+    from keyscope.cli.common import edit_inputs
     from keyscope.experiments import values as experiment
     from keyscope.rome import ROMEConfig
 
     if args.n < 1 or args.tokens < 1:
         raise KeyscopeError("--n and --tokens must be at least 1")
-    facts = load_facts(data_source(args))
-    model, layer = model_and_layer(args)
+    facts, model, layer, cov, _ = edit_inputs(args)
     progress = not args.no_progress
-    cov, _ = covariance(model, layer, args, args.tokens, progress=progress)
     result = experiment.run(model, facts, layer, cov, args.out, n=args.n, seed=args.seed,
                             config=ROMEConfig.for_model(model), progress=progress)
     print(experiment.format_summary(result))
