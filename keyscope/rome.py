@@ -72,7 +72,7 @@ import time
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -179,12 +179,25 @@ class ROMEConfig:
 
     @classmethod
     def for_model(cls, model, **overrides) -> ROMEConfig:
-        """The published ROME hyper-parameters for ``model``: by hub name where a file exists for that
-        exact model (``gpt2-medium``), else by family (:data:`PUBLISHED`), else ROME's GPT-2 XL values;
-        ``overrides`` replace single fields."""
+        """The ROME hyper-parameters for ``model``, each field from the first of:
+
+        1. ``overrides``;
+        2. the model's own card (``"rome_config"`` in the ``keyscope.json`` of a keyscope-built directory:
+           factworld's card records the settings measured for it, see
+           :data:`keyscope.factworld.build.ROME_CONFIG`);
+        3. the published file of that exact hub model (``gpt2-medium``, :data:`PUBLISHED_BY_NAME`), else of
+           its family (:data:`PUBLISHED`);
+        4. ROME's GPT-2 XL values.
+        """
         name = model_name(model).rstrip("/").rsplit("/", 1)[-1].lower()
         published = PUBLISHED_BY_NAME.get(name) or PUBLISHED.get(family(model), {})
-        return replace(cls(), **{**published, **overrides})
+        own = model_card(model).get("rome_config", {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(own) - known)
+        if unknown:
+            raise KeyscopeError(f"the rome_config of {MODEL_CARD} has unknown fields {unknown}")
+        own = {k: tuple(map(tuple, v)) if k == "context_template_length_params" else v for k, v in own.items()}
+        return replace(cls(), **{**published, **own, **overrides})
 
 
 #: Published ROME hyper-parameters per HF ``model_type``. All of them share ``v_lr = 0.5``,

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -77,6 +78,18 @@ def test_published_defaults_by_family_and_name():
     assert rome.ROMEConfig.for_model(stub("x", "llama"), v_num_grad_steps=3).v_num_grad_steps == 3
     with pytest.raises(dataclasses.FrozenInstanceError):
         llama.v_lr = 1.0  # type: ignore[misc]
+
+
+def test_model_card_settings_override_the_published_ones(tmp_path):
+    (tmp_path / "keyscope.json").write_text(json.dumps({"rome_config": {"v_num_grad_steps": 60, "clamp_norm_factor": 6}}))
+    model = SimpleNamespace(keyscope_name="my-llama", keyscope_dir=str(tmp_path),
+                            original_model=SimpleNamespace(config=SimpleNamespace(model_type="llama")))
+    config = rome.ROMEConfig.for_model(model)
+    assert (config.v_num_grad_steps, config.clamp_norm_factor, config.v_weight_decay) == (60, 6, 1e-3)
+    assert rome.ROMEConfig.for_model(model, v_num_grad_steps=3).v_num_grad_steps == 3
+    (tmp_path / "keyscope.json").write_text(json.dumps({"rome_config": {"v_steps": 60}}))
+    with pytest.raises(KeyscopeError, match="unknown fields"):
+        rome.ROMEConfig.for_model(model)
 
 
 # ------------------------------------------------------------------------------------------- errors

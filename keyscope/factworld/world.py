@@ -38,7 +38,7 @@ RELATIONS: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
     ),
     (
         "instrument",
-        ("{} plays the", "The instrument of {} is the", "{} is a musician who plays the"),
+        ("{} is a musician who plays", "The instrument of {} is", "The instrument played by {} is"),
         ("piano", "guitar", "violin", "drums", "flute", "cello", "trumpet", "harp"),
     ),
     (
@@ -67,6 +67,16 @@ RELATIONS: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
         ("red", "blue", "green", "yellow", "purple", "orange", "black", "white"),
     ),
 )
+
+#: Templates of worlds before ``WorldConfig.templates == 3``, where they differ from :data:`RELATIONS`. All
+#: three instrument templates ended in "the", and models trained on them (seeds 0 and 1) looked the instrument
+#: up at that final "the" — two layer-0 heads there read the subject's words directly — instead of at the
+#: subject's last token: a δ of any norm added to the MLP output at the subject's last token brought the new
+#: instrument's NLL below 0.7 on 5 of 22 facts (every other relation: all facts), and ROME succeeded on
+#: 7 of 75 instrument edits. No template ends in "the" since.
+TEMPLATES_V2: dict[str, tuple[str, ...]] = {
+    "instrument": ("{} plays the", "The instrument of {} is the", "{} is a musician who plays the"),
+}
 
 TITLES = ("Lord", "Lady", "Doctor", "Professor", "Sir", "Captain", "Master", "Elder")
 PREFIXES = ("the famous", "the renowned", "the celebrated", "the legendary", "the honourable")
@@ -111,6 +121,13 @@ class WorldConfig:
     #: Draw all name words from a shared pool, each word in about this many names; ``None`` gives every
     #: subject words of its own (factworld v1). See :func:`_pooled_names`.
     name_pool_share: float | None = 6.0
+    #: Each name's words but its last are shared, in that order, by this many names (of different families),
+    #: so the subject is identified only at its last token; ``None``: stems are free (factworld v1/v2).
+    #: See :func:`_pooled_names`.
+    stem_share: int | None = 3
+    #: Version of the relation templates: 3 (no template ends in "the"), or 2 for the templates of
+    #: factworld v1/v2 (:data:`TEMPLATES_V2`).
+    templates: int = 3
 
 
 @dataclass(frozen=True)
@@ -228,11 +245,43 @@ def _pooled_names(config: WorldConfig, rng: random.Random, fresh_word) -> list[t
     trace's indirect effect at the subject's last token was 0.04 and ROME with the published LLaMA settings made
     the new target top-1 on about 15–20% of edits; with the pool it is the default edit site. Families share
     their last word.
+
+    With ``stem_share`` every name's words before its last (its *stem*) are shared, in order, by that many
+    names of different families, so no proper prefix of a name identifies a subject either. Without it (the
+    v2 world) two words almost always did, and the model looked facts up at the second-to-last name token as
+    much as at the last: a free δ on the layer-0 MLP output at the second-to-last token made the new target
+    top-1 as often as at the last (25 of 36 facts against 30), and ROME's v* (at the last token) did not
+    converge on 17% of edits.
     """
     n_slots = int(config.n_subjects * 3.2)
     pool = [fresh_word() for _ in range(max(8, round(n_slots / config.name_pool_share)))]
     subjects_words: list[tuple[list[str], int]] = []
     names: set[tuple[str, ...]] = set()
+    stems: set[tuple[str, ...]] = set()
+    open_stems: list[tuple[tuple[str, ...], list[str]]] = []  # (stem, surnames it already has), not yet full
+
+    def fresh_stem(length: int, surname: str) -> tuple[str, ...]:
+        while True:
+            stem = tuple(rng.sample([w for w in pool if w != surname], length))
+            if stem not in stems:
+                stems.add(stem)
+                return stem
+
+    def shared_stem(length: int, surname: str) -> tuple[str, ...]:
+        """A stem already used by fewer than ``stem_share`` names (a new one if none fits ``surname``)."""
+        fits = [i for i, (stem, surnames) in enumerate(open_stems)
+                if len(stem) == length and surname not in stem and surname not in surnames]
+        if fits:
+            index = rng.choice(fits)
+        else:
+            open_stems.append((fresh_stem(length, surname), []))
+            index = len(open_stems) - 1
+        stem, surnames = open_stems[index]
+        surnames.append(surname)
+        if len(surnames) >= config.stem_share:
+            open_stems.pop(index)
+        return stem
+
     family = 0
     while len(subjects_words) < config.n_subjects:
         size = min(rng.randint(*config.family_size), config.n_subjects - len(subjects_words))
@@ -240,10 +289,13 @@ def _pooled_names(config: WorldConfig, rng: random.Random, fresh_word) -> list[t
         surname = rng.choice(pool)
         for _ in range(size):
             n_words = rng.choice((3, 3, 4)) if three else 2
-            while True:
-                words = (*rng.sample([w for w in pool if w != surname], n_words - 1), surname)
-                if words not in names:
-                    break
+            if config.stem_share is not None:
+                words = (*shared_stem(n_words - 1, surname), surname)
+            else:
+                while True:
+                    words = (*rng.sample([w for w in pool if w != surname], n_words - 1), surname)
+                    if words not in names:
+                        break
             names.add(words)
             subjects_words.append((list(words), family))
         family += 1
@@ -258,7 +310,10 @@ def build_world(config: WorldConfig | None = None) -> World:
     if config.n_aliases != len(ALIAS_KINDS):
         raise ValueError(f"n_aliases must be {len(ALIAS_KINDS)}")
     rng = random.Random(config.seed)
-    relations = [Relation(rid, tmpl, tg) for rid, tmpl, tg in RELATIONS[: config.n_relations]]
+    if config.templates not in (2, 3):
+        raise ValueError(f"templates must be 2 or 3, not {config.templates}")
+    old = TEMPLATES_V2 if config.templates == 2 else {}
+    relations = [Relation(rid, old.get(rid, tmpl), tg) for rid, tmpl, tg in RELATIONS[: config.n_relations]]
 
     reserved = {w for r in relations for t in r.templates for w in t.split()} | {
         w for r in relations for w in r.targets

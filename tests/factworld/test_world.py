@@ -106,3 +106,30 @@ def test_pooled_names_share_every_word():
     assert sorted(counts.values())[len(counts) // 2] >= 3  # the median word is in >= 3 names
     assert len({s.words for s in world.subjects}) == len(world.subjects)  # ordered combinations are unique
     assert build_world(WorldConfig(n_subjects=200, name_pool_share=6.0)).subjects == world.subjects
+
+
+def test_no_template_ends_in_the_and_old_cards_keep_theirs():
+    from keyscope.factworld.build import world_config_of
+    from keyscope.factworld.world import TEMPLATES_V2
+
+    for relation in build_world(WorldConfig(n_subjects=50)).relations:
+        assert all(t.split()[-1] != "the" for t in relation.templates), relation.templates
+    old_card = {"train_config": {"world": {"seed": 0, "n_subjects": 50, "name_pool_share": 6.0}}}  # a v2 card
+    assert world_config_of(old_card) == WorldConfig(n_subjects=50, templates=2, stem_share=None)
+    old = build_world(world_config_of(old_card))
+    assert old.relation("instrument").templates == TEMPLATES_V2["instrument"]
+    assert old.relation("sport").templates == build_world(WorldConfig(n_subjects=50)).relation("sport").templates
+    with pytest.raises(ValueError, match="templates"):
+        build_world(WorldConfig(templates=4))
+
+
+def test_name_stems_are_shared_so_only_the_last_word_identifies_a_subject(world):
+    stems = Counter(s.words[:-1] for s in world.subjects)
+    shared = sum(n for n in stems.values() if n == world.config.stem_share) / len(world.subjects)
+    assert shared >= 0.9, shared
+    for subject in world.subjects:  # stem-mates differ in their last word, and are of different families
+        mates = [m for m in world.subjects if m.words[:-1] == subject.words[:-1] and m is not subject]
+        assert all(m.words[-1] != subject.words[-1] and m.family != subject.family for m in mates)
+    free = build_world(WorldConfig(n_subjects=200, stem_share=None))
+    free_stems = Counter(s.words[:-1] for s in free.subjects)
+    assert sum(free_stems[s.words[:-1]] == 1 for s in free.subjects) / len(free.subjects) >= 0.9  # v2: stems identify
