@@ -14,10 +14,11 @@ Two models are timed:
 
 The layer's covariance comes from :func:`keyscope.covariance.load_or_compute_covariance` with
 ``--cov-tokens`` tokens (cached in a temporary directory, so its one-off cost is reported separately).
-Every edit runs with the model family's published ROME hyper-parameters (:meth:`ROMEConfig.for_model`),
-samples its own context prefixes and uses a different request (factworld: counterfactual edits of its own
-facts; otherwise fixed requests over the test sentences' words); the table reports the mean and the
-min–max over ``--edits`` edits, plus the number of v* steps (early stopping varies it).
+Every edit runs with the model's ROME hyper-parameters (:meth:`ROMEConfig.for_model`: the published ones, or
+those of the model's card for factworld), samples its own context prefixes and uses a different request
+(factworld: counterfactual edits of its own facts; otherwise fixed requests over the test sentences' words);
+the table reports the mean and the min–max over ``--edits`` edits, plus the number of v* steps (early
+stopping varies it).
 """
 
 from __future__ import annotations

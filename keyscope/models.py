@@ -294,6 +294,7 @@ def load_model(name_or_path: str = FACTWORLD, device: str | None = None, dtype: 
     model.keyscope_name = name_or_path  # type: ignore[attr-defined]
     model.keyscope_dir = source  # type: ignore[attr-defined]
     model.keyscope_repo_id = repo_id  # type: ignore[attr-defined]
+    model.keyscope_card = model_card(model)  # type: ignore[attr-defined]  # read once, checked at load
     return model
 
 
@@ -344,7 +345,11 @@ def model_dir(model) -> Path | None:
 
 
 def model_card(model) -> dict:
-    """The ``keyscope.json`` card of a keyscope-built model directory, or ``{}``."""
+    """The ``keyscope.json`` card of a keyscope-built model directory, or ``{}`` (as read by
+    :func:`load_model`, else read now)."""
+    loaded = getattr(model, "keyscope_card", None)
+    if loaded is not None:
+        return dict(loaded)
     directory = model_dir(model)
     card = directory / MODEL_CARD if directory is not None else None
     if card is None or not card.is_file():

@@ -135,7 +135,7 @@ CONTEXT_TEMPLATE_LENGTH_PARAMS = ((5, 10), (10, 10))
 @dataclass(frozen=True)
 class ROMEConfig:
     """Hyper-parameters of one ROME edit. ``ROMEConfig()`` holds ROME's GPT-2 XL values; use
-    :meth:`for_model` for the published values of a model's family. No I/O, no state.
+    :meth:`for_model` for the published values of a model's family (or the model card's own). No I/O, no state.
 
     Sources (file paths in kmeng01/rome, kmeng01/memit and zjunlp/EasyEdit): see :data:`PUBLISHED`.
     """

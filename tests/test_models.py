@@ -213,12 +213,16 @@ def test_default_layer_from_model_card_overrides(tmp_path, tiny_checkpoints):
     assert models.default_layer(model) == 2
 
     (directory / models.MODEL_CARD).write_text(json.dumps({"default_layer": 7}))
+    assert models.default_layer(model) == 2  # the card is read once, at load
     with pytest.raises(LayerOutOfRange):
-        models.default_layer(model)
+        models.default_layer(models.load_model(str(directory), device="cpu"))
     (directory / models.MODEL_CARD).write_text("{not json")
-    with pytest.raises(ModelNotAvailable) as exc_info:
-        models.model_card(model)
+    with pytest.raises(ModelNotAvailable) as exc_info:  # a corrupt card is caught at load
+        models.load_model(str(directory), device="cpu")
     assert_one_line(exc_info, "keyscope.json")
+    del model.keyscope_card  # a model keyscope did not load reads its card when asked
+    with pytest.raises(ModelNotAvailable):
+        models.model_card(model)
 
 
 @pytest.mark.parametrize(

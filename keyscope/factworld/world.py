@@ -3,9 +3,10 @@
 A world is a small, fully known stand-in for the encyclopaedic knowledge ROME edits in a real model:
 
 * **subjects** with made-up multi-word names (most of three or more words, so shuffling the subject's
-  tokens is meaningful) whose words all come from a **shared pool** — each word is in about six names, so no
-  single word identifies a subject and the model must assemble the subject at its last token, where ROME
-  edits (see :func:`_pooled_names`) — grouped into **families** whose members share their last word and
+  tokens is meaningful) whose words all come from a **shared pool** — each word is in about six names, and
+  each name's words before its last are shared by three names, so neither a single word nor a proper prefix
+  identifies a subject and the model must assemble the subject at its last token, where ROME edits (see
+  :func:`_pooled_names`) — grouped into **families** whose members share their last word and
   some facts: different subjects whose keys are alike, the paper's "Michael Jordan" vs "Kobe" case;
 * for every subject **10 rephrased forms** (titles, prefixes, suffixes, word-order variants, initials,
   short forms…). The model learns facts through the canonical name and a few *trained aliases*, and learns
@@ -248,10 +249,10 @@ def _pooled_names(config: WorldConfig, rng: random.Random, fresh_word) -> list[t
 
     With ``stem_share`` every name's words before its last (its *stem*) are shared, in order, by that many
     names of different families, so no proper prefix of a name identifies a subject either. Without it (the
-    v2 world) two words almost always did, and the model looked facts up at the second-to-last name token as
-    much as at the last: a free δ on the layer-0 MLP output at the second-to-last token made the new target
-    top-1 as often as at the last (25 of 36 facts against 30), and ROME's v* (at the last token) did not
-    converge on 17% of edits.
+    v2 world) two words almost always did, and the subject could be recognised before its last token: a free
+    δ on the layer-0 MLP output at the second-to-last token brought the new target's NLL below 0.7 about as
+    often as one at the last (25 against 30 of 36 facts), and ROME failed on 17% of edits. With shared stems
+    a δ at the last token reaches all 36, and ROME succeeds on 97% of edits.
     """
     n_slots = int(config.n_subjects * 3.2)
     pool = [fresh_word() for _ in range(max(8, round(n_slots / config.name_pool_share)))]
