@@ -19,8 +19,9 @@ from keyscope.factworld.world import World, WorldConfig, build_world
 
 #: ROME settings written into every factworld card (``"rome_config"``, read by
 #: :meth:`keyscope.rome.ROMEConfig.for_model`): the published LLaMA settings (EasyEdit ``llama-7b.yaml``) but 60
-#: v* steps instead of 25. On the shipped model 25 steps left the new target's NLL above 1.4 nats on 9 of 121
-#: edits outside ``instrument``; 60 steps (early stop at loss < 0.05 unchanged) left 2.
+#: v* steps instead of 25. factworld is confident (the new target's NLL starts at 10–17 nats): on the v2 model 25
+#: steps left it above 1.4 nats on 9 of 121 edits outside ``instrument``, 60 steps (early stop at loss < 0.05
+#: unchanged) on 2. The shipped v3 model: 97.0% success over 100 edits (``keyscope values``).
 ROME_CONFIG = {"v_num_grad_steps": 60}
 
 #: The quality bar every seed must clear (fractions, top-1).
