@@ -22,7 +22,7 @@ from keyscope import corpus as corpora
 from keyscope import datasets as ds
 from keyscope.errors import KeyscopeError, SubjectNotFound
 from keyscope.keys import locate
-from keyscope.similarity import (
+from keyscope.perturbations import (
     Probe,
     count_prefix_tokens,
     long_context,

@@ -29,6 +29,7 @@ from keyscope import evaluate as ev  # noqa: E402
 from keyscope.covariance import load_or_compute_covariance  # noqa: E402
 from keyscope.datasets import load_facts, sample_known_facts  # noqa: E402
 from keyscope.models import default_layer, load_model  # noqa: E402
+from keyscope.perturbations import fact_probes, subject_forms  # noqa: E402
 
 
 def main() -> int:
@@ -50,10 +51,11 @@ def main() -> int:
     shared = ev.prepare(model, facts, layer, source, rome_config, rep_config, config.n_corpus_negatives)
     chosen, _ = sample_known_facts(model, facts, args.facts)
     docs = corpus.documents(source)
+    forms = subject_forms(facts)
     timings = {"queries": 0.0, "edit": 0.0, "rep": 0.0, "score (grouped)": 0.0, "score (per tau)": 0.0}
     for fact in chosen:
         start = time.perf_counter()
-        queries = ev.fact_queries(model.tokenizer, fact, docs, config)
+        queries = fact_probes(model.tokenizer, fact, docs, config.probes, exclude=forms, other_facts=facts)
         timings["queries"] += time.perf_counter() - start
         start = time.perf_counter()
         row = ev.evaluate_fact(model, fact, queries, layer, cov, ev.METHODS, rome_config, rep_config, shared, taus)
@@ -64,7 +66,7 @@ def main() -> int:
         edit = rome.compute_edit(model, rome.EditRequest(fact.prompt, fact.subject, fact.target_new, fact.target_true),
                                  layer, cov, rome_config, prefixes=shared.prefixes)
         fitted = ev.fit_rep(model, edit, queries, rep_config, shared)
-        plan = ev._plan(model.tokenizer, queries)
+        plan = ev._plan(model.tokenizer, queries, ev.near_twins(model, queries, layer, cov, rep_config, 0.95), 0.95)
         start = time.perf_counter()
         unedited = ev.score_targets(model, [plan.sequences[r] for r in plan.locality]).argmax
         with rep.applied(model, edit):

@@ -84,7 +84,8 @@ def main() -> None:
     cov.cholesky()
     config = scan.ScanConfig(layer=layer, n_tokens=n_tokens, seq_len=args.seq_len, batch_size=args.batch_size)
     k_stars = scan.subject_keys(model, facts, layer)
-    variants = [scan.subject_token_variants(tokenizer, f.subject, f.prompt) for f in facts]
+    per_fact = [scan.filter_variants(tokenizer, f) for f in facts]
+    masks = {name: [v[name] for v in per_fact] for name in scan.FILTERS}
     subjects = [f.subject for f in facts]
 
     def bare() -> None:
@@ -92,7 +93,7 @@ def main() -> None:
             layer_keys(model, batch.input_ids, batch.attention_mask, layer)
 
     def scanned() -> None:
-        scan.scan_batches(model, batches, k_stars, cov, variants, config, subjects, progress=False)
+        scan.scan_batches(model, batches, k_stars, cov, masks, config, subjects, progress=False)
 
     bare()  # warm-up
     t_bare, t_scan = float("inf"), float("inf")

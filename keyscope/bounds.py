@@ -48,11 +48,12 @@ from keyscope.datasets import Fact, sample_known_facts
 from keyscope.errors import KeyscopeError
 from keyscope.keys import encode, length_batches, locate, pad_batch
 from keyscope.models import attention_norm, final_norm, head_ov, key_hook, model_name, n_layers, value_hook
+from keyscope.perturbations import KINDS, fact_probes, subject_forms
 from keyscope.predictions import prompt_context, target_context
 
 __all__ = ["BoundsConfig", "BoundsResult", "lemma_4_4", "observe", "run", "auroc", "pearson"]
 
-ROBUSTNESS_KINDS = ("rephrase", "shuffle", "long")
+ROBUSTNESS_KINDS = KINDS
 SPECIFICITY_KINDS = ("neighbourhood", "corpus")
 
 
@@ -303,6 +304,7 @@ def run(model, facts: Sequence[Fact], layer: int, cov, context_docs, corpus=None
     tokenizer = model.tokenizer
     chosen, _ = sample_known_facts(model, facts, config.n, config.seed, batch_size=config.batch_size)
     eval_config = ev.EvalConfig(n=config.n, seed=config.seed)
+    forms = subject_forms(facts)
     shared = ev.prepare(model, facts, layer, corpus, rome_config,
                         rep_config if "rome+rep" in config.methods else None, eval_config.n_corpus_negatives,
                         config.seed, config.batch_size)
@@ -320,11 +322,11 @@ def run(model, facts: Sequence[Fact], layer: int, cov, context_docs, corpus=None
         scan = scan_corpus(model, [f for f, _ in edits], cov, corpus,
                            ScanConfig(layer, n_tokens=config.scan_tokens, top_k=config.scan_top_k,
                                       prefix_tokens=config.scan_prefix_tokens), progress=progress,
-                           k_stars=torch.stack([e.k_star for _, e in edits]))
+                           k_stars=torch.stack([e.k_star for _, e in edits]), filters=("strict",))["strict"]
     l44_rows, rows = [], []
     for j, (fact, edit) in enumerate(tqdm(edits, desc="lemmas", disable=not progress)):
         l44_rows.append(lemma_4_4(model, edit, fact))
-        queries = ev.fact_queries(tokenizer, fact, context_docs, eval_config)
+        queries = fact_probes(tokenizer, fact, context_docs, eval_config.probes, exclude=forms, other_facts=facts)
         robust, kinds = [], []
         for kind in ROBUSTNESS_KINDS:
             for probe in (*queries.perturbed[kind][0], *queries.perturbed[kind][1]):

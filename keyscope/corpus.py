@@ -254,7 +254,12 @@ def corpus_id(source: Source) -> str:
     """
     named = _named(source)
     if named == FACTWORLD:
-        return "factworld:seed=0"
+        from dataclasses import asdict
+
+        from keyscope.factworld.world import WorldConfig
+
+        world = hashlib.sha256(repr(sorted(asdict(WorldConfig()).items())).encode()).hexdigest()[:12]
+        return f"factworld:seed=0:world={world}"
     if named == WIKITEXT:
         return ":".join(WIKITEXT_DATASET)
     if not isinstance(source, (str, Path, list, tuple)):

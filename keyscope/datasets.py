@@ -416,7 +416,7 @@ def parse_records(records: Sequence, schema: str) -> tuple[list[Fact], list[Fail
 def _factworld_records() -> list[dict]:
     """factworld's facts as exported records: the world of the shipped model's card, or the default world."""
     from keyscope.factworld import export
-    from keyscope.factworld.build import world_of
+    from keyscope.factworld.card import world_of
     from keyscope.models import MODEL_CARD, factworld_model_dir
 
     card_path = factworld_model_dir() / MODEL_CARD

@@ -8,15 +8,19 @@ are restored between facts):
 * **Success** — every target token of the new object is the teacher-forced top-1 on the edit prompt;
 * **Locality** — each neighbourhood prompt (other subjects, same relation) keeps the unedited model's
   top-1 tokens (teacher-forced on ``locality_ground_truth`` or ``target_true``, compared token by token);
-* **Rephrase**, **Shuffle**, **Long** — success on the edit prompt with a rephrased subject, with the
-  subject's tokens shuffled, and after ``long_context_tokens`` tokens of unrelated text.
+* **Rephrase**, **Shuffle**, **Shuffle-words**, **Long** — success on the edit prompt with a rephrased
+  subject, with the subject's tokens shuffled, with its words shuffled, and after ``long_context_tokens``
+  tokens of other text (the probes of :func:`keyscope.perturbations.fact_probes`).
 
-The perturbed prompts of each kind (up to ``n_rephrase`` rephrasings, ``n_shuffles`` shuffles,
-``n_long_contexts`` long contexts) are split in two halves with the seed: **in-domain** (``_id``) is the half
-the adaptor is trained on, **out-of-domain** (``_ood``) the held-out half it never sees. ROME never trains
-on either, so its ID and OOD numbers differ only by sampling. REP's other positives are the subject under
-the fact's paraphrase templates; its gate negatives are other subjects' keys — never those of the
-neighbourhood prompts, which are held out for Locality — and keys of unrelated corpus text.
+Each kind is split **by whole sources** (leave-kind-out, see :mod:`keyscope.perturbations`): **in-domain**
+(``_id``) probes are of the sources REP trains on, **out-of-domain** (``_ood``) probes of sources it never sees
+(other rephrase kinds, shuffles of those forms, contexts of other facts' sentences). ROME never trains on
+either. An out-of-domain probe whose key is a near-twin of a key REP trained on — whitened cosine
+``kᵀC⁻¹k' / (‖k‖_C ‖k'‖_C) ≥ twin_cosine`` (0.95) with any of them — says little about generalisation, so
+every ``_ood`` metric is also reported over the **new** probes alone (``_ood_new``, with its count). REP's
+other positives are the subject under the fact's paraphrase templates; its gate negatives are other
+subjects' keys — never those of the neighbourhood prompts, which are held out for Locality — and keys of
+unrelated corpus text.
 
 Metrics are **micro-averaged** (pooled over all prompts of all facts) with a 95% confidence interval from
 a cluster bootstrap over facts (prompts of one fact are not independent). ROME's probability comparison
@@ -28,7 +32,6 @@ ROME's tables.
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -40,19 +43,25 @@ from keyscope import rep, rome
 from keyscope.datasets import Fact, sample_known_facts
 from keyscope.errors import KeyscopeError
 from keyscope.keys import collect_keys
+from keyscope.perturbations import (
+    KINDS,
+    FactProbes,
+    PerturbationConfig,
+    fact_probes,
+    subject_forms,
+)
 from keyscope.predictions import score_targets, target_sequence
-from keyscope.similarity import Probe, as_template, long_context, rephrased_subjects, shuffled_subjects
+from keyscope.similarity import probe_keys, whitened_cosine_matrix
 
-__all__ = ["EvalConfig", "METHODS", "METRICS", "KINDS", "FactQueries", "fact_queries", "EvalResult",
-           "evaluate", "evaluate_fact", "summarize", "bootstrap_interval", "Shared", "prepare", "fit_rep",
-           "negative_subject_keys"]
+__all__ = ["EvalConfig", "METHODS", "METRICS", "KINDS", "EvalResult", "evaluate", "evaluate_fact", "summarize",
+           "bootstrap_interval", "Shared", "prepare", "fit_rep", "negative_subject_keys", "near_twins"]
 
 #: Methods in Table 1's row order.
 METHODS = ("rome", "rome+rep")
-#: Perturbation kinds, each reported in-domain and out-of-domain.
-KINDS = ("rephrase", "shuffle", "long")
+#: The split of each perturbation kind: in-domain, out-of-domain, and out-of-domain without near-twins.
+DOMAINS = ("id", "ood", "ood_new")
 #: Table 1's columns.
-METRICS = ("success", "locality", *(f"{k}_id" for k in KINDS), *(f"{k}_ood" for k in KINDS))
+METRICS = ("success", "locality", *(f"{kind}_{domain}" for kind in KINDS for domain in DOMAINS))
 
 
 @dataclass(frozen=True)
@@ -61,10 +70,8 @@ class EvalConfig:
 
     n: int = 100
     seed: int = 0
-    n_rephrase: int = 10
-    n_shuffles: int = 10
-    n_long_contexts: int = 6
-    long_context_tokens: int = 300
+    probes: PerturbationConfig = field(default_factory=PerturbationConfig)
+    twin_cosine: float = 0.95
     n_corpus_negatives: int = 512
     bootstrap: int = 1000
     batch_size: int = 32
@@ -74,43 +81,19 @@ class EvalConfig:
             raise ValueError(f"n must be positive, not {self.n}")
 
 
-@dataclass(frozen=True)
-class FactQueries:
-    """The prompts one fact is judged on. ``perturbed[kind] = (in_domain, out_of_domain)`` probe lists."""
-
-    fact: Fact
-    perturbed: dict[str, tuple[tuple[Probe, ...], tuple[Probe, ...]]]
-    templates: tuple[Probe, ...]  # the subject in the paraphrase templates (REP positives only)
-
-    def training_probes(self) -> list[Probe]:
-        """REP's positives: the in-domain half of every kind plus the paraphrase templates."""
-        return [p for kind in KINDS for p in self.perturbed[kind][0]] + list(self.templates)
-
-
-def _halves(items: Sequence, rng: random.Random) -> tuple[tuple, tuple]:
-    """A seeded split of ``items`` into an in-domain half (the larger, for odd counts) and the rest."""
-    items = list(items)
-    rng.shuffle(items)
-    cut = (len(items) + 1) // 2
-    return tuple(items[:cut]), tuple(items[cut:])
-
-
-def fact_queries(tokenizer, fact: Fact, context_docs: Iterable[str], config: EvalConfig) -> FactQueries:
-    """Build the rephrased, shuffled and long-context probes of ``fact`` and split each kind in halves."""
-    template = as_template(fact.prompt, fact.subject)
-    rng = random.Random(f"{config.seed}:{fact.case_id}")
-    rephrased = rephrased_subjects(template, fact.subject, list(fact.subject_rephrase)[: config.n_rephrase])
-    shuffled = shuffled_subjects(tokenizer, template, fact.subject, n=config.n_shuffles, seed=config.seed)
-    longs = [long_context(tokenizer, template, fact.subject, context_docs, n_tokens=config.long_context_tokens)
-             for _ in range(config.n_long_contexts)]
-    templates = []
-    for prompt in fact.paraphrase_prompts:
-        try:
-            templates.append(Probe(as_template(prompt, fact.subject), fact.subject, "template"))
-        except KeyscopeError:  # a paraphrase that does not name the subject verbatim
-            continue
-    perturbed = {"rephrase": _halves(rephrased, rng), "shuffle": _halves(shuffled, rng), "long": _halves(longs, rng)}
-    return FactQueries(fact, perturbed, tuple(templates))
+def near_twins(model, queries: FactProbes, layer: int, cov, rep_config: rep.REPConfig, threshold: float,
+               batch_size: int = 32) -> dict[int, float]:
+    """For each out-of-domain probe of ``queries`` (by ``id``), its largest whitened cosine with the keys REP
+    trains on (:func:`keyscope.rep.training_positives` of the in-domain probes, and the edit prompt's own key);
+    a probe at or above ``threshold`` is a near-twin of a training key."""
+    ood = [p for kind in KINDS for p in queries.perturbed[kind][1]]
+    if not ood:
+        return {}
+    training = [queries.original, *rep.training_positives(queries.training_probes(), rep_config)]
+    keys = probe_keys(model, [*ood, *training], layer, batch_size=batch_size)  # (n_ood + n_train, d_mlp)
+    cosine = whitened_cosine_matrix(keys[: len(ood)], keys[len(ood) :], cov)  # (n_ood, n_train)
+    best = cosine.max(1).values.cpu().tolist()
+    return {id(p): c for p, c in zip(ood, best)}
 
 
 # ---------------------------------------------------------------------------------------------- scoring
@@ -129,22 +112,24 @@ class _Plan:
         return len(self.sequences) - 1
 
 
-def _plan(tokenizer, queries: FactQueries) -> _Plan:
+def _plan(tokenizer, queries: FactProbes, twins: dict[int, float], threshold: float) -> _Plan:
     fact = queries.fact
     plan = _Plan()
 
-    def query(metric: str, prompt: str) -> None:
+    def query(metrics: Sequence[str], prompt: str) -> None:
         rows = (plan.add(target_sequence(tokenizer, prompt, fact.target_new)),
                 plan.add(target_sequence(tokenizer, prompt, fact.target_true)))
-        plan.groups.setdefault(metric, []).append(rows)
+        for metric in metrics:
+            plan.groups.setdefault(metric, []).append(rows)
 
-    query("success", fact.filled_prompt)
+    query(["success"], fact.filled_prompt)
     for kind in KINDS:
         in_domain, out_of_domain = queries.perturbed[kind]
         for probe in in_domain:
-            query(f"{kind}_id", probe.prompt)
+            query([f"{kind}_id"], probe.prompt)
         for probe in out_of_domain:
-            query(f"{kind}_ood", probe.prompt)
+            new = twins.get(id(probe), -1.0) < threshold
+            query([f"{kind}_ood", *([f"{kind}_ood_new"] if new else [])], probe.prompt)
     truth = fact.locality_ground_truth or fact.target_true
     plan.locality = [plan.add(target_sequence(tokenizer, p, truth)) for p in fact.neighborhood_prompts]
     return plan
@@ -201,7 +186,7 @@ def prepare(model, facts: Sequence[Fact], layer: int, corpus=None, rome_config: 
     return Shared(prefixes, subject_keys, tuple(pool), corpus_keys)
 
 
-def fit_rep(model, edit: rome.Edit, queries: FactQueries, rep_config: rep.REPConfig, shared: Shared,
+def fit_rep(model, edit: rome.Edit, queries: FactProbes, rep_config: rep.REPConfig, shared: Shared,
             batch_size: int = 32) -> rep.REP:
     """REP's adaptor for ``edit``, trained on the in-domain probes of ``queries`` (and the negatives of
     ``shared``, never the neighbourhood prompts' subjects)."""
@@ -221,13 +206,14 @@ def negative_subject_keys(shared: Shared, fact: Fact) -> torch.Tensor | None:
     return shared.subject_keys[torch.as_tensor(keep, dtype=torch.long)]
 
 
-def evaluate_fact(model, fact: Fact, queries: FactQueries, layer: int, cov, methods: Sequence[str],
+def evaluate_fact(model, fact: Fact, queries: FactProbes, layer: int, cov, methods: Sequence[str],
                   rome_config: rome.ROMEConfig, rep_config: rep.REPConfig, shared: Shared,
-                  taus: Sequence[float] = (), batch_size: int = 32) -> dict:
+                  taus: Sequence[float] = (), batch_size: int = 32, twin_cosine: float = 0.95) -> dict:
     """Edit one fact with every method and score it: ``{"case_id", "edit_seconds", "methods": {name:
     {metric: (hits, total, prob_hits)}}}``; with ``taus``, ``rome+rep@τ`` entries for each threshold."""
     tokenizer = model.tokenizer
-    plan = _plan(tokenizer, queries)
+    twins = near_twins(model, queries, layer, cov, rep_config, twin_cosine, batch_size)
+    plan = _plan(tokenizer, queries, twins, twin_cosine)
     unedited = score_targets(model, [plan.sequences[r] for r in plan.locality], batch_size=batch_size).argmax
     start = time.perf_counter()
     edit = rome.compute_edit(model, rome.EditRequest(fact.prompt, fact.subject, fact.target_new, fact.target_true),
@@ -369,14 +355,16 @@ def evaluate(model, facts: Sequence[Fact], layer: int, cov, context_docs: Iterab
     rep_config = rep_config or rep.REPConfig()
     start = time.perf_counter()
     chosen, n_known = sample_known_facts(model, facts, config.n, config.seed, batch_size=config.batch_size)
+    forms = subject_forms(facts)
     shared = prepare(model, facts, layer, corpus, rome_config, rep_config if "rome+rep" in methods else None,
                      config.n_corpus_negatives, config.seed, config.batch_size)
     rows, skipped = [], []
     for fact in tqdm(chosen, desc="evaluating edits", disable=not progress):
         try:
-            queries = fact_queries(model.tokenizer, fact, context_docs, config)
+            queries = fact_probes(model.tokenizer, fact, context_docs, config.probes, exclude=forms,
+                                  other_facts=facts)
             rows.append(evaluate_fact(model, fact, queries, layer, cov, methods, rome_config, rep_config, shared,
-                                      taus, config.batch_size))
+                                      taus, config.batch_size, config.twin_cosine))
         except KeyscopeError as exc:  # e.g. a target without a token of its own after the prompt
             skipped.append({"case_id": fact.case_id, "reason": str(exc)})
     if not rows:

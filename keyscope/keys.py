@@ -99,6 +99,12 @@ def fill(prompt: str, subject: str) -> SubjectSpan:
     return SubjectSpan(prompt, start, start + len(subject))
 
 
+def as_template(prompt: str, subject: str) -> str:
+    """``prompt`` with a single ``{}`` at the subject occurrence :func:`fill` uses."""
+    span = fill(prompt, subject)
+    return span.text[: span.start] + SLOT + span.text[span.end :]
+
+
 def _bos_id(tokenizer) -> int | None:
     bos = getattr(tokenizer, "bos_token_id", None)
     return int(bos) if bos is not None else None

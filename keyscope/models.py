@@ -8,7 +8,8 @@ Architecture facts live here and nowhere else:
 
 * the **key** of layer ``L`` is the input of the down-projection, hook ``blocks.{L}.mlp.hook_post``
   (for GPT-2's ``gelu(W_in x)`` and for the gated ``silu(W_gate x) * W_up x`` of LLaMA/Mistral alike);
-* the **value** is the MLP output, hook ``blocks.{L}.mlp.hook_out``;
+* the **value** is the MLP output, hook ``blocks.{L}.mlp.hook_out``; the attention output of a block is
+  ``blocks.{L}.hook_attn_out`` and the token embeddings ``hook_embed`` (what causal tracing corrupts);
 * :func:`W_out` returns a writable ``(d_model, d_mlp)`` view of the down-projection, so that
   ``value = W_out @ key (+ b_out)`` whatever the storage: GPT-2's ``Conv1D`` stores the transpose
   ``(d_mlp, d_model)``, ``nn.Linear`` (LLaMA, Mistral, GPT-NeoX, GPT-J) stores ``(d_model, d_mlp)``;
@@ -86,6 +87,16 @@ def key_hook(layer: int) -> str:
 def value_hook(layer: int) -> str:
     """TransformerLens hook whose activation is the layer-``layer`` value: the MLP output."""
     return f"blocks.{layer}.mlp.hook_out"
+
+
+def embed_hook() -> str:
+    """TransformerLens hook whose activation is the token embeddings (what causal tracing corrupts)."""
+    return "hook_embed"
+
+
+def attn_out_hook(layer: int) -> str:
+    """TransformerLens hook whose activation is block ``layer``'s attention output (before the residual add)."""
+    return f"blocks.{layer}.hook_attn_out"
 
 
 def factworld_model_dir() -> Path:

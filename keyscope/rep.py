@@ -51,9 +51,11 @@ import torch
 from keyscope import rome
 from keyscope.keys import collect_context_keys
 from keyscope.models import check_layer, key_hook
-from keyscope.similarity import Probe, probe_keys
+from keyscope.perturbations import LONG, Probe
+from keyscope.similarity import probe_keys
 
-__all__ = ["REPConfig", "KeyAdaptor", "REP", "REPKeys", "gather_keys", "adapted", "applied", "OBJECTIVES"]
+__all__ = ["REPConfig", "KeyAdaptor", "REP", "REPKeys", "gather_keys", "training_positives", "adapted", "applied",
+           "OBJECTIVES"]
 
 OBJECTIVES = ("strength", "paper")
 
@@ -161,6 +163,12 @@ class REPKeys:
     negatives: torch.Tensor
 
 
+def training_positives(probes: Sequence[Probe], config: REPConfig) -> list[Probe]:
+    """The probes REP trains on among ``probes`` (the in-domain positives): all of them, less the long
+    contexts when ``config.train_long_context`` is off."""
+    return [p for p in probes if config.train_long_context or p.kind != LONG]
+
+
 def gather_keys(
     model,
     edit: rome.Edit,
@@ -181,8 +189,7 @@ def gather_keys(
     layer = check_layer(model, edit.layer)
     device = edit.k_star.device
     request = edit.request
-    if not config.train_long_context:
-        positives = [p for p in positives if p.kind != "long_context"]
+    positives = training_positives(positives, config)
     d = edit.k_star.shape[0]
     pos = probe_keys(model, positives, layer, batch_size=batch_size) if positives else torch.zeros((0, d), device=device)
     anchors = edit.prefix_keys  # (n_prefixes, d_mlp), the edit prompt first

@@ -15,10 +15,13 @@ at once by one matrix product, ``raw = K W`` ``(P, S)`` and ``score = raw / n``.
 pass stopped right after the layer's key (:func:`keyscope.keys.layer_keys`) on the windows of
 :func:`keyscope.corpus.token_batches` (BOS and padding excluded).
 
-Exclusion of the subject itself. Wherever the subject's token sequence occurs in the token stream (in any of
-its tokenisations, :func:`subject_token_variants`, matched across window boundaries), its last token and the
-``window`` positions after it are excluded for that subject (the paper masks the last token and the following
-10). Excluded positions score ``-inf``.
+Exclusion of the subject itself, under two filters (:data:`FILTERS`, :func:`filter_variants`). Wherever one
+of a subject's masked token sequences occurs in the token stream (matched across window boundaries), the
+position of its last token and the ``window`` positions after it are excluded for that subject (the paper
+masks the subject's last token and the following 10). The **paper** filter masks the subject's last token
+wherever it occurs; the **strict** filter also masks the whole name, its last word, its rephrased forms and
+the subjects the dataset records as related (family members, order twins) — so that what survives it is
+unrelated text. Both run over the same keys in one pass; excluded positions score ``-inf``.
 
 Top-k. Each chunk's ``torch.topk`` over positions ``(k, S)`` is merged with the running ``(k, S)`` best by a
 second ``topk``, so the state (scores, raw similarities, stream positions and the ``prefix_tokens`` token ids
@@ -30,7 +33,7 @@ This module is analysis: it does not import editing, evaluation or the CLI.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -39,7 +42,11 @@ from keyscope.corpus import Source, TokenBatch, token_batches
 from keyscope.datasets import Fact
 from keyscope.keys import collect_keys, encode, fill, layer_keys, tokens_overlapping
 from keyscope.models import check_layer
-from keyscope.similarity import edit_strength_matrix, probe_keys, rephrased_subjects
+from keyscope.perturbations import rephrased_subjects
+from keyscope.similarity import edit_strength_matrix, probe_keys
+
+#: The exclusion filters of a scan (:func:`filter_variants`): the paper's, and a strict one.
+FILTERS = ("paper", "strict")
 
 
 @dataclass(frozen=True)
@@ -221,10 +228,13 @@ class NeighbourTopK:
         raw = keys.to(self.W.device, torch.float32) @ self.W  # (P, S)
         return raw / self.norms, raw
 
-    def update(self, keys: torch.Tensor, excluded: torch.Tensor, positions: torch.Tensor, prefix_ids: torch.Tensor) -> None:
-        """Merge a chunk: keys ``(P, d_mlp)``, excluded ``(P, S)`` bool, stream positions ``(P,)``, prefix ids ``(P, L)``."""
+    def update(self, keys: torch.Tensor, excluded: torch.Tensor, positions: torch.Tensor, prefix_ids: torch.Tensor,
+               scored: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Merge a chunk: keys ``(P, d_mlp)``, excluded ``(P, S)`` bool, stream positions ``(P,)``, prefix ids
+        ``(P, L)``; ``scored`` is :meth:`score` of the keys when already computed (it is returned for reuse)."""
         device = self.W.device
-        scores, raw = self.score(keys)  # (P, S)
+        scores, raw = scored if scored is not None else self.score(keys)  # (P, S)
+        unmasked = (scores, raw)
         excluded = excluded.to(device)
         self.n_excluded += excluded.sum(0).cpu()
         scores = scores.masked_fill(excluded, float("-inf"))
@@ -240,6 +250,7 @@ class NeighbourTopK:
         self.positions = torch.cat([self.positions, chunk_pos]).gather(0, picks)
         all_prefix = torch.cat([self.prefix_ids, chunk_prefix])  # (k' + k, S, L)
         self.prefix_ids = all_prefix.gather(0, picks[:, :, None].expand(-1, -1, all_prefix.shape[2]))
+        return unmasked
 
     def state_nbytes(self) -> int:
         """Bytes held by the running state (bounded by ``top_k``, independent of the corpus length)."""
@@ -269,39 +280,45 @@ def scan_batches(
     batches: Iterable[TokenBatch],
     k_stars: torch.Tensor,
     cov,
-    variants: Sequence[Sequence[Sequence[int]]],
+    masks: Mapping[str, Sequence[Sequence[Sequence[int]]]],
     config: ScanConfig,
     subjects: Sequence[str] | None = None,
     progress: bool = True,
-) -> ScanResult:
-    """Scan token ``batches`` for the keys most similar to each row of ``k_stars`` ``(S, d_mlp)``.
+) -> dict[str, ScanResult]:
+    """Scan token ``batches`` for the keys most similar to each row of ``k_stars`` ``(S, d_mlp)``, once per
+    filter of ``masks``.
 
-    ``cov`` is the layer's fitted :class:`~keyscope.covariance.KeyCovariance`; ``variants[j]`` the token
-    sequences whose occurrences are excluded for subject ``j`` (:func:`subject_token_variants`).
+    ``cov`` is the layer's fitted :class:`~keyscope.covariance.KeyCovariance`; ``masks[name][j]`` holds the
+    token sequences whose occurrences are excluded for subject ``j`` under filter ``name`` (see
+    :func:`filter_variants`). The keys are computed and scored once; each filter keeps its own top-k.
     """
     layer = check_layer(model, config.layer)
-    if len(variants) != k_stars.shape[0]:
-        raise ValueError(f"got {k_stars.shape[0]} subject keys but {len(variants)} variant lists")
+    for name, variants in masks.items():
+        if len(variants) != k_stars.shape[0]:
+            raise ValueError(f"got {k_stars.shape[0]} subject keys but {len(variants)} variant lists for {name!r}")
     subjects = tuple(subjects) if subjects is not None else tuple(str(j) for j in range(k_stars.shape[0]))
     device = model.cfg.device
     c_inv = cov.solve(k_stars)  # (S, d_mlp) float64
     norms = (k_stars.to(c_inv.device, torch.float64) * c_inv).sum(-1)  # (S,)
-    topk = NeighbourTopK(c_inv.T.to(device), norms.to(device), config.top_k, config.prefix_tokens)
-    masker = SubjectMask(variants, config.window)
+    tops = {name: NeighbourTopK(c_inv.T.to(device), norms.to(device), config.top_k, config.prefix_tokens)
+            for name in masks}
+    maskers = {name: SubjectMask(variants, config.window) for name, variants in masks.items()}
     bar = _progress(progress, config.n_tokens, f"scan layer {layer}")
     seen = 0
     for batch in batches:
         keys = layer_keys_of(model, batch, layer)  # (P, d_mlp)
         stream = batch.input_ids[batch.key_mask]  # (P,)
-        excluded = masker(stream)  # (P, S)
         positions = torch.arange(seen, seen + stream.shape[0])  # (P,)
-        topk.update(keys, excluded, positions, _prefix_windows(batch, config.prefix_tokens))
+        prefixes = _prefix_windows(batch, config.prefix_tokens)  # (P, L)
+        scored = None
+        for name, masker in maskers.items():
+            scored = tops[name].update(keys, masker(stream), positions, prefixes, scored)  # (P, S) each
         seen += int(stream.shape[0])
         if bar is not None:
             bar.update(int(stream.shape[0]))
     if bar is not None:
         bar.close()
-    return _result(model.tokenizer, topk, config, subjects, seen)
+    return {name: _result(model.tokenizer, top, config, subjects, seen) for name, top in tops.items()}
 
 
 def layer_keys_of(model, batch: TokenBatch, layer: int) -> torch.Tensor:
@@ -358,6 +375,28 @@ def subject_keys(model, facts: Sequence[Fact], layer: int, batch_size: int = 32)
     return collect_keys(model, [f.prompt for f in facts], [f.subject for f in facts], layer, batch_size=batch_size)
 
 
+def filter_variants(tokenizer, fact: Fact) -> dict[str, tuple[tuple[int, ...], ...]]:
+    """The token sequences masked for ``fact``'s subject under each of :data:`FILTERS`.
+
+    * ``paper`` — the subject's **last token** (of each of :func:`subject_token_variants`): a position whose
+      window of ``window`` preceding tokens holds it is dropped, as the paper drops prefixes containing the
+      subject's last token;
+    * ``strict`` — also the subject's whole name, its last word, its rephrased forms and the subjects the
+      dataset records as related to it (``similar_subjects``: factworld's family, which shares the last word;
+      ``order_twins``: the same words in another order): none of those is unrelated text.
+    """
+    names = subject_token_variants(tokenizer, fact.subject, fact.prompt)
+    paper = tuple(dict.fromkeys((v[-1],) for v in names))
+    extras = fact.extras or {}
+    related = [fact.subject.split()[-1], *fact.subject_rephrase, *extras.get("similar_subjects", ()),
+               *extras.get("order_twins", ())]
+    strict = [*paper, *names]
+    for form in related:
+        if isinstance(form, str) and form.strip():
+            strict += subject_token_variants(tokenizer, form.strip())
+    return {"paper": paper, "strict": tuple(dict.fromkeys(strict))}
+
+
 def scan_corpus(
     model,
     facts: Sequence[Fact],
@@ -366,22 +405,28 @@ def scan_corpus(
     config: ScanConfig,
     progress: bool = True,
     k_stars: torch.Tensor | None = None,
-) -> ScanResult:
-    """Scan ``config.n_tokens`` positions of ``corpus`` for each fact subject's nearest keys (module docstring).
+    filters: Sequence[str] = FILTERS,
+) -> dict[str, ScanResult]:
+    """Scan ``config.n_tokens`` positions of ``corpus`` for each fact subject's nearest keys (module docstring),
+    under each of ``filters`` (:func:`filter_variants`): ``{filter: ScanResult}``.
 
     ``k_stars`` ``(S, d_mlp)`` defaults to :func:`subject_keys` of ``facts``.
     """
+    unknown = sorted(set(filters) - set(FILTERS))
+    if unknown:
+        raise ValueError(f"unknown scan filter(s) {unknown}; choose from {FILTERS}")
     tokenizer = model.tokenizer
     if k_stars is None:
         k_stars = subject_keys(model, facts, config.layer)  # (S, d_mlp)
-    variants = [subject_token_variants(tokenizer, f.subject, f.prompt) for f in facts]
+    per_fact = [filter_variants(tokenizer, f) for f in facts]
+    masks = {name: [variants[name] for variants in per_fact] for name in filters}
     batches = token_batches(tokenizer, corpus, config.n_tokens, config.seq_len, config.batch_size, config.prepend_bos)
-    return scan_batches(model, batches, k_stars, cov, variants, config, [f.subject for f in facts], progress)
+    return scan_batches(model, batches, k_stars, cov, masks, config, [f.subject for f in facts], progress)
 
 
 def rephrase_scores(model, facts: Sequence[Fact], cov, layer: int, k_stars: torch.Tensor | None = None) -> list[torch.Tensor]:
     """For scale: the edit strengths ``s(k; k*)`` of each fact's rephrased-subject keys (same template,
-    :func:`keyscope.similarity.rephrased_subjects`) against its own ``k*``; one float64 tensor per fact (empty
+    :func:`keyscope.perturbations.rephrased_subjects`) against its own ``k*``; one float64 tensor per fact (empty
     when the fact has no rephrased subjects). All probes run in one batched :func:`probe_keys` call."""
     if k_stars is None:
         k_stars = subject_keys(model, facts, layer)  # (S, d_mlp)

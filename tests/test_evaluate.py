@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import random
-
 import numpy as np
 import pytest
 
@@ -36,34 +34,32 @@ def test_summarize_micro_averages_over_prompts_not_facts():
     assert summary["locality"] is None and summary["counts"]["rephrase_id"] == 10
 
 
-def test_halves_are_seeded_disjoint_and_cover_the_items():
-    items = list(range(7))
-    a = ev._halves(items, random.Random("s"))
-    b = ev._halves(items, random.Random("s"))
-    assert a == b and len(a[0]) == 4 and len(a[1]) == 3
-    assert sorted(a[0] + a[1]) == items
+def test_near_twin_ood_probes_count_in_ood_but_not_in_ood_new(tiny_checkpoints):
+    from keyscope import rep
+    from keyscope.covariance import KeyCovariance
+    from keyscope.perturbations import KINDS, FactProbes, Probe
 
-
-def test_fact_queries_split_every_kind_into_disjoint_halves(tiny_checkpoints):
     model = load_model(str(tiny_checkpoints["llama"]))
-    fact = Fact(0, "{} is located in", "The Eiffel Tower", "Rome", "Paris",
-                paraphrase_prompts=("Where is The Eiffel Tower ? It is in",),
-                subject_rephrase=("Eiffel Tower", "the Tower", "The Iron Lady", "Tour Eiffel"))
-    config = ev.EvalConfig(n_shuffles=4, n_long_contexts=2, long_context_tokens=20)
-    queries = ev.fact_queries(model.tokenizer, fact, iter(hf_tiny.TRAINING_TEXT * 20), config)
-    for kind in ev.KINDS:
-        in_domain, out_of_domain = queries.perturbed[kind]
-        assert in_domain and out_of_domain, kind
-        assert not {p.prompt for p in in_domain} & {p.prompt for p in out_of_domain}
-    assert len(queries.perturbed["rephrase"][0]) + len(queries.perturbed["rephrase"][1]) == 4
-    assert [p.kind for p in queries.templates] == ["template"]
-    training = queries.training_probes()
-    assert all(p not in training for kind in ev.KINDS for p in queries.perturbed[kind][1])
+    layer = 1
+    cov = KeyCovariance(layer, n_tokens=2000, seq_len=64, progress=False).fit(model, hf_tiny.TRAINING_TEXT * 10)
+    fact = Fact(0, "{} is located in", "The Eiffel Tower", "Rome", "Paris")
+    trained = Probe("{} is located in", "Eiffel Tower", "rephrase", "title")
+    twin = Probe("{} is located in", "Eiffel Tower", "rephrase", "initials")  # the same prompt: cosine 1
+    new = Probe("Yesterday the old market was busy . {} is located in", "Big Ben", "rephrase", "initials")
+    perturbed = {kind: ((), ()) for kind in KINDS} | {"rephrase": ((trained,), (twin, new))}
+    queries = FactProbes(fact, Probe("{} is located in", "The Eiffel Tower"), perturbed, ())
+    twins = ev.near_twins(model, queries, layer, cov, rep.REPConfig(), 0.95)
+    assert twins[id(twin)] == pytest.approx(1.0, abs=1e-6)
+    assert twins[id(new)] < 0.95
+    plan = ev._plan(model.tokenizer, queries, twins, 0.95)
+    assert len(plan.groups["rephrase_ood"]) == 2 and len(plan.groups["rephrase_ood_new"]) == 1
+    assert len(plan.groups["rephrase_id"]) == 1 and "shuffle_id" not in plan.groups
 
 
 def test_tau_groups_score_exactly_like_one_pass_per_tau(tiny_checkpoints):
     from keyscope import rep, rome
     from keyscope.covariance import KeyCovariance
+    from keyscope.perturbations import PerturbationConfig, fact_probes
 
     model = load_model(str(tiny_checkpoints["llama"]))
     layer = 1
@@ -72,8 +68,9 @@ def test_tau_groups_score_exactly_like_one_pass_per_tau(tiny_checkpoints):
                 neighborhood_prompts=("The actress Michael Jordan", "The actress Kobe Bryant"),
                 subject_rephrase=("Darrieux", "Danielle", "the actress Darrieux"))
     other = Fact(1, "{} is located in", "The Eiffel Tower", "Rome", "Paris")
-    config = ev.EvalConfig(n_shuffles=2, n_long_contexts=2, long_context_tokens=20)
-    queries = ev.fact_queries(model.tokenizer, fact, iter(hf_tiny.TRAINING_TEXT * 20), config)
+    config = PerturbationConfig(n_shuffles=2, n_word_shuffles=2, n_long_contexts=2, long_context_tokens=20)
+    queries = fact_probes(model.tokenizer, fact, iter(hf_tiny.TRAINING_TEXT * 20), config,
+                          other_facts=[fact, other])
     rome_config = rome.ROMEConfig.for_model(model, v_num_grad_steps=3)
     rep_config = rep.REPConfig(steps=40)
     shared = ev.prepare(model, [fact, other], layer, list(hf_tiny.TRAINING_TEXT * 5), rome_config, rep_config,
@@ -84,7 +81,7 @@ def test_tau_groups_score_exactly_like_one_pass_per_tau(tiny_checkpoints):
     edit = rome.compute_edit(model, rome.EditRequest(fact.prompt, fact.subject, fact.target_new, fact.target_true),
                              layer, cov, rome_config, prefixes=shared.prefixes)
     fitted = ev.fit_rep(model, edit, queries, rep_config, shared)
-    plan = ev._plan(model.tokenizer, queries)
+    plan = ev._plan(model.tokenizer, queries, ev.near_twins(model, queries, layer, cov, rep_config, 0.95), 0.95)
     unedited = ev.score_targets(model, [plan.sequences[r] for r in plan.locality]).argmax
     for tau in taus:
         with rep.applied(model, edit, fitted, tau):

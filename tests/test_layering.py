@@ -10,10 +10,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "keyscope"
 
 #: Layer of each module (by dotted name prefix); a module may import modules of its own layer or below.
 LAYERS = [
-    ("keyscope.errors", 0), ("keyscope.cache", 0), ("keyscope.factworld", 1),
+    ("keyscope", 0), ("keyscope.errors", 0), ("keyscope.cache", 0), ("keyscope.factworld", 1),
     ("keyscope.models", 2), ("keyscope.keys", 2), ("keyscope.corpus", 2), ("keyscope.datasets", 2),
-    ("keyscope.predictions", 2),
-    ("keyscope.covariance", 3), ("keyscope.similarity", 3), ("keyscope.scan", 3),
+    ("keyscope.predictions", 2), ("keyscope.perturbations", 2),
+    ("keyscope.covariance", 3), ("keyscope.similarity", 3), ("keyscope.scan", 3), ("keyscope.trace", 3),
     ("keyscope.rome", 4), ("keyscope.rep", 4),
     ("keyscope.evaluate", 5), ("keyscope.bounds", 5),
     ("keyscope.experiments", 6), ("keyscope.cli", 7),
@@ -21,10 +21,13 @@ LAYERS = [
 
 
 def layer_of(name: str) -> int | None:
+    """The layer of module ``name``: its longest listed prefix's (``keyscope`` itself only for the package)."""
+    best = None
     for prefix, layer in LAYERS:
-        if name == prefix or name.startswith(prefix + "."):
-            return layer
-    return None
+        if name == prefix or (prefix != "keyscope" and name.startswith(prefix + ".")):
+            if best is None or len(prefix) > len(best[0]):
+                best = (prefix, layer)
+    return None if best is None else best[1]
 
 
 def imports(path: Path) -> set[str]:
@@ -42,6 +45,17 @@ def imports(path: Path) -> set[str]:
 def module_name(path: Path) -> str:
     parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def test_every_module_has_a_layer():
+    unlisted = sorted(module_name(p) for p in PACKAGE.rglob("*.py")
+                      if layer_of(module_name(p)) is None and not module_name(p).startswith("keyscope.plotting"))
+    assert not unlisted, f"modules missing from LAYERS: {unlisted}"
+
+
+def test_an_unlisted_module_would_fail_the_check():
+    assert layer_of("keyscope.newthing") is None and layer_of("keyscope.covariance") == 3
+    assert layer_of("keyscope.experiments.trace") == 6 and layer_of("keyscope") == 0
 
 
 def test_dependencies_point_one_way():

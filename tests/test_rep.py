@@ -9,7 +9,7 @@ from keyscope import rep, rome
 from keyscope.covariance import KeyCovariance
 from keyscope.keys import collect_keys
 from keyscope.models import W_out, load_model
-from keyscope.similarity import Probe
+from keyscope.perturbations import Probe
 from tests import hf_tiny
 
 D = 64
@@ -108,8 +108,8 @@ def tiny(tiny_checkpoints):
 
 def test_gather_keys_collects_positives_anchors_and_ranked_negatives(tiny):
     model, _, edit = tiny
-    probes = [Probe("The actress {}", "Darrieux", "rephrased"), Probe("{} was born in", "Danielle Darrieux", "template"),
-              Probe("Paris is big. The actress {}", "Danielle Darrieux", "long_context")]
+    probes = [Probe("The actress {}", "Darrieux", "rephrase"), Probe("{} was born in", "Danielle Darrieux", "template"),
+              Probe("Paris is big. The actress {}", "Danielle Darrieux", "long")]
     others = collect_keys(model, ["{} is located in"] * 3, ["The Eiffel Tower", "Michael Jordan", "Slovenia"], LAYER)
     config = rep.REPConfig(n_similar_negatives=1, n_random_negatives=1, n_context_negatives=2)
     keys = rep.gather_keys(model, edit, probes, config, subject_keys=others)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from keyscope import perturbations as pt
 from keyscope import rome
 from keyscope import similarity as sim
 from keyscope.covariance import KeyCovariance
@@ -355,11 +356,11 @@ def test_patch_view_predicts_hooked_values(models, edits, arch):
     model, edit = models[arch], edits[arch]
     tokenizer = model.tokenizer
     template, subject = REQUEST.template, REQUEST.subject
-    probes = [sim.Probe(template, subject)]
-    probes += sim.rephrased_subjects(template, subject, ["Darrieux", "Danielle"])
-    probes += sim.shuffled_subjects(tokenizer, template, subject, n=2, require_exact=False)
-    probes.append(sim.long_context(tokenizer, template, subject, hf_tiny.TRAINING_TEXT[::-1], n_tokens=120))
-    assert {p.kind for p in probes} == {"original", "rephrased", "shuffled", "long_context"}
+    probes = [pt.Probe(template, subject)]
+    probes += pt.rephrased_subjects(template, subject, ["Darrieux", "Danielle"])
+    probes += pt.shuffled_subjects(tokenizer, template, subject, n=2, require_exact=False)
+    probes.append(pt.long_context(tokenizer, template, subject, hf_tiny.TRAINING_TEXT[::-1], n_tokens=120))
+    assert {p.kind for p in probes} == {"original", "rephrase", "shuffle", "long"}
     keys = sim.probe_keys(model, probes, LAYER)  # (n, d_mlp) before the edit
     W_before, b_before = W_out(model, LAYER).clone(), b_out(model, LAYER)
     b_before = None if b_before is None else b_before.clone()

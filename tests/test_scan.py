@@ -37,7 +37,7 @@ def facts():
     ]
 
 
-def _brute_force(model, cov, facts, config):
+def _brute_force(model, cov, facts, config, name="strict"):
     """Every key of the scanned stream in memory, scored and masked the slow, obvious way."""
     tok = model.tokenizer
     batches = list(token_batches(tok, CORPUS, config.n_tokens, config.seq_len, config.batch_size))
@@ -47,7 +47,7 @@ def _brute_force(model, cov, facts, config):
     scores = edit_strength_matrix(keys, k_stars, cov)  # (N, S) float64
     excluded = torch.zeros_like(scores, dtype=torch.bool)
     for j, fact in enumerate(facts):
-        for variant in scan.subject_token_variants(tok, fact.subject, fact.prompt):
+        for variant in scan.filter_variants(tok, fact)[name]:
             m = len(variant)
             for t in range(m - 1, len(stream)):
                 if tuple(stream[t - m + 1 : t + 1]) == variant:
@@ -55,11 +55,11 @@ def _brute_force(model, cov, facts, config):
     return scores.masked_fill(excluded, float("-inf")), excluded, batches
 
 
-@pytest.mark.parametrize("batch_size,seq_len", [(2, 16), (3, 24)])
-def test_scan_equals_brute_force_topk(model, cov, facts, batch_size, seq_len):
+@pytest.mark.parametrize("batch_size,seq_len,name", [(2, 16, "strict"), (3, 24, "strict"), (3, 24, "paper")])
+def test_scan_equals_brute_force_topk(model, cov, facts, batch_size, seq_len, name):
     config = scan.ScanConfig(layer=LAYER, n_tokens=500, seq_len=seq_len, batch_size=batch_size, top_k=7, window=4)
-    result = scan.scan_corpus(model, facts, cov, CORPUS, config, progress=False)
-    masked, excluded, batches = _brute_force(model, cov, facts, config)
+    result = scan.scan_corpus(model, facts, cov, CORPUS, config, progress=False)[name]
+    masked, excluded, batches = _brute_force(model, cov, facts, config, name)
     assert result.n_tokens == masked.shape[0] == 500
     assert result.n_excluded.tolist() == excluded.sum(0).tolist()
     assert excluded.any(0).all(), "every subject occurs in the corpus and is masked somewhere"
@@ -76,9 +76,32 @@ def test_scan_equals_brute_force_topk(model, cov, facts, batch_size, seq_len):
         assert hit.prefix.endswith(last) and hit.prefix.strip()
 
 
+def test_filters_mask_the_last_token_or_everything_related():
+    tok = hf_tiny.byte_level_bpe_tokenizer()
+    fact = Fact(0, "{} is located in", "The Eiffel Tower", "Rome", "Paris", subject_rephrase=("Eiffel Tower",),
+                extras={"similar_subjects": ["The Blackpool Tower"], "order_twins": ["Tower The Eiffel"]})
+    variants = scan.filter_variants(tok, fact)
+    last = {v[-1] for v in scan.subject_token_variants(tok, "The Eiffel Tower", "{} is located in")}
+    assert set(variants["paper"]) == {(t,) for t in last}
+    strict = set(variants["strict"])
+    assert set(variants["paper"]) <= strict
+    for form in ("The Eiffel Tower", "Eiffel Tower", "The Blackpool Tower", "Tower The Eiffel", "Tower"):
+        assert set(scan.subject_token_variants(tok, form)) <= strict, form
+
+
+def test_strict_filter_masks_at_least_what_the_paper_filter_masks(model, cov, facts):
+    config = scan.ScanConfig(layer=LAYER, n_tokens=400, seq_len=32, batch_size=4, top_k=5, window=3)
+    results = scan.scan_corpus(model, facts, cov, CORPUS, config, progress=False)
+    assert set(results) == {"paper", "strict"}
+    assert (results["strict"].n_excluded >= results["paper"].n_excluded).all()
+    assert (results["strict"].scores <= results["paper"].scores + 1e-6).all()
+    with pytest.raises(ValueError, match="filter"):
+        scan.scan_corpus(model, facts, cov, CORPUS, config, progress=False, filters=("loose",))
+
+
 def test_prefix_stays_within_the_window_the_model_saw(model, cov, facts):
     config = scan.ScanConfig(layer=LAYER, n_tokens=300, seq_len=16, batch_size=4, top_k=10, prefix_tokens=6)
-    result = scan.scan_corpus(model, facts, cov, CORPUS, config, progress=False)
+    result = scan.scan_corpus(model, facts, cov, CORPUS, config, progress=False)["strict"]
     batches = token_batches(model.tokenizer, CORPUS, config.n_tokens, config.seq_len, config.batch_size)
     stream = torch.cat([b.input_ids[b.key_mask] for b in batches]).tolist()
     width = config.seq_len - int(prepends_bos(model.tokenizer))  # counted tokens per window
@@ -111,8 +134,8 @@ def test_mask_window_and_chunk_boundaries():
 def test_window_masks_the_subject_in_the_scan(model, cov, facts):
     narrow = scan.ScanConfig(layer=LAYER, n_tokens=400, seq_len=32, batch_size=4, top_k=5, window=0)
     wide = scan.ScanConfig(layer=LAYER, n_tokens=400, seq_len=32, batch_size=4, top_k=5, window=10)
-    a = scan.scan_corpus(model, facts, cov, CORPUS, narrow, progress=False)
-    b = scan.scan_corpus(model, facts, cov, CORPUS, wide, progress=False)
+    a = scan.scan_corpus(model, facts, cov, CORPUS, narrow, progress=False)["strict"]
+    b = scan.scan_corpus(model, facts, cov, CORPUS, wide, progress=False)["strict"]
     assert (b.n_excluded > a.n_excluded).all()
     assert (b.scores <= a.scores + 1e-6).all(), "masking more positions can only lower the top scores"
 

@@ -45,8 +45,10 @@ def _request(args):
 
 def cmd_edit(args) -> int:
     from keyscope import corpus as corpora
-    from keyscope.cli.common import covariance, model_and_layer
+    from keyscope.cli.common import covariance, data_source, model_and_layer
+    from keyscope.datasets import load_facts
     from keyscope.experiments import edit as experiment
+    from keyscope.perturbations import rephrase_kinds, subject_forms
     from keyscope.rome import ROMEConfig
 
     if args.shuffles < 0 or args.context_tokens < 0 or args.tokens < 1:
@@ -56,9 +58,12 @@ def cmd_edit(args) -> int:
     cov, source = covariance(model, layer, args, args.tokens, progress=not args.no_progress)
     config = experiment.ProbeConfig(n_shuffles=args.shuffles, long_context_tokens=args.context_tokens,
                                     seed=args.seed)
-    rephrasings = fact.subject_rephrase if fact is not None and request.subject == fact.subject else ()
+    own = fact is not None and request.subject == fact.subject
+    rephrasings = fact.subject_rephrase if own else ()
+    exclude = subject_forms(load_facts(data_source(args))) if fact is not None else frozenset()
     report = experiment.run(model, request, layer, cov, corpora.documents(source), rephrasings, config,
-                            ROMEConfig.for_model(model), case_id=fact.case_id if fact is not None else None)
+                            ROMEConfig.for_model(model), case_id=fact.case_id if fact is not None else None,
+                            rephrase_kinds=rephrase_kinds(fact) if own else None, exclude=exclude)
     print(experiment.format_report(report))
     write_json(args.json, report.as_json())
     return 0

@@ -1,20 +1,18 @@
 """``keyscope factworld``: the embedded world and model.
 
 * ``keyscope factworld info [--model DIR] [--json PATH]`` — the shipped (or a rebuilt) factworld model's
-  accuracies, world sizes and default edit layer;
-* ``keyscope factworld train [--seed S] [--out DIR]`` — rebuild world and model deterministically.
+  shape, tokenizer, edit layer and causal trace, and its accuracies measured now;
+* ``keyscope factworld train [--seed S] [--out DIR] [--device cpu|cuda]`` — rebuild world and model
+  deterministically and check the quality bar (a model below it is an error).
 """
 
 from __future__ import annotations
 
-import sys
-
 from keyscope.cli.output import write_json
-from keyscope.errors import KeyscopeError
 
 
 def _accuracy_table(accuracy: dict) -> str:
-    from keyscope.factworld.build import QUALITY_BAR
+    from keyscope.experiments.factworld import QUALITY_BAR
 
     lines = [f"{'prompt kind':<18}{'top-1 accuracy':>16}{'bar':>8}"]
     for kind, value in accuracy.items():
@@ -23,44 +21,49 @@ def _accuracy_table(accuracy: dict) -> str:
     return "\n".join(lines)
 
 
+def _describe(report: dict) -> str:
+    tokens = report["subject_tokens"]
+    trace = report.get("trace") or {}
+    effects = trace.get("indirect_effect") or []
+    lines = [
+        f"subjects {report['subjects']}, relations {report['relations']}, facts {report['facts']}; "
+        f"{report['n_layers']} layers, {report['tokenizer']} tokenizer, median {tokens['median']:g} tokens per subject "
+        f"name ({tokens['words_in_two_or_more_pieces']:.0%} of name words in two or more pieces)",
+        f"default edit layer {report['layer']} of {report['n_layers']}"
+        + (f"; causal trace (MLP indirect effect per layer): {', '.join(f'{e:.3f}' for e in effects)}" if effects else ""),
+    ]
+    rome = report.get("rome_check")
+    if rome:
+        lines.append(f"ROME at layer {rome['layer']} over {rome['n']} edits: success {rome['success']:.1%}, "
+                     f"locality {rome['locality']:.1%}")
+    return "\n".join(lines)
+
+
 def cmd_factworld_info(args) -> int:
-    from keyscope.factworld import quality
-    from keyscope.factworld.build import world_of
-    from keyscope.models import default_layer, load_model, model_card
+    from keyscope.experiments.factworld import info
+    from keyscope.models import load_model
 
     model = load_model(args.model)
-    card = model_card(model)
-    if card.get("name") != "factworld":
-        raise KeyscopeError(f"{args.model} is not a factworld model (its keyscope.json card is missing or not factworld's)")
-    world = world_of(card)
-    accuracy = quality.evaluate(model, model.tokenizer, world, seed=card.get("train_config", {}).get("seed", 0))
-    layer = default_layer(model)
-    report = {
-        "accuracy": accuracy,
-        "subjects": len(world.subjects),
-        "relations": len(world.relations),
-        "facts": len(world.facts),
-        "layer": layer,
-    }
-    print(f"factworld model: {args.model}  (world seed {world.config.seed})")
-    print(f"subjects {report['subjects']}, relations {report['relations']}, facts {report['facts']}, "
-          f"default edit layer {layer} of {model.cfg.n_layers}")
-    print(_accuracy_table(accuracy))
+    report = info(model)
+    print(f"factworld model: {args.model}")
+    print(_describe(report))
+    print(_accuracy_table(report["accuracy"]))
     write_json(args.json, report)
     return 0
 
 
 def cmd_factworld_train(args) -> int:
-    from keyscope.factworld.build import meets_bar, rebuild
+    from keyscope.experiments.factworld import rebuild
 
-    card = rebuild(seed=args.seed, out_dir=args.out, export_path=args.export)
-    print(f"saved the factworld model for seed {args.seed} to {args.out} "
-          f"({card['steps_run']} steps, {card['train_seconds']:.0f} s); default edit layer {card['default_layer']}")
+    card = rebuild(seed=args.seed, out_dir=args.out, export_path=args.export, progress=not args.no_progress,
+                   device=args.device)
+    print(f"saved the factworld model for seed {args.seed} to {args.out} ({card['steps_run']} steps, "
+          f"{card['train_seconds']:.0f} s of training, {card['build_seconds']:.0f} s in all)")
+    report = {**card, "layer": card["default_layer"], "n_layers": card["train_config"]["model"]["n_layers"]}
+    print(_describe(report))
     print(_accuracy_table(card["accuracy"]))
     print(f"use it with: keyscope factworld info --model {args.out}")
-    if not meets_bar(card["accuracy"]):
-        print("warning: this model is below the factworld quality bar", file=sys.stderr)
-        return 1
+    write_json(args.json, card)
     return 0
 
 
@@ -68,12 +71,16 @@ def register(sub) -> None:
     """Add ``keyscope factworld {info,train}`` to the top-level subparsers ``sub``."""
     fw = sub.add_parser("factworld", help="the embedded knowledge world and its model")
     fw_sub = fw.add_subparsers(dest="factworld_command", required=True)
-    info = fw_sub.add_parser("info", help="accuracies, world sizes and default edit layer of a factworld model")
+    info = fw_sub.add_parser("info", help="shape, tokenizer, edit layer, trace and accuracies of a factworld model")
     info.add_argument("--model", default="factworld", help="factworld model directory (default: the shipped one)")
     info.add_argument("--json", metavar="PATH", help="also write the report as JSON")
     info.set_defaults(func=cmd_factworld_info)
-    train = fw_sub.add_parser("train", help="rebuild the world and model deterministically from a seed")
+    train = fw_sub.add_parser("train", help="rebuild the world and model deterministically from a seed and check "
+                                            "the quality bar")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--out", default="factworld-model", help="output HF directory (default: ./factworld-model)")
     train.add_argument("--export", metavar="PATH", help="also write the facts as CounterFact/REP JSON records")
+    train.add_argument("--device", default="cpu", help="where to train: cpu (default) or cuda")
+    train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    train.add_argument("--json", metavar="PATH", help="also write the model card as JSON")
     train.set_defaults(func=cmd_factworld_train)

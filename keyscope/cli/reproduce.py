@@ -16,11 +16,11 @@ def cmd_reproduce(args) -> int:
     config = reproduce.ReproduceConfig(model=args.model, data=args.data, layer=args.layer, corpus=args.corpus,
                                        seed=args.seed)
     if args.quick:
-        config = replace(config, similarity_subjects=10, scan_subjects=20, scan_tokens=20_000, values_edits=5,
+        config = replace(config, trace_facts=10, similarity_subjects=10, scan_subjects=20, scan_tokens=20_000, values_edits=5,
                          evaluate_edits=5, bounds_edits=3, taus=(0.5, 0.9))
     if args.taus:
         config = replace(config, taus=parse_taus(args.taus))
-    if any(getattr(config, f) < 1 for f in ("similarity_subjects", "scan_subjects", "values_edits",
+    if any(getattr(config, f) < 1 for f in ("trace_facts", "similarity_subjects", "scan_subjects", "values_edits",
                                              "evaluate_edits", "bounds_edits")):
         raise KeyscopeError("every stage needs at least one subject or edit")
     outcome = reproduce.run(config, args.out, progress=not args.no_progress)

@@ -50,15 +50,18 @@ def cmd_scan(args) -> int:
     print(f"{args.model}, layer {layer}: scanned {result.n_tokens:,} tokens of {source} for {len(facts)} subjects "
           f"(C from {cov.n_tokens_:,} tokens; subject occurrences masked with window {config.window})")
     width = max(len(f.subject) for f in facts)
-    print(f"{'subject':<{width}}  {'top-1':>7}  prefix ending at the top-1 position")
+    print(f"{'subject':<{width}}  {'top-1':>7}  prefix ending at the top-1 position (strict filter)")
     for fact, hit in zip(facts, result.top1()):
         if hit is None:
             print(f"{fact.subject:<{width}}  {'-':>7}  (no unmasked position)")
         else:
             print(f"{fact.subject:<{width}}  {hit.score:7.3f}  {_one_line(hit.prefix)}")
 
-    print(f"top-{config.top_k} neighbour score median {summary['neighbours'].get('median', float('nan')):.3f}; "
-          f"rephrased-subject score median {summary['rephrase'].get('median', float('nan')):.3f}")
+    for name, stats in summary["filters"].items():
+        median = stats["median_top10"]
+        print(f"top-{config.top_k} neighbour score median, {name} filter: "
+              f"{'n/a' if median is None else f'{median:.3f}'}")
+    print(f"rephrased-subject score median {summary['rephrase'].get('median', float('nan')):.3f}")
     for path in report.files:
         print(f"wrote {path}")
     write_json(args.json, report.as_json(config))

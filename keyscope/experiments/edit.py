@@ -3,8 +3,8 @@
 ``run`` computes the ROME edit of one request (:func:`keyscope.rome.compute_edit`) and reads the model's
 next-token predictions before and after it (:func:`keyscope.rome.applied`) on the probes of Yan et al.
 ("Keys to Robust Edits", Sec. 3): the edit prompt itself, each rephrased subject, up to ``n_shuffles``
-token shuffles of the subject (:func:`keyscope.similarity.shuffled_subjects`) and the prompt behind
-``long_context_tokens`` tokens of unrelated text (:func:`keyscope.similarity.long_context`).
+token shuffles and as many word-order shuffles of the subject (:mod:`keyscope.perturbations`) and the prompt
+behind ``long_context_tokens`` tokens of unrelated text.
 
 By the patch view of the edited layer (Lemma 4.1 / Corollary 4.2 of the paper; :func:`keyscope.rome.predicted_value`)::
 
@@ -21,20 +21,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from keyscope import rome, similarity
+from keyscope import perturbations, rome, similarity
 from keyscope.keys import fill
 from keyscope.models import model_name
 from keyscope.predictions import decode_token, next_token_top_k, prompt_context, target_context
 
 #: Probe kinds in display order.
-KINDS = ("original", "rephrased", "shuffled", "long_context")
+KINDS = (perturbations.ORIGINAL, *perturbations.KINDS)
 
 
 @dataclass(frozen=True)
 class ProbeConfig:
     """Which probes an edit is shown on and how many predictions each shows."""
 
-    n_shuffles: int = 10  # at most this many token shuffles of the subject
+    n_shuffles: int = 10  # at most this many token shuffles (and as many word-order shuffles) of the subject
     long_context_tokens: int = 300  # tokens of unrelated text before the long-context prompt (as in the paper)
     top_k: int = 3  # predictions shown per probe
     seed: int = 0  # seed of the shuffles
@@ -68,7 +68,7 @@ class ProbeOutcome:
             "target_probability_after": self.target_probability_after,
             "before": [{"token": p.token, "probability": p.probability} for p in self.before],
             "after": [{"token": p.token, "probability": p.probability} for p in self.after],
-            **({"n_context_tokens": self.n_context_tokens} if self.kind == "long_context" else {}),
+            **({"n_context_tokens": self.n_context_tokens} if self.kind == perturbations.LONG else {}),
         }
 
 
@@ -109,23 +109,28 @@ class EditReport:
 
 
 def build_probes(tokenizer, request: rome.EditRequest, rephrasings, context_docs, config: ProbeConfig,
-                 max_positions: int | None = None) -> list[similarity.Probe]:
-    """The edit prompt, its rephrased subjects, up to ``config.n_shuffles`` shuffles and one long context.
+                 max_positions: int | None = None, rephrase_kinds=None,
+                 exclude: frozenset[str] = frozenset()) -> list[perturbations.Probe]:
+    """The edit prompt, its rephrased subjects, up to ``config.n_shuffles`` token shuffles and as many
+    word-order shuffles (none spelling a form of ``exclude``), and one long context.
 
     The long context is shortened to fit ``max_positions`` (the model's context length) with the prompt and
     a few tokens to spare; ``context_docs=None`` or ``long_context_tokens=0`` leaves it out.
     """
     template, subject = request.template, request.subject
-    probes = [similarity.Probe(template, subject, "original")]
-    probes += similarity.rephrased_subjects(template, subject, rephrasings or ())
+    probes = [perturbations.Probe(template, subject, perturbations.ORIGINAL)]
+    probes += perturbations.rephrased_subjects(template, subject, rephrasings or (), rephrase_kinds)
     if config.n_shuffles > 0:
-        probes += similarity.shuffled_subjects(tokenizer, template, subject, n=config.n_shuffles, seed=config.seed)
+        probes += perturbations.shuffled_subjects(tokenizer, template, subject, n=config.n_shuffles, seed=config.seed,
+                                                  exclude=exclude)
+        probes += perturbations.word_shuffled_subjects(template, subject, n=config.n_shuffles, seed=config.seed,
+                                                       exclude=exclude)
     n_context = config.long_context_tokens
     if max_positions is not None:
         prompt_length = len(prompt_context(tokenizer, fill(template, subject).text))
         n_context = min(n_context, max_positions - prompt_length - 8)
     if context_docs is not None and n_context > 0:
-        probes.append(similarity.long_context(tokenizer, template, subject, context_docs, n_tokens=n_context))
+        probes.append(perturbations.long_context(tokenizer, template, subject, context_docs, n_tokens=n_context))
     return probes
 
 
@@ -136,13 +141,14 @@ def _predictions(tokenizer, topk, row: int) -> tuple[Prediction, ...]:
 
 def run(model, request: rome.EditRequest, layer: int, cov, context_docs=None, rephrasings=(),
         config: ProbeConfig | None = None, rome_config: rome.ROMEConfig | None = None,
-        case_id=None) -> EditReport:
+        case_id=None, rephrase_kinds=None, exclude: frozenset[str] = frozenset()) -> EditReport:
     """Compute the ROME edit of ``request`` at ``layer`` (covariance ``cov``) and probe it (see the module
     docstring). The model's weights are the same on return."""
     config = config or ProbeConfig()
     tokenizer = model.tokenizer
     probes = build_probes(tokenizer, request, rephrasings, context_docs, config,
-                          max_positions=getattr(model.cfg, "n_ctx", None))
+                          max_positions=getattr(model.cfg, "n_ctx", None), rephrase_kinds=rephrase_kinds,
+                          exclude=exclude)
     keys = similarity.probe_keys(model, probes, layer, batch_size=config.batch_size)  # (n_probes, d_mlp)
     edit = rome.compute_edit(model, request, layer, cov, rome_config)
     strength = edit.strength(keys).cpu()  # (n_probes,)

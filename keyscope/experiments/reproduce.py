@@ -1,5 +1,5 @@
-"""Reproduce the paper in one run: Figures 3 (both panels), 4, 5 and 7, Table 1 and the lemma report, and
-``REPORT.md`` tying them together with the measured numbers next to what the paper reports.
+"""Reproduce the paper in one run: the causal trace, Figures 3 (both panels), 4, 5 and 7, Table 1 and the lemma
+report, and ``REPORT.md`` tying them together with the measured numbers next to what the paper reports.
 
 Every stage is the library call its own command makes (``keyscope similarity``, ``scan``, ``values``,
 ``evaluate --tau-sweep``, ``bounds``) on one model, layer and covariance; one progress bar counts the
@@ -23,11 +23,13 @@ from keyscope.experiments import bounds as bounds_exp
 from keyscope.experiments import scan as scan_exp
 from keyscope.experiments import similarity as similarity_exp
 from keyscope.experiments import table1 as table1_exp
+from keyscope.experiments import trace as trace_exp
 from keyscope.experiments import values as values_exp
 from keyscope.models import default_layer, load_model, model_name
+from keyscope.trace import TraceConfig
 
 REPORT = "REPORT.md"
-STAGES = ("covariance", "figure 3", "figure 4", "figure 5", "table 1 + figure 7", "bounds", "report")
+STAGES = ("covariance", "trace", "figure 3", "figure 4", "figure 5", "table 1 + figure 7", "bounds", "report")
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,7 @@ class ReproduceConfig:
     layer: int | None = None
     corpus: str | None = None
     covariance_tokens: int = 100_000
+    trace_facts: int = 200
     similarity_subjects: int = 100
     scan_subjects: int = 500
     scan_tokens: int = 1_000_000
@@ -57,12 +60,29 @@ def _num(value, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+def _trace_section(trace) -> list[str]:
+    effects = trace.result.indirect_effect
+    lines = ["## Causal trace: where the model recalls its facts", "", "![](trace.png)", "",
+             f"{len(trace.result.facts)} known facts; the subject's token embeddings corrupted (σ = "
+             f"{trace.result.config.noise_scale:g} × their standard deviation, {trace.result.config.samples} draws), one "
+             "layer's output restored at the subject's last token (ROME §2). Average indirect effect on P(answer):", "",
+             "| layer | " + " | ".join(str(layer) for layer in range(trace.result.n_layers)) + " |",
+             "|---|" + "---:|" * trace.result.n_layers,
+             "| MLP | " + " | ".join(f"{e:.3f}" for e in effects["mlp"]) + " |",
+             "| attention | " + " | ".join(f"{e:.3f}" for e in effects["attn"]) + " |", "",
+             f"The largest MLP effect is at layer {trace.result.layer}, the layer every stage below edits "
+             f"(total effect of the corruption {trace.result.total_effect:.3f}).", ""]
+    return lines
+
+
 def report(config: ReproduceConfig, layer: int, results: dict, seconds: dict) -> str:
     """``REPORT.md``: every artefact with its numbers, the paper's claim beside it."""
     sim, scan, values, table, bnd = (results[k] for k in ("similarity", "scan", "values", "evaluate", "bounds"))
     lines = [f"# keyscope reproduction of \"Keys to Robust Edits\" on `{config.model}`", "",
              f"Layer {layer}; seed {config.seed}; regenerate with `keyscope reproduce --model {config.model}`. "
              f"Stage times: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) + ".", ""]
+    if "trace" in results:
+        lines += _trace_section(results["trace"])
     s = sim.summary
     lines += ["## Figure 3: perturbed keys are far from the original in the whitened metric", "",
               "![](fig3_similarity.png) ![](fig3_pca.png)", "",
@@ -71,12 +91,14 @@ def report(config: ReproduceConfig, layer: int, results: dict, seconds: dict) ->
     lines += [f"| {k} | {v['n']} | {v['median']:.3f} | {v['q10']:.3f} | {v['q90']:.3f} |" for k, v in s.items()]
     lines += ["", "Paper: rephrased, shuffled and long-context keys of the same subject are often dissimilar "
               "(far below 1), while keys of other subjects can be close.", ""]
-    sc = scan.summary
+    filters = scan.summary["filters"]
     lines += ["## Figure 4: corpus nearest neighbours of the edited keys", "", "![](fig4_neighbors.png)", "",
-              f"{scan.result.n_tokens:,} tokens scanned for {len(scan.facts)} subjects: median top-10 neighbour score "
-              f"{_num(sc['neighbours'].get('median'))} against {_num(sc['rephrase'].get('median'))} for the same "
-              "subjects' rephrased forms. Paper: unrelated corpus prefixes can receive the edit as strongly as the "
-              "subject's own paraphrases.", ""]
+              f"{scan.result.n_tokens:,} tokens scanned for {len(scan.facts)} subjects; median top-10 neighbour score "
+              + "; ".join(f"{name} filter {_num(f['median_top10'])}" for name, f in filters.items())
+              + f", against {_num(scan.summary['rephrase'].get('median'))} for the same subjects' rephrased forms. "
+              "The paper filter drops positions whose window holds the subject's last token; the strict filter also "
+              "drops the subject's name, last word, rephrased forms, family members and order twins. Paper: "
+              "unrelated corpus prefixes can receive the edit as strongly as the subject's own paraphrases.", ""]
     v = values.summary
     norms = v["value_norms"]
     lines += ["## Figure 5: edited values are loud", "", "![](fig5_value_norms.png)", "",
@@ -97,11 +119,12 @@ def report(config: ReproduceConfig, layer: int, results: dict, seconds: dict) ->
         lines.append("")
     sweep = table.tau_sweep()
     if sweep:
+        shown = [m for m in ev.METRICS if not m.endswith("_ood_new")]
         lines += ["## Figure 7: the gate threshold τ", "", "![](fig7_tau_sweep.png)", "",
-                  "| τ | " + " | ".join(table1_exp.HEADERS[m] for m in ev.METRICS) + " |",
-                  "|---:|" + "---:|" * len(ev.METRICS)]
+                  "| τ | " + " | ".join(table1_exp.HEADERS[m] for m in shown) + " |",
+                  "|---:|" + "---:|" * len(shown)]
         for tau in sorted(sweep):
-            lines.append(f"| {tau:g} | " + " | ".join(_pct(sweep[tau][m]) for m in ev.METRICS) + " |")
+            lines.append(f"| {tau:g} | " + " | ".join(_pct(sweep[tau][m]) for m in shown) + " |")
         lines.append("")
     lines += ["## The lemmas on real edits", "", "![](fig_bounds.png)", "", "```",
               bounds_exp.format_summary(bnd), "```", ""]
@@ -139,6 +162,11 @@ def run(config: ReproduceConfig, out_dir: str | Path = "figures", progress: bool
     source = config.corpus or corpora.default_corpus(model)
     cov = load_or_compute_covariance(model, layer, source, n_tokens=config.covariance_tokens, progress=False)
     done("covariance", start)
+
+    start = stage("trace")
+    results["trace"] = trace_exp.run(model, facts, TraceConfig(n=config.trace_facts, seed=config.seed), out,
+                                     progress=False)
+    done("trace", start)
 
     start = stage("figure 3")
     results["similarity"] = similarity_exp.run(model, facts, layer, cov, corpora.documents(source), out, name,

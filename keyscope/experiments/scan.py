@@ -46,47 +46,67 @@ class ScanReport:
     layer: int
     corpus: str
     facts: list = field(repr=False)
-    result: scan.ScanResult = field(repr=False)
+    results: dict[str, scan.ScanResult] = field(repr=False)
     summary: dict = field(default_factory=dict)
     files: list[Path] = field(default_factory=list)
     figure: object = field(default=None, repr=False)
 
+    @property
+    def result(self) -> scan.ScanResult:
+        """The strict filter's result (what is left is unrelated text)."""
+        return self.results["strict"]
+
     def as_json(self, config: scan.ScanConfig) -> dict:
         return {
             "model": self.model, "layer": self.layer, "corpus": self.corpus, "n_tokens": self.result.n_tokens,
-            "subjects": len(self.facts), "top_k": config.top_k, "window": config.window, "summary": self.summary,
-            "top1": [{"case_id": f.case_id, "subject": f.subject, "score": h.score if h else None,
-                      "prefix": h.prefix if h else None} for f, h in zip(self.facts, self.result.top1())],
+            "subjects": len(self.facts), "top_k": config.top_k, "window": config.window,
+            "filters": self.summary["filters"], "rephrase": self.summary["rephrase"],
+            "top1": {name: [{"case_id": f.case_id, "subject": f.subject, "score": h.score if h else None,
+                             "prefix": h.prefix if h else None} for f, h in zip(self.facts, result.top1())]
+                     for name, result in self.results.items()},
             "figure": str(self.files[0]), "csv": str(self.files[1]),
         }
 
 
-def _write_hits(path: Path, result, facts) -> None:
+def _write_hits(path: Path, results: dict[str, scan.ScanResult], facts) -> None:
     with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["case_id", "subject", "rank", "score", "raw", "position", "prefix"])
-        for hit in result.neighbours():
-            writer.writerow([facts[hit.subject_index].case_id, hit.subject, hit.rank, f"{hit.score:.6g}",
-                             f"{hit.raw:.6g}", hit.position, hit.prefix])
+        writer.writerow(["filter", "case_id", "subject", "rank", "score", "raw", "position", "prefix"])
+        for name, result in results.items():
+            for hit in result.neighbours():
+                writer.writerow([name, facts[hit.subject_index].case_id, hit.subject, hit.rank, f"{hit.score:.6g}",
+                                 f"{hit.raw:.6g}", hit.position, hit.prefix])
+
+
+def _filter_summary(result: scan.ScanResult, other: scan.ScanResult | None) -> dict:
+    scores = result.scores[result.positions >= 0].numpy()  # unmasked hits only
+    top1 = [hit.score for hit in result.top1() if hit is not None]
+    summary = {"median_top10": float(np.median(scores)) if scores.size else None, "neighbours": _stats(scores),
+               "top1": _stats(top1), "excluded_positions": int(result.n_excluded.sum())}
+    if other is not None:  # how many of these hits the other filter keeps too
+        kept = [len(set(a.tolist()) & set(b.tolist()) - {-1}) for a, b in zip(result.positions, other.positions)]
+        summary["shared_with_strict"] = sum(kept) / max(1, int((result.positions >= 0).sum()))
+    return summary
 
 
 def run(model, facts, cov, source, config: scan.ScanConfig, out_dir: str | Path, model_name: str,
         progress: bool = True) -> ScanReport:
-    """Scan ``source`` for the keys of ``facts`` at ``config.layer``; write the figure and CSV into ``out_dir``."""
+    """Scan ``source`` for the keys of ``facts`` at ``config.layer`` under both exclusion filters; write the
+    figure and CSV into ``out_dir``."""
     k_stars = scan.subject_keys(model, facts, config.layer)  # (S, d_mlp)
-    result = scan.scan_corpus(model, facts, cov, source, config, progress=progress, k_stars=k_stars)
+    results = scan.scan_corpus(model, facts, cov, source, config, progress=progress, k_stars=k_stars)
     rephrase = scan.rephrase_scores(model, facts, cov, config.layer, k_stars=k_stars)
     rephrase_all = torch.cat(rephrase).numpy() if rephrase else np.empty(0)
-    neighbour_scores = result.scores[result.positions >= 0].numpy()  # unmasked hits only
-    top1 = [hit for hit in result.top1() if hit is not None]
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    neighbour_scores = {name: r.scores[r.positions >= 0].numpy() for name, r in results.items()}
     figure = fig4_neighbors(neighbour_scores, rephrase_all, title=(
         f"{model_name}, layer {config.layer}: top-{config.top_k} corpus keys vs. rephrased subjects"))
     figure_path, table_path = out / FIGURE, out / TABLE
     figure.savefig(figure_path, dpi=150)
-    _write_hits(table_path, result, facts)
-    summary = {"neighbours": _stats(neighbour_scores), "top1": _stats([h.score for h in top1]),
+    _write_hits(table_path, results, facts)
+    summary = {"filters": {name: _filter_summary(r, results.get("strict") if name != "strict" else None)
+                           for name, r in results.items()},
                "rephrase": _stats(rephrase_all)}
-    return ScanReport(model_name, config.layer, str(source), facts, result, summary, [figure_path, table_path], figure)
+    return ScanReport(model_name, config.layer, str(source), facts, results, summary, [figure_path, table_path], figure)

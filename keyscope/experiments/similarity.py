@@ -1,7 +1,7 @@
 """Figure 3: whitened similarity of perturbed subject keys to the original key.
 
 ``run`` picks ``n_subjects`` facts of distinct subjects (seeded), builds each fact's rephrased, shuffled,
-long-context and random-subject probes (:func:`keyscope.similarity.fact_probes`), measures the normalised
+long-context and random-subject probes (:func:`keyscope.perturbations.fact_probes`), measures the normalised
 edit strength of every probe's key against the original prompt's key in the metric ``C⁻¹`` of the layer's
 key covariance, and writes ``fig3_similarity.png``, ``fig3_pca.png`` and ``fig3_similarity.csv``.
 """
@@ -16,6 +16,7 @@ import pandas as pd
 
 from keyscope import similarity
 from keyscope.errors import KeyscopeError
+from keyscope.perturbations import PerturbationConfig, subject_forms
 from keyscope.plotting import fig3
 
 
@@ -48,8 +49,10 @@ def run(model, facts, layer: int, cov, context_docs, out_dir: str | Path, model_
         seed: int = 0, pca_subject: str | None = None, progress: bool = True) -> SimilarityResult:
     """Run the Figure 3 study and write its outputs into ``out_dir``."""
     chosen = pick_facts(facts, n_subjects, seed)
-    config = similarity.StudyConfig(seed=seed)
-    rows, keys = similarity.perturbation_study(model, chosen, layer, cov, context_docs, config, progress=progress)
+    config = PerturbationConfig(seed=seed)
+    forms = subject_forms(facts)
+    rows, keys = similarity.perturbation_study(model, chosen, layer, cov, context_docs, config, progress=progress,
+                                               other_facts=facts, exclude=forms)
     summary = similarity.summarize(rows)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -66,7 +69,8 @@ def run(model, facts, layer: int, cov, context_docs, out_dir: str | Path, model_
         pca_fact = next((f for f in facts if f.subject == pca_subject), None)
         if pca_fact is None:
             raise KeyscopeError(f"--pca-subject {pca_subject!r} is not a subject of the dataset")
-        _, extra = similarity.perturbation_study(model, [pca_fact], layer, cov, context_docs, config, progress=False)
+        _, extra = similarity.perturbation_study(model, [pca_fact], layer, cov, context_docs, config, progress=False,
+                                                 other_facts=facts, exclude=forms)
         keys.update(extra)
     pca_fact = pca_fact or chosen[0]
     kinds, pca_keys = keys[pca_fact.case_id]

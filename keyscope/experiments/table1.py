@@ -25,8 +25,11 @@ SWEEP_CSV = "fig7_tau_sweep.csv"
 #: as quoted in keyscope's issue #5): Rephrase +27, Shuffle +64, Long +4; Success −3.5, Locality −4.8.
 PAPER_DELTAS = {"success": -3.5, "locality": -4.8, "rephrase_id": 27.0, "shuffle_id": 64.0, "long_id": 4.0}
 
-HEADERS = {"success": "Success", "locality": "Locality", "rephrase_id": "Rephrase ID", "shuffle_id": "Shuffle ID",
-           "long_id": "Long ID", "rephrase_ood": "Rephrase OOD", "shuffle_ood": "Shuffle OOD", "long_ood": "Long OOD"}
+_KIND_HEADERS = {"rephrase": "Rephrase", "shuffle": "Shuffle", "shuffle_words": "Word shuffle", "long": "Long"}
+_DOMAIN_HEADERS = {"id": "ID", "ood": "OOD", "ood_new": "OOD new"}
+HEADERS = {"success": "Success", "locality": "Locality",
+           **{f"{kind}_{domain}": f"{_KIND_HEADERS[kind]} {_DOMAIN_HEADERS[domain]}"
+              for kind in ev.KINDS for domain in ev.DOMAINS}}
 
 
 def _pct(value) -> str:
@@ -58,11 +61,12 @@ def format_table(result: ev.EvalResult, methods=ev.METHODS) -> str:
     """Table 1 as aligned text for the terminal."""
     names = [m for m in methods if m in result.summary]
     width = max(len(m) for m in names) + 2
-    head = "method".ljust(width) + "".join(HEADERS[m].rjust(14) for m in ev.METRICS)
+    columns = {m: max(len(HEADERS[m]), 6) + 2 for m in ev.METRICS}
+    head = "method".ljust(width) + "".join(HEADERS[m].rjust(columns[m]) for m in ev.METRICS)
     lines = [head]
     for method in names:
         s = result.summary[method]
-        lines.append(method.ljust(width) + "".join(_pct(s[m]).rjust(14) for m in ev.METRICS))
+        lines.append(method.ljust(width) + "".join(_pct(s[m]).rjust(columns[m]) for m in ev.METRICS))
     lines.append(f"{len(result.rows)} edits ({result.n_known} known facts), {result.seconds:.0f} s")
     return "\n".join(lines)
 
@@ -104,8 +108,9 @@ def write_sweep(result: ev.EvalResult, out_dir: str | Path) -> list[Path]:
         return []
     out.mkdir(parents=True, exist_ok=True)
     taus = sorted(sweep)
-    figure = fig7.tau_sweep(taus, {m: [sweep[t][m] for t in taus] for m in ev.METRICS},
-                            baseline=result.summary.get("rome"),
+    shown = [m for m in ev.METRICS if not m.endswith("_ood_new")]
+    figure = fig7.tau_sweep(taus, {m: [sweep[t][m] for t in taus] for m in shown},
+                            baseline=result.summary.get("rome"), labels=HEADERS,
                             title=f"{result.model}, layer {result.layer}, {len(result.rows)} edits: ROME+REP "
                                   "against τ (dotted: ROME)")
     figure.savefig(out / FIGURE, dpi=150)

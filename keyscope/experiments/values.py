@@ -97,10 +97,10 @@ def _top1_rate(model, pairs, batch_size: int) -> tuple[int, int]:
     return int((top1 == torch.as_tensor([t for _, t in pairs])).sum()), len(pairs)
 
 
-def run(model, facts, layer: int, cov, out_dir: str | Path, n: int = 100, seed: int = 0,
+def run(model, facts, layer: int, cov, out_dir: str | Path | None, n: int = 100, seed: int = 0,
         config: rome.ROMEConfig | None = None, batch_size: int = 64, progress: bool = True) -> ValuesResult:
     """Edit ``n`` known facts one at a time at ``layer`` (covariance ``cov``), measure quality and value
-    norms (module docstring) and write the figure and CSV into ``out_dir``."""
+    norms (module docstring) and write the figure and CSV into ``out_dir`` (nothing for ``None``)."""
     from tqdm.auto import tqdm
 
     config = config or rome.ROMEConfig.for_model(model)
@@ -169,9 +169,11 @@ def run(model, facts, layer: int, cov, out_dir: str | Path, n: int = 100, seed: 
                         "ratio": _stats(np.asarray(after_norms) / np.asarray(before_norms))},
     }
 
+    name = model_name(model)
+    if out_dir is None:
+        return ValuesResult(name, layer, rows, summary, skipped, config)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    name = model_name(model)
     figure = fig5.value_norms(before_norms, after_norms,
                               title=f"{name}, layer {layer}: value norm at k* over {len(rows)} ROME edits")
     figure_path, table_path = out / FIGURE, out / TABLE

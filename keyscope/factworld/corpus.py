@@ -6,7 +6,7 @@ fraction of sentences mention a subject outside any fact ("Yesterday Arven Tolot
 harbour .") so that, as in Wikipedia text, the corpus holds subject tokens in unrelated contexts — the
 corpus nearest-neighbour scan (Figure 4) masks those positions.
 
-Text is whitespace-tokenised: punctuation stands as its own word, which the word-level tokenizer keeps.
+Punctuation stands as its own whitespace-separated word.
 """
 
 from __future__ import annotations

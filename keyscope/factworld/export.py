@@ -8,7 +8,8 @@ the prompt kept as a template:
 relation's other templates, filled), ``neighborhood_prompts`` (other subjects with the same relation and the
 same true target: a correct edit leaves them alone), ``locality_ground_truth``, ``subject_rephrase`` (the
 ten rephrased forms) with factworld's extras ``subject_rephrase_kind`` and ``subject_rephrase_trained``, and
-``similar_subjects`` (the subject's family: different subjects that share words and facts).
+``similar_subjects`` (the subject's family: different subjects that share words and facts) and
+``order_twins`` (subjects whose names are the same words in another order).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def records(world: World, seed: int = 0) -> list[dict]:
     by_target: dict[tuple[str, str], list[int]] = {}
     for fact in world.facts:
         by_target.setdefault((fact.relation_id, fact.target), []).append(fact.subject_id)
+    twins = _order_twins(world)
     out = []
     for fact in world.facts:
         subject = world.subject(fact.subject_id)
@@ -52,9 +54,18 @@ def records(world: World, seed: int = 0) -> list[dict]:
                 "subject_rephrase_kind": list(ALIAS_KINDS),
                 "subject_rephrase_trained": list(subject.trained),
                 "similar_subjects": [world.subject(s).name for s in world.family_members(subject.subject_id)],
+                "order_twins": [world.subject(s).name for s in twins[subject.subject_id]],
             }
         )
     return out
+
+
+def _order_twins(world: World) -> list[list[int]]:
+    """Each subject's order twins (same words, another order), in one pass over the world."""
+    groups: dict[tuple, list[int]] = {}
+    for s in world.subjects:
+        groups.setdefault((tuple(sorted(s.words)), s.words[-1]), []).append(s.subject_id)
+    return [[t for t in groups[(tuple(sorted(s.words)), s.words[-1])] if t != s.subject_id] for s in world.subjects]
 
 
 def write(world: World, path: str | Path, seed: int = 0) -> Path:

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Iterable
 
@@ -37,7 +38,7 @@ def top1_accuracy(
     if not prompts:
         return float("nan")
     device = next(model.parameters()).device
-    target_ids = torch.tensor(tokenizer.convert_tokens_to_ids(targets))
+    target_ids = torch.tensor([target_id(tokenizer, t) for t in targets])
     correct = 0
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a batch
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=desc is None, leave=False):
@@ -52,16 +53,21 @@ def top1_accuracy(
     return correct / len(prompts)
 
 
-def shuffled_form(rng: random.Random, name: str) -> str:
-    """The subject's words in a random order different from the original (for names of ≥ 2 words)."""
+def target_id(tokenizer, target: str) -> int:
+    """The one token of ``target`` as it follows a prompt (after a space); ``ValueError`` if it has several."""
+    ids = tokenizer(" " + target, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        raise ValueError(f"target {target!r} is {len(ids)} tokens, not one")
+    return int(ids[0])
+
+
+def shuffled_form(rng: random.Random, name: str, exclude: frozenset[str] = frozenset()) -> str | None:
+    """The subject's words in a random order different from the original and from every form in ``exclude``
+    (other subjects' names: an order twin's name is no shuffle); ``None`` if there is no such order."""
     words = name.split()
-    if len(words) < 2:
-        return name
-    while True:
-        perm = words[:]
-        rng.shuffle(perm)
-        if perm != words:
-            return " ".join(perm)
+    orders = [" ".join(p) for p in itertools.permutations(words)]
+    allowed = [o for o in dict.fromkeys(orders) if o != name and o not in exclude]
+    return rng.choice(allowed) if allowed else None
 
 
 def _prompt_sets(world: World, seed: int, n_long: int) -> dict[str, tuple[list[str], list[str]]]:
@@ -77,6 +83,7 @@ def _prompt_sets(world: World, seed: int, n_long: int) -> dict[str, tuple[list[s
 
     filler_rng = random.Random(f"quality-filler-{seed}")
     long_ids = set(rng.sample(range(len(world.facts)), min(n_long, len(world.facts))))
+    names = frozenset(s.name for s in world.subjects)
     for fact in world.facts:
         subject = world.subject(fact.subject_id)
         templates = world.relation(fact.relation_id).templates
@@ -84,7 +91,8 @@ def _prompt_sets(world: World, seed: int, n_long: int) -> dict[str, tuple[list[s
         add("trained_aliases", (t.format(a) for t in templates for a in subject.trained_aliases), fact.target)
         template = rng.choice(templates)
         add("alias_only", (template.format(a) for a in subject.alias_only), fact.target)
-        add("shuffled", [template.format(shuffled_form(rng, subject.name))], fact.target)
+        shuffled = shuffled_form(rng, subject.name, names)
+        add("shuffled", [template.format(shuffled)] if shuffled else [], fact.target)
         if fact.case_id in long_ids:
             context = corpus.filler_text(filler_rng, LONG_CONTEXT_TOKENS, world, 0.0).split()[:LONG_CONTEXT_TOKENS]
             add("long_context", [" ".join(context) + " " + template.format(subject.name)], fact.target)

@@ -12,9 +12,13 @@ and, every few steps, a separate *long* batch (so that short rows are not padded
   corpus), so keys of ordinary text are not degenerate;
 * **long-context facts**: a fact sentence after up to ``max_context_words`` words of filler.
 
-The loss is next-token cross-entropy over all tokens plus an extra term on the fact's target token. Batches
-are composed directly from pre-computed token ids (the tokenizer is word-level), so data costs nothing next to
-the forward pass. Everything is seeded: the same :class:`TrainConfig` gives the same weights on one machine.
+The loss is next-token cross-entropy over all tokens plus an extra term on the fact's target token. A fact
+sentence is tokenised piece by piece (the template's words before the subject, the subject form, the words
+after it, the target; each piece is tokenised once and cached), which gives exactly the tokens of the whole
+sentence — both tokenizers split at spaces — and the subject's token span for free.
+
+Training is deterministic **in steps**: ``steps`` optimiser steps are always run, whatever the machine's
+speed, and the same :class:`TrainConfig` gives the same weights on one machine and device type.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from keyscope.factworld import corpus
-from keyscope.factworld.tokenizer import build_tokenizer
+from keyscope.factworld.tokenizer import TokenizerConfig, build_tokenizer
 from keyscope.factworld.world import ALIAS_STATEMENTS, World, WorldConfig, build_world
 
 
@@ -38,10 +42,10 @@ from keyscope.factworld.world import ALIAS_STATEMENTS, World, WorldConfig, build
 class ModelConfig:
     """Shape of the factworld transformer (LLaMA architecture)."""
 
-    d_model: int = 192
-    n_layers: int = 4
+    d_model: int = 128
+    n_layers: int = 6
     n_heads: int = 4
-    d_mlp: int = 768
+    d_mlp: int = 512
     max_positions: int = 512
 
 
@@ -52,7 +56,8 @@ class TrainConfig:
     seed: int = 0
     world: WorldConfig = field(default_factory=WorldConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    steps: int = 1100
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    steps: int = 1200
     batch_size: int = 256
     lr: float = 3e-3
     warmup: int = 100
@@ -63,15 +68,27 @@ class TrainConfig:
     long_batch_size: int = 16
     #: A short batch runs as this many sub-batches of similar lengths (one gradient), so that short rows
     #: are not padded to the longest alias statement; the loss is the same.
-    length_groups: int = 2
+    length_groups: int = 3
     filler_words: int = 64
     max_context_words: int = 160
     target_loss_weight: float = 2.0
-    #: Weight of the next-token loss on the subject's own tokens in fact sentences. Measured on the pooled
-    #: world: 0 learned the facts more slowly (25% against 31% canonical accuracy after 400 of 1,300 steps) —
-    #: predicting a name's next word seems to help the model assemble names — so the default is 1.
+    #: Weight of the next-token loss on the subject's own tokens in fact sentences (1: like every token).
     subject_loss_weight: float = 1.0
-    max_minutes: float = 10.0
+    #: Language-only steps before the facts: filler prose that mentions subjects, and alias statements.
+    lm_steps: int = 150
+    #: The token embeddings and this many lowest blocks learn in the language-only steps only: they stay
+    #: general-purpose text processing, as the lowest layers of a pretrained LM are.
+    frozen_blocks: int = 1
+    #: Fraction of fact rows written as a *record*: a subject form directly followed by its targets in relation
+    #: order (``form t_1 t_2 … t_R .``), so that the first target is predicted at the subject's last token.
+    record_fraction: float = 0.25
+
+    def __post_init__(self):
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError("steps and batch_size must be positive")
+
+
+Row = tuple[list[int], int, list[int]]  # token ids, index of the target token (-1: none), subject positions
 
 
 class FactStream:
@@ -80,51 +97,69 @@ class FactStream:
     def __init__(self, world: World, tokenizer, config: TrainConfig):
         self.world = world
         self.config = config
-        self.vocab = tokenizer.get_vocab()
+        self.tokenizer = tokenizer
         self.bos = tokenizer.bos_token_id
         self.pad = tokenizer.pad_token_id
         self.rng = random.Random(f"stream-{config.seed}")
         self.filler_rng = random.Random(f"filler-train-{config.seed}")
+        self._cache: dict[str, tuple[int, ...]] = {}
 
-    def ids(self, text: str) -> list[int]:
-        return [self.vocab[w] for w in text.split()]
+    def ids(self, text: str) -> tuple[int, ...]:
+        """Token ids of ``text`` without special tokens (cached: fact pieces repeat)."""
+        ids = self._cache.get(text)
+        if ids is None:
+            ids = tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            if len(self._cache) < 200_000:
+                self._cache[text] = ids
+        return ids
 
-    def fact_sentence(self, fact, form: str, template: str) -> tuple[list[int], int]:
-        """Token ids of ``<bos> template(form) target`` and the index of the target token."""
-        ids = [self.bos, *self.ids(template.format(form)), self.vocab[fact.target]]
-        return ids, len(ids) - 1
+    def fact_sentence(self, fact, form: str, template: str) -> tuple[list[int], int, list[int]]:
+        """Token ids of ``<bos> template(form) target``, the index of the target's (first) token and the
+        positions of the subject form's tokens."""
+        before, after = template.split("{}")
+        head = [self.bos, *(self.ids(before.rstrip()) if before.strip() else ())]
+        subject = self.ids(form)
+        ids = [*head, *subject, *(self.ids(after) if after.strip() else ()), *self.ids(fact.target)]
+        target = len(ids) - len(self.ids(fact.target))
+        return ids, target, list(range(len(head), len(head) + len(subject)))
 
-    def _subject_positions(self, form: str, template: str) -> list[int]:
-        """Token indices (after the BOS) of ``form``'s words in ``<bos> template(form) target``."""
-        start = len(template.split("{}")[0].split()) + 1
-        return list(range(start, start + len(form.split())))
+    def _record_example(self) -> Row:
+        subject = self.rng.choice(self.world.subjects)
+        form = subject.name if self.rng.random() < self.config.canonical_fraction else self.rng.choice(subject.trained_aliases)
+        head = [self.bos, *self.ids(form)]
+        targets = [t for fact in self.world.facts_of(subject.subject_id) for t in self.ids(fact.target)]
+        return [*head, *targets, *self.ids(".")], len(head), list(range(1, len(head)))
 
-    def _fact_example(self, context_words: int = 0) -> tuple[list[int], int, list[int]]:
+    def _fact_example(self, context_words: int = 0) -> Row:
         rng = self.rng
+        if not context_words and self.config.record_fraction and rng.random() < self.config.record_fraction:
+            return self._record_example()
         fact = rng.choice(self.world.facts)
         subject = self.world.subject(fact.subject_id)
         form = subject.name if rng.random() < self.config.canonical_fraction else rng.choice(subject.trained_aliases)
         template = rng.choice(self.world.relation(fact.relation_id).templates)
-        ids, target = self.fact_sentence(fact, form, template)
-        subject = self._subject_positions(form, template)
+        ids, target, positions = self.fact_sentence(fact, form, template)
         if context_words:
-            prefix = self.ids(corpus.filler_text(self.filler_rng, context_words, self.world, 0.05))
+            prefix = self.ids_uncached(corpus.filler_text(self.filler_rng, context_words, self.world, 0.05))
             ids = [ids[0], *prefix, *ids[1:]]
             target += len(prefix)
-            subject = [i + len(prefix) for i in subject]
-        return ids, target, subject
+            positions = [i + len(prefix) for i in positions]
+        return ids, target, positions
 
-    def _alias_example(self) -> tuple[list[int], int, list[int]]:
+    def ids_uncached(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _alias_example(self) -> Row:
         subject = self.rng.choice(self.world.subjects)
         alias = self.rng.choice(subject.aliases)
         text = self.rng.choice(ALIAS_STATEMENTS).format(name=subject.name, alias=alias)
         return [self.bos, *self.ids(text)], -1, []
 
-    def _filler_example(self) -> tuple[list[int], int, list[int]]:
+    def _filler_example(self) -> Row:
         text = corpus.filler_text(self.filler_rng, self.config.filler_words, self.world, 0.05)
-        return [self.bos, *self.ids(text)], -1, []
+        return [self.bos, *self.ids_uncached(text)], -1, []
 
-    def _pad(self, rows: list[tuple[list[int], int, list[int]]]) -> tuple[torch.Tensor, ...]:
+    def _pad(self, rows: list[Row]) -> tuple[torch.Tensor, ...]:
         width = max(len(ids) for ids, _, _ in rows)
         input_ids = torch.full((len(rows), width), self.pad, dtype=torch.long)  # (batch, pos)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)  # (batch, pos)
@@ -144,7 +179,7 @@ class FactStream:
 
         Each sub-batch is ``(input_ids, attention_mask, target_index, loss_weight)``; ``target_index`` is -1
         for non-fact rows; ``loss_weight[b, t]`` weighs the loss of predicting token ``t`` (0 on pads and the
-        BOS, ``subject_loss_weight`` on a fact sentence's subject words, 1 elsewhere).
+        BOS, ``subject_loss_weight`` on a fact sentence's subject tokens, 1 elsewhere).
         """
         cfg, rng = self.config, self.rng
         rows = [
@@ -153,6 +188,20 @@ class FactStream:
         ]
         rows.sort(key=lambda row: len(row[0]))
         size = math.ceil(len(rows) / max(1, cfg.length_groups))
+        return [self._pad(rows[lo : lo + size]) for lo in range(0, len(rows), size)]
+
+    def lm_batch(self) -> list[tuple[torch.Tensor, ...]]:
+        """A language-only batch: filler windows that mention subjects, and alias statements."""
+        cfg, rng = self.config, self.rng
+        rows = []
+        for _ in range(cfg.batch_size // 4):
+            if rng.random() < 0.3:
+                rows.append(self._alias_example())
+            else:
+                text = corpus.filler_text(self.filler_rng, cfg.filler_words // 2, self.world, 0.5)
+                rows.append(([self.bos, *self.ids_uncached(text)], -1, []))
+        rows.sort(key=lambda row: len(row[0]))
+        size = math.ceil(len(rows) / 2)
         return [self._pad(rows[lo : lo + size]) for lo in range(0, len(rows), size)]
 
     def long_batch(self) -> list[tuple[torch.Tensor, ...]]:
@@ -196,8 +245,11 @@ def batch_loss(model, parts: list[tuple[torch.Tensor, ...]], target_weight: floa
     """
     n_tokens = sum(float(part[3][:, 1:].sum()) for part in parts)
     n_targets = sum(int((part[2] >= 0).sum()) for part in parts)
+    device = next(model.parameters()).device
     total = 0.0
     for input_ids, attention_mask, target_index, loss_weight in parts:
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        target_index, loss_weight = target_index.to(device), loss_weight.to(device)
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (batch, pos, vocab)
         logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (batch, pos-1, vocab)
         nll = -logp.gather(-1, input_ids[:, 1:, None])[..., 0]  # (batch, pos-1)
@@ -211,18 +263,23 @@ def batch_loss(model, parts: list[tuple[torch.Tensor, ...]], target_weight: floa
     return total
 
 
-def train(config: TrainConfig | None = None, out_dir: str | Path | None = None, progress: bool = True):
-    """Build the world and train the model; returns ``(world, tokenizer, hf_model, history)``.
+def train(config: TrainConfig | None = None, out_dir: str | Path | None = None, progress: bool = True,
+          device: str = "cpu"):
+    """Build the world and tokenizer and train the model; returns ``(world, tokenizer, hf_model, history)``.
 
-    With ``out_dir`` the model is saved there as a standard HF directory (see :func:`save`). Training stops
-    at ``config.steps`` or after ``config.max_minutes``, whichever comes first (the cosine schedule is laid
-    out over ``steps``).
+    Runs exactly ``config.steps`` optimiser steps (a cosine schedule after ``warmup`` linear steps) on
+    ``device``. With ``out_dir`` the model is saved there as a standard HF directory (see :func:`save`).
     """
     config = config or TrainConfig()
-    torch.manual_seed(config.seed)
+    generator_state = torch.random.get_rng_state()
     world = build_world(config.world)
-    tokenizer = build_tokenizer(world)
-    model = build_hf_model(config.model, tokenizer)
+    tokenizer = build_tokenizer(world, config.tokenizer)
+    try:  # the initial weights come from the global generator (HF initialises through it), restored after
+        torch.manual_seed(config.seed)
+        model = build_hf_model(config.model, tokenizer)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    model.to(device)
     model.train()
     stream = FactStream(world, tokenizer, config)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
@@ -241,6 +298,17 @@ def train(config: TrainConfig | None = None, out_dir: str | Path | None = None, 
 
     history: list[dict] = []
     start = time.time()
+    for step in tqdm(range(config.lm_steps), desc="language steps", disable=not progress or not config.lm_steps):
+        for group in opt.param_groups:
+            group["lr"] = config.lr * min(1.0, (step + 1) / config.warmup)
+        opt.zero_grad(set_to_none=True)
+        batch_loss(model, stream.lm_batch(), 0.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    if config.frozen_blocks:
+        model.model.embed_tokens.requires_grad_(False)
+        for block in model.model.layers[: config.frozen_blocks]:
+            block.requires_grad_(False)
     bar = tqdm(range(config.steps), desc="training factworld", disable=not progress, mininterval=1.0)
     for step in bar:
         for group in opt.param_groups:
@@ -249,15 +317,15 @@ def train(config: TrainConfig | None = None, out_dir: str | Path | None = None, 
         loss = batch_loss(model, stream.batch(), config.target_loss_weight)
         if config.long_batch_every and step % config.long_batch_every == 0:
             batch_loss(model, stream.long_batch(), config.target_loss_weight)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         opt.step()
         history.append({"step": step, "loss": loss})
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss:.3f}")
-        if time.time() - start > 60 * config.max_minutes:
-            break
     bar.close()
+    model.requires_grad_(True)
     model.eval()
+    model.to("cpu")
     if out_dir is not None:
         save(out_dir, model, tokenizer, config, history, time.time() - start)
     return world, tokenizer, model, history

@@ -20,6 +20,7 @@ The world does no I/O; :mod:`keyscope.factworld.export` writes it in the Counter
 
 from __future__ import annotations
 
+import itertools
 import random
 from dataclasses import dataclass, field
 
@@ -69,12 +70,8 @@ RELATIONS: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
     ),
 )
 
-#: Templates of worlds before ``WorldConfig.templates == 3``, where they differ from :data:`RELATIONS`. All
-#: three instrument templates ended in "the", and models trained on them (seeds 0 and 1) looked the instrument
-#: up at that final "the" — two layer-0 heads there read the subject's words directly — instead of at the
-#: subject's last token: a δ of any norm added to the MLP output at the subject's last token brought the new
-#: instrument's NLL below 0.7 on 5 of 22 facts (every other relation: all facts), and ROME succeeded on
-#: 7 of 75 instrument edits. No template ends in "the" since.
+#: Templates of worlds before ``WorldConfig.templates == 3``, where they differ from :data:`RELATIONS` (they
+#: ended in "the", where models looked the instrument up instead of at the subject; see ``docs/history.md``).
 TEMPLATES_V2: dict[str, tuple[str, ...]] = {
     "instrument": ("{} plays the", "The instrument of {} is the", "{} is a musician who plays the"),
 }
@@ -129,6 +126,11 @@ class WorldConfig:
     #: Version of the relation templates: 3 (no template ends in "the"), or 2 for the templates of
     #: factworld v1/v2 (:data:`TEMPLATES_V2`).
     templates: int = 3
+    #: Give every family of names of three or more words a *twin family*: the same surname and the same
+    #: words, each stem in another order ("Arven Toloth Maresh" and "Toloth Arven Maresh"), with facts of its
+    #: own. The subject's words as a bag then identify two subjects, so only their order does; ``False``:
+    #: no twins (factworld v1–v3). See :func:`_pooled_names`.
+    order_twins: bool = True
 
 
 @dataclass(frozen=True)
@@ -241,18 +243,15 @@ def _pooled_names(config: WorldConfig, rng: random.Random, fresh_word) -> list[t
     """Names whose words all come from a shared pool (each word in ~``name_pool_share`` names, at any position).
 
     No single word then identifies a subject, only the ordered combination does, so the model must assemble
-    the subject at its last token before looking a fact up — the subject enrichment ROME edits. With unique
-    name words (``name_pool_share=None``, factworld v1) the model read the answer off any name token, the causal
-    trace's indirect effect at the subject's last token was 0.04 and ROME with the published LLaMA settings made
-    the new target top-1 on about 15–20% of edits; with the pool it is the default edit site. Families share
+    the subject at its last token before looking a fact up — the subject enrichment ROME edits. Families share
     their last word.
 
     With ``stem_share`` every name's words before its last (its *stem*) are shared, in order, by that many
-    names of different families, so no proper prefix of a name identifies a subject either. Without it (the
-    v2 world) two words almost always did, and the subject could be recognised before its last token: a free
-    δ on the layer-0 MLP output at the second-to-last token brought the new target's NLL below 0.7 about as
-    often as one at the last (25 against 30 of 36 facts), and ROME failed on 17% of edits. With shared stems
-    a δ at the last token reaches all 36, and ROME succeeds on 97% of edits.
+    names of different families, so no proper prefix of a name identifies a subject either. With
+    ``order_twins`` every family of names of three or more words gets a twin family with the same surname and
+    each stem in another fixed order (a permutation no other stem uses), with facts of its own: the set of a
+    name's words then names two subjects, and only their order tells them apart. ``docs/history.md`` records
+    what each of these changed.
     """
     n_slots = int(config.n_subjects * 3.2)
     pool = [fresh_word() for _ in range(max(8, round(n_slots / config.name_pool_share)))]
@@ -283,11 +282,25 @@ def _pooled_names(config: WorldConfig, rng: random.Random, fresh_word) -> list[t
             open_stems.pop(index)
         return stem
 
+    twins: dict[tuple[str, ...], tuple[str, ...]] = {}  # stem -> its order twin (same words, other order)
+
+    def twin_of(stem: tuple[str, ...]) -> tuple[str, ...]:
+        """The stem's order twin: a fixed other ordering of its words, used by no other stem."""
+        if stem not in twins:
+            orders = [p for p in itertools.permutations(stem) if p != stem and p not in stems]
+            twins[stem] = rng.choice(orders) if orders else stem
+            stems.add(twins[stem])
+        return twins[stem]
+
     family = 0
     while len(subjects_words) < config.n_subjects:
-        size = min(rng.randint(*config.family_size), config.n_subjects - len(subjects_words))
+        remaining = config.n_subjects - len(subjects_words)
+        drawn = rng.randint(*config.family_size)
         three = rng.random() < config.three_word_fraction
+        twinned = config.order_twins and three and config.stem_share is not None and remaining >= 2
+        size = min(drawn, remaining // 2 if twinned else remaining)
         surname = rng.choice(pool)
+        members: list[tuple[str, ...]] = []
         for _ in range(size):
             n_words = rng.choice((3, 3, 4)) if three else 2
             if config.stem_share is not None:
@@ -298,8 +311,16 @@ def _pooled_names(config: WorldConfig, rng: random.Random, fresh_word) -> list[t
                     if words not in names:
                         break
             names.add(words)
+            members.append(words)
             subjects_words.append((list(words), family))
         family += 1
+        if twinned:  # the twin family: the same surname and words, each stem in its other order
+            for words in members:
+                twin = (*twin_of(words[:-1]), surname)
+                if twin != words and twin not in names:
+                    names.add(twin)
+                    subjects_words.append((list(twin), family))
+            family += 1
     return subjects_words
 
 

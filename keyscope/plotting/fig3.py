@@ -16,11 +16,12 @@ COLOURS = {
     "original": "#000000",
     "rephrase": "#1f77b4",
     "shuffle": "#d62728",
-    "long_context": "#2ca02c",
+    "shuffle_words": "#ff7f0e",
+    "long": "#2ca02c",
     "random": "#7f7f7f",
 }
-LABELS = {"rephrase": "rephrased subject", "shuffle": "shuffled subject", "long_context": "long context",
-          "random": "other subject (baseline)", "original": "original prompt"}
+LABELS = {"rephrase": "rephrased subject", "shuffle": "shuffled subject tokens", "shuffle_words": "shuffled subject words",
+          "long": "long context", "random": "other subject (baseline)", "original": "original prompt"}
 
 
 def similarity_distributions(values: Mapping[str, Sequence[float]], title: str = "") -> Figure:

@@ -11,26 +11,32 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
-LABELS = {
-    "success": "Success", "locality": "Locality",
-    "rephrase_id": "Rephrase ID", "shuffle_id": "Shuffle ID", "long_id": "Long ID",
-    "rephrase_ood": "Rephrase OOD", "shuffle_ood": "Shuffle OOD", "long_ood": "Long OOD",
-}
+#: One colour per metric family: a kind's ID (solid) and OOD (dashed) lines share it.
+COLOURS = {"success": "#000000", "locality": "#7f7f7f", "rephrase": "#1f77b4", "shuffle": "#d62728",
+           "shuffle_words": "#ff7f0e", "long": "#2ca02c"}
+
+
+def _family(name: str) -> str:
+    for suffix in ("_ood_new", "_ood", "_id"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
 
 
 def tau_sweep(taus: Sequence[float], metrics: Mapping[str, Sequence[float | None]],
-              baseline: Mapping[str, float | None] | None = None, title: str = "") -> Figure:
+              baseline: Mapping[str, float | None] | None = None, title: str = "",
+              labels: Mapping[str, str] | None = None) -> Figure:
     """Lines of ``metrics[name]`` ``(len(taus),)`` (fractions; ``None`` for metrics without prompts) against
-    ``taus``, in percent; ``baseline`` (ROME alone) as dotted lines."""
-    fig = Figure(figsize=(7.2, 4.2), layout="constrained")
+    ``taus``, in percent, labelled by ``labels``; out-of-domain metrics dashed, ``baseline`` (ROME alone) as
+    dotted lines."""
+    fig = Figure(figsize=(7.6, 4.4), layout="constrained")
     ax = fig.add_subplot()
-    colours = iter(["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"])
     x = np.asarray(taus, dtype=float)
     for name, values in metrics.items():
-        colour = next(colours)
+        colour = COLOURS.get(_family(name), "#8c564b")
         y = np.array([np.nan if v is None else 100 * v for v in values], dtype=float)
-        style = "-" if not name.endswith("_ood") else "--"
-        ax.plot(x, y, style, marker="o", ms=3, color=colour, label=LABELS.get(name, name))
+        style = "--" if "_ood" in name else "-"
+        ax.plot(x, y, style, marker="o", ms=3, color=colour, label=(labels or {}).get(name, name))
         if baseline is not None and baseline.get(name) is not None:
             ax.axhline(100 * baseline[name], color=colour, lw=0.8, ls=":")
     ax.set_xlabel(r"gate threshold $\tau$")

@@ -44,8 +44,9 @@ def test_edit_a_case_shows_every_probe_before_and_after(inputs, capsys):
     assert set(result["seconds"]) == {"prefixes", "k_star", "v_star", "update", "total"}
     assert all(t >= 0 for t in result["seconds"].values()) and result["seconds"]["v_star"] > 0
     kinds = [p["kind"] for p in result["probes"]]
-    assert kinds[0] == "original" and kinds.count("rephrased") == 3 and kinds[-1] == "long_context"
-    assert 1 <= kinds.count("shuffled") <= 3  # two subject tokens or more: at least one shuffle
+    assert kinds[0] == "original" and kinds.count("rephrase") == 3 and kinds[-1] == "long"
+    assert 1 <= kinds.count("shuffle") <= 3  # two subject tokens or more: at least one shuffle
+    assert kinds.count("shuffle_words") == 1  # two words: one other order
     for probe in result["probes"]:
         assert len(probe["before"]) == len(probe["after"]) == 3
         assert probe["before"][0]["probability"] >= probe["before"][1]["probability"] >= probe["before"][2]["probability"]
@@ -55,7 +56,7 @@ def test_edit_a_case_shows_every_probe_before_and_after(inputs, capsys):
     assert long["n_context_tokens"] == 40 and long["prompt"].endswith("Michael Jordan played basketball for the")
     # s(k) of the bare prompt against the prefix-averaged k*: the edit reaches it
     assert result["probes"][0]["strength"] > 0.5
-    assert "[original]" in printed and "[rephrased]" in printed and "[long_context]" in printed
+    assert "[original]" in printed and "[rephrase]" in printed and "[long]" in printed
     assert printed.count("before:") == len(kinds) and printed.count("after:") == len(kinds)
     assert "k*" in printed and "v*" in printed and "update" in printed
 
@@ -96,7 +97,7 @@ def test_edit_a_factworld_case(capsys, tmp_path, monkeypatch):
     result = json.loads(report.read_text())
     kinds = [p["kind"] for p in result["probes"]]
     assert result["model"] == "factworld" and result["case_id"] == 0
-    assert kinds.count("rephrased") == 10 and kinds[-1] == "long_context"
+    assert kinds.count("rephrase") == 10 and kinds[-1] == "long"
     original = result["probes"][0]  # the edit moves the prompt towards the new target (top-1 is not assured:
     assert original["target_probability_after"] > original["target_probability_before"]  # see keyscope values)
     assert original["strength"] > 0.5

@@ -12,10 +12,13 @@ def test_factworld_info_prints_and_writes_the_report(tmp_path, capsys):
     out = tmp_path / "info.json"
     assert main(["factworld", "info", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
-    assert set(report) == {"accuracy", "subjects", "relations", "facts", "layer"}
+    assert {"accuracy", "subjects", "relations", "facts", "layer", "n_layers", "tokenizer", "subject_tokens",
+            "trace"} <= set(report)
     assert set(report["accuracy"]) == {"canonical", "trained_aliases", "alias_only", "shuffled", "long_context"}
-    assert all(0.0 <= v <= 1.0 for v in report["accuracy"].values())
     assert report["accuracy"]["canonical"] >= 0.99 and report["accuracy"]["trained_aliases"] >= 0.95
+    assert report["n_layers"] >= 6 and report["layer"] >= 1 and report["tokenizer"] == "bpe"
+    assert report["subject_tokens"]["median"] >= 4
+    assert len(report["trace"]["indirect_effect"]) == report["n_layers"]
     printed = capsys.readouterr().out
     assert "canonical" in printed and f"default edit layer {report['layer']}" in printed
 

@@ -46,16 +46,21 @@ def test_scan_writes_figure_csv_and_prints_top1(inputs, capsys):
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with open(out / "fig4_neighbors.csv", newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
-    assert len(rows) == 3 * 4, "3 distinct subjects (Michael Jordan twice in the file) x top-4"
-    assert {r["case_id"] for r in rows} == {"7", "8", "10"}
+    assert len(rows) == 2 * 3 * 4, "2 filters x 3 distinct subjects (Michael Jordan twice in the file) x top-4"
+    assert {r["case_id"] for r in rows} == {"7", "8", "10"} and {r["filter"] for r in rows} == {"paper", "strict"}
     for subject in ("The Eiffel Tower", "Michael Jordan", "Ljubljana"):
         assert subject in printed
     summary = json.loads(report.read_text())
     assert summary["subjects"] == 3 and summary["n_tokens"] == 300 and summary["top_k"] == 4
-    assert summary["summary"]["rephrase"]["n"] == 3  # Eiffel Tower, the Tower, Jordan
-    top1 = {t["subject"]: t for t in summary["top1"]}
-    best = {r["subject"]: float(r["score"]) for r in rows if r["rank"] == "0"}
-    assert all(abs(top1[s]["score"] - best[s]) < 1e-4 for s in best)
+    assert summary["rephrase"]["n"] == 3  # Eiffel Tower, the Tower, Jordan
+    for name in ("paper", "strict"):
+        top1 = {t["subject"]: t for t in summary["top1"][name]}
+        best = {r["subject"]: float(r["score"]) for r in rows if r["rank"] == "0" and r["filter"] == name}
+        assert all(abs(top1[s]["score"] - best[s]) < 1e-4 for s in best)
+        scores = sorted(float(r["score"]) for r in rows if r["filter"] == name)
+        median = summary["filters"][name]["median_top10"]
+        assert abs(median - (scores[len(scores) // 2 - 1] + scores[len(scores) // 2]) / 2) < 1e-4
+    assert summary["filters"]["strict"]["excluded_positions"] >= summary["filters"]["paper"]["excluded_positions"]
 
 
 def test_scan_needs_facts_for_other_models(inputs, capsys):

@@ -48,7 +48,7 @@ def test_similarity_on_a_local_model(tiny_checkpoints, rep_file, tmp_path, capsy
     assert main(argv) == 0
     printed = capsys.readouterr().out
     result = json.loads(report.read_text())
-    assert result["layer"] == 1 and set(result["perturbations"]) == {"rephrase", "shuffle", "long_context", "random"}
+    assert result["layer"] == 1 and set(result["perturbations"]) == {"rephrase", "shuffle", "shuffle_words", "long", "random"}
     assert result["perturbations"]["rephrase"]["n"] == 7
     for stats in result["perturbations"].values():
         assert stats["q10"] <= stats["median"] <= stats["q90"]

@@ -1,17 +1,18 @@
-"""Full-size retraining for other seeds: every seed must clear the quality bar (about 10 min each on 2 CPU
-cores). Marked ``training``: CI deselects them; run with ``python -m pytest -m training``."""
+"""Full-size rebuilds for seed 0 and another seed: each must clear the whole quality bar (about 25 min each on 2
+CPU cores). Marked ``training``: CI deselects them; run with ``python -m pytest -m training``."""
 
 from __future__ import annotations
 
 import pytest
 
-from keyscope.factworld.build import QUALITY_BAR, meets_bar, rebuild
+from keyscope.experiments.factworld import failures, rebuild
 
 
 @pytest.mark.training
-@pytest.mark.parametrize("seed", [1, 2])
-def test_any_seed_meets_the_quality_bar(seed, tmp_path):
-    card = rebuild(seed=seed, out_dir=tmp_path / f"factworld-{seed}", progress=False)
-    print(f"seed {seed}: {card['accuracy']} in {card['train_seconds']} s, layer {card['default_layer']}")
-    assert meets_bar(card["accuracy"]), (card["accuracy"], QUALITY_BAR)
-    assert card["subjects"] >= 500 and card["relations"] >= 6
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_rebuilt_seed_meets_the_quality_bar(seed, tmp_path):
+    card = rebuild(seed=seed, out_dir=tmp_path / f"factworld-{seed}", progress=False)  # raises below the bar
+    print(f"seed {seed}: layer {card['default_layer']}, {card['accuracy']}, ROME {card['rome_check']}, "
+          f"{card['build_seconds']} s")
+    assert not failures(card)
+    assert card["subjects"] >= 500 and card["relations"] >= 6 and card["default_layer"] >= 1

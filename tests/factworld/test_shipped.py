@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from keyscope.experiments.factworld import QUALITY_BAR
 from keyscope.factworld import quality
-from keyscope.factworld.build import QUALITY_BAR, world_of
+from keyscope.factworld.card import world_of
 from keyscope.models import default_layer, load_model, model_card
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from keyscope.factworld import WorldConfig, build_world, corpus, export
-from keyscope.factworld.tokenizer import build_tokenizer
+from keyscope.factworld.tokenizer import TokenizerConfig, build_tokenizer
 from keyscope.factworld.world import ALIAS_KINDS
 
 REPO = Path(__file__).resolve().parents[2]
@@ -58,8 +58,8 @@ def test_world_is_deterministic_and_seed_dependent():
     assert [s.name for s in a.subjects] != [s.name for s in c.subjects]
 
 
-def test_tokenizer_covers_the_world_and_filler(world):
-    tok = build_tokenizer(world)
+def test_word_level_tokenizer_covers_the_world_and_filler(world):
+    tok = build_tokenizer(world, TokenizerConfig(kind="word"))
     unk = tok.unk_token_id
     for s in world.subjects[:100]:
         for form in (s.name, *s.aliases):
@@ -68,6 +68,41 @@ def test_tokenizer_covers_the_world_and_filler(world):
     text = corpus.filler_text(__import__("random").Random(0), 2000, world, mention_rate=0.2)
     assert unk not in tok(text)["input_ids"]
     assert tok.decode(tok(text)["input_ids"], skip_special_tokens=True) == text  # exact round trip
+
+
+def test_bpe_tokenizer_cuts_names_into_subword_pieces(world):
+    tok = build_tokenizer(world)
+    assert len(tok) == TokenizerConfig().vocab_size and tok.unk_token_id not in tok(world.subjects[0].name)["input_ids"]
+    counts = sorted(len(tok(s.name, add_special_tokens=False)["input_ids"]) for s in world.subjects)
+    assert counts[len(counts) // 2] >= 4  # the median name is at least 4 tokens
+    words = {w for s in world.subjects for w in s.words}
+    split = sum(len(tok(w, add_special_tokens=False)["input_ids"]) >= 2 for w in words) / len(words)
+    assert split > 0.5, split  # most name words are cut into pieces
+    for relation in world.relations:  # targets stay single tokens after a prompt
+        assert all(len(tok(" " + t, add_special_tokens=False)["input_ids"]) == 1 for t in relation.targets)
+    text = corpus.filler_text(__import__("random").Random(0), 500, world, mention_rate=0.2)
+    ids = tok(text)["input_ids"]
+    assert ids[0] == tok.bos_token_id and tok.decode(ids, skip_special_tokens=True).strip() == text
+    enc = tok("The sport of " + world.subjects[3].name + " is", return_offsets_mapping=True)
+    pieces = [text for text, (a, b) in zip(tok.convert_ids_to_tokens(enc["input_ids"]), enc["offset_mapping"]) if b > a]
+    assert len(pieces) == len(enc["input_ids"]) - 1  # offsets for every token but the BOS
+    again = build_tokenizer(world)
+    assert again.backend_tokenizer.to_str() == tok.backend_tokenizer.to_str()  # training is deterministic
+
+
+def test_order_twins_share_words_and_surname_but_not_facts(world):
+    by_bag = {}
+    for s in world.subjects:
+        by_bag.setdefault((tuple(sorted(s.words)), s.words[-1]), []).append(s)
+    twinned = [group for group in by_bag.values() if len(group) > 1]
+    assert sum(len(g) for g in twinned) / len(world.subjects) > 0.8  # most subjects have an order twin
+    a, b = twinned[0][:2]
+    assert a.words != b.words and a.words[-1] == b.words[-1] and a.family != b.family
+    records = export.records(world)
+    assert b.name in records[a.subject_id * len(world.relations)]["order_twins"]
+    old = build_world(WorldConfig(n_subjects=120, order_twins=False))
+    old_bags = Counter((tuple(sorted(s.words)), s.words[-1]) for s in old.subjects)
+    assert max(old_bags.values()) == 1
 
 
 def test_filler_is_long_unrelated_and_seeded(world):
@@ -109,13 +144,13 @@ def test_pooled_names_share_every_word():
 
 
 def test_no_template_ends_in_the_and_old_cards_keep_theirs():
-    from keyscope.factworld.build import world_config_of
+    from keyscope.factworld.card import world_config_of
     from keyscope.factworld.world import TEMPLATES_V2
 
     for relation in build_world(WorldConfig(n_subjects=50)).relations:
         assert all(t.split()[-1] != "the" for t in relation.templates), relation.templates
     old_card = {"train_config": {"world": {"seed": 0, "n_subjects": 50, "name_pool_share": 6.0}}}  # a v2 card
-    assert world_config_of(old_card) == WorldConfig(n_subjects=50, templates=2, stem_share=None)
+    assert world_config_of(old_card) == WorldConfig(n_subjects=50, templates=2, stem_share=None, order_twins=False)
     old = build_world(world_config_of(old_card))
     assert old.relation("instrument").templates == TEMPLATES_V2["instrument"]
     assert old.relation("sport").templates == build_world(WorldConfig(n_subjects=50)).relation("sport").templates

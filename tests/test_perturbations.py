@@ -1,0 +1,159 @@
+"""The perturbed prompts of a fact: token and word shuffles, long contexts, rephrasings, and the
+leave-kind-out split into in-domain and out-of-domain probes."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from keyscope import perturbations as pt
+from keyscope.datasets import Fact
+from keyscope.keys import fill, locate, subject_last_index
+from tests import hf_tiny
+
+
+@pytest.fixture(scope="module")
+def tokenizers():
+    return {
+        "bpe": hf_tiny.byte_level_bpe_tokenizer(),
+        "sp": hf_tiny.sentencepiece_style_tokenizer(),
+        "word": hf_tiny.word_level_tokenizer(),
+    }
+
+
+SHUFFLE_CASES = [
+    ("{} is located in Paris", "The Eiffel Tower"),
+    ("{} played basketball for the", "Michael Jordan"),
+    ("The city of {} is big", "São Paulo"),
+    ("Kobe Bryant played for the {}", "Los Angeles Lakers"),
+]
+
+
+@pytest.mark.parametrize("tok_name", ["bpe", "sp", "word"])
+@pytest.mark.parametrize("template,subject", SHUFFLE_CASES)
+def test_shuffles_decode_to_text_with_the_same_token_multiset(tokenizers, tok_name, template, subject):
+    tok = tokenizers[tok_name]
+    original = pt.subject_tokens(tok, template, subject)
+    probes = pt.shuffled_subjects(tok, template, subject, n=10, seed=0)
+    assert len(probes) <= 10
+    assert len({p.prompt for p in probes}) == len(probes), "distinct permutations"
+    for p in probes:
+        assert p.kind == "shuffle" and p.exact_tokens is True
+        assert "Ġ" not in p.prompt and "▁" not in p.prompt, "decoded text, not raw pieces"
+        assert p.template.count("{}") == 1
+        assert p.prompt != fill(template, subject).text
+        assert pt.same_token_multiset(tok, p, template, subject)
+        assert pt.subject_tokens(tok, p.template, p.subject) != original
+        shuffled = pt.subject_tokens(tok, p.template, p.subject)
+        assert Counter(shuffled) <= Counter(original)  # a bare-space token at the edge may fall outside
+        # the subject's last token is the last shuffled token, at the same position as before
+        assert subject_last_index(tok, p.template, p.subject) == subject_last_index(tok, template, subject)
+    if len(set(original)) >= 3 and tok_name != "bpe":
+        assert len(probes) >= 2
+
+
+def test_shuffles_exist_for_the_tiny_tokenizers(tokenizers):
+    counts = {name: len(pt.shuffled_subjects(tok, "{} played basketball for the", "Michael Jordan"))
+              for name, tok in tokenizers.items()}
+    assert counts["word"] == 1  # two words: one other order
+    assert counts["bpe"] >= 3 and counts["sp"] >= 3
+
+
+def test_byte_split_characters_cannot_always_be_shuffled(tokenizers):
+    """Byte-level BPE splits ``ã`` into two byte tokens; most permutations separate them into invalid UTF-8,
+    so the decoded text no longer re-tokenises into the shuffled tokens — those are flagged, and dropped
+    by default."""
+    tok = tokenizers["bpe"]
+    every = pt.shuffled_subjects(tok, "The city of {} is big", "São Paulo", n=10, require_exact=False)
+    assert any(p.exact_tokens is False for p in every)
+    exact = pt.shuffled_subjects(tok, "The city of {} is big", "São Paulo", n=10)
+    assert exact and all(p.exact_tokens for p in exact)
+    assert not all(pt.same_token_multiset(tok, p, "The city of {} is big", "São Paulo") for p in every)
+
+
+def test_single_token_subject_has_no_shuffle(tokenizers):
+    assert pt.shuffled_subjects(tokenizers["word"], "{} is a country", "Slovenia") == []
+
+
+@pytest.mark.parametrize("tok_name", ["bpe", "sp", "word"])
+def test_long_context_has_exact_token_count(tokenizers, tok_name):
+    tok = tokenizers[tok_name]
+    context = iter(hf_tiny.TRAINING_TEXT * 3)
+    probe = pt.long_context(tok, "{} is located in", "The Eiffel Tower", context, n_tokens=300)
+    assert probe.kind == "long" and probe.n_context_tokens == 300
+    head = probe.template[: probe.template.index("{}")]
+    assert pt.count_prefix_tokens(tok, probe.prompt, len(head)) == 300
+    assert probe.prompt.endswith("The Eiffel Tower is located in")
+    # the prompt keeps its own tokens after the context, so the subject index moves by exactly 300
+    short_enc, short_index = locate(tok, "{} is located in", "The Eiffel Tower", prepend_bos=False)
+    long_index = subject_last_index(tok, probe.template, probe.subject, prepend_bos=False)
+    assert long_index == short_index + 300
+    # a second fact drawing from the same iterator gets different text
+    other = pt.long_context(tok, "{} is located in", "The Eiffel Tower", context, n_tokens=300)
+    assert other.template != probe.template
+
+
+def test_rephrased_and_other_subjects():
+    probes = pt.rephrased_subjects("{} is in Paris", "The Eiffel Tower", ["Eiffel Tower", "La tour Eiffel", ""])
+    assert [p.prompt for p in probes] == ["Eiffel Tower is in Paris", "La tour Eiffel is in Paris"]
+    assert all(p.kind == "rephrase" for p in probes)
+    pool = ["Big Ben", "Colosseum", "The Eiffel Tower", "Big Ben", "Louvre"]
+    others = pt.other_subjects("The Eiffel Tower is in Paris", "The Eiffel Tower", pool, n=2, seed=1)
+    assert len(others) == 2 and len({p.subject for p in others}) == 2
+    assert all(p.subject != "The Eiffel Tower" and p.template == "{} is in Paris" for p in others)
+    assert pt.other_subjects("{} x", "A", pool, n=10) == pt.other_subjects("{} x", "A", pool, n=10)
+
+
+def test_word_shuffles_permute_whole_words_and_skip_other_subjects():
+    probes = pt.word_shuffled_subjects("{} works for", "Ann Bea Cid", n=10, seed=0, exclude={"Bea Ann Cid"})
+    forms = [p.subject for p in probes]
+    assert sorted(forms) == sorted(["Ann Cid Bea", "Bea Cid Ann", "Cid Ann Bea", "Cid Bea Ann"])  # 5 others, 1 excluded
+    assert all(p.kind == "shuffle_words" and p.source == "canonical" and p.template == "{} works for" for p in probes)
+    assert pt.word_shuffled_subjects("{} x", "Single", n=5) == []
+    assert pt.word_shuffled_subjects("{} x", "Ann Bea Cid", n=2, seed=3) == pt.word_shuffled_subjects("{} x", "Ann Bea Cid", n=2, seed=3)
+
+
+def test_token_shuffles_skip_forms_that_name_other_subjects(tokenizers):
+    tok = tokenizers["word"]
+    every = pt.shuffled_subjects(tok, "{} played basketball for the", "Michael Jordan", n=10)
+    assert [p.subject for p in every] == ["Jordan Michael"]
+    assert pt.shuffled_subjects(tok, "{} played basketball for the", "Michael Jordan", n=10,
+                                exclude={"Jordan Michael"}) == []
+
+
+def _fact(kinds=True):
+    rephrase = ["Lord Ann Bea Cid", "Cid , Ann Bea", "A . B . Cid", "Ann Bea Cid the Elder"]
+    extras = {"subject_rephrase_kind": ["title", "word_order", "initials", "suffix"]} if kinds else {}
+    return Fact(case_id=7, prompt="{} works as a", subject="Ann Bea Cid", target_new="poet", target_true="doctor",
+                paraphrase_prompts=("The profession of Ann Bea Cid is",), subject_rephrase=tuple(rephrase), extras=extras)
+
+
+def test_leave_kind_out_split_by_rephrase_kind_and_source(tokenizers):
+    tok = tokenizers["bpe"]
+    config = pt.PerturbationConfig(n_shuffles=3, n_word_shuffles=3, n_long_contexts=2, long_context_tokens=20)
+    facts = [_fact(), Fact(case_id=8, prompt="{} works as a", subject="Dee Eve", target_new="a", target_true="b")]
+    probes = pt.fact_probes(tok, facts[0], iter(hf_tiny.TRAINING_TEXT * 20), config,
+                            exclude=pt.subject_forms(facts), other_facts=facts)
+    rephrase_id, rephrase_ood = probes.perturbed["rephrase"]
+    assert {p.source for p in rephrase_id} == {"title", "suffix"}
+    assert {p.source for p in rephrase_ood} == {"word_order", "initials"}
+    shuffle_id, shuffle_ood = probes.perturbed["shuffle"]
+    assert shuffle_id and all(p.source == "canonical" for p in shuffle_id)
+    assert shuffle_ood and {p.source for p in shuffle_ood} <= {"word_order", "initials"}
+    assert all(Counter(p.subject.replace(" ", "")) == Counter("AnnBeaCid") for p in shuffle_id)  # same pieces
+    long_id, long_ood = probes.perturbed["long"]
+    assert [p.source for p in long_id] == ["corpus", "corpus"] and [p.source for p in long_ood] == ["facts", "facts"]
+    assert all("works as a" in p.template and p.n_context_tokens == 20 for p in long_id + long_ood)
+    assert "Dee Eve works as a b ." in long_ood[0].template  # other facts' sentences before the prompt
+    training = probes.training_probes()
+    for kind in pt.KINDS:
+        assert not set(probes.perturbed[kind][1]) & set(training)  # nothing out-of-domain is trained on
+    assert [p.kind for p in probes.templates] == ["template"] and probes.templates[0].subject == "Ann Bea Cid"
+
+
+def test_without_kinds_the_second_half_of_the_rephrasings_is_out_of_domain(tokenizers):
+    probes = pt.fact_probes(tokenizers["bpe"], _fact(kinds=False), None, pt.PerturbationConfig())
+    rephrase_id, rephrase_ood = probes.perturbed["rephrase"]
+    assert [p.source for p in rephrase_id] == ["#0", "#1"] and [p.source for p in rephrase_ood] == ["#2", "#3"]
+    assert probes.perturbed["long"] == ((), ())
