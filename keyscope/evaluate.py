@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -70,7 +70,7 @@ class EvalConfig:
 
     n: int = 100
     seed: int = 0
-    probes: PerturbationConfig = field(default_factory=PerturbationConfig)
+    probes: PerturbationConfig = field(default_factory=PerturbationConfig)  # its seed is set to `seed`
     twin_cosine: float = 0.95
     n_corpus_negatives: int = 512
     bootstrap: int = 1000
@@ -79,21 +79,27 @@ class EvalConfig:
     def __post_init__(self):
         if self.n < 1:
             raise ValueError(f"n must be positive, not {self.n}")
+        if self.probes.seed != self.seed:  # one seed draws the facts, the splits and the probes
+            object.__setattr__(self, "probes", replace(self.probes, seed=self.seed))
 
 
-def near_twins(model, queries: FactProbes, layer: int, cov, rep_config: rep.REPConfig, threshold: float,
-               batch_size: int = 32) -> dict[int, float]:
-    """For each out-of-domain probe of ``queries`` (by ``id``), its largest whitened cosine with the keys REP
-    trains on (:func:`keyscope.rep.training_positives` of the in-domain probes, and the edit prompt's own key);
-    a probe at or above ``threshold`` is a near-twin of a training key."""
-    ood = [p for kind in KINDS for p in queries.perturbed[kind][1]]
+def near_twins(model, queries: FactProbes, layer: int, cov, rep_config: rep.REPConfig,
+               anchors: torch.Tensor | None = None, batch_size: int = 32) -> dict[tuple[str, int], float]:
+    """For each out-of-domain probe of ``queries`` (keyed ``(kind, index in the kind's OOD list)``), its
+    largest whitened cosine ``kᵀC⁻¹k' / (‖k‖_C⁻¹ ‖k'‖_C⁻¹)`` with the keys REP trains on: the edit prompt's
+    own key, :func:`keyscope.rep.training_positives` of the in-domain probes and ``anchors`` ``(n, d_mlp)``
+    (the edit's prefixed keys, :attr:`keyscope.rome.Edit.prefix_keys`, which REP keeps fixed). A probe at or
+    above :attr:`EvalConfig.twin_cosine` is a near-twin of a training key."""
+    ood = [(kind, i, p) for kind in KINDS for i, p in enumerate(queries.perturbed[kind][1])]
     if not ood:
         return {}
     training = [queries.original, *rep.training_positives(queries.training_probes(), rep_config)]
-    keys = probe_keys(model, [*ood, *training], layer, batch_size=batch_size)  # (n_ood + n_train, d_mlp)
-    cosine = whitened_cosine_matrix(keys[: len(ood)], keys[len(ood) :], cov)  # (n_ood, n_train)
+    keys = probe_keys(model, [p for _, _, p in ood] + training, layer, batch_size=batch_size)  # (n_ood + n_train, d_mlp)
+    if anchors is not None:
+        keys = torch.cat([keys, anchors.to(keys.device, keys.dtype)])  # (n_ood + n_train + n_anchors, d_mlp)
+    cosine = whitened_cosine_matrix(keys[: len(ood)], keys[len(ood) :], cov)  # (n_ood, n_train + n_anchors)
     best = cosine.max(1).values.cpu().tolist()
-    return {id(p): c for p, c in zip(ood, best)}
+    return {(kind, i): c for (kind, i, _), c in zip(ood, best)}
 
 
 # ---------------------------------------------------------------------------------------------- scoring
@@ -112,7 +118,7 @@ class _Plan:
         return len(self.sequences) - 1
 
 
-def _plan(tokenizer, queries: FactProbes, twins: dict[int, float], threshold: float) -> _Plan:
+def _plan(tokenizer, queries: FactProbes, twins: dict[tuple[str, int], float], threshold: float) -> _Plan:
     fact = queries.fact
     plan = _Plan()
 
@@ -127,8 +133,8 @@ def _plan(tokenizer, queries: FactProbes, twins: dict[int, float], threshold: fl
         in_domain, out_of_domain = queries.perturbed[kind]
         for probe in in_domain:
             query([f"{kind}_id"], probe.prompt)
-        for probe in out_of_domain:
-            new = twins.get(id(probe), -1.0) < threshold
+        for i, probe in enumerate(out_of_domain):
+            new = twins.get((kind, i), -1.0) < threshold
             query([f"{kind}_ood", *([f"{kind}_ood_new"] if new else [])], probe.prompt)
     truth = fact.locality_ground_truth or fact.target_true
     plan.locality = [plan.add(target_sequence(tokenizer, p, truth)) for p in fact.neighborhood_prompts]
@@ -212,13 +218,13 @@ def evaluate_fact(model, fact: Fact, queries: FactProbes, layer: int, cov, metho
     """Edit one fact with every method and score it: ``{"case_id", "edit_seconds", "methods": {name:
     {metric: (hits, total, prob_hits)}}}``; with ``taus``, ``rome+rep@τ`` entries for each threshold."""
     tokenizer = model.tokenizer
-    twins = near_twins(model, queries, layer, cov, rep_config, twin_cosine, batch_size)
-    plan = _plan(tokenizer, queries, twins, twin_cosine)
-    unedited = score_targets(model, [plan.sequences[r] for r in plan.locality], batch_size=batch_size).argmax
     start = time.perf_counter()
     edit = rome.compute_edit(model, rome.EditRequest(fact.prompt, fact.subject, fact.target_new, fact.target_true),
-                             layer, cov, rome_config, prefixes=shared.prefixes)
+                             layer, cov, rome_config, prefixes=shared.prefixes)  # leaves the weights unchanged
     row = {"case_id": fact.case_id, "edit_seconds": time.perf_counter() - start, "methods": {}}
+    twins = near_twins(model, queries, layer, cov, rep_config, edit.prefix_keys, batch_size)
+    plan = _plan(tokenizer, queries, twins, twin_cosine)
+    unedited = score_targets(model, [plan.sequences[r] for r in plan.locality], batch_size=batch_size).argmax
     if "rome" in methods:
         with rep.applied(model, edit):
             row["methods"]["rome"] = _score(model, plan, unedited, batch_size)

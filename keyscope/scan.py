@@ -20,8 +20,11 @@ of a subject's masked token sequences occurs in the token stream (matched across
 position of its last token and the ``window`` positions after it are excluded for that subject (the paper
 masks the subject's last token and the following 10). The **paper** filter masks the subject's last token
 wherever it occurs; the **strict** filter also masks the whole name, its last word, its rephrased forms and
-the subjects the dataset records as related (family members, order twins) — so that what survives it is
-unrelated text. Both run over the same keys in one pass; excluded positions score ``-inf``.
+the subjects the dataset records as related (family members, order twins), from the **first** token of each
+occurrence on — so that what survives it is unrelated text, not the inside of a related name. Because a
+match is only known at its last token, the scan scores positions ``L − 1`` tokens late (``L`` the longest
+masked sequence), holding back that many keys. Both run over the same keys in one pass; excluded positions
+score ``-inf``.
 
 Top-k. Each chunk's ``torch.topk`` over positions ``(k, S)`` is merged with the running ``(k, S)`` best by a
 second ``topk``, so the state (scores, raw similarities, stream positions and the ``prefix_tokens`` token ids
@@ -151,14 +154,23 @@ def subject_token_variants(tokenizer, subject: str, prompt: str | None = None) -
 class SubjectMask:
     """Streaming exclusion mask: which positions of the token stream are at or just after a subject.
 
-    Called on consecutive chunks of the stream (``(P,)`` token ids), it returns a ``(P, S)`` bool mask, True
-    where subject ``j``'s last token lies at most ``window`` positions back. Occurrences that straddle two
-    chunks are found (the last ``max_len - 1`` tokens are carried over) and masks that run past a chunk's end
-    continue into the next. State: that tail and one integer per subject.
+    Called on consecutive chunks of the stream (``(P,)`` token ids), it returns a ``(P', S)`` bool mask, True
+    where subject ``j``'s last token lies at most ``window`` positions back — or, with ``lookbehind``, where
+    the position lies anywhere from the first token of an occurrence to ``window`` positions after its last.
+    Occurrences that straddle two chunks are found (the last ``max_len - 1`` tokens are carried over) and
+    masks that run past a chunk's end continue into the next.
+
+    The mask is emitted ``lag`` positions late (``lag`` at least the longest sequence minus one with
+    ``lookbehind``, so that a match can still reach back into positions not yet emitted): each call returns the
+    rows of the stream from the end of the previous call's rows up to ``lag`` positions before the end of what
+    it has seen; :meth:`flush` returns the last ``lag`` rows. State: the tail, the pending rows and one integer
+    per subject, all bounded.
     """
 
-    def __init__(self, variants: Sequence[Sequence[Sequence[int]]], window: int):
+    def __init__(self, variants: Sequence[Sequence[Sequence[int]]], window: int, lookbehind: bool = False,
+                 lag: int = 0):
         self.window = int(window)
+        self.lookbehind = bool(lookbehind)
         self.n_subjects = len(variants)
         self._by_last: dict[int, list[tuple[tuple[int, ...], int]]] = {}
         for j, subject_variants in enumerate(variants):
@@ -166,21 +178,31 @@ class SubjectMask:
                 variant = tuple(int(i) for i in variant)
                 if variant:
                     self._by_last.setdefault(variant[-1], []).append((variant, j))
-        longest = max((len(v) for group in self._by_last.values() for v, _ in group), default=1)
         self._last_ids = torch.tensor(sorted(self._by_last), dtype=torch.long)  # (n_last,)
-        self._tail_len = longest - 1
+        self._tail_len = self.longest(variants) - 1
+        if self.lookbehind and lag < self._tail_len:
+            raise ValueError(f"a look-behind mask needs lag >= {self._tail_len}, not {lag}")
+        self.lag = int(lag)
         self._tail: list[int] = []
         self._offset = 0  # stream index of the next chunk's first token
         self._masked_until = [-1] * self.n_subjects  # last masked stream index per subject
+        self._pending = torch.zeros((0, self.n_subjects), dtype=torch.bool)  # (≤ lag, S) rows not yet emitted
+
+    @staticmethod
+    def longest(variants: Sequence[Sequence[Sequence[int]]]) -> int:
+        """The length of the longest masked token sequence (at least 1)."""
+        return max((len(v) for subject_variants in variants for v in subject_variants), default=1) or 1
 
     def __call__(self, stream_ids: torch.Tensor) -> torch.Tensor:
         stream_ids = stream_ids.reshape(-1).cpu()  # (P,)
         n = int(stream_ids.shape[0])
-        mask = torch.zeros((n, self.n_subjects), dtype=torch.bool)  # (P, S)
+        pending = self._pending
+        held = int(pending.shape[0])
+        mask = torch.cat([pending, torch.zeros((n, self.n_subjects), dtype=torch.bool)])  # (held + P, S)
         offset, tail = self._offset, self._tail
         for j, until in enumerate(self._masked_until):  # masks carried over from earlier chunks
             if until >= offset:
-                mask[: until - offset + 1, j] = True
+                mask[held : held + until - offset + 1, j] = True
         ids = stream_ids.tolist()
         extended = tail + ids
         candidates = torch.isin(stream_ids, self._last_ids).nonzero().flatten().tolist() if self._by_last else []
@@ -189,15 +211,23 @@ class SubjectMask:
             for variant, j in self._by_last[ids[t]]:
                 m = len(variant)
                 if e - m + 1 >= 0 and tuple(extended[e - m + 1 : e + 1]) == variant:
-                    mask[t : t + self.window + 1, j] = True
+                    first = held + t - (m - 1 if self.lookbehind else 0)  # >= 0: held >= min(lag, seen) >= m - 1
+                    mask[max(first, 0) : held + t + self.window + 1, j] = True
                     self._masked_until[j] = max(self._masked_until[j], offset + t + self.window)
         self._tail = extended[len(extended) - self._tail_len :] if self._tail_len else []
         self._offset = offset + n
-        return mask
+        cut = max(0, int(mask.shape[0]) - self.lag)
+        self._pending = mask[cut:]
+        return mask[:cut]
+
+    def flush(self) -> torch.Tensor:
+        """The rows still pending at the end of the stream: ``(≤ lag, S)``."""
+        pending, self._pending = self._pending, self._pending[:0]
+        return pending
 
     def state_size(self) -> int:
-        """Number of stored stream tokens plus counters (constant in the corpus length)."""
-        return len(self._tail) + len(self._masked_until)
+        """Number of stored stream tokens, pending rows and counters (constant in the corpus length)."""
+        return len(self._tail) + int(self._pending.shape[0]) + len(self._masked_until)
 
 
 # ---------------------------------------------------------------------------------------------- top-k
@@ -302,20 +332,36 @@ def scan_batches(
     norms = (k_stars.to(c_inv.device, torch.float64) * c_inv).sum(-1)  # (S,)
     tops = {name: NeighbourTopK(c_inv.T.to(device), norms.to(device), config.top_k, config.prefix_tokens)
             for name in masks}
-    maskers = {name: SubjectMask(variants, config.window) for name, variants in masks.items()}
+    lookbehind = {name: name == "strict" for name in masks}
+    lag = max([SubjectMask.longest(v) - 1 for name, v in masks.items() if lookbehind[name]], default=0)
+    maskers = {name: SubjectMask(variants, config.window, lookbehind[name], lag) for name, variants in masks.items()}
     bar = _progress(progress, config.n_tokens, f"scan layer {layer}")
     seen = 0
+    held: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # the last ``lag`` keys, positions, prefixes
+
+    def update(keys, positions, prefixes, excluded: dict[str, torch.Tensor]) -> None:
+        scored = None
+        for name, top in tops.items():
+            scored = top.update(keys, excluded[name], positions, prefixes, scored)  # (P, S) each
+
     for batch in batches:
         keys = layer_keys_of(model, batch, layer)  # (P, d_mlp)
         stream = batch.input_ids[batch.key_mask]  # (P,)
         positions = torch.arange(seen, seen + stream.shape[0])  # (P,)
         prefixes = _prefix_windows(batch, config.prefix_tokens)  # (P, L)
-        scored = None
-        for name, masker in maskers.items():
-            scored = tops[name].update(keys, masker(stream), positions, prefixes, scored)  # (P, S) each
+        if held is not None:
+            keys, positions, prefixes = (torch.cat([a.to(b.device), b]) for a, b in zip(held, (keys, positions, prefixes)))
+        excluded = {name: masker(stream) for name, masker in maskers.items()}  # (P + held - lag, S) each
+        cut = int(keys.shape[0]) - lag if lag else int(keys.shape[0])
+        cut = max(cut, 0)
+        held = (keys[cut:], positions[cut:], prefixes[cut:])
+        if cut:
+            update(keys[:cut], positions[:cut], prefixes[:cut], excluded)
         seen += int(stream.shape[0])
         if bar is not None:
             bar.update(int(stream.shape[0]))
+    if held is not None and held[0].shape[0]:
+        update(*held, {name: masker.flush() for name, masker in maskers.items()})
     if bar is not None:
         bar.close()
     return {name: _result(model.tokenizer, top, config, subjects, seen) for name, top in tops.items()}

@@ -21,11 +21,13 @@ layers; ``window`` sets that). The heat map (:func:`heatmap`) traces one fact at
 ``samples`` noise draws per fact are shared by every restoration of that fact (as ROME seeds the noise per
 prompt), drawn from a ``torch.Generator`` seeded with ``(seed, fact index)``, so a trace is deterministic.
 Prompts run in right-padded batches with an attention mask, each fact's ``samples`` corrupted rows side by
-side, and one forward pass restores every layer at once (a row per layer and draw).
+side, and the restorations of every layer run as rows of the same batches (a row per layer and draw), at most
+``max_rows`` rows per forward pass; noise is stored once per draw, not per row.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -59,13 +61,14 @@ class TraceConfig:
     samples: int = 5
     window: int = 1
     seed: int = 0
-    batch_size: int = 16
+    batch_size: int = 16  # facts traced together
+    max_rows: int = 512  # rows (fact × layer × draw) per forward pass
 
     def __post_init__(self):
-        if self.n < 1 or self.samples < 1 or self.window < 1 or self.batch_size < 1:
-            raise ValueError("n, samples, window and batch_size must be positive")
-        if self.noise_scale <= 0:
-            raise ValueError(f"noise_scale must be positive, not {self.noise_scale}")
+        if min(self.n, self.samples, self.window, self.batch_size, self.max_rows) < 1:
+            raise ValueError("n, samples, window, batch_size and max_rows must be positive")
+        if not math.isfinite(self.noise_scale) or self.noise_scale <= 0:
+            raise ValueError(f"noise_scale must be a positive number, not {self.noise_scale}")
 
 
 @dataclass(frozen=True)
@@ -156,23 +159,50 @@ def _restored_layers(layer: int, window: int, total: int) -> range:
     return range(max(0, layer - window // 2), min(total, layer - (-window // 2)))
 
 
+#: Patches of one hook: rows, positions and the clean values ``(n, d_model)`` put there.
+Patch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
 @torch.no_grad()
 def _probabilities(model, rows: list[tuple[int, ...]], last: list[int], targets: list[int],
-                   noise: torch.Tensor | None, patches: dict[str, tuple[list[int], list[int], torch.Tensor]]) -> torch.Tensor:
-    """P(target) at each row's ``last`` position ``(rows,)``, with ``noise`` ``(rows, pos, d_model)`` added to the
-    embeddings and, for each hook in ``patches``, the activation at ``(rows[j], positions[j])`` set to
-    ``values[j]``."""
-    tokenizer = model.tokenizer
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+                   noise: tuple[torch.Tensor, torch.Tensor] | None, patches: dict[str, Patch],
+                   max_rows: int = 512) -> torch.Tensor:
+    """P(target) at each row's ``last`` position ``(rows,)``. ``noise = (draws, draw_of_row)`` adds
+    ``draws[draw_of_row[j]]`` ``(pos, d_model)`` to row ``j``'s embeddings; for each hook in ``patches`` the
+    activation at ``(rows[j], positions[j])`` is set to ``values[j]``. At most ``max_rows`` rows per forward pass."""
+    out = []
+    for lo in range(0, len(rows), max_rows):
+        hi = min(len(rows), lo + max_rows)
+        chunk: dict[str, Patch] = {}
+        for name, (patch_rows, positions, values) in patches.items():
+            inside = (patch_rows >= lo) & (patch_rows < hi)
+            if bool(inside.any()):
+                chunk[name] = (patch_rows[inside] - lo, positions[inside], values[inside])
+        chunk_noise = None if noise is None else (noise[0], noise[1][lo:hi])
+        out.append(_probabilities_once(model, rows[lo:hi], last[lo:hi], targets[lo:hi], chunk_noise, chunk))
+    return torch.cat(out)
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+def _probabilities_once(model, rows, last, targets, noise, patches: dict[str, Patch]) -> torch.Tensor:
     device = model.cfg.device
-    input_ids, mask = pad_batch(rows, pad_id, "right", device=device)  # (rows, pos)
+    input_ids, mask = pad_batch(rows, _pad_id(model.tokenizer), "right", device=device)  # (rows, pos)
     hooks = []
     if noise is not None:
-        noise = noise.to(device)
-        hooks.append((embed_hook(), lambda act, hook: act + noise[:, : act.shape[1]].to(act.dtype)))
+        added = noise[0][noise[1]].to(device)  # (rows, pos', d_model)
+
+        def corrupt(act, hook):
+            width = min(act.shape[1], added.shape[1])
+            act = act.clone()
+            act[:, :width] += added[:, :width].to(act.dtype)
+            return act
+
+        hooks.append((embed_hook(), corrupt))
     for name, (patch_rows, positions, values) in patches.items():
-        r = torch.as_tensor(patch_rows, device=device)
-        p = torch.as_tensor(positions, device=device)
+        r, p = patch_rows.to(device), positions.to(device)
 
         def patch(act, hook, r=r, p=p, values=values):
             act = act.clone()
@@ -187,12 +217,29 @@ def _probabilities(model, rows: list[tuple[int, ...]], last: list[int], targets:
     return probs.gather(1, torch.as_tensor(targets, device=probs.device)[:, None])[:, 0].cpu()
 
 
+def _restorations(kind: str, n_layers_: int, window: int, clean: dict[str, torch.Tensor],
+                  states: Sequence[tuple[int, int]], samples: int) -> dict[str, Patch]:
+    """The patches that restore, for each traced state ``states[u] = (batch row of the clean run, position)``
+    and each layer ``l``, the clean ``kind`` outputs of the layers around ``l`` (``window``) in the ``samples``
+    corrupted rows ``(u * n_layers + l) * samples + s``."""
+    entries: dict[str, tuple[list[int], list[int], list[int], list[int]]] = {}
+    for u, (batch_row, position) in enumerate(states):
+        for layer in range(n_layers_):
+            for restored in _restored_layers(layer, window, n_layers_):
+                rows, positions, sources, source_positions = entries.setdefault(_hook(kind, restored), ([], [], [], []))
+                for s in range(samples):
+                    rows.append((u * n_layers_ + layer) * samples + s)
+                    positions.append(position)
+                    sources.append(batch_row)
+                    source_positions.append(position)
+    return {name: (torch.tensor(rows), torch.tensor(positions), clean[name][torch.tensor(sources), torch.tensor(src_pos)])
+            for name, (rows, positions, sources, src_pos) in entries.items()}
+
+
 @torch.no_grad()
 def _clean_states(model, prompts: Sequence[_Prompt]) -> dict[str, torch.Tensor]:
     """Every layer's MLP and attention outputs of the clean runs: ``hook name -> (batch, pos, d_model)``."""
-    tokenizer = model.tokenizer
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    input_ids, mask = pad_batch([p.ids for p in prompts], pad_id, "right", device=model.cfg.device)
+    input_ids, mask = pad_batch([p.ids for p in prompts], _pad_id(model.tokenizer), "right", device=model.cfg.device)
     names = {_hook(kind, layer) for kind in KINDS for layer in range(n_layers(model))}
     _, cache = model.run_with_cache(input_ids, attention_mask=mask, names_filter=lambda name: name in names)
     return {name: cache[name].detach() for name in names}
@@ -202,41 +249,27 @@ def _trace_batch(model, prompts: Sequence[_Prompt], offset: int, config: TraceCo
     S, L, d = config.samples, n_layers(model), int(model.cfg.d_model)
     clean = _clean_states(model, prompts)
     p_clean = _probabilities(model, [p.ids for p in prompts], [len(p.ids) - 1 for p in prompts],
-                             [p.target for p in prompts], None, {})
+                             [p.target for p in prompts], None, {}, config.max_rows)
     width = max(len(p.ids) for p in prompts)
-    draws = [_noise(offset + i, p, config, sigma, d) for i, p in enumerate(prompts)]
+    draws = torch.zeros((len(prompts) * S, width, d))  # (facts × draws, pos, d_model): draw s of fact i at i * S + s
+    for i, p in enumerate(prompts):
+        draws[i * S : (i + 1) * S, p.first : p.last + 1] = _noise(offset + i, p, config, sigma, d)
 
     def corrupted_rows(repeats: int):
-        """``repeats`` blocks of ``S`` corrupted rows per fact: ids, last positions, targets, noise."""
-        ids, last, targets, noise = [], [], [], []
-        for i, p in enumerate(prompts):
-            for _ in range(repeats):
-                for s in range(S):
-                    full = torch.zeros((width, d))
-                    full[p.first : p.last + 1] = draws[i][s]
-                    ids.append(p.ids)
-                    last.append(len(p.ids) - 1)
-                    targets.append(p.target)
-                    noise.append(full)
-        return ids, last, targets, torch.stack(noise)
+        """``repeats`` blocks of ``S`` corrupted rows per fact: ids, last positions, targets, draw of each row."""
+        order = [(i, s) for i in range(len(prompts)) for _ in range(repeats) for s in range(S)]
+        return ([prompts[i].ids for i, _ in order], [len(prompts[i].ids) - 1 for i, _ in order],
+                [prompts[i].target for i, _ in order], (draws, torch.tensor([i * S + s for i, s in order])))
 
     ids, last, targets, noise = corrupted_rows(1)
-    p_corrupted = _probabilities(model, ids, last, targets, noise, {}).view(len(prompts), S).mean(1)  # (facts,)
+    p_corrupted = _probabilities(model, ids, last, targets, noise, {}, config.max_rows).view(len(prompts), S).mean(1)
     effects = {}
     ids, last, targets, noise = corrupted_rows(L)  # row (fact i, layer l, draw s) = (i * L + l) * S + s
+    states = [(i, p.last) for i, p in enumerate(prompts)]
     for kind in KINDS:
-        patches: dict[str, tuple[list[int], list[int], list[torch.Tensor]]] = {}
-        for i, p in enumerate(prompts):
-            for layer in range(L):
-                for restored in _restored_layers(layer, config.window, L):
-                    entry = patches.setdefault(_hook(kind, restored), ([], [], []))
-                    for s in range(S):
-                        entry[0].append((i * L + layer) * S + s)
-                        entry[1].append(p.last)
-                        entry[2].append(clean[_hook(kind, restored)][i, p.last])
-        stacked = {name: (r, pos, torch.stack(v)) for name, (r, pos, v) in patches.items()}
-        probs = _probabilities(model, ids, last, targets, noise, stacked).view(len(prompts), L, S).mean(2)  # (facts, L)
-        effects[kind] = probs - p_corrupted[:, None]
+        patches = _restorations(kind, L, config.window, clean, states, S)
+        probs = _probabilities(model, ids, last, targets, noise, patches, config.max_rows)
+        effects[kind] = probs.view(len(prompts), L, S).mean(2) - p_corrupted[:, None]  # (facts, L)
     return [FactTrace(p.fact.case_id, float(p_clean[i]), float(p_corrupted[i]),
                       tuple(effects["mlp"][i].tolist()), tuple(effects["attn"][i].tolist()))
             for i, p in enumerate(prompts)]
@@ -301,25 +334,17 @@ def heatmap(model, fact: Fact, config: TraceConfig | None = None, sigma: float |
     S, L, d, P = config.samples, n_layers(model), int(model.cfg.d_model), len(prompt.ids)
     clean = _clean_states(model, [prompt])
     p_clean = float(_probabilities(model, [prompt.ids], [P - 1], [prompt.target], None, {})[0])
-    draws = _noise(0, prompt, config, sigma, d)
-    full = torch.zeros((S, P, d))
-    full[:, prompt.first : prompt.last + 1] = draws
-    p_corrupted = float(_probabilities(model, [prompt.ids] * S, [P - 1] * S, [prompt.target] * S, full, {}).mean())
+    draws = torch.zeros((S, P, d))  # (draws, pos, d_model)
+    draws[:, prompt.first : prompt.last + 1] = _noise(0, prompt, config, sigma, d)
+    p_corrupted = float(_probabilities(model, [prompt.ids] * S, [P - 1] * S, [prompt.target] * S,
+                                       (draws, torch.arange(S)), {}, config.max_rows).mean())
     effects = {}
     n_rows = P * L * S  # row (token i, layer l, draw s) = (i * L + l) * S + s
-    noise = full.repeat(P * L, 1, 1)
+    noise = (draws, torch.arange(S).repeat(P * L))
     for kind in KINDS:
-        patches: dict[str, tuple[list[int], list[int], list[torch.Tensor]]] = {}
-        for i in range(P):
-            for layer in range(L):
-                for restored in _restored_layers(layer, config.window, L):
-                    entry = patches.setdefault(_hook(kind, restored), ([], [], []))
-                    for s in range(S):
-                        entry[0].append((i * L + layer) * S + s)
-                        entry[1].append(i)
-                        entry[2].append(clean[_hook(kind, restored)][0, i])
-        stacked = {name: (r, pos, torch.stack(v)) for name, (r, pos, v) in patches.items()}
-        probs = _probabilities(model, [prompt.ids] * n_rows, [P - 1] * n_rows, [prompt.target] * n_rows, noise, stacked)
+        patches = _restorations(kind, L, config.window, clean, [(0, i) for i in range(P)], S)
+        probs = _probabilities(model, [prompt.ids] * n_rows, [P - 1] * n_rows, [prompt.target] * n_rows, noise,
+                               patches, config.max_rows)
         effects[kind] = (probs.view(P, L, S).mean(2) - p_corrupted).numpy()
     tokens = tuple(model.tokenizer.decode([i]) for i in prompt.ids)
     return Heatmap(fact.case_id, tokens, (prompt.first, prompt.last), effects, p_clean, p_corrupted)

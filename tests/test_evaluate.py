@@ -5,6 +5,7 @@ import pytest
 
 from keyscope import evaluate as ev
 from keyscope.datasets import Fact
+from keyscope.keys import collect_keys
 from keyscope.models import load_model
 from tests import hf_tiny
 
@@ -48,12 +49,17 @@ def test_near_twin_ood_probes_count_in_ood_but_not_in_ood_new(tiny_checkpoints):
     new = Probe("Yesterday the old market was busy . {} is located in", "Big Ben", "rephrase", "initials")
     perturbed = {kind: ((), ()) for kind in KINDS} | {"rephrase": ((trained,), (twin, new))}
     queries = FactProbes(fact, Probe("{} is located in", "The Eiffel Tower"), perturbed, ())
-    twins = ev.near_twins(model, queries, layer, cov, rep.REPConfig(), 0.95)
-    assert twins[id(twin)] == pytest.approx(1.0, abs=1e-6)
-    assert twins[id(new)] < 0.95
+    twins = ev.near_twins(model, queries, layer, cov, rep.REPConfig())
+    assert twins[("rephrase", 0)] == pytest.approx(1.0, abs=1e-6)
+    assert twins[("rephrase", 1)] < 0.95
     plan = ev._plan(model.tokenizer, queries, twins, 0.95)
     assert len(plan.groups["rephrase_ood"]) == 2 and len(plan.groups["rephrase_ood_new"]) == 1
     assert len(plan.groups["rephrase_id"]) == 1 and "shuffle_id" not in plan.groups
+    # REP also keeps the edit's prefixed keys: a probe equal to one of them is a near-twin too
+    anchors = collect_keys(model, [new.prompt], [new.subject], layer)  # (1, d_mlp)
+    with_anchors = ev.near_twins(model, queries, layer, cov, rep.REPConfig(), anchors)
+    assert with_anchors[("rephrase", 1)] == pytest.approx(1.0, abs=1e-6)
+    assert with_anchors[("rephrase", 0)] == twins[("rephrase", 0)]
 
 
 def test_tau_groups_score_exactly_like_one_pass_per_tau(tiny_checkpoints):
@@ -81,7 +87,8 @@ def test_tau_groups_score_exactly_like_one_pass_per_tau(tiny_checkpoints):
     edit = rome.compute_edit(model, rome.EditRequest(fact.prompt, fact.subject, fact.target_new, fact.target_true),
                              layer, cov, rome_config, prefixes=shared.prefixes)
     fitted = ev.fit_rep(model, edit, queries, rep_config, shared)
-    plan = ev._plan(model.tokenizer, queries, ev.near_twins(model, queries, layer, cov, rep_config, 0.95), 0.95)
+    twins = ev.near_twins(model, queries, layer, cov, rep_config, edit.prefix_keys)
+    plan = ev._plan(model.tokenizer, queries, twins, 0.95)
     unedited = ev.score_targets(model, [plan.sequences[r] for r in plan.locality]).argmax
     for tau in taus:
         with rep.applied(model, edit, fitted, tau):

@@ -51,7 +51,8 @@ def _brute_force(model, cov, facts, config, name="strict"):
             m = len(variant)
             for t in range(m - 1, len(stream)):
                 if tuple(stream[t - m + 1 : t + 1]) == variant:
-                    excluded[t : t + config.window + 1, j] = True
+                    first = t - m + 1 if name == "strict" else t  # strict: the whole occurrence
+                    excluded[first : t + config.window + 1, j] = True
     return scores.masked_fill(excluded, float("-inf")), excluded, batches
 
 
@@ -129,6 +130,53 @@ def test_mask_window_and_chunk_boundaries():
             lo += size
         assert torch.equal(torch.cat(pieces), expected), cut
     assert torch.equal(scan.SubjectMask(variants, window=0)(stream).sum(0), torch.tensor([2, 2]))
+
+
+def test_lookbehind_mask_covers_the_whole_occurrence_and_is_emitted_late():
+    variants = [[(1, 2, 3)], [(7,), (8, 7)]]
+    stream = torch.tensor([5, 1, 2, 3, 4, 4, 4, 4, 7, 0, 1, 2, 3, 6, 8, 7, 6, 6])
+    expected = torch.zeros((18, 2), dtype=torch.bool)
+    expected[1:6, 0] = expected[10:15, 0] = True  # from the first token of 1 2 3 to 2 after its last
+    expected[8:11, 1] = expected[14:18, 1] = True  # 8 7 from its 8 on
+    with pytest.raises(ValueError):
+        scan.SubjectMask(variants, window=2, lookbehind=True, lag=1)
+    for lag in (2, 5):
+        for cut in ([18], [2], [3, 1, 5], [1] * 18, [11, 2, 4]):
+            masker = scan.SubjectMask(variants, window=2, lookbehind=True, lag=lag)
+            pieces, lo = [], 0
+            for size in cut + [18]:
+                if lo >= 18:
+                    break
+                piece = masker(stream[lo : lo + size])
+                assert piece.shape[0] == max(0, min(18, lo + size) - lag) - sum(p.shape[0] for p in pieces)
+                pieces.append(piece)
+                lo += size
+            pieces.append(masker.flush())
+            assert torch.equal(torch.cat(pieces), expected), (lag, cut)
+
+
+def test_strict_scan_never_scores_inside_a_related_name(model, cov, facts):
+    config = scan.ScanConfig(layer=LAYER, n_tokens=400, seq_len=16, batch_size=3, top_k=50, window=0)
+    results = scan.scan_corpus(model, facts, cov, CORPUS, config, progress=False)
+    batches = token_batches(model.tokenizer, CORPUS, config.n_tokens, config.seq_len, config.batch_size)
+    stream = torch.cat([b.input_ids[b.key_mask] for b in batches]).tolist()
+    for j, fact in enumerate(facts):
+        inside = set()
+        for variant in scan.filter_variants(model.tokenizer, fact)["strict"]:
+            m = len(variant)
+            inside |= {t + i for t in range(len(stream) - m + 1) if tuple(stream[t : t + m]) == variant for i in range(m)}
+        assert inside, fact.subject
+        strict = {int(p) for p in results["strict"].positions[j] if p >= 0}
+        assert not strict & inside
+        assert results["strict"].n_excluded[j] >= len(inside)
+    # the scores of the positions both filters keep are the same
+    paper = results["paper"]
+    for j in range(len(facts)):
+        shared = set(paper.positions[j].tolist()) & set(results["strict"].positions[j].tolist()) - {-1}
+        for position in shared:
+            a = paper.scores[j][paper.positions[j] == position]
+            b = results["strict"].scores[j][results["strict"].positions[j] == position]
+            torch.testing.assert_close(a, b)
 
 
 def test_window_masks_the_subject_in_the_scan(model, cov, facts):

@@ -12,10 +12,7 @@ from keyscope.cli.output import write_json
 from keyscope.errors import KeyscopeError
 
 
-def _find_case(data: str, case: str):
-    from keyscope.datasets import load_facts
-
-    facts = load_facts(data)
+def _find_case(facts, data: str, case: str):
     for fact in facts:
         if str(fact.case_id) == str(case):
             return fact
@@ -25,13 +22,18 @@ def _find_case(data: str, case: str):
 
 
 def _request(args):
-    """The edit request and its fact (``None`` without ``--case``), checked before the model loads."""
+    """The edit request, its fact (``None`` without ``--case``) and the facts of ``--data`` (``()`` when there
+    are none: a model other than factworld without ``--data``), checked before the model loads."""
     from keyscope.cli.common import data_source
+    from keyscope.datasets import load_facts
     from keyscope.rome import EditRequest
 
-    fact = None
-    if args.case is not None:
-        fact = _find_case(data_source(args), args.case)
+    fact, facts = None, ()
+    if args.case is not None or args.data is not None or args.model == "factworld":
+        data = data_source(args)
+        facts = load_facts(data)
+        if args.case is not None:
+            fact = _find_case(facts, data, args.case)
     subject = args.subject or (fact.subject if fact else None)
     prompt = args.prompt or (fact.prompt if fact else None)
     target = args.target or (fact.target_new if fact else None)
@@ -40,27 +42,26 @@ def _request(args):
     if missing:
         raise KeyscopeError(f"give {', '.join(missing)} (or --case ID to take them from a fact)")
     target_true = fact.target_true if fact is not None and subject == fact.subject else None
-    return EditRequest(prompt, subject, target, target_true), fact
+    return EditRequest(prompt, subject, target, target_true), fact, facts
 
 
 def cmd_edit(args) -> int:
     from keyscope import corpus as corpora
-    from keyscope.cli.common import covariance, data_source, model_and_layer
-    from keyscope.datasets import load_facts
+    from keyscope.cli.common import covariance, model_and_layer
     from keyscope.experiments import edit as experiment
     from keyscope.perturbations import rephrase_kinds, subject_forms
     from keyscope.rome import ROMEConfig
 
     if args.shuffles < 0 or args.context_tokens < 0 or args.tokens < 1:
         raise KeyscopeError("--shuffles and --context-tokens must be >= 0 and --tokens >= 1")
-    request, fact = _request(args)
+    request, fact, facts = _request(args)
     model, layer = model_and_layer(args)
     cov, source = covariance(model, layer, args, args.tokens, progress=not args.no_progress)
     config = experiment.ProbeConfig(n_shuffles=args.shuffles, long_context_tokens=args.context_tokens,
                                     seed=args.seed)
     own = fact is not None and request.subject == fact.subject
     rephrasings = fact.subject_rephrase if own else ()
-    exclude = subject_forms(load_facts(data_source(args))) if fact is not None else frozenset()
+    exclude = subject_forms(facts)  # a shuffle that spells another subject's name is no shuffle
     report = experiment.run(model, request, layer, cov, corpora.documents(source), rephrasings, config,
                             ROMEConfig.for_model(model), case_id=fact.case_id if fact is not None else None,
                             rephrase_kinds=rephrase_kinds(fact) if own else None, exclude=exclude)

@@ -8,7 +8,8 @@
 
 from __future__ import annotations
 
-from keyscope.cli.output import write_json
+from keyscope.cli.output import check_outputs, write_json
+from keyscope.errors import KeyscopeError
 
 
 def _accuracy_table(accuracy: dict) -> str:
@@ -43,6 +44,7 @@ def cmd_factworld_info(args) -> int:
     from keyscope.experiments.factworld import info
     from keyscope.models import load_model
 
+    check_outputs(files={"--json": args.json})
     model = load_model(args.model)
     report = info(model)
     print(f"factworld model: {args.model}")
@@ -53,8 +55,13 @@ def cmd_factworld_info(args) -> int:
 
 
 def cmd_factworld_train(args) -> int:
+    import torch
+
     from keyscope.experiments.factworld import rebuild
 
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise KeyscopeError("--device cuda: no CUDA device is available here; use --device cpu")
+    check_outputs(folders={"--out": args.out}, files={"--export": args.export, "--json": args.json})
     card = rebuild(seed=args.seed, out_dir=args.out, export_path=args.export, progress=not args.no_progress,
                    device=args.device)
     print(f"saved the factworld model for seed {args.seed} to {args.out} ({card['steps_run']} steps, "
@@ -80,7 +87,7 @@ def register(sub) -> None:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--out", default="factworld-model", help="output HF directory (default: ./factworld-model)")
     train.add_argument("--export", metavar="PATH", help="also write the facts as CounterFact/REP JSON records")
-    train.add_argument("--device", default="cpu", help="where to train: cpu (default) or cuda")
+    train.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to train: cpu (default) or cuda")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
     train.add_argument("--json", metavar="PATH", help="also write the model card as JSON")
     train.set_defaults(func=cmd_factworld_train)

@@ -8,7 +8,7 @@ map) and ``trace.csv`` (one row per fact) into ``--out``.
 
 from __future__ import annotations
 
-from keyscope.cli.output import write_json
+from keyscope.cli.output import check_outputs, write_json
 from keyscope.errors import KeyscopeError
 
 
@@ -24,7 +24,10 @@ def cmd_trace(args) -> int:
                              seed=args.seed)
     except ValueError as exc:
         raise KeyscopeError(str(exc)) from exc
+    check_outputs(folders={"--out": args.out}, files={"--json": args.json})
     facts = load_facts(data_source(args))
+    if args.case is not None:
+        experiment.find_case(facts, args.case)  # an unknown id fails before the trace
     model = load_model(args.model)
     report = experiment.run(model, facts, config, args.out, case=args.case, progress=not args.no_progress)
     print(experiment.format_summary(report))

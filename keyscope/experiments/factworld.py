@@ -32,8 +32,8 @@ from keyscope.factworld.train import TrainConfig, train
 
 #: ROME settings written into every factworld card (``"rome_config"``, read by
 #: :meth:`keyscope.rome.ROMEConfig.for_model`): the published LLaMA settings (EasyEdit ``llama-7b.yaml``) but
-#: 60 v* steps instead of 25 — factworld is confident (the new target's NLL starts at 10–17 nats; see
-#: ``docs/history.md`` for the measurement).
+#: 60 v* steps instead of 25, because factworld is confident in its facts and 25 steps often stop short of the
+#: new target (``docs/history.md``).
 ROME_CONFIG = {"v_num_grad_steps": 60}
 
 #: The quality bar every seed must clear: top-1 accuracies (fractions), ROME at the traced layer, and an edit
@@ -137,7 +137,8 @@ def rebuild(seed: int = 0, out_dir: str | Path = "factworld-model", config: Trai
             build: BuildConfig | None = None) -> dict:
     """Train, trace and check factworld under ``seed`` into ``out_dir`` (module docstring); returns the card.
 
-    Raises :class:`BelowQualityBar` (the model kept at ``<out_dir>.below-bar``) when the model misses the bar.
+    Raises :class:`BelowQualityBar` (the model kept at ``<out_dir>.below-bar``, replacing any earlier one there)
+    when the model misses the bar.
     """
     config = replace(config or TrainConfig(), seed=seed)
     config = replace(config, world=replace(config.world, seed=seed), tokenizer=replace(config.tokenizer, seed=seed))

@@ -60,7 +60,7 @@ def _num(value, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
-def _trace_section(trace) -> list[str]:
+def _trace_section(trace, layer: int) -> list[str]:
     effects = trace.result.indirect_effect
     lines = ["## Causal trace: where the model recalls its facts", "", "![](trace.png)", "",
              f"{len(trace.result.facts)} known facts; the subject's token embeddings corrupted (σ = "
@@ -70,8 +70,10 @@ def _trace_section(trace) -> list[str]:
              "|---|" + "---:|" * trace.result.n_layers,
              "| MLP | " + " | ".join(f"{e:.3f}" for e in effects["mlp"]) + " |",
              "| attention | " + " | ".join(f"{e:.3f}" for e in effects["attn"]) + " |", "",
-             f"The largest MLP effect is at layer {trace.result.layer}, the layer every stage below edits "
-             f"(total effect of the corruption {trace.result.total_effect:.3f}).", ""]
+             f"The largest MLP effect is at layer {trace.result.layer} (total effect of the corruption "
+             f"{trace.result.total_effect:.3f}); every stage below edits layer {layer}"
+             + (", the same layer." if layer == trace.result.layer else
+                ", the model's default (or `--layer`), **not** the layer this trace picks."), ""]
     return lines
 
 
@@ -82,7 +84,7 @@ def report(config: ReproduceConfig, layer: int, results: dict, seconds: dict) ->
              f"Layer {layer}; seed {config.seed}; regenerate with `keyscope reproduce --model {config.model}`. "
              f"Stage times: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) + ".", ""]
     if "trace" in results:
-        lines += _trace_section(results["trace"])
+        lines += _trace_section(results["trace"], layer)
     s = sim.summary
     lines += ["## Figure 3: perturbed keys are far from the original in the whitened metric", "",
               "![](fig3_similarity.png) ![](fig3_pca.png)", "",

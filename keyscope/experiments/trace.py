@@ -37,17 +37,22 @@ class TraceReport:
         return out
 
 
+def find_case(facts, case):
+    """The fact with case id ``case`` (compared as text), or a one-line error."""
+    chosen = next((f for f in facts if str(f.case_id) == str(case)), None)
+    if chosen is None:
+        raise KeyscopeError(f"no fact with case id {case!r} to trace")
+    return chosen
+
+
 def run(model, facts, config: trace.TraceConfig, out_dir: str | Path | None, case=None,
         progress: bool = True) -> TraceReport:
     """Trace ``facts`` (module docstring); the heat map shows fact ``case`` (a case id; default: the first
     traced fact). With ``out_dir=None`` nothing is written."""
+    chosen = None if case is None else find_case(facts, case)
     result = trace.trace_facts(model, facts, config, progress=progress)
-    if case is None:
-        chosen = next(f for f in facts if f.case_id == result.facts[0].case_id)
-    else:
-        chosen = next((f for f in facts if str(f.case_id) == str(case)), None)
-        if chosen is None:
-            raise KeyscopeError(f"no fact with case id {case!r} to trace")
+    if chosen is None:
+        chosen = find_case(facts, result.facts[0].case_id)
     heat = trace.heatmap(model, chosen, config, sigma=result.sigma)
     report = TraceReport(result, heat)
     if out_dir is None:

@@ -18,6 +18,7 @@ from collections.abc import Iterable
 import torch
 from tqdm.auto import tqdm
 
+from keyscope.errors import KeyscopeError
 from keyscope.factworld import corpus
 from keyscope.factworld.world import World
 
@@ -54,10 +55,11 @@ def top1_accuracy(
 
 
 def target_id(tokenizer, target: str) -> int:
-    """The one token of ``target`` as it follows a prompt (after a space); ``ValueError`` if it has several."""
+    """The one token of ``target`` as it follows a prompt (after a space); a one-line
+    :class:`~keyscope.errors.KeyscopeError` if it has several (factworld's targets are single tokens)."""
     ids = tokenizer(" " + target, add_special_tokens=False)["input_ids"]
     if len(ids) != 1:
-        raise ValueError(f"target {target!r} is {len(ids)} tokens, not one")
+        raise KeyscopeError(f"factworld target {target!r} is {len(ids)} tokens, not one; is this factworld's tokenizer?")
     return int(ids[0])
 
 

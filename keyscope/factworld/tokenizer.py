@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
+from keyscope.errors import KeyscopeError
 from keyscope.factworld import corpus
 from keyscope.factworld.world import (
     ALIAS_STATEMENTS,
@@ -133,4 +134,11 @@ def _build_word_level(world: World) -> PreTrainedTokenizerFast:
 def build_tokenizer(world: World, config: TokenizerConfig | None = None) -> PreTrainedTokenizerFast:
     """The tokenizer of ``config`` (default: the byte-level BPE) for ``world``."""
     config = config or TokenizerConfig()
-    return _build_bpe(world, config) if config.kind == "bpe" else _build_word_level(world)
+    tokenizer = _build_bpe(world, config) if config.kind == "bpe" else _build_word_level(world)
+    targets = sorted({target for relation in world.relations for target in relation.targets})
+    split = [t for t in targets if len(tokenizer(" " + t, add_special_tokens=False)["input_ids"]) != 1]
+    if split:
+        raise KeyscopeError(f"the tokenizer (vocab_size {config.vocab_size}) cuts {len(split)} of the {len(targets)} "
+                            f"targets into several tokens (e.g. {split[0]!r}); factworld's targets must be single "
+                            f"tokens: raise TokenizerConfig.vocab_size")
+    return tokenizer

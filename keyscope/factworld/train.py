@@ -84,8 +84,10 @@ class TrainConfig:
     record_fraction: float = 0.25
 
     def __post_init__(self):
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError("steps and batch_size must be positive")
+        if self.steps < 1 or self.warmup < 1:
+            raise ValueError("steps and warmup must be positive")
+        if self.batch_size < 4:
+            raise ValueError(f"batch_size must be at least 4 (a language batch holds batch_size // 4 rows), not {self.batch_size}")
 
 
 Row = tuple[list[int], int, list[int]]  # token ids, index of the target token (-1: none), subject positions

@@ -13,7 +13,7 @@ from keyscope.factworld.world import WorldConfig
 TINY = TrainConfig(
     world=WorldConfig(n_subjects=24),
     model=ModelConfig(d_model=32, n_layers=2, n_heads=2, d_mlp=64),
-    tokenizer=TokenizerConfig(vocab_size=700, filler_words=20_000),
+    tokenizer=TokenizerConfig(vocab_size=1100, filler_words=20_000),  # the smallest that keeps targets whole
     steps=80,
     batch_size=32,
     long_batch_size=4,
@@ -68,3 +68,24 @@ def test_the_bar_names_every_miss():
     missed = failures(bad)
     assert len(missed) == 3 and any("layer 0" in m for m in missed) and any("canonical" in m for m in missed)
     assert QUALITY_BAR["min_layer"] == 1
+
+
+def test_a_model_that_meets_the_bar_is_moved_to_out_with_its_export(tmp_path, monkeypatch):
+    from keyscope.experiments import factworld as fw
+
+    monkeypatch.setattr(fw, "QUALITY_BAR", {"canonical": 0.0, "trained_aliases": 0.0, "rome_success": 0.0,
+                                            "rome_locality": 0.0, "min_layer": 0})
+    out, facts = tmp_path / "fw", tmp_path / "facts.json"
+    card = rebuild(seed=0, out_dir=out, config=TINY, export_path=facts, progress=False, build=TINY_BUILD)
+    assert (out / "keyscope.json").is_file() and (out / "model.safetensors").is_file()
+    assert json.loads((out / "keyscope.json").read_text()) == card
+    records = json.loads(facts.read_text())
+    assert len(records) > 0 and {"subject", "prompt", "target_true"} <= set(records[0])
+    assert not list(tmp_path.glob(".*partial*")) and not (tmp_path / "fw.below-bar").exists()
+
+
+def test_train_config_rejects_schedules_it_cannot_run():
+    with pytest.raises(ValueError):
+        TrainConfig(warmup=0)
+    with pytest.raises(ValueError):
+        TrainConfig(batch_size=3)
