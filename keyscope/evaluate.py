@@ -20,7 +20,9 @@ either. An out-of-domain probe whose key is a near-twin of a key REP trained on 
 every ``_ood`` metric is also reported over the **new** probes alone (``_ood_new``, with its count). REP's
 other positives are the subject under the fact's paraphrase templates; its gate negatives are other
 subjects' keys — never those of the neighbourhood prompts, which are held out for Locality — and keys of
-unrelated corpus text.
+unrelated corpus text. With :meth:`keyscope.rep.REPConfig.released` REP trains as the released code does: on
+the original subject and the in-domain rephrases and token shuffles, each behind every ROME context prefix
+(``Shared.prefixes``), the bare prompt as the only anchor, no templates, long contexts or negatives.
 
 Metrics are **micro-averaged** (pooled over all prompts of all facts) with a 95% confidence interval from
 a cluster bootstrap over facts (prompts of one fact are not independent). ROME's probability comparison
@@ -84,16 +86,19 @@ class EvalConfig:
 
 
 def near_twins(model, queries: FactProbes, layer: int, cov, rep_config: rep.REPConfig,
-               anchors: torch.Tensor | None = None, batch_size: int = 32) -> dict[tuple[str, int], float]:
+               anchors: torch.Tensor | None = None, batch_size: int = 32,
+               prefixes: Sequence[str] = ("",)) -> dict[tuple[str, int], float]:
     """For each out-of-domain probe of ``queries`` (keyed ``(kind, index in the kind's OOD list)``), its
     largest whitened cosine ``kᵀC⁻¹k' / (‖k‖_C⁻¹ ‖k'‖_C⁻¹)`` with the keys REP trains on: the edit prompt's
-    own key, :func:`keyscope.rep.training_positives` of the in-domain probes and ``anchors`` ``(n, d_mlp)``
+    own key, :func:`keyscope.rep.training_positives` of the in-domain probes (with
+    ``rep_config.positive_prefixes``, each behind each of ROME's ``prefixes``) and ``anchors`` ``(n, d_mlp)``
     (the edit's prefixed keys, :attr:`keyscope.rome.Edit.prefix_keys`, which REP keeps fixed). A probe at or
     above :attr:`EvalConfig.twin_cosine` is a near-twin of a training key."""
     ood = [(kind, i, p) for kind in KINDS for i, p in enumerate(queries.perturbed[kind][1])]
     if not ood:
         return {}
-    training = [queries.original, *rep.training_positives(queries.training_probes(), rep_config)]
+    originals = rep.behind_prefixes([queries.original], prefixes) if rep_config.positive_prefixes else [queries.original]
+    training = [*originals, *rep.training_positives(queries.training_probes(), rep_config, prefixes)]
     keys = probe_keys(model, [p for _, _, p in ood] + training, layer, batch_size=batch_size)  # (n_ood + n_train, d_mlp)
     if anchors is not None:
         keys = torch.cat([keys, anchors.to(keys.device, keys.dtype)])  # (n_ood + n_train + n_anchors, d_mlp)
@@ -222,7 +227,7 @@ def evaluate_fact(model, fact: Fact, queries: FactProbes, layer: int, cov, metho
     edit = rome.compute_edit(model, rome.EditRequest(fact.prompt, fact.subject, fact.target_new, fact.target_true),
                              layer, cov, rome_config, prefixes=shared.prefixes)  # leaves the weights unchanged
     row = {"case_id": fact.case_id, "edit_seconds": time.perf_counter() - start, "methods": {}}
-    twins = near_twins(model, queries, layer, cov, rep_config, edit.prefix_keys, batch_size)
+    twins = near_twins(model, queries, layer, cov, rep_config, edit.prefix_keys, batch_size, shared.prefixes)
     plan = _plan(tokenizer, queries, twins, twin_cosine)
     unedited = score_targets(model, [plan.sequences[r] for r in plan.locality], batch_size=batch_size).argmax
     if "rome" in methods:
@@ -263,7 +268,7 @@ def _gate_groups(model, fitted: rep.REP, plan: _Plan, names: dict[str, float], b
     gate = torch.cat(gates)
     groups: dict[bytes, dict] = {}
     for name, tau in names.items():
-        on = (gate >= tau).numpy()
+        on = fitted.adaptor_.gate_on(gate, tau).numpy()
         group = groups.setdefault(on.tobytes(), {"tau": tau, "names": [], "off": not on.any()})
         group["names"].append(name)
     return list(groups.values())

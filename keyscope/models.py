@@ -30,6 +30,7 @@ import logging
 import operator
 import os
 import warnings
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -353,6 +354,31 @@ def model_dir(model) -> Path | None:
         return Path(source)
     name = getattr(model.original_model.config, "_name_or_path", "") or ""
     return Path(name) if name and Path(name).is_dir() else None
+
+
+def hf_prepends_bos(model) -> bool:
+    """Whether the model's tokenizer, loaded the plain Hugging Face way (``AutoTokenizer.from_pretrained``
+    of the directory or hub name the model came from), starts a sequence with its BOS token.
+
+    This is the tokenisation of the reference implementations (kmeng01/rome, EasyEdit): GPT-2's tokenizer
+    adds nothing, LLaMA's adds ``<s>``. A ``TransformerBridge`` instead loads every tokenizer with
+    ``add_bos_token=True`` (TransformerLens' convention), so ``model.tokenizer`` prepends a BOS for GPT-2 too.
+    Read once per model (the tokenizer files are local after :func:`load_model`).
+    """
+    if model not in _HF_BOS:
+        from transformers import AutoTokenizer
+
+        source = model_dir(model) or getattr(model, "keyscope_repo_id", None)
+        if source is None:
+            raise ValueError(f"{model_name(model)} was not loaded from a Hugging Face directory or hub name")
+        tokenizer = AutoTokenizer.from_pretrained(str(source))
+        ids = tokenizer("a")["input_ids"]
+        bos = tokenizer.bos_token_id
+        _HF_BOS[model] = bool(ids) and bos is not None and ids[0] == bos
+    return _HF_BOS[model]
+
+
+_HF_BOS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> bool
 
 
 def model_card(model) -> dict:

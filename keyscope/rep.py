@@ -10,8 +10,8 @@ keys (hook ``blocks.{L}.mlp.hook_post``, the input of ``W_out``) before the edit
                             P(k) = Linear(Linear(Dropout(k), d → r), r → d)   (r = 32)
 
 with the second projection initialised to zero, so an untrained adaptor is the identity. At inference the
-gate is binary: the branch is on where ``g(k) ≥ τ`` (default 0.9), off (``k̂ = k`` exactly) elsewhere, and
-dropout is off.
+gate is binary: the branch is on where ``g(k) ≥ τ`` (default 0.9; ``g > τ`` with ``gate_strict``), off
+(``k̂ = k`` exactly) elsewhere, and dropout is off (unless ``dropout_at_inference``).
 
 Training (Algorithm 1) uses keys of the unedited model, which the edit does not change (``W_out`` of layer
 ``L`` reads the keys; it does not produce them):
@@ -19,8 +19,9 @@ Training (Algorithm 1) uses keys of the unedited model, which the edit does not 
 * **positives** ``k_s``: keys of the same subject under rephrased subjects, shuffled subject tokens, long
   preceding contexts and other prompt templates — the in-domain half of each kind;
 * **anchors**: the edit prompt's own key and its prefixed keys (whose mean is ``k*``), kept unchanged;
-* objective ``"paper"``: maximise ``|(k̂_s/‖k̂_s‖)ᵀ C⁻¹k*|`` (the released code) plus the anchor term
-  ``‖k̂_a − k_a‖² / ‖k_a‖²``; objective ``"strength"`` (keyscope's default): ``(α(k̂_s) − 1)²``, i.e.
+* objective ``"paper"``: maximise ``|(k̂_s/‖k̂_s‖)ᵀ C⁻¹k*|`` (an earlier reading of the released code,
+  which in fact has no ``|·|``: see below) plus the anchor term ``‖k̂_a − k_a‖² / ‖k_a‖²``; objective
+  ``"strength"`` (keyscope's default): ``(α(k̂_s) − 1)²``, i.e.
   make each positive key receive exactly the edit ``k*`` receives — the normalised objective is blind to
   ``‖k̂_s‖``, so it can point a key at ``C⁻¹k*`` and still leave ``α`` far from 1;
 * **gate negatives** (keyscope's default; the released code had none, so its gate was trained only by the
@@ -30,9 +31,29 @@ Training (Algorithm 1) uses keys of the unedited model, which the edit does not 
   positives and anchors and to 0 on negatives.
 
 The released code also never trained on long contexts (its long texts had no subject slot and were
-filtered out) and left dropout on at test time; :meth:`REPConfig.paper` reproduces those choices (10 Adam
-steps at lr 5e-4, the normalised objective, no long contexts, no gate negatives, dropout at inference), the
-default fixes them.
+filtered out) and left dropout on at test time; :meth:`REPConfig.paper` approximates those choices (10 Adam
+steps at lr 5e-4, the normalised objective, no long contexts, no gate negatives, dropout at inference) on
+keyscope's data and adaptor, the default fixes them.
+
+The released code's setting, exactly
+------------------------------------
+:meth:`REPConfig.released` is the setting of the released code (ElliottYan/RobustKeyEdit,
+``EasyEditOurs/easyeditor/models/aggregator.py`` run by ``scripts/edit_llama.sh``; each field is cited to
+file and line in the method). Per step ``t`` (10 Adam steps at lr 5e-4), with ``u = C⁻¹k̄ / ‖C⁻¹k̄‖`` —
+ROME's left vector (``rome/compute_u.py`` L123-127, ``k̄`` the prefix-averaged key), which ``rome_main.py``
+L48, L70 passes to the aggregator as its target vector; :attr:`keyscope.rome.Edit.key_selector` has its
+direction:
+
+* **positives**: the original subject behind every ROME context prefix but the bare one, and the in-domain
+  rephrased subjects and token shuffles behind every prefix (the released code: the first half of each list);
+  no paraphrase templates, word shuffles or long contexts;
+* a **mini-batch** ``B_t`` of 15 of them (:func:`minibatches`), plus the bare edit prompt's key ``k_a`` as
+  the only anchor;
+* ``k̂ = k + g(k) · B A Dropout(k)`` with no biases in ``A`` (``d → 32``, PyTorch's Kaiming-uniform
+  initialisation) and ``B`` (``32 → d``, zeros), and no input scaling;
+* ``loss_t = −mean_{k ∈ B_t} (k̂/‖k̂‖)ᵀu  +  50000 · mean_j (k̂_a − k_a)_j²`` — the objective without
+  ``|·|`` ("v5: remove abs"), the anchor a mean squared error over the ``d_mlp`` coordinates;
+* at inference the branch is on where ``g(k) > τ`` (strictly) and dropout stays on.
 
 :func:`adapted` puts a fitted adaptor on a model inside a ``with`` block; :func:`applied` applies a ROME
 edit and its adaptor together and removes both on exit (weights restored bit-exactly, the hook removed),
@@ -51,19 +72,39 @@ import torch
 from keyscope import rome
 from keyscope.keys import collect_context_keys
 from keyscope.models import check_layer, key_hook
-from keyscope.perturbations import LONG, Probe
+from keyscope.perturbations import KINDS, LONG, TEMPLATE, Probe
 from keyscope.similarity import probe_keys
 
-__all__ = ["REPConfig", "KeyAdaptor", "REP", "REPKeys", "gather_keys", "training_positives", "adapted", "applied",
-           "OBJECTIVES"]
+__all__ = ["REPConfig", "KeyAdaptor", "REP", "REPKeys", "gather_keys", "training_positives", "behind_prefixes",
+           "minibatches", "adapted", "applied", "OBJECTIVES", "ANCHORS", "ANCHOR_LOSSES", "SETTINGS"]
 
-OBJECTIVES = ("strength", "paper")
+#: ``strength``: ``(α(k̂) − 1)²``; ``paper``: ``−|α(k̂)| / ‖k̂‖`` (scaled); ``released``: ``−(k̂/‖k̂‖)ᵀu``.
+OBJECTIVES = ("strength", "paper", "released")
+#: ``prefixes``: the edit prompt behind every context prefix; ``bare``: the bare edit prompt only.
+ANCHORS = ("prefixes", "bare")
+#: ``relative``: ``mean_a ‖k̂_a − k_a‖² / ‖k_a‖²``; ``mse``: ``mean_{a,j} (k̂_a − k_a)_j²``.
+ANCHOR_LOSSES = ("relative", "mse")
+#: Named settings (``--rep-setting``): keyscope's default, :meth:`REPConfig.paper`, :meth:`REPConfig.released`.
+SETTINGS = ("keyscope", "paper", "released")
+#: Probe kinds REP may train on: the perturbation kinds and the paraphrase templates.
+POSITIVE_KINDS = (*KINDS, TEMPLATE)
 
 
 @dataclass(frozen=True)
 class REPConfig:
     """Architecture, training and inference settings of the adaptor. ``REPConfig()`` is keyscope's
-    default; :meth:`paper` is the released code's setting. No I/O."""
+    default; :meth:`released` is the released code's setting, exactly; :meth:`paper` an earlier approximation
+    of it on keyscope's data and adaptor. No I/O.
+
+    Training data: ``positive_kinds`` (``None``: every kind given) selects the probes REP trains on,
+    ``positive_prefixes`` puts each of them (and the original subject) behind every ROME context prefix,
+    ``anchor`` chooses the anchors (the edit prompt behind every prefix, or the bare prompt alone).
+    Objective: ``loss = objective + anchor_weight · anchor_term (+ gate_weight · BCE)``, the anchor term by
+    ``anchor_loss``; ``batch_size`` (``None``: every positive each step) draws mini-batches with
+    :func:`minibatches`. Adaptor: ``bias`` on the low-rank projection, ``input_scaling`` (keys scaled by
+    ``1 / RMS`` of the training keys before the gate and projection), ``gate_strict`` (on where ``g > τ``
+    rather than ``g ≥ τ``).
+    """
 
     rank: int = 32
     gate_hidden_fraction: float = 0.1  # gate hidden width ⌊0.1 · d_mlp⌋
@@ -81,57 +122,130 @@ class REPConfig:
     n_random_negatives: int = 32  # other subjects drawn at random
     n_context_negatives: int = 8  # template/context positions per training prompt
     seed: int = 0
+    anchor: str = "prefixes"
+    anchor_loss: str = "relative"
+    batch_size: int | None = None  # None: every positive at every step
+    bias: bool = True  # biases on the low-rank projection (the gate always has them)
+    gate_strict: bool = False  # the branch is on where g > τ (True) or g ≥ τ (False)
+    input_scaling: bool = True
+    positive_kinds: tuple[str, ...] | None = None  # None: every probe kind given
+    positive_prefixes: bool = False  # positives behind every ROME context prefix
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, not {self.objective!r}")
+        if self.anchor not in ANCHORS:
+            raise ValueError(f"anchor must be one of {ANCHORS}, not {self.anchor!r}")
+        if self.anchor_loss not in ANCHOR_LOSSES:
+            raise ValueError(f"anchor_loss must be one of {ANCHOR_LOSSES}, not {self.anchor_loss!r}")
         if not 0.0 < self.tau < 1.0:
             raise ValueError(f"tau must be in (0, 1), not {self.tau}")
         if self.rank < 1 or self.steps < 0 or self.lr <= 0 or not 0.0 <= self.dropout < 1.0:
             raise ValueError("rank must be >= 1, steps >= 0, lr > 0 and dropout in [0, 1)")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"batch_size must be None or >= 1, not {self.batch_size}")
+        if self.positive_kinds is not None:
+            if isinstance(self.positive_kinds, str):
+                raise ValueError("positive_kinds must be a tuple of kinds, not a string")
+            unknown = [k for k in self.positive_kinds if k not in POSITIVE_KINDS]
+            if unknown:
+                raise ValueError(f"positive_kinds must be among {POSITIVE_KINDS}, not {unknown}")
+            object.__setattr__(self, "positive_kinds", tuple(self.positive_kinds))
 
     @classmethod
     def paper(cls, **overrides) -> REPConfig:
-        """The released REP code's setting: Adam at lr 5e-4 for 10 steps on the normalised objective, no
-        long contexts, no gate negatives, dropout left on at test time."""
+        """An approximation of the released REP code's setting on keyscope's data and adaptor: Adam at lr
+        5e-4 for 10 steps on the normalised objective with ``|·|``, no long contexts, no gate negatives,
+        dropout left on at test time (``--rep-setting paper``). :meth:`released` is the faithful one."""
         paper = dict(lr=5e-4, steps=10, objective="paper", gate_negatives=False, train_long_context=False,
                      dropout_at_inference=True)
         return cls(**{**paper, **overrides})
 
+    @classmethod
+    def released(cls, **overrides) -> REPConfig:
+        """The released code's setting, exactly (module docstring; ``--rep-setting released``). Citations are
+        to ElliottYan/RobustKeyEdit at 5c54348: ``aggregator.py`` is ``EasyEditOurs/easyeditor/models/
+        aggregator.py``, ``rome_hparams.py`` its ``models/rome/rome_hparams.py`` (the defaults),
+        ``edit_llama.sh`` ``scripts/edit_llama.sh`` (the REP run's overrides, L45)."""
+        released = dict(
+            rank=32,  # aggregator.py L375 (r = 32; lora_alpha = 32 at L376, so the scaling L386 is 1)
+            gate_hidden_fraction=0.1,  # aggregator.py L396, rome_hparams.py L62
+            dropout=0.1,  # aggregator.py L377, L390: on the projection's input only (L405)
+            tau=0.9,  # edit_llama.sh L31 (cls_threshold = 0.9), rome_hparams.py L59
+            lr=5e-4,  # rome_hparams.py L61 (agg_lr, not overridden), aggregator.py L114-120 (Adam, no decay)
+            steps=10,  # edit_llama.sh L45 (num_train_agg_steps), aggregator.py L227
+            batch_size=15,  # rome_hparams.py L67 (agg_batch_size), aggregator.py L212, L230-240
+            objective="released",  # aggregator.py L306-317: norm (L52 agg_loss_norm), no C (edit_llama.sh L45
+            #                        agg_remove_c), no |·| (L311 "v5: remove abs"); u: rome_main.py L48, L70
+            anchor="bare",  # aggregator.py L219-223 (the bare prompt is popped), L240, L284, L290-291
+            anchor_loss="mse",  # aggregator.py L291 (F.mse_loss, mean over the coordinates)
+            anchor_weight=50000.0,  # edit_llama.sh L32, L45 (target_consistency_weight)
+            gate_weight=0.0,  # aggregator.py L297-299 (cls_loss_weight must be 0)
+            gate_negatives=False,  # aggregator.py L297-299: no classification loss, no negative data
+            train_long_context=False,  # aggregator.py L166-182, L444: the long texts lose "{}"
+            #                            (evaluate.py L330), so no long template survives
+            dropout_at_inference=True,  # aggregator.py L362-365: only the Adaptor's flag is cleared, its
+            #                             Dropout child stays in training mode
+            bias=False,  # aggregator.py L379-380 (Kaiming-uniform A at L383, zero B at L384: as keyscope's)
+            gate_strict=True,  # aggregator.py L417 (cls_pred > cls_threshold)
+            input_scaling=False,  # aggregator.py L405-408: the gate and projection read x itself
+            positive_kinds=("rephrase", "shuffle"),  # aggregator.py L186-208 (first halves; no templates:
+            #                                          L145-146 raise, no word shuffles)
+            positive_prefixes=True,  # aggregator.py L141-142, L193, L206: every subject behind every prefix
+        )
+        return cls(**{**released, **overrides})
+
+    @classmethod
+    def named(cls, setting: str, **overrides) -> REPConfig:
+        """The named setting of :data:`SETTINGS` (``keyscope``, ``paper`` or ``released``) with ``overrides``."""
+        if setting not in SETTINGS:
+            raise ValueError(f"the REP setting must be one of {', '.join(SETTINGS)}, not {setting!r}")
+        return {"keyscope": cls, "paper": cls.paper, "released": cls.released}[setting](**overrides)
+
 
 class KeyAdaptor(torch.nn.Module):
     """``k̂ = k + g(k) · P(k)`` on keys ``(..., d_mlp)`` (module docstring). ``forward(keys, tau)`` uses
-    the binary gate ``1[g ≥ tau]``; ``tau=None`` the soft gate ``g`` (training).
+    the binary gate ``1[g ≥ tau]`` (``1[g > tau]`` with ``gate_strict``); ``tau=None`` the soft gate ``g``
+    (training).
 
-    ``key_scale`` (a buffer, 1 by default; :class:`REP` sets it to ``1 / RMS`` of the training keys) scales
-    the keys before the gate and the projection only, so the same learning rate suits models whose keys
-    differ in size by orders of magnitude; the output ``P(k)`` is in key units. Dropout draws from the
-    adaptor's own seeded generator, so training and (with ``dropout_at_inference``) inference are
-    deterministic.
+    ``P(k) = up(down(Dropout(k)))``, with biases unless ``bias=False``; ``down`` has PyTorch's Linear
+    initialisation (Kaiming-uniform, ``a = √5``), ``up`` is zero, so an untrained adaptor is the identity.
+    ``key_scale`` (a buffer, 1 by default; :class:`REP` sets it to ``1 / RMS`` of the training keys unless
+    ``input_scaling`` is off) scales the keys before the gate and the projection only, so the same learning
+    rate suits models whose keys differ in size by orders of magnitude; the output ``P(k)`` is in key units.
+    Dropout draws from the adaptor's own generator (seeded ``seed + 1``), one ``torch.rand`` of the input's
+    shape per call, keeping an entry where it is ``≥ dropout``; so training and (with
+    ``dropout_at_inference``) inference are deterministic.
     """
 
     def __init__(self, d_mlp: int, rank: int = 32, gate_hidden_fraction: float = 0.1, dropout: float = 0.1,
-                 seed: int = 0):
+                 seed: int = 0, bias: bool = True):
         super().__init__()
         generator_state = torch.random.get_rng_state()
         torch.manual_seed(seed)
         try:
             hidden = max(1, math.floor(gate_hidden_fraction * d_mlp))
             self.gate = torch.nn.Sequential(torch.nn.Linear(d_mlp, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, 1))
-            self.down = torch.nn.Linear(d_mlp, rank)
-            self.up = torch.nn.Linear(rank, d_mlp)
+            self.down = torch.nn.Linear(d_mlp, rank, bias=bias)
+            self.up = torch.nn.Linear(rank, d_mlp, bias=bias)
         finally:
             torch.random.set_rng_state(generator_state)
         torch.nn.init.zeros_(self.up.weight)
-        torch.nn.init.zeros_(self.up.bias)
+        if self.up.bias is not None:
+            torch.nn.init.zeros_(self.up.bias)
         self.dropout = dropout
         self.dropout_at_inference = False
+        self.gate_strict = False
         self.register_buffer("key_scale", torch.ones(()))
         self._generator = torch.Generator().manual_seed(seed + 1)
 
     def gate_probability(self, keys: torch.Tensor) -> torch.Tensor:
         """``g(k)`` ``(...,)``."""
         return torch.sigmoid(self.gate(keys * self.key_scale))[..., 0]
+
+    def gate_on(self, gate: torch.Tensor, tau: float) -> torch.Tensor:
+        """The binary gate of probabilities ``gate``: ``g > tau`` with ``gate_strict``, else ``g ≥ tau``."""
+        return gate > tau if self.gate_strict else gate >= tau
 
     def shift(self, keys: torch.Tensor) -> torch.Tensor:
         """``P(k)`` ``(..., d_mlp)``, with dropout on its input in training (or if ``dropout_at_inference``)."""
@@ -144,7 +258,7 @@ class KeyAdaptor(torch.nn.Module):
     def forward(self, keys: torch.Tensor, tau: float | None = None) -> torch.Tensor:
         gate = self.gate_probability(keys)  # (...,)
         if tau is not None:
-            gate = (gate >= tau).to(keys.dtype)
+            gate = self.gate_on(gate, tau).to(keys.dtype)
             if not bool(gate.any()):
                 return keys
         return keys + gate[..., None] * self.shift(keys)  # (..., d_mlp)
@@ -163,10 +277,20 @@ class REPKeys:
     negatives: torch.Tensor
 
 
-def training_positives(probes: Sequence[Probe], config: REPConfig) -> list[Probe]:
-    """The probes REP trains on among ``probes`` (the in-domain positives): all of them, less the long
-    contexts when ``config.train_long_context`` is off."""
-    return [p for p in probes if config.train_long_context or p.kind != LONG]
+def behind_prefixes(probes: Sequence[Probe], prefixes: Sequence[str]) -> list[Probe]:
+    """Each of ``probes`` behind each of ``prefixes``, probe by probe: ROME's context template
+    ``"{prefix}. {template}"`` (the probe itself for the bare prefix ``""``)."""
+    return [p if prefix == "" else replace(p, template=rome._prefixed(prefix, p.template))
+            for p in probes for prefix in prefixes]
+
+
+def training_positives(probes: Sequence[Probe], config: REPConfig, prefixes: Sequence[str] = ("",)) -> list[Probe]:
+    """The probes REP trains on among ``probes`` (the in-domain positives): those of
+    ``config.positive_kinds`` (all by default), less the long contexts when ``config.train_long_context`` is
+    off; with ``config.positive_prefixes``, each behind each of ``prefixes`` (:func:`behind_prefixes`)."""
+    kept = [p for p in probes if (config.train_long_context or p.kind != LONG)
+            and (config.positive_kinds is None or p.kind in config.positive_kinds)]
+    return behind_prefixes(kept, prefixes) if config.positive_prefixes else kept
 
 
 def gather_keys(
@@ -180,8 +304,11 @@ def gather_keys(
 ) -> REPKeys:
     """Collect an edit's training keys at its layer with the **unedited** model.
 
-    ``positives`` are probes of the edited subject (the in-domain half; long-context probes are dropped
-    when ``config.train_long_context`` is off); ``subject_keys`` ``(n, d_mlp)`` are keys of *other*
+    ``positives`` are probes of the edited subject (the in-domain half), filtered and, with
+    ``config.positive_prefixes``, put behind each of the edit's ``prefixes`` by :func:`training_positives`;
+    in that case the edit prompt behind every prefix but the bare one is a positive too (the released code's
+    data, :meth:`REPConfig.released`). Anchors: the edit prompt behind every prefix (``anchor="prefixes"``)
+    or the bare prompt alone (``anchor="bare"``). ``subject_keys`` ``(n, d_mlp)`` are keys of *other*
     subjects, from which the ``n_similar_negatives`` with the largest ``α`` to ``k*`` and
     ``n_random_negatives`` random ones become negatives; ``corpus_keys`` are keys of unrelated text (all
     used). With ``config.gate_negatives`` off, no negatives are gathered.
@@ -189,12 +316,19 @@ def gather_keys(
     layer = check_layer(model, edit.layer)
     device = edit.k_star.device
     request = edit.request
-    positives = training_positives(positives, config)
+    positives = training_positives(positives, config, edit.prefixes)
     d = edit.k_star.shape[0]
     pos = probe_keys(model, positives, layer, batch_size=batch_size) if positives else torch.zeros((0, d), device=device)
-    anchors = edit.prefix_keys  # (n_prefixes, d_mlp), the edit prompt first
-    if anchors is None:
-        anchors = rome.prefixed_keys(model, request, layer, edit.prefixes)
+    prefix_keys = edit.prefix_keys  # (n_prefixes, d_mlp), the edit prompt first
+    if prefix_keys is None:
+        prefix_keys = rome.prefixed_keys(model, request, layer, edit.prefixes)
+    anchors = prefix_keys
+    if config.anchor == "bare":
+        bare = [i for i, prefix in enumerate(edit.prefixes) if prefix == ""][:1]
+        anchors = prefix_keys[bare] if bare else rome.prefixed_keys(model, request, layer, ("",))  # (1, d_mlp)
+    if config.positive_prefixes:
+        prefixed = [i for i, prefix in enumerate(edit.prefixes) if prefix != ""]
+        pos = torch.cat([prefix_keys[prefixed].to(pos.device, pos.dtype), pos])  # (n_prefixed + n_pos, d_mlp)
     negatives = [torch.zeros((0, d), device=device)]
     if config.gate_negatives:
         if subject_keys is not None and len(subject_keys):
@@ -228,6 +362,26 @@ def _balanced_bce(logits_pos: torch.Tensor, logits_neg: torch.Tensor) -> torch.T
     return loss
 
 
+def minibatches(n: int, batch_size: int, steps: int, seed: int = 0) -> list[torch.Tensor]:
+    """The rows ``(≤ batch_size,)`` of each of ``steps`` mini-batches of ``n`` positives, drawn as the released
+    code does (aggregator.py L217, L230-236): the rows in a random order, then consecutive batches; when the
+    next batch would run past the end, the order is reshuffled and the batch is its first ``batch_size`` rows
+    — and the position goes back to 0, so the following step takes those rows again. Permutations from one
+    ``torch.Generator`` seeded with ``seed`` (the first, then one per reshuffle)."""
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n, generator=generator)  # (n,)
+    index, batches = 0, []
+    for _ in range(steps):
+        if index + batch_size > n:
+            order = order[torch.randperm(n, generator=generator)]  # (n,)
+            batches.append(order[:batch_size])
+            index = 0
+        else:
+            batches.append(order[index : index + batch_size])
+            index += batch_size
+    return batches
+
+
 class REP:
     """The adaptor of one edit, fitted scikit-learn style: ``REP(config).fit(edit, keys)``.
 
@@ -240,37 +394,56 @@ class REP:
         self.config = config or REPConfig()
 
     def fit(self, edit: rome.Edit, keys: REPKeys) -> REP:
-        """Train the adaptor for ``edit`` on ``keys`` (Algorithm 1; the objective and gate terms are in
-        the module docstring)."""
+        """Train the adaptor for ``edit`` on ``keys`` (Algorithm 1): ``config.steps`` Adam steps on
+
+        ``objective(B_t) + anchor_weight · anchor + gate_weight · BCE``
+
+        over the positives ``B_t`` of step ``t`` (all of them, or :func:`minibatches` of ``batch_size``), with
+        ``objective`` ``strength``: ``mean (α(k̂) − 1)²``; ``paper``: ``−mean |α(k̂)| · √d · RMS / ‖k̂‖``;
+        ``released``: ``−mean (k̂/‖k̂‖)ᵀu``, ``u = C⁻¹k*/‖C⁻¹k*‖`` (``α(k) = kᵀ key_selector``); ``anchor``
+        ``relative``: ``mean_a ‖k̂_a − k_a‖² / ‖k_a‖²``, ``mse``: ``mean_{a,j} (k̂_a − k_a)_j²``; the BCE
+        (only with ``gate_negatives``) as in the module docstring. Each step runs the adaptor on ``B_t``, then
+        on the anchors (so the dropout masks are drawn in that order)."""
         cfg = self.config
         device = edit.k_star.device
         d = edit.k_star.shape[0]
         selector = edit.key_selector.to(device).float()  # (d_mlp,) C⁻¹k* / k*ᵀC⁻¹k*
         pos, anchors, neg = keys.positives.to(device), keys.anchors.to(device), keys.negatives.to(device)
-        adaptor = KeyAdaptor(d, cfg.rank, cfg.gate_hidden_fraction, cfg.dropout, seed=cfg.seed).to(device)
+        adaptor = KeyAdaptor(d, cfg.rank, cfg.gate_hidden_fraction, cfg.dropout, seed=cfg.seed, bias=cfg.bias).to(device)
         reference = torch.cat([pos, anchors])  # (n, d_mlp)
         rms = reference.pow(2).mean().sqrt().clamp_min(1e-12)
-        adaptor.key_scale.fill_(1.0 / float(rms))
+        if cfg.input_scaling:
+            adaptor.key_scale.fill_(1.0 / float(rms))
+        direction = selector / selector.norm().clamp_min(1e-30)  # (d_mlp,) u = C⁻¹k* / ‖C⁻¹k*‖
+        batches = minibatches(len(pos), cfg.batch_size, cfg.steps, cfg.seed) if cfg.batch_size and len(pos) else None
         optimiser = torch.optim.Adam(adaptor.parameters(), lr=cfg.lr)
         history: list[dict] = []
         adaptor.train()
-        gate_pos_keys = torch.cat([pos, anchors])  # (n_pos + n_anchor, d_mlp)
         with torch.enable_grad():
-            for _ in range(cfg.steps):
+            for step in range(cfg.steps):
                 optimiser.zero_grad(set_to_none=True)
                 terms = {}
-                if len(pos):
-                    adapted_pos = adaptor(pos)  # (n_pos, d_mlp) soft gate
-                    alpha = adapted_pos @ selector  # (n_pos,)
+                batch = pos if batches is None else pos[batches[step].to(device)]  # (n_batch, d_mlp)
+                if len(batch):
+                    adapted_pos = adaptor(batch)  # (n_batch, d_mlp) soft gate
                     if cfg.objective == "strength":
+                        alpha = adapted_pos @ selector  # (n_batch,)
                         terms["objective"] = (alpha - 1.0).pow(2).mean()
-                    else:  # |(k̂/‖k̂‖)ᵀ C⁻¹k*|, up to the constant k*ᵀC⁻¹k* (Adam is scale-free)
+                    elif cfg.objective == "paper":  # |(k̂/‖k̂‖)ᵀ C⁻¹k*|, up to the constant k*ᵀC⁻¹k*
+                        alpha = adapted_pos @ selector  # (n_batch,)
                         terms["objective"] = -(alpha.abs() / adapted_pos.norm(dim=-1).clamp_min(1e-12)
                                                * rms * math.sqrt(d)).mean()
+                    else:  # released: (k̂/‖k̂‖)ᵀu without |·|
+                        unit = adapted_pos / adapted_pos.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # (n_batch, d_mlp)
+                        terms["objective"] = -(unit @ direction).mean()
                 adapted_anchor = adaptor(anchors)  # (n_anchor, d_mlp)
-                terms["anchor"] = cfg.anchor_weight * (
-                    (adapted_anchor - anchors).pow(2).sum(-1) / anchors.pow(2).sum(-1).clamp_min(1e-12)).mean()
+                if cfg.anchor_loss == "relative":
+                    terms["anchor"] = cfg.anchor_weight * (
+                        (adapted_anchor - anchors).pow(2).sum(-1) / anchors.pow(2).sum(-1).clamp_min(1e-12)).mean()
+                else:
+                    terms["anchor"] = cfg.anchor_weight * (adapted_anchor - anchors).pow(2).mean()
                 if cfg.gate_negatives:
+                    gate_pos_keys = torch.cat([batch, anchors])  # (n_batch + n_anchor, d_mlp)
                     logits_pos = adaptor.gate(gate_pos_keys * adaptor.key_scale)[:, 0]  # (n,)
                     logits_neg = adaptor.gate(neg * adaptor.key_scale)[:, 0]  # (m,)
                     terms["gate"] = cfg.gate_weight * _balanced_bce(logits_pos, logits_neg)
@@ -280,6 +453,7 @@ class REP:
                 history.append({"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in terms.items()}})
         adaptor.eval()
         adaptor.dropout_at_inference = cfg.dropout_at_inference
+        adaptor.gate_strict = cfg.gate_strict
         adaptor.requires_grad_(False)
         self.adaptor_ = adaptor
         self.history_ = history

@@ -60,6 +60,26 @@ start token; all are sampled in one batch (the 5-token ones are the first 5 toke
 prefix is decoded to text (braces removed, whitespace collapsed) and put before the prompt as
 ``"{prefix}. {prompt}"``; the bare prompt is the first template, as in ROME.
 
+Reference mode
+--------------
+``ROMEConfig(reference=True)`` (``--rome-setting reference``) follows kmeng01/rome's ``rome_main.py``,
+``compute_u.py`` and ``compute_v.py`` instead, in the three places where keyscope departs from them:
+
+* **tokenisation**: prompts are tokenised as ``AutoTokenizer.from_pretrained`` tokenises them
+  (:func:`keyscope.models.hf_prepends_bos`): no BOS for GPT-2, where a ``TransformerBridge`` prepends
+  ``<|endoftext|>`` — which changes every key (the bare prompt's key of a GPT-2-small-shape model moves to
+  cosine 0.70 of the reference's);
+* **two keys**: the direction ``u ∝ C⁻¹k̄`` comes from the prefix-averaged key ``k̄`` (``compute_u``), but
+  ``v*`` is installed at the bare prompt's key ``k₀``: ``ΔW = (v* − W k₀)(C⁻¹k̄)ᵀ / (k₀ᵀC⁻¹k̄)``
+  (``compute_v``'s ``right_vector = (target - cur_output) / torch.dot(cur_input, left_vector)``), so
+  :attr:`Edit.k_star` is ``k₀`` (``W' k₀ = v*`` exactly) and ``s(k) = kᵀC⁻¹k̄ / k₀ᵀC⁻¹k̄``;
+* **the v* objective**: the KL "essence" term is read at the subject's last token of ``"{} is a"``
+  (``lookup_idxs`` of the KL prompt), and the weight decay ``‖δ‖ / ‖v‖²`` and the clamp radius use the
+  bare prompt's value ``v = W k₀ + b`` (``target_init``).
+
+Not reproduced: ROME samples its prefixes with the global CUDA RNG (keyscope's are seeded, and the tests pass
+the same prefixes to both), and it inverts ``C`` in float32 (keyscope solves in float64).
+
 Timings of every stage are recorded in :class:`EditTrace`. Applying edits: :func:`apply` (permanent),
 :func:`applied` (a context manager that restores the weights bit-exactly on exit, also on an exception),
 :func:`save_model` (a Hugging Face directory that :func:`keyscope.models.load_model` loads with the edits in).
@@ -82,6 +102,7 @@ from keyscope.errors import KeyscopeError
 from keyscope.keys import SLOT, as_template, collect_keys, encode, fill, pad_batch, tokens_overlapping
 from keyscope.models import (
     MODEL_CARD,
+    hf_prepends_bos,
     W_out,
     b_out,
     check_layer,
@@ -165,6 +186,9 @@ class ROMEConfig:
     #: Counted tokens of C when :func:`compute_edit` estimates it (ROME's ``mom2_n_samples: 100000``, which
     #: counts Wikipedia samples; keyscope counts tokens, see :mod:`keyscope.covariance`).
     covariance_tokens: int = 100_000
+    #: Follow kmeng01/rome's ``rome_main``/``compute_u``/``compute_v`` exactly instead of keyscope's single
+    #: key definition (see "Reference mode" in the module docstring).
+    reference: bool = False
 
     def __post_init__(self):
         if self.v_num_grad_steps < 1:
@@ -300,13 +324,15 @@ class EditTrace:
 class Edit:
     """A computed ROME edit of ``W_out`` of ``layer``: ``ΔW = residual ⊗ key_selector``.
 
-    * ``k_star`` ``(d_mlp,)``: the prefix-averaged key (the module's single key definition);
+    * ``k_star`` ``(d_mlp,)``: the key at which ``W' k* = v*`` holds exactly: the prefix-averaged key (the
+      module's single key definition), or the bare prompt's key in reference mode;
     * ``v_star`` ``(d_model,)``: the target output of ``W_out`` at ``k_star``, **without** ``b_out``;
     * ``residual = v* − W k*`` ``(d_model,)`` (equal to the optimised δ);
     * ``key_selector = C⁻¹k* / (k*ᵀC⁻¹k*)`` ``(d_mlp,)``: ``key_selector · k`` is the edit strength ``s(k)``.
 
     All float32 on the model's device. ``prefixes`` are the context prefixes used (``""`` for the bare prompt);
-    ``prefix_keys`` the keys behind each of them, whose mean is ``k_star``.
+    ``prefix_keys`` the keys behind each of them, whose mean is ``k_star`` (in reference mode: whose first row
+    is ``k_star`` and whose mean is ROME's ``k̄``).
     """
 
     request: EditRequest
@@ -320,7 +346,7 @@ class Edit:
     trace: EditTrace
     model: str = ""
     covariance: dict = field(default_factory=dict)  # the spec of the C used
-    prefix_keys: torch.Tensor | None = field(default=None, repr=False)  # (n_prefixes, d_mlp), mean = k_star
+    prefix_keys: torch.Tensor | None = field(default=None, repr=False)  # (n_prefixes, d_mlp)
 
     @property
     def delta_W(self) -> torch.Tensor:
@@ -452,22 +478,34 @@ def context_prefixes(model, config: ROMEConfig | None = None) -> tuple[str, ...]
     return ("", *(_clean_prefix(text) for text in texts))
 
 
-def prefixed_keys(model, request: EditRequest, layer: int, prefixes: Sequence[str]) -> torch.Tensor:
+def _prepend_bos(model, config: ROMEConfig) -> bool | None:
+    """The BOS convention of the edit's tokenisation: the bridge's own (``None``), or in reference mode the
+    plain Hugging Face tokenizer's (:func:`keyscope.models.hf_prepends_bos`)."""
+    return hf_prepends_bos(model) if config.reference else None
+
+
+def prefixed_keys(
+    model, request: EditRequest, layer: int, prefixes: Sequence[str], prepend_bos: bool | None = None
+) -> torch.Tensor:
     """The layer-``layer`` keys ``k(x_j + prompt)`` at the subject's last token behind each prefix (``""`` =
     the bare prompt, first): ``(n_prefixes, d_mlp)`` float32.
 
     The key at the subject's last token depends only on the tokens up to it, so the rest of the prompt
-    does not matter; the forward passes stop at the key (:func:`keyscope.keys.collect_keys`).
+    does not matter; the forward passes stop at the key (:func:`keyscope.keys.collect_keys`, whose
+    ``prepend_bos`` convention applies).
     """
     layer = check_layer(model, layer)
     templates = [_prefixed(prefix, request.template) for prefix in prefixes]
-    return collect_keys(model, templates, [request.subject] * len(templates), layer)  # (n_prefixes, d_mlp)
+    subjects = [request.subject] * len(templates)
+    return collect_keys(model, templates, subjects, layer, prepend_bos=prepend_bos)  # (n_prefixes, d_mlp)
 
 
-def compute_k_star(model, request: EditRequest, layer: int, prefixes: Sequence[str]) -> torch.Tensor:
+def compute_k_star(
+    model, request: EditRequest, layer: int, prefixes: Sequence[str], prepend_bos: bool | None = None
+) -> torch.Tensor:
     """``k* = mean_j k(x_j + prompt)``: the layer-``layer`` key at the subject's last token, averaged over
     the prompt behind each prefix (``""`` = the bare prompt) — ROME eq. 3. ``(d_mlp,)`` float32."""
-    return prefixed_keys(model, request, layer, prefixes).mean(0)  # (d_mlp,)
+    return prefixed_keys(model, request, layer, prefixes, prepend_bos).mean(0)  # (d_mlp,)
 
 
 # ---------------------------------------------------------------------------------------------- v*
@@ -484,10 +522,12 @@ class _VStarBatch:
     target_positions: torch.Tensor  # (n_targets,) the position whose logits predict it
     target_ids: torch.Tensor  # (n_targets,)
     n_prompts: int
-    kl_position: int  # last position of the KL prompt (row n_prompts)
+    kl_position: int  # where the KL prompt (row n_prompts) is read: its last token, or (reference) the subject's
 
 
-def _teacher_forced(tokenizer, template: str, subject: str, target: str) -> tuple[list[int], int, list[int], list[int]]:
+def _teacher_forced(
+    tokenizer, template: str, subject: str, target: str, prepend_bos: bool | None = None
+) -> tuple[list[int], int, list[int], list[int]]:
     """Tokenise ``template`` filled with ``subject`` and followed by ``target`` in one pass.
 
     A space separates them unless the prompt ends or the target starts with whitespace (ROME prepends a
@@ -498,7 +538,7 @@ def _teacher_forced(tokenizer, template: str, subject: str, target: str) -> tupl
     prompt = span.text
     separator = "" if prompt[-1:].isspace() or target[:1].isspace() else " "
     text = prompt + separator + target
-    encoded = encode(tokenizer, text)
+    encoded = encode(tokenizer, text, prepend_bos=prepend_bos)
     subject_index = tokens_overlapping(encoded, span.start, span.end)[-1]
     target_indices = tokens_overlapping(encoded, len(prompt) + len(separator), len(text))
     if not target_indices:
@@ -517,11 +557,12 @@ def _teacher_forced(tokenizer, template: str, subject: str, target: str) -> tupl
 
 def _v_star_batch(model, request: EditRequest, prefixes: Sequence[str], config: ROMEConfig) -> _VStarBatch:
     tokenizer = model.tokenizer
+    prepend_bos = _prepend_bos(model, config)
     sequences, subject_indices = [], []
     rows, positions, targets = [], [], []
     for row, prefix in enumerate(prefixes):
         ids, subject_index, target_ids, target_positions = _teacher_forced(
-            tokenizer, _prefixed(prefix, request.template), request.subject, request.target_new
+            tokenizer, _prefixed(prefix, request.template), request.subject, request.target_new, prepend_bos
         )
         sequences.append(ids)
         subject_indices.append(subject_index)
@@ -529,10 +570,12 @@ def _v_star_batch(model, request: EditRequest, prefixes: Sequence[str], config: 
         positions += target_positions
         targets += target_ids
     kl_span = fill(config.kl_prompt, request.subject)
-    kl_encoded = encode(tokenizer, kl_span.text)
-    kl_position = max(i for i, special in enumerate(kl_encoded.special) if not special)
-    sequences.append(list(kl_encoded.ids[: kl_position + 1]))
-    subject_indices.append(tokens_overlapping(kl_encoded, kl_span.start, kl_span.end)[-1])
+    kl_encoded = encode(tokenizer, kl_span.text, prepend_bos=prepend_bos)
+    kl_last = max(i for i, special in enumerate(kl_encoded.special) if not special)
+    kl_subject = tokens_overlapping(kl_encoded, kl_span.start, kl_span.end)[-1]
+    kl_position = kl_subject if config.reference else kl_last  # rome/compute_v.py: lookup_idxs of the KL prompt
+    sequences.append(list(kl_encoded.ids[: kl_last + 1]))
+    subject_indices.append(kl_subject)
 
     device = model.cfg.device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -582,7 +625,11 @@ def compute_v_star(
     evaluations, stopping early once ``loss < early_stop_loss`` (or the mean target probability reaches
     ``early_stop_probability``); the returned δ is the last one evaluated. The KL has the direction of ROME's
     ``compute_v.py`` (``kl_div(P₀, P_δ)``, i.e. ``KL(P_δ ‖ P₀)``), but is taken at the essence prompt's last
-    position (the next-token distribution after "is a"), where ROME's code reads it at the subject's last token.
+    position (the next-token distribution after "is a"), where ROME's code reads it at the subject's last token
+    (as ``config.reference`` does).
+
+    ``k_star`` is the key whose value ``v*`` replaces: the prefix-averaged key (keyscope), or in reference
+    mode the bare prompt's key ``k₀``, whose value ``W k₀ + b`` is ROME's ``target_init``.
     """
     layer = check_layer(model, layer)
     start = time.perf_counter()
@@ -660,19 +707,21 @@ def compute_v_star(
 
 
 def rank_one_update(
-    W_out_before: torch.Tensor, k_star: torch.Tensor, v_star: torch.Tensor, cov: KeyCovariance
+    W_out_before: torch.Tensor, k_star: torch.Tensor, v_star: torch.Tensor, cov: KeyCovariance,
+    k_direction: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The two factors of ROME's ``ΔW = (v* − W k*)(C⁻¹k*)ᵀ / (k*ᵀC⁻¹k*)`` (Meng et al. 2022, eq. 2).
 
     Returns ``residual = v* − W k*`` ``(d_model,)`` and ``key_selector = C⁻¹k* / (k*ᵀC⁻¹k*)`` ``(d_mlp,)``,
     float32 on ``W_out_before``'s device, so that ``(W + residual ⊗ key_selector) k* = v*`` and every key
     ``k`` with ``kᵀC⁻¹k* = 0`` keeps its value. ``C⁻¹k*`` is a Cholesky solve in float64
-    (:meth:`KeyCovariance.solve`).
+    (:meth:`KeyCovariance.solve`). With ``k_direction = k̄`` the direction is ROME's code's ``u ∝ C⁻¹k̄``
+    and ``key_selector = C⁻¹k̄ / (k*ᵀC⁻¹k̄)`` (reference mode), which still installs ``v*`` exactly at ``k*``.
     """
     device = W_out_before.device
-    C_inv_k_star = cov.solve(k_star)  # (d_mlp,) float64
-    k_star64 = k_star.to(C_inv_k_star.device, torch.float64)  # (d_mlp,)
-    key_selector = C_inv_k_star / (k_star64 @ C_inv_k_star)  # (d_mlp,)
+    C_inv_k_direction = cov.solve(k_star if k_direction is None else k_direction)  # (d_mlp,) float64
+    k_star64 = k_star.to(C_inv_k_direction.device, torch.float64)  # (d_mlp,)
+    key_selector = C_inv_k_direction / (k_star64 @ C_inv_k_direction)  # (d_mlp,)
     W_k_star = W_out_before.float() @ k_star.to(device, torch.float32)  # (d_model,)
     residual = v_star.to(device, torch.float64) - W_k_star.double()  # (d_model,)
     return residual.float(), key_selector.to(device, torch.float32)
@@ -740,14 +789,16 @@ def compute_edit(
     seconds_prefixes = time.perf_counter() - start
 
     start = time.perf_counter()
-    prefix_keys = prefixed_keys(model, request, layer, prefixes)  # (n_prefixes, d_mlp)
-    k_star = prefix_keys.mean(0)  # (d_mlp,) ROME eq. 3, as compute_k_star
+    prefix_keys = prefixed_keys(model, request, layer, prefixes, _prepend_bos(model, config))  # (n_prefixes, d_mlp)
+    k_bar = prefix_keys.mean(0)  # (d_mlp,) ROME eq. 3, as compute_k_star
+    k_star = prefix_keys[0] if config.reference else k_bar  # (d_mlp,) where v* is installed
     seconds_k_star = time.perf_counter() - start
 
     v_star, trace = compute_v_star(model, request, layer, k_star, prefixes, config)  # (d_model,)
 
     start = time.perf_counter()
-    residual, key_selector = rank_one_update(W_out(model, layer), k_star, v_star, cov)
+    k_direction = k_bar if config.reference else None
+    residual, key_selector = rank_one_update(W_out(model, layer), k_star, v_star, cov, k_direction)
     seconds_update = time.perf_counter() - start
 
     trace = replace(trace, seconds_prefixes=seconds_prefixes, seconds_k_star=seconds_k_star, seconds_update=seconds_update)

@@ -87,7 +87,7 @@ def test_tau_groups_score_exactly_like_one_pass_per_tau(tiny_checkpoints):
     edit = rome.compute_edit(model, rome.EditRequest(fact.prompt, fact.subject, fact.target_new, fact.target_true),
                              layer, cov, rome_config, prefixes=shared.prefixes)
     fitted = ev.fit_rep(model, edit, queries, rep_config, shared)
-    twins = ev.near_twins(model, queries, layer, cov, rep_config, edit.prefix_keys)
+    twins = ev.near_twins(model, queries, layer, cov, rep_config, edit.prefix_keys, prefixes=shared.prefixes)
     plan = ev._plan(model.tokenizer, queries, twins, 0.95)
     unedited = ev.score_targets(model, [plan.sequences[r] for r in plan.locality]).argmax
     for tau in taus:

@@ -142,3 +142,127 @@ def test_applied_adapts_keys_inside_and_restores_everything_on_exit(tiny):
     with torch.no_grad():
         assert torch.equal(model(ids), logits_before)  # no hook left behind
     assert torch.equal(collect_keys(model, ["The actress {}"], ["Darrieux"], LAYER), keys.positives)
+
+
+# ---------------------------------------------------------------------------------------------- released setting
+
+
+def test_released_setting_has_each_of_the_released_codes_choices():
+    released = rep.REPConfig.released()
+    expected = dict(rank=32, gate_hidden_fraction=0.1, dropout=0.1, tau=0.9, lr=5e-4, steps=10, batch_size=15,
+                    objective="released", anchor="bare", anchor_loss="mse", anchor_weight=50000.0,
+                    gate_negatives=False, train_long_context=False, dropout_at_inference=True, bias=False,
+                    gate_strict=True, input_scaling=False, positive_kinds=("rephrase", "shuffle"),
+                    positive_prefixes=True)
+    assert {name: getattr(released, name) for name in expected} == expected
+    default = rep.REPConfig()
+    assert all(getattr(default, name) != value for name, value in expected.items()
+               if name not in ("rank", "gate_hidden_fraction", "dropout", "tau"))
+    assert rep.REPConfig.named("released", tau=0.5) == rep.REPConfig.released(tau=0.5)
+    assert rep.REPConfig.named("keyscope") == default and rep.REPConfig.named("paper") == rep.REPConfig.paper()
+    with pytest.raises(ValueError, match="released"):
+        rep.REPConfig.named("original")
+    for bad in (dict(anchor="all"), dict(anchor_loss="l1"), dict(batch_size=0), dict(positive_kinds=("alias",))):
+        with pytest.raises(ValueError):
+            rep.REPConfig(**bad)
+    adaptor = rep.KeyAdaptor(D, bias=False)
+    assert adaptor.down.bias is None and adaptor.up.bias is None and adaptor.up.weight.abs().sum() == 0
+    at_tau = torch.tensor([0.9, 0.95])
+    assert adaptor.gate_on(at_tau, 0.9).tolist() == [True, True]
+    adaptor.gate_strict = True
+    assert adaptor.gate_on(at_tau, 0.9).tolist() == [False, True]
+
+
+def test_minibatches_follow_the_released_sampler():
+    g = torch.Generator().manual_seed(3)
+    first = torch.randperm(21, generator=g)
+    second = first[torch.randperm(21, generator=g)]
+    third = second[torch.randperm(21, generator=g)]
+    expected = [first[:15], second[:15], second[:15], third[:15]]  # after a reshuffle the position is back at 0
+    assert all(torch.equal(a, b) for a, b in zip(rep.minibatches(21, 15, 4, seed=3), expected, strict=True))
+    assert [len(b) for b in rep.minibatches(5, 15, 2)] == [5, 5]  # fewer rows than a batch: all, reshuffled
+
+
+def _released_probes() -> list[Probe]:
+    rephrases = ["D. Darrieux", "Mlle Darrieux", "Danielle D.", "the actress Darrieux", "Darrieux"]
+    shuffles = ["Darrieux Danielle", "Dar Danielle rieux", "rieux Danielle Dar", "Danielle rieuxDar"]
+    return [*(Probe("The actress {}", s, "rephrase") for s in rephrases),
+            *(Probe("The actress {}", s, "shuffle") for s in shuffles),
+            Probe("The actress {}", "Darrieux Danielle", "shuffle_words"),
+            Probe("{} was born in", "Danielle Darrieux", "template"),
+            Probe("Paris is big. The actress {}", "Danielle Darrieux", "long")]
+
+
+def test_released_gather_keys_puts_every_subject_behind_every_prefix_and_anchors_the_bare_prompt(tiny):
+    model, _, edit = tiny
+    assert edit.prefixes == ("", "The")
+    keys = rep.gather_keys(model, edit, _released_probes(), rep.REPConfig.released())
+    expected = [("The. The actress {}", "Danielle Darrieux")]  # the original, behind the non-bare prefix
+    for probe in _released_probes()[:9]:  # rephrases and token shuffles only
+        expected += [(probe.template, probe.subject), (f"The. {probe.template}", probe.subject)]
+    reference = collect_keys(model, [t for t, _ in expected], [s for _, s in expected], LAYER)
+    assert keys.positives.shape == (1 + 2 * 9, model.cfg.d_mlp)
+    assert torch.allclose(keys.positives, reference, atol=1e-5)
+    assert keys.anchors.shape == (1, model.cfg.d_mlp) and torch.equal(keys.anchors[0], edit.prefix_keys[0])
+    assert keys.negatives.shape[0] == 0
+
+
+def test_released_training_steps_match_a_transcription_of_the_released_objective(tiny):
+    """Each training step of ``REPConfig.released()`` against aggregator.py's loss and torch's Adam, written
+    out densely: ``−mean (k̂/‖k̂‖)ᵀu + 50000 · mean (k̂_a − k_a)²`` on a mini-batch of 15."""
+    model, _, edit = tiny
+    keys = rep.gather_keys(model, edit, _released_probes(), rep.REPConfig.released())
+    signs = torch.tensor([(-1.0) ** (i % 3 == 0) for i in range(len(keys.positives))])  # (19,)
+    keys = rep.REPKeys(keys.positives * signs[:, None], keys.anchors, keys.negatives)  # some kᵀu < 0: no |·|
+    pos, anchor = keys.positives, keys.anchors  # (19, d), (1, d)
+    n, d = pos.shape
+    assert n > 15
+    steps, lr, beta1, beta2, eps, p_drop = 3, 5e-4, 0.9, 0.999, 1e-8, 0.1
+    u = edit.key_selector / edit.key_selector.norm()  # ROME's left vector C⁻¹k*/‖C⁻¹k*‖
+    init = rep.KeyAdaptor(d, 32, 0.1, p_drop, seed=0, bias=False)
+    params = {"A": init.down.weight, "B": init.up.weight, "W1": init.gate[0].weight, "b1": init.gate[0].bias,
+              "W2": init.gate[2].weight, "b2": init.gate[2].bias}
+    params = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+    m = {k: torch.zeros_like(v) for k, v in params.items()}
+    v = {k: torch.zeros_like(p) for k, p in params.items()}
+    # the sampler: a random order, consecutive batches, a reshuffle (and back to 0) when the next one overruns
+    g_batch, g_drop = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
+    order, index = torch.randperm(n, generator=g_batch), 0
+
+    def adapt(x, p):
+        keep = (torch.rand(x.shape, generator=g_drop) >= p_drop).float()
+        shift = ((x * keep / (1 - p_drop)) @ p["A"].T) @ p["B"].T  # no bias, no input scaling
+        gate = torch.sigmoid(torch.nn.functional.gelu(x @ p["W1"].T + p["b1"]) @ p["W2"].T + p["b2"])  # (n, 1)
+        return x + gate * shift
+
+    losses, after = [], []
+    for t in range(1, steps + 1):
+        if index + 15 > n:
+            order, index = order[torch.randperm(n, generator=g_batch)], 0
+            rows = order[:15]
+        else:
+            rows, index = order[index : index + 15], index + 15
+        k_hat = adapt(pos[rows], params)
+        agg = -((k_hat / k_hat.norm(dim=-1, keepdim=True)) @ u).mean()
+        consistency = ((adapt(anchor, params) - anchor) ** 2).mean()
+        loss = agg + 50000.0 * consistency
+        grads = torch.autograd.grad(loss, list(params.values()))
+        with torch.no_grad():
+            for (name, p), grad in zip(params.items(), grads):
+                m[name] = beta1 * m[name] + (1 - beta1) * grad
+                v[name] = beta2 * v[name] + (1 - beta2) * grad**2
+                p -= lr * (m[name] / (1 - beta1**t)) / ((v[name] / (1 - beta2**t)).sqrt() + eps)
+        losses.append(float(loss.detach()))
+        after.append({k: p.detach().clone() for k, p in params.items()})
+
+    fitted = rep.REP(rep.REPConfig.released(steps=steps)).fit(edit, keys)
+    assert [h["loss"] for h in fitted.history_] == pytest.approx(losses, rel=1e-5, abs=1e-7)
+    assert fitted.history_[0]["anchor"] == 0.0 and fitted.history_[1]["anchor"] > 0.0  # P = 0 only at the start
+    one = rep.REP(rep.REPConfig.released(steps=1)).fit(edit, keys).adaptor_
+    for adaptor, expected in ((one, after[0]), (fitted.adaptor_, after[-1])):
+        ours = {"A": adaptor.down.weight, "B": adaptor.up.weight, "W1": adaptor.gate[0].weight,
+                "b1": adaptor.gate[0].bias, "W2": adaptor.gate[2].weight, "b2": adaptor.gate[2].bias}
+        for name, value in expected.items():
+            assert torch.allclose(ours[name], value, rtol=1e-4, atol=1e-7), name
+    assert (after[-1]["W1"] - init.gate[0].weight).abs().max() > 0  # the gate and A trained too
+    assert (after[-1]["A"] - init.down.weight).abs().max() > 0

@@ -292,6 +292,123 @@ def test_rank_one_factors_match_dense_formula(models, covs, edits):
     torch.testing.assert_close(edit.key_selector @ edit.k_star, sim.edit_strength(edit.k_star, edit.k_star, cov).float())
 
 
+def _rome_reference(path, request: dict, layer: int, C_inv: torch.Tensor, prefixes, config) -> torch.Tensor:
+    """kmeng01/rome's ``execute_rome`` for one layer, transcribed plainly on the Hugging Face model and tokenizer
+    (no keyscope code): ``rome_main.get_context_templates`` (given prefixes), ``compute_u``,
+    ``compute_v`` and the update ``u ⊗ right_vector``. Returns ``ΔW`` as ``(d_model, d_mlp)`` float64."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.pad_token, tok.padding_side = tok.eos_token, "right"
+    hf = AutoModelForCausalLM.from_pretrained(path).eval()
+    for param in hf.parameters():
+        param.requires_grad_(False)
+    mlp, c_proj = hf.transformer.h[layer].mlp, hf.transformer.h[layer].mlp.c_proj
+    subject, prompt = request["subject"], request["prompt"]
+    target = request["target_new"] if request["target_new"].startswith(" ") else " " + request["target_new"]
+    templates = ["{}"] + [prefix + ". {}" for prefix in prefixes if prefix]
+
+    def last_index(template: str) -> int:  # repr_tools.get_words_idxs_in_templates, subtoken "last"
+        fill_idx = template.index("{}")
+        before, word = template[:fill_idx], subject
+        if before:
+            assert before[-1] == " "
+            before, word = before[:-1], " " + subject.strip()
+        return len(tok(before)["input_ids"]) + len(tok(word)["input_ids"]) - 1
+
+    def module_io(text: str, index: int) -> tuple[torch.Tensor, torch.Tensor]:  # repr_tools.get_repr_at_idxs
+        seen = {}
+        handle = c_proj.register_forward_hook(lambda m, i, o: seen.update(input=i[0], output=o))
+        try:
+            with torch.no_grad():
+                hf(**tok([text], return_tensors="pt"))
+        finally:
+            handle.remove()
+        return seen["input"][0, index].double(), seen["output"][0, index].double()
+
+    # compute_u: u = C⁻¹ k̄ / ‖C⁻¹ k̄‖, k̄ the mean key over the context templates
+    context_prompts = [t.format(prompt) for t in templates]
+    k_bar = torch.stack([module_io(c.format(subject), last_index(c))[0] for c in context_prompts]).mean(0)
+    u = C_inv @ k_bar
+    u = u / u.norm()
+
+    # compute_v
+    target_ids = tok(target)["input_ids"]
+    rewriting = [c + tok.decode(target_ids[:-1]) for c in context_prompts]
+    all_prompts = rewriting + ["{} is a"]
+    inputs = tok([q.format(subject) for q in all_prompts], return_tensors="pt", padding=True)
+    targets = torch.full((len(rewriting), inputs["input_ids"].shape[1]), -100)
+    for i in range(len(rewriting)):
+        ex_len = int(inputs["attention_mask"][i].sum())
+        targets[i, ex_len - len(target_ids) : ex_len] = torch.tensor(target_ids)
+    lookup = [last_index(q) for q in all_prompts]
+    delta = torch.zeros(hf.config.n_embd, requires_grad=True)
+    state = {"target_init": None}
+
+    def edit_output(module, args, out):
+        if state["target_init"] is None:
+            state["target_init"] = out[0, lookup[0]].detach().clone()
+        out = out.clone()
+        for i, idx in enumerate(lookup):
+            out[i, idx, :] += delta
+        return out
+
+    opt = torch.optim.Adam([delta], lr=config.v_lr)
+    kl_init = None
+    handle = mlp.register_forward_hook(edit_output)
+    try:
+        for it in range(config.v_num_grad_steps):
+            opt.zero_grad()
+            logits = hf(**inputs).logits
+            kl_log_probs = torch.log_softmax(logits[-1:, lookup[-1], :], dim=1)
+            if kl_init is None:
+                kl_init = kl_log_probs.detach().clone()
+            log_probs = torch.log_softmax(logits[: len(rewriting)], dim=2)
+            picked = torch.gather(log_probs, 2, torch.where(targets != -100, targets, 0).unsqueeze(2)).squeeze(2)
+            mask = (targets != -100).float()
+            nll = (-(picked * mask).sum(1) / len(target_ids)).mean()
+            kl = config.kl_factor * torch.nn.functional.kl_div(kl_init, kl_log_probs, log_target=True,
+                                                                reduction="batchmean")
+            weight_decay = config.v_weight_decay * (torch.norm(delta) / torch.norm(state["target_init"]) ** 2)
+            loss = nll + kl + weight_decay
+            if loss < 5e-2 or it == config.v_num_grad_steps - 1:
+                break
+            loss.backward()
+            opt.step()
+            max_norm = config.clamp_norm_factor * state["target_init"].norm()
+            if delta.norm() > max_norm:
+                with torch.no_grad():
+                    delta[...] = delta * max_norm / delta.norm()
+    finally:
+        handle.remove()
+    v_target = state["target_init"].double() + delta.detach().double()
+    cur_input, cur_output = module_io(prompt.format(subject), last_index(prompt))
+    right_vector = (v_target - cur_output) / torch.dot(cur_input, u)
+    return torch.outer(right_vector, u)  # (d_model, d_mlp): Conv1D's (d_mlp, d_model) update, transposed
+
+
+def test_reference_mode_matches_a_dense_transcription_of_rome(tiny_checkpoints, models, covs):
+    model, cov = models["gpt2"], covs["gpt2"]
+    prefixes = ("", "Toko Yasuda plays the guitar", "The Republic of Slovenia is a country")
+    config = rome.ROMEConfig.for_model(model, reference=True, v_num_grad_steps=8)
+    edit = rome.compute_edit(model, REQUEST, LAYER, cov, config, prefixes=prefixes)
+    cov.cholesky()
+    C_inv = torch.linalg.inv(cov.C_ + cov.ridge_ * torch.eye(model.cfg.d_mlp, dtype=torch.float64))
+    request = {"prompt": REQUEST.template, "subject": REQUEST.subject, "target_new": REQUEST.target_new}
+    expected = _rome_reference(tiny_checkpoints["gpt2"], request, LAYER, C_inv, prefixes, config)
+    got = edit.delta_W.double()
+    cosine = float((got * expected).sum() / (got.norm() * expected.norm()))
+    assert cosine > 0.9999, cosine
+    torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-4 * float(expected.abs().max()))
+    # the reference tokenises without the bridge's BOS and installs v* at the bare prompt's key
+    bare = collect_keys(model, [REQUEST.template], [REQUEST.subject], LAYER, prepend_bos=False)[0]
+    torch.testing.assert_close(edit.k_star, bare)
+    torch.testing.assert_close(edit.strength(edit.k_star), torch.tensor(1.0), rtol=1e-5, atol=0)
+    default = rome.compute_edit(model, REQUEST, LAYER, cov, dataclasses.replace(config, reference=False),
+                                prefixes=prefixes)
+    assert not torch.allclose(default.delta_W, edit.delta_W, rtol=1e-2, atol=0)
+
+
 # ------------------------------------------------------------------------------------------- applying
 
 

@@ -32,7 +32,7 @@ def cmd_evaluate(args) -> int:
     from keyscope import evaluate as ev
     from keyscope.cli.common import edit_inputs
     from keyscope.experiments import table1
-    from keyscope.rep import REPConfig
+    from keyscope.rep import SETTINGS, REPConfig
 
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     unknown = [m for m in methods if m not in ev.METHODS]
@@ -42,12 +42,14 @@ def cmd_evaluate(args) -> int:
         raise KeyscopeError("--n must be at least 1")
     if not 0.0 < args.tau < 1.0:
         raise KeyscopeError(f"--tau must lie in (0, 1), not {args.tau}")
+    if args.rep_setting not in SETTINGS:
+        raise KeyscopeError(f"--rep-setting must be one of {', '.join(SETTINGS)}, not {args.rep_setting!r}")
     taus = parse_taus(args.tau_sweep)
     if taus and "rome+rep" not in methods:
         raise KeyscopeError("--tau-sweep needs the rome+rep method")
     facts, model, layer, cov, source = edit_inputs(args)
     progress = not args.no_progress
-    rep_config = REPConfig.paper(tau=args.tau) if args.rep_setting == "paper" else REPConfig(tau=args.tau)
+    rep_config = REPConfig.named(args.rep_setting, tau=args.tau)
     config = ev.EvalConfig(n=args.n, seed=args.seed)
     context = args.context or source
     result = ev.evaluate(model, facts, layer, cov, corpora.documents(context), corpus=source, methods=methods,
@@ -69,8 +71,9 @@ def register(sub) -> None:
     p.add_argument("--methods", default="rome,rome+rep", help="comma-separated: rome, rome+rep (default both)")
     p.add_argument("--tau", type=float, default=0.9, help="REP's gate threshold (default 0.9)")
     p.add_argument("--tau-sweep", metavar="T1,T2,…", help="also evaluate REP at these thresholds (Figure 7)")
-    p.add_argument("--rep-setting", choices=("keyscope", "paper"), default="keyscope",
-                   help="REP training: keyscope's default or the released code's (10 steps, no negatives…)")
+    p.add_argument("--rep-setting", default="keyscope", metavar="{keyscope,paper,released}",
+                   help="REP training: keyscope's default, 'released' (the released code's setting, exactly) or "
+                        "'paper' (an earlier approximation of it on keyscope's adaptor)")
     p.add_argument("--seed", type=int, default=0, help="seed of the facts, splits and adaptors")
     p.add_argument("--corpus", help="corpus for C and REP's negatives (default: the model's default corpus)")
     p.add_argument("--context", help="text for the long contexts (default: the corpus)")

@@ -40,12 +40,25 @@ def test_evaluate_prints_table1_writes_it_and_sweeps_tau(env, tmp_path, capsys):
     assert "| rome+rep |" in (out / "table1.md").read_text()
 
 
+def test_evaluate_trains_rep_in_the_released_codes_setting(env, tmp_path):
+    report = tmp_path / "released.json"
+    code = main(["evaluate", "--n", "1", "--rep-setting", "released", "--out", str(tmp_path), "--json", str(report),
+                 *QUICK])
+    assert code == 0
+    payload = json.loads(report.read_text())
+    config = payload["rep_config"]
+    assert (config["objective"], config["anchor"], config["batch_size"], config["positive_prefixes"]) == (
+        "released", "bare", 15, True)
+    assert payload["methods"]["rome+rep"]["counts"]["success"] == 1
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--methods", "memit"], "--methods"),
     (["--tau-sweep", "0.5,1.5"], "--tau-sweep"),
     (["--tau", "0"], "--tau"),
     (["--n", "0"], "--n"),
     (["--methods", "rome", "--tau-sweep", "0.5"], "rome+rep"),
+    (["--rep-setting", "original"], "--rep-setting"),
 ])
 def test_evaluate_rejects_bad_arguments_in_one_line(env, tmp_path, capsys, argv, message):
     assert main(["evaluate", "--out", str(tmp_path), *argv, *QUICK]) == 2
