@@ -66,14 +66,15 @@ def main() -> int:
         edit = rome.compute_edit(model, rome.EditRequest(fact.prompt, fact.subject, fact.target_new, fact.target_true),
                                  layer, cov, rome_config, prefixes=shared.prefixes)
         fitted = ev.fit_rep(model, edit, queries, rep_config, shared)
-        plan = ev._plan(model.tokenizer, queries, ev.near_twins(model, queries, layer, cov, rep_config, 0.95), 0.95)
+        twins = ev.near_twins(model, queries, layer, cov, rep_config, edit.prefix_keys, prefixes=shared.prefixes)
+        plan = ev.plan_queries(model.tokenizer, queries, twins, config.twin_cosine)
         start = time.perf_counter()
         unedited = ev.score_targets(model, [plan.sequences[r] for r in plan.locality]).argmax
         with rep.applied(model, edit):
-            ev._score(model, plan, unedited, config.batch_size)
+            ev.score_plan(model, plan, unedited, config.batch_size)
         for name, tau in {"rome+rep": rep_config.tau, **{f"rome+rep@{t:g}": t for t in taus}}.items():
             with rep.applied(model, edit, fitted, tau):
-                scores = ev._score(model, plan, unedited, config.batch_size)
+                scores = ev.score_plan(model, plan, unedited, config.batch_size)
             assert scores == row["methods"][name], (fact.case_id, name)
         timings["score (per tau)"] += time.perf_counter() - start
     n = len(chosen)

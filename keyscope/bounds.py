@@ -18,10 +18,11 @@ single-head gain with ``a_h = 1`` (the lemma's bound) and with the actual ``a_h`
 **Lemma 4.6** (robustness). For every rephrased, shuffled and long-context query of the fact, the edit
 strength ``α = k_sᵀC⁻¹k* / k*ᵀC⁻¹k*`` of its key (the adapted key ``k̂_s`` under REP) predicts how much of
 the edit reaches it: the AUROC of ``α`` for whether the query succeeds after the edit (new target top-1),
-and the Pearson correlation between the predicted value change ``α`` (in units of ``Δv* = v* − W k*``)
-and the measured one, ``(v' − v)ᵀΔv* / ‖Δv*‖²`` at the query's subject token — separately for ROME and
-ROME+REP. For ROME the value part is exact by Lemma 4.1 (a check of the hooks); under REP the adapted key
-also moves the old value, ``W(k̂ − k)``, which the correlation exposes.
+separately for ROME and ROME+REP. Beside it, a **consistency check** (``value_check_pearson``), not evidence
+for any lemma: the Pearson correlation between the predicted value change ``α`` (in units of
+``Δv* = v* − W k*``) and the hooked one, ``(v' − v)ᵀΔv* / ‖Δv*‖²`` at the query's subject token. For ROME it
+is 1 by construction (Lemma 4.1 is an identity of the rank-one update), so it only checks that keyscope's
+hooks read the values the edit writes; under REP the adapted key also moves the old value, ``W(k̂ − k)``.
 
 The lemma reads ``α`` at the subject's last token. A rephrased form that ends in a suffix ("… the Elder")
 or a place ("… of Telmar") carries the original name *before* its last token, where the edit lands in full
@@ -31,7 +32,13 @@ over the query's positions.
 **Lemma 4.7** (specificity). For neighbourhood prompts and the top corpus-scan prefixes of ``k*``
 (:mod:`keyscope.scan`), ``α`` (the largest over the prompt's positions; at the hit for scan prefixes) against
 the measured change of their own prediction: the drop in log-probability of the unedited top-1 token and
-whether the top-1 flips (AUROC of ``α`` for a flip).
+whether the top-1 flips (AUROC of ``α`` for a flip) — reported for the two groups separately, each with its
+number of flips (the positives of its AUROC), and pooled.
+
+Lemma 4.4 is checked at the layer the edits are made at (the model's default edit layer, which for factworld
+is the causal trace's): "a single path carries the change" means one attention head of a later layer, reading
+the edited value at the subject's last token, moves the new-vs-true logit difference at the last position by
+at least ``ε₁ + ε₂`` on its own.
 """
 
 from __future__ import annotations
@@ -221,6 +228,16 @@ class BoundsResult:
                 "config": asdict(self.config), "skipped": self.skipped}
 
 
+def _specificity(rows: list[dict]) -> dict:
+    """Lemma 4.7 over ``rows``: AUROC of α for a flipped top-1, its positives (flips), Pearson(α, drop of the
+    own log-probability), the flip rate and the count."""
+    return {"auroc": auroc([r["alpha"] for r in rows], [r["flipped"] for r in rows]),
+            "positives": sum(bool(r["flipped"]) for r in rows),
+            "pearson": pearson([r["alpha"] for r in rows], [-r["own_logprob_change"] for r in rows]),
+            "flip_rate": float(np.mean([r["flipped"] for r in rows])) if rows else None,
+            "n_queries": len(rows)}
+
+
 def _summary(l44: list[dict], rows: list[dict], methods: Sequence[str]) -> dict:
     valid = [r for r in l44 if r is not None]
     lemma_4_4 = {
@@ -240,25 +257,24 @@ def _summary(l44: list[dict], rows: list[dict], methods: Sequence[str]) -> dict:
         by_method_46[method] = {
             "auroc": auroc([r["alpha"] for r in robust], [r["success"] for r in robust]),
             "auroc_alpha_max": auroc([r["alpha_max"] for r in robust], [r["success"] for r in robust]),
-            "pearson": pearson([r["alpha"] for r in robust], [r["value_coefficient"] for r in robust]),
+            "positives": sum(bool(r["success"]) for r in robust),
+            "value_check_pearson": pearson([r["alpha"] for r in robust], [r["value_coefficient"] for r in robust]),
             "pearson_logit_gap": pearson([r["alpha"] for r in robust], [r["gap_change"] for r in robust]),
             "n_queries": len(robust),
             "by_kind": {k: auroc([r["alpha"] for r in robust if r["kind"] == k],
                                  [r["success"] for r in robust if r["kind"] == k]) for k in ROBUSTNESS_KINDS},
         }
         by_method_47[method] = {
-            "auroc": auroc([r["alpha"] for r in specific], [r["flipped"] for r in specific]),
-            "pearson": pearson([r["alpha"] for r in specific], [-r["own_logprob_change"] for r in specific]),
-            "flip_rate": float(np.mean([r["flipped"] for r in specific])) if specific else None,
-            "n_queries": len(specific),
+            **_specificity(specific),
+            **{group: _specificity([r for r in specific if r["kind"] == group]) for group in SPECIFICITY_KINDS},
         }
     first = methods[0]
     return {
         "lemma_4_4": lemma_4_4,
-        "lemma_4_6": {"auroc": by_method_46[first]["auroc"], "pearson": by_method_46[first]["pearson"],
-                      "methods": by_method_46},
-        "lemma_4_7": {"auroc": by_method_47[first]["auroc"], "pearson": by_method_47[first]["pearson"],
-                      "methods": by_method_47},
+        "lemma_4_6": {"auroc": by_method_46[first]["auroc"], "positives": by_method_46[first]["positives"],
+                      "value_check_pearson": by_method_46[first]["value_check_pearson"], "methods": by_method_46},
+        "lemma_4_7": {**{k: by_method_47[first][k] for k in ("auroc", "pearson", "positives", "n_queries")},
+                      **{group: by_method_47[first][group] for group in SPECIFICITY_KINDS}, "methods": by_method_47},
     }
 
 

@@ -111,7 +111,7 @@ def near_twins(model, queries: FactProbes, layer: int, cov, rep_config: rep.REPC
 
 
 @dataclass
-class _Plan:
+class QueryPlan:
     """The scored sequences of one fact: each query is a pair of rows (new target, true target)."""
 
     sequences: list[tuple[list[int], int]] = field(default_factory=list)
@@ -123,9 +123,9 @@ class _Plan:
         return len(self.sequences) - 1
 
 
-def _plan(tokenizer, queries: FactProbes, twins: dict[tuple[str, int], float], threshold: float) -> _Plan:
+def plan_queries(tokenizer, queries: FactProbes, twins: dict[tuple[str, int], float], threshold: float) -> QueryPlan:
     fact = queries.fact
-    plan = _Plan()
+    plan = QueryPlan()
 
     def query(metrics: Sequence[str], prompt: str) -> None:
         rows = (plan.add(target_sequence(tokenizer, prompt, fact.target_new)),
@@ -146,7 +146,7 @@ def _plan(tokenizer, queries: FactProbes, twins: dict[tuple[str, int], float], t
     return plan
 
 
-def _score(model, plan: _Plan, unedited_locality: tuple, batch_size: int) -> dict[str, tuple[int, int, int]]:
+def score_plan(model, plan: QueryPlan, unedited_locality: tuple, batch_size: int) -> dict[str, tuple[int, int, int]]:
     """Per metric ``(hits, total, prob_hits)`` for the model as it is now (edits and hooks applied)."""
     scores = score_targets(model, plan.sequences, batch_size=batch_size)
     out: dict[str, tuple[int, int, int]] = {}
@@ -228,11 +228,11 @@ def evaluate_fact(model, fact: Fact, queries: FactProbes, layer: int, cov, metho
                              layer, cov, rome_config, prefixes=shared.prefixes)  # leaves the weights unchanged
     row = {"case_id": fact.case_id, "edit_seconds": time.perf_counter() - start, "methods": {}}
     twins = near_twins(model, queries, layer, cov, rep_config, edit.prefix_keys, batch_size, shared.prefixes)
-    plan = _plan(tokenizer, queries, twins, twin_cosine)
+    plan = plan_queries(tokenizer, queries, twins, twin_cosine)
     unedited = score_targets(model, [plan.sequences[r] for r in plan.locality], batch_size=batch_size).argmax
     if "rome" in methods:
         with rep.applied(model, edit):
-            row["methods"]["rome"] = _score(model, plan, unedited, batch_size)
+            row["methods"]["rome"] = score_plan(model, plan, unedited, batch_size)
     if "rome+rep" in methods:
         start = time.perf_counter()
         fitted = fit_rep(model, edit, queries, rep_config, shared, batch_size)
@@ -243,13 +243,13 @@ def evaluate_fact(model, fact: Fact, queries: FactProbes, layer: int, cov, metho
                 scores = row["methods"]["rome"]  # the gate is off everywhere: exactly ROME
             else:
                 with rep.applied(model, edit, fitted, group["tau"]):
-                    scores = _score(model, plan, unedited, batch_size)
+                    scores = score_plan(model, plan, unedited, batch_size)
             for name in group["names"]:
                 row["methods"][name] = scores
     return row
 
 
-def _gate_groups(model, fitted: rep.REP, plan: _Plan, names: dict[str, float], batch_size: int) -> list[dict]:
+def _gate_groups(model, fitted: rep.REP, plan: QueryPlan, names: dict[str, float], batch_size: int) -> list[dict]:
     """Group the thresholds of ``names`` (method name → τ) by the set of positions whose gate is on in the
     sequences of ``plan``: thresholds with the same set give the same forward passes, so each group is
     scored once (Figure 7 without a pass per τ); ``off`` marks a group whose set is empty (exactly ROME).

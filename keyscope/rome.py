@@ -78,7 +78,10 @@ Reference mode
   bare prompt's value ``v = W k₀ + b`` (``target_init``).
 
 Not reproduced: ROME samples its prefixes with the global CUDA RNG (keyscope's are seeded, and the tests pass
-the same prefixes to both), and it inverts ``C`` in float32 (keyscope solves in float64).
+the same prefixes to both); it inverts ``C`` in float32 (keyscope solves in float64); and ``C`` itself is the one
+:mod:`keyscope.covariance` estimates, with the bridge's tokenisation of the corpus (ROME's ``layer_stats``
+tokenises Wikipedia without a BOS for GPT-2). For tokenizers that add a BOS (LLaMA's, factworld's) the
+tokenisation is the same in both modes.
 
 Timings of every stage are recorded in :class:`EditTrace`. Applying edits: :func:`apply` (permanent),
 :func:`applied` (a context manager that restores the weights bit-exactly on exit, also on an exception),
@@ -102,7 +105,6 @@ from keyscope.errors import KeyscopeError
 from keyscope.keys import SLOT, as_template, collect_keys, encode, fill, pad_batch, tokens_overlapping
 from keyscope.models import (
     MODEL_CARD,
-    hf_prepends_bos,
     W_out,
     b_out,
     check_layer,
@@ -110,6 +112,7 @@ from keyscope.models import (
     d_model,
     default_layer,
     family,
+    hf_prepends_bos,
     model_card,
     model_name,
     value_hook,

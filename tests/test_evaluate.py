@@ -52,7 +52,7 @@ def test_near_twin_ood_probes_count_in_ood_but_not_in_ood_new(tiny_checkpoints):
     twins = ev.near_twins(model, queries, layer, cov, rep.REPConfig())
     assert twins[("rephrase", 0)] == pytest.approx(1.0, abs=1e-6)
     assert twins[("rephrase", 1)] < 0.95
-    plan = ev._plan(model.tokenizer, queries, twins, 0.95)
+    plan = ev.plan_queries(model.tokenizer, queries, twins, 0.95)
     assert len(plan.groups["rephrase_ood"]) == 2 and len(plan.groups["rephrase_ood_new"]) == 1
     assert len(plan.groups["rephrase_id"]) == 1 and "shuffle_id" not in plan.groups
     # REP also keeps the edit's prefixed keys: a probe equal to one of them is a near-twin too
@@ -88,8 +88,8 @@ def test_tau_groups_score_exactly_like_one_pass_per_tau(tiny_checkpoints):
                              layer, cov, rome_config, prefixes=shared.prefixes)
     fitted = ev.fit_rep(model, edit, queries, rep_config, shared)
     twins = ev.near_twins(model, queries, layer, cov, rep_config, edit.prefix_keys, prefixes=shared.prefixes)
-    plan = ev._plan(model.tokenizer, queries, twins, 0.95)
+    plan = ev.plan_queries(model.tokenizer, queries, twins, 0.95)
     unedited = ev.score_targets(model, [plan.sequences[r] for r in plan.locality]).argmax
     for tau in taus:
         with rep.applied(model, edit, fitted, tau):
-            assert ev._score(model, plan, unedited, 32) == row["methods"][f"rome+rep@{tau:g}"], tau
+            assert ev.score_plan(model, plan, unedited, 32) == row["methods"][f"rome+rep@{tau:g}"], tau

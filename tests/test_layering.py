@@ -15,7 +15,7 @@ LAYERS = [
     ("keyscope.predictions", 2), ("keyscope.perturbations", 2),
     ("keyscope.covariance", 3), ("keyscope.similarity", 3), ("keyscope.scan", 3), ("keyscope.trace", 3),
     ("keyscope.rome", 4), ("keyscope.rep", 4),
-    ("keyscope.evaluate", 5), ("keyscope.bounds", 5),
+    ("keyscope.evaluate", 5), ("keyscope.bounds", 5), ("keyscope.ablation", 5),
     ("keyscope.experiments", 6), ("keyscope.cli", 7),
 ]
 

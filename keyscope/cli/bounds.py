@@ -2,7 +2,8 @@
 path; Lemma 4.6: α predicts robustness, for ROME and ROME+REP; Lemma 4.7: α predicts specificity on
 neighbourhood prompts and corpus-scan prefixes). Prints the summary, writes ``fig_bounds.png``, ``bounds.md``
 and per-edit/per-query CSVs into ``--out`` and, with ``--json``,
-``{"lemma_4_4": {"holds_fraction": …}, "lemma_4_6": {"auroc": …, "pearson": …}, "lemma_4_7": {"auroc": …}}``.
+``{"lemma_4_4": {"holds_fraction": …}, "lemma_4_6": {"auroc": …, "value_check_pearson": …}, "lemma_4_7": {"auroc": …,
+"neighbourhood": {"auroc": …, "positives": …}, "corpus": {"auroc": …, "positives": …}}}``.
 """
 
 from __future__ import annotations

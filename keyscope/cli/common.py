@@ -43,6 +43,32 @@ def add_model_arguments(parser) -> None:
     parser.add_argument("--data", help="facts: factworld (default for factworld) or a CounterFact/REP JSON file")
 
 
+#: ``--rome-setting`` values: keyscope's ROME, or kmeng01/rome's algorithm exactly (``ROMEConfig(reference=True)``).
+ROME_SETTINGS = ("keyscope", "reference")
+
+
+def add_rome_setting_argument(parser) -> None:
+    """``--rome-setting keyscope|reference``."""
+    parser.add_argument("--rome-setting", default="keyscope", metavar="{keyscope,reference}",
+                        help="ROME: keyscope's (one prefix-averaged key) or 'reference' (kmeng01/rome's "
+                             "compute_u/compute_v exactly: its tokenisation, k* at the bare prompt, KL at the subject)")
+
+
+def check_rome_setting(args) -> str:
+    """``--rome-setting``, or a one-line error for a value not in :data:`ROME_SETTINGS` (before any work)."""
+    setting = getattr(args, "rome_setting", "keyscope")
+    if setting not in ROME_SETTINGS:
+        raise KeyscopeError(f"--rome-setting must be one of {', '.join(ROME_SETTINGS)}, not {setting!r}")
+    return setting
+
+
+def rome_config(model, args):
+    """The :class:`~keyscope.rome.ROMEConfig` of ``--rome-setting`` for ``model``."""
+    from keyscope.rome import ROMEConfig
+
+    return ROMEConfig.for_model(model, reference=check_rome_setting(args) == "reference")
+
+
 def add_covariance_arguments(parser) -> None:
     """``--tokens`` and ``--recompute`` for the layer's key covariance C."""
     parser.add_argument("--tokens", type=int, default=100_000, help="corpus tokens for C (default 100,000)")

@@ -8,6 +8,7 @@ the model's top predictions before and after the edit.
 
 from __future__ import annotations
 
+from keyscope.cli.common import add_rome_setting_argument
 from keyscope.cli.output import write_json
 from keyscope.errors import KeyscopeError
 
@@ -47,13 +48,13 @@ def _request(args):
 
 def cmd_edit(args) -> int:
     from keyscope import corpus as corpora
-    from keyscope.cli.common import covariance, model_and_layer
+    from keyscope.cli.common import check_rome_setting, covariance, model_and_layer, rome_config
     from keyscope.experiments import edit as experiment
     from keyscope.perturbations import rephrase_kinds, subject_forms
-    from keyscope.rome import ROMEConfig
 
     if args.shuffles < 0 or args.context_tokens < 0 or args.tokens < 1:
         raise KeyscopeError("--shuffles and --context-tokens must be >= 0 and --tokens >= 1")
+    check_rome_setting(args)
     request, fact, facts = _request(args)
     model, layer = model_and_layer(args)
     cov, source = covariance(model, layer, args, args.tokens, progress=not args.no_progress)
@@ -63,7 +64,7 @@ def cmd_edit(args) -> int:
     rephrasings = fact.subject_rephrase if own else ()
     exclude = subject_forms(facts)  # a shuffle that spells another subject's name is no shuffle
     report = experiment.run(model, request, layer, cov, corpora.documents(source), rephrasings, config,
-                            ROMEConfig.for_model(model), case_id=fact.case_id if fact is not None else None,
+                            rome_config(model, args), case_id=fact.case_id if fact is not None else None,
                             rephrase_kinds=rephrase_kinds(fact) if own else None, exclude=exclude)
     print(experiment.format_report(report))
     write_json(args.json, report.as_json())
@@ -89,6 +90,7 @@ def register(sub) -> None:
     p.add_argument("--context-tokens", type=int, default=300,
                    help="tokens of unrelated text before the long-context prompt (default 300; 0: none)")
     p.add_argument("--seed", type=int, default=0, help="seed of the shuffles")
+    add_rome_setting_argument(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", metavar="PATH", help="also write everything shown as JSON")
     p.set_defaults(func=cmd_edit)

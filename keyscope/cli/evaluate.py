@@ -8,8 +8,13 @@ with ``--json`` the summary ``{"n": …, "methods": {"rome": {"success": …, �
 
 from __future__ import annotations
 
-from keyscope.cli.common import add_covariance_arguments, add_model_arguments, add_output_arguments
-from keyscope.cli.output import write_json
+from keyscope.cli.common import (
+    add_covariance_arguments,
+    add_model_arguments,
+    add_output_arguments,
+    add_rome_setting_argument,
+)
+from keyscope.cli.output import check_outputs, write_json
 from keyscope.errors import KeyscopeError
 
 
@@ -30,7 +35,7 @@ def cmd_evaluate(args) -> int:
 
     from keyscope import corpus as corpora
     from keyscope import evaluate as ev
-    from keyscope.cli.common import edit_inputs
+    from keyscope.cli.common import check_rome_setting, edit_inputs, rome_config
     from keyscope.experiments import table1
     from keyscope.rep import SETTINGS, REPConfig
 
@@ -42,22 +47,47 @@ def cmd_evaluate(args) -> int:
         raise KeyscopeError("--n must be at least 1")
     if not 0.0 < args.tau < 1.0:
         raise KeyscopeError(f"--tau must lie in (0, 1), not {args.tau}")
+    check_rome_setting(args)
     if args.rep_setting not in SETTINGS:
         raise KeyscopeError(f"--rep-setting must be one of {', '.join(SETTINGS)}, not {args.rep_setting!r}")
     taus = parse_taus(args.tau_sweep)
     if taus and "rome+rep" not in methods:
         raise KeyscopeError("--tau-sweep needs the rome+rep method")
+    if args.ablate and (taus or args.rep_setting != "keyscope" or args.rome_setting != "keyscope"):
+        raise KeyscopeError("--ablate runs its own settings; drop --tau-sweep, --rep-setting and --rome-setting")
+    check_outputs(folders={"--out": args.out}, files={"--json": args.json})
     facts, model, layer, cov, source = edit_inputs(args)
     progress = not args.no_progress
+    if args.ablate:
+        return _ablate(args, facts, model, layer, cov, source, progress)
     rep_config = REPConfig.named(args.rep_setting, tau=args.tau)
     config = ev.EvalConfig(n=args.n, seed=args.seed)
     context = args.context or source
     result = ev.evaluate(model, facts, layer, cov, corpora.documents(context), corpus=source, methods=methods,
-                         config=config, rep_config=replace(rep_config, seed=args.seed), taus=taus, progress=progress)
+                         config=config, rome_config=rome_config(model, args), rep_config=replace(rep_config, seed=args.seed),
+                         taus=taus, progress=progress)
     print(table1.format_table(result, methods))
     for skip in result.skipped:
         print(f"skipped case {skip['case_id']}: {skip['reason']}")
     for path in table1.write(result, args.out, methods):
+        print(f"wrote {path}")
+    write_json(args.json, result.as_json())
+    return 0
+
+
+def _ablate(args, facts, model, layer, cov, source, progress: bool) -> int:
+    from keyscope import ablation
+    from keyscope import corpus as corpora
+    from keyscope import evaluate as ev
+    from keyscope.experiments import ablation as experiment
+
+    config = ev.EvalConfig(n=args.n, seed=args.seed)
+    result = ablation.ablate(model, facts, layer, cov, corpora.documents(args.context or source), corpus=source,
+                             config=config, tau=args.tau, seed=args.seed, progress=progress)
+    print(experiment.format_table(result))
+    for skip in result.skipped:
+        print(f"skipped case {skip['case_id']}: {skip['reason']}")
+    for path in experiment.write(result, args.out):
         print(f"wrote {path}")
     write_json(args.json, result.as_json())
     return 0
@@ -74,6 +104,10 @@ def register(sub) -> None:
     p.add_argument("--rep-setting", default="keyscope", metavar="{keyscope,paper,released}",
                    help="REP training: keyscope's default, 'released' (the released code's setting, exactly) or "
                         "'paper' (an earlier approximation of it on keyscope's adaptor)")
+    add_rome_setting_argument(p)
+    p.add_argument("--ablate", action="store_true",
+                   help="instead of Table 1: ROME+REP under keyscope's settings, the released code's, and each "
+                        "departure reverted alone (ablation.md, ablation.csv)")
     p.add_argument("--seed", type=int, default=0, help="seed of the facts, splits and adaptors")
     p.add_argument("--corpus", help="corpus for C and REP's negatives (default: the model's default corpus)")
     p.add_argument("--context", help="text for the long contexts (default: the corpus)")

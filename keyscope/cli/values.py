@@ -9,22 +9,27 @@ edit, and writes ``fig5_value_norms.png`` and ``fig5_value_norms.csv`` into ``--
 
 from __future__ import annotations
 
-from keyscope.cli.common import add_covariance_arguments, add_model_arguments, add_output_arguments
+from keyscope.cli.common import (
+    add_covariance_arguments,
+    add_model_arguments,
+    add_output_arguments,
+    add_rome_setting_argument,
+)
 from keyscope.cli.output import write_json
 from keyscope.errors import KeyscopeError
 
 
 def cmd_values(args) -> int:
-    from keyscope.cli.common import edit_inputs
+    from keyscope.cli.common import check_rome_setting, edit_inputs, rome_config
     from keyscope.experiments import values as experiment
-    from keyscope.rome import ROMEConfig
 
     if args.n < 1 or args.tokens < 1:
         raise KeyscopeError("--n and --tokens must be at least 1")
+    check_rome_setting(args)
     facts, model, layer, cov, _ = edit_inputs(args)
     progress = not args.no_progress
     result = experiment.run(model, facts, layer, cov, args.out, n=args.n, seed=args.seed,
-                            config=ROMEConfig.for_model(model), progress=progress)
+                            config=rome_config(model, args), progress=progress)
     print(experiment.format_summary(result))
     for skip in result.skipped:
         print(f"skipped case {skip['case_id']}: {skip['reason']}")
@@ -42,6 +47,7 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the choice of facts")
     p.add_argument("--corpus", help="corpus for C = E[k k^T] (default: factworld filler for factworld, "
                                     "WikiText-103 otherwise; or a text file/folder)")
+    add_rome_setting_argument(p)
     add_covariance_arguments(p)
     add_output_arguments(p, "the figure and CSV")
     p.set_defaults(func=cmd_values)

@@ -33,15 +33,22 @@ def format_summary(result: bounds.BoundsResult) -> str:
         f"  ||Δv|| >= (ε1 + ε2) / max_h ||m_h|| (Cauchy–Schwarz):     {_fmt(l44['norm_bound_holds_fraction'], True)} "
         f"(median bound {_fmt(l44['median_norm_bound'])}, median ||Δv|| {_fmt(l44['median_delta_v_norm'])})",
     ]
-    for name, lemma in (("Lemma 4.6 (robustness)", "lemma_4_6"), ("Lemma 4.7 (specificity)", "lemma_4_7")):
-        lines.append(f"{name}:")
-        for method, m in s[lemma]["methods"].items():
-            extra = (f" (α_max over positions: {_fmt(m['auroc_alpha_max'])}), Pearson(α, measured value change) "
-                     f"{_fmt(m['pearson'])}, Pearson(α, logit-gap change) {_fmt(m['pearson_logit_gap'])}"
-                     if lemma == "lemma_4_6" else
-                     f", Pearson(α, drop of own log-prob) {_fmt(m['pearson'])}, flip rate {_fmt(m['flip_rate'], True)}")
-            target = "success" if lemma == "lemma_4_6" else "a flipped prediction"
-            lines.append(f"  {method:9s} AUROC of α for {target} {_fmt(m['auroc'])} over {m['n_queries']} queries{extra}")
+    lines.append("Lemma 4.6 (robustness): AUROC of α at the subject's last token for a query's success")
+    for method, m in s["lemma_4_6"]["methods"].items():
+        lines.append(f"  {method:9s} {_fmt(m['auroc'])} over {m['n_queries']} queries ({m['positives']} successes); "
+                     f"α_max over positions {_fmt(m['auroc_alpha_max'])}; Pearson(α, logit-gap change) "
+                     f"{_fmt(m['pearson_logit_gap'])}")
+    lines.append("  consistency check, not evidence: Pearson(α·Δv*, hooked value change) "
+                 + ", ".join(f"{method} {_fmt(m['value_check_pearson'])}" for method, m in s["lemma_4_6"]["methods"].items())
+                 + " (1 for ROME by construction)")
+    lines.append("Lemma 4.7 (specificity): AUROC of α for a flipped top-1, per group")
+    for method, m in s["lemma_4_7"]["methods"].items():
+        for group in bounds.SPECIFICITY_KINDS:
+            g = m[group]
+            lines.append(f"  {method:9s} {group:13s} {_fmt(g['auroc'])} over {g['n_queries']} prompts "
+                         f"({g['positives']} flips), Pearson(α, drop of own log-prob) {_fmt(g['pearson'])}")
+        lines.append(f"  {method:9s} {'pooled':13s} {_fmt(m['auroc'])} over {m['n_queries']} prompts "
+                     f"({m['positives']} flips)")
     return "\n".join(lines)
 
 

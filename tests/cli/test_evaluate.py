@@ -73,7 +73,10 @@ def test_bounds_reports_the_three_lemmas(env, tmp_path, capsys):
     assert "Lemma 4.4" in capsys.readouterr().out
     payload = json.loads(report.read_text())
     assert {"holds_fraction", "norm_bound_holds_fraction"} <= set(payload["lemma_4_4"])
-    assert {"auroc", "pearson", "methods"} <= set(payload["lemma_4_6"]) and "auroc" in payload["lemma_4_7"]
+    assert {"auroc", "value_check_pearson", "positives", "methods"} <= set(payload["lemma_4_6"])
+    for group in ("neighbourhood", "corpus"):
+        assert {"auroc", "positives", "n_queries"} <= set(payload["lemma_4_7"][group])
+    assert payload["lemma_4_7"]["positives"] == sum(payload["lemma_4_7"][g]["positives"] for g in ("neighbourhood", "corpus"))
     assert set(payload["lemma_4_6"]["methods"]) == {"rome", "rome+rep"}
     for name in ("fig_bounds.png", "bounds.md", "bounds_edits.csv", "bounds_queries.csv"):
         assert (tmp_path / name).stat().st_size > 0, name
@@ -88,3 +91,29 @@ def test_reproduce_quick_regenerates_every_artefact_and_the_report(env, tmp_path
     report = (tmp_path / "REPORT.md").read_text()
     for section in ("Figure 3", "Figure 4", "Figure 5", "Table 1", "Figure 7", "Lemma 4.4", "Lemma 4.6"):
         assert section in report, section
+
+
+@pytest.mark.slow
+def test_evaluate_ablate_reports_every_variant(env, tmp_path, capsys):
+    out, report = tmp_path / "figs", tmp_path / "ablation.json"
+    assert main(["evaluate", "--ablate", "--n", "1", "--out", str(out), "--json", str(report), *QUICK]) == 0
+    payload = json.loads(report.read_text())
+    from keyscope.ablation import VARIANTS
+
+    assert list(payload["variants"]) == [v.name for v in VARIANTS]
+    for entry in payload["variants"].values():
+        assert set(ev.METRICS) <= set(entry) and "ci" in entry and "departure" in entry
+    assert set(payload["baselines"]) == {"rome", "rome (reference)"}
+    assert (out / "ablation.md").is_file() and (out / "ablation.csv").is_file()
+    assert "released" in capsys.readouterr().out
+    assert main(["evaluate", "--ablate", "--tau-sweep", "0.5", *QUICK]) == 2
+
+
+def test_values_runs_rome_in_reference_mode(env, tmp_path):
+    report = tmp_path / "values.json"
+    assert main(["values", "--rome-setting", "reference", "--n", "2", "--out", str(tmp_path / "o"),
+                 "--json", str(report), *QUICK]) == 0
+    payload = json.loads(report.read_text())
+    assert payload["rome_config"]["reference"] is True
+    assert 0 <= payload["success"] <= 1 and 0 <= payload["locality"] <= 1
+    assert main(["values", "--rome-setting", "exact", *QUICK]) == 2

@@ -1,0 +1,170 @@
+"""What each of keyscope's departures from the reference code buys: ROME+REP under keyscope's settings, under
+the released code's (:meth:`keyscope.rep.REPConfig.released` on ROME's reference mode,
+``ROMEConfig(reference=True)``), and with each departure reverted alone (:data:`VARIANTS`).
+
+Every variant is scored on the same facts, probes and Table 1 metrics as :mod:`keyscope.evaluate` (micro-averaged,
+95% cluster-bootstrap intervals); per fact the ROME edit is computed once per ROME setting and shared by every
+REP variant on it, and the unedited neighbourhood predictions once. ROME alone is reported beside them, for each
+ROME setting used (``rome`` and ``rome (reference)``). A variant's ``_ood_new`` probes are those without a
+near-twin among *its own* training keys (:func:`keyscope.evaluate.near_twins`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+
+from keyscope import rep, rome
+from keyscope.datasets import Fact, sample_known_facts
+from keyscope.errors import KeyscopeError
+from keyscope.evaluate import (
+    EvalConfig,
+    Shared,
+    fit_rep,
+    near_twins,
+    plan_queries,
+    prepare,
+    score_plan,
+    summarize,
+)
+from keyscope.perturbations import FactProbes, fact_probes, subject_forms
+from keyscope.predictions import score_targets
+
+__all__ = ["Variant", "VARIANTS", "AblationResult", "ablate", "ablate_fact", "baseline_name"]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """ROME+REP with ``rep`` (a :class:`~keyscope.rep.REPConfig`) on ROME's keyscope (``rome_reference=False``)
+    or reference mode; ``departure`` says what keyscope does differently and why."""
+
+    name: str
+    departure: str
+    rep: rep.REPConfig
+    rome_reference: bool = False
+
+
+#: keyscope's setting, the released code's, and each departure reverted alone (to the released code's choice).
+VARIANTS: tuple[Variant, ...] = (
+    Variant("keyscope", "keyscope's settings (REPConfig(), keyscope's ROME)", rep.REPConfig()),
+    Variant("released", "the released code: REPConfig.released() on ROME's reference mode", rep.REPConfig.released(),
+            rome_reference=True),
+    Variant("objective", "objective (α(k̂) − 1)², which sets each positive's edit strength to k*'s; the released "
+            "−(k̂/‖k̂‖)ᵀu is blind to ‖k̂‖", rep.REPConfig(objective="released")),
+    Variant("steps_lr", "150 Adam steps at lr 2e-3; the released 10 steps at 5e-4 barely move the adaptor",
+            rep.REPConfig(steps=10, lr=5e-4)),
+    Variant("input_scaling", "keys scaled by 1/RMS before the gate and projection, so one lr suits any key size",
+            rep.REPConfig(input_scaling=False)),
+    Variant("anchor", "anchors: the edit prompt behind every prefix, relative error ×10; released: the bare key, "
+            "50000·MSE", rep.REPConfig(anchor="bare", anchor_loss="mse", anchor_weight=50000.0)),
+    Variant("long_context", "trains on long contexts (the released code's lost their subject slot)",
+            rep.REPConfig(train_long_context=False)),
+    Variant("gate_negatives", "the gate is trained against other subjects', corpus and context keys",
+            rep.REPConfig(gate_negatives=False)),
+    Variant("dropout_at_test", "dropout off at test time (the released code leaves it on)",
+            rep.REPConfig(dropout_at_inference=True)),
+    Variant("training_data", "positives: every in-domain kind (rephrases, token and word shuffles, long contexts, "
+            "templates) once; released: rephrases and token shuffles behind every ROME prefix",
+            rep.REPConfig(positive_kinds=("rephrase", "shuffle", "long"), positive_prefixes=True)),
+    Variant("adaptor", "every positive at every step, biases, gate on at g ≥ τ; released: mini-batches of 15, no "
+            "biases, g > τ", rep.REPConfig(batch_size=15, bias=False, gate_strict=True)),
+    Variant("rome_reference", "keyscope's ROME (one prefix-averaged key k*, KL after \"is a\"); reference: "
+            "kmeng01/rome's", rep.REPConfig(), rome_reference=True),
+)
+
+
+def baseline_name(reference: bool) -> str:
+    """The method name of ROME alone under a ROME setting."""
+    return "rome (reference)" if reference else "rome"
+
+
+def ablate_fact(model, fact: Fact, queries: FactProbes, layer: int, cov, variants: Sequence[Variant],
+                rome_configs: dict[bool, rome.ROMEConfig], shared: Shared, batch_size: int = 32,
+                twin_cosine: float = 0.95) -> dict:
+    """Score ROME and every variant on one fact: ``{"case_id", "methods": {name: {metric: (hits, total,
+    prob_hits)}}}`` as :func:`keyscope.evaluate.evaluate_fact`'s rows."""
+    request = rome.EditRequest(fact.prompt, fact.subject, fact.target_new, fact.target_true)
+    edits = {ref: rome.compute_edit(model, request, layer, cov, rome_configs[ref], prefixes=shared.prefixes)
+             for ref in sorted({v.rome_reference for v in variants})}
+    row: dict = {"case_id": fact.case_id, "methods": {}}
+    unedited = None
+    for variant in variants:
+        edit = edits[variant.rome_reference]
+        twins = near_twins(model, queries, layer, cov, variant.rep, edit.prefix_keys, batch_size, shared.prefixes)
+        plan = plan_queries(model.tokenizer, queries, twins, twin_cosine)
+        if unedited is None:  # the neighbourhood prompts are the same in every plan
+            unedited = score_targets(model, [plan.sequences[r] for r in plan.locality], batch_size=batch_size).argmax
+        baseline = baseline_name(variant.rome_reference)
+        if baseline not in row["methods"]:
+            with rep.applied(model, edit):
+                row["methods"][baseline] = score_plan(model, plan, unedited, batch_size)
+        fitted = fit_rep(model, edit, queries, variant.rep, shared, batch_size)
+        with rep.applied(model, edit, fitted, variant.rep.tau):
+            row["methods"][variant.name] = score_plan(model, plan, unedited, batch_size)
+    return row
+
+
+@dataclass
+class AblationResult:
+    """Per-fact rows and the summary per variant and ROME baseline (:func:`keyscope.evaluate.summarize`)."""
+
+    model: str
+    layer: int
+    variants: tuple[Variant, ...]
+    rows: list[dict] = field(repr=False)
+    summary: dict
+    config: EvalConfig
+    n_known: int
+    seconds: float = 0.0
+    skipped: list[dict] = field(default_factory=list)
+
+    @property
+    def baselines(self) -> list[str]:
+        return [baseline_name(ref) for ref in sorted({v.rome_reference for v in self.variants})]
+
+    def as_json(self) -> dict:
+        return {"n": len(self.rows), "n_known": self.n_known, "model": self.model, "layer": self.layer,
+                "variants": {v.name: {"departure": v.departure, "rome_reference": v.rome_reference,
+                                      "rep_config": asdict(v.rep), **self.summary[v.name]} for v in self.variants},
+                "baselines": {name: self.summary[name] for name in self.baselines},
+                "seconds": round(self.seconds, 1), "config": asdict(self.config), "skipped": self.skipped}
+
+
+def ablate(model, facts: Sequence[Fact], layer: int, cov, context_docs: Iterable[str], corpus=None,
+           variants: Sequence[Variant] = VARIANTS, config: EvalConfig | None = None, tau: float | None = None,
+           seed: int | None = None, progress: bool = True) -> AblationResult:
+    """Score ROME and each of ``variants`` on ``config.n`` known facts (module docstring). ``tau`` and ``seed``,
+    if given, replace every variant's gate threshold and adaptor seed."""
+    from tqdm.auto import tqdm
+
+    from keyscope.models import model_name
+
+    if not variants:
+        raise KeyscopeError("no ablation variant to run")
+    names = [v.name for v in variants]
+    if len(set(names)) != len(names):
+        raise KeyscopeError(f"ablation variant names must be distinct, not {names}")
+    config = config or EvalConfig()
+    overrides = {k: v for k, v in (("tau", tau), ("seed", seed)) if v is not None}
+    variants = tuple(replace(v, rep=replace(v.rep, **overrides)) for v in variants)
+    rome_configs = {ref: rome.ROMEConfig.for_model(model, reference=ref) for ref in (False, True)}
+    start = time.perf_counter()
+    chosen, n_known = sample_known_facts(model, facts, config.n, config.seed, batch_size=config.batch_size)
+    forms = subject_forms(facts)
+    negatives = next((v.rep for v in variants if v.rep.gate_negatives), None)
+    shared = prepare(model, facts, layer, corpus, rome_configs[False], negatives, config.n_corpus_negatives,
+                     config.seed, config.batch_size)
+    rows, skipped = [], []
+    for fact in tqdm(chosen, desc="ablation", disable=not progress):
+        try:
+            queries = fact_probes(model.tokenizer, fact, context_docs, config.probes, exclude=forms, other_facts=facts)
+            rows.append(ablate_fact(model, fact, queries, layer, cov, variants, rome_configs, shared,
+                                    config.batch_size, config.twin_cosine))
+        except KeyscopeError as exc:
+            skipped.append({"case_id": fact.case_id, "reason": str(exc)})
+    if not rows:
+        raise KeyscopeError(f"no fact could be evaluated ({len(skipped)} skipped; first: {skipped[0]['reason']})")
+    summary = summarize(rows, config.bootstrap, config.seed)
+    return AblationResult(model_name(model), layer, variants, rows, summary, config, n_known,
+                          time.perf_counter() - start, skipped)

@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+import pytest
+
+from keyscope import ablation, rep, rome
+from keyscope import evaluate as ev
+from keyscope.covariance import KeyCovariance
+from keyscope.datasets import Fact
+from keyscope.errors import KeyscopeError
+from keyscope.models import load_model
+from keyscope.perturbations import PerturbationConfig, fact_probes
+from tests import hf_tiny
+
+LAYER = 1
+FACT = Fact(0, "The actress {}", "Danielle Darrieux", "Paris", "French",
+            neighborhood_prompts=("The actress Michael Jordan", "The actress Kobe Bryant"),
+            subject_rephrase=("Darrieux", "Danielle", "the actress Darrieux"))
+OTHER = Fact(1, "{} is located in", "The Eiffel Tower", "Rome", "Paris")
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_checkpoints):
+    model = load_model(str(tiny_checkpoints["llama"]))
+    cov = KeyCovariance(LAYER, n_tokens=2000, seq_len=64, progress=False).fit(model, hf_tiny.TRAINING_TEXT * 10)
+    config = PerturbationConfig(n_shuffles=2, n_word_shuffles=2, n_long_contexts=2, long_context_tokens=20)
+    queries = fact_probes(model.tokenizer, FACT, iter(hf_tiny.TRAINING_TEXT * 20), config, other_facts=[FACT, OTHER])
+    return model, cov, queries
+
+
+def test_the_keyscope_variant_scores_exactly_as_table1(setup):
+    model, cov, queries = setup
+    rome_configs = {ref: rome.ROMEConfig.for_model(model, reference=ref, v_num_grad_steps=3) for ref in (False, True)}
+    rep_config = rep.REPConfig(steps=30)
+    shared = ev.prepare(model, [FACT, OTHER], LAYER, list(hf_tiny.TRAINING_TEXT * 5), rome_configs[False], rep_config,
+                        n_corpus_negatives=16)
+    variants = (ablation.Variant("keyscope", "x", rep_config),
+                ablation.Variant("released", "y", rep.REPConfig.released(), rome_reference=True),
+                ablation.Variant("no_negatives", "z", rep.REPConfig(steps=30, gate_negatives=False)))
+    row = ablation.ablate_fact(model, FACT, queries, LAYER, cov, variants, rome_configs, shared)
+    assert set(row["methods"]) == {"rome", "rome (reference)", "keyscope", "released", "no_negatives"}
+    table1 = ev.evaluate_fact(model, FACT, queries, LAYER, cov, ev.METHODS, rome_configs[False], rep_config, shared)
+    assert row["methods"]["keyscope"] == table1["methods"]["rome+rep"]
+    assert row["methods"]["rome"] == table1["methods"]["rome"]
+    reference = ev.evaluate_fact(model, FACT, queries, LAYER, cov, ("rome",), rome_configs[True], rep_config, shared)
+    assert row["methods"]["rome (reference)"] == reference["methods"]["rome"]
+
+
+def test_variants_are_the_departures_of_the_issue():
+    names = [v.name for v in ablation.VARIANTS]
+    assert names[:2] == ["keyscope", "released"] and len(set(names)) == len(names)
+    for wanted in ("objective", "steps_lr", "input_scaling", "anchor", "long_context", "gate_negatives",
+                   "dropout_at_test", "rome_reference"):
+        assert wanted in names
+    by_name = {v.name: v for v in ablation.VARIANTS}
+    assert by_name["keyscope"].rep == rep.REPConfig() and not by_name["keyscope"].rome_reference
+    assert by_name["released"].rep == rep.REPConfig.released() and by_name["released"].rome_reference
+    for v in ablation.VARIANTS[2:]:  # each reverts one departure: one or a few fields, or ROME's mode alone
+        changed = {f for f in rep.REPConfig.__dataclass_fields__ if getattr(v.rep, f) != getattr(rep.REPConfig(), f)}
+        assert (changed and len(changed) <= 3 and not v.rome_reference) or (not changed and v.rome_reference), v.name
+
+
+def test_ablate_refuses_duplicate_or_no_variants(setup):
+    model, cov, _ = setup
+    with pytest.raises(KeyscopeError):
+        ablation.ablate(model, [FACT], LAYER, cov, iter(()), variants=())
+    twice = (ablation.VARIANTS[0], ablation.VARIANTS[0])
+    with pytest.raises(KeyscopeError, match="distinct"):
+        ablation.ablate(model, [FACT], LAYER, cov, iter(()), variants=twice)
