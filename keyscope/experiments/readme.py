@@ -1,0 +1,232 @@
+"""The README's result blocks, rendered from the artefacts committed in ``figures/``.
+
+A block of ``README.md`` lies between ``<!-- keyscope:NAME -->`` and ``<!-- /keyscope:NAME -->`` and holds exactly
+``render(NAME, figures)``: every number in it is read from an artefact file (CSV or JSON) that a command printed
+in the block wrote. ``python -m keyscope.experiments.readme README.md figures`` rewrites every block from the
+artefacts; ``tests/test_readme.py`` fails when a block and its artefacts disagree, so the prose cannot drift from
+the data.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from keyscope.bounds import auroc
+
+BLOCK = re.compile(r"<!-- keyscope:(?P<name>[a-z0-9_]+) -->\n(?P<body>.*?)<!-- /keyscope:(?P=name) -->", re.S)
+
+REPRODUCE = "keyscope reproduce --out figures --json figures/reproduce_timings.json"
+
+
+def _rows(path: Path) -> list[dict]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _float(value) -> float | None:
+    return None if value in (None, "", "None") else float(value)
+
+
+def _pct(value: float | None, digits: int = 1) -> str:
+    return "n/a" if value is None else f"{100 * value:.{digits}f}"
+
+
+def _signed(value: float) -> str:
+    return f"{value:+.1f}".replace("-", "−")
+
+
+def _by(rows: list[dict], key: str) -> dict[str, dict]:
+    return {row[key]: row for row in rows}
+
+
+# ---------------------------------------------------------------------------------------------- blocks
+
+
+def similarity(figures: Path) -> str:
+    """Figure 3's summary (``fig3_similarity.csv``): the normalised edit strength per perturbation kind."""
+    values: dict[str, list[float]] = {}
+    for row in _rows(figures / "fig3_similarity.csv"):
+        values.setdefault(row["kind"], []).append(float(row["similarity"]))
+    labels = {"rephrase": "rephrased subject", "shuffle": "shuffled subject tokens",
+              "shuffle_words": "shuffled subject words", "long": "300-token unrelated context",
+              "random": "other subject (baseline)"}
+    lines = ["| perturbation | n | median | q10 | q90 |", "|---|---:|---:|---:|---:|"]
+    for kind, label in labels.items():
+        if kind in values:
+            v = np.asarray(values[kind])
+            lines.append(f"| {label} | {len(v)} | {np.median(v):.3f} | {np.quantile(v, 0.1):.3f} | "
+                         f"{np.quantile(v, 0.9):.3f} |")
+    return "\n".join(lines) + f"\n\n(`figures/fig3_similarity.csv`, from `{REPRODUCE}`)\n"
+
+
+def scan(figures: Path) -> str:
+    """Figure 4 (``fig4_neighbors.csv``): the median over subjects of the mean top-10 score, per filter."""
+    per: dict[str, dict[str, list[float]]] = {}
+    for row in _rows(figures / "fig4_neighbors.csv"):
+        if int(row["rank"]) < 10:
+            per.setdefault(row["filter"], {}).setdefault(row["case_id"], []).append(float(row["score"]))
+    medians = {name: float(np.median([np.mean(s) for s in subjects.values()])) for name, subjects in per.items()}
+    return ("The median over subjects of the mean score of their 10 best *unrelated* corpus positions is "
+            + ", ".join(f"**{medians[name]:.3f}** under the {name} filter" for name in sorted(medians))
+            + f" (`figures/fig4_neighbors.csv`, from `{REPRODUCE}`).\n")
+
+
+def values(figures: Path) -> str:
+    """Figure 5 and ROME's quality (``fig5_value_norms.csv``)."""
+    rows = _rows(figures / "fig5_value_norms.csv")
+    before = np.array([float(r["value_norm_before"]) for r in rows])
+    after = np.array([float(r["value_norm_after"]) for r in rows])
+    success = np.mean([r["success"] == "True" for r in rows])
+    kept = sum(int(r["neighbourhood_unchanged"]) for r in rows) / sum(int(r["neighbourhood"]) for r in rows)
+    seconds = np.mean([float(r["seconds"]) for r in rows])
+    return (f"Over {len(rows)} ROME edits the median value norm at k* is {np.median(before):.1f} before and "
+            f"{np.median(after):.1f} after (median ratio {np.median(after / before):.2f}); success "
+            f"**{_pct(success)}%**, locality **{_pct(kept)}%**, {seconds:.2f} s per edit "
+            f"(`figures/fig5_value_norms.csv`, from `{REPRODUCE}`).\n")
+
+
+TABLE1_COLUMNS = ("success", "locality", "rephrase_id", "rephrase_ood", "rephrase_ood_new", "shuffle_id", "shuffle_ood",
+                  "shuffle_ood_new", "shuffle_words_id", "shuffle_words_ood", "long_id", "long_ood", "long_ood_new")
+
+
+def table1(figures: Path) -> str:
+    """Table 1 (``table1.csv``): ROME, ROME+REP and their difference, in percent."""
+    from keyscope.experiments.table1 import HEADERS
+
+    by_method = _by(_rows(figures / "table1.csv"), "method")
+    lines = ["| method | " + " | ".join(HEADERS[c] for c in TABLE1_COLUMNS) + " |", "|---|" + "---:|" * len(TABLE1_COLUMNS)]
+    for method, label in (("rome", "ROME"), ("rome+rep", "ROME+REP")):
+        lines.append(f"| {label} | " + " | ".join(_pct(_float(by_method[method][c])) for c in TABLE1_COLUMNS) + " |")
+    deltas = [100 * (float(by_method["rome+rep"][c]) - float(by_method["rome"][c])) for c in TABLE1_COLUMNS]
+    lines.append("| difference | " + " | ".join(_signed(d) for d in deltas) + " |")
+    counts = {c: by_method["rome"][f"{c}_prompts"] for c in TABLE1_COLUMNS}
+    return ("\n".join(lines) + "\n\nPrompts per column: " + ", ".join(f"{HEADERS[c]} {counts[c]}" for c in TABLE1_COLUMNS)
+            + f" (`figures/table1.csv`, intervals in `figures/table1.md`, from `{REPRODUCE}`).\n")
+
+
+def tau_sweep(figures: Path) -> str:
+    """Figure 7 (``fig7_tau_sweep.csv``): each metric's change from the largest τ to the smallest."""
+    rows = sorted(_rows(figures / "fig7_tau_sweep.csv"), key=lambda r: float(r["tau"]))
+    low, high = rows[0], rows[-1]
+    metrics = [k for k in rows[0] if k != "tau"]
+    change = {m: 100 * (float(low[m]) - float(high[m])) for m in metrics}
+    gains = [change[m] for m in metrics if m not in ("success", "locality")]
+    return (f"Lowering τ from {float(high['tau']):g} to {float(low['tau']):g} changes locality by "
+            f"{_signed(change['locality'])} points, success by {_signed(change['success'])}, and the robustness "
+            f"columns by {_signed(min(gains))} to {_signed(max(gains))} (`figures/fig7_tau_sweep.csv`, from "
+            f"`{REPRODUCE}`).\n")
+
+
+def bounds(figures: Path) -> str:
+    """The lemmas (``bounds_edits.csv``, ``bounds_queries.csv``)."""
+    edits = _rows(figures / "bounds_edits.csv")
+    queries = _rows(figures / "bounds_queries.csv")
+
+    def group(method: str, kinds: tuple[str, ...], label: str) -> tuple[float | None, int, int]:
+        rows = [r for r in queries if r["method"] == method and r["kind"] in kinds]
+        flags = [r[label] == "True" for r in rows]
+        return auroc([float(r["alpha"]) for r in rows], flags), sum(flags), len(rows)
+
+    robust = ("rephrase", "shuffle", "shuffle_words", "long")
+    parts = []
+    for method in ("rome", "rome+rep"):
+        a, pos, n = group(method, robust, "success")
+        parts.append(f"{method}: {a:.2f} over {n} queries ({pos} successes)")
+    neighbourhood = group("rome", ("neighbourhood",), "flipped")
+    corpus = group("rome", ("corpus",), "flipped")
+    holds = np.mean([r["single_head_holds"] == "True" for r in edits])
+    return ("Lemma 4.6, AUROC of α at the subject's last token for a query's success — " + "; ".join(parts)
+            + f". Lemma 4.7 (ROME), AUROC of α for a flipped top-1: neighbourhood prompts "
+              f"{neighbourhood[0]:.2f} ({neighbourhood[1]} flips of {neighbourhood[2]}), corpus-scan prefixes "
+              f"{corpus[0]:.2f} ({corpus[1]} flips of {corpus[2]}). Lemma 4.4: a single attention head carries "
+              f"ε₁ + ε₂ in {_pct(holds)}% of {len(edits)} edits (`figures/bounds_*.csv`, from `{REPRODUCE}`).\n")
+
+
+def build(figures: Path) -> str:
+    """The factworld builds (``factworld_build_seed*.json``): quality, edit layer and times per seed."""
+    lines = ["| seed | edit layer | canonical | trained aliases | alias-only | shuffled words | long context | "
+             "ROME success | ROME locality | training | build, in all |", "|---:" + "|---:" * 10 + "|"]
+    for path in sorted(figures.glob("factworld_build_seed*.json")):
+        card = json.loads(path.read_text())
+        a, r = card["accuracy"], card["rome_check"]
+        lines.append(f"| {card['train_config']['seed']} | {card['default_layer']} | {_pct(a['canonical'], 2)}% | "
+                     f"{_pct(a['trained_aliases'], 2)}% | {_pct(a['alias_only'], 2)}% | {_pct(a['shuffled'], 2)}% | "
+                     f"{_pct(a['long_context'], 2)}% | {_pct(r['success'])}% | {_pct(r['locality'])}% | "
+                     f"{card['train_seconds']:,.0f} s | {card['build_seconds']:,.0f} s |")
+    return "\n".join(lines) + ("\n\n(`figures/factworld_build_seedS.json`, from `keyscope factworld train --seed S "
+                               "--out DIR --json figures/factworld_build_seedS.json`)\n")
+
+
+def trace(figures: Path) -> str:
+    """The shipped model's causal trace (``factworld_build_seed0.json``)."""
+    card = json.loads((figures / "factworld_build_seed0.json").read_text())
+    t = card["trace"]
+    return (f"Average indirect effect of each layer's MLP output at the subject's last token over {t['n']} known "
+            f"facts, layers 0–{len(t['indirect_effect']) - 1}: "
+            + " / ".join(f"{e:.3f}" for e in t["indirect_effect"])
+            + f"; the largest is at layer {card['default_layer']} (`figures/factworld_build_seed0.json`).\n")
+
+
+ABLATION_COLUMNS = ("success", "locality", "rephrase_id", "rephrase_ood_new", "shuffle_id", "shuffle_ood_new",
+                    "long_id", "long_ood_new")
+
+
+def ablation(figures: Path) -> str:
+    """The departures (``ablation.csv``): each variant's change against keyscope's setting, in points."""
+    from keyscope.experiments.table1 import HEADERS
+
+    rows = _rows(figures / "ablation.csv")
+    base = _by(rows, "variant")["keyscope"]
+    lines = ["| variant | what it reverts | " + " | ".join(HEADERS[c] for c in ABLATION_COLUMNS) + " |",
+             "|---|---|" + "---:|" * len(ABLATION_COLUMNS)]
+    for row in rows:
+        if row["variant"] == "keyscope":
+            cells = [_pct(_float(row[c])) for c in ABLATION_COLUMNS]
+        else:
+            cells = [_signed(100 * (float(row[c]) - float(base[c]))) for c in ABLATION_COLUMNS]
+        lines.append(f"| {row['variant']} | {row['departure']} | " + " | ".join(cells) + " |")
+    return ("\n".join(lines) + "\n\nThe keyscope row is in percent, every other row in points against it "
+            "(`figures/ablation.csv`, intervals in `figures/ablation.md`, from `keyscope evaluate --ablate --n 50 "
+            "--out figures --json figures/ablation.json`).\n")
+
+
+def timing(figures: Path) -> str:
+    """How long ``keyscope reproduce`` took (``reproduce_timings.json``)."""
+    data = json.loads((figures / "reproduce_timings.json").read_text())
+    seconds = data["seconds"]
+    total = sum(seconds.values())
+    return (f"on factworld it took {int(total // 60)} min {int(total % 60)} s on 2 CPU cores ("
+            + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) + "; `figures/reproduce_timings.json`)\n")
+
+
+BLOCKS: dict[str, Callable[[Path], str]] = {
+    "similarity": similarity, "scan": scan, "values": values, "table1": table1, "tau_sweep": tau_sweep,
+    "bounds": bounds, "build": build, "trace": trace, "ablation": ablation, "timing": timing,
+}
+
+
+def render(name: str, figures: str | Path) -> str:
+    return BLOCKS[name](Path(figures))
+
+
+def blocks(text: str) -> dict[str, str]:
+    """The blocks of a README text: ``{name: body}``."""
+    return {m["name"]: m["body"] for m in BLOCK.finditer(text)}
+
+
+def update(text: str, figures: str | Path) -> str:
+    """``text`` with every block re-rendered from the artefacts in ``figures``."""
+    return BLOCK.sub(lambda m: f"<!-- keyscope:{m['name']} -->\n{render(m['name'], figures)}<!-- /keyscope:{m['name']} -->",
+                     text)
+
+
+if __name__ == "__main__":  # python -m keyscope.experiments.readme README.md figures
+    readme, figures_dir = Path(sys.argv[1]), Path(sys.argv[2])
+    readme.write_text(update(readme.read_text(), figures_dir))
