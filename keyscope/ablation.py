@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
 from keyscope import rep, rome
-from keyscope.datasets import Fact, sample_known_facts
+from keyscope.datasets import Fact
 from keyscope.errors import KeyscopeError
 from keyscope.evaluate import (
     EvalConfig,
@@ -25,10 +25,11 @@ from keyscope.evaluate import (
     near_twins,
     plan_queries,
     prepare,
+    run_facts,
     score_plan,
     summarize,
 )
-from keyscope.perturbations import FactProbes, fact_probes, subject_forms
+from keyscope.perturbations import FactProbes
 from keyscope.predictions import score_targets
 
 __all__ = ["Variant", "VARIANTS", "AblationResult", "ablate", "ablate_fact", "baseline_name"]
@@ -61,14 +62,14 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("long_context", "trains on long contexts (the released code's lost their subject slot)",
             rep.REPConfig(train_long_context=False)),
     Variant("gate_negatives", "the gate is trained against other subjects', corpus and context keys",
-            rep.REPConfig(gate_negatives=False)),
+            rep.REPConfig(gate_negatives=False, gate_weight=0.0)),
     Variant("dropout_at_test", "dropout off at test time (the released code leaves it on)",
             rep.REPConfig(dropout_at_inference=True)),
-    Variant("training_data", "positives: every in-domain kind (rephrases, token and word shuffles, long contexts, "
-            "templates) once; released: rephrases and token shuffles behind every ROME prefix",
+    Variant("training_data", "positives: every in-domain kind once (rephrases, token and word shuffles, templates; "
+            "long contexts are their own row); released: rephrases and token shuffles behind every ROME prefix",
             rep.REPConfig(positive_kinds=("rephrase", "shuffle", "long"), positive_prefixes=True)),
-    Variant("adaptor", "every positive at every step, biases, gate on at g ≥ τ; released: mini-batches of 15, no "
-            "biases, g > τ", rep.REPConfig(batch_size=15, bias=False, gate_strict=True)),
+    Variant("adaptor", "three small choices together: every positive at every step, biases, gate on at g ≥ τ; "
+            "released: mini-batches of 15, no biases, g > τ", rep.REPConfig(batch_size=15, bias=False, gate_strict=True)),
     Variant("rome_reference", "keyscope's ROME (one prefix-averaged key k*, KL after \"is a\"); reference: "
             "kmeng01/rome's", rep.REPConfig(), rome_reference=True),
 )
@@ -136,8 +137,6 @@ def ablate(model, facts: Sequence[Fact], layer: int, cov, context_docs: Iterable
            seed: int | None = None, progress: bool = True) -> AblationResult:
     """Score ROME and each of ``variants`` on ``config.n`` known facts (module docstring). ``tau`` and ``seed``,
     if given, replace every variant's gate threshold and adaptor seed."""
-    from tqdm.auto import tqdm
-
     from keyscope.models import model_name
 
     if not variants:
@@ -150,21 +149,15 @@ def ablate(model, facts: Sequence[Fact], layer: int, cov, context_docs: Iterable
     variants = tuple(replace(v, rep=replace(v.rep, **overrides)) for v in variants)
     rome_configs = {ref: rome.ROMEConfig.for_model(model, reference=ref) for ref in (False, True)}
     start = time.perf_counter()
-    chosen, n_known = sample_known_facts(model, facts, config.n, config.seed, batch_size=config.batch_size)
-    forms = subject_forms(facts)
     negatives = next((v.rep for v in variants if v.rep.gate_negatives), None)
     shared = prepare(model, facts, layer, corpus, rome_configs[False], negatives, config.n_corpus_negatives,
                      config.seed, config.batch_size)
-    rows, skipped = [], []
-    for fact in tqdm(chosen, desc="ablation", disable=not progress):
-        try:
-            queries = fact_probes(model.tokenizer, fact, context_docs, config.probes, exclude=forms, other_facts=facts)
-            rows.append(ablate_fact(model, fact, queries, layer, cov, variants, rome_configs, shared,
-                                    config.batch_size, config.twin_cosine))
-        except KeyscopeError as exc:
-            skipped.append({"case_id": fact.case_id, "reason": str(exc)})
-    if not rows:
-        raise KeyscopeError(f"no fact could be evaluated ({len(skipped)} skipped; first: {skipped[0]['reason']})")
+
+    def score(fact: Fact, queries: FactProbes) -> dict:
+        return ablate_fact(model, fact, queries, layer, cov, variants, rome_configs, shared, config.batch_size,
+                           config.twin_cosine)
+
+    rows, skipped, n_known = run_facts(model, facts, config, context_docs, score, "ablation", progress)
     summary = summarize(rows, config.bootstrap, config.seed)
     return AblationResult(model_name(model), layer, variants, rows, summary, config, n_known,
                           time.perf_counter() - start, skipped)

@@ -35,7 +35,7 @@ ROME's tables.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
@@ -56,7 +56,8 @@ from keyscope.predictions import score_targets, target_sequence
 from keyscope.similarity import probe_keys, whitened_cosine_matrix
 
 __all__ = ["EvalConfig", "METHODS", "METRICS", "KINDS", "EvalResult", "evaluate", "evaluate_fact", "summarize",
-           "bootstrap_interval", "Shared", "prepare", "fit_rep", "negative_subject_keys", "near_twins"]
+           "bootstrap_interval", "Shared", "prepare", "fit_rep", "negative_subject_keys", "near_twins", "run_facts",
+           "plan_queries", "score_plan", "QueryPlan"]
 
 #: Methods in Table 1's row order.
 METHODS = ("rome", "rome+rep")
@@ -345,6 +346,29 @@ class EvalResult:
                 "rep_config": asdict(self.rep_config), "taus": list(self.taus), "skipped": self.skipped}
 
 
+def run_facts(model, facts: Sequence[Fact], config: EvalConfig, context_docs: Iterable[str],
+              score: Callable[[Fact, FactProbes], dict], desc: str, progress: bool = True
+              ) -> tuple[list[dict], list[dict], int]:
+    """``score(fact, probes)`` for ``config.n`` known facts drawn with ``config.seed``, each with its probes
+    (:func:`keyscope.perturbations.fact_probes`): ``(rows, skipped, n_known)``. A fact whose probes or scoring
+    raise a :class:`~keyscope.errors.KeyscopeError` (e.g. a target without a token of its own after the prompt)
+    is skipped with its reason; none scored at all is an error."""
+    from tqdm.auto import tqdm
+
+    chosen, n_known = sample_known_facts(model, facts, config.n, config.seed, batch_size=config.batch_size)
+    forms = subject_forms(facts)
+    rows, skipped = [], []
+    for fact in tqdm(chosen, desc=desc, disable=not progress):
+        try:
+            queries = fact_probes(model.tokenizer, fact, context_docs, config.probes, exclude=forms, other_facts=facts)
+            rows.append(score(fact, queries))
+        except KeyscopeError as exc:
+            skipped.append({"case_id": fact.case_id, "reason": str(exc)})
+    if not rows:
+        raise KeyscopeError(f"no fact could be evaluated ({len(skipped)} skipped; first: {skipped[0]['reason']})")
+    return rows, skipped, n_known
+
+
 def evaluate(model, facts: Sequence[Fact], layer: int, cov, context_docs: Iterable[str], corpus=None,
              methods: Sequence[str] = METHODS, config: EvalConfig | None = None,
              rome_config: rome.ROMEConfig | None = None, rep_config: rep.REPConfig | None = None,
@@ -354,7 +378,6 @@ def evaluate(model, facts: Sequence[Fact], layer: int, cov, context_docs: Iterab
     ``context_docs`` supplies the long contexts (an iterator: each fact gets fresh text); ``corpus`` (a
     :mod:`keyscope.corpus` source) supplies REP's corpus negatives.
     """
-    from tqdm.auto import tqdm
 
     from keyscope.models import model_name
 
@@ -365,21 +388,14 @@ def evaluate(model, facts: Sequence[Fact], layer: int, cov, context_docs: Iterab
     rome_config = rome_config or rome.ROMEConfig.for_model(model)
     rep_config = rep_config or rep.REPConfig()
     start = time.perf_counter()
-    chosen, n_known = sample_known_facts(model, facts, config.n, config.seed, batch_size=config.batch_size)
-    forms = subject_forms(facts)
     shared = prepare(model, facts, layer, corpus, rome_config, rep_config if "rome+rep" in methods else None,
                      config.n_corpus_negatives, config.seed, config.batch_size)
-    rows, skipped = [], []
-    for fact in tqdm(chosen, desc="evaluating edits", disable=not progress):
-        try:
-            queries = fact_probes(model.tokenizer, fact, context_docs, config.probes, exclude=forms,
-                                  other_facts=facts)
-            rows.append(evaluate_fact(model, fact, queries, layer, cov, methods, rome_config, rep_config, shared,
-                                      taus, config.batch_size, config.twin_cosine))
-        except KeyscopeError as exc:  # e.g. a target without a token of its own after the prompt
-            skipped.append({"case_id": fact.case_id, "reason": str(exc)})
-    if not rows:
-        raise KeyscopeError(f"no fact could be evaluated ({len(skipped)} skipped; first: {skipped[0]['reason']})")
+
+    def score(fact: Fact, queries: FactProbes) -> dict:
+        return evaluate_fact(model, fact, queries, layer, cov, methods, rome_config, rep_config, shared, taus,
+                             config.batch_size, config.twin_cosine)
+
+    rows, skipped, n_known = run_facts(model, facts, config, context_docs, score, "evaluating edits", progress)
     summary = summarize(rows, config.bootstrap, config.seed)
     return EvalResult(model_name(model), layer, rows, summary, config, rep_config, n_known, tuple(taus),
                       time.perf_counter() - start, skipped)

@@ -370,8 +370,12 @@ def hf_prepends_bos(model) -> bool:
 
         source = model_dir(model) or getattr(model, "keyscope_repo_id", None)
         if source is None:
-            raise ValueError(f"{model_name(model)} was not loaded from a Hugging Face directory or hub name")
-        tokenizer = AutoTokenizer.from_pretrained(str(source))
+            raise ModelNotAvailable(f"{model_name(model)} was not loaded from a Hugging Face directory or hub name, "
+                                    "so its reference tokenisation is unknown")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(source))
+        except (OSError, ValueError) as exc:
+            raise ModelNotAvailable(f"cannot load the tokenizer of {source} the Hugging Face way: {exc}") from exc
         ids = tokenizer("a")["input_ids"]
         bos = tokenizer.bos_token_id
         _HF_BOS[model] = bool(ids) and bos is not None and ids[0] == bos

@@ -279,9 +279,10 @@ class REPKeys:
 
 def behind_prefixes(probes: Sequence[Probe], prefixes: Sequence[str]) -> list[Probe]:
     """Each of ``probes`` behind each of ``prefixes``, probe by probe: ROME's context template
-    ``"{prefix}. {template}"`` (the probe itself for the bare prefix ``""``)."""
-    return [p if prefix == "" else replace(p, template=rome._prefixed(prefix, p.template))
-            for p in probes for prefix in prefixes]
+    ``"{prefix}. {template}"`` (the probe itself for the bare prefix ``""``). A long-context probe already has
+    its own preceding text and is kept once, as it is."""
+    return [p if prefix == "" or p.kind == LONG else replace(p, template=rome.prefixed(prefix, p.template))
+            for p in probes for prefix in (prefixes if p.kind != LONG else ("",))]
 
 
 def training_positives(probes: Sequence[Probe], config: REPConfig, prefixes: Sequence[str] = ("",)) -> list[Probe]:
@@ -307,8 +308,8 @@ def gather_keys(
     ``positives`` are probes of the edited subject (the in-domain half), filtered and, with
     ``config.positive_prefixes``, put behind each of the edit's ``prefixes`` by :func:`training_positives`;
     in that case the edit prompt behind every prefix but the bare one is a positive too (the released code's
-    data, :meth:`REPConfig.released`). Anchors: the edit prompt behind every prefix (``anchor="prefixes"``)
-    or the bare prompt alone (``anchor="bare"``). ``subject_keys`` ``(n, d_mlp)`` are keys of *other*
+    data, :meth:`REPConfig.released`) unless those prompts are already anchors. Anchors: the edit prompt behind
+    every prefix (``anchor="prefixes"``) or the bare prompt alone (``anchor="bare"``). ``subject_keys`` ``(n, d_mlp)`` are keys of *other*
     subjects, from which the ``n_similar_negatives`` with the largest ``α`` to ``k*`` and
     ``n_random_negatives`` random ones become negatives; ``corpus_keys`` are keys of unrelated text (all
     used). With ``config.gate_negatives`` off, no negatives are gathered.
@@ -326,7 +327,7 @@ def gather_keys(
     if config.anchor == "bare":
         bare = [i for i, prefix in enumerate(edit.prefixes) if prefix == ""][:1]
         anchors = prefix_keys[bare] if bare else rome.prefixed_keys(model, request, layer, ("",))  # (1, d_mlp)
-    if config.positive_prefixes:
+    if config.positive_prefixes and config.anchor == "bare":  # kept unchanged as anchors otherwise
         prefixed = [i for i, prefix in enumerate(edit.prefixes) if prefix != ""]
         pos = torch.cat([prefix_keys[prefixed].to(pos.device, pos.dtype), pos])  # (n_prefixed + n_pos, d_mlp)
     negatives = [torch.zeros((0, d), device=device)]

@@ -78,10 +78,12 @@ Reference mode
   bare prompt's value ``v = W k₀ + b`` (``target_init``).
 
 Not reproduced: ROME samples its prefixes with the global CUDA RNG (keyscope's are seeded, and the tests pass
-the same prefixes to both); it inverts ``C`` in float32 (keyscope solves in float64); and ``C`` itself is the one
-:mod:`keyscope.covariance` estimates, with the bridge's tokenisation of the corpus (ROME's ``layer_stats``
-tokenises Wikipedia without a BOS for GPT-2). For tokenizers that add a BOS (LLaMA's, factworld's) the
-tokenisation is the same in both modes.
+the same prefixes to both); and it inverts ``C`` in float32 (keyscope solves in float64). ``C`` is estimated with
+the reference tokenisation when :func:`compute_edit` estimates it (and by the CLI under ``--rome-setting
+reference``). Everything *around* the edit — REP's training keys, the probes and the scoring of
+:mod:`keyscope.evaluate` — keeps the bridge's tokenisation, so on GPT-2 a reference-mode edit is measured on
+prompts with a BOS the edit never saw; for tokenizers that add a BOS themselves (LLaMA's, factworld's) the two
+tokenisations are the same.
 
 Timings of every stage are recorded in :class:`EditTrace`. Applying edits: :func:`apply` (permanent),
 :func:`applied` (a context manager that restores the weights bit-exactly on exit, also on an exception),
@@ -128,6 +130,7 @@ __all__ = [
     "compute_edit",
     "context_prefixes",
     "compute_k_star",
+    "prefixed",
     "prefixed_keys",
     "compute_v_star",
     "rank_one_update",
@@ -432,7 +435,7 @@ def _clean_prefix(text: str) -> str:
     return " ".join(text.split())
 
 
-def _prefixed(prefix: str, template: str) -> str:
+def prefixed(prefix: str, template: str) -> str:
     """``"{prefix}. {template}"`` (ROME's context template), or the template itself for ``prefix == ""``."""
     return template if prefix == "" else f"{prefix}. {template}"
 
@@ -498,7 +501,7 @@ def prefixed_keys(
     ``prepend_bos`` convention applies).
     """
     layer = check_layer(model, layer)
-    templates = [_prefixed(prefix, request.template) for prefix in prefixes]
+    templates = [prefixed(prefix, request.template) for prefix in prefixes]
     subjects = [request.subject] * len(templates)
     return collect_keys(model, templates, subjects, layer, prepend_bos=prepend_bos)  # (n_prefixes, d_mlp)
 
@@ -565,7 +568,7 @@ def _v_star_batch(model, request: EditRequest, prefixes: Sequence[str], config: 
     rows, positions, targets = [], [], []
     for row, prefix in enumerate(prefixes):
         ids, subject_index, target_ids, target_positions = _teacher_forced(
-            tokenizer, _prefixed(prefix, request.template), request.subject, request.target_new, prepend_bos
+            tokenizer, prefixed(prefix, request.template), request.subject, request.target_new, prepend_bos
         )
         sequences.append(ids)
         subject_indices.append(subject_index)
@@ -783,7 +786,8 @@ def compute_edit(
     layer = check_layer(model, default_layer(model) if layer is None else layer)
     config = config or ROMEConfig.for_model(model)
     if cov is None:
-        cov = load_or_compute_covariance(model, layer, corpus, n_tokens=config.covariance_tokens)
+        cov = load_or_compute_covariance(model, layer, corpus, n_tokens=config.covariance_tokens,
+                                         prepend_bos=_prepend_bos(model, config))
     elif cov.config.layer != layer:
         raise ValueError(f"the covariance is of layer {cov.config.layer}, the edit is at layer {layer}")
 

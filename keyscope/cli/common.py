@@ -31,8 +31,13 @@ def covariance(model, layer: int, args, n_tokens: int, progress: bool = True):
     from keyscope.covariance import load_or_compute_covariance
 
     source = args.corpus or corpora.default_corpus(model)
+    prepend_bos = None
+    if getattr(args, "rome_setting", "keyscope") == "reference":  # C tokenised as the reference tokenises
+        from keyscope.models import hf_prepends_bos
+
+        prepend_bos = hf_prepends_bos(model)
     cov = load_or_compute_covariance(model, layer, source, n_tokens=n_tokens, recompute=args.recompute,
-                                     progress=progress)
+                                     progress=progress, prepend_bos=prepend_bos)
     return cov, source
 
 
@@ -84,8 +89,12 @@ def add_output_arguments(parser, what: str = "the figure and CSV") -> None:
 
 def edit_inputs(args):
     """What an editing command starts from: ``(facts, model, layer, C, corpus)`` from ``--data``, ``--model``,
-    ``--layer``, ``--corpus``, ``--tokens``, ``--recompute`` and ``--no-progress``."""
+    ``--layer``, ``--corpus``, ``--tokens``, ``--recompute`` and ``--no-progress``; ``--out`` and ``--json`` are
+    checked first."""
+    from keyscope.cli.output import check_outputs
     from keyscope.datasets import load_facts
+
+    check_outputs(folders={"--out": getattr(args, "out", None)}, files={"--json": getattr(args, "json", None)})
 
     facts = load_facts(data_source(args))
     model, layer = model_and_layer(args)

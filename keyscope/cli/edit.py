@@ -9,7 +9,7 @@ the model's top predictions before and after the edit.
 from __future__ import annotations
 
 from keyscope.cli.common import add_rome_setting_argument
-from keyscope.cli.output import write_json
+from keyscope.cli.output import check_outputs, write_json
 from keyscope.errors import KeyscopeError
 
 
@@ -55,6 +55,7 @@ def cmd_edit(args) -> int:
     if args.shuffles < 0 or args.context_tokens < 0 or args.tokens < 1:
         raise KeyscopeError("--shuffles and --context-tokens must be >= 0 and --tokens >= 1")
     check_rome_setting(args)
+    check_outputs(files={"--json": args.json})
     request, fact, facts = _request(args)
     model, layer = model_and_layer(args)
     cov, source = covariance(model, layer, args, args.tokens, progress=not args.no_progress)

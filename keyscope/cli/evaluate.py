@@ -53,8 +53,10 @@ def cmd_evaluate(args) -> int:
     taus = parse_taus(args.tau_sweep)
     if taus and "rome+rep" not in methods:
         raise KeyscopeError("--tau-sweep needs the rome+rep method")
-    if args.ablate and (taus or args.rep_setting != "keyscope" or args.rome_setting != "keyscope"):
-        raise KeyscopeError("--ablate runs its own settings; drop --tau-sweep, --rep-setting and --rome-setting")
+    if args.ablate and (taus or args.rep_setting != "keyscope" or args.rome_setting != "keyscope"
+                        or set(methods) != set(ev.METHODS)):
+        raise KeyscopeError("--ablate runs its own methods and settings; drop --methods, --tau-sweep, --rep-setting "
+                            "and --rome-setting (--tau sets every variant's gate threshold)")
     check_outputs(folders={"--out": args.out}, files={"--json": args.json})
     facts, model, layer, cov, source = edit_inputs(args)
     progress = not args.no_progress
@@ -76,18 +78,17 @@ def cmd_evaluate(args) -> int:
 
 
 def _ablate(args, facts, model, layer, cov, source, progress: bool) -> int:
-    from keyscope import ablation
     from keyscope import corpus as corpora
     from keyscope import evaluate as ev
     from keyscope.experiments import ablation as experiment
 
     config = ev.EvalConfig(n=args.n, seed=args.seed)
-    result = ablation.ablate(model, facts, layer, cov, corpora.documents(args.context or source), corpus=source,
-                             config=config, tau=args.tau, seed=args.seed, progress=progress)
+    result, files = experiment.run(model, facts, layer, cov, corpora.documents(args.context or source), source, config,
+                                   args.out, tau=args.tau, seed=args.seed, progress=progress)
     print(experiment.format_table(result))
     for skip in result.skipped:
         print(f"skipped case {skip['case_id']}: {skip['reason']}")
-    for path in experiment.write(result, args.out):
+    for path in files:
         print(f"wrote {path}")
     write_json(args.json, result.as_json())
     return 0

@@ -11,15 +11,11 @@ from pathlib import Path
 
 from keyscope import ablation
 from keyscope import evaluate as ev
-from keyscope.experiments.table1 import HEADERS
+from keyscope.experiments.table1 import metric_rows, text_rows
 from keyscope.experiments.tables import write_csv
 
 TABLE_MD = "ablation.md"
 TABLE_CSV = "ablation.csv"
-
-
-def _pct(value) -> str:
-    return "n/a" if value is None else f"{100 * value:.1f}"
 
 
 def _rows(result: ablation.AblationResult) -> list[tuple[str, str]]:
@@ -30,12 +26,8 @@ def _rows(result: ablation.AblationResult) -> list[tuple[str, str]]:
 
 def markdown(result: ablation.AblationResult) -> str:
     """The ablation as markdown: percent with the 95% interval beside each number."""
-    lines = ["| variant | " + " | ".join(HEADERS[m] for m in ev.METRICS) + " |", "|---|" + "---:|" * len(ev.METRICS)]
-    for name, _ in _rows(result):
-        s = result.summary[name]
-        cells = [_pct(s[m]) + ("" if s["ci"][m] is None else f" [{_pct(s['ci'][m][0])}, {_pct(s['ci'][m][1])}]")
-                 for m in ev.METRICS]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines = metric_rows(result.summary, [name for name, _ in _rows(result)])
+    lines[0] = lines[0].replace("| method |", "| variant |", 1)
     lines += ["", f"{len(result.rows)} edits of known facts, {result.model}, layer {result.layer}; micro-averaged top-1 "
               "rates in percent with 95% cluster-bootstrap intervals. Each variant reverts one of keyscope's "
               "departures to the released code's choice:", ""]
@@ -45,14 +37,18 @@ def markdown(result: ablation.AblationResult) -> str:
 
 def format_table(result: ablation.AblationResult) -> str:
     """The ablation as aligned text for the terminal."""
-    names = [name for name, _ in _rows(result)]
-    width = max(len(n) for n in names) + 2
-    columns = {m: max(len(HEADERS[m]), 6) + 2 for m in ev.METRICS}
-    lines = ["variant".ljust(width) + "".join(HEADERS[m].rjust(columns[m]) for m in ev.METRICS)]
-    for name in names:
-        lines.append(name.ljust(width) + "".join(_pct(result.summary[name][m]).rjust(columns[m]) for m in ev.METRICS))
+    lines = text_rows(result.summary, [name for name, _ in _rows(result)])
     lines.append(f"{len(result.rows)} edits ({result.n_known} known facts), {result.seconds:.0f} s")
     return "\n".join(lines)
+
+
+def run(model, facts, layer: int, cov, context_docs, corpus, config, out_dir: str | Path | None, tau: float | None = None,
+        seed: int | None = None, progress: bool = True) -> tuple[ablation.AblationResult, list[Path]]:
+    """:func:`keyscope.ablation.ablate` over :data:`keyscope.ablation.VARIANTS`, written into ``out_dir`` (nothing
+    written for ``None``)."""
+    result = ablation.ablate(model, facts, layer, cov, context_docs, corpus=corpus, config=config, tau=tau, seed=seed,
+                             progress=progress)
+    return result, ([] if out_dir is None else write(result, out_dir))
 
 
 def write(result: ablation.AblationResult, out_dir: str | Path) -> list[Path]:

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from keyscope.bounds import auroc
+from keyscope.experiments.tables import percent
 
 BLOCK = re.compile(r"<!-- keyscope:(?P<name>[a-z0-9_]+) -->\n(?P<body>.*?)<!-- /keyscope:(?P=name) -->", re.S)
 
@@ -34,11 +35,8 @@ def _float(value) -> float | None:
     return None if value in (None, "", "None") else float(value)
 
 
-def _pct(value: float | None, digits: int = 1) -> str:
-    return "n/a" if value is None else f"{100 * value:.{digits}f}"
-
-
 def _signed(value: float) -> str:
+    value = round(value, 1) or 0.0  # no "−0.0"
     return f"{value:+.1f}".replace("-", "−")
 
 
@@ -67,13 +65,14 @@ def similarity(figures: Path) -> str:
 
 
 def scan(figures: Path) -> str:
-    """Figure 4 (``fig4_neighbors.csv``): the median over subjects of the mean top-10 score, per filter."""
-    per: dict[str, dict[str, list[float]]] = {}
+    """Figure 4 (``fig4_neighbors.csv``): the median score of every subject's 10 best hits pooled, per filter
+    (``median_top10`` of :mod:`keyscope.experiments.scan`)."""
+    scores: dict[str, list[float]] = {}
     for row in _rows(figures / "fig4_neighbors.csv"):
         if int(row["rank"]) < 10:
-            per.setdefault(row["filter"], {}).setdefault(row["case_id"], []).append(float(row["score"]))
-    medians = {name: float(np.median([np.mean(s) for s in subjects.values()])) for name, subjects in per.items()}
-    return ("The median over subjects of the mean score of their 10 best *unrelated* corpus positions is "
+            scores.setdefault(row["filter"], []).append(float(row["score"]))
+    medians = {name: float(np.median(values)) for name, values in scores.items()}
+    return ("The median normalised edit strength of the subjects' 10 best *unrelated* corpus positions (pooled) is "
             + ", ".join(f"**{medians[name]:.3f}** under the {name} filter" for name in sorted(medians))
             + f" (`figures/fig4_neighbors.csv`, from `{REPRODUCE}`).\n")
 
@@ -88,7 +87,7 @@ def values(figures: Path) -> str:
     seconds = np.mean([float(r["seconds"]) for r in rows])
     return (f"Over {len(rows)} ROME edits the median value norm at k* is {np.median(before):.1f} before and "
             f"{np.median(after):.1f} after (median ratio {np.median(after / before):.2f}); success "
-            f"**{_pct(success)}%**, locality **{_pct(kept)}%**, {seconds:.2f} s per edit "
+            f"**{percent(success)}%**, locality **{percent(kept)}%**, {seconds:.2f} s per edit "
             f"(`figures/fig5_value_norms.csv`, from `{REPRODUCE}`).\n")
 
 
@@ -103,7 +102,7 @@ def table1(figures: Path) -> str:
     by_method = _by(_rows(figures / "table1.csv"), "method")
     lines = ["| method | " + " | ".join(HEADERS[c] for c in TABLE1_COLUMNS) + " |", "|---|" + "---:|" * len(TABLE1_COLUMNS)]
     for method, label in (("rome", "ROME"), ("rome+rep", "ROME+REP")):
-        lines.append(f"| {label} | " + " | ".join(_pct(_float(by_method[method][c])) for c in TABLE1_COLUMNS) + " |")
+        lines.append(f"| {label} | " + " | ".join(percent(_float(by_method[method][c])) for c in TABLE1_COLUMNS) + " |")
     deltas = [100 * (float(by_method["rome+rep"][c]) - float(by_method["rome"][c])) for c in TABLE1_COLUMNS]
     lines.append("| difference | " + " | ".join(_signed(d) for d in deltas) + " |")
     counts = {c: by_method["rome"][f"{c}_prompts"] for c in TABLE1_COLUMNS}
@@ -146,7 +145,7 @@ def bounds(figures: Path) -> str:
             + f". Lemma 4.7 (ROME), AUROC of α for a flipped top-1: neighbourhood prompts "
               f"{neighbourhood[0]:.2f} ({neighbourhood[1]} flips of {neighbourhood[2]}), corpus-scan prefixes "
               f"{corpus[0]:.2f} ({corpus[1]} flips of {corpus[2]}). Lemma 4.4: a single attention head carries "
-              f"ε₁ + ε₂ in {_pct(holds)}% of {len(edits)} edits (`figures/bounds_*.csv`, from `{REPRODUCE}`).\n")
+              f"ε₁ + ε₂ in {percent(holds)}% of {len(edits)} edits (`figures/bounds_*.csv`, from `{REPRODUCE}`).\n")
 
 
 def build(figures: Path) -> str:
@@ -156,9 +155,9 @@ def build(figures: Path) -> str:
     for path in sorted(figures.glob("factworld_build_seed*.json")):
         card = json.loads(path.read_text())
         a, r = card["accuracy"], card["rome_check"]
-        lines.append(f"| {card['train_config']['seed']} | {card['default_layer']} | {_pct(a['canonical'], 2)}% | "
-                     f"{_pct(a['trained_aliases'], 2)}% | {_pct(a['alias_only'], 2)}% | {_pct(a['shuffled'], 2)}% | "
-                     f"{_pct(a['long_context'], 2)}% | {_pct(r['success'])}% | {_pct(r['locality'])}% | "
+        lines.append(f"| {card['train_config']['seed']} | {card['default_layer']} | {percent(a['canonical'], 2)}% | "
+                     f"{percent(a['trained_aliases'], 2)}% | {percent(a['alias_only'], 2)}% | {percent(a['shuffled'], 2)}% | "
+                     f"{percent(a['long_context'], 2)}% | {percent(r['success'])}% | {percent(r['locality'])}% | "
                      f"{card['train_seconds']:,.0f} s | {card['build_seconds']:,.0f} s |")
     return "\n".join(lines) + ("\n\n(`figures/factworld_build_seedS.json`, from `keyscope factworld train --seed S "
                                "--out DIR --json figures/factworld_build_seedS.json`)\n")
@@ -188,7 +187,7 @@ def ablation(figures: Path) -> str:
              "|---|---|" + "---:|" * len(ABLATION_COLUMNS)]
     for row in rows:
         if row["variant"] == "keyscope":
-            cells = [_pct(_float(row[c])) for c in ABLATION_COLUMNS]
+            cells = [percent(_float(row[c])) for c in ABLATION_COLUMNS]
         else:
             cells = [_signed(100 * (float(row[c]) - float(base[c]))) for c in ABLATION_COLUMNS]
         lines.append(f"| {row['variant']} | {row['departure']} | " + " | ".join(cells) + " |")
@@ -202,13 +201,37 @@ def timing(figures: Path) -> str:
     data = json.loads((figures / "reproduce_timings.json").read_text())
     seconds = data["seconds"]
     total = sum(seconds.values())
-    return (f"on factworld it took {int(total // 60)} min {int(total % 60)} s on 2 CPU cores ("
-            + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) + "; `figures/reproduce_timings.json`)\n")
+    return (f"On factworld it took {int(total // 60)} min {int(total % 60)} s on 2 CPU cores ("
+            + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) + "; `figures/reproduce_timings.json`).\n")
+
+
+def paper(figures: Path) -> str:
+    """The paper's Table 1 deltas (:data:`keyscope.experiments.table1.PAPER_DELTAS`, quoted from the paper)."""
+    from keyscope.experiments.table1 import PAPER_DELTAS as d
+
+    def trio(domain: str) -> str:
+        return " / ".join(_signed(d[f"{kind}_{domain}"]) for kind in ("rephrase", "shuffle", "long"))
+
+    return (f"The paper reports, for ROME+REP minus ROME on LLaMA-2-7B, {trio('id')} points for Rephrase / Shuffle / "
+            f"Long in-domain, {trio('ood')} out-of-domain, and {_signed(d['success'])} / {_signed(d['locality'])} for "
+            "Success / Locality (Yan et al., Table 1; the comparison is in `figures/REPORT.md`).\n")
+
+
+def shape(figures: Path) -> str:
+    """The shipped factworld model's tokenizer and accuracies (``factworld_info.json``)."""
+    info = json.loads((figures / "factworld_info.json").read_text())
+    tokens, accuracy = info["subject_tokens"], info["accuracy"]
+    return (f"A canonical subject name takes a median of {tokens['median']:g} tokens, with "
+            f"{percent(tokens['words_in_two_or_more_pieces'], 0)}% of name words cut into two or more pieces. Top-1 "
+            "accuracy of the shipped model, measured now: " + ", ".join(f"{kind.replace('_', ' ')} {percent(v, 2)}%"
+                                                                       for kind, v in accuracy.items())
+            + " (`figures/factworld_info.json`, from `keyscope factworld info --json figures/factworld_info.json`).\n")
 
 
 BLOCKS: dict[str, Callable[[Path], str]] = {
     "similarity": similarity, "scan": scan, "values": values, "table1": table1, "tau_sweep": tau_sweep,
-    "bounds": bounds, "build": build, "trace": trace, "ablation": ablation, "timing": timing,
+    "bounds": bounds, "build": build, "trace": trace, "ablation": ablation, "timing": timing, "shape": shape,
+    "paper": paper,
 }
 
 

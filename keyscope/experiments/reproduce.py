@@ -25,6 +25,7 @@ from keyscope.experiments import similarity as similarity_exp
 from keyscope.experiments import table1 as table1_exp
 from keyscope.experiments import trace as trace_exp
 from keyscope.experiments import values as values_exp
+from keyscope.experiments.tables import percent
 from keyscope.models import default_layer, load_model, model_name
 from keyscope.trace import TraceConfig
 
@@ -53,7 +54,7 @@ class ReproduceConfig:
 
 
 def _pct(value) -> str:
-    return "n/a" if value is None else f"{100 * value:.1f}%"
+    return percent(value) + ("" if value is None else "%")
 
 
 def _num(value, digits: int = 3) -> str:

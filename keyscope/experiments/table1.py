@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from keyscope import evaluate as ev
-from keyscope.experiments.tables import write_csv
+from keyscope.experiments.tables import percent, write_csv
 from keyscope.plotting import fig7
 
 TABLE_CSV = "table1.csv"
@@ -34,23 +34,31 @@ HEADERS = {"success": "Success", "locality": "Locality",
               for kind in ev.KINDS for domain in ev.DOMAINS}}
 
 
-def _pct(value) -> str:
-    return "n/a" if value is None else f"{100 * value:.1f}"
+def metric_rows(summary: dict, names) -> list[str]:
+    """Markdown rows ``| name | metric [lo, hi] | …`` of every Table 1 column, in percent with the 95% interval."""
+    lines = ["| method | " + " | ".join(HEADERS[m] for m in ev.METRICS) + " |", "|---|" + "---:|" * len(ev.METRICS)]
+    for name in names:
+        s = summary[name]
+        cells = [percent(s[m]) + ("" if s["ci"][m] is None else f" [{percent(s['ci'][m][0])}, {percent(s['ci'][m][1])}]")
+                 for m in ev.METRICS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def text_rows(summary: dict, names) -> list[str]:
+    """Every Table 1 column for ``names`` as aligned text, in percent."""
+    width = max(len(n) for n in names) + 2
+    columns = {m: max(len(HEADERS[m]), 6) + 2 for m in ev.METRICS}
+    lines = ["method".ljust(width) + "".join(HEADERS[m].rjust(columns[m]) for m in ev.METRICS)]
+    for name in names:
+        lines.append(name.ljust(width) + "".join(percent(summary[name][m]).rjust(columns[m]) for m in ev.METRICS))
+    return lines
 
 
 def markdown(result: ev.EvalResult, methods=ev.METHODS) -> str:
     """Table 1 as markdown: percent, with the 95% interval under each number."""
     names = [m for m in methods if m in result.summary]
-    head = "| method | " + " | ".join(HEADERS[m] for m in ev.METRICS) + " |"
-    rule = "|---|" + "---:|" * len(ev.METRICS)
-    lines = [head, rule]
-    for method in names:
-        s = result.summary[method]
-        cells = []
-        for metric in ev.METRICS:
-            ci = s["ci"][metric]
-            cells.append(_pct(s[metric]) + ("" if ci is None else f" [{_pct(ci[0])}, {_pct(ci[1])}]"))
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines = metric_rows(result.summary, names)
     n_prompts = result.summary[names[0]]["counts"]
     lines.append("")
     lines.append(f"{len(result.rows)} edits of known facts, {result.model}, layer {result.layer}; micro-averaged "
@@ -62,13 +70,7 @@ def markdown(result: ev.EvalResult, methods=ev.METHODS) -> str:
 def format_table(result: ev.EvalResult, methods=ev.METHODS) -> str:
     """Table 1 as aligned text for the terminal."""
     names = [m for m in methods if m in result.summary]
-    width = max(len(m) for m in names) + 2
-    columns = {m: max(len(HEADERS[m]), 6) + 2 for m in ev.METRICS}
-    head = "method".ljust(width) + "".join(HEADERS[m].rjust(columns[m]) for m in ev.METRICS)
-    lines = [head]
-    for method in names:
-        s = result.summary[method]
-        lines.append(method.ljust(width) + "".join(_pct(s[m]).rjust(columns[m]) for m in ev.METRICS))
+    lines = text_rows(result.summary, names)
     lines.append(f"{len(result.rows)} edits ({result.n_known} known facts), {result.seconds:.0f} s")
     return "\n".join(lines)
 

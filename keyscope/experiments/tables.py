@@ -1,4 +1,4 @@
-"""Writing result rows: one CSV writer for every experiment."""
+"""Writing result rows: one CSV writer and one percent format for every experiment."""
 
 from __future__ import annotations
 
@@ -21,3 +21,8 @@ def write_csv(path: str | Path, rows: Sequence[dict]) -> Path:
         writer.writerows(rows)
     tmp.replace(path)
     return path
+
+
+def percent(value: float | None, digits: int = 1) -> str:
+    """A fraction in percent without the sign (``0.953`` → ``"95.3"``); ``"n/a"`` for ``None``."""
+    return "n/a" if value is None else f"{100 * value:.{digits}f}"
