@@ -64,19 +64,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 
 import torch
 
 from keyscope import rome
+from keyscope.editing import Editor, ModelEdit
 from keyscope.keys import collect_context_keys
 from keyscope.models import check_layer, key_hook
 from keyscope.perturbations import KINDS, LONG, TEMPLATE, Probe
 from keyscope.similarity import probe_keys
 
 __all__ = ["REPConfig", "KeyAdaptor", "REP", "REPKeys", "gather_keys", "training_positives", "behind_prefixes",
-           "minibatches", "adapted", "applied", "OBJECTIVES", "ANCHORS", "ANCHOR_LOSSES", "SETTINGS"]
+           "minibatches", "adapted", "applied", "REPEdit", "ROMEREPEditor", "OBJECTIVES", "ANCHORS", "ANCHOR_LOSSES", "SETTINGS"]
 
 #: ``strength``: ``(α(k̂) − 1)²``; ``paper``: ``−|α(k̂)| / ‖k̂‖`` (scaled); ``released``: ``−(k̂/‖k̂‖)ᵀu``.
 OBJECTIVES = ("strength", "paper", "released")
@@ -523,3 +524,72 @@ def applied(model, edit: rome.Edit, rep: REP | None = None, tau: float | None = 
                 raise ValueError(f"the adaptor is for layer {rep.layer_}, the edit is at layer {edit.layer}")
             with adapted(model, rep, tau):
                 yield model
+
+
+# ---------------------------------------------------------------------------------------------- editor
+
+
+class REPEdit(ModelEdit):
+    """ROME+REP's :class:`~keyscope.editing.ModelEdit`: the ROME edits of ``base`` and one fitted adaptor per
+    request, applied together (:func:`applied`; several adaptors of one layer compose in request order)."""
+
+    gated = True
+
+    def __init__(self, base: rome.ROMEEdits, adaptors: Sequence[REP]):
+        if len(adaptors) != len(base.edits):
+            raise ValueError(f"{len(adaptors)} adaptors for {len(base.edits)} edits")
+        self.base = base
+        self.adaptors = tuple(adaptors)
+        self.requests = base.requests
+        self.layers = base.layers
+
+    @contextmanager
+    def applied(self, model, tau: float | None = None) -> Iterator:
+        with rome.applied(model, *self.base.edits), ExitStack() as stack:
+            for adaptor in self.adaptors:
+                stack.enter_context(adapted(model, adaptor, tau))
+            yield model
+
+    def strength(self, keys: torch.Tensor, layer: int | None = None, request: int = 0,
+                 tau: float | None = None) -> torch.Tensor:
+        """``α(k̂)`` of the adapted keys (Lemma 4.6 with REP's keys, :meth:`REP.strength`)."""
+        self._layer(layer)
+        return self.adaptors[request].strength(keys, tau)
+
+    def gate(self, keys: torch.Tensor) -> torch.Tensor:
+        return self.adaptors[0].gate(keys)
+
+    def gate_on(self, gate: torch.Tensor, tau: float) -> torch.Tensor:
+        return self.adaptors[0].adaptor_.gate_on(gate, tau)
+
+    @property
+    def prefix_keys(self) -> torch.Tensor | None:
+        return self.base.prefix_keys
+
+
+class ROMEREPEditor(Editor):
+    """ROME+REP: the ROME edit of each request and a REP adaptor fitted on the request's in-domain probes
+    (:meth:`~keyscope.perturbations.FactProbes.training_probes`, or a sequence of :class:`Probe`) and the run's
+    gate negatives (never the subjects of the fact's neighbourhood prompts, held out for Locality)."""
+
+    name = "rome+rep"
+    base = "rome"
+    uses_probes = True
+    uses_gate_negatives = True
+
+    def compute(self, requests: Sequence, probes: Sequence | None = None) -> REPEdit:
+        probes = self._probes(requests, probes)
+        return self.adapt(rome.ROMEEditor(self.model, self.context).compute(requests), probes)
+
+    def adapt(self, base_edit: rome.ROMEEdits, probes: Sequence | None = None) -> REPEdit:
+        probes = self._probes(base_edit.requests, probes)
+        return REPEdit(base_edit, [self.fit(edit, p) for edit, p in zip(base_edit.edits, probes)])
+
+    def fit(self, edit: rome.Edit, probes) -> REP:
+        """REP's adaptor for one ROME ``edit``, trained on ``probes`` (module docstring)."""
+        ctx = self.context
+        positives = probes.training_probes() if hasattr(probes, "training_probes") else list(probes)
+        fact = getattr(probes, "fact", edit.request)
+        keys = gather_keys(self.model, edit, positives, ctx.rep_config, subject_keys=ctx.negatives.for_fact(fact),
+                           corpus_keys=ctx.negatives.corpus_keys, batch_size=ctx.batch_size)
+        return REP(ctx.rep_config).fit(edit, keys)

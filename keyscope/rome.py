@@ -103,6 +103,7 @@ from pathlib import Path
 import torch
 
 from keyscope.covariance import KeyCovariance, load_or_compute_covariance
+from keyscope.editing import Editor, ModelEdit
 from keyscope.errors import KeyscopeError
 from keyscope.keys import SLOT, as_template, collect_keys, encode, fill, pad_batch, tokens_overlapping
 from keyscope.models import (
@@ -139,6 +140,8 @@ __all__ = [
     "applied",
     "save_model",
     "hf_state_dict",
+    "ROMEEdits",
+    "ROMEEditor",
 ]
 
 
@@ -909,3 +912,43 @@ def save_model(model, path: str | Path) -> Path:
     if card:
         (path / MODEL_CARD).write_text(json.dumps(card, indent=2) + "\n")
     return path
+
+
+# ---------------------------------------------------------------------------------------------- editor
+
+
+class ROMEEdits(ModelEdit):
+    """ROME's :class:`~keyscope.editing.ModelEdit`: one rank-one :class:`Edit` per request, each computed on the
+    model as it was (ROME writes one fact at a time), applied together by :func:`applied`."""
+
+    def __init__(self, edits: Sequence[Edit]):
+        if not edits:
+            raise KeyscopeError("an edit needs at least one request")
+        self.edits = tuple(edits)
+        self.requests = tuple(e.request for e in self.edits)
+        self.layers = tuple(sorted({e.layer for e in self.edits}))
+
+    def applied(self, model, tau: float | None = None):
+        return applied(model, *self.edits)
+
+    def strength(self, keys: torch.Tensor, layer: int | None = None, request: int = 0,
+                 tau: float | None = None) -> torch.Tensor:
+        """``s(k) = kᵀC⁻¹k* / k*ᵀC⁻¹k*`` of request ``request``'s edit (:meth:`Edit.strength`)."""
+        self._layer(layer)
+        return self.edits[request].strength(keys)
+
+    @property
+    def prefix_keys(self) -> torch.Tensor | None:
+        """The first request's keys behind each context prefix (:attr:`Edit.prefix_keys`)."""
+        return self.edits[0].prefix_keys
+
+
+class ROMEEditor(Editor):
+    """ROME (module docstring) at the run's layer with its covariance, config and context prefixes."""
+
+    name = "rome"
+
+    def compute(self, requests: Sequence, probes: Sequence | None = None) -> ROMEEdits:
+        ctx = self.context
+        return ROMEEdits([compute_edit(self.model, request, ctx.layer, ctx.cov, ctx.rome_config, prefixes=ctx.prefixes)
+                          for request in requests])
