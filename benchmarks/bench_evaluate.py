@@ -28,6 +28,8 @@ from keyscope import (  # noqa: E402
 from keyscope import evaluate as ev  # noqa: E402
 from keyscope.covariance import load_or_compute_covariance  # noqa: E402
 from keyscope.datasets import load_facts, sample_known_facts  # noqa: E402
+from keyscope.editing import make_editor, prepare_context  # noqa: E402
+from keyscope.metrics import plan_queries, score_plan  # noqa: E402
 from keyscope.models import default_layer, load_model  # noqa: E402
 from keyscope.perturbations import fact_probes, subject_forms  # noqa: E402
 
@@ -48,7 +50,9 @@ def main() -> int:
     facts = load_facts(args.data)
     config = ev.EvalConfig(n=args.facts)
     rome_config, rep_config = rome.ROMEConfig.for_model(model), rep.REPConfig()
-    shared = ev.prepare(model, facts, layer, source, rome_config, rep_config, config.n_corpus_negatives)
+    context = prepare_context(model, layer, cov, ev.METHODS, facts, source, rome_config, rep_config,
+                              config.n_corpus_negatives)
+    editors = {m: make_editor(m, model, context) for m in ev.METHODS}
     chosen, _ = sample_known_facts(model, facts, args.facts)
     docs = corpus.documents(source)
     forms = subject_forms(facts)
@@ -58,23 +62,23 @@ def main() -> int:
         queries = fact_probes(model.tokenizer, fact, docs, config.probes, exclude=forms, other_facts=facts)
         timings["queries"] += time.perf_counter() - start
         start = time.perf_counter()
-        row = ev.evaluate_fact(model, fact, queries, layer, cov, ev.METHODS, rome_config, rep_config, shared, taus)
+        row = ev.evaluate_fact(model, fact, queries, editors, context, taus)
         total = time.perf_counter() - start
-        timings["edit"] += row["edit_seconds"]
-        timings["rep"] += row["rep_seconds"]
-        timings["score (grouped)"] += total - row["edit_seconds"] - row["rep_seconds"]
+        timings["edit"] += row["seconds"]["rome"]
+        timings["rep"] += row["seconds"]["rome+rep"]
+        timings["score (grouped)"] += total - row["seconds"]["rome"] - row["seconds"]["rome+rep"]
         edit = rome.compute_edit(model, rome.EditRequest(fact.prompt, fact.subject, fact.target_new, fact.target_true),
-                                 layer, cov, rome_config, prefixes=shared.prefixes)
-        fitted = ev.fit_rep(model, edit, queries, rep_config, shared)
-        twins = ev.near_twins(model, queries, layer, cov, rep_config, edit.prefix_keys, prefixes=shared.prefixes)
-        plan = ev.plan_queries(model.tokenizer, queries, twins, config.twin_cosine)
+                                 layer, cov, rome_config, prefixes=context.prefixes)
+        fitted = editors["rome+rep"].fit(edit, queries)
+        twins = ev.near_twins(model, queries, layer, cov, rep_config, edit.prefix_keys, prefixes=context.prefixes)
+        plan = plan_queries(model.tokenizer, queries, twins, config.twin_cosine)
         start = time.perf_counter()
         unedited = ev.score_targets(model, [plan.sequences[r] for r in plan.locality]).argmax
         with rep.applied(model, edit):
-            ev.score_plan(model, plan, unedited, config.batch_size)
+            score_plan(model, plan, unedited, config.batch_size)
         for name, tau in {"rome+rep": rep_config.tau, **{f"rome+rep@{t:g}": t for t in taus}}.items():
             with rep.applied(model, edit, fitted, tau):
-                scores = ev.score_plan(model, plan, unedited, config.batch_size)
+                scores = score_plan(model, plan, unedited, config.batch_size)
             assert scores == row["methods"][name], (fact.case_id, name)
         timings["score (per tau)"] += time.perf_counter() - start
     n = len(chosen)

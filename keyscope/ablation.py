@@ -17,18 +17,10 @@ from dataclasses import asdict, dataclass, field, replace
 
 from keyscope import rep, rome
 from keyscope.datasets import Fact
+from keyscope.editing import EditContext, make_editor, prepare_context
 from keyscope.errors import KeyscopeError
-from keyscope.evaluate import (
-    EvalConfig,
-    Shared,
-    fit_rep,
-    near_twins,
-    plan_queries,
-    prepare,
-    run_facts,
-    score_plan,
-    summarize,
-)
+from keyscope.evaluate import EvalConfig, fact_request, near_twins, run_facts, summarize
+from keyscope.metrics import plan_queries, score_plan
 from keyscope.perturbations import FactProbes
 from keyscope.predictions import score_targets
 
@@ -80,29 +72,32 @@ def baseline_name(reference: bool) -> str:
     return "rome (reference)" if reference else "rome"
 
 
-def ablate_fact(model, fact: Fact, queries: FactProbes, layer: int, cov, variants: Sequence[Variant],
-                rome_configs: dict[bool, rome.ROMEConfig], shared: Shared, batch_size: int = 32,
-                twin_cosine: float = 0.95) -> dict:
+def ablate_fact(model, fact: Fact, queries: FactProbes, variants: Sequence[Variant],
+                contexts: dict[bool, EditContext], twin_cosine: float = 0.95) -> dict:
     """Score ROME and every variant on one fact: ``{"case_id", "methods": {name: {metric: (hits, total,
-    prob_hits)}}}`` as :func:`keyscope.evaluate.evaluate_fact`'s rows."""
-    request = rome.EditRequest(fact.prompt, fact.subject, fact.target_new, fact.target_true)
-    edits = {ref: rome.compute_edit(model, request, layer, cov, rome_configs[ref], prefixes=shared.prefixes)
+    prob_hits)}}}`` as :func:`keyscope.evaluate.evaluate_fact`'s rows. ``contexts`` holds the run's
+    :class:`~keyscope.editing.EditContext` per ROME setting (``True``: reference mode)."""
+    request = fact_request(fact)
+    edits = {ref: make_editor("rome", model, contexts[ref]).compute([request])
              for ref in sorted({v.rome_reference for v in variants})}
     row: dict = {"case_id": fact.case_id, "methods": {}}
     unedited = None
     for variant in variants:
+        context = replace(contexts[variant.rome_reference], rep_config=variant.rep)
         edit = edits[variant.rome_reference]
-        twins = near_twins(model, queries, layer, cov, variant.rep, edit.prefix_keys, batch_size, shared.prefixes)
+        twins = near_twins(model, queries, context.layer, context.cov, variant.rep, edit.prefix_keys,
+                           context.batch_size, context.prefixes)
         plan = plan_queries(model.tokenizer, queries, twins, twin_cosine)
         if unedited is None:  # the neighbourhood prompts are the same in every plan
-            unedited = score_targets(model, [plan.sequences[r] for r in plan.locality], batch_size=batch_size).argmax
+            unedited = score_targets(model, [plan.sequences[r] for r in plan.locality],
+                                     batch_size=context.batch_size).argmax
         baseline = baseline_name(variant.rome_reference)
         if baseline not in row["methods"]:
-            with rep.applied(model, edit):
-                row["methods"][baseline] = score_plan(model, plan, unedited, batch_size)
-        fitted = fit_rep(model, edit, queries, variant.rep, shared, batch_size)
-        with rep.applied(model, edit, fitted, variant.rep.tau):
-            row["methods"][variant.name] = score_plan(model, plan, unedited, batch_size)
+            with edit.applied(model):
+                row["methods"][baseline] = score_plan(model, plan, unedited, context.batch_size)
+        adapted = make_editor("rome+rep", model, context).adapt(edit, [queries])
+        with adapted.applied(model):
+            row["methods"][variant.name] = score_plan(model, plan, unedited, context.batch_size)
     return row
 
 
@@ -150,12 +145,18 @@ def ablate(model, facts: Sequence[Fact], layer: int, cov, context_docs: Iterable
     rome_configs = {ref: rome.ROMEConfig.for_model(model, reference=ref) for ref in (False, True)}
     start = time.perf_counter()
     negatives = next((v.rep for v in variants if v.rep.gate_negatives), None)
-    shared = prepare(model, facts, layer, corpus, rome_configs[False], negatives, config.n_corpus_negatives,
-                     config.seed, config.batch_size)
+    context = prepare_context(model, layer, cov, ("rome+rep",) if negatives else ("rome",), facts, corpus,
+                              rome_configs[False], negatives, config.n_corpus_negatives, config.seed, config.batch_size)
+    contexts = {ref: replace(context, rome_config=rome_configs[ref]) for ref in (False, True)}
 
-    def score(fact: Fact, queries: FactProbes) -> dict:
-        return ablate_fact(model, fact, queries, layer, cov, variants, rome_configs, shared, config.batch_size,
-                           config.twin_cosine)
+    def score(items):
+        rows, skipped = [], []
+        for fact, queries in items:
+            try:
+                rows.append(ablate_fact(model, fact, queries, variants, contexts, config.twin_cosine))
+            except KeyscopeError as exc:
+                skipped.append({"case_id": fact.case_id, "reason": str(exc)})
+        return rows, skipped
 
     rows, skipped, n_known = run_facts(model, facts, config, context_docs, score, "ablation", progress)
     summary = summarize(rows, config.bootstrap, config.seed)

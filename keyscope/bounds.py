@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -52,9 +53,21 @@ import torch
 
 from keyscope import rep, rome
 from keyscope.datasets import Fact, sample_known_facts
+from keyscope.editing import EDITORS, ModelEdit, check_methods, make_editor, prepare_context
 from keyscope.errors import KeyscopeError
 from keyscope.keys import encode, length_batches, locate, pad_batch
-from keyscope.models import attention_norm, final_norm, head_ov, key_hook, model_name, n_layers, value_hook
+from keyscope.models import (
+    attention_norm,
+    attention_norm_scale_hook,
+    attention_pattern_hook,
+    final_norm,
+    final_norm_scale_hook,
+    head_ov,
+    key_hook,
+    model_name,
+    n_layers,
+    value_hook,
+)
 from keyscope.perturbations import KINDS, fact_probes, subject_forms
 from keyscope.predictions import prompt_context, target_context
 
@@ -119,8 +132,8 @@ def lemma_4_4(model, edit: rome.Edit, fact: Fact) -> dict | None:
     _, true_id = target_context(tokenizer, fact.filled_prompt, fact.target_true)
     ids = torch.as_tensor([context], device=model.cfg.device)  # (1, pos)
     last = len(context) - 1
-    names = {f"blocks.{b}.ln1.hook_scale" for b in later} | {f"blocks.{b}.attn.hook_pattern" for b in later}
-    names |= {"ln_final.hook_scale", value_hook(layer)}
+    names = {attention_norm_scale_hook(b) for b in later} | {attention_pattern_hook(b) for b in later}
+    names |= {final_norm_scale_hook(), value_hook(layer)}
     logits, cache = model.run_with_cache(ids, names_filter=lambda name: name in names)
     eps1 = float(logits[0, last, true_id] - logits[0, last, new_id])
     with rome.applied(model, edit):
@@ -130,15 +143,15 @@ def lemma_4_4(model, edit: rome.Edit, fact: Fact) -> dict | None:
     W_U = model.W_U.detach()  # (d_model, d_vocab)
     direction = (W_U[:, new_id] - W_U[:, true_id]).double()  # (d_model,)
     final = final_norm(model)
-    read = final.adjoint(direction, float(cache["ln_final.hook_scale"][0, last]))  # (d_model,)
+    read = final.adjoint(direction, float(cache[final_norm_scale_hook()][0, last]))  # (d_model,)
     best = {"unit": -math.inf, "attention": -math.inf, "norm": 0.0, "head": None}
     for block in later:
         W_V, W_O = head_ov(model, block)  # (H, d_model, d_head), (H, d_head, d_model)
         through = torch.einsum("hmd,hdn,n->hm", W_V.double(), W_O.double(), read)  # (H, d_model)
-        scale = float(cache[f"blocks.{block}.ln1.hook_scale"][0, subject_pos])
+        scale = float(cache[attention_norm_scale_hook(block)][0, subject_pos])
         m = attention_norm(model, block).adjoint(through, scale)  # (H, d_model)
         gains = m @ delta_v  # (H,)
-        weights = cache[f"blocks.{block}.attn.hook_pattern"][0, :, last, subject_pos].double()  # (H,)
+        weights = cache[attention_pattern_hook(block)][0, :, last, subject_pos].double()  # (H,)
         for h in range(len(gains)):
             if float(gains[h]) > best["unit"]:
                 best["unit"], best["head"] = float(gains[h]), (block, h)
@@ -174,11 +187,12 @@ class Observation:
 
 
 @torch.no_grad()
-def observe(model, edit: rome.Edit, sequences: Sequence[Sequence[int]], positions: Sequence[int],
-            batch_size: int = 32) -> Observation:
-    """Run ``sequences`` (token ids) in right-padded batches, capturing the layer's key — after any adaptor
-    hook, so under REP the adapted key — and value, and the logits at each row's last token."""
-    layer = edit.layer
+def observe(model, layer: int, sequences: Sequence[Sequence[int]], positions: Sequence[int], batch_size: int = 32,
+            edit: ModelEdit | None = None) -> Observation:
+    """Run ``sequences`` (token ids) in right-padded batches with ``edit`` applied (none: the unedited model),
+    capturing the layer's key as it enters the layer (before any key adaptor) and its value, and the logits at
+    each row's last token. ``alpha`` is ``edit``'s strength on the captured key (under REP: of the adapted key,
+    :meth:`~keyscope.editing.ModelEdit.strength`), zero without an edit."""
     tokenizer = model.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     n = len(sequences)
@@ -193,18 +207,22 @@ def observe(model, edit: rome.Edit, sequences: Sequence[Sequence[int]], position
             captured[name] = activation.detach()
         return hook
 
-    for rows in length_batches([len(s) for s in sequences], batch_size):
-        input_ids, mask = pad_batch([sequences[i] for i in rows], pad_id, "right", device=model.cfg.device)
-        with model.hooks(fwd_hooks=[(key_hook(layer), keep("key")), (value_hook(layer), keep("value"))]):
+    # the capture hooks are registered before the edit's own, so they read the key that the edit's hooks receive
+    with model.hooks(fwd_hooks=[(key_hook(layer), keep("key")), (value_hook(layer), keep("value"))]), \
+            (edit.applied(model) if edit is not None else nullcontext()):
+        for rows in length_batches([len(s) for s in sequences], batch_size):
+            input_ids, mask = pad_batch([sequences[i] for i in rows], pad_id, "right", device=model.cfg.device)
             logits = model(input_ids, attention_mask=mask, return_type="logits")  # (batch, pos, vocab)
-        strength = edit.strength(captured["key"].float())  # (batch, pos)
-        strength = strength.masked_fill(mask.to(strength.device) == 0, -math.inf)
-        for r, i in enumerate(rows):
-            length = len(sequences[i])
-            alpha[i] = float(strength[r, positions[i]])
-            alpha_max[i] = float(strength[r, 1 if length > 1 else 0 : length].max())  # BOS excluded
-            values[i] = captured["value"][r, positions[i]].float().cpu()
-            log_probs[i] = logits[r, length - 1].float().log_softmax(-1).cpu()
+            if edit is not None:
+                strength = edit.strength(captured["key"].float())  # (batch, pos)
+                strength = strength.masked_fill(mask.to(strength.device) == 0, -math.inf)
+            for r, i in enumerate(rows):
+                length = len(sequences[i])
+                if edit is not None:
+                    alpha[i] = float(strength[r, positions[i]])
+                    alpha_max[i] = float(strength[r, 1 if length > 1 else 0 : length].max())  # BOS excluded
+                values[i] = captured["value"][r, positions[i]].float().cpu()
+                log_probs[i] = logits[r, length - 1].float().log_softmax(-1).cpu()
     return Observation(alpha, alpha_max, values, torch.stack(log_probs) if n else torch.zeros((0, 1)))
 
 
@@ -315,20 +333,23 @@ def run(model, facts: Sequence[Fact], layer: int, cov, context_docs, corpus=None
     from keyscope.scan import ScanConfig, scan_corpus
 
     config = config or BoundsConfig()
-    rome_config = rome_config or rome.ROMEConfig.for_model(model)
-    rep_config = rep_config or rep.REPConfig()
+    methods = check_methods(config.methods)
+    not_rome = [m for m in methods if "rome" not in (m, EDITORS[m].base)]
+    if not_rome:
+        raise KeyscopeError(f"the lemma checks read ROME's rank-one edit; {', '.join(not_rome)} neither is ROME "
+                            "nor adapts its edit")
     tokenizer = model.tokenizer
     chosen, _ = sample_known_facts(model, facts, config.n, config.seed, batch_size=config.batch_size)
     eval_config = ev.EvalConfig(n=config.n, seed=config.seed)
     forms = subject_forms(facts)
-    shared = ev.prepare(model, facts, layer, corpus, rome_config,
-                        rep_config if "rome+rep" in config.methods else None, eval_config.n_corpus_negatives,
-                        config.seed, config.batch_size)
+    edit_context = prepare_context(model, layer, cov, methods, facts, corpus, rome_config, rep_config,
+                                   eval_config.n_corpus_negatives, config.seed, config.batch_size)
+    editors = {name: make_editor(name, model, edit_context) for name in methods}
+    rome_editor = editors.get("rome") or make_editor("rome", model, edit_context)
     edits, skipped = [], []
     for fact in tqdm(chosen, desc="ROME edits", disable=not progress):
         try:
-            request = rome.EditRequest(fact.prompt, fact.subject, fact.target_new, fact.target_true)
-            edits.append((fact, rome.compute_edit(model, request, layer, cov, rome_config, prefixes=shared.prefixes)))
+            edits.append((fact, rome_editor.compute([ev.fact_request(fact)])))
         except KeyscopeError as exc:
             skipped.append({"case_id": fact.case_id, "reason": str(exc)})
     if not edits:
@@ -338,9 +359,10 @@ def run(model, facts: Sequence[Fact], layer: int, cov, context_docs, corpus=None
         scan = scan_corpus(model, [f for f, _ in edits], cov, corpus,
                            ScanConfig(layer, n_tokens=config.scan_tokens, top_k=config.scan_top_k,
                                       prefix_tokens=config.scan_prefix_tokens), progress=progress,
-                           k_stars=torch.stack([e.k_star for _, e in edits]), filters=("strict",))["strict"]
+                           k_stars=torch.stack([e.edits[0].k_star for _, e in edits]), filters=("strict",))["strict"]
     l44_rows, rows = [], []
-    for j, (fact, edit) in enumerate(tqdm(edits, desc="lemmas", disable=not progress)):
+    for j, (fact, rome_edit) in enumerate(tqdm(edits, desc="lemmas", disable=not progress)):
+        edit = rome_edit.edits[0]  # the rank-one edit the lemmas are about
         l44_rows.append(lemma_4_4(model, edit, fact))
         queries = fact_probes(tokenizer, fact, context_docs, eval_config.probes, exclude=forms, other_facts=facts)
         robust, kinds = [], []
@@ -367,18 +389,15 @@ def run(model, facts: Sequence[Fact], layer: int, cov, context_docs, corpus=None
                     use_max.append(False)
         seqs = [s for s, _ in robust] + [s for s, _ in specific]
         positions = [p for _, p in robust] + [p for _, p in specific]
-        before = observe(model, edit, seqs, positions, config.batch_size)
-        fitted = None
-        if "rome+rep" in config.methods:
-            fitted = ev.fit_rep(model, edit, queries, rep_config, shared, config.batch_size)
-        for method in config.methods:
-            with rep.applied(model, edit, fitted if method == "rome+rep" else None):
-                after = observe(model, edit, seqs, positions, config.batch_size)
+        before = observe(model, layer, seqs, positions, config.batch_size)
+        method_edits, _ = ev.compute_edits(editors, [rome_edit.requests[0]], [queries], {"rome": rome_edit})
+        for method in methods:
+            after = observe(model, layer, seqs, positions, config.batch_size, method_edits[method])
             n_robust = len(robust)
             rows += _robustness_rows(edit, queries, method, before.rows(0, n_robust), after.rows(0, n_robust),
                                      new_id, true_id, kinds)
             rows += _specificity_rows(fact.case_id, method, before.rows(n_robust, len(seqs)),
                                       after.rows(n_robust, len(seqs)), spec_kinds, use_max)
-    summary = _summary(l44_rows, rows, config.methods)
+    summary = _summary(l44_rows, rows, methods)
     return BoundsResult(model_name(model), layer, [r for r in l44_rows if r is not None], rows, summary, config,
                         skipped)

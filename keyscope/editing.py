@@ -134,6 +134,9 @@ class ModelEdit(ABC):
     layers: tuple[int, ...]
     #: Whether the edit has a gate whose threshold τ can be changed at application (REP).
     gated: ClassVar[bool] = False
+    #: For a gated edit: whether the set of positions where the gate is on decides the edited forward pass
+    #: (false when the adaptor draws dropout at inference).
+    gate_decides: bool = True
 
     @abstractmethod
     def applied(self, model, tau: float | None = None) -> AbstractContextManager:
@@ -177,6 +180,8 @@ class Editor(ABC):
     uses_gate_negatives: ClassVar[bool] = False
     #: Whether one edit can write many requests jointly (else each request is computed on its own).
     batched: ClassVar[bool] = False
+    #: Whether its edits have a gate whose threshold can be changed at application (:attr:`ModelEdit.gated`).
+    gated: ClassVar[bool] = False
 
     def __init__(self, model, context: EditContext):
         self.model = model

@@ -1,9 +1,10 @@
 """Robustness evaluation of ROME and ROME+REP: Table 1 and the τ sweep of Figure 7 (Yan et al., Sec. 6).
 
 For every fact (only facts the unedited model knows — top-1 on the true target — are edited, as in the
-paper) :func:`evaluate_fact` computes one ROME edit and, for ``rome+rep``, fits a REP adaptor for it
-(:mod:`keyscope.rep`), then asks, with each method applied (:func:`keyscope.rep.applied`; weights and hooks
-are restored between facts):
+paper) :func:`evaluate_fact` computes the edit of each method (any of :data:`keyscope.editing.EDITORS`: ROME,
+ROME+REP, …; a batch editor writes ``EvalConfig.edit_batch`` facts at once, :func:`evaluate_batch`), then asks,
+with each method's edit applied (:meth:`keyscope.editing.ModelEdit.applied`; weights and hooks are restored
+between facts):
 
 * **Success** — every target token of the new object is the teacher-forced top-1 on the edit prompt;
 * **Locality** — each neighbourhood prompt (other subjects, same relation) keeps the unedited model's
@@ -22,7 +23,7 @@ other positives are the subject under the fact's paraphrase templates; its gate 
 subjects' keys — never those of the neighbourhood prompts, which are held out for Locality — and keys of
 unrelated corpus text. With :meth:`keyscope.rep.REPConfig.released` REP trains as the released code does: on
 the original subject and the in-domain rephrases and token shuffles, each behind every ROME context prefix
-(``Shared.prefixes``), the bare prompt as the only anchor, no templates, long contexts or negatives.
+(:attr:`keyscope.editing.EditContext.prefixes`), the bare prompt as the only anchor, no templates, long contexts or negatives.
 
 Metrics are **micro-averaged** (pooled over all prompts of all facts) with a 95% confidence interval from
 a cluster bootstrap over facts (prompts of one fact are not independent). ROME's probability comparison
@@ -35,7 +36,7 @@ ROME's tables.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
@@ -43,8 +44,17 @@ import torch
 
 from keyscope import rep, rome
 from keyscope.datasets import Fact, sample_known_facts
+from keyscope.editing import (
+    EDITORS,
+    EditContext,
+    Editor,
+    ModelEdit,
+    check_methods,
+    make_editor,
+    prepare_context,
+)
 from keyscope.errors import KeyscopeError
-from keyscope.keys import collect_keys
+from keyscope.metrics import METRICS, QueryPlan, plan_queries, score_plan
 from keyscope.perturbations import (
     KINDS,
     FactProbes,
@@ -52,19 +62,14 @@ from keyscope.perturbations import (
     fact_probes,
     subject_forms,
 )
-from keyscope.predictions import score_targets, target_sequence
+from keyscope.predictions import score_targets
 from keyscope.similarity import probe_keys, whitened_cosine_matrix
 
-__all__ = ["EvalConfig", "METHODS", "METRICS", "KINDS", "EvalResult", "evaluate", "evaluate_fact", "summarize",
-           "bootstrap_interval", "Shared", "prepare", "fit_rep", "negative_subject_keys", "near_twins", "run_facts",
-           "plan_queries", "score_plan", "QueryPlan"]
+__all__ = ["EvalConfig", "METHODS", "EvalResult", "evaluate", "evaluate_fact", "evaluate_batch",
+           "compute_edits", "fact_request", "summarize", "bootstrap_interval", "near_twins", "run_facts"]
 
-#: Methods in Table 1's row order.
+#: The methods evaluated by default, in Table 1's row order (any of :data:`keyscope.editing.EDITORS` can be asked).
 METHODS = ("rome", "rome+rep")
-#: The split of each perturbation kind: in-domain, out-of-domain, and out-of-domain without near-twins.
-DOMAINS = ("id", "ood", "ood_new")
-#: Table 1's columns.
-METRICS = ("success", "locality", *(f"{kind}_{domain}" for kind in KINDS for domain in DOMAINS))
 
 
 @dataclass(frozen=True)
@@ -77,11 +82,14 @@ class EvalConfig:
     twin_cosine: float = 0.95
     n_corpus_negatives: int = 512
     bootstrap: int = 1000
-    batch_size: int = 32
+    batch_size: int = 32  # prompts per forward pass
+    edit_batch: int = 1  # facts per edit of a batch editor (MEMIT); other editors edit one fact at a time
 
     def __post_init__(self):
         if self.n < 1:
             raise ValueError(f"n must be positive, not {self.n}")
+        if self.edit_batch < 1:
+            raise ValueError(f"edit_batch must be positive, not {self.edit_batch}")
         if self.probes.seed != self.seed:  # one seed draws the facts, the splits and the probes
             object.__setattr__(self, "probes", replace(self.probes, seed=self.seed))
 
@@ -111,151 +119,104 @@ def near_twins(model, queries: FactProbes, layer: int, cov, rep_config: rep.REPC
 # ---------------------------------------------------------------------------------------------- scoring
 
 
-@dataclass
-class QueryPlan:
-    """The scored sequences of one fact: each query is a pair of rows (new target, true target)."""
-
-    sequences: list[tuple[list[int], int]] = field(default_factory=list)
-    groups: dict[str, list[tuple[int, int]]] = field(default_factory=dict)  # metric -> (row new, row true)
-    locality: list[int] = field(default_factory=list)  # rows of the neighbourhood prompts
-
-    def add(self, seq: tuple[list[int], int]) -> int:
-        self.sequences.append(seq)
-        return len(self.sequences) - 1
-
-
-def plan_queries(tokenizer, queries: FactProbes, twins: dict[tuple[str, int], float], threshold: float) -> QueryPlan:
-    fact = queries.fact
-    plan = QueryPlan()
-
-    def query(metrics: Sequence[str], prompt: str) -> None:
-        rows = (plan.add(target_sequence(tokenizer, prompt, fact.target_new)),
-                plan.add(target_sequence(tokenizer, prompt, fact.target_true)))
-        for metric in metrics:
-            plan.groups.setdefault(metric, []).append(rows)
-
-    query(["success"], fact.filled_prompt)
-    for kind in KINDS:
-        in_domain, out_of_domain = queries.perturbed[kind]
-        for probe in in_domain:
-            query([f"{kind}_id"], probe.prompt)
-        for i, probe in enumerate(out_of_domain):
-            new = twins.get((kind, i), -1.0) < threshold
-            query([f"{kind}_ood", *([f"{kind}_ood_new"] if new else [])], probe.prompt)
-    truth = fact.locality_ground_truth or fact.target_true
-    plan.locality = [plan.add(target_sequence(tokenizer, p, truth)) for p in fact.neighborhood_prompts]
-    return plan
-
-
-def score_plan(model, plan: QueryPlan, unedited_locality: tuple, batch_size: int) -> dict[str, tuple[int, int, int]]:
-    """Per metric ``(hits, total, prob_hits)`` for the model as it is now (edits and hooks applied)."""
-    scores = score_targets(model, plan.sequences, batch_size=batch_size)
-    out: dict[str, tuple[int, int, int]] = {}
-    for metric in METRICS:
-        if metric == "locality":
-            kept = sum(scores.argmax[row] == before for row, before in zip(plan.locality, unedited_locality))
-            out[metric] = (kept, len(plan.locality), 0)
-            continue
-        pairs = plan.groups.get(metric, [])
-        hits = sum(bool(scores.top1[new]) for new, _ in pairs)
-        prob = sum(bool(scores.log_probability[new] > scores.log_probability[true]) for new, true in pairs)
-        out[metric] = (hits, len(pairs), prob)
-    return out
-
-
 # ---------------------------------------------------------------------------------------------- per fact
 
 
-@dataclass(frozen=True)
-class Shared:
-    """What every fact of a run shares: ROME's prefixes, other subjects' keys and corpus keys (REP's gate
-    negatives). Build it with :func:`prepare`."""
-
-    prefixes: tuple[str, ...]
-    subject_keys: torch.Tensor | None  # (n_subjects, d_mlp)
-    subject_names: tuple[str, ...]
-    corpus_keys: torch.Tensor | None  # (n_corpus, d_mlp)
+def fact_request(fact: Fact) -> rome.EditRequest:
+    """The edit request of a fact: its prompt, subject, new and true target."""
+    return rome.EditRequest(fact.prompt, fact.subject, fact.target_new, fact.target_true)
 
 
-def prepare(model, facts: Sequence[Fact], layer: int, corpus=None, rome_config: rome.ROMEConfig | None = None,
-            rep_config: rep.REPConfig | None = None, n_corpus_negatives: int = 512, seed: int = 0,
-            batch_size: int = 32) -> Shared:
-    """ROME's context prefixes and, when REP gets gate negatives, the layer keys of every subject in ``facts``
-    (one prompt each) and ``n_corpus_negatives`` keys of ``corpus``."""
-    from keyscope.scan import sample_corpus_keys
-
-    prefixes = rome.context_prefixes(model, rome_config or rome.ROMEConfig.for_model(model))
-    if rep_config is None or not rep_config.gate_negatives:
-        return Shared(prefixes, None, (), None)
-    pool: dict[str, Fact] = {}
-    for fact in facts:
-        pool.setdefault(fact.subject.strip(), fact)
-    subject_keys = collect_keys(model, [f.prompt for f in pool.values()], [f.subject for f in pool.values()],
-                                layer, batch_size=batch_size)  # (n_subjects, d_mlp)
-    corpus_keys = None
-    if corpus is not None and n_corpus_negatives:
-        corpus_keys = sample_corpus_keys(model, corpus, layer, n_corpus_negatives, seed=seed)  # (n, d_mlp)
-    return Shared(prefixes, subject_keys, tuple(pool), corpus_keys)
+def _anchor_keys(model, fact: Fact, edits: dict[str, ModelEdit], context: EditContext) -> torch.Tensor:
+    """The edit prompt's keys behind each of ROME's context prefixes ``(n_prefixes, d_mlp)`` (REP's anchors, and
+    the anchors of :func:`near_twins`): from a one-fact ROME-based edit of this row when there is one."""
+    for edit in edits.values():
+        keys = getattr(edit, "prefix_keys", None)
+        if keys is not None and len(edit.requests) == 1:
+            return keys
+    return rome.prefixed_keys(model, fact_request(fact), context.layer, context.prefixes)
 
 
-def fit_rep(model, edit: rome.Edit, queries: FactProbes, rep_config: rep.REPConfig, shared: Shared,
-            batch_size: int = 32) -> rep.REP:
-    """REP's adaptor for ``edit``, trained on the in-domain probes of ``queries`` (and the negatives of
-    ``shared``, never the neighbourhood prompts' subjects)."""
-    keys = rep.gather_keys(model, edit, queries.training_probes(), rep_config,
-                           subject_keys=negative_subject_keys(shared, queries.fact), corpus_keys=shared.corpus_keys,
-                           batch_size=batch_size)
-    return rep.REP(rep_config).fit(edit, keys)
-
-
-def negative_subject_keys(shared: Shared, fact: Fact) -> torch.Tensor | None:
-    """Keys of subjects other than the fact's own and those named in its neighbourhood prompts."""
-    if shared.subject_keys is None:
-        return None
-    held_out = {fact.subject.strip()}
-    keep = [i for i, name in enumerate(shared.subject_names)
-            if name.strip() not in held_out and not any(name in p for p in fact.neighborhood_prompts)]
-    return shared.subject_keys[torch.as_tensor(keep, dtype=torch.long)]
-
-
-def evaluate_fact(model, fact: Fact, queries: FactProbes, layer: int, cov, methods: Sequence[str],
-                  rome_config: rome.ROMEConfig, rep_config: rep.REPConfig, shared: Shared,
-                  taus: Sequence[float] = (), batch_size: int = 32, twin_cosine: float = 0.95) -> dict:
-    """Edit one fact with every method and score it: ``{"case_id", "edit_seconds", "methods": {name:
-    {metric: (hits, total, prob_hits)}}}``; with ``taus``, ``rome+rep@τ`` entries for each threshold."""
-    tokenizer = model.tokenizer
-    start = time.perf_counter()
-    edit = rome.compute_edit(model, rome.EditRequest(fact.prompt, fact.subject, fact.target_new, fact.target_true),
-                             layer, cov, rome_config, prefixes=shared.prefixes)  # leaves the weights unchanged
-    row = {"case_id": fact.case_id, "edit_seconds": time.perf_counter() - start, "methods": {}}
-    twins = near_twins(model, queries, layer, cov, rep_config, edit.prefix_keys, batch_size, shared.prefixes)
-    plan = plan_queries(tokenizer, queries, twins, twin_cosine)
-    unedited = score_targets(model, [plan.sequences[r] for r in plan.locality], batch_size=batch_size).argmax
-    if "rome" in methods:
-        with rep.applied(model, edit):
-            row["methods"]["rome"] = score_plan(model, plan, unedited, batch_size)
-    if "rome+rep" in methods:
+def compute_edits(editors: Mapping[str, Editor], requests: Sequence[rome.EditRequest], probes: Sequence | None,
+                  done: Mapping[str, ModelEdit] | None = None) -> tuple[dict[str, ModelEdit], dict[str, float]]:
+    """Each editor's edit of ``requests`` (those not in ``done``), in order; a method that adapts another's edit
+    (:attr:`~keyscope.editing.Editor.base`) adapts the one computed here when its base is among ``editors``.
+    Returns the edits and the seconds each took."""
+    edits = dict(done or {})
+    seconds = {}
+    for name in sorted(editors, key=lambda n: editors[n].base in editors):  # bases first, then their adapters
+        editor = editors[name]
+        if name in edits:
+            continue
         start = time.perf_counter()
-        fitted = fit_rep(model, edit, queries, rep_config, shared, batch_size)
-        row["rep_seconds"] = time.perf_counter() - start
-        names = {"rome+rep": rep_config.tau, **{f"rome+rep@{tau:g}": tau for tau in taus}}
-        for group in _gate_groups(model, fitted, plan, names, batch_size):
-            if group["off"] and "rome" in row["methods"]:
-                scores = row["methods"]["rome"]  # the gate is off everywhere: exactly ROME
+        base = edits.get(editor.base) if editor.base else None
+        edits[name] = editor.adapt(base, probes) if base is not None else editor.compute(requests, probes)
+        seconds[name] = time.perf_counter() - start
+    return edits, seconds
+
+
+def evaluate_fact(model, fact: Fact, queries: FactProbes, editors: Mapping[str, Editor], context: EditContext,
+                  taus: Sequence[float] = (), twin_cosine: float = 0.95,
+                  edits: Mapping[str, ModelEdit] | None = None) -> dict:
+    """Edit one fact with every method of ``editors`` (name → :class:`~keyscope.editing.Editor`) and score it:
+    ``{"case_id", "seconds": {method: s}, "methods": {name: {metric: (hits, total, prob_hits)}}}``. ``edits``
+    holds edits computed beforehand (a batch editor's edit of several facts, this one among them). With
+    ``taus``, a gated method ``m`` also gets ``m@τ`` entries, one per threshold."""
+    batch_size = context.batch_size
+    computed, seconds = compute_edits(editors, [fact_request(fact)], [queries], edits)
+    row = {"case_id": fact.case_id, "seconds": seconds, "methods": {}}
+    anchors = _anchor_keys(model, fact, {n: e for n, e in computed.items() if n not in (edits or {})}, context)
+    twins = near_twins(model, queries, context.layer, context.cov, context.rep_config, anchors, batch_size,
+                       context.prefixes)
+    plan = plan_queries(model.tokenizer, queries, twins, twin_cosine)
+    unedited = score_targets(model, [plan.sequences[r] for r in plan.locality], batch_size=batch_size).argmax
+    for name, editor in editors.items():
+        edit = computed[name]
+        if not edit.gated:
+            with edit.applied(model):
+                row["methods"][name] = score_plan(model, plan, unedited, batch_size)
+            continue
+        names = {name: context.rep_config.tau, **{f"{name}@{tau:g}": tau for tau in taus}}
+        for group in _gate_groups(model, edit, plan, names, batch_size):
+            if group["off"] and editor.base in row["methods"]:
+                scores = row["methods"][editor.base]  # the gate is off everywhere: exactly the base edit
             else:
-                with rep.applied(model, edit, fitted, group["tau"]):
+                with edit.applied(model, group["tau"]):
                     scores = score_plan(model, plan, unedited, batch_size)
-            for name in group["names"]:
-                row["methods"][name] = scores
+            for member in group["names"]:
+                row["methods"][member] = scores
     return row
 
 
-def _gate_groups(model, fitted: rep.REP, plan: QueryPlan, names: dict[str, float], batch_size: int) -> list[dict]:
+def evaluate_batch(model, items: Sequence[tuple[Fact, FactProbes]], editors: Mapping[str, Editor],
+                   context: EditContext, taus: Sequence[float] = (), twin_cosine: float = 0.95
+                   ) -> tuple[list[dict], list[dict]]:
+    """:func:`evaluate_fact` for each of ``items`` (fact, probes), the batch editors' edits computed once for all of
+    them (MEMIT writes the facts of a batch jointly); ``(rows, skipped)``. A batch edit that cannot be computed
+    skips the whole batch; a fact that cannot be scored skips that fact, each with its reason."""
+    batched = {name: e for name, e in editors.items() if e.batched}
+    shared: dict[str, ModelEdit] = {}
+    if batched:
+        try:
+            shared, _ = compute_edits(batched, [fact_request(f) for f, _ in items], [q for _, q in items])
+        except KeyscopeError as exc:
+            return [], [{"case_id": f.case_id, "reason": str(exc)} for f, _ in items]
+    rows, skipped = [], []
+    for fact, queries in items:
+        try:
+            rows.append(evaluate_fact(model, fact, queries, editors, context, taus, twin_cosine, shared))
+        except KeyscopeError as exc:
+            skipped.append({"case_id": fact.case_id, "reason": str(exc)})
+    return rows, skipped
+
+
+def _gate_groups(model, edit: ModelEdit, plan: QueryPlan, names: dict[str, float], batch_size: int) -> list[dict]:
     """Group the thresholds of ``names`` (method name → τ) by the set of positions whose gate is on in the
     sequences of ``plan``: thresholds with the same set give the same forward passes, so each group is
-    scored once (Figure 7 without a pass per τ); ``off`` marks a group whose set is empty (exactly ROME).
-    With dropout at inference (the paper's setting) every τ is its own group."""
-    if fitted.config.dropout_at_inference:
+    scored once (Figure 7 without a pass per τ); ``off`` marks a group whose set is empty (exactly the base edit).
+    When the gate's on-set does not decide the adapted keys (dropout at inference, the paper's setting) every τ
+    is its own group."""
+    if not edit.gate_decides:
         return [{"tau": tau, "names": [name], "off": False} for name, tau in names.items()]
     from keyscope.keys import layer_keys, length_batches, pad_batch
 
@@ -264,12 +225,12 @@ def _gate_groups(model, fitted: rep.REP, plan: QueryPlan, names: dict[str, float
     gates = []
     for rows in length_batches([len(r) for r in runs], batch_size):
         input_ids, mask = pad_batch([runs[i] for i in rows], pad_id, device=model.cfg.device)
-        keys = layer_keys(model, input_ids, mask, fitted.layer_)  # (batch, pos, d_mlp)
-        gates.append(fitted.gate(keys)[mask.bool()].cpu())  # (real positions,)
+        keys = layer_keys(model, input_ids, mask, edit.layers[-1])  # (batch, pos, d_mlp)
+        gates.append(edit.gate(keys)[mask.bool()].cpu())  # (real positions,)
     gate = torch.cat(gates)
     groups: dict[bytes, dict] = {}
     for name, tau in names.items():
-        on = fitted.adaptor_.gate_on(gate, tau).numpy()
+        on = edit.gate_on(gate, tau).numpy()
         group = groups.setdefault(on.tobytes(), {"tau": tau, "names": [], "off": not on.any()})
         group["names"].append(name)
     return list(groups.values())
@@ -296,7 +257,9 @@ def bootstrap_interval(hits: np.ndarray, totals: np.ndarray, n_resamples: int = 
 def summarize(rows: Sequence[dict], n_resamples: int = 1000, seed: int = 0) -> dict:
     """Per method: each metric's micro-average, its 95% interval (``ci``), the ``P(new) > P(true)`` rate
     (``prob``) and the number of prompts (``counts``)."""
-    methods = sorted({m for r in rows for m in r["methods"]}, key=lambda m: (m not in METHODS, m))
+    order = list(EDITORS)
+    methods = sorted({m for r in rows for m in r["methods"]},
+                     key=lambda m: (m not in EDITORS, order.index(m) if m in EDITORS else 0, m))
     out = {}
     for method in methods:
         scored = [r["methods"][method] for r in rows if method in r["methods"]]
@@ -347,55 +310,76 @@ class EvalResult:
 
 
 def run_facts(model, facts: Sequence[Fact], config: EvalConfig, context_docs: Iterable[str],
-              score: Callable[[Fact, FactProbes], dict], desc: str, progress: bool = True
-              ) -> tuple[list[dict], list[dict], int]:
-    """``score(fact, probes)`` for ``config.n`` known facts drawn with ``config.seed``, each with its probes
-    (:func:`keyscope.perturbations.fact_probes`): ``(rows, skipped, n_known)``. A fact whose probes or scoring
-    raise a :class:`~keyscope.errors.KeyscopeError` (e.g. a target without a token of its own after the prompt)
-    is skipped with its reason; none scored at all is an error."""
+              score: Callable[[Sequence[tuple[Fact, FactProbes]]], tuple[list[dict], list[dict]]], desc: str,
+              progress: bool = True, chunk: int = 1) -> tuple[list[dict], list[dict], int]:
+    """``score(items)`` for ``config.n`` known facts drawn with ``config.seed``, in chunks of ``chunk`` facts
+    with their probes (:func:`keyscope.perturbations.fact_probes`); ``score`` returns ``(rows, skipped)``.
+    Returns ``(rows, skipped, n_known)``. A fact whose probes raise a :class:`~keyscope.errors.KeyscopeError`
+    (e.g. a target without a token of its own after the prompt) is skipped with its reason; none scored at all
+    is an error."""
     from tqdm.auto import tqdm
 
     chosen, n_known = sample_known_facts(model, facts, config.n, config.seed, batch_size=config.batch_size)
     forms = subject_forms(facts)
-    rows, skipped = [], []
-    for fact in tqdm(chosen, desc=desc, disable=not progress):
-        try:
-            queries = fact_probes(model.tokenizer, fact, context_docs, config.probes, exclude=forms, other_facts=facts)
-            rows.append(score(fact, queries))
-        except KeyscopeError as exc:
-            skipped.append({"case_id": fact.case_id, "reason": str(exc)})
+    rows, skipped, pending = [], [], []
+
+    def flush() -> None:
+        scored, failed = score(pending)
+        rows.extend(scored)
+        skipped.extend(failed)
+        bar.update(len(pending))
+        pending.clear()
+
+    with tqdm(total=len(chosen), desc=desc, disable=not progress) as bar:
+        for fact in chosen:
+            try:
+                pending.append((fact, fact_probes(model.tokenizer, fact, context_docs, config.probes, exclude=forms,
+                                                  other_facts=facts)))
+            except KeyscopeError as exc:
+                skipped.append({"case_id": fact.case_id, "reason": str(exc)})
+                bar.update(1)
+            if len(pending) == chunk:
+                flush()
+        if pending:
+            flush()
     if not rows:
         raise KeyscopeError(f"no fact could be evaluated ({len(skipped)} skipped; first: {skipped[0]['reason']})")
+    rows.sort(key=lambda r: [f.case_id for f in chosen].index(r["case_id"]))
+    skipped.sort(key=lambda r: [f.case_id for f in chosen].index(r["case_id"]))
     return rows, skipped, n_known
 
 
 def evaluate(model, facts: Sequence[Fact], layer: int, cov, context_docs: Iterable[str], corpus=None,
              methods: Sequence[str] = METHODS, config: EvalConfig | None = None,
              rome_config: rome.ROMEConfig | None = None, rep_config: rep.REPConfig | None = None,
-             taus: Sequence[float] = (), progress: bool = True) -> EvalResult:
-    """Evaluate ``methods`` on ``config.n`` known facts drawn with ``config.seed`` (module docstring).
+             taus: Sequence[float] = (), progress: bool = True,
+             load_covariance: Callable[[int], object] | None = None) -> EvalResult:
+    """Evaluate ``methods`` (names in :data:`keyscope.editing.EDITORS`) on ``config.n`` known facts drawn with
+    ``config.seed`` (module docstring); batch editors get ``config.edit_batch`` facts per edit.
 
     ``context_docs`` supplies the long contexts (an iterator: each fact gets fresh text); ``corpus`` (a
-    :mod:`keyscope.corpus` source) supplies REP's corpus negatives.
+    :mod:`keyscope.corpus` source) supplies REP's corpus negatives; ``load_covariance(L)`` the key covariance of
+    another layer, for editors that edit several.
     """
 
     from keyscope.models import model_name
 
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise KeyscopeError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    methods = check_methods(methods)
     config = config or EvalConfig()
-    rome_config = rome_config or rome.ROMEConfig.for_model(model)
     rep_config = rep_config or rep.REPConfig()
     start = time.perf_counter()
-    shared = prepare(model, facts, layer, corpus, rome_config, rep_config if "rome+rep" in methods else None,
-                     config.n_corpus_negatives, config.seed, config.batch_size)
+    context = prepare_context(model, layer, cov, methods, facts, corpus, rome_config, rep_config,
+                              config.n_corpus_negatives, config.seed, config.batch_size, load_covariance)
+    editors = {name: make_editor(name, model, context) for name in methods}
+    gated = [m for m in methods if EDITORS[m].gated]
+    if taus and not gated:
+        raise KeyscopeError(f"a τ sweep needs a gated method ({', '.join(m for m in EDITORS if EDITORS[m].gated)})")
 
-    def score(fact: Fact, queries: FactProbes) -> dict:
-        return evaluate_fact(model, fact, queries, layer, cov, methods, rome_config, rep_config, shared, taus,
-                             config.batch_size, config.twin_cosine)
+    def score(items):
+        return evaluate_batch(model, items, editors, context, taus, config.twin_cosine)
 
-    rows, skipped, n_known = run_facts(model, facts, config, context_docs, score, "evaluating edits", progress)
+    rows, skipped, n_known = run_facts(model, facts, config, context_docs, score, "evaluating edits", progress,
+                                       chunk=config.edit_batch if any(e.batched for e in editors.values()) else 1)
     summary = summarize(rows, config.bootstrap, config.seed)
     return EvalResult(model_name(model), layer, rows, summary, config, rep_config, n_known, tuple(taus),
                       time.perf_counter() - start, skipped)

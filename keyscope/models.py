@@ -31,6 +31,8 @@ import operator
 import os
 import warnings
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,6 +90,21 @@ def key_hook(layer: int) -> str:
 def value_hook(layer: int) -> str:
     """TransformerLens hook whose activation is the layer-``layer`` value: the MLP output."""
     return f"blocks.{layer}.mlp.hook_out"
+
+
+def attention_pattern_hook(layer: int) -> str:
+    """Hook of block ``layer``'s attention pattern ``(batch, head, query, key)``."""
+    return f"blocks.{layer}.attn.hook_pattern"
+
+
+def attention_norm_scale_hook(layer: int) -> str:
+    """Hook of the scale of the norm in front of block ``layer``'s attention ``(batch, pos, 1)``."""
+    return f"blocks.{layer}.ln1.hook_scale"
+
+
+def final_norm_scale_hook() -> str:
+    """Hook of the scale of the final norm in front of the unembedding ``(batch, pos, 1)``."""
+    return "ln_final.hook_scale"
 
 
 def embed_hook() -> str:
@@ -207,22 +224,39 @@ def _probe_hub(requested: str) -> None:
         )
 
 
-def _boot(target: str, device: str, dtype: torch.dtype):
-    """``TransformerBridge.boot_transformers`` with HF's stderr noise turned down."""
-    from transformer_lens.model_bridge import TransformerBridge
+#: The libraries whose log messages and progress bars :func:`load_model` quietens while it loads.
+NOISY_LOGGERS = ("transformers", "huggingface_hub", "transformer_lens")
+
+
+@contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """Inside the block, the loggers of :data:`NOISY_LOGGERS` show errors only, HF's "Loading weights" bars are
+    off and warnings are ignored; every level and setting is restored on exit."""
     from transformers.utils import logging as hf_logging
 
-    for noisy in ("transformers", "huggingface_hub", "transformer_lens"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    loggers = [logging.getLogger(name) for name in NOISY_LOGGERS]
+    levels = [logger.level for logger in loggers]
     bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # "Loading weights" bars on stderr
     try:
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        hf_logging.disable_progress_bar()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return TransformerBridge.boot_transformers(target, device=device, dtype=dtype)
+            yield
     finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
         if bars:
             hf_logging.enable_progress_bar()
+
+
+def _boot(target: str, device: str, dtype: torch.dtype):
+    """``TransformerBridge.boot_transformers`` with HF's stderr noise turned down for the load alone."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    with _quiet_loading():
+        return TransformerBridge.boot_transformers(target, device=device, dtype=dtype)
 
 
 def _load_error(label: str, source: Path | None, exc: Exception) -> ModelNotAvailable:
@@ -303,16 +337,41 @@ def load_model(name_or_path: str = FACTWORLD, device: str | None = None, dtype: 
         raise _load_error(name_or_path, source, exc) from exc
     _check_dense_mlp(model, name_or_path)
     model.eval()
-    model.keyscope_name = name_or_path  # type: ignore[attr-defined]
-    model.keyscope_dir = source  # type: ignore[attr-defined]
-    model.keyscope_repo_id = repo_id  # type: ignore[attr-defined]
-    model.keyscope_card = model_card(model)  # type: ignore[attr-defined]  # read once, checked at load
+    register_source(model, ModelSource(name_or_path, source, repo_id))  # the directory first: the card is read from it
+    register_source(model, ModelSource(name_or_path, source, repo_id, model_card(model)))  # once, checked at load
     return model
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where :func:`load_model` read a model from: the ``name`` it was asked for (``factworld``, a hub name or a
+    path), the local ``directory`` of its weights (a cached hub snapshot too), its hub ``repo_id`` and its
+    ``keyscope.json`` ``card`` as read at load (``None``: not read)."""
+
+    name: str
+    directory: Path | None = None
+    repo_id: str | None = None
+    card: dict | None = None
+
+
+#: model → :class:`ModelSource`, kept beside the model (weakly) rather than on it.
+_SOURCES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def register_source(model, source: ModelSource) -> None:
+    """Record where ``model`` came from (:func:`load_model` does; for models built otherwise, e.g. in memory)."""
+    _SOURCES[model] = source
+
+
+def model_source(model) -> ModelSource | None:
+    """Where ``model`` was loaded from, or ``None`` for a model :func:`load_model` did not load."""
+    return _SOURCES.get(model)
 
 
 def model_name(model) -> str:
     """The name the model was loaded under (``factworld``, a hub name or a path)."""
-    return getattr(model, "keyscope_name", None) or getattr(model.cfg, "model_name", "model")
+    source = model_source(model)
+    return source.name if source is not None else getattr(model.cfg, "model_name", "model")
 
 
 def n_layers(model) -> int:
@@ -349,9 +408,9 @@ def check_layer(model, layer: int) -> int:
 
 def model_dir(model) -> Path | None:
     """The local directory the model's weights were read from (a cached hub snapshot too), or ``None``."""
-    source = getattr(model, "keyscope_dir", None)
-    if source is not None:
-        return Path(source)
+    source = model_source(model)
+    if source is not None and source.directory is not None:
+        return Path(source.directory)
     name = getattr(model.original_model.config, "_name_or_path", "") or ""
     return Path(name) if name and Path(name).is_dir() else None
 
@@ -368,7 +427,7 @@ def hf_prepends_bos(model) -> bool:
     if model not in _HF_BOS:
         from transformers import AutoTokenizer
 
-        source = model_dir(model) or getattr(model, "keyscope_repo_id", None)
+        source = model_dir(model) or _repo_id(model)
         if source is None:
             raise ModelNotAvailable(f"{model_name(model)} was not loaded from a Hugging Face directory or hub name, "
                                     "so its reference tokenisation is unknown")
@@ -385,12 +444,17 @@ def hf_prepends_bos(model) -> bool:
 _HF_BOS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> bool
 
 
+def _repo_id(model) -> str | None:
+    source = model_source(model)
+    return source.repo_id if source is not None else None
+
+
 def model_card(model) -> dict:
     """The ``keyscope.json`` card of a keyscope-built model directory, or ``{}`` (as read by
     :func:`load_model`, else read now)."""
-    loaded = getattr(model, "keyscope_card", None)
-    if loaded is not None:
-        return dict(loaded)
+    source = model_source(model)
+    if source is not None and source.card is not None:
+        return dict(source.card)
     directory = model_dir(model)
     card = directory / MODEL_CARD if directory is not None else None
     if card is None or not card.is_file():
@@ -423,7 +487,7 @@ def default_layer(model) -> int:
     card = model_card(model)
     if "default_layer" in card:
         return check_layer(model, card["default_layer"])
-    for name in (model_name(model), getattr(model, "keyscope_repo_id", None)):  # e.g. gpt-j → EleutherAI/gpt-j-6B
+    for name in (model_name(model), _repo_id(model)):  # e.g. gpt-j → EleutherAI/gpt-j-6B
         published = _published_layer(name) if name else None
         if published is not None:
             return check_layer(model, published)

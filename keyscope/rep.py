@@ -204,6 +204,17 @@ class REPConfig:
         return {"keyscope": cls, "paper": cls.paper, "released": cls.released}[setting](**overrides)
 
 
+def _linear(n_in: int, n_out: int, bias: bool, generator: torch.Generator) -> torch.nn.Linear:
+    """``nn.Linear(n_in, n_out)`` with PyTorch's own initialisation (``reset_parameters``: Kaiming-uniform weight,
+    ``a = √5``, bias uniform in ``±1/√n_in``) drawn from ``generator`` instead of the global generator."""
+    layer = torch.nn.Linear(n_in, n_out, bias=bias, device="meta").to_empty(device="cpu")
+    torch.nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=generator)
+    if layer.bias is not None:
+        bound = 1 / math.sqrt(n_in) if n_in > 0 else 0.0
+        torch.nn.init.uniform_(layer.bias, -bound, bound, generator=generator)
+    return layer
+
+
 class KeyAdaptor(torch.nn.Module):
     """``k̂ = k + g(k) · P(k)`` on keys ``(..., d_mlp)`` (module docstring). ``forward(keys, tau)`` uses
     the binary gate ``1[g ≥ tau]`` (``1[g > tau]`` with ``gate_strict``); ``tau=None`` the soft gate ``g``
@@ -222,15 +233,12 @@ class KeyAdaptor(torch.nn.Module):
     def __init__(self, d_mlp: int, rank: int = 32, gate_hidden_fraction: float = 0.1, dropout: float = 0.1,
                  seed: int = 0, bias: bool = True):
         super().__init__()
-        generator_state = torch.random.get_rng_state()
-        torch.manual_seed(seed)
-        try:
-            hidden = max(1, math.floor(gate_hidden_fraction * d_mlp))
-            self.gate = torch.nn.Sequential(torch.nn.Linear(d_mlp, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, 1))
-            self.down = torch.nn.Linear(d_mlp, rank, bias=bias)
-            self.up = torch.nn.Linear(rank, d_mlp, bias=bias)
-        finally:
-            torch.random.set_rng_state(generator_state)
+        generator = torch.Generator().manual_seed(seed)
+        hidden = max(1, math.floor(gate_hidden_fraction * d_mlp))
+        self.gate = torch.nn.Sequential(_linear(d_mlp, hidden, True, generator), torch.nn.GELU(),
+                                        _linear(hidden, 1, True, generator))
+        self.down = _linear(d_mlp, rank, bias, generator)
+        self.up = _linear(rank, d_mlp, bias, generator)
         torch.nn.init.zeros_(self.up.weight)
         if self.up.bias is not None:
             torch.nn.init.zeros_(self.up.bias)
@@ -542,6 +550,7 @@ class REPEdit(ModelEdit):
         self.adaptors = tuple(adaptors)
         self.requests = base.requests
         self.layers = base.layers
+        self.gate_decides = not any(a.config.dropout_at_inference for a in self.adaptors)
 
     @contextmanager
     def applied(self, model, tau: float | None = None) -> Iterator:
@@ -574,6 +583,7 @@ class ROMEREPEditor(Editor):
 
     name = "rome+rep"
     base = "rome"
+    gated = True
     uses_probes = True
     uses_gate_negatives = True
 

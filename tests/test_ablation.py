@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from keyscope import ablation, rep, rome
 from keyscope import evaluate as ev
 from keyscope.covariance import KeyCovariance
 from keyscope.datasets import Fact
+from keyscope.editing import make_editor, prepare_context
 from keyscope.errors import KeyscopeError
 from keyscope.models import load_model
 from keyscope.perturbations import PerturbationConfig, fact_probes
@@ -31,17 +34,20 @@ def test_the_keyscope_variant_scores_exactly_as_table1(setup):
     model, cov, queries = setup
     rome_configs = {ref: rome.ROMEConfig.for_model(model, reference=ref, v_num_grad_steps=3) for ref in (False, True)}
     rep_config = rep.REPConfig(steps=30)
-    shared = ev.prepare(model, [FACT, OTHER], LAYER, list(hf_tiny.TRAINING_TEXT * 5), rome_configs[False], rep_config,
-                        n_corpus_negatives=16)
+    context = prepare_context(model, LAYER, cov, ev.METHODS, [FACT, OTHER], list(hf_tiny.TRAINING_TEXT * 5),
+                              rome_configs[False], rep_config, n_corpus_negatives=16)
+    contexts = {ref: replace(context, rome_config=rome_configs[ref]) for ref in (False, True)}
     variants = (ablation.Variant("keyscope", "x", rep_config),
                 ablation.Variant("released", "y", rep.REPConfig.released(), rome_reference=True),
                 ablation.Variant("no_negatives", "z", rep.REPConfig(steps=30, gate_negatives=False)))
-    row = ablation.ablate_fact(model, FACT, queries, LAYER, cov, variants, rome_configs, shared)
+    row = ablation.ablate_fact(model, FACT, queries, variants, contexts)
     assert set(row["methods"]) == {"rome", "rome (reference)", "keyscope", "released", "no_negatives"}
-    table1 = ev.evaluate_fact(model, FACT, queries, LAYER, cov, ev.METHODS, rome_configs[False], rep_config, shared)
+    editors = {m: make_editor(m, model, context) for m in ev.METHODS}
+    table1 = ev.evaluate_fact(model, FACT, queries, editors, context)
     assert row["methods"]["keyscope"] == table1["methods"]["rome+rep"]
     assert row["methods"]["rome"] == table1["methods"]["rome"]
-    reference = ev.evaluate_fact(model, FACT, queries, LAYER, cov, ("rome",), rome_configs[True], rep_config, shared)
+    reference = ev.evaluate_fact(model, FACT, queries, {"rome": make_editor("rome", model, contexts[True])},
+                                 contexts[True])
     assert row["methods"]["rome (reference)"] == reference["methods"]["rome"]
 
 

@@ -5,7 +5,9 @@ import pytest
 
 from keyscope import evaluate as ev
 from keyscope.datasets import Fact
+from keyscope.editing import make_editor, prepare_context
 from keyscope.keys import collect_keys
+from keyscope.metrics import METRICS, plan_queries, score_plan
 from keyscope.models import load_model
 from tests import hf_tiny
 
@@ -24,7 +26,7 @@ def test_bootstrap_interval_brackets_the_micro_average_and_narrows_with_more_fac
 
 def test_summarize_micro_averages_over_prompts_not_facts():
     def scores(success, rephrase):
-        return {m: (0, 0, 0) for m in ev.METRICS} | {"success": (success, 1, success), "rephrase_id": rephrase}
+        return {m: (0, 0, 0) for m in METRICS} | {"success": (success, 1, success), "rephrase_id": rephrase}
 
     rows = [{"case_id": 0, "methods": {"rome": scores(1, (1, 1, 1))}},
             {"case_id": 1, "methods": {"rome": scores(0, (0, 9, 3))}}]
@@ -52,7 +54,7 @@ def test_near_twin_ood_probes_count_in_ood_but_not_in_ood_new(tiny_checkpoints):
     twins = ev.near_twins(model, queries, layer, cov, rep.REPConfig())
     assert twins[("rephrase", 0)] == pytest.approx(1.0, abs=1e-6)
     assert twins[("rephrase", 1)] < 0.95
-    plan = ev.plan_queries(model.tokenizer, queries, twins, 0.95)
+    plan = plan_queries(model.tokenizer, queries, twins, 0.95)
     assert len(plan.groups["rephrase_ood"]) == 2 and len(plan.groups["rephrase_ood_new"]) == 1
     assert len(plan.groups["rephrase_id"]) == 1 and "shuffle_id" not in plan.groups
     # REP also keeps the edit's prefixed keys: a probe equal to one of them is a near-twin too
@@ -79,17 +81,18 @@ def test_tau_groups_score_exactly_like_one_pass_per_tau(tiny_checkpoints):
                           other_facts=[fact, other])
     rome_config = rome.ROMEConfig.for_model(model, v_num_grad_steps=3)
     rep_config = rep.REPConfig(steps=40)
-    shared = ev.prepare(model, [fact, other], layer, list(hf_tiny.TRAINING_TEXT * 5), rome_config, rep_config,
-                        n_corpus_negatives=16)
+    context = prepare_context(model, layer, cov, ev.METHODS, [fact, other], list(hf_tiny.TRAINING_TEXT * 5),
+                              rome_config, rep_config, n_corpus_negatives=16)
     taus = (0.05, 0.5, 0.95)
-    row = ev.evaluate_fact(model, fact, queries, layer, cov, ev.METHODS, rome_config, rep_config, shared, taus)
+    editors = {m: make_editor(m, model, context) for m in ev.METHODS}
+    row = ev.evaluate_fact(model, fact, queries, editors, context, taus)
     assert set(row["methods"]) == {"rome", "rome+rep", *(f"rome+rep@{t:g}" for t in taus)}
     edit = rome.compute_edit(model, rome.EditRequest(fact.prompt, fact.subject, fact.target_new, fact.target_true),
-                             layer, cov, rome_config, prefixes=shared.prefixes)
-    fitted = ev.fit_rep(model, edit, queries, rep_config, shared)
-    twins = ev.near_twins(model, queries, layer, cov, rep_config, edit.prefix_keys, prefixes=shared.prefixes)
-    plan = ev.plan_queries(model.tokenizer, queries, twins, 0.95)
+                             layer, cov, rome_config, prefixes=context.prefixes)
+    fitted = editors["rome+rep"].fit(edit, queries)
+    twins = ev.near_twins(model, queries, layer, cov, rep_config, edit.prefix_keys, prefixes=context.prefixes)
+    plan = plan_queries(model.tokenizer, queries, twins, 0.95)
     unedited = ev.score_targets(model, [plan.sequences[r] for r in plan.locality]).argmax
     for tau in taus:
         with rep.applied(model, edit, fitted, tau):
-            assert ev.score_plan(model, plan, unedited, 32) == row["methods"][f"rome+rep@{tau:g}"], tau
+            assert score_plan(model, plan, unedited, 32) == row["methods"][f"rome+rep@{tau:g}"], tau

@@ -17,6 +17,7 @@ import shutil
 import socket
 import threading
 import time
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -220,7 +221,7 @@ def test_default_layer_from_model_card_overrides(tmp_path, tiny_checkpoints):
     with pytest.raises(ModelNotAvailable) as exc_info:  # a corrupt card is caught at load
         models.load_model(str(directory), device="cpu")
     assert_one_line(exc_info, "keyscope.json")
-    del model.keyscope_card  # a model keyscope did not load reads its card when asked
+    models.register_source(model, replace(models.model_source(model), card=None))  # a card not read at load is read when asked
     with pytest.raises(ModelNotAvailable):
         models.model_card(model)
 
@@ -257,7 +258,7 @@ def test_default_layer_of_a_published_hub_name_cached_under_its_redirect(hub, mo
     put_in_cache(hub, "openai-community/gpt2-medium", checkpoint)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     model = models.load_model("gpt2-medium", device="cpu")
-    assert model.keyscope_repo_id == "openai-community/gpt2-medium"
+    assert models.model_source(model).repo_id == "openai-community/gpt2-medium"
     assert models.default_layer(model) == 8
 
 
@@ -267,7 +268,7 @@ def test_transformer_lens_alias_finds_the_official_name(hub, monkeypatch, tmp_pa
     put_in_cache(hub, "EleutherAI/gpt-j-6B", checkpoint)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     model = models.load_model("gpt-j", device="cpu")
-    assert (models.model_name(model), model.keyscope_repo_id) == ("gpt-j", "EleutherAI/gpt-j-6B")
+    assert (models.model_name(model), models.model_source(model).repo_id) == ("gpt-j", "EleutherAI/gpt-j-6B")
     assert models.default_layer(model) == 5
 
 
@@ -280,7 +281,7 @@ def test_cached_hub_name_loads_without_network(hub, monkeypatch, tiny_checkpoint
     model = models.load_model("tiny-org/tiny-llama", device="cpu")
     assert models.model_name(model) == "tiny-org/tiny-llama"
     assert models.model_dir(model) == snapshot
-    assert model.keyscope_repo_id == "tiny-org/tiny-llama"
+    assert models.model_source(model).repo_id == "tiny-org/tiny-llama"
     assert models.family(model) == "llama"
 
 

@@ -63,9 +63,24 @@ def _logits(model, text="The actress Danielle Darrieux was born in Paris") -> to
 # ------------------------------------------------------------------------------------------- config
 
 
+class _Stub:
+    """A stand-in for a loaded model: its HF config's model_type and, recorded beside it, where it came from."""
+
+    def __init__(self, model_type: str):
+        self.original_model = SimpleNamespace(config=SimpleNamespace(model_type=model_type))
+
+
+def _stub_model(name: str, model_type: str, directory=None):
+    from keyscope.models import ModelSource, register_source
+
+    model = _Stub(model_type)
+    register_source(model, ModelSource(name, directory))
+    return model
+
+
 def test_published_defaults_by_family_and_name():
     def stub(name, model_type):
-        return SimpleNamespace(keyscope_name=name, original_model=SimpleNamespace(config=SimpleNamespace(model_type=model_type)))
+        return _stub_model(name, model_type)
 
     gpt2 = rome.ROMEConfig.for_model(stub("gpt2-xl", "gpt2"))
     assert (gpt2.v_num_grad_steps, gpt2.v_lr, gpt2.v_weight_decay, gpt2.clamp_norm_factor, gpt2.kl_factor) == (
@@ -83,8 +98,7 @@ def test_published_defaults_by_family_and_name():
 
 def test_model_card_settings_override_the_published_ones(tmp_path):
     (tmp_path / "keyscope.json").write_text(json.dumps({"rome_config": {"v_num_grad_steps": 60, "clamp_norm_factor": 6}}))
-    model = SimpleNamespace(keyscope_name="my-llama", keyscope_dir=str(tmp_path),
-                            original_model=SimpleNamespace(config=SimpleNamespace(model_type="llama")))
+    model = _stub_model("my-llama", "llama", tmp_path)
     config = rome.ROMEConfig.for_model(model)
     assert (config.v_num_grad_steps, config.clamp_norm_factor, config.v_weight_decay) == (60, 6, 1e-3)
     assert rome.ROMEConfig.for_model(model, v_num_grad_steps=3).v_num_grad_steps == 3

@@ -41,6 +41,11 @@ def covariance(model, layer: int, args, n_tokens: int, progress: bool = True):
     return cov, source
 
 
+def covariance_loader(model, args):
+    """``L ↦ C`` of layer ``L`` over ``--corpus`` with ``--tokens`` (cached), for editors that edit several layers."""
+    return lambda layer: covariance(model, layer, args, args.tokens, progress=not args.no_progress)[0]
+
+
 def add_model_arguments(parser) -> None:
     """``--model``, ``--layer`` and ``--data``, as every editing command takes them."""
     parser.add_argument("--model", default="factworld", help="factworld, a hub name or a local HF directory")

@@ -35,24 +35,28 @@ def cmd_evaluate(args) -> int:
 
     from keyscope import corpus as corpora
     from keyscope import evaluate as ev
-    from keyscope.cli.common import check_rome_setting, edit_inputs, rome_config
+    from keyscope.cli.common import check_rome_setting, covariance_loader, edit_inputs, rome_config
+    from keyscope.editing import EDITORS
     from keyscope.experiments import table1
     from keyscope.rep import SETTINGS, REPConfig
 
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    unknown = [m for m in methods if m not in ev.METHODS]
+    unknown = [m for m in methods if m not in EDITORS]
     if not methods or unknown:
-        raise KeyscopeError(f"--methods takes a comma-separated subset of {','.join(ev.METHODS)}, not {args.methods!r}")
+        raise KeyscopeError(f"--methods takes a comma-separated subset of {','.join(EDITORS)}, not {args.methods!r}")
     if args.n < 1:
         raise KeyscopeError("--n must be at least 1")
+    if args.batch_size < 1:
+        raise KeyscopeError("--batch-size must be at least 1")
     if not 0.0 < args.tau < 1.0:
         raise KeyscopeError(f"--tau must lie in (0, 1), not {args.tau}")
     check_rome_setting(args)
     if args.rep_setting not in SETTINGS:
         raise KeyscopeError(f"--rep-setting must be one of {', '.join(SETTINGS)}, not {args.rep_setting!r}")
     taus = parse_taus(args.tau_sweep)
-    if taus and "rome+rep" not in methods:
-        raise KeyscopeError("--tau-sweep needs the rome+rep method")
+    if taus and not any(EDITORS[m].gated for m in methods):
+        raise KeyscopeError("--tau-sweep needs a gated method ("
+                            + ", ".join(m for m in EDITORS if EDITORS[m].gated) + ")")
     if args.ablate and (taus or args.rep_setting != "keyscope" or args.rome_setting != "keyscope"
                         or set(methods) != set(ev.METHODS)):
         raise KeyscopeError("--ablate runs its own methods and settings; drop --methods, --tau-sweep, --rep-setting "
@@ -63,11 +67,11 @@ def cmd_evaluate(args) -> int:
     if args.ablate:
         return _ablate(args, facts, model, layer, cov, source, progress)
     rep_config = REPConfig.named(args.rep_setting, tau=args.tau)
-    config = ev.EvalConfig(n=args.n, seed=args.seed)
+    config = ev.EvalConfig(n=args.n, seed=args.seed, edit_batch=args.batch_size)
     context = args.context or source
     result = ev.evaluate(model, facts, layer, cov, corpora.documents(context), corpus=source, methods=methods,
                          config=config, rome_config=rome_config(model, args), rep_config=replace(rep_config, seed=args.seed),
-                         taus=taus, progress=progress)
+                         taus=taus, progress=progress, load_covariance=covariance_loader(model, args))
     print(table1.format_table(result, methods))
     for skip in result.skipped:
         print(f"skipped case {skip['case_id']}: {skip['reason']}")
@@ -99,7 +103,12 @@ def register(sub) -> None:
     p = sub.add_parser("evaluate", help="Table 1: ROME vs ROME+REP robustness; --tau-sweep: Figure 7")
     add_model_arguments(p)
     p.add_argument("--n", type=int, default=100, help="number of edited facts (default 100)")
-    p.add_argument("--methods", default="rome,rome+rep", help="comma-separated: rome, rome+rep (default both)")
+    from keyscope.editing import EDITORS
+
+    p.add_argument("--methods", default="rome,rome+rep",
+                   help=f"comma-separated editing methods, of: {', '.join(EDITORS)} (default rome,rome+rep)")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="facts per edit of a batch editor (MEMIT); the others edit one fact at a time (default 1)")
     p.add_argument("--tau", type=float, default=0.9, help="REP's gate threshold (default 0.9)")
     p.add_argument("--tau-sweep", metavar="T1,T2,…", help="also evaluate REP at these thresholds (Figure 7)")
     p.add_argument("--rep-setting", default="keyscope", metavar="{keyscope,paper,released}",

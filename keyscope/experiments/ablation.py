@@ -10,9 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from keyscope import ablation
-from keyscope import evaluate as ev
 from keyscope.experiments.table1 import metric_rows, text_rows
 from keyscope.experiments.tables import write_csv
+from keyscope.metrics import METRICS
 
 TABLE_MD = "ablation.md"
 TABLE_CSV = "ablation.csv"
@@ -58,7 +58,7 @@ def write(result: ablation.AblationResult, out_dir: str | Path) -> list[Path]:
     for name, what in _rows(result):
         s = result.summary[name]
         row = {"variant": name, "departure": what}
-        for metric in ev.METRICS:
+        for metric in METRICS:
             ci = s["ci"][metric] or (None, None)
             row.update({metric: s[metric], f"{metric}_lo": ci[0], f"{metric}_hi": ci[1],
                         f"{metric}_prompts": s["counts"][metric]})

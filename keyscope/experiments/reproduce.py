@@ -26,6 +26,7 @@ from keyscope.experiments import table1 as table1_exp
 from keyscope.experiments import trace as trace_exp
 from keyscope.experiments import values as values_exp
 from keyscope.experiments.tables import percent
+from keyscope.metrics import METRICS
 from keyscope.models import default_layer, load_model, model_name
 from keyscope.trace import TraceConfig
 
@@ -114,7 +115,7 @@ def report(config: ReproduceConfig, layer: int, results: dict, seconds: dict) ->
         lines += ["ROME+REP minus ROME, in points (paper: LLaMA-2-7B, Table 1; it reports no word shuffles and no "
                   "near-twin split):", "",
                   "| metric | keyscope | paper |", "|---|---:|---:|"]
-        for metric in ev.METRICS:
+        for metric in METRICS:
             a, b = table.summary["rome+rep"][metric], table.summary["rome"][metric]
             delta = None if a is None or b is None else 100 * (a - b)
             paper = table1_exp.PAPER_DELTAS.get(metric)
@@ -123,7 +124,7 @@ def report(config: ReproduceConfig, layer: int, results: dict, seconds: dict) ->
         lines.append("")
     sweep = table.tau_sweep()
     if sweep:
-        shown = [m for m in ev.METRICS if not m.endswith("_ood_new")]
+        shown = [m for m in METRICS if not m.endswith("_ood_new")]
         lines += ["## Figure 7: the gate threshold τ", "", "![](fig7_tau_sweep.png)", "",
                   "| τ | " + " | ".join(table1_exp.HEADERS[m] for m in shown) + " |",
                   "|---:|" + "---:|" * len(shown)]

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from keyscope import evaluate as ev
 from keyscope.experiments.tables import percent, write_csv
+from keyscope.metrics import DOMAINS, METRICS
+from keyscope.perturbations import KINDS
 from keyscope.plotting import fig7
 
 TABLE_CSV = "table1.csv"
@@ -31,16 +33,16 @@ _KIND_HEADERS = {"rephrase": "Rephrase", "shuffle": "Shuffle", "shuffle_words": 
 _DOMAIN_HEADERS = {"id": "ID", "ood": "OOD", "ood_new": "OOD new"}
 HEADERS = {"success": "Success", "locality": "Locality",
            **{f"{kind}_{domain}": f"{_KIND_HEADERS[kind]} {_DOMAIN_HEADERS[domain]}"
-              for kind in ev.KINDS for domain in ev.DOMAINS}}
+              for kind in KINDS for domain in DOMAINS}}
 
 
 def metric_rows(summary: dict, names) -> list[str]:
     """Markdown rows ``| name | metric [lo, hi] | …`` of every Table 1 column, in percent with the 95% interval."""
-    lines = ["| method | " + " | ".join(HEADERS[m] for m in ev.METRICS) + " |", "|---|" + "---:|" * len(ev.METRICS)]
+    lines = ["| method | " + " | ".join(HEADERS[m] for m in METRICS) + " |", "|---|" + "---:|" * len(METRICS)]
     for name in names:
         s = summary[name]
         cells = [percent(s[m]) + ("" if s["ci"][m] is None else f" [{percent(s['ci'][m][0])}, {percent(s['ci'][m][1])}]")
-                 for m in ev.METRICS]
+                 for m in METRICS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 
@@ -48,10 +50,10 @@ def metric_rows(summary: dict, names) -> list[str]:
 def text_rows(summary: dict, names) -> list[str]:
     """Every Table 1 column for ``names`` as aligned text, in percent."""
     width = max(len(n) for n in names) + 2
-    columns = {m: max(len(HEADERS[m]), 6) + 2 for m in ev.METRICS}
-    lines = ["method".ljust(width) + "".join(HEADERS[m].rjust(columns[m]) for m in ev.METRICS)]
+    columns = {m: max(len(HEADERS[m]), 6) + 2 for m in METRICS}
+    lines = ["method".ljust(width) + "".join(HEADERS[m].rjust(columns[m]) for m in METRICS)]
     for name in names:
-        lines.append(name.ljust(width) + "".join(percent(summary[name][m]).rjust(columns[m]) for m in ev.METRICS))
+        lines.append(name.ljust(width) + "".join(percent(summary[name][m]).rjust(columns[m]) for m in METRICS))
     return lines
 
 
@@ -63,7 +65,7 @@ def markdown(result: ev.EvalResult, methods=ev.METHODS) -> str:
     lines.append("")
     lines.append(f"{len(result.rows)} edits of known facts, {result.model}, layer {result.layer}; micro-averaged "
                  "top-1 rates in percent with 95% cluster-bootstrap intervals; prompts per column: "
-                 + ", ".join(f"{HEADERS[m]} {n_prompts[m]}" for m in ev.METRICS) + ".")
+                 + ", ".join(f"{HEADERS[m]} {n_prompts[m]}" for m in METRICS) + ".")
     return "\n".join(lines) + "\n"
 
 
@@ -83,7 +85,7 @@ def write(result: ev.EvalResult, out_dir: str | Path, methods=ev.METHODS) -> lis
     for method in [m for m in methods if m in result.summary]:
         s = result.summary[method]
         row = {"method": method}
-        for metric in ev.METRICS:
+        for metric in METRICS:
             ci = s["ci"][metric] or (None, None)
             row.update({metric: s[metric], f"{metric}_lo": ci[0], f"{metric}_hi": ci[1],
                         f"{metric}_prompts": s["counts"][metric]})
@@ -97,7 +99,7 @@ def write(result: ev.EvalResult, out_dir: str | Path, methods=ev.METHODS) -> lis
     for r in result.rows:
         for method, scores in r["methods"].items():
             row = {"case_id": r["case_id"], "method": method}
-            for metric in ev.METRICS:
+            for metric in METRICS:
                 row[f"{metric}_hits"], row[f"{metric}_total"] = scores[metric][0], scores[metric][1]
             fact_rows.append(row)
     write_csv(files[2], fact_rows)
@@ -112,7 +114,7 @@ def write_sweep(result: ev.EvalResult, out_dir: str | Path) -> list[Path]:
         return []
     out.mkdir(parents=True, exist_ok=True)
     taus = sorted(sweep)
-    shown = [m for m in ev.METRICS if not m.endswith("_ood_new")]
+    shown = [m for m in METRICS if not m.endswith("_ood_new")]
     figure = fig7.tau_sweep(taus, {m: [sweep[t][m] for t in taus] for m in shown},
                             baseline=result.summary.get("rome"), labels=HEADERS,
                             title=f"{result.model}, layer {result.layer}, {len(result.rows)} edits: ROME+REP "

@@ -8,13 +8,11 @@
   ``W' k* = v*`` exactly, ROME eq. 2), which is ``‖v*‖`` for bias-free MLPs. ROME's v* optimisation pushes
   ``‖v*‖`` far above the norms of ordinary values (up to ``clamp_norm_factor · ‖v‖`` away from them), the
   "loud voices" of Yan et al. ("Keys to Robust Edits", Figure 5);
-* **efficacy** ("success"): the new target's first token is the top-1 prediction after the edit prompt
-  (ROME's efficacy score as a top-1 rate, as in Yan et al.);
-* **locality**: the fraction of the facts' neighbourhood prompts (other subjects, same relation and true
-  target) whose top-1 token after the edit equals the unedited model's top-1 (computed first, for all
-  facts, before any edit), pooled over all neighbourhood prompts;
-* and, reported alongside, the top-1 rate of the new target on the paraphrase prompts ("paraphrase") and
-  on the prompt with each rephrased subject ("rephrase").
+* **Success** and **Locality** exactly as Table 1 defines them (:mod:`keyscope.metrics`: every token of the
+  new target teacher-forced top-1 on the edit prompt; each neighbourhood prompt keeps the unedited model's
+  teacher-forced top-1 tokens), Locality pooled over all neighbourhood prompts;
+* and, reported alongside, the success rate on the paraphrase prompts ("paraphrase") and on the prompt with
+  each rephrased subject ("rephrase").
 
 Facts are drawn (seeded) among those the unedited model **knows** — top-1 on the first token of
 ``target_true`` (:func:`keyscope.datasets.known_facts`), as in ROME and Yan et al. — and that have a
@@ -31,16 +29,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from keyscope import rome
-from keyscope.datasets import predicts_target, sample_known_facts
+from keyscope.datasets import sample_known_facts
+from keyscope.editing import make_editor, prepare_context
 from keyscope.errors import KeyscopeError
+from keyscope.evaluate import fact_request
 from keyscope.experiments.tables import write_csv
 from keyscope.keys import fill
+from keyscope.metrics import LOCALITY, SUCCESS, QueryPlan, score_plan
 from keyscope.models import b_out, model_name
 from keyscope.plotting import fig5
-from keyscope.predictions import next_token_top_k, prompt_context, target_context
+from keyscope.predictions import score_targets
 
 FIGURE = "fig5_value_norms.png"
 TABLE = "fig5_value_norms.csv"
@@ -77,24 +77,23 @@ class ValuesResult:
                 "files": [str(p) for p in self.files]}
 
 
-def _contexts(tokenizer, fact) -> dict[str, list]:
-    """The token contexts one fact is evaluated on: neighbourhood prompts (for their top-1), and the
-    paraphrases and rephrased-subject prompts with the new target's first token."""
-    target = fact.target_new
-    rephrased = [fill(fact.prompt, alias).text for alias in fact.subject_rephrase if alias.strip()]
-    return {
-        "neighbourhood": [prompt_context(tokenizer, p) for p in fact.neighborhood_prompts],
-        "paraphrase": [target_context(tokenizer, p, target) for p in fact.paraphrase_prompts],
-        "rephrase": [target_context(tokenizer, p, target) for p in rephrased],
-    }
+#: What is scored per edit (:mod:`keyscope.metrics`): Success, Locality, and success on the paraphrase prompts
+#: and on the prompt with each rephrased subject.
+SCORED = (SUCCESS, LOCALITY, "paraphrase", "rephrase")
 
 
-def _top1_rate(model, pairs, batch_size: int) -> tuple[int, int]:
-    """``(hits, total)``: how many ``(context, token)`` pairs have ``token`` as the top-1 next token."""
-    if not pairs:
-        return 0, 0
-    top1 = next_token_top_k(model, [c for c, _ in pairs], batch_size=batch_size).top1  # (n,)
-    return int((top1 == torch.as_tensor([t for _, t in pairs])).sum()), len(pairs)
+def _plan(tokenizer, fact) -> QueryPlan:
+    """One fact's queries (:class:`keyscope.metrics.QueryPlan`): the edit prompt, the paraphrase prompts, the
+    prompt with each rephrased subject, and the neighbourhood prompts."""
+    plan = QueryPlan()
+    plan.query(tokenizer, fact, [SUCCESS], fact.filled_prompt)
+    for prompt in fact.paraphrase_prompts:
+        plan.query(tokenizer, fact, ["paraphrase"], prompt)
+    for alias in fact.subject_rephrase:
+        if alias.strip():
+            plan.query(tokenizer, fact, ["rephrase"], fill(fact.prompt, alias).text)
+    plan.neighbourhood(tokenizer, fact)
+    return plan
 
 
 def run(model, facts, layer: int, cov, out_dir: str | Path | None, n: int = 100, seed: int = 0,
@@ -106,42 +105,34 @@ def run(model, facts, layer: int, cov, out_dir: str | Path | None, n: int = 100,
     config = config or rome.ROMEConfig.for_model(model)
     tokenizer = model.tokenizer
     chosen, n_known = sample_known_facts(model, facts, n, seed, batch_size)
-    contexts = [_contexts(tokenizer, fact) for fact in chosen]
-    neighbourhood = [c for fact_contexts in contexts for c in fact_contexts["neighbourhood"]]
-    unedited = (next_token_top_k(model, neighbourhood, batch_size=batch_size).top1  # (n_neighbourhood,)
-                if neighbourhood else torch.zeros(0, dtype=torch.long))
     start = time.perf_counter()
-    prefixes = rome.context_prefixes(model, config)
+    context = prepare_context(model, layer, cov, ("rome",), rome_config=config, batch_size=batch_size)
     seconds_prefixes = time.perf_counter() - start
+    editor = make_editor("rome", model, context)
     bias = b_out(model, layer)
 
-    rows, skipped, offset = [], [], 0
-    for fact, fact_contexts in zip(tqdm(chosen, desc="ROME edits", disable=not progress), contexts):
-        n_neighbours = len(fact_contexts["neighbourhood"])
-        before = unedited[offset : offset + n_neighbours]  # (n_neighbours,)
-        offset += n_neighbours
+    rows, skipped = [], []
+    for fact in tqdm(chosen, desc="ROME edits", disable=not progress):
+        plan = _plan(tokenizer, fact)
+        unedited = score_targets(model, [plan.sequences[r] for r in plan.locality], batch_size=batch_size).argmax
         start = time.perf_counter()
         try:
-            edit = rome.compute_edit(model, rome.EditRequest(fact.prompt, fact.subject, fact.target_new,
-                                                             fact.target_true), layer, cov, config, prefixes=prefixes)
+            edits = editor.compute([fact_request(fact)])
         except KeyscopeError as exc:  # e.g. a target that does not tokenise on its own after the prompt
             skipped.append({"case_id": fact.case_id, "reason": str(exc)})
             continue
         seconds = time.perf_counter() - start
+        edit = edits.edits[0]
         value_after = edit.v_star + (bias.float().to(edit.v_star.device) if bias is not None else 0.0)  # (d_model,)
-        with rome.applied(model, edit):
-            success = bool(predicts_target(model, [fact], "new", batch_size=batch_size)[0])
-            after = (next_token_top_k(model, fact_contexts["neighbourhood"], batch_size=batch_size).top1
-                     if n_neighbours else torch.zeros(0, dtype=torch.long))  # (n_neighbours,)
-            paraphrase = _top1_rate(model, fact_contexts["paraphrase"], batch_size)
-            rephrase = _top1_rate(model, fact_contexts["rephrase"], batch_size)
+        with edits.applied(model):
+            scores = score_plan(model, plan, unedited, batch_size, SCORED)
         trace = edit.trace
         rows.append({
             "case_id": fact.case_id, "subject": fact.subject, "target_true": fact.target_true,
-            "target_new": fact.target_new, "success": success,
-            "neighbourhood_unchanged": int((after == before).sum()), "neighbourhood": n_neighbours,
-            "paraphrase_hits": paraphrase[0], "paraphrases": paraphrase[1],
-            "rephrase_hits": rephrase[0], "rephrases": rephrase[1],
+            "target_new": fact.target_new, "success": bool(scores[SUCCESS][0]),
+            "neighbourhood_unchanged": scores[LOCALITY][0], "neighbourhood": scores[LOCALITY][1],
+            "paraphrase_hits": scores["paraphrase"][0], "paraphrases": scores["paraphrase"][1],
+            "rephrase_hits": scores["rephrase"][0], "rephrases": scores["rephrase"][1],
             "value_norm_before": trace.value_norm, "value_norm_after": float(value_after.norm()),
             "delta_norm": trace.delta_norm, "max_delta_norm": trace.max_delta_norm, "steps": trace.n_steps,
             "target_probability": trace.target_probability[-1], "seconds": seconds,

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from keyscope import evaluate as ev
 from keyscope.cli import main
+from keyscope.metrics import METRICS
 
 QUICK = ["--no-progress", "--tokens", "20000"]
 
@@ -32,8 +32,8 @@ def test_evaluate_prints_table1_writes_it_and_sweeps_tau(env, tmp_path, capsys):
     assert payload["n"] == 2 and set(payload["methods"]) >= {"rome", "rome+rep", "rome+rep@0.5", "rome+rep@0.9"}
     for method in ("rome", "rome+rep"):
         row = payload["methods"][method]
-        assert set(ev.METRICS) <= set(row)
-        assert all(row[m] is None or 0.0 <= row[m] <= 1.0 for m in ev.METRICS)
+        assert set(METRICS) <= set(row)
+        assert all(row[m] is None or 0.0 <= row[m] <= 1.0 for m in METRICS)
         assert row["counts"]["success"] == 2 and row["counts"]["rephrase_ood"] > 0
     for name in ("table1.csv", "table1.md", "table1_facts.csv", "fig7_tau_sweep.png", "fig7_tau_sweep.csv"):
         assert (out / name).stat().st_size > 0, name
@@ -102,7 +102,7 @@ def test_evaluate_ablate_reports_every_variant(env, tmp_path, capsys):
 
     assert list(payload["variants"]) == [v.name for v in VARIANTS]
     for entry in payload["variants"].values():
-        assert set(ev.METRICS) <= set(entry) and "ci" in entry and "departure" in entry
+        assert set(METRICS) <= set(entry) and "ci" in entry and "departure" in entry
     assert set(payload["baselines"]) == {"rome", "rome (reference)"}
     assert (out / "ablation.md").is_file() and (out / "ablation.csv").is_file()
     assert "released" in capsys.readouterr().out
