@@ -31,8 +31,8 @@ The first record that is a JSON object decides the schema, by the first rule tha
 factworld's ``subject_rephrase_kind``) → ``factworld``; ``target_true`` → ``rep``. A top-level object
 whose values are lists of strings is ``patil_paraphrases``. Anything else is :class:`UnknownSchema`.
 
-Filled prompts become templates (:func:`to_template`)
-----------------------------------------------------
+Filled prompts become templates
+-------------------------------
 The subject's **first** occurrence in the prompt becomes ``{}``: exactly, else after Unicode NFC
 normalisation, else ignoring case, runs of whitespace and the ``'``/``’`` apostrophe difference. When only
 the lenient match succeeds, the fact's ``subject`` is the subject **as written in the prompt** (so
@@ -49,8 +49,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
-import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -58,8 +56,8 @@ from pathlib import Path
 import torch
 
 from keyscope.errors import KeyscopeError, MalformedRecord, SubjectNotFound
-from keyscope.keys import SLOT, fill, locate
 from keyscope.predictions import next_token_top_k, target_context
+from keyscope.prompts import SLOT, fill, locate
 
 FACTWORLD = "factworld"
 
@@ -139,42 +137,6 @@ class _RecordError(Exception):
     def __init__(self, field_name: str | None, reason: str, kind: str = "malformed"):
         super().__init__(reason)
         self.field, self.reason, self.kind = field_name, reason, kind
-
-
-# ---------------------------------------------------------------------------------------------- templates
-
-_APOSTROPHES = "'\u2019\u2018\u02bc"
-
-
-def _lenient_pattern(subject: str) -> re.Pattern:
-    """``subject`` as a regex that ignores case, whitespace runs and apostrophe style."""
-    parts = []
-    for word in subject.split():
-        parts.append("".join(f"[{_APOSTROPHES}]" if ch in _APOSTROPHES else re.escape(ch) for ch in word))
-    return re.compile(r"\s+".join(parts), re.IGNORECASE)
-
-
-def to_template(prompt: str, subject: str) -> tuple[str, str]:
-    """``(template, subject_as_written)``: ``prompt`` with its first subject occurrence replaced by ``{}``.
-
-    A prompt that already holds ``{}`` is returned unchanged. Otherwise the subject is searched exactly,
-    then in NFC form, then ignoring case, whitespace runs and apostrophe style; ``subject_as_written`` is the
-    matched text of the prompt (equal to ``subject`` for an exact match). Raises
-    :class:`~keyscope.errors.SubjectNotFound` if the subject does not occur.
-    """
-    if not subject or not subject.strip():
-        raise SubjectNotFound(f"empty subject for prompt {prompt!r}")
-    if SLOT in prompt:
-        return prompt, subject
-    for text, subj in ((prompt, subject), (unicodedata.normalize("NFC", prompt), unicodedata.normalize("NFC", subject))):
-        start = text.find(subj)
-        if start >= 0:
-            return text[:start] + SLOT + text[start + len(subj) :], subj
-    text = unicodedata.normalize("NFC", prompt)
-    match = _lenient_pattern(unicodedata.normalize("NFC", subject.strip())).search(text)
-    if match is None:
-        raise SubjectNotFound(f"subject {subject!r} does not occur in prompt {prompt!r}")
-    return text[: match.start()] + SLOT + text[match.end() :], match.group(0)
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -288,10 +250,13 @@ def _case_id(record: Mapping, index: int, key: str = "case_id") -> int | str:
 
 
 def _templated(prompt_field: str, prompt: str, subject: str) -> tuple[str, str, dict]:
+    """``(template, subject as written, extras)``: a template is kept as it is; a filled prompt gets ``{}`` at
+    the subject's first occurrence, found leniently (:func:`keyscope.prompts.fill`)."""
     try:
-        template, written = to_template(prompt, subject)
+        span = fill(prompt, subject, lenient=True)
     except SubjectNotFound as exc:
         raise _RecordError(prompt_field, str(exc), kind="subject_not_found") from exc
+    template, written = (prompt, subject) if SLOT in prompt else (span.template, span.subject)
     return template, written, ({} if written == subject else {"subject_given": subject})
 
 
@@ -465,7 +430,7 @@ def sniff_schema(source: str | Path) -> str:
 
 def locate_subjects(tokenizer, fact_file: FactFile, prepend_bos: bool | None = None) -> list[Failure]:
     """Check that every fact's subject has a last token in the tokenisation of its filled prompt
-    (:func:`keyscope.keys.locate`); one :class:`Failure` (record index, field ``subject``) per fact where not."""
+    (:func:`keyscope.prompts.locate`); one :class:`Failure` (record index, field ``subject``) per fact where not."""
     failures = []
     for index, fact in zip(fact_file.indices or range(len(fact_file.facts)), fact_file.facts):
         try:

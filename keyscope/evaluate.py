@@ -257,7 +257,8 @@ def _gate_groups(model, fitted: rep.REP, plan: QueryPlan, names: dict[str, float
     With dropout at inference (the paper's setting) every τ is its own group."""
     if fitted.config.dropout_at_inference:
         return [{"tau": tau, "names": [name], "off": False} for name, tau in names.items()]
-    from keyscope.keys import layer_keys, length_batches, pad_batch
+    from keyscope.keys import layer_keys
+    from keyscope.prompts import length_batches, pad_batch
 
     runs = list(dict.fromkeys(tuple(ids[:-1]) for ids, _ in plan.sequences))
     pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0

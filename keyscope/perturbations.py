@@ -43,7 +43,7 @@ from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from keyscope.errors import KeyscopeError
-from keyscope.keys import SLOT, Encoded, as_template, encode, fill, tokens_overlapping
+from keyscope.prompts import SLOT, Encoded, encode, fill, tokens_overlapping
 
 ORIGINAL, TEMPLATE, RANDOM = "original", "template", "random"
 REPHRASE, SHUFFLE, SHUFFLE_WORDS, LONG = "rephrase", "shuffle", "shuffle_words", "long"
@@ -81,7 +81,7 @@ def rephrased_subjects(template: str, subject: str, rephrasings: Iterable[str],
                        kinds: Sequence[str] | None = None) -> list[Probe]:
     """The fact with each of ``rephrasings`` (aliases, abbreviations…) in the subject slot; ``kinds[i]`` is
     rephrasing ``i``'s kind (its ``source``; ``#i`` without kinds)."""
-    template = as_template(template, subject)
+    template = fill(template, subject).template
     rephrasings = list(rephrasings)
     sources = list(kinds) if kinds is not None and len(kinds) == len(rephrasings) else [f"#{i}" for i in range(len(rephrasings))]
     return [Probe(template, r, REPHRASE, source) for r, source in zip(rephrasings, sources) if r.strip() and r != subject]
@@ -89,7 +89,7 @@ def rephrased_subjects(template: str, subject: str, rephrasings: Iterable[str],
 
 def other_subjects(template: str, subject: str, pool: Sequence[str], n: int = 10, seed: int = 0) -> list[Probe]:
     """Baseline: up to ``n`` distinct subjects from ``pool`` (not ``subject``) in the same template."""
-    template = as_template(template, subject)
+    template = fill(template, subject).template
     candidates = sorted({s for s in pool if s.strip() and s.strip() != subject.strip()})
     random.Random(seed).shuffle(candidates)
     return [Probe(template, s, RANDOM) for s in candidates[:n]]
@@ -99,7 +99,7 @@ def word_shuffled_subjects(template: str, subject: str, n: int = 10, seed: int =
                            exclude: Collection[str] = frozenset(), source: str = CANONICAL) -> list[Probe]:
     """Up to ``n`` prompts with the subject's whitespace-separated **words** in another order (no form of
     ``exclude``), drawn with ``seed``; ``[]`` for a one-word subject."""
-    template = as_template(template, subject)
+    template = fill(template, subject).template
     words = subject.split()
     if len(words) < 2:
         return []
@@ -173,7 +173,7 @@ def shuffled_subjects(
     the model sees the shuffled tokens themselves. A shuffle that spells a form in ``exclude`` (another
     subject's name: an order twin's) is skipped. Subjects of one token have no shuffle: ``[]``.
     """
-    template = as_template(template, subject)
+    template = fill(template, subject).template
     span = fill(template, subject)
     enc = _plain(tokenizer, span.text)
     hits = tokens_overlapping(enc, span.start, span.end)
@@ -227,7 +227,7 @@ def same_token_multiset(tokenizer, probe: Probe, template: str, subject: str) ->
     whitespace-only token at the subject's edge included, which :func:`subject_tokens` leaves out).
     """
     probe_ids = _plain(tokenizer, probe.prompt).ids
-    original_ids = _plain(tokenizer, fill(as_template(template, subject), subject).text).ids
+    original_ids = _plain(tokenizer, fill(fill(template, subject).template, subject).text).ids
     return Counter(probe_ids) == Counter(original_ids)
 
 
@@ -262,7 +262,7 @@ def long_context(
     tokenises exactly as it does alone (GPT-2's ``The`` after a newline, LLaMA's ``▁The`` after a space), so
     the subject's own tokens are unchanged; if none does, ``" "`` is used.
     """
-    template = as_template(template, subject)
+    template = fill(template, subject).template
     prompt = fill(template, subject).text
     prompt_ids = list(_plain(tokenizer, prompt).ids)
     docs = [context] if isinstance(context, str) else context
@@ -381,7 +381,7 @@ def fact_probes(tokenizer, fact, context_docs: Iterable[str] | None, config: Per
     other subjects; ``subject_pool`` feeds the random baseline.
     """
     config = config or PerturbationConfig()
-    template = as_template(fact.prompt, fact.subject)
+    template = fill(fact.prompt, fact.subject).template
     subject = fact.subject
     exclude = frozenset(exclude) - {subject}
     rephrasings = list(fact.subject_rephrase)[: config.n_rephrase]
@@ -421,7 +421,7 @@ def fact_probes(tokenizer, fact, context_docs: Iterable[str] | None, config: Per
     templates = []
     for prompt in fact.paraphrase_prompts:
         try:
-            templates.append(Probe(as_template(prompt, subject), subject, TEMPLATE))
+            templates.append(Probe(fill(prompt, subject).template, subject, TEMPLATE))
         except KeyscopeError:  # a paraphrase that does not name the subject verbatim
             continue
     perturbed = {

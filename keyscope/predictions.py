@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from keyscope.errors import SubjectNotFound
-from keyscope.keys import encode, length_batches, pad_batch, tokens_overlapping
+from keyscope.prompts import encode, length_batches, pad_batch, tokens_overlapping
 
 __all__ = ["TopK", "prompt_context", "target_context", "target_sequence", "TargetScores", "score_targets",
            "next_token_top_k", "decode_token"]

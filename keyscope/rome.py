@@ -104,7 +104,7 @@ import torch
 
 from keyscope.covariance import KeyCovariance, load_or_compute_covariance
 from keyscope.errors import KeyscopeError
-from keyscope.keys import SLOT, as_template, collect_keys, encode, fill, pad_batch, tokens_overlapping
+from keyscope.keys import collect_keys
 from keyscope.models import (
     MODEL_CARD,
     W_out,
@@ -119,6 +119,7 @@ from keyscope.models import (
     model_name,
     value_hook,
 )
+from keyscope.prompts import SLOT, encode, fill, pad_batch, tokens_overlapping
 
 __all__ = [
     "ROMEConfig",
@@ -280,7 +281,7 @@ class EditRequest:
     @property
     def template(self) -> str:
         """The prompt with exactly one ``{}`` at the subject occurrence that is edited."""
-        return as_template(self.prompt, self.subject)
+        return fill(self.prompt, self.subject).template
 
     @classmethod
     def from_dict(cls, record: Mapping) -> EditRequest:

@@ -43,9 +43,10 @@ import torch
 
 from keyscope.corpus import Source, TokenBatch, token_batches
 from keyscope.datasets import Fact
-from keyscope.keys import collect_keys, encode, fill, layer_keys, tokens_overlapping
+from keyscope.keys import collect_keys, layer_keys
 from keyscope.models import check_layer
 from keyscope.perturbations import rephrased_subjects
+from keyscope.prompts import encode, fill, tokens_overlapping
 from keyscope.similarity import edit_strength_matrix, probe_keys
 
 #: The exclusion filters of a scan (:func:`filter_variants`): the paper's, and a strict one.

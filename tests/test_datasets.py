@@ -1,15 +1,14 @@
 from __future__ import annotations
 
 import json
-import unicodedata
 
 import pytest
 import torch
 
 from keyscope import datasets as ds
 from keyscope.errors import KeyscopeError, MalformedRecord, SubjectNotFound
-from keyscope.keys import fill
 from keyscope.models import load_model
+from keyscope.prompts import fill
 from tests import hf_tiny
 
 # ------------------------------------------------------------------------------------------ fixture records
@@ -136,27 +135,6 @@ def test_jsonl_is_read(tmp_path):
 # ------------------------------------------------------------------------------------------ templates
 
 
-@pytest.mark.parametrize(
-    "prompt,subject,template,written",
-    [
-        ("BBC One, by", "BBC One", "{}, by", "BBC One"),
-        ("Where is the Eiffel Tower?", "The Eiffel Tower", "Where is {}?", "the Eiffel Tower"),  # case
-        ("São Paulo is in", "São Paulo", "{} is in", "São Paulo"),  # NFD vs NFC below
-        ("Cafe\u0301 Müller opened in", "Caf\u00e9 Müller", "{} opened in", "Caf\u00e9 Müller"),
-        ("DANIELLE DARRIEUX’S mother tongue is", "Danielle Darrieux", "{}’S mother tongue is", "DANIELLE DARRIEUX"),
-        ("Toko  Yasuda plays", "Toko Yasuda", "{} plays", "Toko  Yasuda"),  # whitespace run
-        ("O’Neill and Paris", "O'Neill", "{} and Paris", "O’Neill"),  # apostrophe style
-        ("Paris and Paris", "Paris", "{} and Paris", "Paris"),  # first occurrence
-        ("{} already", "X", "{} already", "X"),
-    ],
-)
-def test_to_template(prompt, subject, template, written):
-    got_template, got_written = ds.to_template(prompt, subject)
-    assert (got_template, got_written) == (template, written)
-    if "{}" not in prompt:  # the template filled with the subject as written gives back the (NFC) prompt
-        assert fill(got_template, got_written).text == unicodedata.normalize("NFC", prompt)
-
-
 def test_case_mismatch_keeps_the_prompt_text_and_the_given_subject(tmp_path):
     record = {**EASYEDIT, "prompt": "where is the eiffel tower located? In", "subject": "The Eiffel Tower"}
     fact = ds.load_facts(write(tmp_path, "case.json", [record]))[0]
@@ -174,8 +152,6 @@ def test_subject_absent_is_a_counted_failure_or_a_clear_error(tmp_path):
         ds.load_facts(path)
     assert "record 1" in str(info.value) and "Channel Four" in str(info.value) and "\n" not in str(info.value)
     assert len(ds.load_facts(path, on_error="skip")) == 2
-    with pytest.raises(SubjectNotFound):
-        ds.to_template("BBC One, by", "ITV")
 
 
 # ------------------------------------------------------------------------------------------ malformed

@@ -1,5 +1,5 @@
 """Dependencies point one way: CLI → experiments → evaluation/bounds → editing → analysis → models/data →
-factworld; plotting is a leaf; no library module imports the CLI."""
+prompts → factworld; plotting is a leaf; no library module imports the CLI."""
 
 from __future__ import annotations
 
@@ -11,12 +11,13 @@ PACKAGE = Path(__file__).resolve().parents[1] / "keyscope"
 #: Layer of each module (by dotted name prefix); a module may import modules of its own layer or below.
 LAYERS = [
     ("keyscope", 0), ("keyscope.errors", 0), ("keyscope.cache", 0), ("keyscope.factworld", 1),
-    ("keyscope.models", 2), ("keyscope.keys", 2), ("keyscope.corpus", 2), ("keyscope.datasets", 2),
-    ("keyscope.predictions", 2), ("keyscope.perturbations", 2),
-    ("keyscope.covariance", 3), ("keyscope.similarity", 3), ("keyscope.scan", 3), ("keyscope.trace", 3),
-    ("keyscope.rome", 4), ("keyscope.rep", 4),
-    ("keyscope.evaluate", 5), ("keyscope.bounds", 5), ("keyscope.ablation", 5),
-    ("keyscope.experiments", 6), ("keyscope.cli", 7),
+    ("keyscope.prompts", 2),
+    ("keyscope.models", 3), ("keyscope.keys", 3), ("keyscope.corpus", 3), ("keyscope.datasets", 3),
+    ("keyscope.predictions", 3), ("keyscope.perturbations", 3),
+    ("keyscope.covariance", 4), ("keyscope.similarity", 4), ("keyscope.scan", 4), ("keyscope.trace", 4),
+    ("keyscope.rome", 5), ("keyscope.rep", 5),
+    ("keyscope.evaluate", 6), ("keyscope.bounds", 6), ("keyscope.ablation", 6),
+    ("keyscope.experiments", 7), ("keyscope.cli", 8),
 ]
 
 
@@ -54,8 +55,8 @@ def test_every_module_has_a_layer():
 
 
 def test_an_unlisted_module_would_fail_the_check():
-    assert layer_of("keyscope.newthing") is None and layer_of("keyscope.covariance") == 3
-    assert layer_of("keyscope.experiments.trace") == 6 and layer_of("keyscope") == 0
+    assert layer_of("keyscope.newthing") is None and layer_of("keyscope.covariance") == 4
+    assert layer_of("keyscope.experiments.trace") == 7 and layer_of("keyscope") == 0
 
 
 def test_dependencies_point_one_way():

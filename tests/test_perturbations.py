@@ -9,7 +9,7 @@ import pytest
 
 from keyscope import perturbations as pt
 from keyscope.datasets import Fact
-from keyscope.keys import fill, locate, subject_last_index
+from keyscope.prompts import fill, locate, subject_last_index
 from tests import hf_tiny
 
 

@@ -13,8 +13,9 @@ from keyscope import rome
 from keyscope import similarity as sim
 from keyscope.covariance import KeyCovariance
 from keyscope.errors import KeyscopeError, LayerOutOfRange, SubjectNotFound
-from keyscope.keys import collect_keys, encode, fill, locate, pad_batch
+from keyscope.keys import collect_keys
 from keyscope.models import W_out, b_out, load_model, value_hook
+from keyscope.prompts import encode, fill, locate, pad_batch
 from tests import hf_tiny
 
 LAYER = 1

@@ -22,9 +22,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from keyscope import perturbations, rome, similarity
-from keyscope.keys import fill
 from keyscope.models import model_name
 from keyscope.predictions import decode_token, next_token_top_k, prompt_context, target_context
+from keyscope.prompts import fill
 
 #: Probe kinds in display order.
 KINDS = (perturbations.ORIGINAL, *perturbations.KINDS)

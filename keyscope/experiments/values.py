@@ -37,10 +37,10 @@ from keyscope import rome
 from keyscope.datasets import predicts_target, sample_known_facts
 from keyscope.errors import KeyscopeError
 from keyscope.experiments.tables import write_csv
-from keyscope.keys import fill
 from keyscope.models import b_out, model_name
 from keyscope.plotting import fig5
 from keyscope.predictions import next_token_top_k, prompt_context, target_context
+from keyscope.prompts import fill
 
 FIGURE = "fig5_value_norms.png"
 TABLE = "fig5_value_norms.csv"
