@@ -1,7 +1,7 @@
 """Perturbed prompts of a fact: the probes whose keys are compared with the edited key.
 
 Yan et al. ("Keys to Robust Edits", Sec. 3) ask whether an edit of a subject reaches the subject's keys under
-perturbations of the prompt. One place builds every such probe, for every study (Figure 3, Table 1, the lemmas,
+perturbations of the prompt. One place builds every such probe, for every study (Figure 3, Figure 5, Table 1, the lemmas,
 ``keyscope edit``); :data:`KINDS` enumerates them:
 
 * ``rephrase`` — a rephrased form of the subject (an alias, an abbreviation…) in the subject slot;
@@ -98,10 +98,10 @@ def other_subjects(template: str, subject: str, pool: Sequence[str], n: int = 10
 def word_shuffled_subjects(template: str, subject: str, n: int = 10, seed: int = 0,
                            exclude: Collection[str] = frozenset(), source: str = CANONICAL) -> list[Probe]:
     """Up to ``n`` prompts with the subject's whitespace-separated **words** in another order (no form of
-    ``exclude``), drawn with ``seed``; ``[]`` for a one-word subject."""
+    ``exclude``), drawn with ``seed``; ``[]`` for a one-word subject or ``n = 0``."""
     template = fill(template, subject).template
     words = subject.split()
-    if len(words) < 2:
+    if len(words) < 2 or n < 1:
         return []
     rng = random.Random(f"{seed}:words:{subject}")
     forms = []
@@ -171,7 +171,8 @@ def shuffled_subjects(
     each probe records whether re-tokenising the decoded prompt gives exactly the shuffled sequence (hence
     the same multiset of subject tokens); with ``require_exact=True`` (default) only those are returned, so
     the model sees the shuffled tokens themselves. A shuffle that spells a form in ``exclude`` (another
-    subject's name: an order twin's) is skipped. Subjects of one token have no shuffle: ``[]``.
+    subject's name: an order twin's) is skipped. Subjects of one token have no shuffle, and ``n = 0`` asks for
+    none: ``[]``.
     """
     template = fill(template, subject).template
     span = fill(template, subject)
@@ -180,7 +181,7 @@ def shuffled_subjects(
     first, last = hits[0], hits[-1]
     ids = list(enc.ids)
     subject_ids = ids[first : last + 1]
-    if len(subject_ids) < 2 or len(set(subject_ids)) < 2:
+    if n < 1 or len(subject_ids) < 2 or len(set(subject_ids)) < 2:
         return []
     prefix_ids, suffix_ids = ids[:first], ids[last + 1 :]
     prefix_text = _decode(tokenizer, prefix_ids)
@@ -321,11 +322,19 @@ def fact_documents(facts: Sequence, seed: int | str = 0, sentences: int = 40, ex
 class PerturbationConfig:
     """How many probes of each kind a fact gets and which sources are out-of-domain. No I/O.
 
+    ``n_rephrase`` caps the rephrased subjects taken, in the dataset's order (``None``: all of them);
     ``n_shuffles``/``n_word_shuffles`` count the in-domain shuffles of the subject itself; each out-of-domain
     rephrased form adds one of each (up to the same counts). ``n_long_contexts`` is per source.
+    ``out_of_domain=False`` holds nothing out: every rephrase is in-domain, in the dataset's order, and the
+    out-of-domain halves are empty (``keyscope edit`` and Figure 5 show every rephrase of the subject).
+
+    Each study parametrises this one config: Table 1 and the bounds take the defaults (with their seed),
+    Figure 3 too; ``keyscope edit`` one long context and no held-out half
+    (:func:`keyscope.experiments.edit.edit_probes`); Figure 5 the rephrases alone
+    (:data:`keyscope.experiments.values.REPHRASES`).
     """
 
-    n_rephrase: int = 10
+    n_rephrase: int | None = 10
     n_shuffles: int = 6
     n_word_shuffles: int = 4
     n_long_contexts: int = 3
@@ -333,10 +342,11 @@ class PerturbationConfig:
     n_random: int = 10
     ood_rephrase_kinds: tuple[str, ...] = OOD_REPHRASE_KINDS
     seed: int = 0
+    out_of_domain: bool = True
 
     def __post_init__(self):
         for name in ("n_rephrase", "n_shuffles", "n_word_shuffles", "n_long_contexts", "long_context_tokens", "n_random"):
-            if getattr(self, name) < 0:
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"PerturbationConfig.{name} must be >= 0, not {getattr(self, name)}")
 
 
@@ -387,7 +397,9 @@ def fact_probes(tokenizer, fact, context_docs: Iterable[str] | None, config: Per
     rephrasings = list(fact.subject_rephrase)[: config.n_rephrase]
     kinds = rephrase_kinds(fact)
     rephrased = rephrased_subjects(template, subject, rephrasings, kinds[: len(rephrasings)] if kinds else None)
-    if kinds is not None:
+    if not config.out_of_domain:
+        ood_rephrase = []
+    elif kinds is not None:
         ood_rephrase = [p for p in rephrased if p.source in config.ood_rephrase_kinds]
     else:
         half = math.ceil(len(rephrased) / 2)
@@ -395,6 +407,8 @@ def fact_probes(tokenizer, fact, context_docs: Iterable[str] | None, config: Per
     id_rephrase = [p for p in rephrased if p not in ood_rephrase]
 
     def shuffles(builder, n: int) -> tuple[tuple[Probe, ...], tuple[Probe, ...]]:
+        if n == 0:
+            return (), ()
         in_domain = builder(subject, n, CANONICAL)
         out_of_domain: list[Probe] = []
         for probe in ood_rephrase:
@@ -416,7 +430,7 @@ def fact_probes(tokenizer, fact, context_docs: Iterable[str] | None, config: Per
                      for _ in range(config.n_long_contexts))
 
     fact_docs = None
-    if other_facts:
+    if other_facts and config.out_of_domain:
         fact_docs = fact_documents(other_facts, seed=f"{config.seed}:{fact.case_id}", exclude_subject=subject)
     templates = []
     for prompt in fact.paraphrase_prompts:

@@ -33,14 +33,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from keyscope import rome
+from keyscope import perturbations, rome
 from keyscope.datasets import predicts_target, sample_known_facts
 from keyscope.errors import KeyscopeError
 from keyscope.experiments.tables import write_csv
 from keyscope.models import b_out, model_name
 from keyscope.plotting import fig5
 from keyscope.predictions import next_token_top_k, prompt_context, target_context
-from keyscope.prompts import fill
 
 FIGURE = "fig5_value_norms.png"
 TABLE = "fig5_value_norms.csv"
@@ -77,15 +76,20 @@ class ValuesResult:
                 "files": [str(p) for p in self.files]}
 
 
+#: Figure 5's perturbations: every rephrased subject of a fact, none held out, nothing else.
+REPHRASES = perturbations.PerturbationConfig(n_rephrase=None, n_shuffles=0, n_word_shuffles=0, n_long_contexts=0,
+                                             n_random=0, out_of_domain=False)
+
+
 def _contexts(tokenizer, fact) -> dict[str, list]:
     """The token contexts one fact is evaluated on: neighbourhood prompts (for their top-1), and the
-    paraphrases and rephrased-subject prompts with the new target's first token."""
+    paraphrases and rephrased-subject prompts (:data:`REPHRASES`) with the new target's first token."""
     target = fact.target_new
-    rephrased = [fill(fact.prompt, alias).text for alias in fact.subject_rephrase if alias.strip()]
+    rephrased = perturbations.fact_probes(tokenizer, fact, None, REPHRASES).perturbed[perturbations.REPHRASE][0]
     return {
         "neighbourhood": [prompt_context(tokenizer, p) for p in fact.neighborhood_prompts],
         "paraphrase": [target_context(tokenizer, p, target) for p in fact.paraphrase_prompts],
-        "rephrase": [target_context(tokenizer, p, target) for p in rephrased],
+        "rephrase": [target_context(tokenizer, p.prompt, target) for p in rephrased],
     }
 
 
