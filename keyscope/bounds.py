@@ -51,11 +51,11 @@ import numpy as np
 import torch
 
 from keyscope import rep, rome
-from keyscope.datasets import Fact, sample_known_facts
+from keyscope.datasets import Fact
 from keyscope.errors import KeyscopeError
 from keyscope.models import attention_norm, final_norm, head_ov, key_hook, model_name, n_layers, value_hook
 from keyscope.perturbations import KINDS, fact_probes, subject_forms
-from keyscope.predictions import prompt_context, target_context
+from keyscope.predictions import prompt_context, sample_known_facts, target_context
 from keyscope.prompts import encode, length_batches, locate, pad_batch
 
 __all__ = ["BoundsConfig", "BoundsResult", "lemma_4_4", "observe", "run", "auroc", "pearson"]

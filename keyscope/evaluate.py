@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from keyscope import rep, rome
-from keyscope.datasets import Fact, sample_known_facts
+from keyscope.datasets import Fact
 from keyscope.errors import KeyscopeError
 from keyscope.keys import collect_keys
 from keyscope.perturbations import (
@@ -52,7 +52,7 @@ from keyscope.perturbations import (
     fact_probes,
     subject_forms,
 )
-from keyscope.predictions import score_targets, target_sequence
+from keyscope.predictions import sample_known_facts, score_targets, target_sequence
 from keyscope.similarity import probe_keys, whitened_cosine_matrix
 
 __all__ = ["EvalConfig", "METHODS", "METRICS", "KINDS", "EvalResult", "evaluate", "evaluate_fact", "summarize",

@@ -330,8 +330,7 @@ class PerturbationConfig:
 
     Each study parametrises this one config: Table 1 and the bounds take the defaults (with their seed),
     Figure 3 too; ``keyscope edit`` one long context and no held-out half
-    (:func:`keyscope.experiments.edit.edit_probes`); Figure 5 the rephrases alone
-    (:data:`keyscope.experiments.values.REPHRASES`).
+    (:func:`keyscope.experiments.edit.edit_probes`); Figures 4 and 5 the rephrases alone (:data:`REPHRASES`).
     """
 
     n_rephrase: int | None = 10
@@ -348,6 +347,12 @@ class PerturbationConfig:
         for name in ("n_rephrase", "n_shuffles", "n_word_shuffles", "n_long_contexts", "long_context_tokens", "n_random"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"PerturbationConfig.{name} must be >= 0, not {getattr(self, name)}")
+
+
+#: Every rephrased subject of a fact, none held out, and no other perturbation: the rephrase probes of Figure 5
+#: (:mod:`keyscope.experiments.values`) and of Figure 4's scale (:func:`keyscope.experiments.scan.rephrase_scores`).
+REPHRASES = PerturbationConfig(n_rephrase=None, n_shuffles=0, n_word_shuffles=0, n_long_contexts=0, n_random=0,
+                               out_of_domain=False)
 
 
 @dataclass(frozen=True)

@@ -203,13 +203,13 @@ def test_edit_probes_are_the_edit_prompt_its_rephrasings_shuffles_and_one_long_c
 
 
 def test_figure_5_rephrases_are_every_rephrased_subject_in_the_fact_prompt(tokenizers):
-    """Figure 5's parametrisation (:data:`keyscope.experiments.values.REPHRASES`): every non-blank rephrasing,
+    """Figure 5's parametrisation (:data:`keyscope.perturbations.REPHRASES`): every non-blank rephrasing,
     more than the default cap of 10, in the dataset's order, and nothing else."""
     from keyscope.experiments import values as va
     from keyscope.predictions import target_context
 
     tok, fact = tokenizers["bpe"], _long_fact()
-    probes = pt.fact_probes(tok, fact, iter(hf_tiny.TRAINING_TEXT * 20), va.REPHRASES)
+    probes = pt.fact_probes(tok, fact, iter(hf_tiny.TRAINING_TEXT * 20), pt.REPHRASES)
     expected = [fill(fact.prompt, alias).text for alias in fact.subject_rephrase if alias.strip()]
     assert [p.prompt for p in probes.perturbed[pt.REPHRASE][0]] == expected and len(expected) == 12
     assert [p for p in probes.all() if p.kind != pt.ORIGINAL] == list(probes.perturbed[pt.REPHRASE][0])

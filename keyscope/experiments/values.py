@@ -17,7 +17,7 @@
   on the prompt with each rephrased subject ("rephrase").
 
 Facts are drawn (seeded) among those the unedited model **knows** — top-1 on the first token of
-``target_true`` (:func:`keyscope.datasets.known_facts`), as in ROME and Yan et al. — and that have a
+``target_true`` (:func:`keyscope.predictions.known_facts`), as in ROME and Yan et al. — and that have a
 ``target_new`` different from ``target_true``. The context prefixes are sampled once
 (:func:`keyscope.rome.context_prefixes`) and shared by every edit, as ROME caches them. Writes
 ``fig5_value_norms.png`` (:func:`keyscope.plotting.fig5.value_norms`) and ``fig5_value_norms.csv`` (one row
@@ -34,12 +34,17 @@ import numpy as np
 import torch
 
 from keyscope import perturbations, rome
-from keyscope.datasets import predicts_target, sample_known_facts
 from keyscope.errors import KeyscopeError
 from keyscope.experiments.tables import write_csv
 from keyscope.models import b_out, model_name
 from keyscope.plotting import fig5
-from keyscope.predictions import next_token_top_k, prompt_context, target_context
+from keyscope.predictions import (
+    next_token_top_k,
+    predicts_target,
+    prompt_context,
+    sample_known_facts,
+    target_context,
+)
 
 FIGURE = "fig5_value_norms.png"
 TABLE = "fig5_value_norms.csv"
@@ -76,16 +81,11 @@ class ValuesResult:
                 "files": [str(p) for p in self.files]}
 
 
-#: Figure 5's perturbations: every rephrased subject of a fact, none held out, nothing else.
-REPHRASES = perturbations.PerturbationConfig(n_rephrase=None, n_shuffles=0, n_word_shuffles=0, n_long_contexts=0,
-                                             n_random=0, out_of_domain=False)
-
-
 def _contexts(tokenizer, fact) -> dict[str, list]:
     """The token contexts one fact is evaluated on: neighbourhood prompts (for their top-1), and the
-    paraphrases and rephrased-subject prompts (:data:`REPHRASES`) with the new target's first token."""
+    paraphrases and rephrased-subject prompts (:data:`keyscope.perturbations.REPHRASES`) with the new target's first token."""
     target = fact.target_new
-    rephrased = perturbations.fact_probes(tokenizer, fact, None, REPHRASES).perturbed[perturbations.REPHRASE][0]
+    rephrased = perturbations.fact_probes(tokenizer, fact, None, perturbations.REPHRASES).perturbed[perturbations.REPHRASE][0]
     return {
         "neighbourhood": [prompt_context(tokenizer, p) for p in fact.neighborhood_prompts],
         "paraphrase": [target_context(tokenizer, p, target) for p in fact.paraphrase_prompts],
