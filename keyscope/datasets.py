@@ -376,11 +376,10 @@ def parse_records(records: Sequence, schema: str) -> tuple[list[Fact], list[Fail
 
 def _factworld_records() -> list[dict]:
     """factworld's facts as exported records: the world of the shipped model's card, or the default world."""
-    from keyscope.factworld import export
+    from keyscope.factworld import MODEL_CARD, export, shipped_model_dir
     from keyscope.factworld.card import world_of
-    from keyscope.models import MODEL_CARD, factworld_model_dir
 
-    card_path = factworld_model_dir() / MODEL_CARD
+    card_path = shipped_model_dir() / MODEL_CARD
     card = {}
     if card_path.is_file():
         try:

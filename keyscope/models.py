@@ -108,15 +108,12 @@ def attn_out_hook(layer: int) -> str:
     return f"blocks.{layer}.hook_attn_out"
 
 
-def factworld_model_dir() -> Path:
-    """The factworld model shipped inside the package (a standard HF directory)."""
-    return Path(__file__).resolve().parent / "factworld" / "model"
-
-
 def resolve_model_path(name_or_path: str) -> str:
     """Map ``"factworld"`` to the shipped directory; leave hub names and local paths unchanged."""
     if name_or_path == FACTWORLD:
-        return str(factworld_model_dir())
+        from keyscope.factworld import shipped_model_dir  # read at call time: tests point it elsewhere
+
+        return str(shipped_model_dir())
     return name_or_path
 
 

@@ -236,11 +236,11 @@ def test_factworld_source_rebuilds_the_world():
 
 
 def test_factworld_source_follows_the_model_card(tmp_path, monkeypatch):
-    import keyscope.models
+    import keyscope.factworld
 
     card = {"name": "factworld", "train_config": {"seed": 3, "world": {"seed": 3, "n_subjects": 60}}}
     (tmp_path / "keyscope.json").write_text(json.dumps(card))
-    monkeypatch.setattr(keyscope.models, "factworld_model_dir", lambda: tmp_path)
+    monkeypatch.setattr(keyscope.factworld, "shipped_model_dir", lambda: tmp_path)
     facts = ds.load_facts("factworld")
     assert len({f.subject for f in facts}) == 60
 

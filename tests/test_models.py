@@ -24,6 +24,7 @@ import huggingface_hub
 import pytest
 import torch
 
+import keyscope.factworld
 from keyscope import models
 from keyscope.errors import KeyscopeError, LayerOutOfRange, ModelNotAvailable
 from keyscope.prompts import encode, pad_batch
@@ -419,7 +420,7 @@ def test_mixture_of_experts_has_no_down_projection_to_edit(tmp_path):
 
 
 def test_missing_factworld_model(monkeypatch, tmp_path):
-    monkeypatch.setattr(models, "factworld_model_dir", lambda: tmp_path / "factworld" / "model")
+    monkeypatch.setattr(keyscope.factworld, "shipped_model_dir", lambda: tmp_path / "factworld" / "model")
     with pytest.raises(ModelNotAvailable) as exc_info:
         models.load_model()
     assert_one_line(exc_info, "factworld")
