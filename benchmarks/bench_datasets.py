@@ -21,7 +21,6 @@ from pathlib import Path
 from keyscope import corpus as corpora
 from keyscope import datasets as ds
 from keyscope.errors import KeyscopeError, SubjectNotFound
-from keyscope.keys import locate
 from keyscope.perturbations import (
     Probe,
     count_prefix_tokens,
@@ -29,6 +28,7 @@ from keyscope.perturbations import (
     rephrased_subjects,
     shuffled_subjects,
 )
+from keyscope.prompts import locate
 
 DATA = Path("/work/shared/data")
 DEFAULT_FILES = sorted(glob.glob(str(DATA / "counterfact" / "*.json"))) + sorted(

@@ -27,11 +27,12 @@ from keyscope import (  # noqa: E402
 )
 from keyscope import evaluate as ev  # noqa: E402
 from keyscope.covariance import load_or_compute_covariance  # noqa: E402
-from keyscope.datasets import load_facts, sample_known_facts  # noqa: E402
+from keyscope.datasets import load_facts  # noqa: E402
 from keyscope.editing import make_editor, prepare_context  # noqa: E402
 from keyscope.metrics import plan_queries, score_plan  # noqa: E402
 from keyscope.models import default_layer, load_model  # noqa: E402
 from keyscope.perturbations import fact_probes, subject_forms  # noqa: E402
+from keyscope.predictions import sample_known_facts  # noqa: E402
 
 
 def main() -> int:

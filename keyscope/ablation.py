@@ -21,7 +21,7 @@ from keyscope.editing import EditContext, make_editor, prepare_context
 from keyscope.errors import KeyscopeError
 from keyscope.evaluate import EvalConfig, fact_request, near_twins, run_facts, summarize
 from keyscope.metrics import plan_queries, score_plan
-from keyscope.perturbations import FactProbes
+from keyscope.perturbations import LONG, REPHRASE, SHUFFLE, FactProbes
 from keyscope.predictions import score_targets
 
 __all__ = ["Variant", "VARIANTS", "AblationResult", "ablate", "ablate_fact", "baseline_name"]
@@ -59,7 +59,7 @@ VARIANTS: tuple[Variant, ...] = (
             rep.REPConfig(dropout_at_inference=True)),
     Variant("training_data", "positives: every in-domain kind once (rephrases, token and word shuffles, templates; "
             "long contexts are their own row); released: rephrases and token shuffles behind every ROME prefix",
-            rep.REPConfig(positive_kinds=("rephrase", "shuffle", "long"), positive_prefixes=True)),
+            rep.REPConfig(positive_kinds=(REPHRASE, SHUFFLE, LONG), positive_prefixes=True)),
     Variant("adaptor", "three small choices together: every positive at every step, biases, gate on at g ≥ τ; "
             "released: mini-batches of 15, no biases, g > τ", rep.REPConfig(batch_size=15, bias=False, gate_strict=True)),
     Variant("rome_reference", "keyscope's ROME (one prefix-averaged key k*, KL after \"is a\"); reference: "

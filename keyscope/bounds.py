@@ -52,10 +52,9 @@ import numpy as np
 import torch
 
 from keyscope import rep, rome
-from keyscope.datasets import Fact, sample_known_facts
+from keyscope.datasets import Fact
 from keyscope.editing import EDITORS, ModelEdit, check_methods, make_editor, prepare_context
 from keyscope.errors import KeyscopeError
-from keyscope.keys import encode, length_batches, locate, pad_batch
 from keyscope.models import (
     attention_norm,
     attention_norm_scale_hook,
@@ -69,11 +68,11 @@ from keyscope.models import (
     value_hook,
 )
 from keyscope.perturbations import KINDS, fact_probes, subject_forms
-from keyscope.predictions import prompt_context, target_context
+from keyscope.predictions import prompt_context, sample_known_facts, target_context
+from keyscope.prompts import encode, length_batches, locate, pad_batch
 
 __all__ = ["BoundsConfig", "BoundsResult", "lemma_4_4", "observe", "run", "auroc", "pearson"]
 
-ROBUSTNESS_KINDS = KINDS
 SPECIFICITY_KINDS = ("neighbourhood", "corpus")
 
 
@@ -270,7 +269,7 @@ def _summary(l44: list[dict], rows: list[dict], methods: Sequence[str]) -> dict:
     }
     by_method_46, by_method_47 = {}, {}
     for method in methods:
-        robust = [r for r in rows if r["method"] == method and r["kind"] in ROBUSTNESS_KINDS]
+        robust = [r for r in rows if r["method"] == method and r["kind"] in KINDS]
         specific = [r for r in rows if r["method"] == method and r["kind"] in SPECIFICITY_KINDS]
         by_method_46[method] = {
             "auroc": auroc([r["alpha"] for r in robust], [r["success"] for r in robust]),
@@ -280,7 +279,7 @@ def _summary(l44: list[dict], rows: list[dict], methods: Sequence[str]) -> dict:
             "pearson_logit_gap": pearson([r["alpha"] for r in robust], [r["gap_change"] for r in robust]),
             "n_queries": len(robust),
             "by_kind": {k: auroc([r["alpha"] for r in robust if r["kind"] == k],
-                                 [r["success"] for r in robust if r["kind"] == k]) for k in ROBUSTNESS_KINDS},
+                                 [r["success"] for r in robust if r["kind"] == k]) for k in KINDS},
         }
         by_method_47[method] = {
             **_specificity(specific),
@@ -366,7 +365,7 @@ def run(model, facts: Sequence[Fact], layer: int, cov, context_docs, corpus=None
         l44_rows.append(lemma_4_4(model, edit, fact))
         queries = fact_probes(tokenizer, fact, context_docs, eval_config.probes, exclude=forms, other_facts=facts)
         robust, kinds = [], []
-        for kind in ROBUSTNESS_KINDS:
+        for kind in KINDS:
             for probe in (*queries.perturbed[kind][0], *queries.perturbed[kind][1]):
                 encoded, position = locate(tokenizer, probe.template, probe.subject)
                 context, _ = target_context(tokenizer, probe.prompt, fact.target_new)

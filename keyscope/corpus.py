@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from keyscope.errors import EmptyCorpus, KeyscopeError
-from keyscope.keys import encode
+from keyscope.prompts import encode
 
 FACTWORLD = "factworld"
 WIKITEXT = "wikitext-103"
@@ -297,7 +297,7 @@ class TokenBatch:
 
 
 def prepends_bos(tokenizer, prepend_bos: bool | None = None) -> bool:
-    """Whether sequences start with BOS under :func:`keyscope.keys.encode`'s ``prepend_bos`` convention."""
+    """Whether sequences start with BOS under :func:`keyscope.prompts.encode`'s ``prepend_bos`` convention."""
     if prepend_bos is not None:
         return bool(prepend_bos)
     encoded = encode(tokenizer, "a")

@@ -31,8 +31,8 @@ The first record that is a JSON object decides the schema, by the first rule tha
 factworld's ``subject_rephrase_kind``) → ``factworld``; ``target_true`` → ``rep``. A top-level object
 whose values are lists of strings is ``patil_paraphrases``. Anything else is :class:`UnknownSchema`.
 
-Filled prompts become templates (:func:`to_template`)
-----------------------------------------------------
+Filled prompts become templates
+-------------------------------
 The subject's **first** occurrence in the prompt becomes ``{}``: exactly, else after Unicode NFC
 normalisation, else ignoring case, runs of whitespace and the ``'``/``’`` apostrophe difference. When only
 the lenient match succeeds, the fact's ``subject`` is the subject **as written in the prompt** (so
@@ -48,18 +48,12 @@ with index and field) unless told to skip. Sequences in a :class:`Fact` are tupl
 from __future__ import annotations
 
 import json
-import random
-import re
-import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import torch
-
 from keyscope.errors import KeyscopeError, MalformedRecord, SubjectNotFound
-from keyscope.keys import SLOT, fill, locate
-from keyscope.predictions import next_token_top_k, target_context
+from keyscope.prompts import SLOT, fill, locate
 
 FACTWORLD = "factworld"
 
@@ -139,42 +133,6 @@ class _RecordError(Exception):
     def __init__(self, field_name: str | None, reason: str, kind: str = "malformed"):
         super().__init__(reason)
         self.field, self.reason, self.kind = field_name, reason, kind
-
-
-# ---------------------------------------------------------------------------------------------- templates
-
-_APOSTROPHES = "'\u2019\u2018\u02bc"
-
-
-def _lenient_pattern(subject: str) -> re.Pattern:
-    """``subject`` as a regex that ignores case, whitespace runs and apostrophe style."""
-    parts = []
-    for word in subject.split():
-        parts.append("".join(f"[{_APOSTROPHES}]" if ch in _APOSTROPHES else re.escape(ch) for ch in word))
-    return re.compile(r"\s+".join(parts), re.IGNORECASE)
-
-
-def to_template(prompt: str, subject: str) -> tuple[str, str]:
-    """``(template, subject_as_written)``: ``prompt`` with its first subject occurrence replaced by ``{}``.
-
-    A prompt that already holds ``{}`` is returned unchanged. Otherwise the subject is searched exactly,
-    then in NFC form, then ignoring case, whitespace runs and apostrophe style; ``subject_as_written`` is the
-    matched text of the prompt (equal to ``subject`` for an exact match). Raises
-    :class:`~keyscope.errors.SubjectNotFound` if the subject does not occur.
-    """
-    if not subject or not subject.strip():
-        raise SubjectNotFound(f"empty subject for prompt {prompt!r}")
-    if SLOT in prompt:
-        return prompt, subject
-    for text, subj in ((prompt, subject), (unicodedata.normalize("NFC", prompt), unicodedata.normalize("NFC", subject))):
-        start = text.find(subj)
-        if start >= 0:
-            return text[:start] + SLOT + text[start + len(subj) :], subj
-    text = unicodedata.normalize("NFC", prompt)
-    match = _lenient_pattern(unicodedata.normalize("NFC", subject.strip())).search(text)
-    if match is None:
-        raise SubjectNotFound(f"subject {subject!r} does not occur in prompt {prompt!r}")
-    return text[: match.start()] + SLOT + text[match.end() :], match.group(0)
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -288,10 +246,13 @@ def _case_id(record: Mapping, index: int, key: str = "case_id") -> int | str:
 
 
 def _templated(prompt_field: str, prompt: str, subject: str) -> tuple[str, str, dict]:
+    """``(template, subject as written, extras)``: a template is kept as it is; a filled prompt gets ``{}`` at
+    the subject's first occurrence, found leniently (:func:`keyscope.prompts.fill`)."""
     try:
-        template, written = to_template(prompt, subject)
+        span = fill(prompt, subject, lenient=True)
     except SubjectNotFound as exc:
         raise _RecordError(prompt_field, str(exc), kind="subject_not_found") from exc
+    template, written = (prompt, subject) if SLOT in prompt else (span.template, span.subject)
     return template, written, ({} if written == subject else {"subject_given": subject})
 
 
@@ -415,11 +376,10 @@ def parse_records(records: Sequence, schema: str) -> tuple[list[Fact], list[Fail
 
 def _factworld_records() -> list[dict]:
     """factworld's facts as exported records: the world of the shipped model's card, or the default world."""
-    from keyscope.factworld import export
+    from keyscope.factworld import MODEL_CARD, export, shipped_model_dir
     from keyscope.factworld.card import world_of
-    from keyscope.models import MODEL_CARD, factworld_model_dir
 
-    card_path = factworld_model_dir() / MODEL_CARD
+    card_path = shipped_model_dir() / MODEL_CARD
     card = {}
     if card_path.is_file():
         try:
@@ -465,7 +425,7 @@ def sniff_schema(source: str | Path) -> str:
 
 def locate_subjects(tokenizer, fact_file: FactFile, prepend_bos: bool | None = None) -> list[Failure]:
     """Check that every fact's subject has a last token in the tokenisation of its filled prompt
-    (:func:`keyscope.keys.locate`); one :class:`Failure` (record index, field ``subject``) per fact where not."""
+    (:func:`keyscope.prompts.locate`); one :class:`Failure` (record index, field ``subject``) per fact where not."""
     failures = []
     for index, fact in zip(fact_file.indices or range(len(fact_file.facts)), fact_file.facts):
         try:
@@ -541,54 +501,3 @@ def attach_paraphrases(facts: Iterable[Fact], table: Mapping[str, Sequence[str]]
         merged = tuple(dict.fromkeys((*fact.paraphrase_prompts, *(p for p in extra if p.strip()))))
         out.append(replace(fact, paraphrase_prompts=merged))
     return out, matched
-
-
-# ---------------------------------------------------------------------------------------------- known facts
-
-
-def predicts_target(
-    model, facts: Sequence[Fact], target: str = "true", batch_size: int = 32, prepend_bos: bool | None = None
-) -> torch.Tensor:
-    """Whether the model's top-1 next token after each fact's filled prompt is the first token of its
-    ``target`` (``"true"`` or ``"new"``): a ``(n,)`` bool tensor.
-
-    Prompts are sorted by length and run in right-padded batches with an attention mask; the logits are
-    read at each prompt's last real token.
-    """
-    if target not in ("true", "new"):
-        raise ValueError(f"target must be 'true' or 'new', not {target!r}")
-    tokenizer = model.tokenizer
-    pairs = []
-    for fact in facts:
-        answer = fact.target_true if target == "true" else fact.target_new
-        if answer is None:
-            raise ValueError(f"fact {fact.case_id} has no target_{target}")
-        pairs.append(target_context(tokenizer, fact.filled_prompt, answer, prepend_bos))
-    if not pairs:
-        return torch.zeros(0, dtype=torch.bool)
-    top1 = next_token_top_k(model, [context for context, _ in pairs], k=1, batch_size=batch_size).top1  # (n,)
-    return top1 == torch.as_tensor([first for _, first in pairs])  # (n,)
-
-
-def known_facts(model, facts: Sequence[Fact], batch_size: int = 32, prepend_bos: bool | None = None) -> list[Fact]:
-    """The facts whose true target's first token is the model's top-1 prediction after the filled prompt
-    (the "known facts" filter of ROME and Yan et al.), in their original order."""
-    known = predicts_target(model, facts, "true", batch_size=batch_size, prepend_bos=prepend_bos)
-    return [fact for fact, ok in zip(facts, known.tolist()) if ok]
-
-
-class UnknownFacts(KeyscopeError):
-    """The model knows none of the facts to edit."""
-
-
-def sample_known_facts(model, facts, n: int, seed: int = 0, batch_size: int = 64) -> tuple[list, int]:
-    """``(chosen, n_known)``: up to ``n`` facts drawn with ``seed`` among those with a ``target_new`` other
-    than ``target_true`` that the unedited model knows (top-1 on ``target_true``), in drawn order."""
-    candidates = [f for f in facts if f.target_new and f.target_new.strip() != (f.target_true or "").strip()]
-    known = known_facts(model, candidates, batch_size=batch_size)
-    if not known:
-        raise UnknownFacts(f"the model knows none of the {len(candidates)} facts with a new target "
-                            f"(top-1 on the first token of target_true); nothing to edit")
-    chosen = list(known)
-    random.Random(seed).shuffle(chosen)
-    return chosen[:n], len(known)

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from keyscope import rep, rome
-from keyscope.datasets import Fact, sample_known_facts
+from keyscope.datasets import Fact
 from keyscope.editing import (
     EDITORS,
     EditContext,
@@ -62,7 +62,7 @@ from keyscope.perturbations import (
     fact_probes,
     subject_forms,
 )
-from keyscope.predictions import score_targets
+from keyscope.predictions import sample_known_facts, score_targets
 from keyscope.similarity import probe_keys, whitened_cosine_matrix
 
 __all__ = ["EvalConfig", "METHODS", "EvalResult", "evaluate", "evaluate_fact", "evaluate_batch",
@@ -218,7 +218,8 @@ def _gate_groups(model, edit: ModelEdit, plan: QueryPlan, names: dict[str, float
     is its own group."""
     if not edit.gate_decides:
         return [{"tau": tau, "names": [name], "off": False} for name, tau in names.items()]
-    from keyscope.keys import layer_keys, length_batches, pad_batch
+    from keyscope.keys import layer_keys
+    from keyscope.prompts import length_batches, pad_batch
 
     runs = list(dict.fromkeys(tuple(ids[:-1]) for ids, _ in plan.sequences))
     pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0

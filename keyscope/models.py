@@ -13,7 +13,13 @@ Architecture facts live here and nowhere else:
 * :func:`W_out` returns a writable ``(d_model, d_mlp)`` view of the down-projection, so that
   ``value = W_out @ key (+ b_out)`` whatever the storage: GPT-2's ``Conv1D`` stores the transpose
   ``(d_mlp, d_model)``, ``nn.Linear`` (LLaMA, Mistral, GPT-NeoX, GPT-J) stores ``(d_model, d_mlp)``;
-* the default edit layer per model family, from the published ROME / EasyEdit hyper-parameters.
+* the default edit layer per model family, from the published ROME / EasyEdit hyper-parameters;
+* the residual stream the unembedding reads, hook ``ln_final.hook_in`` (:data:`FINAL_RESIDUAL_HOOK`), so that
+  :func:`logits_at` unembeds only the positions asked for.
+
+Model plumbing shared by the editors: :func:`logits_at` (logits at chosen positions), :func:`frozen`
+(parameters frozen for an optimisation through the model, restored on exit), and :func:`save_model` /
+:func:`hf_state_dict` (a Hugging Face directory that :func:`load_model` loads back, edits included).
 
 Where a model comes from (:func:`load_model`), in order: ``"factworld"``; an existing local directory; a hub
 name already in the local Hugging Face cache, read from its cached snapshot **without contacting the hub**
@@ -117,15 +123,12 @@ def attn_out_hook(layer: int) -> str:
     return f"blocks.{layer}.hook_attn_out"
 
 
-def factworld_model_dir() -> Path:
-    """The factworld model shipped inside the package (a standard HF directory)."""
-    return Path(__file__).resolve().parent / "factworld" / "model"
-
-
 def resolve_model_path(name_or_path: str) -> str:
     """Map ``"factworld"`` to the shipped directory; leave hub names and local paths unchanged."""
     if name_or_path == FACTWORLD:
-        return str(factworld_model_dir())
+        from keyscope.factworld import shipped_model_dir  # read at call time: tests point it elsewhere
+
+        return str(shipped_model_dir())
     return name_or_path
 
 
@@ -593,3 +596,132 @@ def head_ov(model, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     if W_V.shape[0] != W_O.shape[0]:
         W_V = W_V.repeat_interleave(W_O.shape[0] // W_V.shape[0], dim=0)
     return W_V, W_O
+
+
+# ---------------------------------------------------------------------------------------------- logits at chosen positions
+
+
+#: Hook on the input of the final norm: the residual stream the unembedding reads.
+FINAL_RESIDUAL_HOOK = "ln_final.hook_in"
+_FAST_LOGITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> bool, checked once per model
+
+
+class _ResidualCaptured(Exception):
+    """Raised from :data:`FINAL_RESIDUAL_HOOK` to end the forward pass before the full unembedding."""
+
+    def __init__(self, residual: torch.Tensor):
+        super().__init__("final residual captured")
+        self.residual = residual
+
+
+def _logits_via_final_residual(model, input_ids, attention_mask, rows, positions) -> torch.Tensor:
+    def capture(residual: torch.Tensor, hook) -> None:
+        raise _ResidualCaptured(residual)
+
+    try:
+        with model.hooks(fwd_hooks=[(FINAL_RESIDUAL_HOOK, capture)]):
+            model(input_ids, attention_mask=attention_mask)
+    except _ResidualCaptured as captured:
+        return model.unembed(model.ln_final(captured.residual[rows, positions]))  # (n, vocab)
+    raise RuntimeError(f"the hook {FINAL_RESIDUAL_HOOK} did not fire")
+
+
+def fast_logits_ok(model) -> bool:
+    """Whether ``unembed(ln_final(residual))`` at chosen positions reproduces the model's logits there
+    (true for GPT-2, GPT-J, GPT-NeoX, LLaMA, Mistral; a model with e.g. logit soft-capping would fail and
+    fall back to full logits). Checked once per model on a short random sequence."""
+    if model not in _FAST_LOGITS:
+        ok = FINAL_RESIDUAL_HOOK in model.hook_dict
+        if ok:
+            generator = torch.Generator().manual_seed(0)
+            ids = torch.randint(0, int(model.cfg.d_vocab), (2, 6), generator=generator).to(model.cfg.device)
+            rows, positions = torch.tensor([0, 1, 1]), torch.tensor([5, 2, 5])
+            with torch.no_grad():
+                full = model(ids)[rows, positions].float()  # (3, vocab)
+                try:
+                    fast = _logits_via_final_residual(model, ids, None, rows, positions).float()
+                except Exception:  # any failure of the shortcut: use full logits
+                    fast = None
+            ok = fast is not None and torch.allclose(fast, full, rtol=1e-3, atol=1e-3 * float(full.abs().max()))
+        _FAST_LOGITS[model] = ok
+    return _FAST_LOGITS[model]
+
+
+def logits_at(model, input_ids, attention_mask, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Logits ``(n, vocab)`` at ``(rows[i], positions[i])`` of a forward pass over ``input_ids``.
+
+    Only those positions are unembedded (the forward stops at the final norm's input): for GPT-2 small the
+    unembedding of every position is ~30% of a forward pass, and the v* objective needs one position per
+    target token. Falls back to the full logits where the shortcut does not reproduce them.
+    """
+    if fast_logits_ok(model):
+        return _logits_via_final_residual(model, input_ids, attention_mask, rows, positions)
+    return model(input_ids, attention_mask=attention_mask)[rows, positions]
+
+
+# ---------------------------------------------------------------------------------------------- frozen
+
+
+@contextmanager
+def frozen(model) -> Iterator[None]:
+    """Eval mode and ``requires_grad=False`` on every parameter, both restored on exit."""
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    training = model.training
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        model.eval()
+        yield
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+        model.train(training)
+
+
+# ---------------------------------------------------------------------------------------------- saving
+
+
+def hf_state_dict(model) -> dict[str, torch.Tensor]:
+    """The wrapped model's parameters under their Hugging Face names (what ``save_pretrained`` writes).
+
+    A ``TransformerBridge`` replaces modules of ``model.original_model`` by wrappers (``…._original_component…``)
+    and adds aliases (split q/k/v, ``mlp.in``/``mlp.out``), so ``original_model.state_dict()`` does not
+    load into the HF class. The HF names are those of a parameter-free (meta device) instance of the same
+    class; each is read from the key with the wrapper segments removed.
+    """
+    from transformers import AutoModelForCausalLM
+
+    hf_model = model.original_model
+    by_clean_name: dict[str, torch.Tensor] = {}
+    for key, tensor in hf_model.state_dict().items():
+        clean = key.replace("._original_component", "")
+        by_clean_name.setdefault(clean, tensor)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(hf_model.config)
+    wanted = list(skeleton.state_dict())
+    missing = [name for name in wanted if name not in by_clean_name]
+    if missing:
+        raise RuntimeError(f"cannot map the bridge's parameters to {type(hf_model).__name__}: missing {missing[:5]}")
+    return {name: by_clean_name[name] for name in wanted}
+
+
+def save_model(model, path: str | Path) -> Path:
+    """Save ``model`` (with whatever edits are applied) as a Hugging Face directory at ``path``:
+    ``config.json`` + safetensors weights (:func:`hf_state_dict`) + tokenizer, and the model's
+    ``keyscope.json`` card if it has one. :func:`keyscope.models.load_model` loads it with the edits in."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = hf_state_dict(model)
+    with torch.device("meta"):
+        clean = AutoModelForCausalLM.from_config(model.original_model.config)
+    clean.load_state_dict(state, strict=True, assign=True)
+    clean.tie_weights()
+    clean.save_pretrained(path)
+    model.tokenizer.save_pretrained(path)
+    card = model_card(model)
+    if card:
+        (path / MODEL_CARD).write_text(json.dumps(card, indent=2) + "\n")
+    return path

@@ -1,7 +1,7 @@
 """Perturbed prompts of a fact: the probes whose keys are compared with the edited key.
 
 Yan et al. ("Keys to Robust Edits", Sec. 3) ask whether an edit of a subject reaches the subject's keys under
-perturbations of the prompt. One place builds every such probe, for every study (Figure 3, Table 1, the lemmas,
+perturbations of the prompt. One place builds every such probe, for every study (Figure 3, Figure 5, Table 1, the lemmas,
 ``keyscope edit``); :data:`KINDS` enumerates them:
 
 * ``rephrase`` — a rephrased form of the subject (an alias, an abbreviation…) in the subject slot;
@@ -43,7 +43,7 @@ from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from keyscope.errors import KeyscopeError
-from keyscope.keys import SLOT, Encoded, as_template, encode, fill, tokens_overlapping
+from keyscope.prompts import SLOT, Encoded, encode, fill, tokens_overlapping
 
 ORIGINAL, TEMPLATE, RANDOM = "original", "template", "random"
 REPHRASE, SHUFFLE, SHUFFLE_WORDS, LONG = "rephrase", "shuffle", "shuffle_words", "long"
@@ -81,7 +81,7 @@ def rephrased_subjects(template: str, subject: str, rephrasings: Iterable[str],
                        kinds: Sequence[str] | None = None) -> list[Probe]:
     """The fact with each of ``rephrasings`` (aliases, abbreviations…) in the subject slot; ``kinds[i]`` is
     rephrasing ``i``'s kind (its ``source``; ``#i`` without kinds)."""
-    template = as_template(template, subject)
+    template = fill(template, subject).template
     rephrasings = list(rephrasings)
     sources = list(kinds) if kinds is not None and len(kinds) == len(rephrasings) else [f"#{i}" for i in range(len(rephrasings))]
     return [Probe(template, r, REPHRASE, source) for r, source in zip(rephrasings, sources) if r.strip() and r != subject]
@@ -89,7 +89,7 @@ def rephrased_subjects(template: str, subject: str, rephrasings: Iterable[str],
 
 def other_subjects(template: str, subject: str, pool: Sequence[str], n: int = 10, seed: int = 0) -> list[Probe]:
     """Baseline: up to ``n`` distinct subjects from ``pool`` (not ``subject``) in the same template."""
-    template = as_template(template, subject)
+    template = fill(template, subject).template
     candidates = sorted({s for s in pool if s.strip() and s.strip() != subject.strip()})
     random.Random(seed).shuffle(candidates)
     return [Probe(template, s, RANDOM) for s in candidates[:n]]
@@ -98,10 +98,10 @@ def other_subjects(template: str, subject: str, pool: Sequence[str], n: int = 10
 def word_shuffled_subjects(template: str, subject: str, n: int = 10, seed: int = 0,
                            exclude: Collection[str] = frozenset(), source: str = CANONICAL) -> list[Probe]:
     """Up to ``n`` prompts with the subject's whitespace-separated **words** in another order (no form of
-    ``exclude``), drawn with ``seed``; ``[]`` for a one-word subject."""
-    template = as_template(template, subject)
+    ``exclude``), drawn with ``seed``; ``[]`` for a one-word subject or ``n = 0``."""
+    template = fill(template, subject).template
     words = subject.split()
-    if len(words) < 2:
+    if len(words) < 2 or n < 1:
         return []
     rng = random.Random(f"{seed}:words:{subject}")
     forms = []
@@ -171,16 +171,17 @@ def shuffled_subjects(
     each probe records whether re-tokenising the decoded prompt gives exactly the shuffled sequence (hence
     the same multiset of subject tokens); with ``require_exact=True`` (default) only those are returned, so
     the model sees the shuffled tokens themselves. A shuffle that spells a form in ``exclude`` (another
-    subject's name: an order twin's) is skipped. Subjects of one token have no shuffle: ``[]``.
+    subject's name: an order twin's) is skipped. Subjects of one token have no shuffle, and ``n = 0`` asks for
+    none: ``[]``.
     """
-    template = as_template(template, subject)
+    template = fill(template, subject).template
     span = fill(template, subject)
     enc = _plain(tokenizer, span.text)
     hits = tokens_overlapping(enc, span.start, span.end)
     first, last = hits[0], hits[-1]
     ids = list(enc.ids)
     subject_ids = ids[first : last + 1]
-    if len(subject_ids) < 2 or len(set(subject_ids)) < 2:
+    if n < 1 or len(subject_ids) < 2 or len(set(subject_ids)) < 2:
         return []
     prefix_ids, suffix_ids = ids[:first], ids[last + 1 :]
     prefix_text = _decode(tokenizer, prefix_ids)
@@ -227,7 +228,7 @@ def same_token_multiset(tokenizer, probe: Probe, template: str, subject: str) ->
     whitespace-only token at the subject's edge included, which :func:`subject_tokens` leaves out).
     """
     probe_ids = _plain(tokenizer, probe.prompt).ids
-    original_ids = _plain(tokenizer, fill(as_template(template, subject), subject).text).ids
+    original_ids = _plain(tokenizer, fill(fill(template, subject).template, subject).text).ids
     return Counter(probe_ids) == Counter(original_ids)
 
 
@@ -262,7 +263,7 @@ def long_context(
     tokenises exactly as it does alone (GPT-2's ``The`` after a newline, LLaMA's ``▁The`` after a space), so
     the subject's own tokens are unchanged; if none does, ``" "`` is used.
     """
-    template = as_template(template, subject)
+    template = fill(template, subject).template
     prompt = fill(template, subject).text
     prompt_ids = list(_plain(tokenizer, prompt).ids)
     docs = [context] if isinstance(context, str) else context
@@ -321,11 +322,18 @@ def fact_documents(facts: Sequence, seed: int | str = 0, sentences: int = 40, ex
 class PerturbationConfig:
     """How many probes of each kind a fact gets and which sources are out-of-domain. No I/O.
 
+    ``n_rephrase`` caps the rephrased subjects taken, in the dataset's order (``None``: all of them);
     ``n_shuffles``/``n_word_shuffles`` count the in-domain shuffles of the subject itself; each out-of-domain
     rephrased form adds one of each (up to the same counts). ``n_long_contexts`` is per source.
+    ``out_of_domain=False`` holds nothing out: every rephrase is in-domain, in the dataset's order, and the
+    out-of-domain halves are empty (``keyscope edit`` and Figure 5 show every rephrase of the subject).
+
+    Each study parametrises this one config: Table 1 and the bounds take the defaults (with their seed),
+    Figure 3 too; ``keyscope edit`` one long context and no held-out half
+    (:func:`keyscope.experiments.edit.edit_probes`); Figures 4 and 5 the rephrases alone (:data:`REPHRASES`).
     """
 
-    n_rephrase: int = 10
+    n_rephrase: int | None = 10
     n_shuffles: int = 6
     n_word_shuffles: int = 4
     n_long_contexts: int = 3
@@ -333,11 +341,18 @@ class PerturbationConfig:
     n_random: int = 10
     ood_rephrase_kinds: tuple[str, ...] = OOD_REPHRASE_KINDS
     seed: int = 0
+    out_of_domain: bool = True
 
     def __post_init__(self):
         for name in ("n_rephrase", "n_shuffles", "n_word_shuffles", "n_long_contexts", "long_context_tokens", "n_random"):
-            if getattr(self, name) < 0:
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"PerturbationConfig.{name} must be >= 0, not {getattr(self, name)}")
+
+
+#: Every rephrased subject of a fact, none held out, and no other perturbation: the rephrase probes of Figure 5
+#: (:mod:`keyscope.experiments.values`) and of Figure 4's scale (:func:`keyscope.experiments.scan.rephrase_scores`).
+REPHRASES = PerturbationConfig(n_rephrase=None, n_shuffles=0, n_word_shuffles=0, n_long_contexts=0, n_random=0,
+                               out_of_domain=False)
 
 
 @dataclass(frozen=True)
@@ -381,13 +396,15 @@ def fact_probes(tokenizer, fact, context_docs: Iterable[str] | None, config: Per
     other subjects; ``subject_pool`` feeds the random baseline.
     """
     config = config or PerturbationConfig()
-    template = as_template(fact.prompt, fact.subject)
+    template = fill(fact.prompt, fact.subject).template
     subject = fact.subject
     exclude = frozenset(exclude) - {subject}
     rephrasings = list(fact.subject_rephrase)[: config.n_rephrase]
     kinds = rephrase_kinds(fact)
     rephrased = rephrased_subjects(template, subject, rephrasings, kinds[: len(rephrasings)] if kinds else None)
-    if kinds is not None:
+    if not config.out_of_domain:
+        ood_rephrase = []
+    elif kinds is not None:
         ood_rephrase = [p for p in rephrased if p.source in config.ood_rephrase_kinds]
     else:
         half = math.ceil(len(rephrased) / 2)
@@ -395,6 +412,8 @@ def fact_probes(tokenizer, fact, context_docs: Iterable[str] | None, config: Per
     id_rephrase = [p for p in rephrased if p not in ood_rephrase]
 
     def shuffles(builder, n: int) -> tuple[tuple[Probe, ...], tuple[Probe, ...]]:
+        if n == 0:
+            return (), ()
         in_domain = builder(subject, n, CANONICAL)
         out_of_domain: list[Probe] = []
         for probe in ood_rephrase:
@@ -416,12 +435,12 @@ def fact_probes(tokenizer, fact, context_docs: Iterable[str] | None, config: Per
                      for _ in range(config.n_long_contexts))
 
     fact_docs = None
-    if other_facts:
+    if other_facts and config.out_of_domain:
         fact_docs = fact_documents(other_facts, seed=f"{config.seed}:{fact.case_id}", exclude_subject=subject)
     templates = []
     for prompt in fact.paraphrase_prompts:
         try:
-            templates.append(Probe(as_template(prompt, subject), subject, TEMPLATE))
+            templates.append(Probe(fill(prompt, subject).template, subject, TEMPLATE))
         except KeyscopeError:  # a paraphrase that does not name the subject verbatim
             continue
     perturbed = {

@@ -13,21 +13,24 @@ token ids** — the exact sequences fed to the model — run in right-padded bat
 * :func:`next_token_top_k` runs the batches and returns the top-k tokens with their probabilities, and
   optionally the probability of one chosen token per prompt;
 * :func:`score_targets` scores whole (multi-token) targets teacher-forced: their log-probability, whether
-  every target token is the top-1 prediction, and the argmax tokens at the target positions.
+  every target token is the top-1 prediction, and the argmax tokens at the target positions;
+* :func:`predicts_target`, :func:`known_facts` and :func:`sample_known_facts` ask which facts (of
+  :mod:`keyscope.datasets`) the model knows: top-1 on the first token of the true target.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from keyscope.errors import SubjectNotFound
-from keyscope.keys import encode, length_batches, pad_batch, tokens_overlapping
+from keyscope.errors import KeyscopeError, SubjectNotFound
+from keyscope.prompts import encode, length_batches, pad_batch, tokens_overlapping
 
 __all__ = ["TopK", "prompt_context", "target_context", "target_sequence", "TargetScores", "score_targets",
-           "next_token_top_k", "decode_token"]
+           "next_token_top_k", "decode_token", "predicts_target", "known_facts", "sample_known_facts", "UnknownFacts"]
 
 
 @dataclass(frozen=True)
@@ -180,3 +183,54 @@ def next_token_top_k(
 def decode_token(tokenizer, token_id: int) -> str:
     """One token as text (GPT-2's ``Ġ`` and SentencePiece's ``▁`` become the space they stand for)."""
     return tokenizer.decode([int(token_id)], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+# ---------------------------------------------------------------------------------------------- known facts
+
+
+def predicts_target(
+    model, facts: Sequence, target: str = "true", batch_size: int = 32, prepend_bos: bool | None = None
+) -> torch.Tensor:
+    """Whether the model's top-1 next token after each fact's filled prompt is the first token of its
+    ``target`` (``"true"`` or ``"new"``): a ``(n,)`` bool tensor.
+
+    Prompts are sorted by length and run in right-padded batches with an attention mask; the logits are
+    read at each prompt's last real token.
+    """
+    if target not in ("true", "new"):
+        raise ValueError(f"target must be 'true' or 'new', not {target!r}")
+    tokenizer = model.tokenizer
+    pairs = []
+    for fact in facts:
+        answer = fact.target_true if target == "true" else fact.target_new
+        if answer is None:
+            raise ValueError(f"fact {fact.case_id} has no target_{target}")
+        pairs.append(target_context(tokenizer, fact.filled_prompt, answer, prepend_bos))
+    if not pairs:
+        return torch.zeros(0, dtype=torch.bool)
+    top1 = next_token_top_k(model, [context for context, _ in pairs], k=1, batch_size=batch_size).top1  # (n,)
+    return top1 == torch.as_tensor([first for _, first in pairs])  # (n,)
+
+
+def known_facts(model, facts: Sequence, batch_size: int = 32, prepend_bos: bool | None = None) -> list:
+    """The facts whose true target's first token is the model's top-1 prediction after the filled prompt
+    (the "known facts" filter of ROME and Yan et al.), in their original order."""
+    known = predicts_target(model, facts, "true", batch_size=batch_size, prepend_bos=prepend_bos)
+    return [fact for fact, ok in zip(facts, known.tolist()) if ok]
+
+
+class UnknownFacts(KeyscopeError):
+    """The model knows none of the facts to edit."""
+
+
+def sample_known_facts(model, facts, n: int, seed: int = 0, batch_size: int = 64) -> tuple[list, int]:
+    """``(chosen, n_known)``: up to ``n`` facts drawn with ``seed`` among those with a ``target_new`` other
+    than ``target_true`` that the unedited model knows (top-1 on ``target_true``), in drawn order."""
+    candidates = [f for f in facts if f.target_new and f.target_new.strip() != (f.target_true or "").strip()]
+    known = known_facts(model, candidates, batch_size=batch_size)
+    if not known:
+        raise UnknownFacts(f"the model knows none of the {len(candidates)} facts with a new target "
+                            f"(top-1 on the first token of target_true); nothing to edit")
+    chosen = list(known)
+    random.Random(seed).shuffle(chosen)
+    return chosen[:n], len(known)

@@ -73,7 +73,7 @@ from keyscope import rome
 from keyscope.editing import Editor, ModelEdit
 from keyscope.keys import collect_context_keys
 from keyscope.models import check_layer, key_hook
-from keyscope.perturbations import KINDS, LONG, TEMPLATE, Probe
+from keyscope.perturbations import KINDS, LONG, REPHRASE, SHUFFLE, TEMPLATE, Probe
 from keyscope.similarity import probe_keys
 
 __all__ = ["REPConfig", "KeyAdaptor", "REP", "REPKeys", "gather_keys", "training_positives", "behind_prefixes",
@@ -190,8 +190,8 @@ class REPConfig:
             bias=False,  # aggregator.py L379-380 (Kaiming-uniform A at L383, zero B at L384: as keyscope's)
             gate_strict=True,  # aggregator.py L417 (cls_pred > cls_threshold)
             input_scaling=False,  # aggregator.py L405-408: the gate and projection read x itself
-            positive_kinds=("rephrase", "shuffle"),  # aggregator.py L186-208 (first halves; no templates:
-            #                                          L145-146 raise, no word shuffles)
+            positive_kinds=(REPHRASE, SHUFFLE),  # aggregator.py L186-208 (first halves; no templates:
+                                                 #                                          L145-146 raise, no word shuffles)
             positive_prefixes=True,  # aggregator.py L141-142, L193, L206: every subject behind every prefix
         )
         return cls(**{**released, **overrides})

@@ -87,25 +87,23 @@ tokenisations are the same.
 
 Timings of every stage are recorded in :class:`EditTrace`. Applying edits: :func:`apply` (permanent),
 :func:`applied` (a context manager that restores the weights bit-exactly on exit, also on an exception),
-:func:`save_model` (a Hugging Face directory that :func:`keyscope.models.load_model` loads with the edits in).
+:func:`keyscope.models.save_model` (a Hugging Face directory that :func:`keyscope.models.load_model` loads with
+the edits in).
 """
 
 from __future__ import annotations
 
-import json
 import time
-import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
-from pathlib import Path
 
 import torch
 
 from keyscope.covariance import KeyCovariance, load_or_compute_covariance
 from keyscope.editing import Editor, ModelEdit
 from keyscope.errors import KeyscopeError
-from keyscope.keys import SLOT, as_template, collect_keys, encode, fill, pad_batch, tokens_overlapping
+from keyscope.keys import collect_keys
 from keyscope.models import (
     MODEL_CARD,
     W_out,
@@ -115,11 +113,15 @@ from keyscope.models import (
     d_model,
     default_layer,
     family,
+    fast_logits_ok,
+    frozen,
     hf_prepends_bos,
+    logits_at,
     model_card,
     model_name,
     value_hook,
 )
+from keyscope.prompts import SLOT, encode, fill, pad_batch, tokens_overlapping
 
 __all__ = [
     "ROMEConfig",
@@ -138,8 +140,6 @@ __all__ = [
     "predicted_value",
     "apply",
     "applied",
-    "save_model",
-    "hf_state_dict",
     "ROMEEdits",
     "ROMEEditor",
 ]
@@ -283,7 +283,7 @@ class EditRequest:
     @property
     def template(self) -> str:
         """The prompt with exactly one ``{}`` at the subject occurrence that is edited."""
-        return as_template(self.prompt, self.subject)
+        return fill(self.prompt, self.subject).template
 
     @classmethod
     def from_dict(cls, record: Mapping) -> EditRequest:
@@ -368,67 +368,6 @@ class Edit:
         return key.float() @ selector
 
 
-# ---------------------------------------------------------------------------------------------- logits
-
-
-#: Hook on the input of the final norm: the residual stream the unembedding reads.
-FINAL_RESIDUAL_HOOK = "ln_final.hook_in"
-_FAST_LOGITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> bool, checked once per model
-
-
-class _ResidualCaptured(Exception):
-    """Raised from :data:`FINAL_RESIDUAL_HOOK` to end the forward pass before the full unembedding."""
-
-    def __init__(self, residual: torch.Tensor):
-        super().__init__("final residual captured")
-        self.residual = residual
-
-
-def _logits_via_final_residual(model, input_ids, attention_mask, rows, positions) -> torch.Tensor:
-    def capture(residual: torch.Tensor, hook) -> None:
-        raise _ResidualCaptured(residual)
-
-    try:
-        with model.hooks(fwd_hooks=[(FINAL_RESIDUAL_HOOK, capture)]):
-            model(input_ids, attention_mask=attention_mask)
-    except _ResidualCaptured as captured:
-        return model.unembed(model.ln_final(captured.residual[rows, positions]))  # (n, vocab)
-    raise RuntimeError(f"the hook {FINAL_RESIDUAL_HOOK} did not fire")
-
-
-def _fast_logits_ok(model) -> bool:
-    """Whether ``unembed(ln_final(residual))`` at chosen positions reproduces the model's logits there
-    (true for GPT-2, GPT-J, GPT-NeoX, LLaMA, Mistral; a model with e.g. logit soft-capping would fail and
-    fall back to full logits). Checked once per model on a short random sequence."""
-    if model not in _FAST_LOGITS:
-        ok = FINAL_RESIDUAL_HOOK in model.hook_dict
-        if ok:
-            generator = torch.Generator().manual_seed(0)
-            ids = torch.randint(0, int(model.cfg.d_vocab), (2, 6), generator=generator).to(model.cfg.device)
-            rows, positions = torch.tensor([0, 1, 1]), torch.tensor([5, 2, 5])
-            with torch.no_grad():
-                full = model(ids)[rows, positions].float()  # (3, vocab)
-                try:
-                    fast = _logits_via_final_residual(model, ids, None, rows, positions).float()
-                except Exception:  # any failure of the shortcut: use full logits
-                    fast = None
-            ok = fast is not None and torch.allclose(fast, full, rtol=1e-3, atol=1e-3 * float(full.abs().max()))
-        _FAST_LOGITS[model] = ok
-    return _FAST_LOGITS[model]
-
-
-def _logits_at(model, input_ids, attention_mask, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Logits ``(n, vocab)`` at ``(rows[i], positions[i])`` of a forward pass over ``input_ids``.
-
-    Only those positions are unembedded (the forward stops at the final norm's input): for GPT-2 small the
-    unembedding of every position is ~30% of a forward pass, and the v* objective needs one position per
-    target token. Falls back to the full logits where the shortcut does not reproduce them.
-    """
-    if _fast_logits_ok(model):
-        return _logits_via_final_residual(model, input_ids, attention_mask, rows, positions)
-    return model(input_ids, attention_mask=attention_mask)[rows, positions]
-
-
 # ---------------------------------------------------------------------------------------------- k*
 
 
@@ -476,7 +415,7 @@ def context_prefixes(model, config: ROMEConfig | None = None) -> tuple[str, ...]
     with torch.no_grad():
         while ids.shape[1] < max(lengths):
             last = torch.full((ids.shape[0],), ids.shape[1] - 1)  # (n,)
-            logits = _logits_at(model, ids.to(model.cfg.device), None, torch.arange(ids.shape[0]), last)
+            logits = logits_at(model, ids.to(model.cfg.device), None, torch.arange(ids.shape[0]), last)
             logits = logits.float().cpu()  # (n, vocab)
             logits[:, n_vocab:] = float("-inf")
             top = logits.topk(min(config.prefix_top_k, n_vocab), dim=-1)  # (n, k)
@@ -598,23 +537,6 @@ def _v_star_batch(model, request: EditRequest, prefixes: Sequence[str], config: 
     )
 
 
-@contextmanager
-def _frozen(model) -> Iterator[None]:
-    """Eval mode and ``requires_grad=False`` on every parameter, both restored on exit."""
-    params = list(model.parameters())
-    flags = [p.requires_grad for p in params]
-    training = model.training
-    try:
-        for p in params:
-            p.requires_grad_(False)
-        model.eval()
-        yield
-    finally:
-        for p, flag in zip(params, flags):
-            p.requires_grad_(flag)
-        model.train(training)
-
-
 def compute_v_star(
     model, request: EditRequest, layer: int, k_star: torch.Tensor, prefixes: Sequence[str], config: ROMEConfig
 ) -> tuple[torch.Tensor, EditTrace]:
@@ -657,7 +579,7 @@ def compute_v_star(
     kl_row = torch.tensor([batch.n_prompts], device=device)
     rows = torch.cat([batch.target_rows, kl_row])  # (n_targets + 1,): the target tokens, then the KL prompt
     positions = torch.cat([batch.target_positions, kl_row.new_tensor([batch.kl_position])])  # (n_targets + 1,)
-    _fast_logits_ok(model)  # decide the logits path before the δ hook is installed
+    fast_logits_ok(model)  # decide the logits path before the δ hook is installed
 
     def add_delta(activation: torch.Tensor, hook) -> torch.Tensor:
         return activation + (batch.inject * delta).to(activation.dtype)  # (batch, pos, d_model)
@@ -665,10 +587,10 @@ def compute_v_star(
     reference = None  # (vocab,) log P₀ at the KL position
     history: dict[str, list[float]] = {k: [] for k in ("loss", "nll", "kl", "weight_decay", "target_probability")}
     stopped_early = False
-    with _frozen(model), torch.enable_grad(), model.hooks(fwd_hooks=[(value_hook(layer), add_delta)]):
+    with frozen(model), torch.enable_grad(), model.hooks(fwd_hooks=[(value_hook(layer), add_delta)]):
         for step in range(config.v_num_grad_steps):
             optimizer.zero_grad()
-            logits = _logits_at(model, batch.input_ids, batch.attention_mask, rows, positions).float()  # (n_targets + 1, vocab)
+            logits = logits_at(model, batch.input_ids, batch.attention_mask, rows, positions).float()  # (n_targets + 1, vocab)
             log_probs = logits[:-1].log_softmax(-1).gather(1, batch.target_ids[:, None])[:, 0]  # (n_targets,)
             per_prompt = torch.zeros(batch.n_prompts, device=device).index_add(0, batch.target_rows, log_probs) / counts
             nll = -per_prompt.mean()
@@ -867,51 +789,6 @@ def applied(model, *edits: Edit) -> Iterator:
     finally:
         for layer, original in saved.items():
             W_out(model, layer).copy_(original)
-
-
-def hf_state_dict(model) -> dict[str, torch.Tensor]:
-    """The wrapped model's parameters under their Hugging Face names (what ``save_pretrained`` writes).
-
-    A ``TransformerBridge`` replaces modules of ``model.original_model`` by wrappers (``…._original_component…``)
-    and adds aliases (split q/k/v, ``mlp.in``/``mlp.out``), so ``original_model.state_dict()`` does not
-    load into the HF class. The HF names are those of a parameter-free (meta device) instance of the same
-    class; each is read from the key with the wrapper segments removed.
-    """
-    from transformers import AutoModelForCausalLM
-
-    hf_model = model.original_model
-    by_clean_name: dict[str, torch.Tensor] = {}
-    for key, tensor in hf_model.state_dict().items():
-        clean = key.replace("._original_component", "")
-        by_clean_name.setdefault(clean, tensor)
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(hf_model.config)
-    wanted = list(skeleton.state_dict())
-    missing = [name for name in wanted if name not in by_clean_name]
-    if missing:
-        raise RuntimeError(f"cannot map the bridge's parameters to {type(hf_model).__name__}: missing {missing[:5]}")
-    return {name: by_clean_name[name] for name in wanted}
-
-
-def save_model(model, path: str | Path) -> Path:
-    """Save ``model`` (with whatever edits are applied) as a Hugging Face directory at ``path``:
-    ``config.json`` + safetensors weights (:func:`hf_state_dict`) + tokenizer, and the model's
-    ``keyscope.json`` card if it has one. :func:`keyscope.models.load_model` loads it with the edits in."""
-    from transformers import AutoModelForCausalLM
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    state = hf_state_dict(model)
-    with torch.device("meta"):
-        clean = AutoModelForCausalLM.from_config(model.original_model.config)
-    clean.load_state_dict(state, strict=True, assign=True)
-    clean.tie_weights()
-    clean.save_pretrained(path)
-    model.tokenizer.save_pretrained(path)
-    card = model_card(model)
-    if card:
-        (path / MODEL_CARD).write_text(json.dumps(card, indent=2) + "\n")
-    return path
 
 
 # ---------------------------------------------------------------------------------------------- editor

@@ -43,10 +43,9 @@ import torch
 
 from keyscope.corpus import Source, TokenBatch, token_batches
 from keyscope.datasets import Fact
-from keyscope.keys import collect_keys, encode, fill, layer_keys, tokens_overlapping
+from keyscope.keys import collect_keys, layer_keys
 from keyscope.models import check_layer
-from keyscope.perturbations import rephrased_subjects
-from keyscope.similarity import edit_strength_matrix, probe_keys
+from keyscope.prompts import encode, fill, tokens_overlapping
 
 #: The exclusion filters of a scan (:func:`filter_variants`): the paper's, and a strict one.
 FILTERS = ("paper", "strict")
@@ -468,24 +467,3 @@ def scan_corpus(
     masks = {name: [variants[name] for variants in per_fact] for name in filters}
     batches = token_batches(tokenizer, corpus, config.n_tokens, config.seq_len, config.batch_size, config.prepend_bos)
     return scan_batches(model, batches, k_stars, cov, masks, config, [f.subject for f in facts], progress)
-
-
-def rephrase_scores(model, facts: Sequence[Fact], cov, layer: int, k_stars: torch.Tensor | None = None) -> list[torch.Tensor]:
-    """For scale: the edit strengths ``s(k; k*)`` of each fact's rephrased-subject keys (same template,
-    :func:`keyscope.perturbations.rephrased_subjects`) against its own ``k*``; one float64 tensor per fact (empty
-    when the fact has no rephrased subjects). All probes run in one batched :func:`probe_keys` call."""
-    if k_stars is None:
-        k_stars = subject_keys(model, facts, layer)  # (S, d_mlp)
-    probes, owner = [], []
-    for j, fact in enumerate(facts):
-        for probe in rephrased_subjects(fact.prompt, fact.subject, fact.subject_rephrase):
-            probes.append(probe)
-            owner.append(j)
-    if not probes:
-        return [torch.empty(0, dtype=torch.float64) for _ in facts]
-    keys = probe_keys(model, probes, layer)  # (n, d_mlp)
-    strengths = edit_strength_matrix(keys, k_stars, cov).cpu()  # (n, S)
-    owners = torch.as_tensor(owner)  # (n,)
-    rows = torch.arange(len(probes))
-    own = strengths[rows, owners]  # (n,)
-    return [own[owners == j] for j in range(len(facts))]

@@ -1,4 +1,4 @@
-"""Whitened key similarity, ROME's edit strength, and the perturbed prompts whose keys are compared.
+"""Whitened key similarity and ROME's edit strength.
 
 A ROME edit at key ``k*`` changes ``W_out`` by ``ΔW = Λ (C⁻¹k*)ᵀ`` with ``Λ`` chosen so that
 ``ΔW k* = Λ · k*ᵀC⁻¹k*`` installs the new value (Meng et al. 2022, eq. 2). Any other key ``k`` is moved by
@@ -13,9 +13,9 @@ subject under rephrasing and long contexts (``s ≈ 1``) but not those of shuffl
 :class:`keyscope.covariance.KeyCovariance`, whose :meth:`~keyscope.covariance.KeyCovariance.solve` is a
 Cholesky solve (no explicit inverse). Results are float64.
 
-The perturbed prompts come from :mod:`keyscope.perturbations`; :func:`probe_keys` collects their keys and
-:func:`perturbation_study` measures every probe of a set of facts against the original key (Figure 3).
-Figures live elsewhere.
+:func:`probe_keys` collects the keys of the perturbed prompts of :mod:`keyscope.perturbations`;
+:func:`whitened_pca` projects keys in the whitened space. The Figure 3 study that compares every probe of a set
+of facts with the original key is :mod:`keyscope.experiments.similarity`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import torch
 
 from keyscope.keys import collect_keys
-from keyscope.perturbations import KINDS, RANDOM, PerturbationConfig, Probe, fact_probes
+from keyscope.perturbations import Probe
 
 # ---------------------------------------------------------------------------------------------- similarity
 
@@ -79,58 +79,7 @@ def probe_keys(model, probes: Sequence[Probe], layer: int, **kwargs) -> torch.Te
     return collect_keys(model, [p.template for p in probes], [p.subject for p in probes], layer, **kwargs)
 
 
-# ---------------------------------------------------------------------------------------------- study
-
-#: Kinds of the Figure 3 study, in display order; ``random`` is the other-subject baseline.
-STUDY_KINDS = (*KINDS, RANDOM)
-
-
-def perturbation_study(model, facts: Sequence, layer: int, cov, context_docs, config: PerturbationConfig | None = None,
-                       progress: bool = True, other_facts=None, exclude: frozenset[str] = frozenset()):
-    """Normalised edit strength ``s(k; k_orig) = kᵀC⁻¹k_orig / k_origᵀC⁻¹k_orig`` of every perturbed key of
-    every fact against the fact's original key (Yan et al., Sec. 3 and Figure 3), for every probe of
-    :func:`keyscope.perturbations.fact_probes` (in- and out-of-domain alike) and the random baseline.
-
-    Returns ``(rows, keys)``: ``rows`` is a list of dicts (``case_id``, ``subject``, ``kind`` in
-    :data:`STUDY_KINDS`, ``source``, ``prompt``, ``similarity``) and ``keys`` maps ``case_id`` to ``(kinds,
-    keys)`` with ``keys`` of shape ``(n_probes, d_mlp)`` (original first), for the PCA panel.
-    """
-    from tqdm.auto import tqdm
-
-    config = config or PerturbationConfig()
-    tokenizer = model.tokenizer
-    pool = [f.subject for f in facts]
-    rows: list[dict] = []
-    keys_by_case: dict = {}
-    for fact in tqdm(facts, desc="perturbation keys", disable=not progress):
-        probes = fact_probes(tokenizer, fact, context_docs, config, exclude=exclude, other_facts=other_facts,
-                             subject_pool=pool).all()
-        keys = probe_keys(model, probes, layer)  # (n_probes, d_mlp)
-        strength = edit_strength(keys[1:], keys[0], cov).cpu()  # (n_probes - 1,)
-        for probe, s in zip(probes[1:], strength.tolist()):
-            rows.append({"case_id": fact.case_id, "subject": fact.subject, "kind": probe.kind, "source": probe.source,
-                         "prompt": probe.prompt, "similarity": s})
-        keys_by_case[fact.case_id] = ([p.kind for p in probes], keys.cpu())
-    return rows, keys_by_case
-
-
-def summarize(rows: Sequence[dict]) -> dict[str, dict[str, float]]:
-    """Per kind: ``n``, ``mean``, ``median``, ``q10``, ``q90`` of the normalised similarity."""
-    import numpy as np
-
-    out: dict[str, dict[str, float]] = {}
-    for kind in STUDY_KINDS:
-        values = np.array([r["similarity"] for r in rows if r["kind"] == kind], dtype=np.float64)
-        if values.size == 0:
-            continue
-        out[kind] = {
-            "n": int(values.size),
-            "mean": float(values.mean()),
-            "median": float(np.median(values)),
-            "q10": float(np.quantile(values, 0.1)),
-            "q90": float(np.quantile(values, 0.9)),
-        }
-    return out
+# ---------------------------------------------------------------------------------------------- PCA
 
 
 def whitened_pca(keys: torch.Tensor, cov, n_components: int = 2) -> torch.Tensor:

@@ -35,11 +35,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from keyscope.datasets import Fact, known_facts
+from keyscope.datasets import Fact
 from keyscope.errors import KeyscopeError, SubjectNotFound
-from keyscope.keys import encode, fill, pad_batch, tokens_overlapping
 from keyscope.models import attn_out_hook, embed_hook, model_name, n_layers, value_hook
-from keyscope.predictions import target_context
+from keyscope.predictions import known_facts, target_context
+from keyscope.prompts import encode, fill, pad_batch, tokens_overlapping
 
 __all__ = ["TraceConfig", "TraceResult", "FactTrace", "trace_facts", "heatmap", "KINDS"]
 

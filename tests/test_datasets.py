@@ -1,16 +1,12 @@
 from __future__ import annotations
 
 import json
-import unicodedata
 
 import pytest
-import torch
 
 from keyscope import datasets as ds
 from keyscope.errors import KeyscopeError, MalformedRecord, SubjectNotFound
-from keyscope.keys import fill
-from keyscope.models import load_model
-from tests import hf_tiny
+from keyscope.prompts import fill
 
 # ------------------------------------------------------------------------------------------ fixture records
 
@@ -136,27 +132,6 @@ def test_jsonl_is_read(tmp_path):
 # ------------------------------------------------------------------------------------------ templates
 
 
-@pytest.mark.parametrize(
-    "prompt,subject,template,written",
-    [
-        ("BBC One, by", "BBC One", "{}, by", "BBC One"),
-        ("Where is the Eiffel Tower?", "The Eiffel Tower", "Where is {}?", "the Eiffel Tower"),  # case
-        ("São Paulo is in", "São Paulo", "{} is in", "São Paulo"),  # NFD vs NFC below
-        ("Cafe\u0301 Müller opened in", "Caf\u00e9 Müller", "{} opened in", "Caf\u00e9 Müller"),
-        ("DANIELLE DARRIEUX’S mother tongue is", "Danielle Darrieux", "{}’S mother tongue is", "DANIELLE DARRIEUX"),
-        ("Toko  Yasuda plays", "Toko Yasuda", "{} plays", "Toko  Yasuda"),  # whitespace run
-        ("O’Neill and Paris", "O'Neill", "{} and Paris", "O’Neill"),  # apostrophe style
-        ("Paris and Paris", "Paris", "{} and Paris", "Paris"),  # first occurrence
-        ("{} already", "X", "{} already", "X"),
-    ],
-)
-def test_to_template(prompt, subject, template, written):
-    got_template, got_written = ds.to_template(prompt, subject)
-    assert (got_template, got_written) == (template, written)
-    if "{}" not in prompt:  # the template filled with the subject as written gives back the (NFC) prompt
-        assert fill(got_template, got_written).text == unicodedata.normalize("NFC", prompt)
-
-
 def test_case_mismatch_keeps_the_prompt_text_and_the_given_subject(tmp_path):
     record = {**EASYEDIT, "prompt": "where is the eiffel tower located? In", "subject": "The Eiffel Tower"}
     fact = ds.load_facts(write(tmp_path, "case.json", [record]))[0]
@@ -174,8 +149,6 @@ def test_subject_absent_is_a_counted_failure_or_a_clear_error(tmp_path):
         ds.load_facts(path)
     assert "record 1" in str(info.value) and "Channel Four" in str(info.value) and "\n" not in str(info.value)
     assert len(ds.load_facts(path, on_error="skip")) == 2
-    with pytest.raises(SubjectNotFound):
-        ds.to_template("BBC One, by", "ITV")
 
 
 # ------------------------------------------------------------------------------------------ malformed
@@ -263,11 +236,11 @@ def test_factworld_source_rebuilds_the_world():
 
 
 def test_factworld_source_follows_the_model_card(tmp_path, monkeypatch):
-    import keyscope.models
+    import keyscope.factworld
 
     card = {"name": "factworld", "train_config": {"seed": 3, "world": {"seed": 3, "n_subjects": 60}}}
     (tmp_path / "keyscope.json").write_text(json.dumps(card))
-    monkeypatch.setattr(keyscope.models, "factworld_model_dir", lambda: tmp_path)
+    monkeypatch.setattr(keyscope.factworld, "shipped_model_dir", lambda: tmp_path)
     facts = ds.load_facts("factworld")
     assert len({f.subject for f in facts}) == 60
 
@@ -294,46 +267,3 @@ def test_patil_paraphrases_attach_by_filled_prompt_and_true_target(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({"k": "not a list"}))
     with pytest.raises(MalformedRecord):
         ds.load_paraphrases(tmp_path / "bad.json")
-
-
-# ------------------------------------------------------------------------------------------ known facts
-
-
-@pytest.fixture(scope="module")
-def word_model(tmp_path_factory):
-    path = hf_tiny.save_tiny_checkpoint("gpt2", tmp_path_factory.mktemp("word") / "gpt2",
-                                        tokenizer=hf_tiny.word_level_tokenizer())
-    return load_model(str(path))
-
-
-def _greedy_next_word(model, text: str) -> str:
-    ids = model.tokenizer(text, return_tensors="pt")["input_ids"]
-    with torch.no_grad():
-        logits = model(ids, return_type="logits")
-    return model.tokenizer.decode([int(logits[0, -1].argmax())])
-
-
-def test_known_facts_keep_exactly_the_top1_true_targets(word_model):
-    prompts = [("{} is located in", "The Eiffel Tower"), ("{} played basketball for the", "Michael Jordan"),
-               ("The capital of {} is", "Slovenia"), ("{} plays the", "Toko Yasuda"), ("{} was created by", "Apple A5")]
-    facts = []
-    for i, (template, subject) in enumerate(prompts):
-        predicted = _greedy_next_word(word_model, fill(template, subject).text)
-        wrong = "France" if predicted != "France" else "Spain"
-        truth = predicted if i % 2 == 0 else wrong  # even facts are known, odd ones are not
-        facts.append(ds.Fact(i, template, subject, target_new=wrong if i % 2 == 0 else predicted, target_true=truth))
-    for batch_size in (1, 2, 32):  # batching and right padding do not change the answer
-        known = ds.known_facts(word_model, facts, batch_size=batch_size)
-        assert [f.case_id for f in known] == [0, 2, 4]
-    assert ds.predicts_target(word_model, facts, "new").tolist() == [False, True, False, True, False]
-
-
-def test_known_facts_on_a_bpe_model(tiny_checkpoints):
-    model = load_model(str(tiny_checkpoints["gpt2"]))
-    fact = ds.Fact(0, "{} is located in", "The Eiffel Tower", "Rome", "Paris")
-    text = fill(fact.prompt, fact.subject).text
-    ids = model.tokenizer(text, return_tensors="pt")["input_ids"]
-    with torch.no_grad():
-        top1 = int(model(ids, return_type="logits")[0, -1].argmax())
-    target_first = model.tokenizer(text + " Paris", add_special_tokens=True)["input_ids"][ids.shape[1]]
-    assert ds.predicts_target(model, [fact]).tolist() == [top1 == target_first]

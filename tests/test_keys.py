@@ -1,13 +1,12 @@
 from __future__ import annotations
 
-import unicodedata
-
 import pytest
 import torch
 
 from keyscope.errors import LayerOutOfRange, SubjectNotFound
-from keyscope.keys import collect_keys, encode, fill, layer_keys, locate, pad_batch, subject_last_index
+from keyscope.keys import collect_keys, layer_keys
 from keyscope.models import down_projection, key_hook, load_model, value_hook
+from keyscope.prompts import locate, pad_batch
 from tests import hf_tiny
 
 LAYER = 1
@@ -23,49 +22,7 @@ def models(tiny_checkpoints):
     return {arch: load_model(str(path)) for arch, path in tiny_checkpoints.items()}
 
 
-# ------------------------------------------------------------------------------------- subject_last_index
-
-# (prompt template, subject): subject at the start, in the middle, at the end, unicode, repeated words.
-TRICKY = [
-    ("{} is located in Paris", "The Eiffel Tower"),
-    ("The tallest building near {} is old", "The Eiffel Tower"),
-    ("Michael Jordan played for {}", "the Chicago Bulls"),
-    ("{} is a café in Germany", "Café Müller"),
-    ("The plane flew from Zürich to {}", "São Paulo"),
-    ("{} was created by Apple", "Apple A5"),
-    ("Kobe Bryant played for the {} in the west", "Los Angeles Lakers"),
-]
-
-
-@pytest.mark.parametrize("tok_name", ["bpe", "sp"])
-@pytest.mark.parametrize("template,subject", TRICKY)
-def test_subject_last_index_ends_on_the_subject(tokenizers, tok_name, template, subject):
-    tok = tokenizers[tok_name]
-    span = fill(template, subject)
-    enc, index = locate(tok, template, subject)
-    assert index == subject_last_index(tok, template, subject)
-    s, e = enc.offsets[index]
-    assert s < span.end <= e, "the chosen token holds the subject's last character"
-    # every later non-special token starts at or after the subject's end
-    assert all(o[0] >= span.end for o, sp in zip(enc.offsets[index + 1 :], enc.special[index + 1 :]) if not sp)
-    # decoding everything up to the index gives back the text up to the end of the subject
-    ids = [i for i, sp in zip(enc.ids[: index + 1], enc.special[: index + 1]) if not sp]
-    assert tok.decode(ids, clean_up_tokenization_spaces=False) == span.text[: span.end]
-    # a filled prompt with a single occurrence gives the same index as the template
-    assert subject_last_index(tok, span.text, subject) == index
-
-
-def test_bos_convention(tokenizers):
-    sp, bpe = tokenizers["sp"], tokenizers["bpe"]
-    # the SentencePiece-style tokenizer prepends <s>: indices count it
-    enc, index = locate(sp, "{} is in", "São Paulo")
-    assert enc.ids[0] == sp.bos_token_id and enc.special[0]
-    assert subject_last_index(sp, "{} is in", "São Paulo", prepend_bos=False) == index - 1
-    # the raw byte-level tokenizer adds nothing; prepend_bos=True shifts by one
-    enc_b, index_b = locate(bpe, "{} is in", "São Paulo")
-    assert not any(enc_b.special)
-    assert subject_last_index(bpe, "{} is in", "São Paulo", prepend_bos=True) == index_b + 1
-    assert encode(bpe, "São Paulo", prepend_bos=True).ids[0] == bpe.bos_token_id
+# ------------------------------------------------------------------------------------- BOS
 
 
 def test_bridge_tokenizer_prepends_bos_and_index_counts_it(models):
@@ -73,51 +30,6 @@ def test_bridge_tokenizer_prepends_bos_and_index_counts_it(models):
     enc, index = locate(model.tokenizer, "{} is located in", "The Eiffel Tower")
     assert enc.ids[0] == model.tokenizer.bos_token_id
     assert torch.equal(model.to_tokens(enc.text)[0], torch.tensor(enc.ids))
-
-
-@pytest.mark.parametrize("tok_name", ["bpe", "sp"])
-def test_repeated_subject_uses_the_slot(tokenizers, tok_name):
-    tok = tokenizers[tok_name]
-    first = subject_last_index(tok, "{} is not Paris", "Paris")
-    second = subject_last_index(tok, "Paris is not {}", "Paris")
-    filled = subject_last_index(tok, "Paris is not Paris", "Paris")  # filled prompt: first occurrence
-    assert first == filled < second
-    # every {} is filled, the first slot is used
-    assert subject_last_index(tok, "{} and {}", "Apple") == subject_last_index(tok, "Apple and Apple", "Apple")
-
-
-@pytest.mark.parametrize("tok_name", ["bpe", "sp"])
-def test_subject_at_very_start_and_end(tokenizers, tok_name):
-    tok = tokenizers[tok_name]
-    enc, index = locate(tok, "I flew to {}", "São Paulo")
-    assert index == len(enc) - 1
-    enc, index = locate(tok, "{}", "Café Müller")
-    assert index == len(enc) - 1
-    first_real = next(i for i, sp in enumerate(enc.special) if not sp)
-    assert enc.offsets[first_real][0] == 0
-
-
-def test_unicode_normalisation_of_filled_prompt(tokenizers):
-    tok = tokenizers["bpe"]
-    decomposed = unicodedata.normalize("NFD", "I met Café Müller today")
-    index = subject_last_index(tok, decomposed, "Café Müller")
-    assert index == subject_last_index(tok, "I met {} today", "Café Müller")
-
-
-@pytest.mark.parametrize("tok_name", ["bpe", "sp"])
-def test_subject_absent_raises_one_line(tokenizers, tok_name):
-    with pytest.raises(SubjectNotFound) as info:
-        subject_last_index(tokenizers[tok_name], "The Eiffel Tower is in Paris", "Big Ben")
-    assert "\n" not in str(info.value) and "Big Ben" in str(info.value)
-    with pytest.raises(SubjectNotFound):
-        subject_last_index(tokenizers[tok_name], "{} is in Paris", "  ")
-
-
-def test_subject_not_on_token_boundary_takes_the_covering_token(tokenizers):
-    tok = tokenizers["sp"]
-    enc, index = locate(tok, "The city of Paris, they say", "Paris")
-    s, e = enc.offsets[index]
-    assert s < fill("The city of Paris, they say", "Paris").end <= e
 
 
 # ------------------------------------------------------------------------------------- collect_keys
@@ -200,18 +112,3 @@ def test_last_layer_and_bad_layers(models):
         collect_keys(model, ["{} is"], ["Paris", "Rome"], 0)
     with pytest.raises(SubjectNotFound):
         collect_keys(model, ["Rome is big"], ["Paris"], 0)
-
-
-def test_length_batches_cover_every_index_once_and_respect_both_limits():
-    from keyscope.keys import length_batches
-
-    lengths = [5, 300, 7, 6, 310, 5, 8, 9, 12, 300]
-    batches = length_batches(lengths, batch_size=3, max_tokens=700)
-    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
-    assert all(len(b) <= 3 for b in batches)
-    assert all(len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 700 for b in batches)
-    flat = [lengths[i] for b in batches for i in b]
-    assert flat == sorted(flat)  # shortest first
-    assert not any(lengths[i] > 100 for i in batches[0])  # a long context never pads the short prompts
-    with pytest.raises(ValueError):
-        length_batches(lengths, 0)

@@ -1,29 +1,65 @@
 """Dependencies point one way: CLI → experiments → evaluation/bounds → editing → analysis → models/data →
-factworld; plotting is a leaf; no library module imports the CLI."""
+prompts → factworld; plotting is a leaf; no library module imports the CLI."""
 
 from __future__ import annotations
 
 import ast
+import pkgutil
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "keyscope"
 
-#: Layer of each module (by dotted name prefix); a module may import modules of its own layer or below.
-LAYERS = [
-    ("keyscope", 0), ("keyscope.errors", 0), ("keyscope.cache", 0), ("keyscope.factworld", 1),
-    ("keyscope.models", 2), ("keyscope.keys", 2), ("keyscope.corpus", 2), ("keyscope.datasets", 2),
-    ("keyscope.predictions", 2), ("keyscope.perturbations", 2),
-    ("keyscope.covariance", 3), ("keyscope.metrics", 3), ("keyscope.similarity", 3), ("keyscope.scan", 3), ("keyscope.trace", 3),
-    ("keyscope.rome", 4), ("keyscope.rep", 4), ("keyscope.editing", 4),
-    ("keyscope.evaluate", 5), ("keyscope.bounds", 5), ("keyscope.ablation", 5),
-    ("keyscope.experiments", 6), ("keyscope.cli", 7),
-]
+#: Layer of every module of the package; a module may import modules of its own layer or below. A module that
+#: exists but is not listed here (or in :data:`LEAVES`) fails :func:`test_every_module_is_listed`.
+LAYERS = {
+    "keyscope": 0, "keyscope.errors": 0, "keyscope.cache": 0,
+    **dict.fromkeys(["keyscope.factworld", "keyscope.factworld.card", "keyscope.factworld.corpus",
+                     "keyscope.factworld.export", "keyscope.factworld.quality", "keyscope.factworld.tokenizer",
+                     "keyscope.factworld.train", "keyscope.factworld.world"], 1),
+    "keyscope.prompts": 2,
+    "keyscope.models": 3, "keyscope.keys": 3, "keyscope.corpus": 3, "keyscope.datasets": 3,
+    "keyscope.predictions": 3, "keyscope.perturbations": 3,
+    "keyscope.covariance": 4, "keyscope.metrics": 4, "keyscope.similarity": 4, "keyscope.scan": 4, "keyscope.trace": 4,
+    "keyscope.rome": 5, "keyscope.rep": 5, "keyscope.editing": 5,
+    "keyscope.evaluate": 6, "keyscope.bounds": 6, "keyscope.ablation": 6,
+    **dict.fromkeys(["keyscope.experiments", "keyscope.experiments.ablation", "keyscope.experiments.bounds",
+                     "keyscope.experiments.edit", "keyscope.experiments.factworld", "keyscope.experiments.readme",
+                     "keyscope.experiments.reproduce", "keyscope.experiments.scan", "keyscope.experiments.similarity",
+                     "keyscope.experiments.table1", "keyscope.experiments.tables", "keyscope.experiments.trace",
+                     "keyscope.experiments.values"], 7),
+    **dict.fromkeys(["keyscope.cli", "keyscope.cli.bounds", "keyscope.cli.common", "keyscope.cli.data",
+                     "keyscope.cli.edit", "keyscope.cli.evaluate", "keyscope.cli.factworld", "keyscope.cli.output",
+                     "keyscope.cli.reproduce", "keyscope.cli.scan", "keyscope.cli.similarity", "keyscope.cli.trace",
+                     "keyscope.cli.values"], 8),
+}
+
+#: Plotting: a leaf that imports nothing of keyscope but itself (and that anything but the library's lower
+#: layers may import).
+LEAVES = ("keyscope.plotting", "keyscope.plotting.bounds", "keyscope.plotting.fig3", "keyscope.plotting.fig4",
+          "keyscope.plotting.fig5", "keyscope.plotting.fig7", "keyscope.plotting.trace")
+
+
+def package_modules(package_dir: Path, prefix: str = "keyscope.") -> set[str]:
+    """Every module and subpackage under ``package_dir`` (found with :mod:`pkgutil`, nothing imported)."""
+    found = {prefix.rstrip(".")}
+    for info in pkgutil.iter_modules([str(package_dir)]):
+        name = prefix + info.name
+        found.add(name)
+        if info.ispkg:
+            found |= package_modules(package_dir / info.name, name + ".")
+    return found
+
+
+def unlisted(package_dir: Path) -> list[str]:
+    """Modules of the package at ``package_dir`` that neither :data:`LAYERS` nor :data:`LEAVES` lists."""
+    return sorted(package_modules(package_dir) - set(LAYERS) - set(LEAVES))
 
 
 def layer_of(name: str) -> int | None:
-    """The layer of module ``name``: its longest listed prefix's (``keyscope`` itself only for the package)."""
+    """The layer of ``name`` — a module, or a name imported from one (``keyscope.perturbations.KINDS``): that of
+    its longest listed prefix (``keyscope`` itself only for the package)."""
     best = None
-    for prefix, layer in LAYERS:
+    for prefix, layer in LAYERS.items():
         if name == prefix or (prefix != "keyscope" and name.startswith(prefix + ".")):
             if best is None or len(prefix) > len(best[0]):
                 best = (prefix, layer)
@@ -47,15 +83,30 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def test_every_module_has_a_layer():
-    unlisted = sorted(module_name(p) for p in PACKAGE.rglob("*.py")
-                      if layer_of(module_name(p)) is None and not module_name(p).startswith("keyscope.plotting"))
-    assert not unlisted, f"modules missing from LAYERS: {unlisted}"
+def test_every_module_is_listed():
+    assert not unlisted(PACKAGE), f"modules missing from LAYERS (or LEAVES): {unlisted(PACKAGE)}"
+    stale = sorted((set(LAYERS) | set(LEAVES)) - package_modules(PACKAGE))
+    assert not stale, f"LAYERS/LEAVES list modules that do not exist: {stale}"
 
 
-def test_an_unlisted_module_would_fail_the_check():
-    assert layer_of("keyscope.newthing") is None and layer_of("keyscope.covariance") == 3
-    assert layer_of("keyscope.experiments.trace") == 6 and layer_of("keyscope") == 0
+def test_an_unlisted_module_fails_the_check(tmp_path):
+    fake = tmp_path / "keyscope"
+    for name in [*LAYERS, *LEAVES]:
+        parts = name.split(".")[1:]
+        if (PACKAGE.joinpath(*parts) / "__init__.py").exists():
+            (fake.joinpath(*parts)).mkdir(parents=True, exist_ok=True)
+            (fake.joinpath(*parts) / "__init__.py").write_text("")
+        elif parts:
+            (fake.joinpath(*parts[:-1])).mkdir(parents=True, exist_ok=True)
+            fake.joinpath(*parts[:-1], parts[-1] + ".py").write_text("")
+    (fake / "__init__.py").write_text("")
+    assert unlisted(fake) == []
+    (fake / "newthing.py").write_text("")
+    (fake / "experiments" / "newstudy.py").write_text("")
+    assert unlisted(fake) == ["keyscope.experiments.newstudy", "keyscope.newthing"]
+    assert layer_of("keyscope.newthing") is None and layer_of("keyscope.covariance") == 4
+    assert layer_of("keyscope.experiments.trace") == 7 and layer_of("keyscope") == 0
+    assert layer_of("keyscope.perturbations.KINDS") == 3
 
 
 def test_dependencies_point_one_way():
@@ -64,7 +115,7 @@ def test_dependencies_point_one_way():
         name = module_name(path)
         own = layer_of(name)
         for target in imports(path):
-            if name.startswith("keyscope.plotting"):
+            if name in LEAVES:
                 if not target.startswith("keyscope.plotting"):
                     violations.append(f"{name} (plotting is a leaf) imports {target}")
                 continue
@@ -74,3 +125,14 @@ def test_dependencies_point_one_way():
             if own is not None and theirs is not None and theirs > own:
                 violations.append(f"{name} (layer {own}) imports {target} (layer {theirs})")
     assert not violations, "\n".join(sorted(violations))
+
+
+def test_data_modules_run_no_model():
+    """Prompts, fact files and corpora are read without model code: the token and prompt helpers import nothing
+    of keyscope but its errors, and ``datasets`` needs no key capture, predictions or models to fill a prompt."""
+    assert {t for t in imports(PACKAGE / "prompts.py")} <= {"keyscope.errors", "keyscope.errors.SubjectNotFound"}
+    model_code = ("keyscope.keys", "keyscope.predictions", "keyscope.models", "keyscope.rome")
+    assert [t for t in imports(PACKAGE / "datasets.py") if t.startswith(model_code)] == []
+    # corpus.default_corpus reads a model's name and card (keyscope.models), nothing that runs it
+    assert [t for t in imports(PACKAGE / "corpus.py") if t.startswith(model_code)
+            and t not in ("keyscope.models", "keyscope.models.model_card", "keyscope.models.model_name")] == []

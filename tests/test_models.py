@@ -25,8 +25,10 @@ import huggingface_hub
 import pytest
 import torch
 
+import keyscope.factworld
 from keyscope import models
 from keyscope.errors import KeyscopeError, LayerOutOfRange, ModelNotAvailable
+from keyscope.prompts import encode, pad_batch
 from tests import hf_tiny
 
 ARCHS = hf_tiny.ARCHITECTURES
@@ -419,7 +421,7 @@ def test_mixture_of_experts_has_no_down_projection_to_edit(tmp_path):
 
 
 def test_missing_factworld_model(monkeypatch, tmp_path):
-    monkeypatch.setattr(models, "factworld_model_dir", lambda: tmp_path / "factworld" / "model")
+    monkeypatch.setattr(keyscope.factworld, "shipped_model_dir", lambda: tmp_path / "factworld" / "model")
     with pytest.raises(ModelNotAvailable) as exc_info:
         models.load_model()
     assert_one_line(exc_info, "factworld")
@@ -467,3 +469,16 @@ def test_stop_at_the_number_of_layers_runs_everything(bridges):
     tokens = model.to_tokens(PROMPTS)  # (batch, pos)
     out = model(tokens, stop_at_layer=models.n_layers(model))  # (batch, pos, d_vocab)
     assert torch.equal(out, model(tokens))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_logits_at_selected_positions_equal_full_logits(tiny_checkpoints, arch):
+    model = models.load_model(str(tiny_checkpoints[arch]))
+    assert models.fast_logits_ok(model)  # the shortcut is used on these architectures
+    texts = ["The actress Danielle Darrieux", "Kobe Bryant played for the Los Angeles Lakers."]
+    ids, mask = pad_batch([encode(model.tokenizer, t).ids for t in texts], 0, "right")
+    rows, positions = torch.tensor([0, 0, 1, 1]), torch.tensor([1, int(mask[0].sum()) - 1, 0, int(mask[1].sum()) - 1])
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask)[rows, positions]  # (4, vocab)
+        selected = models.logits_at(model, ids, mask, rows, positions)  # (4, vocab)
+    torch.testing.assert_close(selected, full, rtol=1e-5, atol=1e-5)

@@ -9,7 +9,7 @@ import pytest
 
 from keyscope import perturbations as pt
 from keyscope.datasets import Fact
-from keyscope.keys import fill, locate, subject_last_index
+from keyscope.prompts import fill, locate, subject_last_index
 from tests import hf_tiny
 
 
@@ -157,3 +157,68 @@ def test_without_kinds_the_second_half_of_the_rephrasings_is_out_of_domain(token
     rephrase_id, rephrase_ood = probes.perturbed["rephrase"]
     assert [p.source for p in rephrase_id] == ["#0", "#1"] and [p.source for p in rephrase_ood] == ["#2", "#3"]
     assert probes.perturbed["long"] == ((), ())
+
+
+# ------------------------------------------------------------------------------------------ each caller's probes
+
+
+def _long_fact():
+    rephrase = [f"Ann Bea Cid {i}" for i in range(11)] + ["Cid , Ann Bea", " "]
+    return Fact(case_id=9, prompt="{} works as a", subject="Ann Bea Cid", target_new="poet", target_true="doctor",
+                subject_rephrase=tuple(rephrase))
+
+
+@pytest.mark.parametrize("kinds", [True, False])
+@pytest.mark.parametrize("n_shuffles,context_tokens,max_positions", [(3, 20, None), (0, 20, None), (2, 300, 40)])
+def test_edit_probes_are_the_edit_prompt_its_rephrasings_shuffles_and_one_long_context(
+        tokenizers, kinds, n_shuffles, context_tokens, max_positions):
+    """``keyscope edit``'s parametrisation of the one builder gives the probes its own builder made before
+    (reference: that builder's steps, written out with the primitives)."""
+    from keyscope.experiments import edit as ed
+    from keyscope.predictions import prompt_context
+    from keyscope.rome import EditRequest
+
+    tok = tokenizers["bpe"]
+    fact = _fact(kinds)
+    request = EditRequest(fact.prompt, fact.subject, fact.target_new, fact.target_true)
+    exclude = frozenset({"Cid Ann Bea", "Bea Ann Cid"})
+    kind_names = pt.rephrase_kinds(fact)
+    config = ed.ProbeConfig(ed.edit_probes(n_shuffles, context_tokens, seed=1))
+    got = ed.build_probes(tok, request, fact.subject_rephrase, iter(hf_tiny.TRAINING_TEXT * 20), config,
+                          max_positions=max_positions, rephrase_kinds=kind_names, exclude=exclude)
+
+    template, subject = request.template, request.subject
+    expected = [pt.Probe(template, subject, pt.ORIGINAL),
+                *pt.rephrased_subjects(template, subject, fact.subject_rephrase, kind_names)]
+    if n_shuffles:
+        expected += pt.shuffled_subjects(tok, template, subject, n=n_shuffles, seed=1, exclude=exclude)
+        expected += pt.word_shuffled_subjects(template, subject, n=n_shuffles, seed=1, exclude=exclude)
+    n_context = context_tokens
+    if max_positions is not None:
+        n_context = min(n_context, max_positions - len(prompt_context(tok, fill(template, subject).text)) - 8)
+    expected.append(pt.long_context(tok, template, subject, iter(hf_tiny.TRAINING_TEXT * 20), n_tokens=n_context))
+    assert got == expected
+    assert [p.kind for p in got][:5] == ["original", *["rephrase"] * 4]  # the dataset's order, none held out
+    assert got[-1].n_context_tokens == n_context and (n_shuffles == 0) == (len(got) == 6)
+
+
+def test_figure_5_rephrases_are_every_rephrased_subject_in_the_fact_prompt(tokenizers):
+    """Figure 5's parametrisation (:data:`keyscope.perturbations.REPHRASES`): every non-blank rephrasing,
+    more than the default cap of 10, in the dataset's order, and nothing else."""
+    from keyscope.experiments import values as va
+    from keyscope.predictions import target_context
+
+    tok, fact = tokenizers["bpe"], _long_fact()
+    probes = pt.fact_probes(tok, fact, iter(hf_tiny.TRAINING_TEXT * 20), pt.REPHRASES)
+    expected = [fill(fact.prompt, alias).text for alias in fact.subject_rephrase if alias.strip()]
+    assert [p.prompt for p in probes.perturbed[pt.REPHRASE][0]] == expected and len(expected) == 12
+    assert [p for p in probes.all() if p.kind != pt.ORIGINAL] == list(probes.perturbed[pt.REPHRASE][0])
+    assert va._contexts(tok, fact)["rephrase"] == [target_context(tok, p, "poet") for p in expected]
+
+
+def test_no_shuffles_asked_gives_none(tokenizers):
+    assert pt.shuffled_subjects(tokenizers["bpe"], "{} works as a", "Michael Jordan", n=0) == []
+    assert pt.word_shuffled_subjects("{} works as a", "Ann Bea Cid", n=0) == []
+    config = pt.PerturbationConfig(n_shuffles=0, n_word_shuffles=0)
+    probes = pt.fact_probes(tokenizers["bpe"], _fact(), None, config)
+    assert probes.perturbed[pt.SHUFFLE] == ((), ()) and probes.perturbed[pt.SHUFFLE_WORDS] == ((), ())

@@ -3,8 +3,18 @@ from __future__ import annotations
 import pytest
 import torch
 
+from keyscope.datasets import Fact
 from keyscope.models import load_model
-from keyscope.predictions import decode_token, next_token_top_k, prompt_context, target_context
+from keyscope.predictions import (
+    decode_token,
+    known_facts,
+    next_token_top_k,
+    predicts_target,
+    prompt_context,
+    target_context,
+)
+from keyscope.prompts import fill
+from tests import hf_tiny
 
 PROMPTS = ["The Eiffel Tower is located in", "Michael Jordan played basketball for the", "Kobe Bryant",
            "The Republic of Slovenia is a country in Central"]
@@ -62,3 +72,46 @@ def test_score_targets_is_teacher_forced_and_shares_rows(model):
             assert scores.argmax[i] == best and bool(scores.top1[i]) == (list(best) == list(wanted))
     with pytest.raises(ValueError):
         score_targets(model, [([1], 1)])
+
+
+# ------------------------------------------------------------------------------------------ known facts
+
+
+@pytest.fixture(scope="module")
+def word_model(tmp_path_factory):
+    path = hf_tiny.save_tiny_checkpoint("gpt2", tmp_path_factory.mktemp("word") / "gpt2",
+                                        tokenizer=hf_tiny.word_level_tokenizer())
+    return load_model(str(path))
+
+
+def _greedy_next_word(model, text: str) -> str:
+    ids = model.tokenizer(text, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        logits = model(ids, return_type="logits")
+    return model.tokenizer.decode([int(logits[0, -1].argmax())])
+
+
+def test_known_facts_keep_exactly_the_top1_true_targets(word_model):
+    prompts = [("{} is located in", "The Eiffel Tower"), ("{} played basketball for the", "Michael Jordan"),
+               ("The capital of {} is", "Slovenia"), ("{} plays the", "Toko Yasuda"), ("{} was created by", "Apple A5")]
+    facts = []
+    for i, (template, subject) in enumerate(prompts):
+        predicted = _greedy_next_word(word_model, fill(template, subject).text)
+        wrong = "France" if predicted != "France" else "Spain"
+        truth = predicted if i % 2 == 0 else wrong  # even facts are known, odd ones are not
+        facts.append(Fact(i, template, subject, target_new=wrong if i % 2 == 0 else predicted, target_true=truth))
+    for batch_size in (1, 2, 32):  # batching and right padding do not change the answer
+        known = known_facts(word_model, facts, batch_size=batch_size)
+        assert [f.case_id for f in known] == [0, 2, 4]
+    assert predicts_target(word_model, facts, "new").tolist() == [False, True, False, True, False]
+
+
+def test_known_facts_on_a_bpe_model(tiny_checkpoints):
+    model = load_model(str(tiny_checkpoints["gpt2"]))
+    fact = Fact(0, "{} is located in", "The Eiffel Tower", "Rome", "Paris")
+    text = fill(fact.prompt, fact.subject).text
+    ids = model.tokenizer(text, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        top1 = int(model(ids, return_type="logits")[0, -1].argmax())
+    target_first = model.tokenizer(text + " Paris", add_special_tokens=True)["input_ids"][ids.shape[1]]
+    assert predicts_target(model, [fact]).tolist() == [top1 == target_first]

@@ -13,8 +13,9 @@ from keyscope import rome
 from keyscope import similarity as sim
 from keyscope.covariance import KeyCovariance
 from keyscope.errors import KeyscopeError, LayerOutOfRange, SubjectNotFound
-from keyscope.keys import collect_keys, encode, fill, locate, pad_batch
-from keyscope.models import W_out, b_out, load_model, value_hook
+from keyscope.keys import collect_keys
+from keyscope.models import W_out, b_out, hf_state_dict, load_model, save_model, value_hook
+from keyscope.prompts import encode, fill, locate
 from tests import hf_tiny
 
 LAYER = 1
@@ -245,19 +246,6 @@ def test_multi_token_target_is_teacher_forced(models):
     assert subject_index == locate(tokenizer, "{} lives in", "Kobe Bryant")[1]
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_logits_at_selected_positions_equal_full_logits(models, arch):
-    model = models[arch]
-    assert rome._fast_logits_ok(model)  # the shortcut is used on these architectures
-    texts = ["The actress Danielle Darrieux", "Kobe Bryant played for the Los Angeles Lakers."]
-    ids, mask = pad_batch([encode(model.tokenizer, t).ids for t in texts], 0, "right")
-    rows, positions = torch.tensor([0, 0, 1, 1]), torch.tensor([1, int(mask[0].sum()) - 1, 0, int(mask[1].sum()) - 1])
-    with torch.no_grad():
-        full = model(ids, attention_mask=mask)[rows, positions]  # (4, vocab)
-        selected = rome._logits_at(model, ids, mask, rows, positions)  # (4, vocab)
-    torch.testing.assert_close(selected, full, rtol=1e-5, atol=1e-5)
-
-
 def test_determinism_under_a_seed(models, covs, edits):
     model = models["gpt2"]
     again = rome.compute_edit(model, REQUEST, LAYER, covs["gpt2"])
@@ -463,11 +451,11 @@ def test_apply_is_permanent_and_save_model_round_trips(tiny_checkpoints, edits, 
     rome.apply(model, edits[arch])
     torch.testing.assert_close(W_out(model, LAYER) - W_before, edits[arch].delta_W, rtol=1e-4, atol=1e-6)
     edited_logits = _logits(model)
-    saved = rome.save_model(model, tmp_path / "edited")
+    saved = save_model(model, tmp_path / "edited")
     reloaded = load_model(str(saved))
     assert torch.equal(W_out(reloaded, LAYER), W_out(model, LAYER))
     assert torch.equal(_logits(reloaded), edited_logits)
-    assert all(torch.equal(a, b) for a, b in zip(rome.hf_state_dict(model).values(), rome.hf_state_dict(reloaded).values()))
+    assert all(torch.equal(a, b) for a, b in zip(hf_state_dict(model).values(), hf_state_dict(reloaded).values()))
 
 
 def test_edit_that_does_not_fit_is_refused(models, edits):

@@ -9,6 +9,7 @@ from keyscope import scan
 from keyscope.corpus import prepends_bos, token_batches
 from keyscope.covariance import KeyCovariance
 from keyscope.datasets import Fact
+from keyscope.experiments import scan as scan_experiment
 from keyscope.models import load_model
 from keyscope.similarity import edit_strength_matrix
 from tests import hf_tiny
@@ -248,7 +249,7 @@ def test_rephrase_scores_are_per_fact(model, cov):
         Fact(0, "{} is located in", "The Eiffel Tower", "Rome", "Paris", subject_rephrase=("Eiffel Tower", "the Tower")),
         Fact(1, "{} was created by", "Apple A5", "Google", "Apple"),
     ]
-    scores = scan.rephrase_scores(model, facts, cov, LAYER)
+    scores = scan_experiment.rephrase_scores(model, facts, cov, LAYER)
     assert [len(s) for s in scores] == [2, 0]
-    same = scan.rephrase_scores(model, [Fact(0, "{} is located in", "Paris", "x", "y", subject_rephrase=("Paris ",))], cov, LAYER)
+    same = scan_experiment.rephrase_scores(model, [Fact(0, "{} is located in", "Paris", "x", "y", subject_rephrase=("Paris ",))], cov, LAYER)
     assert same[0].shape == (1,)

@@ -59,8 +59,7 @@ def cmd_edit(args) -> int:
     request, fact, facts = _request(args)
     model, layer = model_and_layer(args)
     cov, source = covariance(model, layer, args, args.tokens, progress=not args.no_progress)
-    config = experiment.ProbeConfig(n_shuffles=args.shuffles, long_context_tokens=args.context_tokens,
-                                    seed=args.seed)
+    config = experiment.ProbeConfig(experiment.edit_probes(args.shuffles, args.context_tokens, args.seed))
     own = fact is not None and request.subject == fact.subject
     rephrasings = fact.subject_rephrase if own else ()
     exclude = subject_forms(facts)  # a shuffle that spells another subject's name is no shuffle

@@ -19,25 +19,31 @@ of the edited ``W_out``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from keyscope import perturbations, rome, similarity
-from keyscope.keys import fill
+from keyscope.datasets import Fact
 from keyscope.models import model_name
 from keyscope.predictions import decode_token, next_token_top_k, prompt_context, target_context
+from keyscope.prompts import fill
 
-#: Probe kinds in display order.
-KINDS = (perturbations.ORIGINAL, *perturbations.KINDS)
+
+def edit_probes(n_shuffles: int = 10, long_context_tokens: int = 300, seed: int = 0) -> perturbations.PerturbationConfig:
+    """The probes an edit is shown on, as a :class:`~keyscope.perturbations.PerturbationConfig`: every rephrased
+    subject (none held out), up to ``n_shuffles`` token shuffles and as many word-order shuffles of the subject
+    (drawn with ``seed``), and one prompt behind ``long_context_tokens`` tokens of unrelated text (as in the
+    paper)."""
+    return perturbations.PerturbationConfig(
+        n_rephrase=None, n_shuffles=n_shuffles, n_word_shuffles=n_shuffles, n_long_contexts=1,
+        long_context_tokens=long_context_tokens, n_random=0, seed=seed, out_of_domain=False)
 
 
 @dataclass(frozen=True)
 class ProbeConfig:
-    """Which probes an edit is shown on and how many predictions each shows."""
+    """Which probes an edit is shown on (:func:`edit_probes`) and how many predictions each shows."""
 
-    n_shuffles: int = 10  # at most this many token shuffles (and as many word-order shuffles) of the subject
-    long_context_tokens: int = 300  # tokens of unrelated text before the long-context prompt (as in the paper)
+    probes: perturbations.PerturbationConfig = field(default_factory=edit_probes)
     top_k: int = 3  # predictions shown per probe
-    seed: int = 0  # seed of the shuffles
     batch_size: int = 32
 
 
@@ -111,27 +117,24 @@ class EditReport:
 def build_probes(tokenizer, request: rome.EditRequest, rephrasings, context_docs, config: ProbeConfig,
                  max_positions: int | None = None, rephrase_kinds=None,
                  exclude: frozenset[str] = frozenset()) -> list[perturbations.Probe]:
-    """The edit prompt, its rephrased subjects, up to ``config.n_shuffles`` token shuffles and as many
-    word-order shuffles (none spelling a form of ``exclude``), and one long context.
+    """The probes of ``request`` (:func:`keyscope.perturbations.fact_probes` under ``config.probes``): the edit
+    prompt, its rephrased subjects (``rephrase_kinds`` naming each), the token and word-order shuffles (none
+    spelling a form of ``exclude``) and the long contexts.
 
     The long context is shortened to fit ``max_positions`` (the model's context length) with the prompt and
     a few tokens to spare; ``context_docs=None`` or ``long_context_tokens=0`` leaves it out.
     """
     template, subject = request.template, request.subject
-    probes = [perturbations.Probe(template, subject, perturbations.ORIGINAL)]
-    probes += perturbations.rephrased_subjects(template, subject, rephrasings or (), rephrase_kinds)
-    if config.n_shuffles > 0:
-        probes += perturbations.shuffled_subjects(tokenizer, template, subject, n=config.n_shuffles, seed=config.seed,
-                                                  exclude=exclude)
-        probes += perturbations.word_shuffled_subjects(template, subject, n=config.n_shuffles, seed=config.seed,
-                                                       exclude=exclude)
-    n_context = config.long_context_tokens
+    probes = config.probes
     if max_positions is not None:
         prompt_length = len(prompt_context(tokenizer, fill(template, subject).text))
-        n_context = min(n_context, max_positions - prompt_length - 8)
-    if context_docs is not None and n_context > 0:
-        probes.append(perturbations.long_context(tokenizer, template, subject, context_docs, n_tokens=n_context))
-    return probes
+        probes = replace(probes, long_context_tokens=max(0, min(probes.long_context_tokens,
+                                                                max_positions - prompt_length - 8)))
+    rephrasings = tuple(rephrasings or ())
+    kinds = {"subject_rephrase_kind": list(rephrase_kinds)} if rephrase_kinds is not None else {}
+    fact = Fact(case_id=None, prompt=template, subject=subject, target_true=request.target_true,
+                target_new=request.target_new, subject_rephrase=rephrasings, extras=kinds)
+    return perturbations.fact_probes(tokenizer, fact, context_docs, probes, exclude=exclude).all()
 
 
 def _predictions(tokenizer, topk, row: int) -> tuple[Prediction, ...]:

@@ -20,6 +20,7 @@ import numpy as np
 
 from keyscope.bounds import auroc
 from keyscope.experiments.tables import percent
+from keyscope.perturbations import KINDS, LONG, RANDOM, REPHRASE, SHUFFLE, SHUFFLE_WORDS
 
 BLOCK = re.compile(r"<!-- keyscope:(?P<name>[a-z0-9_]+) -->\n(?P<body>.*?)<!-- /keyscope:(?P=name) -->", re.S)
 
@@ -52,9 +53,9 @@ def similarity(figures: Path) -> str:
     values: dict[str, list[float]] = {}
     for row in _rows(figures / "fig3_similarity.csv"):
         values.setdefault(row["kind"], []).append(float(row["similarity"]))
-    labels = {"rephrase": "rephrased subject", "shuffle": "shuffled subject tokens",
-              "shuffle_words": "shuffled subject words", "long": "300-token unrelated context",
-              "random": "other subject (baseline)"}
+    labels = {REPHRASE: "rephrased subject", SHUFFLE: "shuffled subject tokens",
+              SHUFFLE_WORDS: "shuffled subject words", LONG: "300-token unrelated context",
+              RANDOM: "other subject (baseline)"}
     lines = ["| perturbation | n | median | q10 | q90 |", "|---|---:|---:|---:|---:|"]
     for kind, label in labels.items():
         if kind in values:
@@ -133,7 +134,7 @@ def bounds(figures: Path) -> str:
         flags = [r[label] == "True" for r in rows]
         return auroc([float(r["alpha"]) for r in rows], flags), sum(flags), len(rows)
 
-    robust = ("rephrase", "shuffle", "shuffle_words", "long")
+    robust = KINDS
     parts = []
     for method in ("rome", "rome+rep"):
         a, pos, n = group(method, robust, "success")
@@ -210,7 +211,7 @@ def paper(figures: Path) -> str:
     from keyscope.experiments.table1 import PAPER_DELTAS as d
 
     def trio(domain: str) -> str:
-        return " / ".join(_signed(d[f"{kind}_{domain}"]) for kind in ("rephrase", "shuffle", "long"))
+        return " / ".join(_signed(d[f"{kind}_{domain}"]) for kind in (REPHRASE, SHUFFLE, LONG))
 
     return (f"The paper reports, for ROME+REP minus ROME on LLaMA-2-7B, {trio('id')} points for Rephrase / Shuffle / "
             f"Long in-domain, {trio('ood')} out-of-domain, and {_signed(d['success'])} / {_signed(d['locality'])} for "

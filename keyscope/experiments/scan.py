@@ -9,6 +9,7 @@ compares the top-k unrelated scores with the scores of the same subjects' rephra
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +17,9 @@ import numpy as np
 import torch
 
 from keyscope import scan
+from keyscope.perturbations import REPHRASE, REPHRASES, fact_probes
 from keyscope.plotting.fig4 import fig4_neighbors
+from keyscope.similarity import edit_strength_matrix, probe_keys
 
 FIGURE = "fig4_neighbors.png"
 TABLE = "fig4_neighbors.csv"
@@ -78,6 +81,29 @@ def _write_hits(path: Path, results: dict[str, scan.ScanResult], facts) -> None:
                                  f"{hit.raw:.6g}", hit.position, hit.prefix])
 
 
+def rephrase_scores(model, facts: Sequence, cov, layer: int, k_stars: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """For scale: the edit strengths ``s(k; k*)`` of each fact's rephrased-subject keys (same template, every
+    rephrasing: :data:`keyscope.perturbations.REPHRASES`) against its own ``k*``; one float64 tensor per fact
+    (empty when the fact has no rephrased subjects). All probes run in one batched
+    :func:`keyscope.similarity.probe_keys` call."""
+    if k_stars is None:
+        k_stars = scan.subject_keys(model, facts, layer)  # (S, d_mlp)
+    tokenizer = model.tokenizer
+    probes, owner = [], []
+    for j, fact in enumerate(facts):
+        for probe in fact_probes(tokenizer, fact, None, REPHRASES).perturbed[REPHRASE][0]:
+            probes.append(probe)
+            owner.append(j)
+    if not probes:
+        return [torch.empty(0, dtype=torch.float64) for _ in facts]
+    keys = probe_keys(model, probes, layer)  # (n, d_mlp)
+    strengths = edit_strength_matrix(keys, k_stars, cov).cpu()  # (n, S)
+    owners = torch.as_tensor(owner)  # (n,)
+    rows = torch.arange(len(probes))
+    own = strengths[rows, owners]  # (n,)
+    return [own[owners == j] for j in range(len(facts))]
+
+
 def _filter_summary(result: scan.ScanResult, other: scan.ScanResult | None) -> dict:
     scores = result.scores[result.positions >= 0].numpy()  # unmasked hits only
     top1 = [hit.score for hit in result.top1() if hit is not None]
@@ -95,7 +121,7 @@ def run(model, facts, cov, source, config: scan.ScanConfig, out_dir: str | Path,
     figure and CSV into ``out_dir``."""
     k_stars = scan.subject_keys(model, facts, config.layer)  # (S, d_mlp)
     results = scan.scan_corpus(model, facts, cov, source, config, progress=progress, k_stars=k_stars)
-    rephrase = scan.rephrase_scores(model, facts, cov, config.layer, k_stars=k_stars)
+    rephrase = rephrase_scores(model, facts, cov, config.layer, k_stars=k_stars)
     rephrase_all = torch.cat(rephrase).numpy() if rephrase else np.empty(0)
 
     out = Path(out_dir)

@@ -9,15 +9,66 @@ key covariance, and writes ``fig3_similarity.png``, ``fig3_pca.png`` and ``fig3_
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from keyscope import similarity
 from keyscope.errors import KeyscopeError
-from keyscope.perturbations import PerturbationConfig, subject_forms
+from keyscope.perturbations import KINDS, RANDOM, PerturbationConfig, fact_probes, subject_forms
 from keyscope.plotting import fig3
+
+#: Kinds of the Figure 3 study, in display order; ``random`` is the other-subject baseline.
+STUDY_KINDS = (*KINDS, RANDOM)
+
+
+def perturbation_study(model, facts: Sequence, layer: int, cov, context_docs, config: PerturbationConfig | None = None,
+                       progress: bool = True, other_facts=None, exclude: frozenset[str] = frozenset()):
+    """Normalised edit strength ``s(k; k_orig) = kᵀC⁻¹k_orig / k_origᵀC⁻¹k_orig`` of every perturbed key of
+    every fact against the fact's original key (Yan et al., Sec. 3 and Figure 3), for every probe of
+    :func:`keyscope.perturbations.fact_probes` (in- and out-of-domain alike) and the random baseline.
+
+    Returns ``(rows, keys)``: ``rows`` is a list of dicts (``case_id``, ``subject``, ``kind`` in
+    :data:`STUDY_KINDS`, ``source``, ``prompt``, ``similarity``) and ``keys`` maps ``case_id`` to ``(kinds,
+    keys)`` with ``keys`` of shape ``(n_probes, d_mlp)`` (original first), for the PCA panel.
+    """
+    from tqdm.auto import tqdm
+
+    config = config or PerturbationConfig()
+    tokenizer = model.tokenizer
+    pool = [f.subject for f in facts]
+    rows: list[dict] = []
+    keys_by_case: dict = {}
+    for fact in tqdm(facts, desc="perturbation keys", disable=not progress):
+        probes = fact_probes(tokenizer, fact, context_docs, config, exclude=exclude, other_facts=other_facts,
+                             subject_pool=pool).all()
+        keys = similarity.probe_keys(model, probes, layer)  # (n_probes, d_mlp)
+        strength = similarity.edit_strength(keys[1:], keys[0], cov).cpu()  # (n_probes - 1,)
+        for probe, s in zip(probes[1:], strength.tolist()):
+            rows.append({"case_id": fact.case_id, "subject": fact.subject, "kind": probe.kind, "source": probe.source,
+                         "prompt": probe.prompt, "similarity": s})
+        keys_by_case[fact.case_id] = ([p.kind for p in probes], keys.cpu())
+    return rows, keys_by_case
+
+
+def summarize(rows: Sequence[dict]) -> dict[str, dict[str, float]]:
+    """Per kind: ``n``, ``mean``, ``median``, ``q10``, ``q90`` of the normalised similarity."""
+    out: dict[str, dict[str, float]] = {}
+    for kind in STUDY_KINDS:
+        values = np.array([r["similarity"] for r in rows if r["kind"] == kind], dtype=np.float64)
+        if values.size == 0:
+            continue
+        out[kind] = {
+            "n": int(values.size),
+            "mean": float(values.mean()),
+            "median": float(np.median(values)),
+            "q10": float(np.quantile(values, 0.1)),
+            "q90": float(np.quantile(values, 0.9)),
+        }
+    return out
 
 
 @dataclass
@@ -51,15 +102,15 @@ def run(model, facts, layer: int, cov, context_docs, out_dir: str | Path, model_
     chosen = pick_facts(facts, n_subjects, seed)
     config = PerturbationConfig(seed=seed)
     forms = subject_forms(facts)
-    rows, keys = similarity.perturbation_study(model, chosen, layer, cov, context_docs, config, progress=progress,
+    rows, keys = perturbation_study(model, chosen, layer, cov, context_docs, config, progress=progress,
                                                other_facts=facts, exclude=forms)
-    summary = similarity.summarize(rows)
+    summary = summarize(rows)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
     csv_path = out / "fig3_similarity.csv"
     pd.DataFrame(rows).to_csv(csv_path, index=False)
-    values = {kind: [r["similarity"] for r in rows if r["kind"] == kind] for kind in similarity.STUDY_KINDS}
+    values = {kind: [r["similarity"] for r in rows if r["kind"] == kind] for kind in STUDY_KINDS}
     dist = fig3.similarity_distributions(values, title=f"{model_name}, layer {layer}: keys vs. the original key")
     dist_path = out / "fig3_similarity.png"
     dist.savefig(dist_path, dpi=150)
@@ -69,7 +120,7 @@ def run(model, facts, layer: int, cov, context_docs, out_dir: str | Path, model_
         pca_fact = next((f for f in facts if f.subject == pca_subject), None)
         if pca_fact is None:
             raise KeyscopeError(f"--pca-subject {pca_subject!r} is not a subject of the dataset")
-        _, extra = similarity.perturbation_study(model, [pca_fact], layer, cov, context_docs, config, progress=False,
+        _, extra = perturbation_study(model, [pca_fact], layer, cov, context_docs, config, progress=False,
                                                  other_facts=facts, exclude=forms)
         keys.update(extra)
     pca_fact = pca_fact or chosen[0]

@@ -14,7 +14,7 @@ from pathlib import Path
 from keyscope import evaluate as ev
 from keyscope.experiments.tables import percent, write_csv
 from keyscope.metrics import DOMAINS, METRICS
-from keyscope.perturbations import KINDS
+from keyscope.perturbations import KINDS, LONG, REPHRASE, SHUFFLE, SHUFFLE_WORDS
 from keyscope.plotting import fig7
 
 TABLE_CSV = "table1.csv"
@@ -29,7 +29,7 @@ SWEEP_CSV = "fig7_tau_sweep.csv"
 PAPER_DELTAS = {"success": -3.5, "locality": -4.8, "rephrase_id": 27.0, "shuffle_id": 63.9, "long_id": 4.0,
                 "rephrase_ood": 16.1, "shuffle_ood": 37.7, "long_ood": 5.3}
 
-_KIND_HEADERS = {"rephrase": "Rephrase", "shuffle": "Shuffle", "shuffle_words": "Word shuffle", "long": "Long"}
+_KIND_HEADERS = {REPHRASE: "Rephrase", SHUFFLE: "Shuffle", SHUFFLE_WORDS: "Word shuffle", LONG: "Long"}
 _DOMAIN_HEADERS = {"id": "ID", "ood": "OOD", "ood_new": "OOD new"}
 HEADERS = {"success": "Success", "locality": "Locality",
            **{f"{kind}_{domain}": f"{_KIND_HEADERS[kind]} {_DOMAIN_HEADERS[domain]}"

@@ -15,7 +15,7 @@
   each rephrased subject ("rephrase").
 
 Facts are drawn (seeded) among those the unedited model **knows** — top-1 on the first token of
-``target_true`` (:func:`keyscope.datasets.known_facts`), as in ROME and Yan et al. — and that have a
+``target_true`` (:func:`keyscope.predictions.known_facts`), as in ROME and Yan et al. — and that have a
 ``target_new`` different from ``target_true``. The context prefixes are sampled once
 (:func:`keyscope.rome.context_prefixes`) and shared by every edit, as ROME caches them. Writes
 ``fig5_value_norms.png`` (:func:`keyscope.plotting.fig5.value_norms`) and ``fig5_value_norms.csv`` (one row
@@ -30,17 +30,15 @@ from pathlib import Path
 
 import numpy as np
 
-from keyscope import rome
-from keyscope.datasets import sample_known_facts
+from keyscope import perturbations, rome
 from keyscope.editing import make_editor, prepare_context
 from keyscope.errors import KeyscopeError
 from keyscope.evaluate import fact_request
 from keyscope.experiments.tables import write_csv
-from keyscope.keys import fill
 from keyscope.metrics import LOCALITY, SUCCESS, QueryPlan, score_plan
 from keyscope.models import b_out, model_name
 from keyscope.plotting import fig5
-from keyscope.predictions import score_targets
+from keyscope.predictions import sample_known_facts, score_targets
 
 FIGURE = "fig5_value_norms.png"
 TABLE = "fig5_value_norms.csv"
@@ -89,9 +87,9 @@ def _plan(tokenizer, fact) -> QueryPlan:
     plan.query(tokenizer, fact, [SUCCESS], fact.filled_prompt)
     for prompt in fact.paraphrase_prompts:
         plan.query(tokenizer, fact, ["paraphrase"], prompt)
-    for alias in fact.subject_rephrase:
-        if alias.strip():
-            plan.query(tokenizer, fact, ["rephrase"], fill(fact.prompt, alias).text)
+    rephrased = perturbations.fact_probes(tokenizer, fact, None, perturbations.REPHRASES).perturbed[perturbations.REPHRASE][0]
+    for probe in rephrased:
+        plan.query(tokenizer, fact, ["rephrase"], probe.prompt)
     plan.neighbourhood(tokenizer, fact)
     return plan
 

@@ -5,9 +5,16 @@ streams unrelated text; ``train`` rebuilds the model; the model shipped in ``key
 loads with ``keyscope.models.load_model("factworld")``.
 """
 
+from pathlib import Path
+
 from keyscope.factworld.world import Fact, Relation, Subject, World, WorldConfig, build_world
 
 #: Name of the small JSON card a keyscope-built model directory carries (world, training run, default layer).
 MODEL_CARD = "keyscope.json"
 
-__all__ = ["Fact", "Relation", "Subject", "World", "WorldConfig", "build_world", "MODEL_CARD"]
+__all__ = ["Fact", "Relation", "Subject", "World", "WorldConfig", "build_world", "MODEL_CARD", "shipped_model_dir"]
+
+
+def shipped_model_dir() -> Path:
+    """The factworld model shipped inside the package (a standard HF directory)."""
+    return Path(__file__).resolve().parent / "model"

@@ -70,8 +70,8 @@ RELATIONS: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
     ),
 )
 
-#: Templates of worlds before ``WorldConfig.templates == 3``, where they differ from :data:`RELATIONS` (they
-#: ended in "the", where models looked the instrument up instead of at the subject; see ``docs/history.md``).
+#: The templates of ``WorldConfig.templates == 2`` (the worlds of factworld v1/v2 cards), where they differ from
+#: :data:`RELATIONS`: every ``instrument`` template ends in "the". ``docs/history.md`` says why v3 changed them.
 TEMPLATES_V2: dict[str, tuple[str, ...]] = {
     "instrument": ("{} plays the", "The instrument of {} is the", "{} is a musician who plays the"),
 }

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from keyscope.cli import main
-from keyscope.keys import fill
 from keyscope.models import load_model
+from keyscope.prompts import fill
 from tests import hf_tiny
 
 #: (template, subject, neighbourhood subjects): the words are all in the word-level tokenizer's vocabulary.
