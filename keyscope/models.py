@@ -357,18 +357,40 @@ class ModelSource:
     card: dict | None = None
 
 
-#: model → :class:`ModelSource`, kept beside the model (weakly) rather than on it.
-_SOURCES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+@dataclass
+class ModelFacts:
+    """What keyscope knows about a model, kept beside it rather than on it: where it was loaded from
+    (``source``, ``None`` for a model :func:`load_model` did not load) and facts measured on it once and
+    remembered (``hf_prepends_bos``, :func:`hf_prepends_bos`; ``fast_logits``, :func:`fast_logits_ok`;
+    ``None`` until measured)."""
+
+    source: ModelSource | None = None
+    hf_prepends_bos: bool | None = None
+    fast_logits: bool | None = None
+
+
+#: model → :class:`ModelFacts`, held weakly: an entry goes when its model does. The only place keyscope keeps
+#: anything about a model.
+_FACTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def model_facts(model) -> ModelFacts:
+    """The :class:`ModelFacts` of ``model`` (empty ones for a model seen the first time)."""
+    facts = _FACTS.get(model)
+    if facts is None:
+        facts = _FACTS[model] = ModelFacts()
+    return facts
 
 
 def register_source(model, source: ModelSource) -> None:
     """Record where ``model`` came from (:func:`load_model` does; for models built otherwise, e.g. in memory)."""
-    _SOURCES[model] = source
+    model_facts(model).source = source
 
 
 def model_source(model) -> ModelSource | None:
     """Where ``model`` was loaded from, or ``None`` for a model :func:`load_model` did not load."""
-    return _SOURCES.get(model)
+    facts = _FACTS.get(model)
+    return facts.source if facts is not None else None
 
 
 def model_name(model) -> str:
@@ -427,7 +449,8 @@ def hf_prepends_bos(model) -> bool:
     ``add_bos_token=True`` (TransformerLens' convention), so ``model.tokenizer`` prepends a BOS for GPT-2 too.
     Read once per model (the tokenizer files are local after :func:`load_model`).
     """
-    if model not in _HF_BOS:
+    facts = model_facts(model)
+    if facts.hf_prepends_bos is None:
         from transformers import AutoTokenizer
 
         source = model_dir(model) or _repo_id(model)
@@ -440,11 +463,8 @@ def hf_prepends_bos(model) -> bool:
             raise ModelNotAvailable(f"cannot load the tokenizer of {source} the Hugging Face way: {exc}") from exc
         ids = tokenizer("a")["input_ids"]
         bos = tokenizer.bos_token_id
-        _HF_BOS[model] = bool(ids) and bos is not None and ids[0] == bos
-    return _HF_BOS[model]
-
-
-_HF_BOS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> bool
+        facts.hf_prepends_bos = bool(ids) and bos is not None and ids[0] == bos
+    return facts.hf_prepends_bos
 
 
 def _repo_id(model) -> str | None:
@@ -603,7 +623,6 @@ def head_ov(model, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 #: Hook on the input of the final norm: the residual stream the unembedding reads.
 FINAL_RESIDUAL_HOOK = "ln_final.hook_in"
-_FAST_LOGITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> bool, checked once per model
 
 
 class _ResidualCaptured(Exception):
@@ -630,7 +649,8 @@ def fast_logits_ok(model) -> bool:
     """Whether ``unembed(ln_final(residual))`` at chosen positions reproduces the model's logits there
     (true for GPT-2, GPT-J, GPT-NeoX, LLaMA, Mistral; a model with e.g. logit soft-capping would fail and
     fall back to full logits). Checked once per model on a short random sequence."""
-    if model not in _FAST_LOGITS:
+    facts = model_facts(model)
+    if facts.fast_logits is None:
         ok = FINAL_RESIDUAL_HOOK in model.hook_dict
         if ok:
             generator = torch.Generator().manual_seed(0)
@@ -643,8 +663,8 @@ def fast_logits_ok(model) -> bool:
                 except Exception:  # any failure of the shortcut: use full logits
                     fast = None
             ok = fast is not None and torch.allclose(fast, full, rtol=1e-3, atol=1e-3 * float(full.abs().max()))
-        _FAST_LOGITS[model] = ok
-    return _FAST_LOGITS[model]
+        facts.fast_logits = ok
+    return facts.fast_logits
 
 
 def logits_at(model, input_ids, attention_mask, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
