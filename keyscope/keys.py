@@ -142,6 +142,32 @@ def tokens_overlapping(encoded: Encoded, start: int, end: int) -> list[int]:
     ]
 
 
+def unknown_pieces(tokenizer, encoded: Encoded, start: int = 0, end: int | None = None) -> list[str]:
+    """The pieces of ``encoded.text`` within ``[start, end)`` that the tokenizer mapped to its unknown token
+    (``<unk>``), in order, adjacent ones joined (``"Жюль"``, not four letters); ``[]`` for a tokenizer without
+    one (byte-level BPE never needs it)."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None:
+        return []
+    end = len(encoded.text) if end is None else end
+    spans: list[list[int]] = []
+    for i in tokens_overlapping(encoded, start, end):
+        if encoded.ids[i] == unk:
+            s, e = encoded.offsets[i]
+            if spans and s <= spans[-1][1]:
+                spans[-1][1] = max(spans[-1][1], e)
+            else:
+                spans.append([s, e])
+    return [encoded.text[s:e].strip() or repr(encoded.text[s:e]) for s, e in spans]
+
+
+def unknown_subject_pieces(tokenizer, prompt: str, subject: str, prepend_bos: bool | None = None) -> list[str]:
+    """:func:`unknown_pieces` of the subject's occurrence in the filled ``prompt`` (see :func:`fill`): a
+    non-empty list means the subject's key is (partly) the key of ``<unk>``, not of the subject."""
+    span = fill(prompt, subject)
+    return unknown_pieces(tokenizer, encode(tokenizer, span.text, prepend_bos=prepend_bos), span.start, span.end)
+
+
 def locate(tokenizer, prompt: str, subject: str, prepend_bos: bool | None = None) -> tuple[Encoded, int]:
     """The tokenised filled prompt and the index of the subject's last token in it (see :func:`fill`)."""
     span = fill(prompt, subject)

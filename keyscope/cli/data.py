@@ -9,6 +9,7 @@ A Patil et al. paraphrase table is recognised and counted (it has no subjects to
 
 from __future__ import annotations
 
+from keyscope.cli.common import add_progress_argument
 from keyscope.cli.output import write_json
 from keyscope.errors import KeyscopeError
 
@@ -82,4 +83,5 @@ def register(sub) -> None:
     which.add_argument("--model", help="locate subjects with this model's tokenizer (factworld, hub name, directory)")
     which.add_argument("--tokenizer", metavar="DIR", help="locate subjects with this Hugging Face tokenizer")
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON")
+    add_progress_argument(p)
     p.set_defaults(func=cmd_data)

@@ -13,8 +13,9 @@ from keyscope.cli.common import (
     add_model_arguments,
     add_output_arguments,
     add_rome_setting_argument,
+    positive_int,
 )
-from keyscope.cli.output import check_outputs, write_json
+from keyscope.cli.output import write_json
 from keyscope.errors import KeyscopeError
 
 
@@ -43,8 +44,6 @@ def cmd_evaluate(args) -> int:
     unknown = [m for m in methods if m not in ev.METHODS]
     if not methods or unknown:
         raise KeyscopeError(f"--methods takes a comma-separated subset of {','.join(ev.METHODS)}, not {args.methods!r}")
-    if args.n < 1:
-        raise KeyscopeError("--n must be at least 1")
     if not 0.0 < args.tau < 1.0:
         raise KeyscopeError(f"--tau must lie in (0, 1), not {args.tau}")
     check_rome_setting(args)
@@ -57,7 +56,6 @@ def cmd_evaluate(args) -> int:
                         or set(methods) != set(ev.METHODS)):
         raise KeyscopeError("--ablate runs its own methods and settings; drop --methods, --tau-sweep, --rep-setting "
                             "and --rome-setting (--tau sets every variant's gate threshold)")
-    check_outputs(folders={"--out": args.out}, files={"--json": args.json})
     facts, model, layer, cov, source = edit_inputs(args)
     progress = not args.no_progress
     if args.ablate:
@@ -98,7 +96,7 @@ def register(sub) -> None:
     """Add ``keyscope evaluate`` to the top-level subparsers ``sub``."""
     p = sub.add_parser("evaluate", help="Table 1: ROME vs ROME+REP robustness; --tau-sweep: Figure 7")
     add_model_arguments(p)
-    p.add_argument("--n", type=int, default=100, help="number of edited facts (default 100)")
+    p.add_argument("--n", type=positive_int, default=100, help="number of edited facts (default 100)")
     p.add_argument("--methods", default="rome,rome+rep", help="comma-separated: rome, rome+rep (default both)")
     p.add_argument("--tau", type=float, default=0.9, help="REP's gate threshold (default 0.9)")
     p.add_argument("--tau-sweep", metavar="T1,T2,…", help="also evaluate REP at these thresholds (Figure 7)")
