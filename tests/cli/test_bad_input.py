@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -296,3 +297,15 @@ def test_a_corrupt_cache_is_recomputed_with_one_warning_line(env, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("keyscope: warning: cached key_covariance") and "recomputing" in err[0]
     assert cache.load(KIND, json.loads((tensors.parent / cache.SPEC).read_text())["spec"])  # rewritten, valid
+
+
+def test_the_library_refuses_counts_below_one_too():
+    from keyscope.errors import KeyscopeError
+    from keyscope.experiments import scan, similarity
+
+    facts = [SimpleNamespace(subject=f["subject"]) for f in FACTS]
+    for n in (0, -3):
+        with pytest.raises(KeyscopeError, match="at least 1"):
+            similarity.pick_facts(facts, n, seed=0)
+        with pytest.raises(KeyscopeError, match="at least 1"):
+            scan.distinct_subjects(facts, n)
