@@ -58,7 +58,7 @@ from pathlib import Path
 import torch
 
 from keyscope.errors import KeyscopeError, MalformedRecord, SubjectNotFound
-from keyscope.keys import SLOT, encode, fill, locate, unknown_pieces
+from keyscope.keys import SLOT, encode, fill, locate, unknown_pieces, unknown_token_message
 from keyscope.predictions import next_token_top_k, target_context
 
 FACTWORLD = "factworld"
@@ -466,11 +466,6 @@ def sniff_schema(source: str | Path) -> str:
     return detect_schema(_read_json(_existing(source)))
 
 
-def _unknown_reason(tokenizer, text: str, pieces: list[str]) -> str:
-    return (f"the tokenizer maps {', '.join(map(repr, pieces))} of {text!r} to its unknown token "
-            f"{tokenizer.unk_token!r}")
-
-
 def locate_subjects(tokenizer, fact_file: FactFile, prepend_bos: bool | None = None) -> list[Failure]:
     """Check that every fact's subject has a last token in the tokenisation of its filled prompt
     (:func:`keyscope.keys.locate`) and that neither the subject there nor a target (after a space, as it
@@ -486,13 +481,14 @@ def locate_subjects(tokenizer, fact_file: FactFile, prepend_bos: bool | None = N
         span = fill(fact.prompt, fact.subject)
         pieces = unknown_pieces(tokenizer, encoded, span.start, span.end)
         if pieces:
-            failures.append(Failure(index, "subject", _unknown_reason(tokenizer, fact.subject, pieces), "unknown_token"))
+            failures.append(Failure(index, "subject", unknown_token_message(tokenizer, pieces, repr(fact.subject)),
+                                    "unknown_token"))
             continue
         for name in ("target_new", "target_true"):
             target = getattr(fact, name)
             pieces = unknown_pieces(tokenizer, encode(tokenizer, " " + target.strip(), prepend_bos=False)) if target else []
             if pieces:
-                failures.append(Failure(index, name, _unknown_reason(tokenizer, target, pieces), "unknown_token"))
+                failures.append(Failure(index, name, unknown_token_message(tokenizer, pieces, repr(target)), "unknown_token"))
                 break
     return failures
 

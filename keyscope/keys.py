@@ -161,6 +161,13 @@ def unknown_pieces(tokenizer, encoded: Encoded, start: int = 0, end: int | None 
     return [encoded.text[s:e].strip() or repr(encoded.text[s:e]) for s, e in spans]
 
 
+def unknown_token_message(tokenizer, pieces: Sequence[str], what: str) -> str:
+    """``"the tokenizer maps 'Жюль' of <what> to its unknown token '<unk>'"``: the one wording of the unknown-token
+    errors and failures, naming the text (``pieces`` from :func:`unknown_pieces`)."""
+    return (f"the tokenizer maps {', '.join(map(repr, pieces))} of {what} to its unknown token "
+            f"{getattr(tokenizer, 'unk_token', None)!r}")
+
+
 def unknown_subject_pieces(tokenizer, prompt: str, subject: str, prepend_bos: bool | None = None) -> list[str]:
     """:func:`unknown_pieces` of the subject's occurrence in the filled ``prompt`` (see :func:`fill`): a
     non-empty list means the subject's key is (partly) the key of ``<unk>``, not of the subject."""

@@ -113,6 +113,7 @@ from keyscope.keys import (
     pad_batch,
     tokens_overlapping,
     unknown_pieces,
+    unknown_token_message,
 )
 from keyscope.models import (
     MODEL_CARD,
@@ -816,8 +817,8 @@ def check_request_tokens(tokenizer, request: EditRequest, prepend_bos: bool | No
         pieces = unknown_pieces(tokenizer, encoded, start, end)
         if pieces:
             consequence = "its key would be that token's" if what == "subject" else "ROME would write that token"
-            raise UnknownToken(f"the tokenizer maps {', '.join(map(repr, pieces))} of the {what} {value!r} to its "
-                               f"unknown token {tokenizer.unk_token!r}; {consequence}, not the {what}")
+            raise UnknownToken(f"{unknown_token_message(tokenizer, pieces, f'the {what} {value!r}')}; "
+                               f"{consequence}, not the {what}")
 
 
 def compute_edit(

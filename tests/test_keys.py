@@ -6,7 +6,18 @@ import pytest
 import torch
 
 from keyscope.errors import LayerOutOfRange, SubjectNotFound
-from keyscope.keys import collect_keys, encode, fill, layer_keys, locate, pad_batch, subject_last_index
+from keyscope.keys import (
+    collect_keys,
+    encode,
+    fill,
+    layer_keys,
+    locate,
+    pad_batch,
+    subject_last_index,
+    unknown_pieces,
+    unknown_subject_pieces,
+    unknown_token_message,
+)
 from keyscope.models import down_projection, key_hook, load_model, value_hook
 from tests import hf_tiny
 
@@ -215,3 +226,16 @@ def test_length_batches_cover_every_index_once_and_respect_both_limits():
     assert not any(lengths[i] > 100 for i in batches[0])  # a long context never pads the short prompts
     with pytest.raises(ValueError):
         length_batches(lengths, 0)
+
+
+def test_unknown_pieces_name_the_text_the_tokenizer_cannot_read():
+    sp = hf_tiny.sentencepiece_style_tokenizer()  # no byte fallback: Cyrillic letters are <unk>, one per letter
+    encoded = encode(sp, "Жюль Paris lives in Ёлка")
+    assert unknown_pieces(sp, encoded) == ["Жюль", "Ёлка"]  # adjacent <unk> letters joined into words
+    assert unknown_pieces(sp, encoded, 0, 10) == ["Жюль"]
+    assert unknown_subject_pieces(sp, "{} lives in Paris", "Жюль Paris") == ["Жюль"]
+    assert unknown_subject_pieces(sp, "{} lives in Ёлка", "The Eiffel Tower") == []  # only the subject counts
+    bpe = hf_tiny.byte_level_bpe_tokenizer()  # byte-level: every text has tokens, none unknown
+    assert unknown_pieces(bpe, encode(bpe, "Жюль Paris")) == []
+    assert "'Жюль'" in unknown_token_message(sp, ["Жюль"], "the subject") and "'<unk>'" in unknown_token_message(
+        sp, ["Жюль"], "the subject")

@@ -50,15 +50,15 @@ def check_subject_tokens(model, facts) -> None:
     """Refuse (:class:`~keyscope.errors.UnknownToken`, naming the subject and its case id) a fact whose subject
     the model's tokenizer maps in part to its unknown token: its key would be that token's, shared with every
     such subject, and every similarity measured on it meaningless. ``keyscope data --model`` lists them all."""
-    from keyscope.keys import unknown_subject_pieces
+    from keyscope.keys import unknown_subject_pieces, unknown_token_message
 
     tokenizer = model.tokenizer
     for fact in facts:
         pieces = unknown_subject_pieces(tokenizer, fact.prompt, fact.subject)
         if pieces:
-            raise UnknownToken(f"the tokenizer maps {', '.join(map(repr, pieces))} of the subject {fact.subject!r} "
-                               f"(case {fact.case_id}) to its unknown token {tokenizer.unk_token!r}; leave such facts "
-                               f"out (keyscope data --model lists them)")
+            what = f"the subject {fact.subject!r} (case {fact.case_id})"
+            raise UnknownToken(f"{unknown_token_message(tokenizer, pieces, what)}; leave such facts out "
+                               f"(keyscope data --model lists them)")
 
 
 def data_source(args) -> str:
