@@ -3,7 +3,9 @@
 ``keyscope data`` counts bad records as failures (exit 1); warnings are one ``keyscope: warning: …`` line.
 
 Every command runs in-process (``keyscope.cli.main``) on tiny local models; a case fails before the work it
-guards, so the whole catalogue takes seconds.
+guards, so the whole catalogue takes seconds. The Python API's cases (a request dict without ``target_new``,
+``REP.fit`` keys of the wrong type, width or emptiness, an unfitted adaptor, an ``<unk>`` target) are in
+``tests/test_rome.py`` and ``tests/test_rep.py``.
 """
 
 from __future__ import annotations
@@ -165,6 +167,18 @@ def test_every_command_takes_no_progress(command):
     assert build_parser().parse_args([*command, "--no-progress"]).no_progress is True
 
 
+def test_the_library_refuses_counts_below_one_too():
+    from keyscope.errors import KeyscopeError
+    from keyscope.experiments import scan, similarity
+
+    facts = [SimpleNamespace(subject=f["subject"]) for f in FACTS]
+    for n in (0, -3):
+        with pytest.raises(KeyscopeError, match="at least 1"):
+            similarity.pick_facts(facts, n, seed=0)
+        with pytest.raises(KeyscopeError, match="at least 1"):
+            scan.distinct_subjects(facts, n)
+
+
 # ---------------------------------------------------------------------------------------------- named things
 
 def test_an_unknown_pca_subject_fails_before_the_model_loads(env, capsys):
@@ -298,14 +312,3 @@ def test_a_corrupt_cache_is_recomputed_with_one_warning_line(env, capsys):
     assert len(err) == 1 and err[0].startswith("keyscope: warning: cached key_covariance") and "recomputing" in err[0]
     assert cache.load(KIND, json.loads((tensors.parent / cache.SPEC).read_text())["spec"])  # rewritten, valid
 
-
-def test_the_library_refuses_counts_below_one_too():
-    from keyscope.errors import KeyscopeError
-    from keyscope.experiments import scan, similarity
-
-    facts = [SimpleNamespace(subject=f["subject"]) for f in FACTS]
-    for n in (0, -3):
-        with pytest.raises(KeyscopeError, match="at least 1"):
-            similarity.pick_facts(facts, n, seed=0)
-        with pytest.raises(KeyscopeError, match="at least 1"):
-            scan.distinct_subjects(facts, n)
