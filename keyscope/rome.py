@@ -315,8 +315,8 @@ class EditRequest:
             raise MalformedRecord(f"an edit request must be a mapping, not {type(record).__name__}")
         missing = [name for name in ("prompt", "subject", "target_new") if record.get(name) is None]
         if missing:
-            raise MalformedRecord(f"edit request {dict(record)!r} lacks {', '.join(missing)}; give prompt (with {SLOT} "
-                                  f"for the subject), subject and target_new")
+            raise MalformedRecord(f"edit request lacks {', '.join(missing)} (it has {', '.join(map(str, record)) or 'nothing'}); "
+                                  f"give prompt (with {SLOT} for the subject), subject and target_new")
         return cls(record["prompt"], record["subject"], text(record["target_new"]), text(record.get("target_true")))
 
 
