@@ -182,8 +182,26 @@ def _wikitext_articles(lines: Iterable[str]) -> Iterator[str]:
 _READERS = {WIKIEXTRACTOR: _wikiextractor_documents, WIKITEXT_FILE: _wikitext_articles, PLAIN_TEXT: _paragraph_documents}
 
 
+#: Bytes of a corpus file sniffed for binary content, and the share of undecodable characters that makes it binary.
+_SNIFF_BYTES = 1 << 14
+_MAX_UNDECODABLE = 0.05
+
+
+def check_text_file(file: str | Path) -> None:
+    """Raise :class:`EmptyCorpus` (naming the file) when the start of ``file`` is not text: it holds NUL bytes
+    or more than 5% of its characters are not UTF-8 (a binary file would otherwise be read as replacement
+    characters and fill ``C`` with the keys of a few junk tokens)."""
+    with open(file, "rb") as handle:
+        head = handle.read(_SNIFF_BYTES)
+    text = head.decode("utf-8", errors="replace")
+    bad = text.count("\ufffd") - head.decode("utf-8", errors="ignore").count("\ufffd")
+    if b"\0" in head or (text and bad > _MAX_UNDECODABLE * len(text)):
+        raise EmptyCorpus(f"corpus file {file} is binary, not UTF-8 text; give a text file or folder")
+
+
 def _file_documents(files: Iterable[Path]) -> Iterator[str]:
     for file in files:
+        check_text_file(file)
         yield from _READERS[file_format(file)](_lines(file))
 
 
@@ -341,7 +359,8 @@ def token_batches(
     — fewer only if the corpus runs out. The last window and batch may be short (right-padded, with
     ``attention_mask`` 0).
 
-    Raises :class:`EmptyCorpus` if the source yields no tokens.
+    Raises :class:`EmptyCorpus` if the source yields no tokens, or if, by any batch, more than half of the
+    tokens taken are the tokenizer's unknown token (text in a script or encoding the tokenizer does not read).
     """
     if n_tokens < 1:
         raise ValueError(f"n_tokens must be positive, not {n_tokens}")
@@ -356,6 +375,15 @@ def token_batches(
     windows: list[list[int]] = []
     buffer: list[int] = []
     total = 0
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk in (getattr(tokenizer, "eos_token_id", None), getattr(tokenizer, "bos_token_id", None)):
+        unk = None  # GPT-2 style: the "unknown" token is the EOS separator, and byte-level BPE never needs it
+    unknown = 0
+
+    def check_known() -> None:
+        if unk is not None and unknown > total / 2:
+            raise EmptyCorpus(f"{unknown} of the first {total} corpus tokens are the tokenizer's unknown token "
+                              f"{tokenizer.unk_token!r}: the corpus is not text this tokenizer reads")
 
     def make_batch(rows: list[list[int]]) -> TokenBatch:
         input_ids = torch.full((len(rows), seq_len), pad_id, dtype=torch.long)  # (batch, seq_len)
@@ -377,7 +405,9 @@ def token_batches(
             buffer = buffer[take:]
             remaining -= take
             total += take
+            unknown += windows[-1].count(unk) if unk is not None else 0
             if len(windows) == batch_size:
+                check_known()
                 yield make_batch(windows)
                 windows = []
         if remaining == 0:
@@ -386,7 +416,9 @@ def token_batches(
         take = min(len(buffer), remaining)
         windows.append(buffer[:take])
         total += take
+        unknown += windows[-1].count(unk) if unk is not None else 0
     if windows:
+        check_known()
         yield make_batch(windows)
     if total == 0:
         raise EmptyCorpus("the corpus yielded no tokens; give a non-empty list of strings, text file or folder")

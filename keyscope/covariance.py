@@ -40,6 +40,7 @@ import torch
 
 from keyscope import cache
 from keyscope.corpus import Source, TokenBatch, corpus_id, default_corpus, prepends_bos, token_batches
+from keyscope.errors import EmptyCorpus
 from keyscope.keys import layer_keys
 from keyscope.models import check_layer, d_mlp, down_projection, model_name
 
@@ -49,6 +50,9 @@ ESTIMATOR_VERSION = 1
 MAX_RIDGE_SCALE = 1e-2
 #: Block rows of the upper-triangular Gram update in :meth:`KeyCovariance.partial_fit`.
 GRAM_BLOCKS = 4
+#: A corpus that yields fewer than this share of the tokens asked for is refused (:class:`EmptyCorpus`), not
+#: estimated from; between this share and all of them, ``C`` is estimated from what there is, with a warning.
+MIN_TOKEN_SHARE = 0.1
 
 
 @dataclass(frozen=True)
@@ -131,7 +135,11 @@ class KeyCovariance:
         return self
 
     def fit(self, model, corpus: Source | None = None) -> KeyCovariance:
-        """Estimate ``C`` from ``config.n_tokens`` counted tokens of ``corpus`` (default: :func:`default_corpus`)."""
+        """Estimate ``C`` from ``config.n_tokens`` counted tokens of ``corpus`` (default: :func:`default_corpus`).
+
+        A corpus that runs out warns; one that yields fewer than :data:`MIN_TOKEN_SHARE` of the tokens asked for
+        (or that :func:`keyscope.corpus.token_batches` refuses: empty, binary, mostly unknown tokens) raises
+        :class:`~keyscope.errors.EmptyCorpus`, so :func:`load_or_compute_covariance` never caches it."""
         corpus = default_corpus(model) if corpus is None else corpus
         cfg = self.config
         self._sum, self.n_tokens_, self._C, self._cholesky = None, 0, None, None
@@ -139,6 +147,9 @@ class KeyCovariance:
         self.spec_ = {"corpus": "one-shot iterator"} if one_shot else covariance_spec(model, cfg, corpus)
         batches = token_batches(model.tokenizer, corpus, cfg.n_tokens, cfg.seq_len, cfg.batch_size, cfg.prepend_bos)
         self.fit_batches(model, batches)
+        if self.n_tokens_ < MIN_TOKEN_SHARE * cfg.n_tokens:
+            raise EmptyCorpus(f"the corpus yielded only {self.n_tokens_:,} of the {cfg.n_tokens:,} tokens asked for C; "
+                              f"give a larger corpus or ask for fewer tokens")
         if self.n_tokens_ < cfg.n_tokens:
             warnings.warn(
                 f"the corpus ran out after {self.n_tokens_} of the {cfg.n_tokens} tokens asked for; "

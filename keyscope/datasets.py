@@ -53,7 +53,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from keyscope.errors import KeyscopeError, MalformedRecord, SubjectNotFound
-from keyscope.prompts import SLOT, fill, locate
+from keyscope.prompts import SLOT, encode, fill, locate, unknown_pieces, unknown_token_message
 
 FACTWORLD = "factworld"
 
@@ -107,7 +107,7 @@ class Failure:
     index: int
     field: str | None
     reason: str
-    kind: str = "malformed"  # "malformed" or "subject_not_found"
+    kind: str = "malformed"  # "malformed", "subject_not_found" or "unknown_token"
 
     def __str__(self) -> str:
         where = f"record {self.index}" + (f", field {self.field!r}" if self.field else "")
@@ -253,6 +253,9 @@ def _templated(prompt_field: str, prompt: str, subject: str) -> tuple[str, str, 
     except SubjectNotFound as exc:
         raise _RecordError(prompt_field, str(exc), kind="subject_not_found") from exc
     template, written = (prompt, subject) if SLOT in prompt else (span.template, span.subject)
+    if template.count(SLOT) > 1:
+        raise _RecordError(prompt_field, f"{template!r} has {template.count(SLOT)} subject slots {SLOT}; a prompt "
+                                         f"takes exactly one")
     return template, written, ({} if written == subject else {"subject_given": subject})
 
 
@@ -425,13 +428,28 @@ def sniff_schema(source: str | Path) -> str:
 
 def locate_subjects(tokenizer, fact_file: FactFile, prepend_bos: bool | None = None) -> list[Failure]:
     """Check that every fact's subject has a last token in the tokenisation of its filled prompt
-    (:func:`keyscope.prompts.locate`); one :class:`Failure` (record index, field ``subject``) per fact where not."""
+    (:func:`keyscope.prompts.locate`) and that neither the subject there nor a target (after a space, as it
+    follows the prompt) holds the tokenizer's unknown token; one :class:`Failure` (record index, field
+    ``subject``, ``target_new`` or ``target_true``) per fact where not (at most one per fact)."""
     failures = []
     for index, fact in zip(fact_file.indices or range(len(fact_file.facts)), fact_file.facts):
         try:
-            locate(tokenizer, fact.prompt, fact.subject, prepend_bos=prepend_bos)
+            encoded, _ = locate(tokenizer, fact.prompt, fact.subject, prepend_bos=prepend_bos)
         except SubjectNotFound as exc:
             failures.append(Failure(index, "subject", str(exc), "subject_not_found"))
+            continue
+        span = fill(fact.prompt, fact.subject)
+        pieces = unknown_pieces(tokenizer, encoded, span.start, span.end)
+        if pieces:
+            failures.append(Failure(index, "subject", unknown_token_message(tokenizer, pieces, repr(fact.subject)),
+                                    "unknown_token"))
+            continue
+        for name in ("target_new", "target_true"):
+            target = getattr(fact, name)
+            pieces = unknown_pieces(tokenizer, encode(tokenizer, " " + target.strip(), prepend_bos=False)) if target else []
+            if pieces:
+                failures.append(Failure(index, name, unknown_token_message(tokenizer, pieces, repr(target)), "unknown_token"))
+                break
     return failures
 
 

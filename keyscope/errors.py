@@ -1,7 +1,8 @@
 """User-facing errors.
 
 Every error a user can cause (a model that is not available, a subject missing from its prompt, a layer
-out of range, an empty corpus, a malformed dataset record, a corrupt cache) is a :class:`KeyscopeError`
+out of range, an empty or unusable corpus, a malformed dataset record or request, a subject or target the
+tokenizer does not know, keys of the wrong shape, an unfitted adaptor) is a :class:`KeyscopeError`
 whose message is one self-contained line. The CLI prints that line and exits with status 2; library
 callers can catch the class (or a subclass) like any exception.
 """
@@ -28,12 +29,26 @@ class SubjectNotFound(KeyscopeError):
 
 
 class EmptyCorpus(KeyscopeError):
-    """A corpus that yields no usable tokens."""
+    """A corpus that yields no usable tokens, or too few: binary, mostly unknown tokens, or far fewer tokens
+    than asked for."""
 
 
 class MalformedRecord(KeyscopeError):
-    """A dataset record that is missing a field or has one of the wrong type."""
+    """A dataset record or edit request that is missing a field or has one of the wrong type."""
 
 
 class CorruptCache(KeyscopeError):
     """A cached artefact that is truncated or does not match its spec."""
+
+
+class UnknownToken(KeyscopeError):
+    """A subject or target that the tokenizer maps (in part) to its unknown token, so that a key or an edit
+    of it would be about ``<unk>`` rather than the text."""
+
+
+class InvalidKeys(KeyscopeError, ValueError):
+    """Keys of the wrong type, shape or width, empty, or not finite."""
+
+
+class NotFitted(KeyscopeError, RuntimeError):
+    """A fitted object (an adaptor, an estimate) used before ``fit``."""

@@ -222,3 +222,36 @@ def pad_batch(
         input_ids[row, cols] = torch.as_tensor(list(seq), dtype=torch.long)
         attention_mask[row, cols] = 1
     return input_ids.to(device), attention_mask.to(device)
+def unknown_pieces(tokenizer, encoded: Encoded, start: int = 0, end: int | None = None) -> list[str]:
+    """The pieces of ``encoded.text`` within ``[start, end)`` that the tokenizer mapped to its unknown token
+    (``<unk>``), in order, adjacent ones joined (``"Жюль"``, not four letters); ``[]`` for a tokenizer without
+    one (byte-level BPE never needs it)."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None:
+        return []
+    end = len(encoded.text) if end is None else end
+    spans: list[list[int]] = []
+    for i in tokens_overlapping(encoded, start, end):
+        if encoded.ids[i] == unk:
+            s, e = encoded.offsets[i]
+            if spans and s <= spans[-1][1]:
+                spans[-1][1] = max(spans[-1][1], e)
+            else:
+                spans.append([s, e])
+    return [encoded.text[s:e].strip() or repr(encoded.text[s:e]) for s, e in spans]
+
+
+def unknown_token_message(tokenizer, pieces: Sequence[str], what: str) -> str:
+    """``"the tokenizer maps 'Жюль' of <what> to its unknown token '<unk>'"``: the one wording of the unknown-token
+    errors and failures, naming the text (``pieces`` from :func:`unknown_pieces`)."""
+    return (f"the tokenizer maps {', '.join(map(repr, pieces))} of {what} to its unknown token "
+            f"{getattr(tokenizer, 'unk_token', None)!r}")
+
+
+def unknown_subject_pieces(tokenizer, prompt: str, subject: str, prepend_bos: bool | None = None) -> list[str]:
+    """:func:`unknown_pieces` of the subject's occurrence in the filled ``prompt`` (see :func:`fill`): a
+    non-empty list means the subject's key is (partly) the key of ``<unk>``, not of the subject."""
+    span = fill(prompt, subject)
+    return unknown_pieces(tokenizer, encode(tokenizer, span.text, prepend_bos=prepend_bos), span.start, span.end)
+
+

@@ -71,13 +71,15 @@ import torch
 
 from keyscope import rome
 from keyscope.editing import Editor, ModelEdit
+from keyscope.errors import InvalidKeys, NotFitted
 from keyscope.keys import collect_context_keys
 from keyscope.models import check_layer, key_hook
 from keyscope.perturbations import KINDS, LONG, REPHRASE, SHUFFLE, TEMPLATE, Probe
 from keyscope.similarity import probe_keys
 
 __all__ = ["REPConfig", "KeyAdaptor", "REP", "REPKeys", "gather_keys", "training_positives", "behind_prefixes",
-           "minibatches", "adapted", "applied", "REPEdit", "ROMEREPEditor", "OBJECTIVES", "ANCHORS", "ANCHOR_LOSSES", "SETTINGS"]
+           "minibatches", "check_keys", "adapted", "applied", "REPEdit", "ROMEREPEditor", "OBJECTIVES", "ANCHORS",
+           "ANCHOR_LOSSES", "SETTINGS"]
 
 #: ``strength``: ``(α(k̂) − 1)²``; ``paper``: ``−|α(k̂)| / ‖k̂‖`` (scaled); ``released``: ``−(k̂/‖k̂‖)ᵀu``.
 OBJECTIVES = ("strength", "paper", "released")
@@ -363,6 +365,24 @@ def gather_keys(
 # ---------------------------------------------------------------------------------------------- fitting
 
 
+def check_keys(keys: REPKeys, d_mlp: int) -> None:
+    """Raise :class:`~keyscope.errors.InvalidKeys` unless ``keys`` is a :class:`REPKeys` of 2-D tensors
+    ``(n, d_mlp)`` with at least one anchor and only finite values (positives and negatives may be empty:
+    the adaptor then only learns to keep the anchors)."""
+    if not isinstance(keys, REPKeys):
+        raise InvalidKeys(f"REP.fit takes the keys as a REPKeys (rep.gather_keys), not a {type(keys).__name__}")
+    for name in ("positives", "anchors", "negatives"):
+        value = getattr(keys, name)
+        if not isinstance(value, torch.Tensor):
+            raise InvalidKeys(f"REPKeys.{name} must be a tensor (n, d_mlp), not a {type(value).__name__}")
+        if value.dim() != 2 or value.shape[1] != d_mlp:
+            raise InvalidKeys(f"REPKeys.{name} has shape {tuple(value.shape)}; the edit's keys are (n, {d_mlp})")
+        if not bool(torch.isfinite(value).all()):
+            raise InvalidKeys(f"REPKeys.{name} holds NaN or infinite values")
+    if not len(keys.anchors):
+        raise InvalidKeys("REPKeys.anchors is empty: REP needs the edit prompt's key(s) to keep in place")
+
+
 def _balanced_bce(logits_pos: torch.Tensor, logits_neg: torch.Tensor) -> torch.Tensor:
     """Binary cross-entropy with each class weighted equally (targets 1 for positives, 0 for negatives)."""
     bce = torch.nn.functional.binary_cross_entropy_with_logits
@@ -413,10 +433,14 @@ class REP:
         ``released``: ``−mean (k̂/‖k̂‖)ᵀu``, ``u = C⁻¹k*/‖C⁻¹k*‖`` (``α(k) = kᵀ key_selector``); ``anchor``
         ``relative``: ``mean_a ‖k̂_a − k_a‖² / ‖k_a‖²``, ``mse``: ``mean_{a,j} (k̂_a − k_a)_j²``; the BCE
         (only with ``gate_negatives``) as in the module docstring. Each step runs the adaptor on ``B_t``, then
-        on the anchors (so the dropout masks are drawn in that order)."""
+        on the anchors (so the dropout masks are drawn in that order).
+
+        Raises :class:`~keyscope.errors.InvalidKeys` for ``keys`` that are not :class:`REPKeys`, keys whose
+        width is not ``d_mlp`` of the edit, no anchors, or keys that are not finite (:func:`check_keys`)."""
         cfg = self.config
         device = edit.k_star.device
         d = edit.k_star.shape[0]
+        check_keys(keys, d)
         selector = edit.key_selector.to(device).float()  # (d_mlp,) C⁻¹k* / k*ᵀC⁻¹k*
         pos, anchors, neg = keys.positives.to(device), keys.anchors.to(device), keys.negatives.to(device)
         adaptor = KeyAdaptor(d, cfg.rank, cfg.gate_hidden_fraction, cfg.dropout, seed=cfg.seed, bias=cfg.bias).to(device)
@@ -473,7 +497,7 @@ class REP:
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "adaptor_"):
-            raise RuntimeError("this REP is not fitted yet; call fit(edit, keys) first")
+            raise NotFitted("this REP is not fitted yet; call fit(edit, keys) first")
 
     @torch.no_grad()
     def transform(self, keys: torch.Tensor, tau: float | None = None) -> torch.Tensor:
@@ -524,6 +548,8 @@ def applied(model, edit: rome.Edit, rep: REP | None = None, tau: float | None = 
     """ROME and REP together: apply ``edit`` to ``W_out`` (:func:`keyscope.rome.applied`) and, if ``rep``
     is given, its adaptor on the keys (:func:`adapted`); on exit both are removed — the weights restored
     bit-exactly and the hook taken off — also when the block raises."""
+    if rep is not None:
+        rep._check_fitted()
     with rome.applied(model, edit):
         if rep is None:
             yield model

@@ -102,7 +102,7 @@ import torch
 
 from keyscope.covariance import KeyCovariance, load_or_compute_covariance
 from keyscope.editing import Editor, ModelEdit
-from keyscope.errors import KeyscopeError
+from keyscope.errors import KeyscopeError, MalformedRecord, UnknownToken
 from keyscope.keys import collect_keys
 from keyscope.models import (
     MODEL_CARD,
@@ -121,7 +121,15 @@ from keyscope.models import (
     model_name,
     value_hook,
 )
-from keyscope.prompts import SLOT, encode, fill, pad_batch, tokens_overlapping
+from keyscope.prompts import (
+    SLOT,
+    encode,
+    fill,
+    pad_batch,
+    tokens_overlapping,
+    unknown_pieces,
+    unknown_token_message,
+)
 
 __all__ = [
     "ROMEConfig",
@@ -131,6 +139,7 @@ __all__ = [
     "EmptyTarget",
     "TargetTokenization",
     "compute_edit",
+    "check_request_tokens",
     "context_prefixes",
     "compute_k_star",
     "prefixed",
@@ -264,7 +273,9 @@ class EditRequest:
     """One fact to write: ``prompt`` (a template with ``{}`` for the subject, or a filled prompt holding
     ``subject``), the ``subject``, the new target ``target_new`` and optionally the true one (recorded only).
 
-    Raises :class:`~keyscope.errors.SubjectNotFound` if the subject is not in the prompt and
+    Raises :class:`~keyscope.errors.SubjectNotFound` if the subject is not in the prompt,
+    :class:`~keyscope.errors.MalformedRecord` for a field that is not a string or a prompt with more than one
+    ``{}`` slot (each slot would be filled with the subject, and the edit would write at the first only), and
     :class:`EmptyTarget` for an empty target.
     """
 
@@ -274,6 +285,13 @@ class EditRequest:
     target_true: str | None = None
 
     def __post_init__(self):
+        for name in ("prompt", "subject"):
+            value = getattr(self, name)
+            if not isinstance(value, str):
+                raise MalformedRecord(f"edit request field {name!r} must be a string, not {type(value).__name__}")
+        if self.prompt.count(SLOT) > 1:
+            raise MalformedRecord(f"prompt {self.prompt!r} has {self.prompt.count(SLOT)} subject slots {SLOT}; "
+                                  f"give exactly one, where the edited subject goes")
         fill(self.prompt, self.subject)  # raises SubjectNotFound
         if not isinstance(self.target_new, str) or not self.target_new.strip():
             raise EmptyTarget(
@@ -288,11 +306,18 @@ class EditRequest:
     @classmethod
     def from_dict(cls, record: Mapping) -> EditRequest:
         """From a CounterFact-style record: ``prompt``, ``subject``, ``target_new`` (a string or
-        ``{"str": ...}``) and optionally ``target_true``."""
+        ``{"str": ...}``) and optionally ``target_true``. Raises :class:`~keyscope.errors.MalformedRecord` for
+        a missing field."""
 
         def text(value):
             return value.get("str") if isinstance(value, Mapping) else value
 
+        if not isinstance(record, Mapping):
+            raise MalformedRecord(f"an edit request must be a mapping, not {type(record).__name__}")
+        missing = [name for name in ("prompt", "subject", "target_new") if record.get(name) is None]
+        if missing:
+            raise MalformedRecord(f"edit request lacks {', '.join(missing)} (it has {', '.join(map(str, record)) or 'nothing'}); "
+                                  f"give prompt (with {SLOT} for the subject), subject and target_new")
         return cls(record["prompt"], record["subject"], text(record["target_new"]), text(record.get("target_true")))
 
 
@@ -538,7 +563,8 @@ def _v_star_batch(model, request: EditRequest, prefixes: Sequence[str], config: 
 
 
 def compute_v_star(
-    model, request: EditRequest, layer: int, k_star: torch.Tensor, prefixes: Sequence[str], config: ROMEConfig
+    model, request: EditRequest, layer: int, k_star: torch.Tensor, prefixes: Sequence[str], config: ROMEConfig,
+    progress: bool = False,
 ) -> tuple[torch.Tensor, EditTrace]:
     """``v* = W k* + δ`` (the target output of ``W_out``, without bias) and the optimisation trace (ROME eq. 4).
 
@@ -561,6 +587,8 @@ def compute_v_star(
 
     ``k_star`` is the key whose value ``v*`` replaces: the prefix-averaged key (keyscope), or in reference
     mode the bare prompt's key ``k₀``, whose value ``W k₀ + b`` is ROME's ``target_init``.
+
+    ``progress=True`` shows a tqdm bar over the steps with the loss and the target probability (off by default).
     """
     layer = check_layer(model, layer)
     start = time.perf_counter()
@@ -587,6 +615,11 @@ def compute_v_star(
     reference = None  # (vocab,) log P₀ at the KL position
     history: dict[str, list[float]] = {k: [] for k in ("loss", "nll", "kl", "weight_decay", "target_probability")}
     stopped_early = False
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=config.v_num_grad_steps, desc=f"v* layer {layer}", unit="step", leave=False)
     with frozen(model), torch.enable_grad(), model.hooks(fwd_hooks=[(value_hook(layer), add_delta)]):
         for step in range(config.v_num_grad_steps):
             optimizer.zero_grad()
@@ -604,6 +637,9 @@ def compute_v_star(
             for name, term in (("loss", loss), ("nll", nll), ("kl", kl), ("weight_decay", weight_decay)):
                 history[name].append(float(term.detach()))
             history["target_probability"].append(probability)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{history['loss'][-1]:.3f}", p=f"{probability:.3f}", refresh=False)
             if (config.early_stop_loss is not None and float(loss.detach()) < config.early_stop_loss) or (
                 config.early_stop_probability is not None and probability >= config.early_stop_probability
             ):
@@ -617,6 +653,8 @@ def compute_v_star(
                 norm = delta.norm()
                 if norm > max_norm:
                     delta.mul_(max_norm / norm)
+    if bar is not None:
+        bar.close()
     delta = delta.detach()
     v_star = W_k_star + delta  # (d_model,)
     trace = EditTrace(
@@ -685,7 +723,25 @@ def _as_request(request) -> EditRequest:
         return request
     if isinstance(request, Mapping):
         return EditRequest.from_dict(request)
-    raise TypeError(f"request must be an EditRequest or a mapping, not {type(request).__name__}")
+    raise MalformedRecord(f"request must be an EditRequest or a mapping, not {type(request).__name__}")
+
+
+def check_request_tokens(tokenizer, request: EditRequest, prepend_bos: bool | None = None) -> None:
+    """Raise :class:`~keyscope.errors.UnknownToken` (naming the text) when the tokenizer maps part of the
+    request's subject (in its filled prompt) or of its new target to its unknown token: the subject's key
+    would be ``<unk>``'s, and v* would be optimised toward ``<unk>``."""
+    request = _as_request(request)
+    span = fill(request.template, request.subject)
+    separator = "" if span.text[-1:].isspace() or request.target_new[:1].isspace() else " "  # as _teacher_forced
+    text = span.text + separator + request.target_new
+    encoded = encode(tokenizer, text, prepend_bos=prepend_bos)
+    for what, value, start, end in (("subject", request.subject, span.start, span.end),
+                                    ("target", request.target_new, len(span.text) + len(separator), len(text))):
+        pieces = unknown_pieces(tokenizer, encoded, start, end)
+        if pieces:
+            consequence = "its key would be that token's" if what == "subject" else "ROME would write that token"
+            raise UnknownToken(f"{unknown_token_message(tokenizer, pieces, f'the {what} {value!r}')}; "
+                               f"{consequence}, not the {what}")
 
 
 def compute_edit(
@@ -697,6 +753,7 @@ def compute_edit(
     *,
     prefixes: Sequence[str] | None = None,
     corpus=None,
+    progress: bool = False,
 ) -> Edit:
     """Compute the ROME edit of ``request`` at ``layer`` (default :func:`keyscope.models.default_layer`).
 
@@ -705,11 +762,14 @@ def compute_edit(
     corpus) with ``config.covariance_tokens`` tokens. ``config`` defaults to :meth:`ROMEConfig.for_model`;
     ``prefixes`` (``""`` for the bare prompt) default to :func:`context_prefixes`, so passing the same
     prefixes to many edits saves their sampling. The model's weights are unchanged on return: apply the
-    edit with :func:`apply` or :func:`applied`.
+    edit with :func:`apply` or :func:`applied`. ``progress=True`` shows the v* optimisation as a bar.
+
+    A subject or target the tokenizer maps to its unknown token is refused first (:func:`check_request_tokens`).
     """
     request = _as_request(request)
     layer = check_layer(model, default_layer(model) if layer is None else layer)
     config = config or ROMEConfig.for_model(model)
+    check_request_tokens(model.tokenizer, request, _prepend_bos(model, config))
     if cov is None:
         cov = load_or_compute_covariance(model, layer, corpus, n_tokens=config.covariance_tokens,
                                          prepend_bos=_prepend_bos(model, config))
@@ -726,7 +786,7 @@ def compute_edit(
     k_star = prefix_keys[0] if config.reference else k_bar  # (d_mlp,) where v* is installed
     seconds_k_star = time.perf_counter() - start
 
-    v_star, trace = compute_v_star(model, request, layer, k_star, prefixes, config)  # (d_model,)
+    v_star, trace = compute_v_star(model, request, layer, k_star, prefixes, config, progress)  # (d_model,)
 
     start = time.perf_counter()
     k_direction = k_bar if config.reference else None

@@ -109,3 +109,22 @@ def test_short_corpus_and_empty_corpus(sp_tokenizer):
     for empty in ([], ["", "   "]):
         with pytest.raises(EmptyCorpus):
             list(corpus.token_batches(sp_tokenizer, empty, n_tokens=10))
+
+
+def test_binary_files_and_unreadable_text_are_refused(tmp_path, sp_tokenizer):
+    binary = tmp_path / "blob.txt"
+    binary.write_bytes(b"PK\x03\x04" + bytes(range(256)) * 8)
+    with pytest.raises(EmptyCorpus, match="blob.txt is binary"):
+        next(corpus.documents(str(binary)))
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("café crème brûlée à la française, ".encode("latin-1") * 50)  # not UTF-8
+    with pytest.raises(EmptyCorpus, match="is binary"):
+        next(corpus.documents(str(latin1)))
+    text = tmp_path / "text.txt"
+    text.write_text("Paris is big. A replacement character \ufffd is text too.\n" * 20, encoding="utf-8")
+    assert next(corpus.documents(str(text))).startswith("Paris is big.")
+    foreign = ["Жюль Ёлка Щука Дом Чай " * 40] * 5  # the LLaMA-style tokenizer reads none of it
+    with pytest.raises(EmptyCorpus, match="unknown token '<unk>'"):
+        list(corpus.token_batches(sp_tokenizer, foreign, n_tokens=500, seq_len=32))
+    mixed = ["Paris is big. Жюль"] * 40  # a few unknown tokens are fine
+    assert sum(b.n_tokens for b in corpus.token_batches(sp_tokenizer, mixed, n_tokens=300, seq_len=32)) == 300

@@ -93,10 +93,23 @@ def test_unfitted_raises():
 def test_short_and_empty_corpus(models):
     model = models["llama"]
     with pytest.warns(UserWarning, match="ran out"):
-        cov = KeyCovariance(LAYER, n_tokens=10_000, progress=False).fit(model, ["Paris is big."])
-    assert 0 < cov.n_tokens_ < 10_000
+        cov = KeyCovariance(LAYER, n_tokens=50, progress=False).fit(model, ["Paris is big."])
+    assert 0.1 * 50 <= cov.n_tokens_ < 50
+    with pytest.raises(EmptyCorpus, match=f"only {cov.n_tokens_} of the 10,000 tokens"):  # far fewer: refused
+        KeyCovariance(LAYER, n_tokens=10_000, progress=False).fit(model, ["Paris is big."])
     with pytest.raises(EmptyCorpus):
         KeyCovariance(LAYER, n_tokens=100, progress=False).fit(model, [])
+
+
+def test_a_corpus_of_unknown_tokens_or_binary_is_refused_and_not_cached(models, tmp_path):
+    model = models["llama"]  # LLaMA-style BPE without byte fallback: unseen characters are <unk>
+    with pytest.raises(EmptyCorpus, match="unknown token"):
+        load_or_compute_covariance(model, LAYER, ["ΩΨΦ ЖЗИ ∑∫∂ " * 50], n_tokens=200, progress=False, root=tmp_path)
+    binary = tmp_path / "blob.txt"
+    binary.write_bytes(bytes(range(256)) * 40)
+    with pytest.raises(EmptyCorpus, match="blob.txt is binary"):
+        load_or_compute_covariance(model, LAYER, str(binary), n_tokens=200, progress=False, root=tmp_path / "c")
+    assert not list(tmp_path.rglob("*.safetensors"))  # nothing cached
 
 
 def test_load_or_compute_caches_and_detects_corruption(models, tmp_path, monkeypatch):

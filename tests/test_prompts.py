@@ -146,3 +146,18 @@ def test_lenient_fill_still_raises_for_an_absent_subject():
         fill("BBC One, by", "ITV", lenient=True)
     with pytest.raises(SubjectNotFound):
         fill("where is the eiffel tower", "The Eiffel Tower")  # strict by default
+
+
+def test_unknown_pieces_name_the_text_the_tokenizer_cannot_read():
+    from keyscope.prompts import unknown_pieces, unknown_subject_pieces, unknown_token_message
+
+    sp = hf_tiny.sentencepiece_style_tokenizer()  # no byte fallback: Cyrillic letters are <unk>, one per letter
+    encoded = encode(sp, "Жюль Paris lives in Ёлка")
+    assert unknown_pieces(sp, encoded) == ["Жюль", "Ёлка"]  # adjacent <unk> letters joined into words
+    assert unknown_pieces(sp, encoded, 0, 10) == ["Жюль"]
+    assert unknown_subject_pieces(sp, "{} lives in Paris", "Жюль Paris") == ["Жюль"]
+    assert unknown_subject_pieces(sp, "{} lives in Ёлка", "The Eiffel Tower") == []  # only the subject counts
+    bpe = hf_tiny.byte_level_bpe_tokenizer()  # byte-level: every text has tokens, none unknown
+    assert unknown_pieces(bpe, encode(bpe, "Жюль Paris")) == []
+    assert "'Жюль'" in unknown_token_message(sp, ["Жюль"], "the subject") and "'<unk>'" in unknown_token_message(
+        sp, ["Жюль"], "the subject")

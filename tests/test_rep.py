@@ -7,6 +7,7 @@ import torch
 
 from keyscope import rep, rome
 from keyscope.covariance import KeyCovariance
+from keyscope.errors import InvalidKeys, KeyscopeError, NotFitted
 from keyscope.keys import collect_keys
 from keyscope.models import W_out, load_model
 from keyscope.perturbations import Probe
@@ -266,3 +267,33 @@ def test_released_training_steps_match_a_transcription_of_the_released_objective
             assert torch.allclose(ours[name], value, rtol=1e-4, atol=1e-7), name
     assert (after[-1]["W1"] - init.gate[0].weight).abs().max() > 0  # the gate and A trained too
     assert (after[-1]["A"] - init.down.weight).abs().max() > 0
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda e: [e.k_star[None]], "not a list"),
+    (lambda e: rep.REPKeys(torch.zeros(3, D + 1), e.k_star[None], torch.zeros(0, D)), r"positives has shape \(3, 65\)"),
+    (lambda e: rep.REPKeys(torch.zeros(3, D), e.k_star, torch.zeros(0, D)), r"anchors has shape \(64,\)"),
+    (lambda e: rep.REPKeys(torch.zeros(0, D), torch.zeros(0, D), torch.zeros(0, D)), "anchors is empty"),
+    (lambda e: rep.REPKeys(torch.full((2, D), float("nan")), e.k_star[None], torch.zeros(0, D)), "NaN"),
+    (lambda e: rep.REPKeys(torch.zeros(2, D), e.k_star[None], [e.k_star]), "negatives must be a tensor"),
+], ids=["list", "width", "1-d", "empty", "nan", "negatives"])
+def test_fit_refuses_bad_keys_with_a_keyscope_error(make, message):
+    edit = _synthetic_edit()
+    with pytest.raises(InvalidKeys, match=message) as exc:
+        rep.REP(rep.REPConfig(steps=2)).fit(edit, make(edit))
+    assert isinstance(exc.value, KeyscopeError) and "\n" not in str(exc.value)
+    empty_positives = rep.REPKeys(torch.zeros(0, D), edit.k_star[None], torch.zeros(0, D))  # allowed: keeps anchors
+    fitted = rep.REP(rep.REPConfig(steps=2)).fit(edit, empty_positives)
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in fitted.history_)
+
+
+def test_an_unfitted_adaptor_is_refused_before_anything_changes(tiny):
+    model, _, edit = tiny
+    W_before = W_out(model, LAYER).clone()
+    with pytest.raises(NotFitted, match="not fitted"), rep.applied(model, edit, rep.REP()):
+        pass
+    with pytest.raises(NotFitted, match="not fitted"), rep.adapted(model, rep.REP()):
+        pass
+    with pytest.raises(NotFitted):
+        rep.REP().transform(edit.k_star[None])
+    assert torch.equal(W_out(model, LAYER), W_before) and isinstance(NotFitted("x"), KeyscopeError)

@@ -12,7 +12,7 @@ from keyscope import perturbations as pt
 from keyscope import rome
 from keyscope import similarity as sim
 from keyscope.covariance import KeyCovariance
-from keyscope.errors import KeyscopeError, LayerOutOfRange, SubjectNotFound
+from keyscope.errors import KeyscopeError, LayerOutOfRange, MalformedRecord, SubjectNotFound, UnknownToken
 from keyscope.keys import collect_keys
 from keyscope.models import W_out, b_out, hf_state_dict, load_model, save_model, value_hook
 from keyscope.prompts import encode, fill, locate
@@ -135,6 +135,36 @@ def test_request_errors_are_one_line_keyscope_errors(models):
         _one_line(exc)
     with pytest.raises(SubjectNotFound):
         rome.compute_edit(model, {"prompt": "x", "subject": "y", "target_new": {"str": "z"}}, layer=LAYER)
+
+
+def test_malformed_requests_and_unknown_tokens_raise_keyscope_errors(models, covs):
+    with pytest.raises(MalformedRecord, match="lacks target_new") as exc:
+        rome.EditRequest.from_dict({"prompt": "{} is in", "subject": "The Eiffel Tower"})
+    _one_line(exc)
+    with pytest.raises(MalformedRecord, match="2 subject slots"):  # each {} would be filled, the edit at the first
+        rome.EditRequest("{} is as tall as {}", "The Eiffel Tower", "Rome")
+    with pytest.raises(MalformedRecord, match="'subject' must be a string"):
+        rome.EditRequest("{} is in", 42, "Rome")  # type: ignore[arg-type]
+    with pytest.raises(MalformedRecord, match="not list"):
+        rome.compute_edit(models["llama"], ["{} is in", "Paris", "Rome"], layer=LAYER, cov=covs["llama"])
+    model = models["llama"]  # a BPE without byte fallback: Cyrillic letters are <unk>
+    rome.check_request_tokens(model.tokenizer, REQUEST)  # known text passes
+    with pytest.raises(UnknownToken, match="'Жупа' of the target 'Жупа'") as exc:
+        rome.compute_edit(model, rome.EditRequest("{} is in", "The Eiffel Tower", "Жупа"), LAYER, covs["llama"])
+    _one_line(exc)
+    with pytest.raises(UnknownToken, match="of the subject 'Жюль Verne'"):
+        rome.compute_edit(model, rome.EditRequest("{} is in", "Жюль Verne", "Paris"), LAYER, covs["llama"])
+    rome.check_request_tokens(models["gpt2"].tokenizer, rome.EditRequest("{} is in", "Жюль", "Жупа"))  # byte-level
+
+
+def test_v_star_progress_bar_changes_nothing(models, covs, capsys):
+    model = models["llama"]
+    config = rome.ROMEConfig.for_model(model, v_num_grad_steps=4)
+    quiet = rome.compute_edit(model, REQUEST, LAYER, covs["llama"], config, prefixes=("",))
+    assert "v* layer" not in capsys.readouterr().err  # off by default in the library
+    shown = rome.compute_edit(model, REQUEST, LAYER, covs["llama"], config, prefixes=("",), progress=True)
+    assert "v* layer 1" in capsys.readouterr().err
+    assert torch.equal(quiet.v_star, shown.v_star) and quiet.trace.loss == shown.trace.loss
 
 
 def test_request_from_counterfact_record_and_filled_prompt():

@@ -8,9 +8,13 @@ and per-edit/per-query CSVs into ``--out`` and, with ``--json``,
 
 from __future__ import annotations
 
-from keyscope.cli.common import add_covariance_arguments, add_model_arguments, add_output_arguments
+from keyscope.cli.common import (
+    add_covariance_arguments,
+    add_model_arguments,
+    add_output_arguments,
+    positive_int,
+)
 from keyscope.cli.output import write_json
-from keyscope.errors import KeyscopeError
 
 
 def cmd_bounds(args) -> int:
@@ -19,8 +23,6 @@ def cmd_bounds(args) -> int:
     from keyscope.cli.common import edit_inputs
     from keyscope.experiments import bounds as experiment
 
-    if args.n < 1:
-        raise KeyscopeError("--n must be at least 1")
     facts, model, layer, cov, source = edit_inputs(args)
     progress = not args.no_progress
     methods = ("rome",) if args.rome_only else ("rome", "rome+rep")
@@ -38,12 +40,12 @@ def register(sub) -> None:
     """Add ``keyscope bounds`` to the top-level subparsers ``sub``."""
     p = sub.add_parser("bounds", help="check Lemmas 4.4, 4.6 and 4.7 on real edits")
     add_model_arguments(p)
-    p.add_argument("--n", type=int, default=50, help="number of edited facts (default 50)")
+    p.add_argument("--n", type=positive_int, default=50, help="number of edited facts (default 50)")
     p.add_argument("--seed", type=int, default=0, help="seed of the facts and splits")
     p.add_argument("--rome-only", action="store_true", help="skip ROME+REP")
     p.add_argument("--corpus", help="corpus for C, REP's negatives and the scan (default: the model's default)")
     p.add_argument("--context", help="text for the long contexts (default: the corpus)")
     add_covariance_arguments(p)
-    p.add_argument("--scan-tokens", type=int, default=50_000, help="corpus tokens scanned for Lemma 4.7 prefixes")
+    p.add_argument("--scan-tokens", type=positive_int, default=50_000, help="corpus tokens scanned for Lemma 4.7 prefixes")
     add_output_arguments(p, "outputs")
     p.set_defaults(func=cmd_bounds)

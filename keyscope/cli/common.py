@@ -1,9 +1,64 @@
-"""What several commands share: the model and layer from ``--model/--layer``, the facts from ``--data``, and
-the layer's key covariance ``C`` from ``--corpus/--recompute``."""
+"""What several commands share: the model and layer from ``--model/--layer``, the facts from ``--data``, the
+layer's key covariance ``C`` from ``--corpus/--recompute``, ``--no-progress``, the output options, and the
+argument types that check counts while parsing."""
 
 from __future__ import annotations
 
-from keyscope.errors import KeyscopeError
+import argparse
+
+from keyscope.errors import KeyscopeError, UnknownToken
+
+#: The options that name output paths: folders, then files. Every command's are checked before any work and
+#: cleaned up after a failure (:func:`keyscope.cli.main`).
+OUTPUT_FOLDERS = ("out",)
+OUTPUT_FILES = ("json", "export")
+
+
+def positive_int(text: str) -> int:
+    """An ``argparse`` type for counts: a whole number ≥ 1 (argparse names the flag in its error)."""
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """An ``argparse`` type for counts that may be zero (``--shuffles``, ``--window``)."""
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= {low}, not {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be at least {low}, not {value}")
+    return value
+
+
+def add_progress_argument(parser) -> None:
+    """``--no-progress``: every command takes it (progress bars go to stderr)."""
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def output_paths(args) -> tuple[dict[str, str | None], dict[str, str | None]]:
+    """``({"--out": folder}, {"--json": path, "--export": path})``: the output options ``args`` has."""
+    folders = {f"--{name}": getattr(args, name) for name in OUTPUT_FOLDERS if getattr(args, name, None)}
+    files = {f"--{name}": getattr(args, name) for name in OUTPUT_FILES if getattr(args, name, None)}
+    return folders, files
+
+
+def check_subject_tokens(model, facts) -> None:
+    """Refuse (:class:`~keyscope.errors.UnknownToken`, naming the subject and its case id) a fact whose subject
+    the model's tokenizer maps in part to its unknown token: its key would be that token's, shared with every
+    such subject, and every similarity measured on it meaningless. ``keyscope data --model`` lists them all."""
+    from keyscope.prompts import unknown_subject_pieces, unknown_token_message
+
+    tokenizer = model.tokenizer
+    for fact in facts:
+        pieces = unknown_subject_pieces(tokenizer, fact.prompt, fact.subject)
+        if pieces:
+            what = f"the subject {fact.subject!r} (case {fact.case_id})"
+            raise UnknownToken(f"{unknown_token_message(tokenizer, pieces, what)}; leave such facts out "
+                               f"(keyscope data --model lists them)")
 
 
 def data_source(args) -> str:
@@ -81,25 +136,22 @@ def rome_config(model, args):
 
 def add_covariance_arguments(parser) -> None:
     """``--tokens`` and ``--recompute`` for the layer's key covariance C."""
-    parser.add_argument("--tokens", type=int, default=100_000, help="corpus tokens for C (default 100,000)")
+    parser.add_argument("--tokens", type=positive_int, default=100_000, help="corpus tokens for C (default 100,000)")
     parser.add_argument("--recompute", action="store_true", help="recompute C even if cached")
 
 
 def add_output_arguments(parser, what: str = "the figure and CSV") -> None:
     """``--no-progress``, ``--out`` and ``--json``."""
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_progress_argument(parser)
     parser.add_argument("--out", default="figures", help=f"output folder for {what} (default figures/)")
     parser.add_argument("--json", metavar="PATH", help="also write the summary as JSON")
 
 
 def edit_inputs(args):
     """What an editing command starts from: ``(facts, model, layer, C, corpus)`` from ``--data``, ``--model``,
-    ``--layer``, ``--corpus``, ``--tokens``, ``--recompute`` and ``--no-progress``; ``--out`` and ``--json`` are
-    checked first."""
-    from keyscope.cli.output import check_outputs
+    ``--layer``, ``--corpus``, ``--tokens``, ``--recompute`` and ``--no-progress`` (``--out`` and ``--json`` are
+    checked before, by :func:`keyscope.cli.main`)."""
     from keyscope.datasets import load_facts
-
-    check_outputs(folders={"--out": getattr(args, "out", None)}, files={"--json": getattr(args, "json", None)})
 
     facts = load_facts(data_source(args))
     model, layer = model_and_layer(args)

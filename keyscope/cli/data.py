@@ -1,14 +1,17 @@
 """``keyscope data PATH [--model M | --tokenizer DIR] [--json OUT]``: check a fact file before using it.
 
 Prints the detected schema, the number of records, how many loaded as facts, how many subjects the tokenizer
-locates in their prompts, and each failure with its record index and reason. Exit status 0 when every
-record loads and locates, 1 when some fail, 2 (one line) for an unreadable file or an unknown schema.
+locates in their prompts with every token known, and each failure with its record index and reason: a
+malformed record (a prompt with more than one ``{}`` among them), a subject not in its prompt, and — with the
+tokenizer — a subject or target holding the tokenizer's unknown token. Exit status 0 when every record loads
+and locates, 1 when some fail, 2 (one line) for an unreadable file or an unknown schema.
 Without ``--model``/``--tokenizer`` subjects are located by characters only (the template conversion).
 A Patil et al. paraphrase table is recognised and counted (it has no subjects to locate).
 """
 
 from __future__ import annotations
 
+from keyscope.cli.common import add_progress_argument
 from keyscope.cli.output import write_json
 from keyscope.errors import KeyscopeError
 
@@ -82,4 +85,5 @@ def register(sub) -> None:
     which.add_argument("--model", help="locate subjects with this model's tokenizer (factworld, hub name, directory)")
     which.add_argument("--tokenizer", metavar="DIR", help="locate subjects with this Hugging Face tokenizer")
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON")
+    add_progress_argument(p)
     p.set_defaults(func=cmd_data)

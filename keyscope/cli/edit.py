@@ -8,8 +8,13 @@ the model's top predictions before and after the edit.
 
 from __future__ import annotations
 
-from keyscope.cli.common import add_rome_setting_argument
-from keyscope.cli.output import check_outputs, write_json
+from keyscope.cli.common import (
+    add_progress_argument,
+    add_rome_setting_argument,
+    non_negative_int,
+    positive_int,
+)
+from keyscope.cli.output import write_json
 from keyscope.errors import KeyscopeError
 
 
@@ -48,16 +53,15 @@ def _request(args):
 
 def cmd_edit(args) -> int:
     from keyscope import corpus as corpora
+    from keyscope import rome
     from keyscope.cli.common import check_rome_setting, covariance, model_and_layer, rome_config
     from keyscope.experiments import edit as experiment
     from keyscope.perturbations import rephrase_kinds, subject_forms
 
-    if args.shuffles < 0 or args.context_tokens < 0 or args.tokens < 1:
-        raise KeyscopeError("--shuffles and --context-tokens must be >= 0 and --tokens >= 1")
     check_rome_setting(args)
-    check_outputs(files={"--json": args.json})
     request, fact, facts = _request(args)
     model, layer = model_and_layer(args)
+    rome.check_request_tokens(model.tokenizer, request)  # an <unk> subject or target fails before C
     cov, source = covariance(model, layer, args, args.tokens, progress=not args.no_progress)
     config = experiment.ProbeConfig(experiment.edit_probes(args.shuffles, args.context_tokens, args.seed))
     own = fact is not None and request.subject == fact.subject
@@ -65,7 +69,8 @@ def cmd_edit(args) -> int:
     exclude = subject_forms(facts)  # a shuffle that spells another subject's name is no shuffle
     report = experiment.run(model, request, layer, cov, corpora.documents(source), rephrasings, config,
                             rome_config(model, args), case_id=fact.case_id if fact is not None else None,
-                            rephrase_kinds=rephrase_kinds(fact) if own else None, exclude=exclude)
+                            rephrase_kinds=rephrase_kinds(fact) if own else None, exclude=exclude,
+                            progress=not args.no_progress)
     print(experiment.format_report(report))
     write_json(args.json, report.as_json())
     return 0
@@ -84,13 +89,13 @@ def register(sub) -> None:
     p.add_argument("--layer", type=int, help="edit layer (default: the model's default edit layer)")
     p.add_argument("--corpus", help="corpus for C = E[k k^T] and the long context (default: factworld filler for "
                                     "factworld, WikiText-103 otherwise; or a text file/folder)")
-    p.add_argument("--tokens", type=int, default=100_000, help="corpus tokens for C (default 100,000)")
+    p.add_argument("--tokens", type=positive_int, default=100_000, help="corpus tokens for C (default 100,000)")
     p.add_argument("--recompute", action="store_true", help="recompute C even if cached")
-    p.add_argument("--shuffles", type=int, default=10, help="token shuffles of the subject shown (default 10)")
-    p.add_argument("--context-tokens", type=int, default=300,
+    p.add_argument("--shuffles", type=non_negative_int, default=10, help="token shuffles of the subject shown (default 10)")
+    p.add_argument("--context-tokens", type=non_negative_int, default=300,
                    help="tokens of unrelated text before the long-context prompt (default 300; 0: none)")
     p.add_argument("--seed", type=int, default=0, help="seed of the shuffles")
     add_rome_setting_argument(p)
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_progress_argument(p)
     p.add_argument("--json", metavar="PATH", help="also write everything shown as JSON")
     p.set_defaults(func=cmd_edit)

@@ -13,8 +13,9 @@ from keyscope.cli.common import (
     add_model_arguments,
     add_output_arguments,
     add_rome_setting_argument,
+    positive_int,
 )
-from keyscope.cli.output import check_outputs, write_json
+from keyscope.cli.output import write_json
 from keyscope.errors import KeyscopeError
 
 
@@ -44,10 +45,6 @@ def cmd_evaluate(args) -> int:
     unknown = [m for m in methods if m not in EDITORS]
     if not methods or unknown:
         raise KeyscopeError(f"--methods takes a comma-separated subset of {','.join(EDITORS)}, not {args.methods!r}")
-    if args.n < 1:
-        raise KeyscopeError("--n must be at least 1")
-    if args.batch_size < 1:
-        raise KeyscopeError("--batch-size must be at least 1")
     if not 0.0 < args.tau < 1.0:
         raise KeyscopeError(f"--tau must lie in (0, 1), not {args.tau}")
     check_rome_setting(args)
@@ -61,7 +58,6 @@ def cmd_evaluate(args) -> int:
                         or set(methods) != set(ev.METHODS)):
         raise KeyscopeError("--ablate runs its own methods and settings; drop --methods, --tau-sweep, --rep-setting "
                             "and --rome-setting (--tau sets every variant's gate threshold)")
-    check_outputs(folders={"--out": args.out}, files={"--json": args.json})
     facts, model, layer, cov, source = edit_inputs(args)
     progress = not args.no_progress
     if args.ablate:
@@ -102,12 +98,12 @@ def register(sub) -> None:
     """Add ``keyscope evaluate`` to the top-level subparsers ``sub``."""
     p = sub.add_parser("evaluate", help="Table 1: ROME vs ROME+REP robustness; --tau-sweep: Figure 7")
     add_model_arguments(p)
-    p.add_argument("--n", type=int, default=100, help="number of edited facts (default 100)")
+    p.add_argument("--n", type=positive_int, default=100, help="number of edited facts (default 100)")
     from keyscope.editing import EDITORS
 
     p.add_argument("--methods", default="rome,rome+rep",
                    help=f"comma-separated editing methods, of: {', '.join(EDITORS)} (default rome,rome+rep)")
-    p.add_argument("--batch-size", type=int, default=1,
+    p.add_argument("--batch-size", type=positive_int, default=1,
                    help="facts per edit of a batch editor (MEMIT); the others edit one fact at a time (default 1)")
     p.add_argument("--tau", type=float, default=0.9, help="REP's gate threshold (default 0.9)")
     p.add_argument("--tau-sweep", metavar="T1,T2,…", help="also evaluate REP at these thresholds (Figure 7)")

@@ -8,7 +8,8 @@
 
 from __future__ import annotations
 
-from keyscope.cli.output import check_outputs, write_json
+from keyscope.cli.common import add_progress_argument
+from keyscope.cli.output import write_json
 from keyscope.errors import KeyscopeError
 
 
@@ -44,7 +45,6 @@ def cmd_factworld_info(args) -> int:
     from keyscope.experiments.factworld import info
     from keyscope.models import load_model
 
-    check_outputs(files={"--json": args.json})
     model = load_model(args.model)
     report = info(model)
     print(f"factworld model: {args.model}")
@@ -61,7 +61,6 @@ def cmd_factworld_train(args) -> int:
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise KeyscopeError("--device cuda: no CUDA device is available here; use --device cpu")
-    check_outputs(folders={"--out": args.out}, files={"--export": args.export, "--json": args.json})
     card = rebuild(seed=args.seed, out_dir=args.out, export_path=args.export, progress=not args.no_progress,
                    device=args.device)
     print(f"saved the factworld model for seed {args.seed} to {args.out} ({card['steps_run']} steps, "
@@ -81,6 +80,7 @@ def register(sub) -> None:
     info = fw_sub.add_parser("info", help="shape, tokenizer, edit layer, trace and accuracies of a factworld model")
     info.add_argument("--model", default="factworld", help="factworld model directory (default: the shipped one)")
     info.add_argument("--json", metavar="PATH", help="also write the report as JSON")
+    add_progress_argument(info)
     info.set_defaults(func=cmd_factworld_info)
     train = fw_sub.add_parser("train", help="rebuild the world and model deterministically from a seed and check "
                                             "the quality bar")
@@ -88,6 +88,6 @@ def register(sub) -> None:
     train.add_argument("--out", default="factworld-model", help="output HF directory (default: ./factworld-model)")
     train.add_argument("--export", metavar="PATH", help="also write the facts as CounterFact/REP JSON records")
     train.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to train: cpu (default) or cuda")
-    train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_progress_argument(train)
     train.add_argument("--json", metavar="PATH", help="also write the model card as JSON")
     train.set_defaults(func=cmd_factworld_train)

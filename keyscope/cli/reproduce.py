@@ -3,6 +3,7 @@ write ``REPORT.md`` beside them (see :mod:`keyscope.experiments.reproduce`)."""
 
 from __future__ import annotations
 
+from keyscope.cli.common import add_progress_argument
 from keyscope.cli.output import write_json
 from keyscope.errors import KeyscopeError
 
@@ -41,7 +42,7 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--taus", metavar="T1,T2,…", help="gate thresholds of Figure 7 (default 0.5,…,0.95)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, to check the pipeline in a minute")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_progress_argument(p)
     p.add_argument("--out", default="figures", help="output folder (default figures/)")
     p.add_argument("--json", metavar="PATH", help="also write the timings as JSON")
     p.set_defaults(func=cmd_reproduce)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from keyscope.cli.common import add_progress_argument, non_negative_int, positive_int
 from keyscope.cli.output import write_json
 from keyscope.errors import KeyscopeError
 
@@ -27,7 +28,7 @@ def _one_line(text: str, width: int = 90) -> str:
 
 def cmd_scan(args) -> int:
     from keyscope import scan
-    from keyscope.cli.common import covariance, data_source, model_and_layer
+    from keyscope.cli.common import check_subject_tokens, covariance, data_source, model_and_layer
     from keyscope.datasets import read_facts
     from keyscope.experiments import scan as experiment
 
@@ -42,6 +43,7 @@ def cmd_scan(args) -> int:
     facts = experiment.distinct_subjects(fact_file.facts, args.subjects)
     if not facts:
         raise KeyscopeError(f"{data} holds no usable facts ({len(fact_file.failures)} records failed to load)")
+    check_subject_tokens(model, facts)
     progress = not args.no_progress
     cov, source = covariance(model, layer, args, args.cov_tokens, progress=progress)
     config = replace(config, layer=layer)
@@ -76,16 +78,16 @@ def register(sub) -> None:
     p.add_argument("--data", help="facts: factworld (default for factworld) or a CounterFact/REP JSON file")
     p.add_argument("--corpus", help="corpus to scan and to estimate C from (default: factworld filler for "
                                     "factworld, WikiText-103 otherwise; or a text file/folder)")
-    p.add_argument("--tokens", type=int, default=100_000, help="corpus tokens to scan (default 100,000)")
-    p.add_argument("--subjects", type=int, default=20, help="number of distinct subjects (default 20)")
-    p.add_argument("--top-k", type=int, default=10, help="hits kept per subject (default 10)")
-    p.add_argument("--window", type=int, default=10,
+    p.add_argument("--tokens", type=positive_int, default=100_000, help="corpus tokens to scan (default 100,000)")
+    p.add_argument("--subjects", type=positive_int, default=20, help="number of distinct subjects (default 20)")
+    p.add_argument("--top-k", type=positive_int, default=10, help="hits kept per subject (default 10)")
+    p.add_argument("--window", type=non_negative_int, default=10,
                    help="positions masked after each subject occurrence's last token (default 10)")
-    p.add_argument("--cov-tokens", type=int, default=100_000, help="corpus tokens for C (default 100,000)")
-    p.add_argument("--seq-len", type=int, default=256, help="window length fed to the model (default 256)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--cov-tokens", type=positive_int, default=100_000, help="corpus tokens for C (default 100,000)")
+    p.add_argument("--seq-len", type=positive_int, default=256, help="window length fed to the model (default 256)")
+    p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--recompute", action="store_true", help="recompute C even if cached")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_progress_argument(p)
     p.add_argument("--out", default="figures", help="output folder for the figure and CSV (default figures/)")
     p.add_argument("--json", metavar="PATH", help="also write the summary as JSON")
     p.set_defaults(func=cmd_scan)

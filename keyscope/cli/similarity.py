@@ -3,22 +3,30 @@ contexts, in the whitened metric ``C⁻¹`` that decides how far a ROME edit rea
 
 from __future__ import annotations
 
+from keyscope.cli.common import add_progress_argument, positive_int
 from keyscope.cli.output import write_json
+from keyscope.errors import KeyscopeError
 
 
 def cmd_similarity(args) -> int:
     from keyscope import corpus as corpora
-    from keyscope.cli.common import covariance, data_source, model_and_layer
+    from keyscope.cli.common import check_subject_tokens, covariance, data_source, model_and_layer
     from keyscope.datasets import load_facts
     from keyscope.experiments import similarity as experiment
 
     data = data_source(args)
-    model, layer = model_and_layer(args)
     facts = load_facts(data)
-    cov, source = covariance(model, layer, args, args.tokens)
+    pca = [f for f in facts if f.subject == args.pca_subject][:1]
+    if args.pca_subject is not None and not pca:
+        raise KeyscopeError(f"--pca-subject {args.pca_subject!r} is not a subject of {data}")
+    model, layer = model_and_layer(args)
+    check_subject_tokens(model, experiment.pick_facts(facts, args.n_subjects, args.seed) + pca)
+    progress = not args.no_progress
+    cov, source = covariance(model, layer, args, args.tokens, progress=progress)
     context_docs = corpora.documents(source)
     result = experiment.run(model, facts, layer, cov, context_docs, args.out, args.model,
-                            n_subjects=args.n_subjects, seed=args.seed, pca_subject=args.pca_subject)
+                            n_subjects=args.n_subjects, seed=args.seed, pca_subject=args.pca_subject,
+                            progress=progress)
     print(f"{args.model}, layer {layer}: normalised edit strength k^T C^-1 k_orig / k_orig^T C^-1 k_orig "
           f"over {len({r['case_id'] for r in result.rows})} subjects (C from {cov.n_tokens_:,} tokens of {source})")
     print(experiment.format_table(result.summary))
@@ -33,14 +41,15 @@ def register(sub) -> None:
     p.add_argument("--model", default="factworld", help="factworld, a hub name or a local HF directory")
     p.add_argument("--layer", type=int, help="edit layer (default: the model's default edit layer)")
     p.add_argument("--data", help="facts: factworld (default for factworld) or a CounterFact/REP JSON file")
-    p.add_argument("--n-subjects", type=int, default=100, help="number of subjects (default 100)")
+    p.add_argument("--n-subjects", type=positive_int, default=100, help="number of subjects (default 100)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--corpus", help="corpus for C = E[k k^T] and long contexts (default: factworld filler for "
                                     "factworld, WikiText-103 otherwise; or a text file/folder)")
-    p.add_argument("--tokens", type=int, default=100_000, help="corpus tokens for C (default 100,000)")
+    p.add_argument("--tokens", type=positive_int, default=100_000, help="corpus tokens for C (default 100,000)")
     p.add_argument("--recompute", action="store_true", help="recompute C even if cached")
     p.add_argument("--pca-subject", help="subject for the PCA panel (default: the first studied)")
     p.add_argument("--out", default="figures", help="output folder for figures and CSV (default figures/)")
     p.add_argument("--json", metavar="PATH", help="also write the summary table as JSON")
+    add_progress_argument(p)
     p.set_defaults(func=cmd_similarity)
 

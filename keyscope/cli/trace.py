@@ -8,7 +8,8 @@ map) and ``trace.csv`` (one row per fact) into ``--out``.
 
 from __future__ import annotations
 
-from keyscope.cli.output import check_outputs, write_json
+from keyscope.cli.common import add_progress_argument, positive_int
+from keyscope.cli.output import write_json
 from keyscope.errors import KeyscopeError
 
 
@@ -24,7 +25,6 @@ def cmd_trace(args) -> int:
                              seed=args.seed)
     except ValueError as exc:
         raise KeyscopeError(str(exc)) from exc
-    check_outputs(folders={"--out": args.out}, files={"--json": args.json})
     facts = load_facts(data_source(args))
     if args.case is not None:
         experiment.find_case(facts, args.case)  # an unknown id fails before the trace
@@ -43,13 +43,13 @@ def register(sub) -> None:
                                      "and the layer to edit")
     p.add_argument("--model", default="factworld", help="factworld, a hub name or a local HF directory")
     p.add_argument("--data", help="facts: factworld (default for factworld) or a CounterFact/REP/known-facts file")
-    p.add_argument("--n", type=int, default=200, help="known facts to trace (default 200)")
-    p.add_argument("--samples", type=int, default=5, help="noise draws per fact (default 5; ROME: 10)")
+    p.add_argument("--n", type=positive_int, default=200, help="known facts to trace (default 200)")
+    p.add_argument("--samples", type=positive_int, default=5, help="noise draws per fact (default 5; ROME: 10)")
     p.add_argument("--noise", type=float, default=3.0, help="noise sigma in embedding standard deviations (default 3)")
-    p.add_argument("--window", type=int, default=1, help="layers restored together (default 1; ROME's Figure 1: 10)")
+    p.add_argument("--window", type=positive_int, default=1, help="layers restored together (default 1; ROME's Figure 1: 10)")
     p.add_argument("--case", help="case id of the fact shown as a token x layer heat map (default: the first traced)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_progress_argument(p)
     p.add_argument("--out", default="figures", help="output folder for trace.png and trace.csv (default figures/)")
     p.add_argument("--json", metavar="PATH", help="also write the summary as JSON")
     p.set_defaults(func=cmd_trace)

@@ -14,17 +14,15 @@ from keyscope.cli.common import (
     add_model_arguments,
     add_output_arguments,
     add_rome_setting_argument,
+    positive_int,
 )
 from keyscope.cli.output import write_json
-from keyscope.errors import KeyscopeError
 
 
 def cmd_values(args) -> int:
     from keyscope.cli.common import check_rome_setting, edit_inputs, rome_config
     from keyscope.experiments import values as experiment
 
-    if args.n < 1 or args.tokens < 1:
-        raise KeyscopeError("--n and --tokens must be at least 1")
     check_rome_setting(args)
     facts, model, layer, cov, _ = edit_inputs(args)
     progress = not args.no_progress
@@ -43,7 +41,7 @@ def register(sub) -> None:
     """Add ``keyscope values`` to the top-level subparsers ``sub``."""
     p = sub.add_parser("values", help="Figure 5: value norms before/after ROME edits, and edit quality")
     add_model_arguments(p)
-    p.add_argument("--n", type=int, default=100, help="number of edits (default 100)")
+    p.add_argument("--n", type=positive_int, default=100, help="number of edits (default 100)")
     p.add_argument("--seed", type=int, default=0, help="seed of the choice of facts")
     p.add_argument("--corpus", help="corpus for C = E[k k^T] (default: factworld filler for factworld, "
                                     "WikiText-103 otherwise; or a text file/folder)")

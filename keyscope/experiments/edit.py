@@ -144,16 +144,16 @@ def _predictions(tokenizer, topk, row: int) -> tuple[Prediction, ...]:
 
 def run(model, request: rome.EditRequest, layer: int, cov, context_docs=None, rephrasings=(),
         config: ProbeConfig | None = None, rome_config: rome.ROMEConfig | None = None,
-        case_id=None, rephrase_kinds=None, exclude: frozenset[str] = frozenset()) -> EditReport:
+        case_id=None, rephrase_kinds=None, exclude: frozenset[str] = frozenset(), progress: bool = False) -> EditReport:
     """Compute the ROME edit of ``request`` at ``layer`` (covariance ``cov``) and probe it (see the module
-    docstring). The model's weights are the same on return."""
+    docstring); ``progress`` shows the v* optimisation. The model's weights are the same on return."""
     config = config or ProbeConfig()
     tokenizer = model.tokenizer
     probes = build_probes(tokenizer, request, rephrasings, context_docs, config,
                           max_positions=getattr(model.cfg, "n_ctx", None), rephrase_kinds=rephrase_kinds,
                           exclude=exclude)
     keys = similarity.probe_keys(model, probes, layer, batch_size=config.batch_size)  # (n_probes, d_mlp)
-    edit = rome.compute_edit(model, request, layer, cov, rome_config)
+    edit = rome.compute_edit(model, request, layer, cov, rome_config, progress=progress)
     strength = edit.strength(keys).cpu()  # (n_probes,)
 
     contexts, targets = [], []

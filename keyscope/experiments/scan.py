@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from keyscope import scan
+from keyscope.errors import KeyscopeError
 from keyscope.perturbations import REPHRASE, REPHRASES, fact_probes
 from keyscope.plotting.fig4 import fig4_neighbors
 from keyscope.similarity import edit_strength_matrix, probe_keys
@@ -27,6 +28,8 @@ TABLE = "fig4_neighbors.csv"
 
 def distinct_subjects(facts, n: int) -> list:
     """The first ``n`` facts with distinct subjects, in file order."""
+    if n < 1:
+        raise KeyscopeError(f"the number of subjects must be at least 1, not {n}")
     chosen: dict[str, object] = {}
     for fact in facts:
         if len(chosen) == n:

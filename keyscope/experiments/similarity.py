@@ -86,6 +86,8 @@ class SimilarityResult:
 
 def pick_facts(facts, n_subjects: int, seed: int) -> list:
     """``n_subjects`` facts with distinct subjects, drawn with ``seed`` (all of them if fewer)."""
+    if n_subjects < 1:
+        raise KeyscopeError(f"the number of subjects must be at least 1, not {n_subjects}")
     by_subject: dict[str, object] = {}
     for fact in facts:
         by_subject.setdefault(fact.subject, fact)

@@ -71,6 +71,16 @@ def test_edit_from_arguments_has_no_rephrasings(inputs, capsys):
     assert "'The Eiffel Tower is located in' -> 'Rome'" in capsys.readouterr().out
 
 
+def test_edit_shows_the_v_star_optimisation_unless_no_progress(inputs, capsys):
+    argv = [a for a in inputs["base"] if a != "--no-progress"] + [
+        "--subject", "The Eiffel Tower", "--prompt", "{} is located in", "--target", "Rome", "--shuffles", "0",
+        "--context-tokens", "0"]
+    assert main(argv) == 0
+    assert "v* layer 1" in capsys.readouterr().err
+    assert main(argv + ["--no-progress"]) == 0
+    assert "v* layer" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [

@@ -72,6 +72,6 @@ def test_scan_needs_facts_for_other_models(inputs, capsys):
 def test_bad_numbers_are_one_line(inputs, capsys):
     assert main(["scan", "--model", inputs["model"], "--data", inputs["facts"], "--top-k", "0"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "top_k" in err and "\n" not in err
+    assert "--top-k" in err and "\n" not in err
     assert main(["scan", "--model", inputs["model"], "--data", inputs["facts"], "--layer", "9"]) == 2
     assert "out of range" in capsys.readouterr().err
