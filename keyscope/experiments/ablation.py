@@ -38,7 +38,8 @@ def markdown(result: ablation.AblationResult) -> str:
 
 
 def _signed(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:+.1f}"
+    """A rate's difference in points, signed (no "-0.0")."""
+    return "n/a" if value is None else f"{round(100 * value, 1) or 0.0:+.1f}"
 
 
 def _difference_rows(result: ablation.AblationResult) -> list[str]:
