@@ -5,6 +5,11 @@ Every stage is the library call its own command makes (``keyscope similarity``, 
 ``evaluate --tau-sweep``, ``bounds``) on one model, layer and covariance; one progress bar counts the
 stages (the stages' own bars are off). :class:`ReproduceConfig` sets the sizes; its defaults finish on
 factworld in well under 30 minutes on 2 CPU cores.
+
+``REPORT.md`` is rendered by :func:`report` from the artefacts the stages wrote (CSV) and the run's record (stage
+times, layer, config: what ``--json`` writes), never from results held in memory, so ``tests/test_readme.py``
+re-renders the committed report from the committed artefacts and compares; ``python -m
+keyscope.experiments.reproduce figures`` rewrites it from them.
 """
 
 from __future__ import annotations
