@@ -6,7 +6,13 @@ Every variant is scored on the same facts, probes and Table 1 metrics as :mod:`k
 95% cluster-bootstrap intervals); per fact the ROME edit is computed once per ROME setting and shared by every
 REP variant on it, and the unedited neighbourhood predictions once. ROME alone is reported beside them, for each
 ROME setting used (``rome`` and ``rome (reference)``). A variant's ``_ood_new`` probes are those without a
-near-twin among *its own* training keys (:func:`keyscope.evaluate.near_twins`).
+near-twin among *its own* training keys (:func:`keyscope.evaluate.near_twins`); the out-of-domain probes' keys
+are computed once per fact.
+
+Whether a departure helps is read from the **difference** of each variant to keyscope's setting (:data:`BASE`),
+with a paired 95% cluster-bootstrap interval (:func:`differences`, one resampling of the facts shared by both
+methods, :func:`keyscope.evaluate.paired_bootstrap_interval`): the marginal intervals of two variants scored on
+the same facts overlap even where one is better on almost every fact.
 """
 
 from __future__ import annotations
@@ -15,16 +21,26 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
+import numpy as np
+
 from keyscope import rep, rome
 from keyscope.datasets import Fact
 from keyscope.editing import EditContext, make_editor, prepare_context
 from keyscope.errors import KeyscopeError
-from keyscope.evaluate import EvalConfig, fact_request, near_twins, run_facts, summarize
-from keyscope.metrics import plan_queries, score_plan
+from keyscope.evaluate import (
+    EvalConfig,
+    fact_request,
+    near_twins,
+    ood_probe_keys,
+    paired_bootstrap_interval,
+    run_facts,
+    summarize,
+)
+from keyscope.metrics import METRICS, plan_queries, score_plan
 from keyscope.perturbations import LONG, REPHRASE, SHUFFLE, FactProbes
 from keyscope.predictions import score_targets
 
-__all__ = ["Variant", "VARIANTS", "AblationResult", "ablate", "ablate_fact", "baseline_name"]
+__all__ = ["Variant", "VARIANTS", "BASE", "AblationResult", "ablate", "ablate_fact", "baseline_name", "differences"]
 
 
 @dataclass(frozen=True)
@@ -67,6 +83,36 @@ VARIANTS: tuple[Variant, ...] = (
 )
 
 
+#: The variant every other one is compared with (:func:`differences`).
+BASE = "keyscope"
+
+
+def differences(rows: Sequence[dict], names: Sequence[str], base: str = BASE, n_resamples: int = 1000,
+                seed: int = 0) -> dict[str, dict]:
+    """For each of ``names`` (not ``base``) scored beside ``base`` in ``rows`` (:func:`ablate_fact`'s): the
+    difference of every Table 1 metric's micro-average to ``base``'s, ``Σh/Σt − Σh_b/Σt_b`` (a rate, not points),
+    and its paired 95% cluster-bootstrap interval over the facts where both are scored
+    (:func:`keyscope.evaluate.paired_bootstrap_interval`): ``{name: {"difference": {metric: d},
+    "difference_ci": {metric: [lo, hi]}}}``, ``None`` where either method has no prompt of the metric."""
+    out = {}
+    for name in names:
+        if name == base:
+            continue
+        paired = [(r["methods"][name], r["methods"][base]) for r in rows if name in r["methods"] and base in r["methods"]]
+        entry: dict = {"difference": {}, "difference_ci": {}}
+        for metric in METRICS:
+            hits, totals, base_hits, base_totals = (np.array([pair[j][metric][i] for pair in paired], float)
+                                                    for j, i in ((0, 0), (0, 1), (1, 0), (1, 1)))
+            if totals.sum() == 0 or base_totals.sum() == 0:
+                entry["difference"][metric] = entry["difference_ci"][metric] = None
+                continue
+            entry["difference"][metric] = float(hits.sum() / totals.sum() - base_hits.sum() / base_totals.sum())
+            entry["difference_ci"][metric] = list(paired_bootstrap_interval(hits, totals, base_hits, base_totals,
+                                                                            n_resamples, seed))
+        out[name] = entry
+    return out
+
+
 def baseline_name(reference: bool) -> str:
     """The method name of ROME alone under a ROME setting."""
     return "rome (reference)" if reference else "rome"
@@ -82,11 +128,13 @@ def ablate_fact(model, fact: Fact, queries: FactProbes, variants: Sequence[Varia
              for ref in sorted({v.rome_reference for v in variants})}
     row: dict = {"case_id": fact.case_id, "methods": {}}
     unedited = None
+    first = contexts[variants[0].rome_reference]
+    ood_keys = ood_probe_keys(model, queries, first.layer, first.batch_size)  # (n_ood, d_mlp), every variant's
     for variant in variants:
         context = replace(contexts[variant.rome_reference], rep_config=variant.rep)
         edit = edits[variant.rome_reference]
         twins = near_twins(model, queries, context.layer, context.cov, variant.rep, edit.prefix_keys,
-                           context.batch_size, context.prefixes)
+                           context.batch_size, context.prefixes, ood_keys)
         plan = plan_queries(model.tokenizer, queries, twins, twin_cosine)
         if unedited is None:  # the neighbourhood prompts are the same in every plan
             unedited = score_targets(model, [plan.sequences[r] for r in plan.locality],
@@ -160,5 +208,8 @@ def ablate(model, facts: Sequence[Fact], layer: int, cov, context_docs: Iterable
 
     rows, skipped, n_known = run_facts(model, facts, config, context_docs, score, "ablation", progress)
     summary = summarize(rows, config.bootstrap, config.seed)
+    if BASE in names:
+        for name, entry in differences(rows, names, BASE, config.bootstrap, config.seed).items():
+            summary[name].update(entry)
     return AblationResult(model_name(model), layer, variants, rows, summary, config, n_known,
                           time.perf_counter() - start, skipped)

@@ -255,7 +255,9 @@ def _specificity(rows: list[dict]) -> dict:
             "n_queries": len(rows)}
 
 
-def _summary(l44: list[dict], rows: list[dict], methods: Sequence[str]) -> dict:
+def summarize(l44: list[dict | None], rows: list[dict], methods: Sequence[str]) -> dict:
+    """The lemma summary of a run's per-edit Lemma 4.4 rows (``None`` for an edit without one) and per-query rows
+    (:attr:`BoundsResult.summary`); ``methods`` in report order."""
     valid = [r for r in l44 if r is not None]
     lemma_4_4 = {
         "holds_fraction": float(np.mean([r["single_head_holds"] for r in valid])) if valid else None,
@@ -397,6 +399,6 @@ def run(model, facts: Sequence[Fact], layer: int, cov, context_docs, corpus=None
                                      new_id, true_id, kinds)
             rows += _specificity_rows(fact.case_id, method, before.rows(n_robust, len(seqs)),
                                       after.rows(n_robust, len(seqs)), spec_kinds, use_max)
-    summary = _summary(l44_rows, rows, methods)
+    summary = summarize(l44_rows, rows, methods)
     return BoundsResult(model_name(model), layer, [r for r in l44_rows if r is not None], rows, summary, config,
                         skipped)

@@ -66,7 +66,8 @@ from keyscope.predictions import sample_known_facts, score_targets
 from keyscope.similarity import probe_keys, whitened_cosine_matrix
 
 __all__ = ["EvalConfig", "METHODS", "EvalResult", "evaluate", "evaluate_fact", "evaluate_batch",
-           "compute_edits", "fact_request", "summarize", "bootstrap_interval", "near_twins", "run_facts"]
+           "compute_edits", "fact_request", "summarize", "bootstrap_interval", "paired_bootstrap_interval", "near_twins",
+           "ood_probe_keys", "run_facts"]
 
 #: The methods evaluated by default, in Table 1's row order (any of :data:`keyscope.editing.EDITORS` can be asked).
 METHODS = ("rome", "rome+rep")
@@ -94,26 +95,42 @@ class EvalConfig:
             object.__setattr__(self, "probes", replace(self.probes, seed=self.seed))
 
 
+def ood_probe_keys(model, queries: FactProbes, layer: int, batch_size: int = 32) -> torch.Tensor:
+    """The keys ``(n_ood, d_mlp)`` of the out-of-domain probes of ``queries``, in :func:`near_twins`' order (kind
+    by kind, each kind's OOD list in order): they do not depend on what REP trains on, so a caller scoring several
+    REP settings on one fact computes them once and passes them to :func:`near_twins`."""
+    ood = [p for kind in KINDS for p in queries.perturbed[kind][1]]
+    if not ood:
+        return torch.empty((0, int(model.cfg.d_mlp)), device=model.cfg.device)  # (0, d_mlp)
+    return probe_keys(model, ood, layer, batch_size=batch_size)  # (n_ood, d_mlp)
+
+
 def near_twins(model, queries: FactProbes, layer: int, cov, rep_config: rep.REPConfig,
                anchors: torch.Tensor | None = None, batch_size: int = 32,
-               prefixes: Sequence[str] = ("",)) -> dict[tuple[str, int], float]:
+               prefixes: Sequence[str] = ("",), ood_keys: torch.Tensor | None = None) -> dict[tuple[str, int], float]:
     """For each out-of-domain probe of ``queries`` (keyed ``(kind, index in the kind's OOD list)``), its
     largest whitened cosine ``kᵀC⁻¹k' / (‖k‖_C⁻¹ ‖k'‖_C⁻¹)`` with the keys REP trains on: the edit prompt's
     own key, :func:`keyscope.rep.training_positives` of the in-domain probes (with
     ``rep_config.positive_prefixes``, each behind each of ROME's ``prefixes``) and ``anchors`` ``(n, d_mlp)``
     (the edit's prefixed keys, :attr:`keyscope.rome.Edit.prefix_keys`, which REP keeps fixed). A probe at or
-    above :attr:`EvalConfig.twin_cosine` is a near-twin of a training key."""
-    ood = [(kind, i, p) for kind in KINDS for i, p in enumerate(queries.perturbed[kind][1])]
+    above :attr:`EvalConfig.twin_cosine` is a near-twin of a training key. ``ood_keys`` are the probes' keys
+    from :func:`ood_probe_keys` when already computed (the same numbers: they are computed apart from the
+    training keys either way)."""
+    ood = [(kind, i) for kind in KINDS for i in range(len(queries.perturbed[kind][1]))]
     if not ood:
         return {}
+    if ood_keys is None:
+        ood_keys = ood_probe_keys(model, queries, layer, batch_size)  # (n_ood, d_mlp)
+    if len(ood_keys) != len(ood):
+        raise ValueError(f"got {len(ood_keys)} out-of-domain keys for {len(ood)} out-of-domain probes")
     originals = rep.behind_prefixes([queries.original], prefixes) if rep_config.positive_prefixes else [queries.original]
     training = [*originals, *rep.training_positives(queries.training_probes(), rep_config, prefixes)]
-    keys = probe_keys(model, [p for _, _, p in ood] + training, layer, batch_size=batch_size)  # (n_ood + n_train, d_mlp)
+    keys = probe_keys(model, training, layer, batch_size=batch_size)  # (n_train, d_mlp)
     if anchors is not None:
-        keys = torch.cat([keys, anchors.to(keys.device, keys.dtype)])  # (n_ood + n_train + n_anchors, d_mlp)
-    cosine = whitened_cosine_matrix(keys[: len(ood)], keys[len(ood) :], cov)  # (n_ood, n_train + n_anchors)
+        keys = torch.cat([keys, anchors.to(keys.device, keys.dtype)])  # (n_train + n_anchors, d_mlp)
+    cosine = whitened_cosine_matrix(ood_keys.to(keys.device, keys.dtype), keys, cov)  # (n_ood, n_train + n_anchors)
     best = cosine.max(1).values.cpu().tolist()
-    return {(kind, i): c for (kind, i, _), c in zip(ood, best)}
+    return dict(zip(ood, best))
 
 
 # ---------------------------------------------------------------------------------------------- scoring
@@ -240,19 +257,48 @@ def _gate_groups(model, edit: ModelEdit, plan: QueryPlan, names: dict[str, float
 # ---------------------------------------------------------------------------------------------- summaries
 
 
+def _resampled_micro(hits: np.ndarray, totals: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """The micro-average ``Σ hits / Σ totals`` of each resample of facts ``index`` ``(B, n_facts)``: ``(B,)``,
+    NaN where a resample holds no prompt."""
+    hits, totals = np.asarray(hits, float), np.asarray(totals, float)
+    sums = totals[index].sum(1)  # (B,)
+    return np.where(sums > 0, hits[index].sum(1) / np.maximum(sums, 1), np.nan)
+
+
+def _resamples(n_facts: int, n_resamples: int, seed: int) -> np.ndarray:
+    """Facts drawn with replacement, one row per resample: ``(n_resamples, n_facts)``."""
+    return np.random.default_rng(seed).integers(0, n_facts, size=(n_resamples, n_facts))
+
+
+def _percentiles(values: np.ndarray, level: float) -> tuple[float, float]:
+    lo, hi = np.nanquantile(values, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(lo), float(hi)
+
+
 def bootstrap_interval(hits: np.ndarray, totals: np.ndarray, n_resamples: int = 1000, seed: int = 0,
                        level: float = 0.95) -> tuple[float, float]:
     """Percentile interval of the micro-average ``Σ hits / Σ totals`` under resampling of the facts (the
     clusters) with replacement."""
-    hits, totals = np.asarray(hits, float), np.asarray(totals, float)
+    totals = np.asarray(totals, float)
     if totals.sum() == 0:
         return (float("nan"), float("nan"))
-    rng = np.random.default_rng(seed)
-    index = rng.integers(0, len(hits), size=(n_resamples, len(hits)))  # (B, n_facts)
-    sums = totals[index].sum(1)
-    ratios = np.where(sums > 0, hits[index].sum(1) / np.maximum(sums, 1), np.nan)
-    lo, hi = np.nanquantile(ratios, [(1 - level) / 2, 1 - (1 - level) / 2])
-    return float(lo), float(hi)
+    return _percentiles(_resampled_micro(hits, totals, _resamples(len(totals), n_resamples, seed)), level)
+
+
+def paired_bootstrap_interval(hits: np.ndarray, totals: np.ndarray, base_hits: np.ndarray, base_totals: np.ndarray,
+                              n_resamples: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of the difference of micro-averages ``Σ hits / Σ totals − Σ base_hits / Σ base_totals``
+    of two methods scored on the same facts (entry ``i`` of every array is fact ``i``), under one resampling of
+    the facts shared by both methods (a paired cluster bootstrap): what the facts have in common cancels, so the
+    interval is that of the difference, not of either rate. With the same ``seed`` the resamples are those of
+    :func:`bootstrap_interval`."""
+    totals, base_totals = np.asarray(totals, float), np.asarray(base_totals, float)
+    if len(totals) != len(base_totals):
+        raise ValueError(f"a paired interval needs the same facts: got {len(totals)} and {len(base_totals)}")
+    if totals.sum() == 0 or base_totals.sum() == 0:
+        return (float("nan"), float("nan"))
+    index = _resamples(len(totals), n_resamples, seed)  # (B, n_facts)
+    return _percentiles(_resampled_micro(hits, totals, index) - _resampled_micro(base_hits, base_totals, index), level)
 
 
 def summarize(rows: Sequence[dict], n_resamples: int = 1000, seed: int = 0) -> dict:

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
 import pytest
 
 from keyscope import ablation, rep, rome
@@ -49,6 +50,38 @@ def test_the_keyscope_variant_scores_exactly_as_table1(setup):
     reference = ev.evaluate_fact(model, FACT, queries, {"rome": make_editor("rome", model, contexts[True])},
                                  contexts[True])
     assert row["methods"]["rome (reference)"] == reference["methods"]["rome"]
+
+
+def test_near_twins_with_the_ood_keys_computed_once_are_identical(setup):
+    model, cov, queries = setup
+    ood_keys = ev.ood_probe_keys(model, queries, LAYER)  # (n_ood, d_mlp)
+    assert len(ood_keys) == sum(len(queries.perturbed[kind][1]) for kind in queries.perturbed) > 0
+    prefixes = ("", "Hello . ")
+    for config in (rep.REPConfig(), rep.REPConfig.released(), rep.REPConfig(train_long_context=False)):
+        assert ev.near_twins(model, queries, LAYER, cov, config, prefixes=prefixes, ood_keys=ood_keys) == \
+            ev.near_twins(model, queries, LAYER, cov, config, prefixes=prefixes), config
+    with pytest.raises(ValueError, match="out-of-domain keys"):
+        ev.near_twins(model, queries, LAYER, cov, rep.REPConfig(), ood_keys=ood_keys[:1])
+
+
+def test_differences_are_paired_against_keyscope():
+    from keyscope.metrics import METRICS
+
+    def scored(success, locality):
+        return {m: (0, 0, 0) for m in METRICS} | {"success": (success, 1, success), "locality": locality}
+
+    # three facts; "worse" loses one success (fact 0) and 2 of 10 neighbourhood prompts on fact 2
+    rows = [{"case_id": i, "methods": {"keyscope": scored(1, (10, 10, 0)), "worse": scored(s, loc)}}
+            for i, (s, loc) in enumerate([(0, (10, 10, 0)), (1, (10, 10, 0)), (1, (8, 10, 0))])]
+    diff = ablation.differences(rows, ["keyscope", "worse"], n_resamples=300, seed=2)
+    assert set(diff) == {"worse"}
+    assert diff["worse"]["difference"]["success"] == pytest.approx(-1 / 3)
+    assert diff["worse"]["difference"]["locality"] == pytest.approx(-2 / 30)
+    assert diff["worse"]["difference"]["rephrase_id"] is None and diff["worse"]["difference_ci"]["rephrase_id"] is None
+    a, b = np.array([0, 1, 1]), np.ones(3)
+    assert diff["worse"]["difference_ci"]["success"] == list(ev.paired_bootstrap_interval(a, b, b, b, 300, 2))
+    lo, hi = diff["worse"]["difference_ci"]["locality"]
+    assert -0.2 <= lo <= -2 / 30 <= hi <= 0
 
 
 def test_variants_are_the_departures_of_the_issue():

@@ -24,6 +24,28 @@ def test_bootstrap_interval_brackets_the_micro_average_and_narrows_with_more_fac
     assert ev.bootstrap_interval(np.zeros(3), np.zeros(3)) != ev.bootstrap_interval(hits, totals)
 
 
+def test_paired_bootstrap_interval_of_a_difference_by_hand():
+    # two facts of one prompt each: A hits both, B only the second. The four equally likely resamples of two
+    # facts give A − B = 1 (fact 0 twice), 0.5 (one of each, probability 1/2) and 0 (fact 1 twice).
+    a, b, totals = np.array([1, 1]), np.array([0, 1]), np.array([1, 1])
+    assert ev.paired_bootstrap_interval(a, totals, b, totals, 4000, seed=3) == (0.0, 1.0)
+    assert ev.paired_bootstrap_interval(a, totals, b, totals, 4000, seed=3, level=0.4) == (0.5, 0.5)
+    # a constant shift on every fact: every paired resample differs by exactly 2/10, while A's own interval is wide
+    rng = np.random.default_rng(0)
+    totals = np.full(30, 10)
+    base = rng.integers(0, 8, size=30)
+    lo, hi = ev.paired_bootstrap_interval(base + 2, totals, base, totals, 500, seed=1)
+    assert lo == pytest.approx(0.2, abs=1e-12) and hi == pytest.approx(0.2, abs=1e-12)
+    marginal = ev.bootstrap_interval(base + 2, totals, 500, seed=1)
+    assert marginal[1] - marginal[0] > 0.1
+    # against a base that never hits, the paired resamples are the marginal ones
+    assert ev.paired_bootstrap_interval(base, totals, np.zeros(30), totals, 500, seed=1) == \
+        ev.bootstrap_interval(base, totals, 500, seed=1)
+    with pytest.raises(ValueError, match="same facts"):
+        ev.paired_bootstrap_interval(a, np.array([1, 1]), b[:1], np.array([1]))
+    assert np.isnan(ev.paired_bootstrap_interval(a, np.zeros(2), b, totals[:2])).all()
+
+
 def test_summarize_micro_averages_over_prompts_not_facts():
     def scores(success, rephrase):
         return {m: (0, 0, 0) for m in METRICS} | {"success": (success, 1, success), "rephrase_id": rephrase}

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import csv
+import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from keyscope.experiments import readme
+from keyscope.experiments import readme, reproduce
 
 ROOT = Path(__file__).resolve().parents[1]
 FIGURES = ROOT / "figures"
@@ -84,3 +86,84 @@ def test_report_table1_matches_its_csv():
                     100 * float(by_method[method][columns[title]]), abs=0.051), (method, title)
                 checked += 1
     assert checked >= 2 * len(METRICS)
+
+
+def _timings() -> dict:
+    return json.loads((FIGURES / "reproduce_timings.json").read_text())
+
+
+def test_report_is_rendered_from_its_artefacts():
+    """Every number of REPORT.md (trace, Figures 3–5 and 7, Table 1 and its deltas against the paper, the lemma
+    block, the stage times) is what reproduce's renderer reads from the committed artefacts."""
+    assert REPORT.read_text() == reproduce.report(FIGURES, _timings())
+
+
+def test_report_holds_what_the_run_wrote_beside_it():
+    # table1.md and bounds.md were written from the run's in-memory results: the report, rendered from the CSVs,
+    # holds them verbatim
+    text = REPORT.read_text()
+    assert (FIGURES / "table1.md").read_text().rstrip() in text
+    assert (FIGURES / "bounds.md").read_text() in text
+
+
+def test_report_trace_deltas_sweep_and_times_match_their_artefacts():
+    from keyscope.experiments.table1 import HEADERS, PAPER_DELTAS
+    from keyscope.metrics import METRICS
+
+    text = REPORT.read_text()
+    trace = _csv("trace.csv")
+    table = _table_after(text, "## Causal trace")
+    for row, kind in ((table[1], "mlp"), (table[2], "attn")):
+        for layer, cell in enumerate(row[1:]):
+            assert float(cell) == pytest.approx(np.mean([float(r[f"{kind}_{layer}"]) for r in trace]), abs=6e-4)
+    total = np.mean([float(r["p_clean"]) - float(r["p_corrupted"]) for r in trace])
+    assert f"total effect of the corruption {total:.3f}" in text and f"{len(trace)} known facts" in text
+
+    by_method = {row["method"]: row for row in _csv("table1.csv")}
+    deltas = _table_after(text, "ROME+REP minus ROME")
+    titles = {HEADERS[m]: m for m in METRICS}
+    assert {row[0] for row in deltas[1:]} == set(titles)
+    for title, ours, paper in deltas[1:]:
+        metric = titles[title]
+        assert float(ours) == pytest.approx(
+            100 * (float(by_method["rome+rep"][metric]) - float(by_method["rome"][metric])), abs=0.051), title
+        assert (float(paper) if paper else None) == PAPER_DELTAS.get(metric), title
+
+    sweep = {float(r["tau"]): r for r in _csv("fig7_tau_sweep.csv")}
+    table = _table_after(text, "## Figure 7")
+    assert len(table) - 1 == len(sweep)
+    for row in table[1:]:
+        for title, cell in zip(table[0][1:], row[1:]):
+            assert float(cell.rstrip("%")) == pytest.approx(100 * float(sweep[float(row[0])][titles[title]]), abs=0.051)
+
+    times = re.search(r"Stage times: (.*)\.\n", text).group(1)
+    shown = dict(part.rsplit(" ", 2)[:2] for part in times.split(", "))
+    assert {k: float(v) for k, v in shown.items()} == pytest.approx(
+        {k: v for k, v in _timings()["seconds"].items() if k != "report"}, abs=0.51)
+
+
+def test_report_renderer_follows_its_artefacts(tmp_path):
+    for path in FIGURES.iterdir():
+        if path.suffix in (".csv", ".json", ".md"):
+            shutil.copy(path, tmp_path / path.name)
+    rows = _csv("trace.csv")
+    for row in rows:  # no indirect effect at layer 1: the trace now picks layer 2, not the edited layer
+        row["mlp_1"] = "0.0"
+    _write(tmp_path / "trace.csv", rows)
+    sweep = _csv("fig7_tau_sweep.csv")
+    sweep[0]["locality"] = "0.5"
+    _write(tmp_path / "fig7_tau_sweep.csv", sweep)
+    text = reproduce.report(tmp_path, _timings())
+    assert "| MLP | 0.067 | 0.000 | 0.100 |" in text and "largest MLP effect is at layer 2" in text
+    assert "**not** the layer this trace picks" in text
+    assert "| 0.5 | 97.8% | 50.0% |" in text
+    (tmp_path / "fig4_rephrase.csv").unlink()  # without its artefact the rephrase comparison is left out
+    assert "for the same subjects' rephrased forms" in text
+    assert "for the same subjects' rephrased forms" not in reproduce.report(tmp_path, _timings())
+
+
+def _write(path: Path, rows: list[dict]) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)

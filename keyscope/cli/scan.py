@@ -7,7 +7,8 @@ subject, and writes into ``--out``:
 
 * ``fig4_neighbors.png`` — the distribution of those unrelated top-k scores next to the scores of the same
   subjects' rephrased forms (Figure 4 left);
-* ``fig4_neighbors.csv`` — every hit (subject, rank, score, raw ``kᵀC⁻¹k*``, stream position, prefix).
+* ``fig4_neighbors.csv`` — every hit (subject, rank, score, raw ``kᵀC⁻¹k*``, stream position, prefix);
+* ``fig4_rephrase.csv`` — the scores of the subjects' rephrased forms, one row each.
 
 It prints the best hit's prefix per subject (Figure 4 right).
 """

@@ -1,8 +1,9 @@
 """What each departure buys: ``keyscope evaluate --ablate`` (:func:`keyscope.ablation.ablate`).
 
 ``write`` puts ``ablation.md`` (one row per variant and ROME baseline: every Table 1 column in percent with its 95%
-interval, and what the variant reverts) and ``ablation.csv`` (the same numbers, with the prompt counts) into
-``out_dir``.
+interval, and what the variant reverts; then each variant minus keyscope's setting, in points, with its paired 95%
+interval) and ``ablation.csv`` (the same numbers, with the prompt counts; the differences as rates in
+``METRIC_diff``, ``METRIC_diff_lo``, ``METRIC_diff_hi``, empty for keyscope and the baselines) into ``out_dir``.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from keyscope import ablation
-from keyscope.experiments.table1 import metric_rows, text_rows
+from keyscope.experiments.table1 import HEADERS, metric_rows, text_rows
 from keyscope.experiments.tables import write_csv
 from keyscope.metrics import METRICS
 
@@ -32,7 +33,30 @@ def markdown(result: ablation.AblationResult) -> str:
               "rates in percent with 95% cluster-bootstrap intervals. Each variant reverts one of keyscope's "
               "departures to the released code's choice:", ""]
     lines += [f"- **{name}**: {what}" for name, what in _rows(result)]
+    lines += _difference_rows(result)
     return "\n".join(lines) + "\n"
+
+
+def _signed(value: float | None) -> str:
+    """A rate's difference in points, signed (no "-0.0")."""
+    return "n/a" if value is None else f"{round(100 * value, 1) or 0.0:+.1f}"
+
+
+def _difference_rows(result: ablation.AblationResult) -> list[str]:
+    """The markdown table of each variant minus keyscope's setting, in points with the paired 95% interval."""
+    names = [v.name for v in result.variants if "difference" in result.summary[v.name]]
+    if not names:
+        return []
+    lines = ["", f"Each variant minus `{ablation.BASE}`, in points, with the paired 95% cluster-bootstrap interval of "
+             "the difference (the same resampled facts for both; an interval that excludes 0 is a measured effect):",
+             "", "| variant | " + " | ".join(HEADERS[m] for m in METRICS) + " |", "|---|" + "---:|" * len(METRICS)]
+    for name in names:
+        s = result.summary[name]
+        cells = [_signed(s["difference"][m]) + ("" if s["difference_ci"][m] is None else
+                                                f" [{_signed(s['difference_ci'][m][0])}, {_signed(s['difference_ci'][m][1])}]")
+                 for m in METRICS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def format_table(result: ablation.AblationResult) -> str:
@@ -62,6 +86,9 @@ def write(result: ablation.AblationResult, out_dir: str | Path) -> list[Path]:
             ci = s["ci"][metric] or (None, None)
             row.update({metric: s[metric], f"{metric}_lo": ci[0], f"{metric}_hi": ci[1],
                         f"{metric}_prompts": s["counts"][metric]})
+        for metric in METRICS:
+            diff, diff_ci = s.get("difference", {}).get(metric), (s.get("difference_ci", {}).get(metric) or (None, None))
+            row.update({f"{metric}_diff": diff, f"{metric}_diff_lo": diff_ci[0], f"{metric}_diff_hi": diff_ci[1]})
         rows.append(row)
     write_csv(out / TABLE_CSV, rows)
     (out / TABLE_MD).write_text(markdown(result))

@@ -9,7 +9,6 @@ the data.
 
 from __future__ import annotations
 
-import csv
 import json
 import re
 import sys
@@ -19,17 +18,12 @@ from pathlib import Path
 import numpy as np
 
 from keyscope.bounds import auroc
-from keyscope.experiments.tables import percent
+from keyscope.experiments.tables import percent, read_csv
 from keyscope.perturbations import KINDS, LONG, RANDOM, REPHRASE, SHUFFLE, SHUFFLE_WORDS
 
 BLOCK = re.compile(r"<!-- keyscope:(?P<name>[a-z0-9_]+) -->\n(?P<body>.*?)<!-- /keyscope:(?P=name) -->", re.S)
 
 REPRODUCE = "keyscope reproduce --out figures --json figures/reproduce_timings.json"
-
-
-def _rows(path: Path) -> list[dict]:
-    with path.open(newline="") as handle:
-        return list(csv.DictReader(handle))
 
 
 def _float(value) -> float | None:
@@ -51,7 +45,7 @@ def _by(rows: list[dict], key: str) -> dict[str, dict]:
 def similarity(figures: Path) -> str:
     """Figure 3's summary (``fig3_similarity.csv``): the normalised edit strength per perturbation kind."""
     values: dict[str, list[float]] = {}
-    for row in _rows(figures / "fig3_similarity.csv"):
+    for row in read_csv(figures / "fig3_similarity.csv"):
         values.setdefault(row["kind"], []).append(float(row["similarity"]))
     labels = {REPHRASE: "rephrased subject", SHUFFLE: "shuffled subject tokens",
               SHUFFLE_WORDS: "shuffled subject words", LONG: "300-token unrelated context",
@@ -65,30 +59,42 @@ def similarity(figures: Path) -> str:
     return "\n".join(lines) + f"\n\n(`figures/fig3_similarity.csv`, from `{REPRODUCE}`)\n"
 
 
-def scan(figures: Path) -> str:
-    """Figure 4 (``fig4_neighbors.csv``): the median score of every subject's 10 best hits pooled, per filter
+def neighbour_medians(figures: Path) -> dict[str, float]:
+    """Figure 4 (``fig4_neighbors.csv``): per filter, the median score of every subject's 10 best hits pooled
     (``median_top10`` of :mod:`keyscope.experiments.scan`)."""
     scores: dict[str, list[float]] = {}
-    for row in _rows(figures / "fig4_neighbors.csv"):
+    for row in read_csv(figures / "fig4_neighbors.csv"):
         if int(row["rank"]) < 10:
             scores.setdefault(row["filter"], []).append(float(row["score"]))
-    medians = {name: float(np.median(values)) for name, values in scores.items()}
+    return {name: float(np.median(values)) for name, values in scores.items()}
+
+
+def scan(figures: Path) -> str:
+    """Figure 4 (``fig4_neighbors.csv``, :func:`neighbour_medians`)."""
+    medians = neighbour_medians(figures)
     return ("The median normalised edit strength of the subjects' 10 best *unrelated* corpus positions (pooled) is "
             + ", ".join(f"**{medians[name]:.3f}** under the {name} filter" for name in sorted(medians))
             + f" (`figures/fig4_neighbors.csv`, from `{REPRODUCE}`).\n")
 
 
-def values(figures: Path) -> str:
-    """Figure 5 and ROME's quality (``fig5_value_norms.csv``)."""
-    rows = _rows(figures / "fig5_value_norms.csv")
+def value_summary(figures: Path) -> dict:
+    """Figure 5 and ROME's quality (``fig5_value_norms.csv``): the number of edits, the median value norms at k*
+    before and after and their median ratio, success, pooled locality and seconds per edit."""
+    rows = read_csv(figures / "fig5_value_norms.csv")
     before = np.array([float(r["value_norm_before"]) for r in rows])
     after = np.array([float(r["value_norm_after"]) for r in rows])
-    success = np.mean([r["success"] == "True" for r in rows])
-    kept = sum(int(r["neighbourhood_unchanged"]) for r in rows) / sum(int(r["neighbourhood"]) for r in rows)
-    seconds = np.mean([float(r["seconds"]) for r in rows])
-    return (f"Over {len(rows)} ROME edits the median value norm at k* is {np.median(before):.1f} before and "
-            f"{np.median(after):.1f} after (median ratio {np.median(after / before):.2f}); success "
-            f"**{percent(success)}%**, locality **{percent(kept)}%**, {seconds:.2f} s per edit "
+    return {"n": len(rows), "before": float(np.median(before)), "after": float(np.median(after)),
+            "ratio": float(np.median(after / before)), "success": float(np.mean([r["success"] == "True" for r in rows])),
+            "locality": sum(int(r["neighbourhood_unchanged"]) for r in rows) / sum(int(r["neighbourhood"]) for r in rows),
+            "seconds": float(np.mean([float(r["seconds"]) for r in rows]))}
+
+
+def values(figures: Path) -> str:
+    """Figure 5 and ROME's quality (:func:`value_summary`)."""
+    v = value_summary(figures)
+    return (f"Over {v['n']} ROME edits the median value norm at k* is {v['before']:.1f} before and "
+            f"{v['after']:.1f} after (median ratio {v['ratio']:.2f}); success "
+            f"**{percent(v['success'])}%**, locality **{percent(v['locality'])}%**, {v['seconds']:.2f} s per edit "
             f"(`figures/fig5_value_norms.csv`, from `{REPRODUCE}`).\n")
 
 
@@ -100,7 +106,7 @@ def table1(figures: Path) -> str:
     """Table 1 (``table1.csv``): ROME, ROME+REP and their difference, in percent."""
     from keyscope.experiments.table1 import HEADERS
 
-    by_method = _by(_rows(figures / "table1.csv"), "method")
+    by_method = _by(read_csv(figures / "table1.csv"), "method")
     lines = ["| method | " + " | ".join(HEADERS[c] for c in TABLE1_COLUMNS) + " |", "|---|" + "---:|" * len(TABLE1_COLUMNS)]
     for method, label in (("rome", "ROME"), ("rome+rep", "ROME+REP")):
         lines.append(f"| {label} | " + " | ".join(percent(_float(by_method[method][c])) for c in TABLE1_COLUMNS) + " |")
@@ -113,7 +119,7 @@ def table1(figures: Path) -> str:
 
 def tau_sweep(figures: Path) -> str:
     """Figure 7 (``fig7_tau_sweep.csv``): each metric's change from the largest τ to the smallest."""
-    rows = sorted(_rows(figures / "fig7_tau_sweep.csv"), key=lambda r: float(r["tau"]))
+    rows = sorted(read_csv(figures / "fig7_tau_sweep.csv"), key=lambda r: float(r["tau"]))
     low, high = rows[0], rows[-1]
     metrics = [k for k in rows[0] if k != "tau"]
     change = {m: 100 * (float(low[m]) - float(high[m])) for m in metrics}
@@ -126,8 +132,8 @@ def tau_sweep(figures: Path) -> str:
 
 def bounds(figures: Path) -> str:
     """The lemmas (``bounds_edits.csv``, ``bounds_queries.csv``)."""
-    edits = _rows(figures / "bounds_edits.csv")
-    queries = _rows(figures / "bounds_queries.csv")
+    edits = read_csv(figures / "bounds_edits.csv")
+    queries = read_csv(figures / "bounds_queries.csv")
 
     def group(method: str, kinds: tuple[str, ...], label: str) -> tuple[float | None, int, int]:
         rows = [r for r in queries if r["method"] == method and r["kind"] in kinds]
@@ -179,21 +185,30 @@ ABLATION_COLUMNS = ("success", "locality", "rephrase_id", "rephrase_ood_new", "s
 
 
 def ablation(figures: Path) -> str:
-    """The departures (``ablation.csv``): each variant's change against keyscope's setting, in points."""
+    """The departures (``ablation.csv``): each variant's change against keyscope's setting, in points, with the
+    paired 95% interval of the difference where the CSV has it (``METRIC_diff_lo``/``_hi``)."""
     from keyscope.experiments.table1 import HEADERS
 
-    rows = _rows(figures / "ablation.csv")
+    rows = read_csv(figures / "ablation.csv")
     base = _by(rows, "variant")["keyscope"]
+    paired = any(_float(row.get(f"{c}_diff_lo")) is not None for row in rows for c in ABLATION_COLUMNS)
+
+    def change(row: dict, column: str) -> str:
+        lo, hi = _float(row.get(f"{column}_diff_lo")), _float(row.get(f"{column}_diff_hi"))
+        cell = _signed(100 * (float(row[column]) - float(base[column])))
+        return cell if lo is None else f"{cell} [{_signed(100 * lo)}, {_signed(100 * hi)}]"
+
     lines = ["| variant | what it reverts | " + " | ".join(HEADERS[c] for c in ABLATION_COLUMNS) + " |",
              "|---|---|" + "---:|" * len(ABLATION_COLUMNS)]
     for row in rows:
         if row["variant"] == "keyscope":
             cells = [percent(_float(row[c])) for c in ABLATION_COLUMNS]
         else:
-            cells = [_signed(100 * (float(row[c]) - float(base[c]))) for c in ABLATION_COLUMNS]
+            cells = [change(row, c) for c in ABLATION_COLUMNS]
         lines.append(f"| {row['variant']} | {row['departure']} | " + " | ".join(cells) + " |")
-    return ("\n".join(lines) + "\n\nThe keyscope row is in percent, every other row in points against it "
-            "(`figures/ablation.csv`, intervals in `figures/ablation.md`, from `keyscope evaluate --ablate --n 50 "
+    return ("\n".join(lines) + "\n\nThe keyscope row is in percent, every other row in points against it"
+            + (" with the paired 95% cluster-bootstrap interval of the difference" if paired else "")
+            + " (`figures/ablation.csv`, intervals in `figures/ablation.md`, from `keyscope evaluate --ablate --n 50 "
             "--out figures --json figures/ablation.json`).\n")
 
 

@@ -5,6 +5,11 @@ Every stage is the library call its own command makes (``keyscope similarity``, 
 ``evaluate --tau-sweep``, ``bounds``) on one model, layer and covariance; one progress bar counts the
 stages (the stages' own bars are off). :class:`ReproduceConfig` sets the sizes; its defaults finish on
 factworld in well under 30 minutes on 2 CPU cores.
+
+``REPORT.md`` is rendered by :func:`report` from the artefacts the stages wrote (CSV) and the run's record (stage
+times, layer, config: what ``--json`` writes), never from results held in memory, so ``tests/test_readme.py``
+re-renders the committed report from the committed artefacts and compares; ``python -m
+keyscope.experiments.reproduce figures`` rewrites it from them.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
+
 from keyscope import bounds as bounds_lib
 from keyscope import corpus as corpora
 from keyscope import evaluate as ev
@@ -20,12 +27,13 @@ from keyscope import scan as scan_lib
 from keyscope.covariance import load_or_compute_covariance
 from keyscope.datasets import load_facts, read_facts
 from keyscope.experiments import bounds as bounds_exp
+from keyscope.experiments import readme
 from keyscope.experiments import scan as scan_exp
 from keyscope.experiments import similarity as similarity_exp
 from keyscope.experiments import table1 as table1_exp
 from keyscope.experiments import trace as trace_exp
 from keyscope.experiments import values as values_exp
-from keyscope.experiments.tables import percent
+from keyscope.experiments.tables import percent, read_csv
 from keyscope.metrics import METRICS
 from keyscope.models import default_layer, load_model, model_name
 from keyscope.trace import TraceConfig
@@ -62,32 +70,81 @@ def _num(value, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
-def _trace_section(trace, layer: int) -> list[str]:
-    effects = trace.result.indirect_effect
-    lines = ["## Causal trace: where the model recalls its facts", "", "![](trace.png)", "",
-             f"{len(trace.result.facts)} known facts; the subject's token embeddings corrupted (σ = "
-             f"{trace.result.config.noise_scale:g} × their standard deviation, {trace.result.config.samples} draws), one "
-             "layer's output restored at the subject's last token (ROME §2). Average indirect effect on P(answer):", "",
-             "| layer | " + " | ".join(str(layer) for layer in range(trace.result.n_layers)) + " |",
-             "|---|" + "---:|" * trace.result.n_layers,
-             "| MLP | " + " | ".join(f"{e:.3f}" for e in effects["mlp"]) + " |",
-             "| attention | " + " | ".join(f"{e:.3f}" for e in effects["attn"]) + " |", "",
-             f"The largest MLP effect is at layer {trace.result.layer} (total effect of the corruption "
-             f"{trace.result.total_effect:.3f}); every stage below edits layer {layer}"
-             + (", the same layer." if layer == trace.result.layer else
-                ", the model's default (or `--layer`), **not** the layer this trace picks."), ""]
-    return lines
+def _cell(value: str):
+    """A CSV cell back to what was written: ``None``, a bool, a number or the text."""
+    if value == "":
+        return None
+    if value in ("True", "False"):
+        return value == "True"
+    try:
+        return float(value)
+    except ValueError:
+        return value
 
 
-def report(config: ReproduceConfig, layer: int, results: dict, seconds: dict) -> str:
-    """``REPORT.md``: every artefact with its numbers, the paper's claim beside it."""
-    sim, scan, values, table, bnd = (results[k] for k in ("similarity", "scan", "values", "evaluate", "bounds"))
-    lines = [f"# keyscope reproduction of \"Keys to Robust Edits\" on `{config.model}`", "",
-             f"Layer {layer}; seed {config.seed}; regenerate with `keyscope reproduce --model {config.model}`. "
-             f"Stage times: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) + ".", ""]
-    if "trace" in results:
-        lines += _trace_section(results["trace"], layer)
-    s = sim.summary
+def _typed(path: Path) -> list[dict]:
+    return [{k: _cell(v) for k, v in row.items()} for row in read_csv(path)]
+
+
+def _trace_section(figures: Path, config: dict, layer: int) -> list[str]:
+    """The causal trace (``trace.csv``): each layer's average indirect effect and the total effect."""
+    rows = _typed(figures / trace_exp.TABLE)
+    n_layers = sum(k.startswith("mlp_") for k in rows[0])
+    effects = {kind: [float(np.mean([r[f"{kind}_{i}"] for r in rows])) for i in range(n_layers)] for kind in ("mlp", "attn")}
+    traced = max(range(n_layers), key=lambda i: effects["mlp"][i])  # as keyscope.trace.TraceResult.layer
+    total = float(np.mean([r["p_clean"] - r["p_corrupted"] for r in rows]))
+    settings = TraceConfig(n=config["trace_facts"], seed=config["seed"])  # the stage's settings, as run() sets them
+    return ["## Causal trace: where the model recalls its facts", "", f"![]({trace_exp.FIGURE})", "",
+            f"{len(rows)} known facts; the subject's token embeddings corrupted (σ = {settings.noise_scale:g} × their "
+            f"standard deviation, {settings.samples} draws), one layer's output restored at the subject's last token "
+            "(ROME §2). Average indirect effect on P(answer):", "",
+            "| layer | " + " | ".join(str(i) for i in range(n_layers)) + " |", "|---|" + "---:|" * n_layers,
+            "| MLP | " + " | ".join(f"{e:.3f}" for e in effects["mlp"]) + " |",
+            "| attention | " + " | ".join(f"{e:.3f}" for e in effects["attn"]) + " |", "",
+            f"The largest MLP effect is at layer {traced} (total effect of the corruption {total:.3f}); every stage "
+            f"below edits layer {layer}" + (", the same layer." if layer == traced else
+                                            ", the model's default (or `--layer`), **not** the layer this trace picks."),
+            ""]
+
+
+def _table1_summary(figures: Path) -> dict:
+    """``table1.csv`` back into :func:`keyscope.evaluate.summarize`'s form (value, ``ci``, ``counts`` per metric)."""
+    out = {}
+    for row in _typed(figures / table1_exp.TABLE_CSV):
+        out[row["method"]] = {**{m: row[m] for m in METRICS},
+                              "ci": {m: None if row[f"{m}_lo"] is None else [row[f"{m}_lo"], row[f"{m}_hi"]] for m in METRICS},
+                              "counts": {m: int(row[f"{m}_prompts"]) for m in METRICS}}
+    return out
+
+
+def _bounds_block(figures: Path, model: str, layer: int, config: dict) -> str:
+    """The lemma summary recomputed from ``bounds_edits.csv`` and ``bounds_queries.csv``
+    (:func:`keyscope.bounds.summarize`, :func:`keyscope.experiments.bounds.format_summary`)."""
+    queries = _typed(figures / bounds_exp.QUERIES_CSV)
+    edits_path = figures / bounds_exp.EDITS_CSV
+    l44 = _typed(edits_path) if edits_path.exists() else []
+    n_edits = len({r["case_id"] for r in queries})
+    l44 = l44 + [None] * (n_edits - len(l44))  # edits without a Lemma 4.4 row
+    methods = list(dict.fromkeys(r["method"] for r in queries))
+    result = bounds_lib.BoundsResult(model, layer, l44, queries, bounds_lib.summarize(l44, queries, methods),
+                                     bounds_lib.BoundsConfig(n=config["bounds_edits"], seed=config["seed"]))
+    return bounds_exp.format_summary(result)
+
+
+def report(figures: str | Path, run: dict) -> str:
+    """``REPORT.md`` rendered from the artefacts in ``figures`` and the run's record ``run`` (``{"seconds", "layer",
+    "config"}``, what ``keyscope reproduce --json`` writes, e.g. ``figures/reproduce_timings.json``): every number
+    is read from a CSV there, so ``tests/test_readme.py`` re-renders the committed report from the committed
+    artefacts and compares. The paper's claims are beside the numbers."""
+    figures = Path(figures)
+    config, layer = run["config"], run["layer"]
+    model = config["model"]
+    lines = [f"# keyscope reproduction of \"Keys to Robust Edits\" on `{model}`", "",
+             f"Layer {layer}; seed {config['seed']}; regenerate with `keyscope reproduce --model {model}`. "
+             f"Stage times: " + ", ".join(f"{k} {v:.0f} s" for k, v in run["seconds"].items() if k != "report") + ".", ""]
+    if (figures / trace_exp.TABLE).exists():
+        lines += _trace_section(figures, config, layer)
+    s = similarity_exp.summarize(_typed(figures / "fig3_similarity.csv"))
     lines += ["## Figure 3: perturbed keys are far from the original in the whitened metric", "",
               "![](fig3_similarity.png) ![](fig3_pca.png)", "",
               "Normalised edit strength `kᵀC⁻¹k_orig / k_origᵀC⁻¹k_orig` (1 = the edit fully reaches the key):", "",
@@ -95,44 +152,49 @@ def report(config: ReproduceConfig, layer: int, results: dict, seconds: dict) ->
     lines += [f"| {k} | {v['n']} | {v['median']:.3f} | {v['q10']:.3f} | {v['q90']:.3f} |" for k, v in s.items()]
     lines += ["", "Paper: rephrased, shuffled and long-context keys of the same subject are often dissimilar "
               "(far below 1), while keys of other subjects can be close.", ""]
-    filters = scan.summary["filters"]
+    medians = readme.neighbour_medians(figures)
+    subjects = {r["case_id"] for r in read_csv(figures / scan_exp.TABLE)}
+    rephrase_path = figures / scan_exp.REPHRASE_TABLE
+    rephrase = (f", against {_num(float(np.median([float(r['score']) for r in read_csv(rephrase_path)])))} for the same "
+                "subjects' rephrased forms" if rephrase_path.exists() else "")
     lines += ["## Figure 4: corpus nearest neighbours of the edited keys", "", "![](fig4_neighbors.png)", "",
-              f"{scan.result.n_tokens:,} tokens scanned for {len(scan.facts)} subjects; median top-10 neighbour score "
-              + "; ".join(f"{name} filter {_num(f['median_top10'])}" for name, f in filters.items())
-              + f", against {_num(scan.summary['rephrase'].get('median'))} for the same subjects' rephrased forms. "
+              f"{config['scan_tokens']:,} tokens scanned for {len(subjects)} subjects; median top-10 neighbour score "
+              + "; ".join(f"{name} filter {_num(m)}" for name, m in medians.items()) + f"{rephrase}. "
               "The paper filter drops positions whose window holds the subject's last token; the strict filter also "
               "drops the subject's name, last word, rephrased forms, family members and order twins. Paper: "
               "unrelated corpus prefixes can receive the edit as strongly as the subject's own paraphrases.", ""]
-    v = values.summary
-    norms = v["value_norms"]
+    v = readme.value_summary(figures)
     lines += ["## Figure 5: edited values are loud", "", "![](fig5_value_norms.png)", "",
-              f"{v['n']} ROME edits: median ‖v‖ {norms['before']['median']:.3g} before, ‖v*‖ "
-              f"{norms['after']['median']:.3g} after (median ratio {norms['ratio']['median']:.2f}); success "
-              f"{_pct(v['success'])}, locality {_pct(v['locality'])}, {v['seconds_per_edit']:.2f} s per edit. "
-              "Paper: the inserted values are far larger than ordinary ones.", ""]
-    lines += ["## Table 1: ROME and ROME+REP", "", table1_exp.markdown(table).rstrip(), ""]
-    if "rome" in table.summary and "rome+rep" in table.summary:
+              f"{v['n']} ROME edits: median ‖v‖ {v['before']:.3g} before, ‖v*‖ {v['after']:.3g} after (median ratio "
+              f"{v['ratio']:.2f}); success {_pct(v['success'])}, locality {_pct(v['locality'])}, {v['seconds']:.2f} s "
+              "per edit. Paper: the inserted values are far larger than ordinary ones.", ""]
+    table = _table1_summary(figures)
+    names = [m for m in ev.METHODS if m in table]
+    n_edits = len({r["case_id"] for r in read_csv(figures / table1_exp.FACTS_CSV) if r["method"] == names[0]})
+    lines += ["## Table 1: ROME and ROME+REP", "", table1_exp.summary_markdown(table, names, n_edits, model, layer).rstrip(),
+              ""]
+    if "rome" in table and "rome+rep" in table:
         lines += ["ROME+REP minus ROME, in points (paper: LLaMA-2-7B, Table 1; it reports no word shuffles and no "
                   "near-twin split):", "",
                   "| metric | keyscope | paper |", "|---|---:|---:|"]
         for metric in METRICS:
-            a, b = table.summary["rome+rep"][metric], table.summary["rome"][metric]
+            a, b = table["rome+rep"][metric], table["rome"][metric]
             delta = None if a is None or b is None else 100 * (a - b)
             paper = table1_exp.PAPER_DELTAS.get(metric)
             lines.append(f"| {table1_exp.HEADERS[metric]} | {_num(delta, 1)} | "
                          f"{'' if paper is None else f'{paper:+.1f}'} |")
         lines.append("")
-    sweep = table.tau_sweep()
-    if sweep:
+    sweep_path = figures / table1_exp.SWEEP_CSV
+    if sweep_path.exists():
         shown = [m for m in METRICS if not m.endswith("_ood_new")]
         lines += ["## Figure 7: the gate threshold τ", "", "![](fig7_tau_sweep.png)", "",
                   "| τ | " + " | ".join(table1_exp.HEADERS[m] for m in shown) + " |",
                   "|---:|" + "---:|" * len(shown)]
-        for tau in sorted(sweep):
-            lines.append(f"| {tau:g} | " + " | ".join(_pct(sweep[tau][m]) for m in shown) + " |")
+        for row in sorted(_typed(sweep_path), key=lambda r: r["tau"]):
+            lines.append(f"| {row['tau']:g} | " + " | ".join(_pct(row[m]) for m in shown) + " |")
         lines.append("")
     lines += ["## The lemmas on real edits", "", "![](fig_bounds.png)", "", "```",
-              bounds_exp.format_summary(bnd), "```", ""]
+              _bounds_block(figures, model, layer, config), "```", ""]
     return "\n".join(lines)
 
 
@@ -206,8 +268,17 @@ def run(config: ReproduceConfig, out_dir: str | Path = "figures", progress: bool
     done("bounds", start)
 
     start = stage("report")
-    (out / REPORT).write_text(report(config, layer, results, seconds))
+    (out / REPORT).write_text(report(out, {"seconds": seconds, "layer": layer, "config": asdict(config)}))
     done("report", start)
     bar.close()
     return {"results": results, "seconds": seconds, "layer": layer, "config": asdict(config),
             "report": str(out / REPORT)}
+
+
+if __name__ == "__main__":  # python -m keyscope.experiments.reproduce figures: REPORT.md again from the artefacts
+    import json
+    import sys
+
+    figures_dir = Path(sys.argv[1])
+    run_record = json.loads((figures_dir / "reproduce_timings.json").read_text())
+    (figures_dir / REPORT).write_text(report(figures_dir, run_record))

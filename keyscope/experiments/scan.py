@@ -3,7 +3,8 @@
 ``run`` scores every position of ``config.n_tokens`` corpus tokens against the subjects' keys by the
 normalised edit strength ``kᵀC⁻¹k*/k*ᵀC⁻¹k*`` (:func:`keyscope.scan.scan_corpus`, subject occurrences masked),
 compares the top-k unrelated scores with the scores of the same subjects' rephrased forms, and writes
-``fig4_neighbors.png`` and ``fig4_neighbors.csv`` (every hit with its decoded prefix).
+``fig4_neighbors.png``, ``fig4_neighbors.csv`` (every hit with its decoded prefix) and ``fig4_rephrase.csv`` (the
+rephrased forms' scores, one row each).
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ import torch
 
 from keyscope import scan
 from keyscope.errors import KeyscopeError
+from keyscope.experiments.tables import write_csv
 from keyscope.perturbations import REPHRASE, REPHRASES, fact_probes
 from keyscope.plotting.fig4 import fig4_neighbors
 from keyscope.similarity import edit_strength_matrix, probe_keys
 
 FIGURE = "fig4_neighbors.png"
 TABLE = "fig4_neighbors.csv"
+REPHRASE_TABLE = "fig4_rephrase.csv"
 
 
 def distinct_subjects(facts, n: int) -> list:
@@ -135,7 +138,10 @@ def run(model, facts, cov, source, config: scan.ScanConfig, out_dir: str | Path,
     figure_path, table_path = out / FIGURE, out / TABLE
     figure.savefig(figure_path, dpi=150)
     _write_hits(table_path, results, facts)
+    write_csv(out / REPHRASE_TABLE, [{"case_id": f.case_id, "subject": f.subject, "score": float(score)}
+                               for f, scores in zip(facts, rephrase) for score in scores.tolist()])
     summary = {"filters": {name: _filter_summary(r, results.get("strict") if name != "strict" else None)
                            for name, r in results.items()},
                "rephrase": _stats(rephrase_all)}
-    return ScanReport(model_name, config.layer, str(source), facts, results, summary, [figure_path, table_path], figure)
+    return ScanReport(model_name, config.layer, str(source), facts, results, summary, [figure_path, table_path, out / REPHRASE_TABLE],
+                      figure)

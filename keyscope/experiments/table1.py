@@ -60,10 +60,16 @@ def text_rows(summary: dict, names) -> list[str]:
 def markdown(result: ev.EvalResult, methods=ev.METHODS) -> str:
     """Table 1 as markdown: percent, with the 95% interval under each number."""
     names = [m for m in methods if m in result.summary]
-    lines = metric_rows(result.summary, names)
-    n_prompts = result.summary[names[0]]["counts"]
+    return summary_markdown(result.summary, names, len(result.rows), result.model, result.layer)
+
+
+def summary_markdown(summary: dict, names, n_edits: int, model: str, layer: int) -> str:
+    """:func:`markdown` of a summary (:func:`keyscope.evaluate.summarize`'s form, e.g. read back from
+    ``table1.csv``) over ``n_edits`` edits."""
+    lines = metric_rows(summary, names)
+    n_prompts = summary[names[0]]["counts"]
     lines.append("")
-    lines.append(f"{len(result.rows)} edits of known facts, {result.model}, layer {result.layer}; micro-averaged "
+    lines.append(f"{n_edits} edits of known facts, {model}, layer {layer}; micro-averaged "
                  "top-1 rates in percent with 95% cluster-bootstrap intervals; prompts per column: "
                  + ", ".join(f"{HEADERS[m]} {n_prompts[m]}" for m in METRICS) + ".")
     return "\n".join(lines) + "\n"

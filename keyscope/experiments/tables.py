@@ -1,4 +1,4 @@
-"""Writing result rows: one CSV writer and one percent format for every experiment."""
+"""Result rows: one CSV writer (and its reader) and one percent format for every experiment."""
 
 from __future__ import annotations
 
@@ -21,6 +21,12 @@ def write_csv(path: str | Path, rows: Sequence[dict]) -> Path:
         writer.writerows(rows)
     tmp.replace(path)
     return path
+
+
+def read_csv(path: str | Path) -> list[dict]:
+    """The rows of a CSV written by :func:`write_csv`, as dicts of strings (empty cells ``""``)."""
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
 
 
 def percent(value: float | None, digits: int = 1) -> str:

@@ -101,8 +101,12 @@ def test_evaluate_ablate_reports_every_variant(env, tmp_path, capsys):
     from keyscope.ablation import VARIANTS
 
     assert list(payload["variants"]) == [v.name for v in VARIANTS]
-    for entry in payload["variants"].values():
+    for name, entry in payload["variants"].items():
         assert set(METRICS) <= set(entry) and "ci" in entry and "departure" in entry
+        if name != "keyscope":  # the paired difference to keyscope's setting, per metric
+            assert set(entry["difference"]) == set(METRICS) and set(entry["difference_ci"]) == set(METRICS)
+    assert "difference" not in payload["variants"]["keyscope"]
+    assert "success_diff_lo" in (out / "ablation.csv").read_text().splitlines()[0]
     assert set(payload["baselines"]) == {"rome", "rome (reference)"}
     assert (out / "ablation.md").is_file() and (out / "ablation.csv").is_file()
     assert "released" in capsys.readouterr().out

@@ -53,6 +53,9 @@ def test_scan_writes_figure_csv_and_prints_top1(inputs, capsys):
     summary = json.loads(report.read_text())
     assert summary["subjects"] == 3 and summary["n_tokens"] == 300 and summary["top_k"] == 4
     assert summary["rephrase"]["n"] == 3  # Eiffel Tower, the Tower, Jordan
+    with open(out / "fig4_rephrase.csv", newline="", encoding="utf-8") as handle:
+        rephrased = [float(r["score"]) for r in csv.DictReader(handle)]
+    assert len(rephrased) == 3 and abs(sorted(rephrased)[1] - summary["rephrase"]["median"]) < 1e-9
     for name in ("paper", "strict"):
         top1 = {t["subject"]: t for t in summary["top1"][name]}
         best = {r["subject"]: float(r["score"]) for r in rows if r["rank"] == "0" and r["filter"] == name}
