@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,7 +12,7 @@ from keyscope.covariance import KeyCovariance
 from keyscope.datasets import Fact
 from keyscope.models import load_model
 from keyscope.similarity import edit_strength_matrix
-from tests import hf_tiny
+from tests import hf_tiny, reference
 
 LAYER = 1
 CORPUS = hf_tiny.TRAINING_TEXT
@@ -75,6 +76,30 @@ def test_scan_equals_brute_force_topk(model, cov, facts, batch_size, seq_len, na
         assert not excluded[hit.position, hit.subject_index]
         last = model.tokenizer.decode([stream[hit.position]])
         assert hit.prefix.endswith(last) and hit.prefix.strip()
+
+
+def test_scan_scores_equal_a_dense_recomputation_at_their_positions(model, cov, facts):
+    """The top hits' scores and raw inner products, recomputed for each hit from one unpadded forward pass of
+    its window up to the hit token and a numpy solve against ``C`` (no scan, batching or keyscope key code)."""
+    config = scan.ScanConfig(layer=LAYER, n_tokens=300, seq_len=24, batch_size=3, top_k=3, window=2)
+    result = scan.scan_corpus(model, facts, cov, CORPUS, config, progress=False)["paper"]
+    where = [(b, r, c) for b in token_batches(model.tokenizer, CORPUS, config.n_tokens, config.seq_len,
+                                              config.batch_size)
+             for r, c in b.key_mask.nonzero().tolist()]  # stream position -> (batch, row, column)
+    C = cov.C_.numpy() + cov.ridge_ * np.eye(cov.C_.shape[0])
+    checked = 0
+    for j, fact in enumerate(facts):
+        k_star = reference.dense_key(model, fact.prompt, fact.subject, LAYER)  # (d_mlp,)
+        for rank in range(config.top_k):
+            batch, row, column = where[int(result.positions[j, rank])]
+            assert batch.attention_mask[row, : column + 1].all()
+            key = reference.dense_keys(model, batch.input_ids[row, : column + 1].tolist(), LAYER)[-1]  # (d_mlp,)
+            expected = reference.dense_strength(key, k_star, cov)
+            assert float(result.scores[j, rank]) == pytest.approx(expected, rel=1e-3, abs=1e-4), (j, rank)
+            assert float(result.raw[j, rank]) == pytest.approx(key @ np.linalg.solve(C, k_star), rel=1e-3, abs=1e-3)
+            checked += 1
+    assert checked == len(facts) * config.top_k
+    assert (result.scores[:, :-1] >= result.scores[:, 1:]).all()  # best first
 
 
 def test_filters_mask_the_last_token_or_everything_related():
@@ -250,5 +275,8 @@ def test_rephrase_scores_are_per_fact(model, cov):
     ]
     scores = scan.rephrase_scores(model, facts, cov, LAYER)
     assert [len(s) for s in scores] == [2, 0]
+    k_star = reference.dense_key(model, facts[0].prompt, facts[0].subject, LAYER)
+    rephrased = np.stack([reference.dense_key(model, facts[0].prompt, r, LAYER) for r in facts[0].subject_rephrase])
+    np.testing.assert_allclose(scores[0].numpy(), reference.dense_strength(rephrased, k_star, cov), rtol=1e-3, atol=1e-4)
     same = scan.rephrase_scores(model, [Fact(0, "{} is located in", "Paris", "x", "y", subject_rephrase=("Paris ",))], cov, LAYER)
     assert same[0].shape == (1,)

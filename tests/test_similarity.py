@@ -8,7 +8,7 @@ from keyscope import perturbations as pt
 from keyscope import similarity as sim
 from keyscope.covariance import KeyCovariance
 from keyscope.models import load_model
-from tests import hf_tiny
+from tests import hf_tiny, reference
 
 LAYER = 1
 
@@ -73,4 +73,9 @@ def test_probe_keys_and_edit_strength_on_a_model(tiny_checkpoints):
     keys = sim.probe_keys(model, probes, LAYER)  # (n, d_mlp)
     s = sim.edit_strength(keys, keys[0], cov)
     assert s.shape == (len(probes),) and s[0].item() == pytest.approx(1.0, abs=1e-9)
-    assert torch.isfinite(s).all()
+    # dense reference: one full, unpadded forward pass per probe, the key read off the cache at the last token
+    # overlapping the subject's slot, and the strength solved in numpy against C + ridge·I
+    dense = np.stack([reference.dense_key(model, p.template, p.subject, LAYER) for p in probes])  # (n, d_mlp)
+    np.testing.assert_allclose(keys.double().numpy(), dense, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(s.numpy(), reference.dense_strength(dense, dense[0], cov), rtol=1e-3, atol=1e-4)
+    assert len(set(np.round(s.numpy(), 3))) == len(probes)  # every probe a different key
