@@ -214,11 +214,11 @@ def test_window_masks_the_subject_in_the_scan(model, cov, facts):
 
 
 def test_topk_merge_across_chunks_equals_global_topk():
-    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
     d, S, N, k = 16, 5, 300, 6
-    W, norms = torch.randn(d, S), torch.rand(S) + 0.5
-    keys = torch.randn(N, d)
-    excluded = torch.rand(N, S) < 0.2
+    W, norms = torch.randn(d, S, generator=g), torch.rand(S, generator=g) + 0.5
+    keys = torch.randn(N, d, generator=g)
+    excluded = torch.rand(N, S, generator=g) < 0.2
     prefix = torch.arange(N)[:, None].expand(N, 3)
     expected_scores = ((keys @ W) / norms).masked_fill(excluded, float("-inf"))
     best, rows = expected_scores.topk(k, dim=0)
@@ -239,14 +239,14 @@ def test_topk_merge_across_chunks_equals_global_topk():
 
 
 def test_memory_does_not_grow_with_the_corpus():
-    torch.manual_seed(1)
+    g = torch.Generator().manual_seed(1)
     d, S, k = 8, 3, 4
-    acc = scan.NeighbourTopK(torch.randn(d, S), torch.ones(S), k, prefix_tokens=5)
+    acc = scan.NeighbourTopK(torch.randn(d, S, generator=g), torch.ones(S), k, prefix_tokens=5)
     masker = scan.SubjectMask([[(1, 2)], [(3,)], [(4, 5, 6)]], window=3)
     sizes, mask_sizes = [], []
     for step in range(200):
-        ids = torch.randint(0, 8, (32,))
-        acc.update(torch.randn(32, d), masker(ids), torch.arange(step * 32, step * 32 + 32), torch.zeros(32, 5, dtype=torch.long))
+        ids = torch.randint(0, 8, (32,), generator=g)
+        acc.update(torch.randn(32, d, generator=g), masker(ids), torch.arange(step * 32, step * 32 + 32), torch.zeros(32, 5, dtype=torch.long))
         sizes.append(acc.state_nbytes())
         mask_sizes.append(masker.state_size())
     assert len(set(sizes[1:])) == 1 and len(set(mask_sizes[1:])) == 1
