@@ -35,6 +35,8 @@ def test_shipped_model_knows_its_facts_under_the_names_it_was_trained_on(shipped
         for template in world.relation(fact.relation_id).templates:
             prompts += [template.format(name) for name in names]
             targets += [fact.target] * len(names)
+    step = 1 if kind == "canonical" else 3  # every third alias prompt: as many as the canonical ones
+    prompts, targets = prompts[::step], targets[::step]
     assert len(prompts) >= len(world.facts)
     accuracy = quality.top1_accuracy(model, model.tokenizer, prompts, targets)
     assert accuracy >= QUALITY_BAR[kind]
