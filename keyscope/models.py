@@ -255,10 +255,13 @@ def _quiet_loading() -> Iterator[None]:
 
 
 def _boot(target: str, device: str, dtype: torch.dtype):
-    """``TransformerBridge.boot_transformers`` with HF's stderr noise turned down for the load alone."""
-    from transformer_lens.model_bridge import TransformerBridge
+    """``TransformerBridge.boot_transformers`` with HF's stderr noise turned down for the load alone (the import
+    too: TransformerLens's bridge sets the ``transformers`` logger's level when it is first imported), and the
+    global random generators it draws from restored afterwards (the weights come from the checkpoint)."""
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with _quiet_loading(), torch.random.fork_rng(devices=cuda):
+        from transformer_lens.model_bridge import TransformerBridge
 
-    with _quiet_loading():
         return TransformerBridge.boot_transformers(target, device=device, dtype=dtype)
 
 

@@ -130,12 +130,13 @@ def save_tiny_checkpoint(
     if tokenizer is None:
         tokenizer = byte_level_bpe_tokenizer() if arch in ("gpt2", "gpt_neox", "gptj") else sentencepiece_style_tokenizer()
     config = _config(arch, len(tokenizer), n_layers=n_layers, d_model=d_model, d_mlp=d_mlp, n_heads=n_heads)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():  # random init of HF is small; widen it so hooks carry visible signal
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.08)
+    with torch.random.fork_rng(devices=[]):  # HF initialises from the global generator: restored on exit
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config)
+        with torch.no_grad():  # random init of HF is small; widen it so hooks carry visible signal
+            for p in model.parameters():
+                if p.dim() >= 2:
+                    p.normal_(0.0, 0.08)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

@@ -47,9 +47,9 @@ def test_streaming_C_equals_C_from_all_keys(models, arch):
 
 
 def test_partial_fit_blocked_gram_is_exact():
-    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
     d = 301  # not a multiple of the Gram blocks
-    keys = torch.randn(2000, d) * torch.rand(d) + 0.3  # non-centred
+    keys = torch.randn(2000, d, generator=g) * torch.rand(d, generator=g) + 0.3  # non-centred
     cov = KeyCovariance(0, progress=False)
     for chunk in keys.split(333):
         cov.partial_fit(chunk)
@@ -59,12 +59,12 @@ def test_partial_fit_blocked_gram_is_exact():
 
 
 def test_solve_is_a_cholesky_solve_with_documented_ridge():
-    torch.manual_seed(1)
+    g = torch.Generator().manual_seed(1)
     d = 64
-    keys = torch.randn(5000, d) + 0.5
+    keys = torch.randn(5000, d, generator=g) + 0.5
     cov = KeyCovariance(0, progress=False).partial_fit(keys)
     C = cov.C_.numpy()
-    k = torch.randn(3, d)
+    k = torch.randn(3, d, generator=g)
     x = cov.solve(k)
     assert x.dtype == torch.float64 and x.shape == (3, d)
     assert cov.ridge_ == pytest.approx(1e-6 * np.trace(C) / d)
@@ -75,9 +75,9 @@ def test_solve_is_a_cholesky_solve_with_documented_ridge():
 
 
 def test_rank_deficient_C_is_still_solvable():
-    torch.manual_seed(2)
-    cov = KeyCovariance(0, progress=False).partial_fit(torch.randn(10, 40))  # rank 10 < 40
-    x = cov.solve(torch.randn(40))
+    g = torch.Generator().manual_seed(2)
+    cov = KeyCovariance(0, progress=False).partial_fit(torch.randn(10, 40, generator=g))  # rank 10 < 40
+    x = cov.solve(torch.randn(40, generator=g))
     assert torch.isfinite(x).all() and cov.ridge_ > 0
     zero = KeyCovariance(0, progress=False).partial_fit(torch.zeros(5, 8))
     with warnings.catch_warnings():
@@ -128,7 +128,7 @@ def test_load_or_compute_caches_and_detects_corruption(models, tmp_path, monkeyp
     assert len(calls) == 1
     torch.testing.assert_close(first.C_, second.C_, rtol=0, atol=0)
     assert second.n_tokens_ == 300 and second.spec_["layer"] == LAYER
-    k = torch.randn(model.cfg.d_mlp)
+    k = torch.randn(model.cfg.d_mlp, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(first.solve(k), second.solve(k))
 
     load_or_compute_covariance(model, LAYER, recompute=True, **kwargs)

@@ -296,8 +296,8 @@ def test_rank_one_update_installs_v_star_and_spares_C_orthogonal_keys(models, co
     model, cov, edit = models[arch], covs[arch], edits[arch]
     W = W_out(model, LAYER).clone()
     c = cov.solve(edit.k_star).float()  # (d_mlp,) C⁻¹k*
-    torch.manual_seed(0)
-    random_keys = torch.randn(4, model.cfg.d_mlp) * edit.k_star.norm() / model.cfg.d_mlp**0.5
+    g = torch.Generator().manual_seed(0)
+    random_keys = torch.randn(4, model.cfg.d_mlp, generator=g) * edit.k_star.norm() / model.cfg.d_mlp**0.5
     orthogonal = random_keys - ((random_keys @ c) / (edit.k_star @ c))[:, None] * edit.k_star  # kᵀC⁻¹k* = 0
     with rome.applied(model, edit):
         W_edited = W_out(model, LAYER).clone()

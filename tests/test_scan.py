@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,7 +13,7 @@ from keyscope.datasets import Fact
 from keyscope.experiments import scan as scan_experiment
 from keyscope.models import load_model
 from keyscope.similarity import edit_strength_matrix
-from tests import hf_tiny
+from tests import hf_tiny, reference
 
 LAYER = 1
 CORPUS = hf_tiny.TRAINING_TEXT
@@ -76,6 +77,30 @@ def test_scan_equals_brute_force_topk(model, cov, facts, batch_size, seq_len, na
         assert not excluded[hit.position, hit.subject_index]
         last = model.tokenizer.decode([stream[hit.position]])
         assert hit.prefix.endswith(last) and hit.prefix.strip()
+
+
+def test_scan_scores_equal_a_dense_recomputation_at_their_positions(model, cov, facts):
+    """The top hits' scores and raw inner products, recomputed for each hit from one unpadded forward pass of
+    its window up to the hit token and a numpy solve against ``C`` (no scan, batching or keyscope key code)."""
+    config = scan.ScanConfig(layer=LAYER, n_tokens=300, seq_len=24, batch_size=3, top_k=3, window=2)
+    result = scan.scan_corpus(model, facts, cov, CORPUS, config, progress=False)["paper"]
+    where = [(b, r, c) for b in token_batches(model.tokenizer, CORPUS, config.n_tokens, config.seq_len,
+                                              config.batch_size)
+             for r, c in b.key_mask.nonzero().tolist()]  # stream position -> (batch, row, column)
+    C = cov.C_.numpy() + cov.ridge_ * np.eye(cov.C_.shape[0])
+    checked = 0
+    for j, fact in enumerate(facts):
+        k_star = reference.dense_key(model, fact.prompt, fact.subject, LAYER)  # (d_mlp,)
+        for rank in range(config.top_k):
+            batch, row, column = where[int(result.positions[j, rank])]
+            assert batch.attention_mask[row, : column + 1].all()
+            key = reference.dense_keys(model, batch.input_ids[row, : column + 1].tolist(), LAYER)[-1]  # (d_mlp,)
+            expected = reference.dense_strength(key, k_star, cov)
+            assert float(result.scores[j, rank]) == pytest.approx(expected, rel=1e-3, abs=1e-4), (j, rank)
+            assert float(result.raw[j, rank]) == pytest.approx(key @ np.linalg.solve(C, k_star), rel=1e-3, abs=1e-3)
+            checked += 1
+    assert checked == len(facts) * config.top_k
+    assert (result.scores[:, :-1] >= result.scores[:, 1:]).all()  # best first
 
 
 def test_filters_mask_the_last_token_or_everything_related():
@@ -190,11 +215,11 @@ def test_window_masks_the_subject_in_the_scan(model, cov, facts):
 
 
 def test_topk_merge_across_chunks_equals_global_topk():
-    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
     d, S, N, k = 16, 5, 300, 6
-    W, norms = torch.randn(d, S), torch.rand(S) + 0.5
-    keys = torch.randn(N, d)
-    excluded = torch.rand(N, S) < 0.2
+    W, norms = torch.randn(d, S, generator=g), torch.rand(S, generator=g) + 0.5
+    keys = torch.randn(N, d, generator=g)
+    excluded = torch.rand(N, S, generator=g) < 0.2
     prefix = torch.arange(N)[:, None].expand(N, 3)
     expected_scores = ((keys @ W) / norms).masked_fill(excluded, float("-inf"))
     best, rows = expected_scores.topk(k, dim=0)
@@ -215,14 +240,14 @@ def test_topk_merge_across_chunks_equals_global_topk():
 
 
 def test_memory_does_not_grow_with_the_corpus():
-    torch.manual_seed(1)
+    g = torch.Generator().manual_seed(1)
     d, S, k = 8, 3, 4
-    acc = scan.NeighbourTopK(torch.randn(d, S), torch.ones(S), k, prefix_tokens=5)
+    acc = scan.NeighbourTopK(torch.randn(d, S, generator=g), torch.ones(S), k, prefix_tokens=5)
     masker = scan.SubjectMask([[(1, 2)], [(3,)], [(4, 5, 6)]], window=3)
     sizes, mask_sizes = [], []
     for step in range(200):
-        ids = torch.randint(0, 8, (32,))
-        acc.update(torch.randn(32, d), masker(ids), torch.arange(step * 32, step * 32 + 32), torch.zeros(32, 5, dtype=torch.long))
+        ids = torch.randint(0, 8, (32,), generator=g)
+        acc.update(torch.randn(32, d, generator=g), masker(ids), torch.arange(step * 32, step * 32 + 32), torch.zeros(32, 5, dtype=torch.long))
         sizes.append(acc.state_nbytes())
         mask_sizes.append(masker.state_size())
     assert len(set(sizes[1:])) == 1 and len(set(mask_sizes[1:])) == 1
@@ -251,5 +276,8 @@ def test_rephrase_scores_are_per_fact(model, cov):
     ]
     scores = scan_experiment.rephrase_scores(model, facts, cov, LAYER)
     assert [len(s) for s in scores] == [2, 0]
+    k_star = reference.dense_key(model, facts[0].prompt, facts[0].subject, LAYER)
+    rephrased = np.stack([reference.dense_key(model, facts[0].prompt, r, LAYER) for r in facts[0].subject_rephrase])
+    np.testing.assert_allclose(scores[0].numpy(), reference.dense_strength(rephrased, k_star, cov), rtol=1e-3, atol=1e-4)
     same = scan_experiment.rephrase_scores(model, [Fact(0, "{} is located in", "Paris", "x", "y", subject_rephrase=("Paris ",))], cov, LAYER)
     assert same[0].shape == (1,)

@@ -3,8 +3,10 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from keyscope.cli import main
+from keyscope.models import load_model
 from tests import hf_tiny
 
 FACTS = [
@@ -31,7 +33,7 @@ def inputs(tmp_path, monkeypatch, tiny_checkpoints):
     return {"base": base, "facts": str(facts), "tmp": tmp_path}
 
 
-def test_edit_a_case_shows_every_probe_before_and_after(inputs, capsys):
+def test_edit_a_case_shows_every_probe_before_and_after(inputs, capsys, tiny_checkpoints):
     report = inputs["tmp"] / "edit.json"
     argv = inputs["base"] + ["--data", inputs["facts"], "--case", "8", "--shuffles", "3", "--context-tokens", "40",
                              "--json", str(report)]
@@ -57,6 +59,20 @@ def test_edit_a_case_shows_every_probe_before_and_after(inputs, capsys):
     # s(k) of the bare prompt against the prefix-averaged k*: the edit reaches it
     assert result["probes"][0]["strength"] > 0.5
     assert "[original]" in printed and "[rephrase]" in printed and "[long]" in printed
+    # the predictions before the edit, recomputed with one plain forward pass per probe
+    model = load_model(str(tiny_checkpoints["llama"]))
+    for probe in result["probes"]:
+        context = model.tokenizer(probe["prompt"])["input_ids"]
+        with_target = model.tokenizer(probe["prompt"] + " Lakers")["input_ids"]
+        assert with_target[: len(context)] == context
+        with torch.no_grad():
+            p = model(torch.tensor([context]), return_type="logits")[0, -1].softmax(-1)  # (vocab,)
+        top = p.topk(3)
+        assert probe["target_probability_before"] == pytest.approx(float(p[with_target[len(context)]]), rel=1e-4)
+        assert [b["probability"] for b in probe["before"]] == pytest.approx(top.values.tolist(), rel=1e-4)
+        assert [b["token"] for b in probe["before"]] == [model.tokenizer.decode([t]) for t in top.indices.tolist()]
+    original = result["probes"][0]
+    assert original["target_probability_after"] > original["target_probability_before"]  # the edit moved it
     assert printed.count("before:") == len(kinds) and printed.count("after:") == len(kinds)
     assert "k*" in printed and "v*" in printed and "update" in printed
 

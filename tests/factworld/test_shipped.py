@@ -25,12 +25,18 @@ def test_shipped_model_is_a_llama_bridge_with_a_card(shipped):
     assert card["facts"] == len(world.facts) and card["subjects"] == len(world.subjects) >= 500
 
 
-def test_shipped_model_knows_its_canonical_facts(shipped):
+@pytest.mark.parametrize("kind", ["canonical", "trained_aliases"])
+def test_shipped_model_knows_its_facts_under_the_names_it_was_trained_on(shipped, kind):
     model, world = shipped
     prompts, targets = [], []
     for fact in world.facts:
+        subject = world.subject(fact.subject_id)
+        names = [subject.name] if kind == "canonical" else subject.trained_aliases
         for template in world.relation(fact.relation_id).templates:
-            prompts.append(template.format(world.subject(fact.subject_id).name))
-            targets.append(fact.target)
+            prompts += [template.format(name) for name in names]
+            targets += [fact.target] * len(names)
+    step = 1 if kind == "canonical" else 3  # every third alias prompt: as many as the canonical ones
+    prompts, targets = prompts[::step], targets[::step]
+    assert len(prompts) >= len(world.facts)
     accuracy = quality.top1_accuracy(model, model.tokenizer, prompts, targets)
-    assert accuracy >= QUALITY_BAR["canonical"]
+    assert accuracy >= QUALITY_BAR[kind]
