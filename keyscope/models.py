@@ -265,6 +265,16 @@ def _boot(target: str, device: str, dtype: torch.dtype):
         return TransformerBridge.boot_transformers(target, device=device, dtype=dtype)
 
 
+def _config_errors() -> tuple[type[Exception], ...]:
+    """huggingface_hub's error for a config field of the wrong type (``StrictDataclassError``, which is not a
+    ``TypeError``), where the installed version has it."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:
+        return ()
+    return (StrictDataclassError,)
+
+
 def _load_error(label: str, source: Path | None, exc: Exception) -> ModelNotAvailable:
     """The one-line :class:`ModelNotAvailable` for a failed boot of ``label`` (read from ``source``)."""
     if str(exc).startswith("Could not determine supported architecture"):
@@ -339,7 +349,7 @@ def load_model(name_or_path: str = FACTWORLD, device: str | None = None, dtype: 
     dtype = dtype or torch.float32
     try:
         model = _boot(str(source) if source is not None else repo_id, device, dtype)
-    except (OSError, ValueError, KeyError) as exc:  # HF raises OSError (files), ValueError/KeyError (config)
+    except (OSError, ValueError, KeyError, TypeError, *_config_errors()) as exc:  # files; malformed config
         raise _load_error(name_or_path, source, exc) from exc
     _check_dense_mlp(model, name_or_path)
     model.eval()

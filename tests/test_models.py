@@ -387,6 +387,15 @@ def test_directory_without_weights(tmp_path, tiny_checkpoints):
     assert_one_line(exc_info, str(tmp_path))
 
 
+def test_config_with_a_badly_typed_field(tmp_path, tiny_checkpoints):
+    config = json.loads((tiny_checkpoints["gpt2"] / "config.json").read_text())
+    shutil.copytree(tiny_checkpoints["gpt2"], tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "n_embd": "not a number"}))
+    with pytest.raises(ModelNotAvailable) as exc_info:
+        models.load_model(str(tmp_path / "m"), device="cpu")
+    assert_one_line(exc_info, str(tmp_path / "m"))
+
+
 def test_unknown_model_type(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "no-such-type", "architectures": ["FooLM"]}))
     with pytest.raises(ModelNotAvailable) as exc_info:
