@@ -10,13 +10,13 @@ PACKAGE = Path(__file__).resolve().parents[1] / "keyscope"
 
 #: Layer of each module (by dotted name prefix); a module may import modules of its own layer or below.
 LAYERS = [
-    ("keyscope", 0), ("keyscope.errors", 0), ("keyscope.cache", 0), ("keyscope.factworld", 1),
+    ("keyscope", 0), ("keyscope.errors", 0), ("keyscope.cache", 0), ("keyscope.distributed", 0), ("keyscope.factworld", 1),
     ("keyscope.models", 2), ("keyscope.keys", 2), ("keyscope.corpus", 2), ("keyscope.datasets", 2),
     ("keyscope.predictions", 2), ("keyscope.perturbations", 2),
-    ("keyscope.covariance", 3), ("keyscope.similarity", 3), ("keyscope.scan", 3), ("keyscope.trace", 3),
+    ("keyscope.covariance", 3), ("keyscope.covariance_job", 3), ("keyscope.similarity", 3), ("keyscope.scan", 3), ("keyscope.trace", 3),
     ("keyscope.rome", 4), ("keyscope.rep", 4),
     ("keyscope.evaluate", 5), ("keyscope.bounds", 5), ("keyscope.ablation", 5),
-    ("keyscope.experiments", 6), ("keyscope.cli", 7),
+    ("keyscope.experiments", 6), ("keyscope.cli", 7), ("keyscope.__main__", 7),
 ]
 
 
