@@ -9,7 +9,7 @@ in the whitened inner product ``⟨a, b⟩_C = aᵀC⁻¹b`` (Yan et al., "Keys 
 Estimation (:class:`KeyCovariance`)
 -----------------------------------
 Keys of every counted corpus position are streamed batch by batch (:func:`keyscope.corpus.token_batches`
-windows, forward pass stopped at the key by :func:`keyscope.keys.layer_keys`). **BOS and padding positions
+windows, forward pass stopped at the key by :func:`add_batch`, which serves several layers in one pass). **BOS and padding positions
 are excluded** (the BOS position is the atypical attention-sink key and never a subject's last token);
 every other position counts, including the EOS separators between packed documents. The exclusions are
 recorded in the cache spec. Each batch adds ``keysᵀ keys`` computed as a float32 matmul on the keys'

@@ -17,9 +17,9 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bf16": "bfloat16", "bfloat16
           "fp16": "float16", "float16": "float16"}
 
 
-def _layers(args, model) -> list[int]:
+def _layers(args) -> list[int] | None:
+    """``--layer`` or ``--layers`` as a list, ``None`` for the model's default layer (checked before the model loads)."""
     from keyscope.covariance_job import parse_layers
-    from keyscope.models import default_layer
 
     if args.layer is not None and args.layers is not None:
         raise KeyscopeError("give --layer or --layers, not both")
@@ -28,7 +28,7 @@ def _layers(args, model) -> list[int]:
             return parse_layers(args.layers)
         except ValueError as exc:
             raise KeyscopeError(f"--layers: {exc}") from exc
-    return [args.layer if args.layer is not None else default_layer(model)]
+    return None if args.layer is None else [args.layer]
 
 
 def cmd_covariance(args) -> int:
@@ -37,7 +37,7 @@ def cmd_covariance(args) -> int:
     from keyscope import corpus as corpora
     from keyscope import distributed
     from keyscope.covariance_job import CovarianceJob, compute_covariances, summary
-    from keyscope.models import check_layer, load_model
+    from keyscope.models import check_layer, default_layer, load_model
 
     if args.dtype not in DTYPES:
         raise KeyscopeError(f"--dtype must be one of {', '.join(sorted(DTYPES))}, not {args.dtype!r}")
@@ -46,13 +46,14 @@ def cmd_covariance(args) -> int:
             raise KeyscopeError(f"--{name.replace('_', '-')} must be positive, not {getattr(args, name)}")
     if args.checkpoint_every < 0:
         raise KeyscopeError(f"--checkpoint-every must be ≥ 0 seconds, not {args.checkpoint_every}")
+    requested = _layers(args)
     world = distributed.from_env()
     if world.is_main:
         check_outputs(files={"--json": args.json})
     device = distributed.device_for(world, args.device)
     with distributed.process_group(world, device):
         model = load_model(args.model, device=device, dtype=getattr(torch, DTYPES[args.dtype]))
-        layers = [check_layer(model, layer) for layer in _layers(args, model)]
+        layers = [check_layer(model, layer) for layer in requested or [default_layer(model)]]
         source = args.corpus or corpora.default_corpus(model)
         job = CovarianceJob(tuple(layers), n_tokens=args.tokens, seq_len=args.seq_len, batch_size=args.batch_size,
                             checkpoint_every=args.checkpoint_every)
