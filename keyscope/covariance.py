@@ -42,7 +42,7 @@ import torch
 from keyscope import cache
 from keyscope.corpus import Source, TokenBatch, corpus_id, default_corpus, prepends_bos, token_batches
 from keyscope.distributed import World, all_reduce_sum_
-from keyscope.models import check_layer, d_mlp, down_projection, key_hook, model_name
+from keyscope.models import check_layer, d_mlp, down_projection, key_hook, model_name, sdpa_attention
 
 KIND = "key_covariance"
 #: Bump when the estimator changes so old cache entries are not reused.
@@ -293,8 +293,9 @@ def add_batch(model, covariances: Mapping[int, KeyCovariance], batch: TokenBatch
     A hook on each layer's :func:`~keyscope.models.key_hook` adds that layer's keys at the counted positions
     (``batch.key_mask``: BOS and padding excluded) to its :class:`KeyCovariance` as soon as they exist, so
     no layer's keys are held after its own Gram product; the forward pass is stopped after the highest layer's
-    key (``stop_at_layer`` and a raised exception, as :func:`keyscope.keys.layer_keys` does). Returns the
-    number of counted positions.
+    key (``stop_at_layer`` and a raised exception, as :func:`keyscope.keys.layer_keys` does). No attention
+    pattern is read, so attention runs through the fused SDPA kernel (:func:`keyscope.models.sdpa_attention`;
+    the keys agree with eager attention to float rounding). Returns the number of counted positions.
     """
     layers = sorted(covariances)
     for layer in layers:
@@ -310,7 +311,7 @@ def add_batch(model, covariances: Mapping[int, KeyCovariance], batch: TokenBatch
 
     hooks = [(key_hook(layer), functools.partial(add, layer=layer)) for layer in layers]
     try:
-        with torch.no_grad(), model.hooks(fwd_hooks=hooks):
+        with torch.no_grad(), sdpa_attention(model), model.hooks(fwd_hooks=hooks):
             model(batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
                   stop_at_layer=top + 1, return_type=None)
     except _KeysAdded:
