@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import resource
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -50,22 +51,25 @@ ROME_TOKENS = 44_000_000  # Wikipedia tokens of ROME's covariance (kmeng01/rome,
 REQUEST = rome.EditRequest("{} is located in the city of", "The Eiffel Tower", "Rome")
 
 
-def build_model(shape: dict, device: str, dtype: torch.dtype):
-    """A random LLaMA of ``shape`` on ``device`` in ``dtype``, as a keyscope-ready TransformerBridge."""
+def build_model(shape: dict, device: str, dtype: torch.dtype, workdir: Path):
+    """A random LLaMA of ``shape`` on ``device`` in ``dtype``, as a keyscope-ready TransformerBridge; its tokenizer
+    and config are written to ``workdir`` (the bridge reloads the tokenizer from there; no weights are saved)."""
     from transformer_lens.model_bridge import TransformerBridge
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from tests.hf_tiny import TRAINING_TEXT, word_level_tokenizer
 
     known = sorted({w for text in TRAINING_TEXT for w in text.split()})
     filler = [f"w{i}" for i in range(shape["vocab"] - 4 - len(known))]
-    tokenizer = word_level_tokenizer([" ".join(known), " ".join(filler)])
+    word_level_tokenizer([" ".join(known), " ".join(filler)]).save_pretrained(workdir)
+    tokenizer = AutoTokenizer.from_pretrained(workdir)  # a reloaded tokenizer knows its name_or_path
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=shape["d_model"], intermediate_size=shape["d_mlp"],
         num_hidden_layers=shape["n_layers"], num_attention_heads=shape["n_heads"],
         num_key_value_heads=shape["n_heads"], max_position_embeddings=4096, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
+    config.save_pretrained(workdir)
     default = torch.get_default_dtype()
     torch.manual_seed(0)
     try:
@@ -157,7 +161,8 @@ def main(argv: list[str] | None = None) -> None:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "float32": torch.float32}[dtype_name]
     shape = SMALL if args.small else LLAMA_7B
     start = time.perf_counter()
-    model = build_model(shape, args.device, dtype)
+    workdir = tempfile.TemporaryDirectory()
+    model = build_model(shape, args.device, dtype, Path(workdir.name))
     print(f"random LLaMA: d_model {shape['d_model']}, d_mlp {shape['d_mlp']}, {shape['n_heads']} heads, "
           f"{shape['n_layers']} layers, {dtype_name} on {args.device}"
           + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else
@@ -193,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.edits:
         config = rome.ROMEConfig.for_model(model)
         times, steps = [], []
-        for i in range(args.edits):
+        for _ in range(args.edits):
             _sync(args.device)
             start = time.perf_counter()
             edit = rome.compute_edit(model, REQUEST, layer=args.layer, cov=cov, config=config)

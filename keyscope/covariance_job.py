@@ -23,6 +23,7 @@ The checkpoint is deleted once the cache entries are written.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
@@ -289,6 +290,8 @@ def compute_covariances(
                                   f"result not cached", stacklevel=2)
         barrier(world)
         stats["checkpoint"].unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # the job's folder, once no rank's checkpoint is left in it
+            stats["checkpoint"].parent.rmdir()
         covariances.update(fitted)
     return JobResult(
         covariances={layer: covariances[layer] for layer in job.layers if layer in covariances},
