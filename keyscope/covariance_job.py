@@ -163,9 +163,14 @@ def fit_layers(
     rank's batches is added (and checkpointed, when due).
     """
     layers = sorted(specs)
-    covariances = {layer: KeyCovariance(**asdict(job.config(layer)), progress=False) for layer in layers}
-    for layer in layers:
-        covariances[layer].spec_ = specs[layer]
+
+    def empty() -> dict[int, KeyCovariance]:
+        covariances = {layer: KeyCovariance(**asdict(job.config(layer)), progress=False) for layer in layers}
+        for layer in layers:
+            covariances[layer].spec_ = specs[layer]
+        return covariances
+
+    covariances = empty()
     spec = _checkpoint_spec(specs, job, world)
     path = checkpoint_file(specs, job, world, root)
     device = model.cfg.device
@@ -177,9 +182,7 @@ def fit_layers(
             pass
         except CorruptCache as exc:
             warnings.warn(f"{exc}; starting afresh", stacklevel=2)
-            covariances = {layer: KeyCovariance(**asdict(job.config(layer)), progress=False) for layer in layers}
-            for layer in layers:
-                covariances[layer].spec_ = specs[layer]
+            covariances = empty()
     restored = covariances[layers[0]].n_tokens_
     bar = None
     if progress and world.is_main:
