@@ -41,7 +41,8 @@ def cache_root(root: str | Path | None = None) -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "keyscope"
 
 
-def _canonical(spec: dict) -> str:
+def canonical_json(spec: dict) -> str:
+    """``spec`` as canonical JSON (sorted keys, no spaces): what :func:`spec_hash` hashes."""
     try:
         return json.dumps(spec, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError) as exc:
@@ -50,7 +51,7 @@ def _canonical(spec: dict) -> str:
 
 def spec_hash(spec: dict) -> str:
     """The first 16 hex digits of the SHA-256 of the canonical JSON of ``spec``."""
-    return hashlib.sha256(_canonical(spec).encode("utf-8")).hexdigest()[:16]
+    return hashlib.sha256(canonical_json(spec).encode("utf-8")).hexdigest()[:16]
 
 
 def artefact_dir(kind: str, spec: dict, root: str | Path | None = None) -> Path:
@@ -66,7 +67,10 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Write ``path`` atomically: ``write(tmp)`` fills a temporary file in the same folder, which is synced and
+    then renamed over ``path`` (``os.replace``); on any error the temporary file is removed and ``path`` is
+    left as it was."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -89,12 +93,12 @@ def save(kind: str, spec: dict, tensors: dict[str, torch.Tensor], root: str | Pa
     folder = artefact_dir(kind, spec, root)
     folder.mkdir(parents=True, exist_ok=True)
     payload = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
-    _atomic_write(folder / TENSORS, lambda tmp: save_file(payload, tmp))
+    atomic_write(folder / TENSORS, lambda tmp: save_file(payload, tmp))
     file = folder / TENSORS
     record = {
         "format": FORMAT,
         "kind": kind,
-        "spec": json.loads(_canonical(spec)),
+        "spec": json.loads(canonical_json(spec)),
         "file": TENSORS,
         "bytes": file.stat().st_size,
         "sha256": _sha256_file(file),
@@ -102,7 +106,7 @@ def save(kind: str, spec: dict, tensors: dict[str, torch.Tensor], root: str | Pa
         "keyscope_version": __version__,
     }
     text = json.dumps(record, indent=2, sort_keys=True, ensure_ascii=False)
-    _atomic_write(folder / SPEC, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    atomic_write(folder / SPEC, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return folder
 
 
@@ -125,7 +129,7 @@ def load(kind: str, spec: dict, root: str | Path | None = None) -> dict[str, tor
         record = json.loads(spec_file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CorruptCache(f"cached {kind} in {folder} has an unreadable {SPEC}: {exc}") from exc
-    if not isinstance(record, dict) or record.get("spec") != json.loads(_canonical(spec)) or record.get("kind") != kind:
+    if not isinstance(record, dict) or record.get("spec") != json.loads(canonical_json(spec)) or record.get("kind") != kind:
         raise CorruptCache(f"cached {kind} in {folder} was written for a different spec")
     if not file.exists():
         raise CorruptCache(f"cached {kind} in {folder} lacks {TENSORS}")

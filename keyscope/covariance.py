@@ -9,7 +9,7 @@ in the whitened inner product ``⟨a, b⟩_C = aᵀC⁻¹b`` (Yan et al., "Keys 
 Estimation (:class:`KeyCovariance`)
 -----------------------------------
 Keys of every counted corpus position are streamed batch by batch (:func:`keyscope.corpus.token_batches`
-windows, forward pass stopped at the key by :func:`keyscope.keys.layer_keys`). **BOS and padding positions
+windows, forward pass stopped at the key by :func:`add_batch`, which serves several layers in one pass). **BOS and padding positions
 are excluded** (the BOS position is the atypical attention-sink key and never a subject's last token);
 every other position counts, including the EOS separators between packed documents. The exclusions are
 recorded in the cache spec. Each batch adds ``keysᵀ keys`` computed as a float32 matmul on the keys'
@@ -30,9 +30,10 @@ tenfold at a time (with a warning) up to ``1e-2 · tr(C)/d``; the ridge used is 
 
 from __future__ import annotations
 
+import functools
 import re
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -40,15 +41,15 @@ import torch
 
 from keyscope import cache
 from keyscope.corpus import Source, TokenBatch, corpus_id, default_corpus, prepends_bos, token_batches
+from keyscope.distributed import World, all_reduce_sum_
 from keyscope.errors import EmptyCorpus
-from keyscope.keys import layer_keys
-from keyscope.models import check_layer, d_mlp, down_projection, model_name
+from keyscope.models import check_layer, d_mlp, down_projection, key_hook, model_name, sdpa_attention
 
 KIND = "key_covariance"
 #: Bump when the estimator changes so old cache entries are not reused.
 ESTIMATOR_VERSION = 1
 MAX_RIDGE_SCALE = 1e-2
-#: Block rows of the upper-triangular Gram update in :meth:`KeyCovariance.partial_fit`.
+#: Block rows of the upper-triangular Gram update in :meth:`KeyCovariance.add`.
 GRAM_BLOCKS = 4
 #: A corpus that yields fewer than this share of the tokens asked for is refused (:class:`EmptyCorpus`), not
 #: estimated from; between this share and all of them, ``C`` is estimated from what there is, with a warning.
@@ -76,9 +77,13 @@ class KeyCovariance:
         cov.C_.shape, cov.n_tokens_        # (d_mlp, d_mlp), 100000
         cov.solve(k_star)                  # C⁻¹ k*, float64
 
-    Fitted attributes: ``C_`` (``(d_mlp, d_mlp)`` float64), ``n_tokens_`` (keys averaged), ``ridge_`` (the
-    ``λ`` of the last Cholesky factorisation) and ``spec_`` (what was estimated, as stored in the cache).
-    :meth:`partial_fit` adds a block of keys, so ``C`` can be accumulated from any key stream.
+    A running statistic in the style of baukit's ``runningstats``: :meth:`add` (alias :meth:`partial_fit`)
+    adds a block of keys to the raw float64 sum ``Σ k kᵀ`` and count, :meth:`merge` adds another estimate's
+    sums (another shard of the corpus), and :meth:`state_dict` / :meth:`load_state_dict` save and restore the
+    raw sums and counts exactly (checkpoints, :mod:`keyscope.covariance_job`). Fitted attributes are derived
+    from them only when read: ``C_`` (``(d_mlp, d_mlp)`` float64, ``Σ k kᵀ / n``), ``n_tokens_`` (keys
+    averaged), ``ridge_`` (the ``λ`` of the last Cholesky factorisation); ``spec_`` (what was estimated, as
+    stored in the cache) is set by :meth:`fit` and :meth:`load_state_dict`.
     """
 
     def __init__(
@@ -93,31 +98,105 @@ class KeyCovariance:
     ):
         self.config = CovarianceConfig(layer, n_tokens, seq_len, batch_size, prepend_bos, ridge_scale)
         self.progress = progress
-        self._sum: torch.Tensor | None = None  # (d_mlp, d_mlp) float64: Σ k kᵀ
-        self.n_tokens_ = 0
         self.spec_: dict = {}
+        self._reset()
+
+    def _reset(self) -> None:
+        """Forget the running sums and everything derived from them."""
+        self._sum: torch.Tensor | None = None  # (d_mlp, d_mlp) float64: block upper triangle of Σ k kᵀ
+        self._count = 0  # keys added
+        self._forget_derived()
+
+    def _forget_derived(self) -> None:
         self._C: torch.Tensor | None = None  # (d_mlp, d_mlp) float64, cached C_
         self._cholesky: torch.Tensor | None = None
         self.ridge_: float | None = None
 
-    # ------------------------------------------------------------------ estimation
-    def partial_fit(self, keys: torch.Tensor) -> KeyCovariance:
-        """Add the rows of ``keys`` ``(n, d_mlp)`` to the running second moment ``Σ k kᵀ``.
+    # ------------------------------------------------------------------ running statistic
+    def add(self, keys: torch.Tensor) -> KeyCovariance:
+        """Add the rows of ``keys`` ``(n, d_mlp)`` to the running second moment ``Σ k kᵀ`` (float64).
 
         Only the block upper triangle is computed (:data:`GRAM_BLOCKS` block rows; ``C_`` mirrors it), which
-        saves about a third of the matmul work.
+        saves about a third of the matmul work. The sum lives on the keys' device.
         """
         keys = keys.reshape(-1, keys.shape[-1])  # (n, d_mlp)
         d = keys.shape[1]
         if self._sum is None:
             self._sum = torch.zeros((d, d), dtype=torch.float64, device=keys.device)  # (d_mlp, d_mlp)
+        elif self._sum.shape[0] != d:
+            raise ValueError(f"keys have {d} features but the running sum has {self._sum.shape[0]}")
         n_blocks = GRAM_BLOCKS if d >= 256 else 1
         step = -(-d // n_blocks)
         for lo in range(0, d, step):
             block = _gram(keys[:, lo : lo + step], keys[:, lo:])  # (step, d - lo), float32
             self._sum[lo : lo + step, lo:] += block.to(self._sum.device, torch.float64)
-        self.n_tokens_ += int(keys.shape[0])
-        self._C = self._cholesky = None
+        self._count += int(keys.shape[0])
+        self._forget_derived()
+        return self
+
+    def partial_fit(self, keys: torch.Tensor) -> KeyCovariance:
+        """scikit-learn's name for :meth:`add`."""
+        return self.add(keys)
+
+    def merge(self, other: KeyCovariance) -> KeyCovariance:
+        """Add ``other``'s raw sums and counts to this one's (the union of both key streams); returns self.
+
+        Both must estimate the same layer's keys; ``other`` may be empty. The result equals, up to float64
+        rounding of the sum's order, one estimate that saw both streams.
+        """
+        if other.config.layer != self.config.layer:
+            raise ValueError(f"cannot merge layer {other.config.layer}'s covariance into layer {self.config.layer}'s")
+        if other._sum is None:
+            return self
+        if self._sum is None:
+            self._sum = other._sum.clone()
+        elif self._sum.shape != other._sum.shape:
+            raise ValueError(f"cannot merge sums of shapes {tuple(other._sum.shape)} and {tuple(self._sum.shape)}")
+        else:
+            self._sum += other._sum.to(self._sum.device)
+        self._count += other._count
+        self._forget_derived()
+        return self
+
+    def state_dict(self) -> dict:
+        """The raw running state, as baukit's ``runningstats`` keeps it: ``sum`` (the float64 block upper
+        triangle of ``Σ k kᵀ``, on the CPU; ``None`` before any key), ``n_tokens`` (int), ``config`` (the
+        :class:`CovarianceConfig` as a dict) and ``spec`` (what was estimated). :meth:`load_state_dict` of a
+        fresh instance restores it exactly."""
+        return {
+            "sum": None if self._sum is None else self._sum.detach().to("cpu", copy=True),
+            "n_tokens": self._count,
+            "config": asdict(self.config),
+            "spec": dict(self.spec_),
+        }
+
+    def load_state_dict(self, state: dict, device=None) -> KeyCovariance:
+        """Restore :meth:`state_dict` output (sums on ``device``, default the CPU); returns self."""
+        self.config = CovarianceConfig(**state["config"])
+        self._reset()
+        total = state["sum"]
+        self._sum = None if total is None else total.to(device=device, dtype=torch.float64, copy=True)
+        self._count = int(state["n_tokens"])
+        self.spec_ = dict(state.get("spec") or {})
+        return self
+
+    @property
+    def n_tokens_(self) -> int:
+        """Keys averaged in ``C_``."""
+        return self._count
+
+    def all_reduce(self, world: World, d: int, device=None) -> KeyCovariance:
+        """Sum the raw sums and counts over every rank of ``world`` (``torch.distributed``, float64 and int64);
+        afterwards every rank holds the estimate of the union of their key streams. A rank that saw no keys
+        contributes zeros ``(d, d)`` on ``device``. A no-op for a single process; returns self."""
+        if not world.distributed:
+            return self
+        if self._sum is None:
+            self._sum = torch.zeros((d, d), dtype=torch.float64, device=device)  # (d_mlp, d_mlp)
+        count = torch.tensor([self._count], dtype=torch.int64, device=self._sum.device)
+        all_reduce_sum_([self._sum, count], world)
+        self._count = int(count.item())
+        self._forget_derived()
         return self
 
     def fit_batches(self, model, batches: Iterable[TokenBatch]) -> KeyCovariance:
@@ -125,11 +204,9 @@ class KeyCovariance:
         layer = check_layer(model, self.config.layer)
         bar = _progress(self.progress, self.config.n_tokens, f"C layer {layer}")
         for batch in batches:
-            keys = layer_keys(model, batch.input_ids, batch.attention_mask, layer)  # (batch, pos, d_mlp)
-            key_mask = batch.key_mask.to(keys.device)  # (batch, pos)
-            self.partial_fit(keys[key_mask])  # (n_counted, d_mlp)
+            counted = add_batch(model, {layer: self}, batch)
             if bar is not None:
-                bar.update(int(batch.key_mask.sum()))
+                bar.update(counted)
         if bar is not None:
             bar.close()
         return self
@@ -142,7 +219,7 @@ class KeyCovariance:
         :class:`~keyscope.errors.EmptyCorpus`, so :func:`load_or_compute_covariance` never caches it."""
         corpus = default_corpus(model) if corpus is None else corpus
         cfg = self.config
-        self._sum, self.n_tokens_, self._C, self._cholesky = None, 0, None, None
+        self._reset()
         one_shot = not isinstance(corpus, (str, Path, list, tuple))
         self.spec_ = {"corpus": "one-shot iterator"} if one_shot else covariance_spec(model, cfg, corpus)
         batches = token_batches(model.tokenizer, corpus, cfg.n_tokens, cfg.seq_len, cfg.batch_size, cfg.prepend_bos)
@@ -160,13 +237,13 @@ class KeyCovariance:
 
     @property
     def C_(self) -> torch.Tensor:
-        """``E[k kᵀ]``: ``(d_mlp, d_mlp)`` float64, symmetric."""
-        if self._sum is None or self.n_tokens_ == 0:
-            raise RuntimeError("KeyCovariance is not fitted yet: call fit() or partial_fit() first")
+        """``E[k kᵀ]``: ``(d_mlp, d_mlp)`` float64, symmetric (finalised from the raw sums on first read)."""
+        if self._sum is None or self._count == 0:
+            raise RuntimeError("KeyCovariance is not fitted yet: call fit() or add() first")
         if self._C is None:
             C = torch.triu(self._sum)  # (d, d): the accumulated block upper triangle
             C += torch.triu(C, 1).T
-            self._C = C.div_(self.n_tokens_)
+            self._C = C.div_(self._count)
         return self._C
 
     # ------------------------------------------------------------------ solves
@@ -212,9 +289,45 @@ class KeyCovariance:
         cov = cls(**asdict(config), progress=False)
         n = int(tensors["n_tokens"])
         cov._sum = tensors["C"].to(device=device, dtype=torch.float64) * n
-        cov.n_tokens_ = n
+        cov._count = n
         cov.spec_ = dict(spec or {})
         return cov
+
+
+class _KeysAdded(Exception):
+    """Raised from the highest layer's key hook to end the forward pass (:func:`add_batch`)."""
+
+
+def add_batch(model, covariances: Mapping[int, KeyCovariance], batch: TokenBatch) -> int:
+    """One stopped forward pass over ``batch`` adding the counted keys of every layer in ``covariances``.
+
+    A hook on each layer's :func:`~keyscope.models.key_hook` adds that layer's keys at the counted positions
+    (``batch.key_mask``: BOS and padding excluded) to its :class:`KeyCovariance` as soon as they exist, so
+    no layer's keys are held after its own Gram product; the forward pass is stopped after the highest layer's
+    key (``stop_at_layer`` and a raised exception, as :func:`keyscope.keys.layer_keys` does). No attention
+    pattern is read, so attention runs through the fused SDPA kernel (:func:`keyscope.models.sdpa_attention`;
+    the keys agree with eager attention to float rounding). Returns the number of counted positions.
+    """
+    layers = sorted(covariances)
+    for layer in layers:
+        check_layer(model, layer)
+    top = layers[-1]
+    device = model.cfg.device
+    key_mask = batch.key_mask.to(device)  # (batch, pos)
+
+    def add(activation: torch.Tensor, hook, layer: int) -> None:
+        covariances[layer].add(activation[key_mask])  # (n_counted, d_mlp)
+        if layer == top:
+            raise _KeysAdded
+
+    hooks = [(key_hook(layer), functools.partial(add, layer=layer)) for layer in layers]
+    try:
+        with torch.no_grad(), sdpa_attention(model), model.hooks(fwd_hooks=hooks):
+            model(batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
+                  stop_at_layer=top + 1, return_type=None)
+    except _KeysAdded:
+        return int(batch.key_mask.sum())
+    raise RuntimeError(f"the key hook {key_hook(top)} did not fire during the forward pass")
 
 
 def _gram(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -758,3 +758,52 @@ def save_model(model, path: str | Path) -> Path:
     if card:
         (path / MODEL_CARD).write_text(json.dumps(card, indent=2) + "\n")
     return path
+
+
+@contextmanager
+def sdpa_attention(model) -> Iterator[bool]:
+    """Run ``model``'s attention through PyTorch's fused ``scaled_dot_product_attention`` inside the block;
+    yields whether it is active.
+
+    A TransformerBridge loads the HF model with eager attention and re-implements attention step by step so that
+    ``hook_attn_scores`` and ``hook_pattern`` see the scores and the pattern (TransformerLens 4,
+    ``model_bridge/generalized_components/position_embeddings_attention.py``, ``forward``; and
+    ``model_bridge/sources/transformers/source.py``, ``force_eager_attention``). Passes that read no attention
+    pattern — keys for ``C``, corpus scans, ROME's v* — do not need that: here every block's attention bridge
+    delegates to its HF module (the bridge's own minimal path, ``AttentionBridge.forward``: ``hook_in`` → HF →
+    ``hook_out``) and every HF config's ``_attn_implementation`` is ``"sdpa"``, so HF builds the SDPA mask and
+    calls the fused kernel. Both are restored on exit. The results agree with eager attention to float
+    rounding (the tests compare keys on every tiny architecture); attention-pattern and attention-score hooks
+    do not fire inside. A model whose HF class does not support SDPA, or whose blocks are not attention
+    bridges, is left alone (yields ``False``).
+    """
+    import types
+
+    from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
+
+    hf = model.original_model
+    attentions = [getattr(block, "attn", None) for block in getattr(model, "blocks", [])]
+    if not getattr(hf, "_supports_sdpa", False) or not attentions or not all(
+        isinstance(attn, AttentionBridge) for attn in attentions
+    ):
+        yield False
+        return
+    configs = {id(m.config): m.config for m in hf.modules()
+               if hasattr(getattr(m, "config", None), "_attn_implementation")}
+    saved = {key: config._attn_implementation for key, config in configs.items()}
+    patched = []
+    try:
+        for attn in attentions:
+            if type(attn).forward is not AttentionBridge.forward:
+                # an instance attribute shadows the class's re-implemented forward (nn.Module's __setattr__
+                # is bypassed: the bridge forwards unknown attributes to the HF module)
+                vars(attn)["forward"] = types.MethodType(AttentionBridge.forward, attn)
+                patched.append(attn)
+        for config in configs.values():
+            config._attn_implementation = "sdpa"
+        yield True
+    finally:
+        for attn in patched:
+            vars(attn).pop("forward", None)
+        for key, config in configs.items():
+            config._attn_implementation = saved[key]

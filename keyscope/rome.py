@@ -93,6 +93,8 @@ the edits in).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -119,6 +121,7 @@ from keyscope.models import (
     logits_at,
     model_card,
     model_name,
+    sdpa_attention,
     value_hook,
 )
 from keyscope.prompts import (
@@ -562,9 +565,48 @@ def _v_star_batch(model, request: EditRequest, prefixes: Sequence[str], config: 
     )
 
 
+def _replay_after(model, layer: int, captured: dict):
+    """A forward hook for block ``layer`` that keeps its output (as the HF layer loop passes it on: a tensor, or a
+    tuple whose first item is the residual stream) in ``captured["output"]``, detached."""
+
+    def keep(module, args, output) -> None:
+        first = output if isinstance(output, torch.Tensor) else output[0]
+        captured["output"] = first.detach() if isinstance(output, torch.Tensor) else (first.detach(), *output[1:])
+
+    return model.blocks[layer].register_forward_hook(keep)
+
+
+@contextmanager
+def _blocks_replayed(model, layer: int, output, shift) -> Iterator[dict]:
+    """Blocks ``0..layer`` skip their computation: each returns ``output`` (block ``layer``'s recorded output),
+    block ``layer`` with ``shift`` applied to its residual stream. Restored on exit.
+
+    The forward functions are instance attributes shadowing the blocks' own (the bridge's blocks are the modules
+    the HF layer loop calls); the yielded dict counts the replays, so a loop that bypassed them is detected.
+    """
+    calls = {"replays": 0}
+    blocks = [model.blocks[i] for i in range(layer + 1)]
+
+    def replay(*args, shifted: bool, **kwargs):
+        calls["replays"] += 1
+        if not shifted:
+            return output
+        if isinstance(output, torch.Tensor):
+            return shift(output)
+        return (shift(output[0]), *output[1:])
+
+    try:
+        for i, block in enumerate(blocks):
+            vars(block)["forward"] = functools.partial(replay, shifted=i == layer)
+        yield calls
+    finally:
+        for block in blocks:
+            vars(block).pop("forward", None)
+
+
 def compute_v_star(
     model, request: EditRequest, layer: int, k_star: torch.Tensor, prefixes: Sequence[str], config: ROMEConfig,
-    progress: bool = False,
+    progress: bool = False, *, reuse_lower_layers: bool = True, sdpa: bool | None = None,
 ) -> tuple[torch.Tensor, EditTrace]:
     """``v* = W k* + δ`` (the target output of ``W_out``, without bias) and the optimisation trace (ROME eq. 4).
 
@@ -587,6 +629,17 @@ def compute_v_star(
 
     ``k_star`` is the key whose value ``v*`` replaces: the prefix-averaged key (keyscope), or in reference
     mode the bare prompt's key ``k₀``, whose value ``W k₀ + b`` is ROME's ``target_init``.
+
+    Speed. ``δ`` changes nothing up to and including the layer-``layer`` MLP output, so with
+    ``reuse_lower_layers`` (the default) only the first evaluation runs the whole model: it records the output
+    of block ``layer`` (the residual stream after it, at ``δ = 0``), and every later step replays it with
+    ``inject · δ`` added and runs only the blocks above (:func:`_blocks_replayed`) — ``(r + 1)·δ`` enters the
+    residual after the block instead of the MLP output inside it, the same sum up to float rounding. With
+    ``sdpa`` (default: on CUDA devices) attention runs through the fused kernel
+    (:func:`keyscope.models.sdpa_attention`; v* reads no attention pattern); on CPU its backward pass measured
+    no faster than eager attention, so it is off there. ``reuse_lower_layers=False, sdpa=False`` is the plain loop (every step a
+    full eager forward with ``δ`` hooked into the MLP output); both give the same ``v*`` to float tolerance
+    (tests/test_rome.py, benchmarks/bench_v_star.py).
 
     ``progress=True`` shows a tqdm bar over the steps with the loss and the target probability (off by default).
     """
@@ -620,10 +673,34 @@ def compute_v_star(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=config.v_num_grad_steps, desc=f"v* layer {layer}", unit="step", leave=False)
-    with frozen(model), torch.enable_grad(), model.hooks(fwd_hooks=[(value_hook(layer), add_delta)]):
+    recorded: dict = {}
+
+    def shift(residual: torch.Tensor) -> torch.Tensor:
+        return residual + (batch.inject * delta).to(residual.dtype)  # (batch, pos, d_model)
+
+    def logits_at_delta() -> torch.Tensor:
+        """Logits ``(n_targets + 1, vocab)`` with the current δ: a full pass (hooked δ) or the replay above."""
+        if reuse_lower_layers and "output" in recorded:
+            with _blocks_replayed(model, layer, recorded["output"], shift) as calls:
+                logits = logits_at(model, batch.input_ids, batch.attention_mask, rows, positions)
+            if calls["replays"] != layer + 1:
+                raise RuntimeError(f"the forward pass bypassed the replayed blocks 0..{layer} ({calls['replays']} calls)")
+            return logits
+        handle = _replay_after(model, layer, recorded) if reuse_lower_layers else None
+        try:
+            with model.hooks(fwd_hooks=[(value_hook(layer), add_delta)]):
+                return logits_at(model, batch.input_ids, batch.attention_mask, rows, positions)
+        finally:
+            if handle is not None:
+                handle.remove()
+
+    if sdpa is None:
+        sdpa = torch.device(device).type == "cuda"
+    attention = sdpa_attention(model) if sdpa else contextlib.nullcontext()
+    with frozen(model), torch.enable_grad(), attention:
         for step in range(config.v_num_grad_steps):
             optimizer.zero_grad()
-            logits = logits_at(model, batch.input_ids, batch.attention_mask, rows, positions).float()  # (n_targets + 1, vocab)
+            logits = logits_at_delta().float()  # (n_targets + 1, vocab)
             log_probs = logits[:-1].log_softmax(-1).gather(1, batch.target_ids[:, None])[:, 0]  # (n_targets,)
             per_prompt = torch.zeros(batch.n_prompts, device=device).index_add(0, batch.target_rows, log_probs) / counts
             nll = -per_prompt.mean()

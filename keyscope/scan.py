@@ -44,7 +44,7 @@ import torch
 from keyscope.corpus import Source, TokenBatch, token_batches
 from keyscope.datasets import Fact
 from keyscope.keys import collect_keys, layer_keys
-from keyscope.models import check_layer
+from keyscope.models import check_layer, sdpa_attention
 from keyscope.prompts import encode, fill, tokens_overlapping
 
 #: The exclusion filters of a scan (:func:`filter_variants`): the paper's, and a strict one.
@@ -367,8 +367,12 @@ def scan_batches(
 
 
 def layer_keys_of(model, batch: TokenBatch, layer: int) -> torch.Tensor:
-    """The layer-``layer`` keys of a batch's counted positions, in stream order: ``(P, d_mlp)``."""
-    keys = layer_keys(model, batch.input_ids, batch.attention_mask, layer)  # (batch, seq, d_mlp)
+    """The layer-``layer`` keys of a batch's counted positions, in stream order: ``(P, d_mlp)``.
+
+    No attention pattern is read, so attention runs through the fused SDPA kernel
+    (:func:`keyscope.models.sdpa_attention`; the same keys as eager attention to float rounding)."""
+    with sdpa_attention(model):
+        keys = layer_keys(model, batch.input_ids, batch.attention_mask, layer)  # (batch, seq, d_mlp)
     return keys[batch.key_mask.to(keys.device)]  # (P, d_mlp)
 
 

@@ -160,3 +160,44 @@ def test_fingerprint_tracks_upstream_weights_only(models):
             for layer, weight in saved.items():
                 W_out(model, layer).copy_(weight)
     assert covariance.upstream_fingerprint(model, LAYER) == before
+
+
+def test_state_dict_roundtrip_and_merge_are_exact():
+    torch.manual_seed(3)
+    d = 300  # blocked Gram (d ≥ 256)
+    keys = torch.randn(900, d) + 0.2
+    whole = KeyCovariance(0, progress=False).add(keys[:400]).add(keys[400:])
+    state = whole.state_dict()
+    assert state["sum"].dtype == torch.float64 and state["n_tokens"] == 900 and state["config"]["layer"] == 0
+    restored = KeyCovariance(5, progress=False).load_state_dict(state)
+    assert restored.config == whole.config and restored.n_tokens_ == 900
+    torch.testing.assert_close(restored.C_, whole.C_, rtol=0, atol=0)
+    # state_dict is a copy: adding to the restored estimate leaves the saved state alone
+    restored.add(keys[:10])
+    assert state["n_tokens"] == 900 and whole.n_tokens_ == 900
+
+    first = KeyCovariance(0, progress=False).add(keys[:400])
+    second = KeyCovariance(0, progress=False).add(keys[400:])
+    merged = first.merge(second).merge(KeyCovariance(0, progress=False))  # an empty shard changes nothing
+    assert merged.n_tokens_ == 900
+    torch.testing.assert_close(merged.C_, whole.C_, rtol=1e-12, atol=0)
+    dense = keys.double().T @ keys.double() / 900
+    torch.testing.assert_close(merged.C_, dense, rtol=1e-6, atol=1e-6)  # float32 Gram products
+    with pytest.raises(ValueError, match="layer"):
+        merged.merge(KeyCovariance(1, progress=False).add(keys[:5]))
+    with pytest.raises(ValueError, match="features"):
+        KeyCovariance(0, progress=False).add(keys).add(torch.randn(4, d + 1))
+
+
+def test_add_batch_several_layers_in_one_pass_equals_one_fit_per_layer(models):
+    model = models["llama"]
+    batches = list(token_batches(model.tokenizer, DOCS, 500, seq_len=40, batch_size=4))
+    together = {layer: KeyCovariance(layer, progress=False) for layer in (0, LAYER)}
+    counted = sum(covariance.add_batch(model, together, batch) for batch in batches)
+    assert counted == 500
+    for layer in (0, LAYER):
+        alone = KeyCovariance(layer, n_tokens=500, progress=False).fit_batches(model, batches)
+        assert together[layer].n_tokens_ == 500
+        torch.testing.assert_close(together[layer].C_, alone.C_, rtol=0, atol=0)
+    C_ref, _ = _reference_C(model, DOCS, 500, 40)
+    torch.testing.assert_close(together[LAYER].C_, C_ref, rtol=1e-5, atol=1e-7)

@@ -491,3 +491,35 @@ def test_logits_at_selected_positions_equal_full_logits(tiny_checkpoints, arch):
         full = model(ids, attention_mask=mask)[rows, positions]  # (4, vocab)
         selected = models.logits_at(model, ids, mask, rows, positions)  # (4, vocab)
     torch.testing.assert_close(selected, full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sdpa_attention_gives_the_eager_keys_and_logits_and_restores_the_bridge(bridges, arch):
+    from keyscope.keys import layer_keys
+    from keyscope.prompts import pad_batch
+
+    model = bridges[arch]
+    ids, mask = pad_batch([list(range(5, 29)), list(range(7, 15))], 0, "left")  # padding inside the batch
+    last = models.n_layers(model) - 1
+    eager_keys = layer_keys(model, ids, mask, last)  # (batch, pos, d_mlp)
+    with torch.no_grad():
+        eager_logits = model(ids, attention_mask=mask)  # (batch, pos, vocab)
+    pattern_name = models.attention_pattern_hook(last)
+    with models.sdpa_attention(model) as active:
+        assert active
+        fired = []
+        with model.hooks(fwd_hooks=[(pattern_name, lambda t, hook: fired.append(1))]):
+            keys = layer_keys(model, ids, mask, last)
+        with torch.no_grad():
+            logits = model(ids, attention_mask=mask)
+    assert not fired  # the fused kernel computes no pattern
+    real = mask.bool()
+    assert not torch.isnan(keys).any() and not torch.equal(keys[real], eager_keys[real])  # another kernel ran
+    torch.testing.assert_close(keys[real], eager_keys[real], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(logits[real], eager_logits[real], rtol=1e-4, atol=1e-4)
+    # restored: the eager path and its pattern hook are back, bit for bit
+    assert model.original_model.config._attn_implementation == "eager"
+    assert "forward" not in vars(model.blocks[0].attn)
+    with model.hooks(fwd_hooks=[(pattern_name, lambda t, hook: fired.append(1))]):
+        assert torch.equal(layer_keys(model, ids, mask, last), eager_keys)
+    assert fired

@@ -533,3 +533,52 @@ def test_patch_view_predicts_hooked_values(models, edits, arch):
     assert moved[0] > 100 * 1e-4  # the original prompt's value really changed
     strengths = edit.strength(keys)
     torch.testing.assert_close(edited - unedited, strengths[:, None] * edit.residual[None], rtol=1e-3, atol=1e-4)
+
+
+def _v_star_both_ways(model, request, layer, config):
+    """v* by the plain loop and by the fast one (lower layers replayed, SDPA forced on to test the GPU path),
+    with how often block 0's own module ran in each."""
+    prefixes = rome.context_prefixes(model, config)
+    k_star = rome.compute_k_star(model, request, layer, prefixes)
+    runs = []
+    handle = model.blocks[0].original_component.register_forward_hook(lambda *args: runs.append(1))
+    try:
+        results = {}
+        for name, options in (("plain", dict(reuse_lower_layers=False, sdpa=False)),
+                              ("fast", dict(reuse_lower_layers=True, sdpa=True))):
+            runs.clear()
+            v_star, trace = rome.compute_v_star(model, request, layer, k_star, prefixes, config, **options)
+            results[name] = (v_star, trace, len(runs))
+    finally:
+        handle.remove()
+    return results
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fast_v_star_loop_runs_lower_layers_once_and_gives_the_same_v_star(models, arch):
+    model = models[arch]
+    config = dataclasses.replace(rome.ROMEConfig(), v_num_grad_steps=12, early_stop_loss=None)
+    results = _v_star_both_ways(model, REQUEST, LAYER, config)
+    (plain, plain_trace, plain_runs), (fast, fast_trace, fast_runs) = results["plain"], results["fast"]
+    assert plain_runs == len(plain_trace.loss) == 12 and fast_runs == 1  # block 0 ran once, not once per step
+    assert len(fast_trace.loss) == 12 and not fast_trace.stopped_early
+    torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-5 * float(plain.norm()))
+    np.testing.assert_allclose(fast_trace.loss, plain_trace.loss, rtol=1e-4)
+    assert plain_trace.delta_norm > 1e-3 * plain_trace.value_norm  # δ moved: not a comparison of zero updates
+    assert all("forward" not in vars(block) for block in model.blocks)  # the replay is undone
+    assert "forward" not in vars(model.blocks[0].attn)
+
+
+def test_fast_v_star_loop_on_factworld_stops_at_the_same_step():
+    from keyscope.datasets import load_facts
+
+    model = load_model("factworld")
+    fact = load_facts("factworld")[0]
+    request = rome.EditRequest(fact.prompt, fact.subject, fact.target_new)
+    config = rome.ROMEConfig.for_model(model)
+    layer = rome.default_layer(model)
+    results = _v_star_both_ways(model, request, layer, config)
+    (plain, plain_trace, _), (fast, fast_trace, fast_runs) = results["plain"], results["fast"]
+    assert fast_runs == 1 and plain_trace.stopped_early == fast_trace.stopped_early
+    assert len(fast_trace.loss) == len(plain_trace.loss) > 1
+    torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-5 * float(plain.norm()))
