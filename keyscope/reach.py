@@ -80,11 +80,9 @@ class ReachConfig:
     prepend_bos: bool | None = None
 
     def __post_init__(self) -> None:
-        for name in ("n_tokens", "top_k", "seq_len", "batch_size", "prefix_tokens", "check_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"ReachConfig.{name} must be positive, not {getattr(self, name)}")
-        if self.window < 0:
-            raise ValueError(f"ReachConfig.window must be >= 0, not {self.window}")
+        self.scan_config(0)  # validates the scan's fields
+        if self.check_batch_size < 1:
+            raise ValueError(f"ReachConfig.check_batch_size must be positive, not {self.check_batch_size}")
         if not 0.0 < self.changed_quantile < 1.0:
             raise ValueError(f"ReachConfig.changed_quantile must lie in (0, 1), not {self.changed_quantile}")
 
@@ -186,7 +184,7 @@ class Reach:
                     f"s = {self.top[0].strength:.3f}" if self.top else "no unrelated position was scanned")
         n_unrelated = self.n_tokens - self.n_excluded
         share = self.n_above_reference / n_unrelated if n_unrelated else 0.0
-        return (f"{self.n_above_reference:,} of {n_unrelated:,} unrelated positions ({100 * share:.2f}%) receive more "
+        return (f"{self.n_above_reference:,} of {n_unrelated:,} unrelated positions ({100 * share:.2g}%) receive more "
                 f"of the edit than the median {self.reference_kind} (s = {self.reference:.3f})")
 
     def as_json(self) -> dict:
@@ -306,15 +304,16 @@ def _stream_windows(model, corpus, config: ReachConfig, wanted: set[int], varian
     masker = scan.SubjectMask([variants], config.window, lookbehind=True,
                               lag=scan.SubjectMask.longest([variants]) - 1)
     excluded, found, seen = [], {}, 0
+    wanted_ids = torch.as_tensor(sorted(wanted), dtype=torch.long)  # (n_wanted,)
     for batch in token_batches(tokenizer, corpus, config.n_tokens, config.seq_len, config.batch_size,
                                config.prepend_bos):
         rows, cols = batch.key_mask.nonzero(as_tuple=True)  # (P,) each, in stream order
         excluded.append(masker(batch.input_ids[batch.key_mask])[:, 0])
-        for i in range(rows.shape[0]):
-            if seen + i in wanted:
-                row = int(rows[i])
-                length = int(batch.attention_mask[row].sum())
-                found[seen + i] = (batch.input_ids[row, :length].tolist(), int(cols[i]))
+        positions = torch.arange(seen, seen + rows.shape[0])  # (P,)
+        for i in torch.isin(positions, wanted_ids).nonzero().flatten().tolist():
+            row = int(rows[i])
+            length = int(batch.attention_mask[row].sum())
+            found[seen + i] = (batch.input_ids[row, :length].tolist(), int(cols[i]))
         seen += int(rows.shape[0])
     excluded.append(masker.flush()[:, 0])
     return found, torch.cat(excluded)  # (N,)

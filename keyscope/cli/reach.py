@@ -16,6 +16,7 @@ precision@K and the Spearman correlation of ``s(k)`` with the KL. Writes ``reach
 from __future__ import annotations
 
 from keyscope.cli.common import add_rome_setting_argument
+from keyscope.cli.edit import add_probe_arguments, add_request_arguments
 from keyscope.cli.output import check_outputs, write_json
 from keyscope.errors import KeyscopeError
 
@@ -26,14 +27,16 @@ def _config(args):
     try:
         return ReachConfig(n_tokens=args.tokens, top_k=args.top, seed=args.seed, window=args.window)
     except ValueError as exc:
-        raise KeyscopeError(str(exc).replace("ReachConfig.n_tokens", "--tokens").replace("ReachConfig.top_k", "--top")
-                            .replace("ReachConfig.window", "--window")) from exc
+        message = str(exc)
+        for field, option in (("n_tokens", "--tokens"), ("top_k", "--top"), ("window", "--window")):
+            message = message.replace(f"ScanConfig.{field}", option)
+        raise KeyscopeError(message) from exc
 
 
 def cmd_reach(args) -> int:
     from keyscope import corpus as corpora
     from keyscope.cli.common import check_rome_setting, covariance, data_source, model_and_layer, rome_config
-    from keyscope.cli.edit import _request
+    from keyscope.cli.edit import edit_request
     from keyscope.datasets import load_facts
     from keyscope.editing import check_methods
     from keyscope.experiments import reach as experiment
@@ -50,7 +53,7 @@ def cmd_reach(args) -> int:
     if args.n is not None:
         request, fact, facts = None, None, load_facts(data_source(args))
     else:
-        request, fact, facts = _request(args)
+        request, fact, facts = edit_request(args)
     model, layer = model_and_layer(args)
     progress = not args.no_progress
     cov, source = covariance(model, layer, args, args.cov_tokens, progress=progress)
@@ -73,10 +76,7 @@ def register(sub) -> None:
     """Add ``keyscope reach`` to the top-level subparsers ``sub``."""
     p = sub.add_parser("reach", help="an edit's reach before it is applied: the corpus positions it changes most, "
                                      "the subject's forms it misses, and a check of the prediction")
-    p.add_argument("--subject", help="the subject whose fact is edited (must occur in --prompt)")
-    p.add_argument("--prompt", help="the prompt, with {} where the subject goes (or holding the subject)")
-    p.add_argument("--target", help="the new target to write")
-    p.add_argument("--case", help="take subject, prompt and target (its target_new) from this fact's case id")
+    add_request_arguments(p)
     p.add_argument("--n", type=int, help="instead of one edit: the reach of N known facts of --data drawn with "
                                          "--seed, summarised (reach_edits.csv, reach_edits.png)")
     p.add_argument("--data", help="facts for --case/--n: factworld (default for factworld) or a CounterFact/REP file")
@@ -92,9 +92,7 @@ def register(sub) -> None:
     p.add_argument("--window", type=int, default=10,
                    help="positions masked after each occurrence of the subject or a related name (default 10)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random positions, the shuffles and --n")
-    p.add_argument("--shuffles", type=int, default=10, help="token shuffles of the subject shown (default 10)")
-    p.add_argument("--context-tokens", type=int, default=300,
-                   help="tokens of unrelated text before the long-context form (default 300; 0: none)")
+    add_probe_arguments(p)
     add_rome_setting_argument(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--out", default="figures", help="output folder for reach.png (default figures/)")

@@ -187,6 +187,7 @@ class ManyReport:
     skipped: list[dict]
     n_known: int
     seconds: float
+    cpu_seconds: float = 0.0
     files: list[Path] = field(default_factory=list)
     figure: object = field(default=None, repr=False)
 
@@ -195,7 +196,8 @@ class ManyReport:
         return {"model": self.model, "layer": self.layer, "method": self.method, "n_tokens": c.n_tokens,
                 "top_k": c.top_k, "seed": c.seed, "changed_quantile": c.changed_quantile, "n_known": self.n_known,
                 "summary": self.summary, "edits": self.rows, "skipped": self.skipped,
-                "seconds": round(self.seconds, 1), "files": [str(f) for f in self.files]}
+                "seconds": round(self.seconds, 1), "cpu_seconds": round(self.cpu_seconds, 1),
+                "files": [str(f) for f in self.files]}
 
 
 def run_many(reacher: Reacher, n: int, out_dir: str | Path, progress: bool = True) -> ManyReport:
@@ -205,7 +207,7 @@ def run_many(reacher: Reacher, n: int, out_dir: str | Path, progress: bool = Tru
 
     from keyscope.datasets import sample_known_facts
 
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     chosen, n_known = sample_known_facts(reacher.model, reacher.facts, n, reacher.config.seed)
     rows, skipped = [], []
     for fact in tqdm(chosen, desc="reach of edits", disable=not progress):
@@ -230,7 +232,8 @@ def run_many(reacher: Reacher, n: int, out_dir: str | Path, progress: bool = Tru
                                        f"{reacher.config.top_k} more than random positions"))
     figure.savefig(figure_path, dpi=150)
     return ManyReport(model_name(reacher.model), reacher.layer, reacher.method, reacher.config, rows, summary,
-                      skipped, n_known, time.perf_counter() - start, [table, figure_path], figure)
+                      skipped, n_known, time.perf_counter() - start, time.process_time() - cpu_start,
+                      [table, figure_path], figure)
 
 
 # ---------------------------------------------------------------------------------------------- text
@@ -283,4 +286,4 @@ def format_many(report: ManyReport) -> str:
             f"edits (medians over edits: top {_fmt(s['median_top_kl_median'], '.2e')}, random "
             f"{_fmt(s['median_random_kl_median'], '.2e')}); median precision@{report.config.top_k} "
             f"{_fmt(s['median_precision_at_k'], '.2f')}, median Spearman {_fmt(s['median_spearman'], '.2f')}; "
-            f"{report.seconds:.0f} s")
+            f"{report.seconds:.0f} s ({report.cpu_seconds:.0f} s of CPU)")
