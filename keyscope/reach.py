@@ -39,6 +39,7 @@ knows no method by name.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -250,8 +251,6 @@ def analyse(model, edit, corpus: Source | Iterable[str], probes: Sequence = (), 
     unrelated positions, the strengths of ``probes`` (the subject's forms; an ``original`` probe is reported
     apart as the reference edit prompt) and the verdict. ``variants`` are the masked token sequences
     (default: :func:`subject_variants` of the request)."""
-    import time
-
     config = config or ReachConfig()
     layers = tuple(edit.layers)
     tokenizer = model.tokenizer
@@ -362,13 +361,13 @@ def check(model, edit, corpus: Source | Iterable[str], reach: Reach, variants: S
           config: ReachConfig | None = None, request: int = 0) -> Check:
     """Measure the change the applied edit makes at ``reach.top`` and at as many random unrelated positions
     (module docstring); the edit is applied reversibly and the model's weights are the same on return."""
-    import time
-
     config = config or ReachConfig()
     start = time.perf_counter()
     tokenizer = model.tokenizer
     variants = subject_variants(tokenizer, edit.requests[request]) if variants is None else variants
     top_positions = [r.position for r in reach.top]
+    if not top_positions:
+        raise KeyscopeError("no unrelated corpus position to check (the corpus is empty or all masked)")
     n_random = len(top_positions)
     generator = torch.Generator().manual_seed(config.seed)
     n_pool = min(reach.n_tokens, 2 * n_random + reach.n_excluded)  # enough for n_random valid ones
@@ -406,8 +405,6 @@ def check(model, edit, corpus: Source | Iterable[str], reach: Reach, variants: S
     def median(values) -> float:
         return float(np.median(values)) if len(values) else math.nan
 
-    if not k:
-        raise KeyscopeError("no unrelated corpus position to check (the corpus is empty or all masked)")
     return Check(top, tuple(randoms), threshold, float(changed[:k].double().mean()),
                  spearman(best.tolist(), kl.tolist()), median(kl[:k].numpy()), median(random_kl),
                  float(flipped[:k].double().mean()), float(flipped[k:].double().mean()) if randoms else math.nan,
