@@ -228,8 +228,8 @@ def run_many(reacher: Reacher, n: int, out_dir: str | Path, progress: bool = Tru
     summary = summarize(rows)
     figure = reach_edits_figure([r["top_kl_median"] for r in rows], [r["random_kl_median"] for r in rows],
                                 title=(f"{model_name(reacher.model)}, layer {reacher.layer}, {reacher.method}: "
-                                       f"{summary['n_top_above_random']} of {len(rows)} edits reach their top-"
-                                       f"{reacher.config.top_k} more than random positions"))
+                                       f"{summary['n_top_above_random']} of {len(rows)} edits\nchange their top-"
+                                       f"{reacher.config.top_k} positions more than random ones"))
     figure.savefig(figure_path, dpi=150)
     return ManyReport(model_name(reacher.model), reacher.layer, reacher.method, reacher.config, rows, summary,
                       skipped, n_known, time.perf_counter() - start, time.process_time() - cpu_start,

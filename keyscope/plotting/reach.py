@@ -76,5 +76,5 @@ def reach_edits_figure(top_kl_median: Sequence[float], random_kl_median: Sequenc
     ax.set_ylabel("median KL, top positions by s(k)")
     if title:
         ax.set_title(title, fontsize=8)
-    ax.legend(fontsize=7, loc="upper left")
+    ax.legend(fontsize=7, loc="lower right")
     return fig
