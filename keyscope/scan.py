@@ -31,6 +31,11 @@ second ``topk``, so the state (scores, raw similarities, stream positions and th
 ending at each hit) has a fixed size whatever the corpus length; prefixes are decoded once at the end. The
 merged result equals the global top-k (up to the order of exact ties).
 
+Any score. The streaming core, :func:`scan_scores`, takes any function of a chunk's keys (at one or several
+layers, one forward pass stopped after the last) to ``(P, S)`` scores: the linear score above
+(:func:`scan_batches`) or the edit strength of any editor, ROME+REP's adapted-key ``α(k̂)`` included
+(:mod:`keyscope.reach`).
+
 This module is analysis: it does not import editing, evaluation or the CLI.
 """
 
@@ -44,7 +49,7 @@ import torch
 from keyscope.corpus import Source, TokenBatch, token_batches
 from keyscope.datasets import Fact
 from keyscope.keys import collect_keys, layer_keys
-from keyscope.models import check_layer, sdpa_attention
+from keyscope.models import check_layer, key_hook, sdpa_attention
 from keyscope.prompts import encode, fill, tokens_overlapping
 
 #: The exclusion filters of a scan (:func:`filter_variants`): the paper's, and a strict one.
@@ -100,7 +105,8 @@ class Neighbour:
 class ScanResult:
     """Top-k corpus neighbours per subject: ``scores``/``raw``/``positions`` are ``(S, k)``, best first; slots
     with no valid position hold ``-inf`` / ``nan`` / ``-1``. ``n_excluded[j]`` counts the positions masked for
-    subject ``j``; ``n_tokens`` the positions scanned."""
+    subject ``j``; ``n_tokens`` the positions scanned; ``n_above[j]`` (scans with thresholds,
+    :func:`scan_scores`) the unmasked positions scoring above column ``j``'s threshold."""
 
     config: ScanConfig
     subjects: tuple[str, ...]
@@ -110,6 +116,7 @@ class ScanResult:
     prefixes: tuple[tuple[str, ...], ...]
     n_tokens: int
     n_excluded: torch.Tensor  # (S,) int64
+    n_above: torch.Tensor | None = None  # (S,) int64
 
     def neighbours(self) -> list[Neighbour]:
         """Every valid hit, subject by subject, best first."""
@@ -232,41 +239,47 @@ class SubjectMask:
 # ---------------------------------------------------------------------------------------------- top-k
 
 
-class NeighbourTopK:
-    """Running top-k of the scores of streamed position keys against ``S`` subject keys.
+class ScoreTopK:
+    """Running top-k of any per-position scores of streamed keys against ``S`` columns (subjects, edits).
 
-    ``c_inv_k_stars`` is ``C⁻¹K*`` ``(d_mlp, S)`` and ``norms`` the ``k*ᵀC⁻¹k*`` ``(S,)``. :meth:`update`
-    scores a chunk's keys ``(P, d_mlp)`` with one matmul, masks the excluded positions, takes the chunk's
-    top-k and merges it into the state; state tensors are ``(k, S)`` (and ``(k, S, prefix_tokens)`` ids).
+    ``score(keys)`` maps a chunk's keys to ``(P, S)`` scores, or to a ``(scores, raw)`` pair of them (``raw``:
+    a second quantity kept beside each hit; without one it is the score). :meth:`update` scores a chunk
+    (unless given its scores), masks the excluded positions, takes the chunk's top-k and merges it into the
+    state; state tensors are ``(k, S)`` (and ``(k, S, prefix_tokens)`` ids). With ``thresholds`` ``(S,)`` it
+    also counts, per column, the unmasked positions scoring above the column's threshold (``n_above``).
     """
 
-    def __init__(self, c_inv_k_stars: torch.Tensor, norms: torch.Tensor, top_k: int, prefix_tokens: int):
-        self.W = c_inv_k_stars.float()  # (d_mlp, S)
-        self.norms = norms.to(self.W.device, torch.float32)  # (S,)
+    def __init__(self, score, n_columns: int, top_k: int, prefix_tokens: int, device=None,
+                 thresholds: torch.Tensor | None = None):
+        self._score = score
         self.top_k = int(top_k)
-        n_subjects = self.W.shape[1]
-        device = self.W.device
-        self.scores = torch.empty((0, n_subjects), device=device)  # (k', S)
-        self.raw = torch.empty((0, n_subjects), device=device)  # (k', S)
-        self.positions = torch.empty((0, n_subjects), dtype=torch.long, device=device)  # (k', S)
-        self.prefix_ids = torch.empty((0, n_subjects, prefix_tokens), dtype=torch.long, device=device)  # (k', S, L)
-        self.n_excluded = torch.zeros(n_subjects, dtype=torch.long)  # (S,)
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        self.scores = torch.empty((0, n_columns), device=device)  # (k', S)
+        self.raw = torch.empty((0, n_columns), device=device)  # (k', S)
+        self.positions = torch.empty((0, n_columns), dtype=torch.long, device=device)  # (k', S)
+        self.prefix_ids = torch.empty((0, n_columns, prefix_tokens), dtype=torch.long, device=device)  # (k', S, L)
+        self.n_excluded = torch.zeros(n_columns, dtype=torch.long)  # (S,)
+        self.thresholds = None if thresholds is None else thresholds.to(device, torch.float32)  # (S,)
+        self.n_above = None if thresholds is None else torch.zeros(n_columns, dtype=torch.long)  # (S,)
 
-    def score(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(scores, raw)`` of position keys ``(P, d_mlp)`` against every subject: both ``(P, S)``."""
-        raw = keys.to(self.W.device, torch.float32) @ self.W  # (P, S)
-        return raw / self.norms, raw
+    def score(self, keys) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scores, raw)`` of a chunk's keys, both ``(P, S)``."""
+        scored = self._score(keys)
+        scores, raw = scored if isinstance(scored, tuple) else (scored, scored)
+        return scores.to(self.scores.device, torch.float32), raw.to(self.scores.device, torch.float32)
 
-    def update(self, keys: torch.Tensor, excluded: torch.Tensor, positions: torch.Tensor, prefix_ids: torch.Tensor,
+    def update(self, keys, excluded: torch.Tensor, positions: torch.Tensor, prefix_ids: torch.Tensor,
                scored: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Merge a chunk: keys ``(P, d_mlp)``, excluded ``(P, S)`` bool, stream positions ``(P,)``, prefix ids
         ``(P, L)``; ``scored`` is :meth:`score` of the keys when already computed (it is returned for reuse)."""
-        device = self.W.device
+        device = self.scores.device
         scores, raw = scored if scored is not None else self.score(keys)  # (P, S)
         unmasked = (scores, raw)
         excluded = excluded.to(device)
         self.n_excluded += excluded.sum(0).cpu()
         scores = scores.masked_fill(excluded, float("-inf"))
+        if self.thresholds is not None:
+            self.n_above += (scores > self.thresholds).sum(0).cpu()
         k = min(self.top_k, scores.shape[0])
         best, rows = scores.topk(k, dim=0)  # (k, S)
         chunk_raw = raw.gather(0, rows)  # (k, S)
@@ -285,6 +298,24 @@ class NeighbourTopK:
         """Bytes held by the running state (bounded by ``top_k``, independent of the corpus length)."""
         tensors = (self.scores, self.raw, self.positions, self.prefix_ids, self.n_excluded)
         return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class NeighbourTopK(ScoreTopK):
+    """Running top-k of the scores of streamed position keys against ``S`` subject keys.
+
+    ``c_inv_k_stars`` is ``C⁻¹K*`` ``(d_mlp, S)`` and ``norms`` the ``k*ᵀC⁻¹k*`` ``(S,)``: a chunk's keys
+    ``(P, d_mlp)`` are scored with one matmul, ``raw = K W`` and ``score = raw / n`` (:class:`ScoreTopK`).
+    """
+
+    def __init__(self, c_inv_k_stars: torch.Tensor, norms: torch.Tensor, top_k: int, prefix_tokens: int,
+                 thresholds: torch.Tensor | None = None):
+        self.W = c_inv_k_stars.float()  # (d_mlp, S)
+        self.norms = norms.to(self.W.device, torch.float32)  # (S,)
+        super().__init__(self._linear, self.W.shape[1], top_k, prefix_tokens, self.W.device, thresholds)
+
+    def _linear(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raw = keys.to(self.W.device, torch.float32) @ self.W  # (P, S)
+        return raw / self.norms, raw
 
 
 def _prefix_windows(batch: TokenBatch, length: int) -> torch.Tensor:
@@ -321,41 +352,69 @@ def scan_batches(
     token sequences whose occurrences are excluded for subject ``j`` under filter ``name`` (see
     :func:`filter_variants`). The keys are computed and scored once; each filter keeps its own top-k.
     """
-    layer = check_layer(model, config.layer)
-    for name, variants in masks.items():
-        if len(variants) != k_stars.shape[0]:
-            raise ValueError(f"got {k_stars.shape[0]} subject keys but {len(variants)} variant lists for {name!r}")
-    subjects = tuple(subjects) if subjects is not None else tuple(str(j) for j in range(k_stars.shape[0]))
     device = model.cfg.device
     c_inv = cov.solve(k_stars)  # (S, d_mlp) float64
     norms = (k_stars.to(c_inv.device, torch.float64) * c_inv).sum(-1)  # (S,)
-    tops = {name: NeighbourTopK(c_inv.T.to(device), norms.to(device), config.top_k, config.prefix_tokens)
+    linear = NeighbourTopK(c_inv.T.to(device), norms.to(device), config.top_k, config.prefix_tokens)
+    return scan_scores(model, batches, lambda keys: linear.score(keys[config.layer]), k_stars.shape[0], masks,
+                       config, subjects, progress)
+
+
+def scan_scores(
+    model,
+    batches: Iterable[TokenBatch],
+    score,
+    n_columns: int,
+    masks: Mapping[str, Sequence[Sequence[Sequence[int]]]],
+    config: ScanConfig,
+    subjects: Sequence[str] | None = None,
+    progress: bool = True,
+    layers: Sequence[int] | None = None,
+    thresholds: torch.Tensor | None = None,
+) -> dict[str, ScanResult]:
+    """The streaming scan with any score: every counted position of ``batches`` is scored by
+    ``score({layer: keys (P, d_mlp)}) -> (P, n_columns)`` (or a ``(scores, raw)`` pair; :class:`ScoreTopK`)
+    from its keys at ``layers`` (default ``(config.layer,)``; the forward pass stops after the last of them,
+    :func:`keys_at_layers`), and each filter of ``masks`` keeps its own top-k per column (``masks[name][j]``:
+    the token sequences excluded for column ``j``). With ``thresholds`` ``(n_columns,)`` each result also counts
+    the unmasked positions scoring above them (:attr:`ScanResult.n_above`).
+
+    The edit strength of any editor (``lambda keys: edit.strength(keys[layer])``) scans as
+    :func:`scan_batches`' linear score does.
+    """
+    layers = tuple(check_layer(model, layer) for layer in (layers or (config.layer,)))
+    for name, variants in masks.items():
+        if len(variants) != n_columns:
+            raise ValueError(f"got {n_columns} score columns but {len(variants)} variant lists for {name!r}")
+    subjects = tuple(subjects) if subjects is not None else tuple(str(j) for j in range(n_columns))
+    device = model.cfg.device
+    tops = {name: ScoreTopK(score, n_columns, config.top_k, config.prefix_tokens, device, thresholds)
             for name in masks}
     lookbehind = {name: name == "strict" for name in masks}
     lag = max([SubjectMask.longest(v) - 1 for name, v in masks.items() if lookbehind[name]], default=0)
     maskers = {name: SubjectMask(variants, config.window, lookbehind[name], lag) for name, variants in masks.items()}
-    bar = _progress(progress, config.n_tokens, f"scan layer {layer}")
+    bar = _progress(progress, config.n_tokens, f"scan layer {layers[-1]}")
     seen = 0
-    held: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # the last ``lag`` keys, positions, prefixes
+    held = None  # the last ``lag`` positions' scores, raw scores, stream positions and prefixes
 
-    def update(keys, positions, prefixes, excluded: dict[str, torch.Tensor]) -> None:
-        scored = None
+    def update(scores, raw, positions, prefixes, excluded: dict[str, torch.Tensor]) -> None:
         for name, top in tops.items():
-            scored = top.update(keys, excluded[name], positions, prefixes, scored)  # (P, S) each
+            top.update(None, excluded[name], positions, prefixes, (scores, raw))
 
+    first = next(iter(tops.values()))
     for batch in batches:
-        keys = layer_keys_of(model, batch, layer)  # (P, d_mlp)
+        scores, raw = first.score(keys_at_layers(model, batch, layers))  # (P, S) each
         stream = batch.input_ids[batch.key_mask]  # (P,)
         positions = torch.arange(seen, seen + stream.shape[0])  # (P,)
         prefixes = _prefix_windows(batch, config.prefix_tokens)  # (P, L)
+        chunk = (scores, raw, positions, prefixes)
         if held is not None:
-            keys, positions, prefixes = (torch.cat([a.to(b.device), b]) for a, b in zip(held, (keys, positions, prefixes)))
+            chunk = tuple(torch.cat([a.to(b.device), b]) for a, b in zip(held, chunk))
         excluded = {name: masker(stream) for name, masker in maskers.items()}  # (P + held - lag, S) each
-        cut = int(keys.shape[0]) - lag if lag else int(keys.shape[0])
-        cut = max(cut, 0)
-        held = (keys[cut:], positions[cut:], prefixes[cut:])
+        cut = max(int(chunk[0].shape[0]) - lag, 0)
+        held = tuple(t[cut:] for t in chunk)
         if cut:
-            update(keys[:cut], positions[:cut], prefixes[:cut], excluded)
+            update(*(t[:cut] for t in chunk), excluded)
         seen += int(stream.shape[0])
         if bar is not None:
             bar.update(int(stream.shape[0]))
@@ -364,6 +423,27 @@ def scan_batches(
     if bar is not None:
         bar.close()
     return {name: _result(model.tokenizer, top, config, subjects, seen) for name, top in tops.items()}
+
+
+def keys_at_layers(model, batch: TokenBatch, layers: Sequence[int]) -> dict[int, torch.Tensor]:
+    """The keys of a batch's counted positions at each of ``layers``, in stream order: ``{layer: (P, d_mlp)}``.
+    One forward pass with SDPA attention, stopped after the last of them (:func:`layer_keys_of` for a single layer)."""
+    layers = sorted(set(layers))
+    if len(layers) == 1:
+        return {layers[0]: layer_keys_of(model, batch, layers[0])}
+    captured: dict[int, torch.Tensor] = {}
+
+    def keep(layer: int):
+        def hook(activation: torch.Tensor, hook) -> None:
+            captured[layer] = activation.detach()
+        return hook
+
+    device = model.cfg.device
+    mask = batch.key_mask.to(device)
+    with torch.no_grad(), sdpa_attention(model), model.hooks(fwd_hooks=[(key_hook(layer), keep(layer)) for layer in layers]):
+        model(batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
+              stop_at_layer=layers[-1] + 1, return_type=None)
+    return {layer: captured[layer][mask] for layer in layers}  # (P, d_mlp) each
 
 
 def layer_keys_of(model, batch: TokenBatch, layer: int) -> torch.Tensor:
@@ -376,7 +456,7 @@ def layer_keys_of(model, batch: TokenBatch, layer: int) -> torch.Tensor:
     return keys[batch.key_mask.to(keys.device)]  # (P, d_mlp)
 
 
-def _result(tokenizer, topk: NeighbourTopK, config: ScanConfig, subjects: tuple[str, ...], n_tokens: int) -> ScanResult:
+def _result(tokenizer, topk: ScoreTopK, config: ScanConfig, subjects: tuple[str, ...], n_tokens: int) -> ScanResult:
     k = config.top_k
     n_subjects = len(subjects)
     found = topk.scores.shape[0]
@@ -396,7 +476,8 @@ def _result(tokenizer, topk: NeighbourTopK, config: ScanConfig, subjects: tuple[
         + ("",) * (k - found)
         for j in range(n_subjects)
     )
-    return ScanResult(config, subjects, scores, raw, positions, prefixes, n_tokens, topk.n_excluded.clone())
+    return ScanResult(config, subjects, scores, raw, positions, prefixes, n_tokens, topk.n_excluded.clone(),
+                      None if topk.n_above is None else topk.n_above.clone())
 
 
 def sample_corpus_keys(model, corpus: Source | Iterable[str], layer: int, n_keys: int = 512, n_tokens: int = 20_000,

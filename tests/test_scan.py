@@ -281,3 +281,30 @@ def test_rephrase_scores_are_per_fact(model, cov):
     np.testing.assert_allclose(scores[0].numpy(), reference.dense_strength(rephrased, k_star, cov), rtol=1e-3, atol=1e-4)
     same = scan_experiment.rephrase_scores(model, [Fact(0, "{} is located in", "Paris", "x", "y", subject_rephrase=("Paris ",))], cov, LAYER)
     assert same[0].shape == (1,)
+
+
+def test_scan_scores_with_any_score_and_layers_equals_brute_force(model, cov, facts):
+    """The generic core: a nonlinear score of the keys of two layers, with a threshold count."""
+    config = scan.ScanConfig(layer=LAYER, n_tokens=500, seq_len=24, batch_size=3, top_k=5, window=4)
+    masked, excluded, batches = _brute_force(model, cov, facts, config)  # the strict exclusion of 4 subjects
+    generator = torch.Generator().manual_seed(0)
+    u = {layer: torch.randn(model.cfg.d_mlp, len(facts), generator=generator) for layer in (0, LAYER)}
+
+    def score(keys):  # (P, S): a nonlinear function of both layers' keys
+        return torch.tanh(keys[0].float() @ u[0] / 8) + torch.relu(keys[LAYER].float() @ u[LAYER] / 8)
+
+    thresholds = torch.tensor([0.5, 0.0, 1.0, -0.5])
+    variants = [scan.filter_variants(model.tokenizer, f)["strict"] for f in facts]
+    result = scan.scan_scores(model, iter(batches), score, len(facts), {"strict": variants}, config, progress=False,
+                              layers=(0, LAYER), thresholds=thresholds)["strict"]
+    for batch in batches[:2]:
+        both = scan.keys_at_layers(model, batch, (0, LAYER))
+        for layer in (0, LAYER):
+            torch.testing.assert_close(both[layer], scan.layer_keys_of(model, batch, layer))
+    dense = torch.cat([score({layer: scan.layer_keys_of(model, b, layer) for layer in (0, LAYER)}) for b in batches])
+    dense = dense.masked_fill(excluded, float("-inf"))  # (N, S)
+    best, rows = dense.topk(5, dim=0)
+    torch.testing.assert_close(result.scores, best.T, rtol=1e-4, atol=1e-5)
+    assert result.positions.tolist() == rows.T.tolist()
+    assert result.n_above.tolist() == (dense > thresholds).sum(0).tolist()
+    assert result.n_excluded.tolist() == excluded.sum(0).tolist()

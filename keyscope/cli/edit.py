@@ -27,7 +27,7 @@ def _find_case(facts, data: str, case: str):
     raise KeyscopeError(f"unknown case id {case!r} in {data} ({len(ids)} facts, case ids {shown})")
 
 
-def _request(args):
+def edit_request(args):
     """The edit request, its fact (``None`` without ``--case``) and the facts of ``--data`` (``()`` when there
     are none: a model other than factworld without ``--data``), checked before the model loads."""
     from keyscope.cli.common import data_source
@@ -59,7 +59,7 @@ def cmd_edit(args) -> int:
     from keyscope.perturbations import rephrase_kinds, subject_forms
 
     check_rome_setting(args)
-    request, fact, facts = _request(args)
+    request, fact, facts = edit_request(args)
     model, layer = model_and_layer(args)
     rome.check_request_tokens(model.tokenizer, request)  # an <unk> subject or target fails before C
     cov, source = covariance(model, layer, args, args.tokens, progress=not args.no_progress)
@@ -76,14 +76,26 @@ def cmd_edit(args) -> int:
     return 0
 
 
+def add_request_arguments(parser) -> None:
+    """``--subject``, ``--prompt``, ``--target`` and ``--case``: the edit request (:func:`edit_request`)."""
+    parser.add_argument("--subject", help="the subject whose fact is edited (must occur in --prompt)")
+    parser.add_argument("--prompt", help="the prompt, with {} where the subject goes (or holding the subject)")
+    parser.add_argument("--target", help="the new target to write")
+    parser.add_argument("--case", help="take subject, prompt and target (its target_new) from this fact's case id")
+
+
+def add_probe_arguments(parser) -> None:
+    """``--shuffles`` and ``--context-tokens``: the subject's forms shown (:class:`~keyscope.experiments.edit.ProbeConfig`)."""
+    parser.add_argument("--shuffles", type=non_negative_int, default=10, help="token shuffles of the subject shown (default 10)")
+    parser.add_argument("--context-tokens", type=non_negative_int, default=300,
+                        help="tokens of unrelated text before the long-context prompt (default 300; 0: none)")
+
+
 def register(sub) -> None:
     """Add ``keyscope edit`` to the top-level subparsers ``sub``."""
     p = sub.add_parser("edit", help="one ROME edit: predictions before/after on rephrased, shuffled and "
                                     "long-context prompts, with each key's edit strength")
-    p.add_argument("--subject", help="the subject whose fact is edited (must occur in --prompt)")
-    p.add_argument("--prompt", help="the prompt, with {} where the subject goes (or holding the subject)")
-    p.add_argument("--target", help="the new target to write")
-    p.add_argument("--case", help="take subject, prompt and target (its target_new) from this fact's case id")
+    add_request_arguments(p)
     p.add_argument("--data", help="facts for --case: factworld (default for factworld) or a CounterFact/REP file")
     p.add_argument("--model", default="factworld", help="factworld, a hub name or a local HF directory")
     p.add_argument("--layer", type=int, help="edit layer (default: the model's default edit layer)")
@@ -91,9 +103,7 @@ def register(sub) -> None:
                                     "factworld, WikiText-103 otherwise; or a text file/folder)")
     p.add_argument("--tokens", type=positive_int, default=100_000, help="corpus tokens for C (default 100,000)")
     p.add_argument("--recompute", action="store_true", help="recompute C even if cached")
-    p.add_argument("--shuffles", type=non_negative_int, default=10, help="token shuffles of the subject shown (default 10)")
-    p.add_argument("--context-tokens", type=non_negative_int, default=300,
-                   help="tokens of unrelated text before the long-context prompt (default 300; 0: none)")
+    add_probe_arguments(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the shuffles")
     add_rome_setting_argument(p)
     add_progress_argument(p)

@@ -244,10 +244,42 @@ def shape(figures: Path) -> str:
             + " (`figures/factworld_info.json`, from `keyscope factworld info --json figures/factworld_info.json`).\n")
 
 
+REACH = {"rome": ("reach_edits.csv", "reach_50.json",
+                   "keyscope reach --n 50 --tokens 50000 --top 20 --out figures --json figures/reach_50.json"),
+         "rome+rep": ("reach_rep/reach_edits.csv", "reach_50_rep.json",
+                      "keyscope reach --n 50 --method rome+rep --tokens 50000 --top 20 --out figures/reach_rep "
+                      "--json figures/reach_50_rep.json")}
+
+
+def reach(figures: Path) -> str:
+    """``keyscope reach`` over many edits, per method of :data:`REACH` (``reach_edits.csv``: one row per edit;
+    sizes and seconds from the run's JSON): for how many edits the top-K positions' median KL exceeds the random
+    positions', and the medians over edits of both, of precision@K and of the Spearman correlation."""
+    out = []
+    for table, summary, command in REACH.values():
+        rows = read_csv(figures / table)
+        data = json.loads((figures / summary).read_text())
+        top, rand = (np.array([float(r[k]) for r in rows]) for k in ("top_kl_median", "random_kl_median"))
+        precision = np.array([float(r["precision_at_k"]) for r in rows])
+        rho = np.array([v for v in (_float(r["spearman"]) for r in rows) if v is not None])
+        changed = np.array([float(r["random_changed_fraction"]) for r in rows])
+        k, n = data["top_k"], len(rows)
+        out.append(
+            f"{data['method'].upper()}, {n} edits of known factworld facts ({data['n_tokens']:,} corpus tokens "
+            f"scanned per edit): the median KL of the top-{k} positions exceeds that of {k} random positions in "
+            f"**{int((top > rand).sum())} of {n}** edits (medians over edits: {np.median(top):.2e} against "
+            f"{np.median(rand):.2e} nats); median precision@{k} **{np.median(precision):.2f}** (random positions: "
+            f"{np.median(changed):.2f} changed), median Spearman of s(k) with the KL **{np.median(rho):.2f}** "
+            f"({n - rho.size} undefined); {data['cpu_seconds'] / 60:.1f} min of CPU time on one thread "
+            f"(`OMP_NUM_THREADS=1`; {data['seconds'] / 60:.1f} min of wall-clock time on a shared machine) "
+            f"(`figures/{table}`, `figures/{summary}`, from `{command}`).\n")
+    return "\n".join(out)
+
+
 BLOCKS: dict[str, Callable[[Path], str]] = {
     "similarity": similarity, "scan": scan, "values": values, "table1": table1, "tau_sweep": tau_sweep,
     "bounds": bounds, "build": build, "trace": trace, "ablation": ablation, "timing": timing, "shape": shape,
-    "paper": paper,
+    "paper": paper, "reach": reach,
 }
 
 

@@ -1,0 +1,100 @@
+"""``keyscope reach``: which contexts an edit will change, shown before it is applied, then checked.
+
+Computes the edit (``--method``, any of the registry; no saved model is touched), scores every position of
+``--tokens`` corpus tokens by the edit's strength ``s(k)`` (``kᵀC⁻¹k*/k*ᵀC⁻¹k*`` for ROME, ``α(k̂)`` of the
+adapted key under ROME+REP, the largest over the edited layers), and prints the ``--top`` unrelated positions
+(decoded prefix, ``s(k)``), the subject's own rephrased, shuffled and long-context forms with their ``s(k)``
+(what the edit will miss) and a one-line verdict. Then it applies the edit reversibly and measures the KL of
+the next-token distribution and top-1 flips at those positions and at as many random ones (``--seed``):
+precision@K and the Spearman correlation of ``s(k)`` with the KL. Writes ``reach.png`` into ``--out``.
+
+    keyscope reach --case 0 --tokens 100000 --top 20 --json reach.json
+    keyscope reach --subject "Danielle Darrieux" --prompt "{}'s mother tongue is" --target English --model gpt2-xl
+    keyscope reach --n 50 --tokens 50000 --out figures --json figures/reach_50.json   # 50 known facts
+"""
+
+from __future__ import annotations
+
+from keyscope.cli.common import add_rome_setting_argument
+from keyscope.cli.edit import add_probe_arguments, add_request_arguments
+from keyscope.cli.output import check_outputs, write_json
+from keyscope.errors import KeyscopeError
+
+
+def _config(args):
+    from keyscope.reach import ReachConfig
+
+    try:
+        return ReachConfig(n_tokens=args.tokens, top_k=args.top, seed=args.seed, window=args.window)
+    except ValueError as exc:
+        message = str(exc)
+        for field, option in (("n_tokens", "--tokens"), ("top_k", "--top"), ("window", "--window")):
+            message = message.replace(f"ScanConfig.{field}", option)
+        raise KeyscopeError(message) from exc
+
+
+def cmd_reach(args) -> int:
+    from keyscope import corpus as corpora
+    from keyscope.cli.common import check_rome_setting, covariance, data_source, model_and_layer, rome_config
+    from keyscope.cli.edit import edit_request
+    from keyscope.datasets import load_facts
+    from keyscope.editing import check_methods
+    from keyscope.experiments import reach as experiment
+    from keyscope.experiments.edit import ProbeConfig, edit_probes
+
+    config = _config(args)
+    if args.shuffles < 0 or args.context_tokens < 0 or args.cov_tokens < 1:
+        raise KeyscopeError("--shuffles and --context-tokens must be >= 0 and --cov-tokens >= 1")
+    if args.n is not None and (args.n < 1 or args.case is not None or args.subject or args.prompt or args.target):
+        raise KeyscopeError("--n takes a positive number of facts and no --case, --subject, --prompt or --target")
+    check_methods([args.method])
+    check_rome_setting(args)
+    check_outputs(folders={"--out": args.out}, files={"--json": args.json})
+    if args.n is not None:
+        request, fact, facts = None, None, load_facts(data_source(args))
+    else:
+        request, fact, facts = edit_request(args)
+    model, layer = model_and_layer(args)
+    progress = not args.no_progress
+    cov, source = covariance(model, layer, args, args.cov_tokens, progress=progress)
+    probe_config = ProbeConfig(edit_probes(args.shuffles, args.context_tokens, args.seed))
+    reacher = experiment.Reacher(model, layer, cov, source, args.method, facts, config, probe_config,
+                                 rome_config(model, args), context_docs=corpora.documents(source))
+    if args.n is not None:
+        report = experiment.run_many(reacher, args.n, args.out, progress)
+        print(experiment.format_many(report))
+    else:
+        report = experiment.run(reacher, request, args.out, fact, progress)
+        print(experiment.format_report(report))
+    for path in report.files:
+        print(f"wrote {path}")
+    write_json(args.json, report.as_json())
+    return 0
+
+
+def register(sub) -> None:
+    """Add ``keyscope reach`` to the top-level subparsers ``sub``."""
+    p = sub.add_parser("reach", help="an edit's reach before it is applied: the corpus positions it changes most, "
+                                     "the subject's forms it misses, and a check of the prediction")
+    add_request_arguments(p)
+    p.add_argument("--n", type=int, help="instead of one edit: the reach of N known facts of --data drawn with "
+                                         "--seed, summarised (reach_edits.csv, reach_edits.png)")
+    p.add_argument("--data", help="facts for --case/--n: factworld (default for factworld) or a CounterFact/REP file")
+    p.add_argument("--model", default="factworld", help="factworld, a hub name or a local HF directory")
+    p.add_argument("--layer", type=int, help="edit layer (default: the model's default edit layer)")
+    p.add_argument("--method", default="rome", help="editing method of the registry (default rome; e.g. rome+rep)")
+    p.add_argument("--corpus", help="corpus to scan, for C and the long context (default: factworld filler for "
+                                    "factworld, WikiText-103 otherwise; or a text file/folder)")
+    p.add_argument("--tokens", type=int, default=100_000, help="corpus tokens scanned (default 100,000)")
+    p.add_argument("--cov-tokens", type=int, default=100_000, help="corpus tokens for C (default 100,000)")
+    p.add_argument("--recompute", action="store_true", help="recompute C even if cached")
+    p.add_argument("--top", type=int, default=20, help="positions listed and checked (default 20)")
+    p.add_argument("--window", type=int, default=10,
+                   help="positions masked after each occurrence of the subject or a related name (default 10)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random positions, the shuffles and --n")
+    add_probe_arguments(p)
+    add_rome_setting_argument(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--out", default="figures", help="output folder for reach.png (default figures/)")
+    p.add_argument("--json", metavar="PATH", help="also write everything shown as JSON")
+    p.set_defaults(func=cmd_reach)
