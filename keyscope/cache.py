@@ -67,6 +67,13 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _umask() -> int:
+    """The process's file-creation mask (read by setting it and putting it back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     """Write ``path`` atomically: ``write(tmp)`` fills a temporary file in the same folder, which is synced and
     then renamed over ``path`` (``os.replace``); on any error the temporary file is removed and ``path`` is
@@ -77,6 +84,7 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
         write(tmp)
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # the mode a plain open() would give, not mkstemp's owner-only 0600
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

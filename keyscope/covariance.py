@@ -203,12 +203,14 @@ class KeyCovariance:
         """Accumulate the keys of the counted positions of ``batches`` (BOS and padding excluded)."""
         layer = check_layer(model, self.config.layer)
         bar = _progress(self.progress, self.config.n_tokens, f"C layer {layer}")
-        for batch in batches:
-            counted = add_batch(model, {layer: self}, batch)
+        try:
+            for batch in batches:
+                counted = add_batch(model, {layer: self}, batch)
+                if bar is not None:
+                    bar.update(counted)
+        finally:
             if bar is not None:
-                bar.update(counted)
-        if bar is not None:
-            bar.close()
+                bar.close()
         return self
 
     def fit(self, model, corpus: Source | None = None) -> KeyCovariance:

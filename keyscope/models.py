@@ -235,8 +235,15 @@ NOISY_LOGGERS = ("transformers", "huggingface_hub", "transformer_lens")
 def _quiet_loading() -> Iterator[None]:
     """Inside the block, the loggers of :data:`NOISY_LOGGERS` show errors only, HF's "Loading weights" bars are
     off and warnings are ignored; every level and setting is restored on exit."""
+    import inspect
+
+    from huggingface_hub import utils as hub_utils
     from transformers.utils import logging as hf_logging
 
+    # huggingface_hub keeps its bars' settings per group in one dict; copied and put back as it was, since
+    # enable_progress_bars() would clear every group's setting
+    hub_states = getattr(inspect.getmodule(hub_utils.enable_progress_bars), "progress_bar_states", None)
+    saved_states = dict(hub_states) if hub_states is not None else None
     loggers = [logging.getLogger(name) for name in NOISY_LOGGERS]
     levels = [logger.level for logger in loggers]
     bars = hf_logging.is_progress_bar_enabled()
@@ -252,6 +259,9 @@ def _quiet_loading() -> Iterator[None]:
             logger.setLevel(level)
         if bars:
             hf_logging.enable_progress_bar()
+        if saved_states is not None:
+            hub_states.clear()
+            hub_states.update(saved_states)
 
 
 def _boot(target: str, device: str, dtype: torch.dtype):

@@ -565,6 +565,12 @@ def _v_star_batch(model, request: EditRequest, prefixes: Sequence[str], config: 
     )
 
 
+#: HF model types whose block output is the residual stream plus the attention and MLP outputs (pre-norm or
+#: parallel-residual blocks), so that δ added to the block's output equals δ added to its MLP output: the
+#: families :func:`compute_v_star` replays the lower layers for.
+ADDITIVE_BLOCK_FAMILIES = frozenset({"gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2"})
+
+
 def _replay_after(model, layer: int, captured: dict):
     """A forward hook for block ``layer`` that keeps its output (as the HF layer loop passes it on: a tensor, or a
     tuple whose first item is the residual stream) in ``captured["output"]``, detached."""
@@ -633,8 +639,11 @@ def compute_v_star(
     Speed. ``δ`` changes nothing up to and including the layer-``layer`` MLP output, so with
     ``reuse_lower_layers`` (the default) only the first evaluation runs the whole model: it records the output
     of block ``layer`` (the residual stream after it, at ``δ = 0``), and every later step replays it with
-    ``inject · δ`` added and runs only the blocks above (:func:`_blocks_replayed`) — ``(r + 1)·δ`` enters the
-    residual after the block instead of the MLP output inside it, the same sum up to float rounding. With
+    ``inject · δ`` added and runs only the blocks above (:func:`_blocks_replayed`) — ``r + inject·δ``: δ enters
+    the residual after the block instead of the MLP output inside it, the same sum up to float rounding in
+    blocks whose output is the residual plus the MLP output (pre-norm and parallel blocks:
+    :data:`ADDITIVE_BLOCK_FAMILIES`); other families (a norm after the MLP, post-norm blocks) run the plain
+    loop whatever ``reuse_lower_layers`` says. With
     ``sdpa`` (default: on CUDA devices) attention runs through the fused kernel
     (:func:`keyscope.models.sdpa_attention`; v* reads no attention pattern); on CPU its backward pass measured
     no faster than eager attention, so it is off there. ``reuse_lower_layers=False, sdpa=False`` is the plain loop (every step a
@@ -674,19 +683,20 @@ def compute_v_star(
 
         bar = tqdm(total=config.v_num_grad_steps, desc=f"v* layer {layer}", unit="step", leave=False)
     recorded: dict = {}
+    reuse = reuse_lower_layers and family(model) in ADDITIVE_BLOCK_FAMILIES
 
     def shift(residual: torch.Tensor) -> torch.Tensor:
         return residual + (batch.inject * delta).to(residual.dtype)  # (batch, pos, d_model)
 
     def logits_at_delta() -> torch.Tensor:
         """Logits ``(n_targets + 1, vocab)`` with the current δ: a full pass (hooked δ) or the replay above."""
-        if reuse_lower_layers and "output" in recorded:
+        if reuse and "output" in recorded:
             with _blocks_replayed(model, layer, recorded["output"], shift) as calls:
                 logits = logits_at(model, batch.input_ids, batch.attention_mask, rows, positions)
             if calls["replays"] != layer + 1:
                 raise RuntimeError(f"the forward pass bypassed the replayed blocks 0..{layer} ({calls['replays']} calls)")
             return logits
-        handle = _replay_after(model, layer, recorded) if reuse_lower_layers else None
+        handle = _replay_after(model, layer, recorded) if reuse else None
         try:
             with model.hooks(fwd_hooks=[(value_hook(layer), add_delta)]):
                 return logits_at(model, batch.input_ids, batch.attention_mask, rows, positions)
@@ -697,41 +707,43 @@ def compute_v_star(
     if sdpa is None:
         sdpa = torch.device(device).type == "cuda"
     attention = sdpa_attention(model) if sdpa else contextlib.nullcontext()
-    with frozen(model), torch.enable_grad(), attention:
-        for step in range(config.v_num_grad_steps):
-            optimizer.zero_grad()
-            logits = logits_at_delta().float()  # (n_targets + 1, vocab)
-            log_probs = logits[:-1].log_softmax(-1).gather(1, batch.target_ids[:, None])[:, 0]  # (n_targets,)
-            per_prompt = torch.zeros(batch.n_prompts, device=device).index_add(0, batch.target_rows, log_probs) / counts
-            nll = -per_prompt.mean()
-            kl_log_probs = logits[-1].log_softmax(-1)  # (vocab,)
-            if reference is None:
-                reference = kl_log_probs.detach()
-            kl = (kl_log_probs.exp() * (kl_log_probs - reference)).sum()  # KL(P_δ ‖ P₀)
-            weight_decay = config.v_weight_decay * delta.norm() / value_norm**2
-            loss = nll + config.kl_factor * kl + weight_decay
-            probability = float(per_prompt.detach().exp().mean())
-            for name, term in (("loss", loss), ("nll", nll), ("kl", kl), ("weight_decay", weight_decay)):
-                history[name].append(float(term.detach()))
-            history["target_probability"].append(probability)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{history['loss'][-1]:.3f}", p=f"{probability:.3f}", refresh=False)
-            if (config.early_stop_loss is not None and float(loss.detach()) < config.early_stop_loss) or (
-                config.early_stop_probability is not None and probability >= config.early_stop_probability
-            ):
-                stopped_early = True
-                break
-            if step == config.v_num_grad_steps - 1:
-                break
-            loss.backward()
-            optimizer.step()
-            with torch.no_grad():
-                norm = delta.norm()
-                if norm > max_norm:
-                    delta.mul_(max_norm / norm)
-    if bar is not None:
-        bar.close()
+    try:
+        with frozen(model), torch.enable_grad(), attention:
+            for step in range(config.v_num_grad_steps):
+                optimizer.zero_grad()
+                logits = logits_at_delta().float()  # (n_targets + 1, vocab)
+                log_probs = logits[:-1].log_softmax(-1).gather(1, batch.target_ids[:, None])[:, 0]  # (n_targets,)
+                per_prompt = torch.zeros(batch.n_prompts, device=device).index_add(0, batch.target_rows, log_probs) / counts
+                nll = -per_prompt.mean()
+                kl_log_probs = logits[-1].log_softmax(-1)  # (vocab,)
+                if reference is None:
+                    reference = kl_log_probs.detach()
+                kl = (kl_log_probs.exp() * (kl_log_probs - reference)).sum()  # KL(P_δ ‖ P₀)
+                weight_decay = config.v_weight_decay * delta.norm() / value_norm**2
+                loss = nll + config.kl_factor * kl + weight_decay
+                probability = float(per_prompt.detach().exp().mean())
+                for name, term in (("loss", loss), ("nll", nll), ("kl", kl), ("weight_decay", weight_decay)):
+                    history[name].append(float(term.detach()))
+                history["target_probability"].append(probability)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{history['loss'][-1]:.3f}", p=f"{probability:.3f}", refresh=False)
+                if (config.early_stop_loss is not None and float(loss.detach()) < config.early_stop_loss) or (
+                    config.early_stop_probability is not None and probability >= config.early_stop_probability
+                ):
+                    stopped_early = True
+                    break
+                if step == config.v_num_grad_steps - 1:
+                    break
+                loss.backward()
+                optimizer.step()
+                with torch.no_grad():
+                    norm = delta.norm()
+                    if norm > max_norm:
+                        delta.mul_(max_norm / norm)
+    finally:
+        if bar is not None:
+            bar.close()
     delta = delta.detach()
     v_star = W_k_star + delta  # (d_model,)
     trace = EditTrace(

@@ -401,27 +401,29 @@ def scan_scores(
         for name, top in tops.items():
             top.update(None, excluded[name], positions, prefixes, (scores, raw))
 
-    first = next(iter(tops.values()))
-    for batch in batches:
-        scores, raw = first.score(keys_at_layers(model, batch, layers))  # (P, S) each
-        stream = batch.input_ids[batch.key_mask]  # (P,)
-        positions = torch.arange(seen, seen + stream.shape[0])  # (P,)
-        prefixes = _prefix_windows(batch, config.prefix_tokens)  # (P, L)
-        chunk = (scores, raw, positions, prefixes)
-        if held is not None:
-            chunk = tuple(torch.cat([a.to(b.device), b]) for a, b in zip(held, chunk))
-        excluded = {name: masker(stream) for name, masker in maskers.items()}  # (P + held - lag, S) each
-        cut = max(int(chunk[0].shape[0]) - lag, 0)
-        held = tuple(t[cut:] for t in chunk)
-        if cut:
-            update(*(t[:cut] for t in chunk), excluded)
-        seen += int(stream.shape[0])
+    try:
+        first = next(iter(tops.values()))
+        for batch in batches:
+            scores, raw = first.score(keys_at_layers(model, batch, layers))  # (P, S) each
+            stream = batch.input_ids[batch.key_mask]  # (P,)
+            positions = torch.arange(seen, seen + stream.shape[0])  # (P,)
+            prefixes = _prefix_windows(batch, config.prefix_tokens)  # (P, L)
+            chunk = (scores, raw, positions, prefixes)
+            if held is not None:
+                chunk = tuple(torch.cat([a.to(b.device), b]) for a, b in zip(held, chunk))
+            excluded = {name: masker(stream) for name, masker in maskers.items()}  # (P + held - lag, S) each
+            cut = max(int(chunk[0].shape[0]) - lag, 0)
+            held = tuple(t[cut:] for t in chunk)
+            if cut:
+                update(*(t[:cut] for t in chunk), excluded)
+            seen += int(stream.shape[0])
+            if bar is not None:
+                bar.update(int(stream.shape[0]))
+        if held is not None and held[0].shape[0]:
+            update(*held, {name: masker.flush() for name, masker in maskers.items()})
+    finally:
         if bar is not None:
-            bar.update(int(stream.shape[0]))
-    if held is not None and held[0].shape[0]:
-        update(*held, {name: masker.flush() for name, masker in maskers.items()})
-    if bar is not None:
-        bar.close()
+            bar.close()
     return {name: _result(model.tokenizer, top, config, subjects, seen) for name, top in tops.items()}
 
 

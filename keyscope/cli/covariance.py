@@ -44,7 +44,7 @@ def cmd_covariance(args) -> int:
     for name in ("tokens", "batch_size", "seq_len"):
         if getattr(args, name) < 1:
             raise KeyscopeError(f"--{name.replace('_', '-')} must be positive, not {getattr(args, name)}")
-    if args.checkpoint_every < 0:
+    if not args.checkpoint_every >= 0:  # also NaN
         raise KeyscopeError(f"--checkpoint-every must be ≥ 0 seconds, not {args.checkpoint_every}")
     requested = _layers(args)
     world = distributed.from_env()

@@ -53,17 +53,12 @@ def write_json(path: str | None, payload: dict) -> None:
     beside it, moved into place at the end and removed if anything fails."""
     if not path:
         return
+    from keyscope.cache import atomic_write
+
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(payload, indent=2) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(out, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     print(f"wrote {out}")
 
 

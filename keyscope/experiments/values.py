@@ -111,12 +111,12 @@ def run(model, facts, layer: int, cov, out_dir: str | Path | None, n: int = 100,
 
     rows, skipped = [], []
     for fact in tqdm(chosen, desc="ROME edits", disable=not progress):
-        plan = _plan(tokenizer, fact)
-        unedited = score_targets(model, [plan.sequences[r] for r in plan.locality], batch_size=batch_size).argmax
-        start = time.perf_counter()
         try:
+            plan = _plan(tokenizer, fact)
+            unedited = score_targets(model, [plan.sequences[r] for r in plan.locality], batch_size=batch_size).argmax
+            start = time.perf_counter()
             edits = editor.compute([fact_request(fact)])
-        except KeyscopeError as exc:  # e.g. a target that does not tokenise on its own after the prompt
+        except KeyscopeError as exc:  # e.g. a target that does not tokenise on its own after a prompt
             skipped.append({"case_id": fact.case_id, "reason": str(exc)})
             continue
         seconds = time.perf_counter() - start
