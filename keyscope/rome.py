@@ -138,6 +138,8 @@ __all__ = [
     "predicted_value",
     "apply",
     "applied",
+    "restoring",
+    "optimise_delta",
     "save_model",
     "hf_state_dict",
     "ROMEEdits",
@@ -642,13 +644,25 @@ def compute_v_star(
     """
     layer = check_layer(model, layer)
     start = time.perf_counter()
-    device = model.cfg.device
     batch = _v_star_batch(model, request, prefixes, config)
     W = W_out(model, layer)  # (d_model, d_mlp)
     bias = b_out(model, layer)
     W_k_star = W.float() @ k_star.to(W.device, torch.float32)  # (d_model,)
     value = W_k_star + (bias.float() if bias is not None else 0.0)  # (d_model,): v = W k* + b
-    value_norm = float(value.norm())
+    delta, trace = optimise_delta(model, batch, value_hook(layer), float(value.norm()), config)
+    v_star = W_k_star + delta  # (d_model,)
+    return v_star, replace(trace, seconds_v_star=time.perf_counter() - start)
+
+
+def optimise_delta(model, batch: _VStarBatch, hook: str, value_norm: float, config: ROMEConfig
+                   ) -> tuple[torch.Tensor, EditTrace]:
+    """The δ ``(d_model,)`` of ROME's v* objective (:func:`compute_v_star`), added at activation ``hook`` at the
+    subject's last token of every row of ``batch`` (:func:`_v_star_batch`), with the weight decay
+    ``v_weight_decay · ‖δ‖ / value_norm²`` and the clamp ``‖δ‖ ≤ clamp_norm_factor · value_norm``. ROME adds δ
+    at the MLP output (:func:`~keyscope.models.value_hook`, ``value_norm = ‖W k* + b‖``); MEMIT's ``compute_z``
+    at the residual stream after a block (:mod:`keyscope.memit`, ``value_norm`` the residual's norm)."""
+    start = time.perf_counter()
+    device = model.cfg.device
     max_norm = config.clamp_norm_factor * value_norm
 
     delta = torch.zeros(d_model(model), dtype=torch.float32, device=device, requires_grad=True)  # (d_model,)
@@ -665,7 +679,7 @@ def compute_v_star(
     reference = None  # (vocab,) log P₀ at the KL position
     history: dict[str, list[float]] = {k: [] for k in ("loss", "nll", "kl", "weight_decay", "target_probability")}
     stopped_early = False
-    with _frozen(model), torch.enable_grad(), model.hooks(fwd_hooks=[(value_hook(layer), add_delta)]):
+    with _frozen(model), torch.enable_grad(), model.hooks(fwd_hooks=[(hook, add_delta)]):
         for step in range(config.v_num_grad_steps):
             optimizer.zero_grad()
             logits = _logits_at(model, batch.input_ids, batch.attention_mask, rows, positions).float()  # (n_targets + 1, vocab)
@@ -696,7 +710,6 @@ def compute_v_star(
                 if norm > max_norm:
                     delta.mul_(max_norm / norm)
     delta = delta.detach()
-    v_star = W_k_star + delta  # (d_model,)
     trace = EditTrace(
         loss=tuple(history["loss"]),
         nll=tuple(history["nll"]),
@@ -709,7 +722,7 @@ def compute_v_star(
         stopped_early=stopped_early,
         seconds_v_star=time.perf_counter() - start,
     )
-    return v_star, trace
+    return delta, trace
 
 
 # ---------------------------------------------------------------------------------------------- update
@@ -859,10 +872,18 @@ def applied(model, *edits: Edit) -> Iterator:
     exit, also when the block raises. Copies of the original weights are taken before anything is
     written and copied back in ``finally``; blocks nest (each restores what it found)."""
     layers = sorted({_check_fits(model, edit) for edit in edits})
-    saved = {layer: W_out(model, layer).clone() for layer in layers}  # (d_model, d_mlp) each
-    try:
+    with restoring(model, layers):
         for edit in edits:
             apply(model, edit)
+        yield model
+
+
+@contextmanager
+def restoring(model, layers: Sequence[int]) -> Iterator:
+    """Copy ``W_out`` of each of ``layers`` on entry and copy it back on exit, bit-exactly, also when the block
+    raises: whatever the block writes into those weights is undone (:func:`applied`, MEMIT's edits)."""
+    saved = {layer: W_out(model, check_layer(model, layer)).clone() for layer in sorted(set(layers))}  # (d_model, d_mlp) each
+    try:
         yield model
     finally:
         for layer, original in saved.items():

@@ -13,7 +13,7 @@ import sys
 from keyscope.errors import KeyscopeError
 
 #: Command modules, in the order ``keyscope --help`` lists them.
-COMMANDS = ("factworld", "similarity", "data", "trace", "scan", "edit", "values", "evaluate", "bounds", "reproduce")
+COMMANDS = ("factworld", "similarity", "data", "trace", "scan", "edit", "values", "evaluate", "sequential", "bounds", "reproduce")
 
 
 def build_parser() -> argparse.ArgumentParser:
