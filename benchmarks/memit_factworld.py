@@ -1,6 +1,6 @@
 """MEMIT's Success and Locality on factworld for a few layer ranges and λ (``mom2_update_weight``), with ``--n``
 known facts written in batches of ``--batch`` (one MEMIT edit per batch, each batch scored alone, weights
-restored between batches). The numbers behind factworld's ``"memit_config"`` (keyscope/factworld/model/keyscope.json).
+restored between batches); ``--method memit+rep`` adds REP's adaptors (trained on each fact's in-domain probes). The numbers behind factworld's ``"memit_config"`` (keyscope/factworld/model/keyscope.json).
 
 Scored as keyscope.evaluate scores every method: :func:`keyscope.evaluate.plan_queries` /
 :func:`keyscope.evaluate.score_plan` on the probes of :func:`keyscope.perturbations.fact_probes`, Locality
@@ -23,14 +23,15 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=50)
     parser.add_argument("--batch", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--method", default="memit", choices=("memit", "memit+rep"))
     args = parser.parse_args()
 
     from keyscope import corpus as corpora
     from keyscope import evaluate as ev
     from keyscope.covariance import load_or_compute_covariance
     from keyscope.datasets import load_facts, sample_known_facts
-    from keyscope.editing import prepare_context
-    from keyscope.memit import MEMITConfig, MEMITEditor
+    from keyscope.editing import EDITORS, prepare_context
+    from keyscope.memit import MEMITConfig
     from keyscope.models import default_layer, load_model
     from keyscope.perturbations import PerturbationConfig, fact_probes, subject_forms
     from keyscope.predictions import score_targets
@@ -42,36 +43,38 @@ def main() -> None:
     chosen, _ = sample_known_facts(model, facts, args.n, args.seed)
     docs = corpora.documents(corpora.default_corpus(model))
     forms = subject_forms(facts)
-    plans, unedited = [], []
+    plans, unedited, probes = [], [], []
     for fact in chosen:
         queries = fact_probes(model.tokenizer, fact, docs, PerturbationConfig(seed=args.seed), exclude=forms,
                               other_facts=facts)
         plan = ev.plan_queries(model.tokenizer, queries, {}, 0.95)
+        probes.append(queries)
         plans.append(plan)
         unedited.append(score_targets(model, [plan.sequences[r] for r in plan.locality]).argmax)
-    context = prepare_context(model, layer, load_or_compute_covariance(model, layer), ["memit"],
-                              load_covariance=lambda L: load_or_compute_covariance(model, L))
+    source = corpora.default_corpus(model)
+    context = prepare_context(model, layer, load_or_compute_covariance(model, layer), [args.method], chosen, source,
+                              seed=args.seed, load_covariance=lambda L: load_or_compute_covariance(model, L))
     results = []
     for layers in args.layers:
         for lam in args.lam:
             config = MEMITConfig.for_model(model, layers=tuple(int(x) for x in layers.split(",")),
                                            mom2_update_weight=lam)
-            editor = MEMITEditor(model, context, config)
+            editor = EDITORS[args.method](model, context, config)
             totals: dict[str, list[int]] = {}
             start = time.perf_counter()
             for lo in range(0, len(chosen), args.batch):
                 batch = chosen[lo : lo + args.batch]
-                edit = editor.compute([EditRequest(f.prompt, f.subject, f.target_new, f.target_true) for f in batch])
+                edit = editor.compute([EditRequest(f.prompt, f.subject, f.target_new, f.target_true) for f in batch],
+                                      probes[lo : lo + len(batch)] if editor.uses_probes else None)
                 with edit.applied(model):
                     for j in range(lo, lo + len(batch)):
                         for metric, (hits, total, _) in ev.score_plan(model, plans[j], unedited[j], 32).items():
                             acc = totals.setdefault(metric, [0, 0])
                             acc[0] += hits
                             acc[1] += total
-            row = {"layers": list(config.layers), "mom2_update_weight": lam, "n": len(chosen), "batch": args.batch,
+            row = {"method": args.method, "layers": list(config.layers), "mom2_update_weight": lam, "n": len(chosen), "batch": args.batch,
                    "seconds": round(time.perf_counter() - start, 1),
-                   **{m: round(h / t, 4) for m, (h, t) in totals.items() if t and (m in ("success", "locality")
-                                                                                   or m.endswith("_id"))}}
+                   **{m: round(h / t, 4) for m, (h, t) in totals.items() if t and not m.endswith("_new")}}
             print(json.dumps(row), flush=True)
             results.append(row)
 
