@@ -58,7 +58,7 @@ import torch
 from keyscope import rep, rome
 from keyscope.editing import Editor, GateNegatives, ModelEdit
 from keyscope.errors import KeyscopeError
-from keyscope.keys import locate, pad_batch
+from keyscope.keys import collect_keys, locate, pad_batch
 from keyscope.models import MODEL_CARD, W_out, check_layer, family, model_card, model_name, n_layers
 
 __all__ = ["MEMITConfig", "PUBLISHED", "residual_hook", "subject_residuals", "compute_z", "memit_update",
@@ -316,7 +316,10 @@ def compute_memit(model, requests: Sequence, config: MEMITConfig, covariances: d
     updates = []
     with rome.restoring(model, layers):
         for i, layer in enumerate(layers):
-            prefix_keys = torch.stack([rome.prefixed_keys(model, r, layer, prefixes) for r in requests])  # (n, p, d_mlp)
+            templates = [rome.prefixed(prefix, r.template) for r in requests for prefix in prefixes]
+            subjects = [r.subject for r in requests for _ in prefixes]
+            prefix_keys = collect_keys(model, templates, subjects, layer, batch_size)  # (n · p, d_mlp)
+            prefix_keys = prefix_keys.reshape(len(requests), len(prefixes), -1)  # (n, p, d_mlp) as rome.prefixed_keys
             K = prefix_keys.mean(1)  # (n, d_mlp) compute_ks: keys averaged over the context templates
             H = subject_residuals(model, requests, z_layer, batch_size)  # (n, d_model) cur_zs
             R = (Z.double() - H.double()) / (len(layers) - i)  # (n, d_model) the remaining layers' share
