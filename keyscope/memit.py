@@ -9,13 +9,13 @@ A batch of ``n`` requests is written into ``W_out`` of the layers ``ℓ_1 < … 
    MEMIT's ``layer_module_tmp`` output) at the subject's last token of the prompt behind every context prefix
    and of the KL prompt, and optimised with ROME's v* objective (:func:`keyscope.rome.optimise_delta`: teacher-
    forced NLL of ``target_new``, ``kl_factor ·`` KL, the decay ``v_weight_decay · ‖δ‖ / ‖h‖²`` and the clamp
-   ``‖δ‖ ≤ clamp_norm_factor · ‖h‖``), with ``h`` the unedited residual there on the bare prompt
-   (``target_init`` in compute_z.py). ``z_i = h_i + δ_i``.
+   ``‖δ‖ ≤ clamp_norm_factor · ‖h‖``), with ``h`` the unedited residual there (``target_init`` in
+   compute_z.py; see "One key" below). ``z_i = h_i + δ_i``.
 2. **Layer by layer** (memit_main.py's ``for i, layer in enumerate(hparams.layers)``), on the model edited at the
    layers before: ``K_l`` ``(d_mlp, n)`` are the requests' layer-``l`` keys averaged over ROME's context prefixes
    (MEMIT's ``compute_ks``; keyscope's :func:`keyscope.rome.compute_k_star`), the residual is
-   ``R_l = (Z − H) / (L − i)`` ``(d_model, n)`` with ``H`` the current residuals after ``ℓ_L`` on the bare prompts
-   (``cur_zs``, ``targets / (len(hparams.layers) - i)``) and the update (MEMIT eq. 14)::
+   ``R_l = (Z − H) / (L − i)`` ``(d_model, n)`` with ``H`` the current residuals after ``ℓ_L`` (``cur_zs``,
+   ``targets / (len(hparams.layers) - i)``) and the update (MEMIT eq. 14)::
 
        ΔW_l = R_l K_lᵀ (λ C_l + K_l K_lᵀ)⁻¹          (``upd_matrix = resid @ adj_k.T``)
 
@@ -39,6 +39,17 @@ the **edit strength** of request ``i`` on any key ``k`` of layer ``l`` (:meth:`M
 
 — the share of request ``i``'s residual that ``k`` receives, relative to the share its own key ``k_i`` receives.
 For one request ``A = C⁻¹k* / (λ + k*ᵀC⁻¹k*)`` and ``s(k) = kᵀC⁻¹k* / k*ᵀC⁻¹k*``: ROME's strength (Lemma 4.1).
+
+One key
+-------
+kmeng01/memit reads ``h`` (z's start) and ``H`` (``cur_zs``) on the **bare** prompt but installs the residual at
+the **prefix-averaged** key ``k̄`` — the two-key mix keyscope's ROME avoids (:mod:`keyscope.rome`, "One key
+definition"). keyscope reads ``h`` and ``H`` averaged over the prompt behind every context prefix, the prompts δ
+is optimised on: the residual after the last layer is affine in that layer's ``W_out`` update, so its average
+over the prefixed prompts moves by exactly ``ΔW k̄``, and with ``λ → 0`` the last layer closes the average gap
+``Z − H`` exactly. ``MEMITConfig(reference=True)`` reads them on the bare prompt, as the reference. On factworld
+(50 facts in batches of 10, layers 1–2, λ = 1000) the reference leaves ``success`` at 0.84; the one key's numbers
+are in the model card (``"memit_check"``).
 
 Where keyscope departs from kmeng01/memit (as its ROME does from kmeng01/rome): the context prefixes are
 ROME's (:func:`keyscope.rome.context_prefixes`, 10 of 5 and 10 of 10 tokens; MEMIT's ``get_context_templates``
@@ -92,6 +103,9 @@ class MEMITConfig:
     early_stop_loss: float | None = 5e-2
     #: Counted tokens of each layer's C when the caller estimates it (``mom2_n_samples: 100000``).
     covariance_tokens: int = 100_000
+    #: Read the residuals ``h`` (z's start, ``cur_zs``) at the bare prompt, as kmeng01/memit does, instead of
+    #: keyscope's one key: their mean over the prompt behind every context prefix (module docstring).
+    reference: bool = False
 
     def __post_init__(self):
         layers = tuple(int(layer) for layer in self.layers)
@@ -155,13 +169,14 @@ def residual_hook(layer: int) -> str:
     return f"blocks.{layer}.hook_resid_post"
 
 
-def subject_residuals(model, requests: Sequence[rome.EditRequest], layer: int, batch_size: int = 32) -> torch.Tensor:
-    """The residual after block ``layer`` at the subject's last token of each request's bare prompt:
-    ``(n, d_model)`` float32 (MEMIT's ``cur_zs``, ``get_module_input_output_at_words``). Forward passes stop
-    after block ``layer``."""
+def subject_residuals(model, requests: Sequence[rome.EditRequest], layer: int, batch_size: int = 32,
+                      prefixes: Sequence[str] = ("",)) -> torch.Tensor:
+    """The residual after block ``layer`` at the subject's last token of each request's prompt, averaged over the
+    prompt behind each of ``prefixes`` (``""``: the bare prompt alone, MEMIT's ``cur_zs`` from
+    ``get_module_input_output_at_words``): ``(n, d_model)`` float32. Forward passes stop after block ``layer``."""
     layer = check_layer(model, layer)
     tokenizer = model.tokenizer
-    located = [locate(tokenizer, r.template, r.subject) for r in requests]
+    located = [locate(tokenizer, rome.prefixed(prefix, r.template), r.subject) for r in requests for prefix in prefixes]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     out, captured = [], {}
 
@@ -175,7 +190,12 @@ def subject_residuals(model, requests: Sequence[rome.EditRequest], layer: int, b
             model(input_ids, attention_mask=mask, stop_at_layer=layer + 1, return_type=None)
         rows = torch.arange(len(chunk))
         out.append(captured["h"][rows, torch.as_tensor([i for _, i in chunk])].float())  # (batch, d_model)
-    return torch.cat(out)  # (n, d_model)
+    return torch.cat(out).reshape(len(requests), len(prefixes), -1).mean(1)  # (n, d_model)
+
+
+def _h_prefixes(prefixes: Sequence[str], config: MEMITConfig) -> tuple[str, ...]:
+    """The prompts ``h`` is read at: the bare one (reference) or every prefixed one (keyscope's one key)."""
+    return ("",) if config.reference else tuple(prefixes)
 
 
 def compute_z(model, request: rome.EditRequest, layer: int, prefixes: Sequence[str], config: MEMITConfig,
@@ -183,10 +203,11 @@ def compute_z(model, request: rome.EditRequest, layer: int, prefixes: Sequence[s
     """``z = h + δ`` ``(d_model,)``: the target residual after block ``layer`` at the subject's last token
     (kmeng01/memit ``memit/compute_z.py``), ``δ`` optimised by ROME's v* loop
     (:func:`keyscope.rome.optimise_delta`) at :func:`residual_hook` with ``‖h‖`` scaling the decay and clamp,
-    ``h`` the unedited residual on the bare prompt (compute_z.py's ``target_init``)."""
+    ``h`` the unedited residual (compute_z.py's ``target_init``: on the bare prompt; keyscope: averaged over the
+    prefixed prompts, unless ``config.reference``)."""
     start = time.perf_counter()
     z_config = config.z_config(base)
-    h = subject_residuals(model, [request], layer)[0]  # (d_model,)
+    h = subject_residuals(model, [request], layer, prefixes=_h_prefixes(prefixes, config))[0]  # (d_model,)
     batch = rome._v_star_batch(model, request, prefixes, z_config)
     delta, trace = rome.optimise_delta(model, batch, residual_hook(layer), float(h.norm()), z_config)
     return h + delta, replace(trace, seconds_v_star=time.perf_counter() - start)
@@ -321,7 +342,7 @@ def compute_memit(model, requests: Sequence, config: MEMITConfig, covariances: d
             prefix_keys = collect_keys(model, templates, subjects, layer, batch_size)  # (n · p, d_mlp)
             prefix_keys = prefix_keys.reshape(len(requests), len(prefixes), -1)  # (n, p, d_mlp) as rome.prefixed_keys
             K = prefix_keys.mean(1)  # (n, d_mlp) compute_ks: keys averaged over the context templates
-            H = subject_residuals(model, requests, z_layer, batch_size)  # (n, d_model) cur_zs
+            H = subject_residuals(model, requests, z_layer, batch_size, _h_prefixes(prefixes, config))  # (n, d_model) cur_zs
             R = (Z.double() - H.double()) / (len(layers) - i)  # (n, d_model) the remaining layers' share
             A = memit_update(K, covariances[layer], config.mom2_update_weight)  # (n, d_mlp)
             device = W_out(model, layer).device

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 
 import pytest
@@ -132,25 +133,34 @@ def tiny(tiny_checkpoints):
     return model, covs, config, edit
 
 
-def _residuals(model, requests, layer):
-    """Independent reference of MEMIT's ``cur_zs``: a full forward pass with a cache, read at the subject."""
-    located = [locate(model.tokenizer, r.template, r.subject) for r in requests]
-    ids, mask = pad_batch([enc.ids for enc, _ in located], 0)
-    _, cache = model.run_with_cache(ids, attention_mask=mask)
-    resid = cache[f"blocks.{layer}.hook_resid_post"]  # (batch, pos, d_model)
-    return torch.stack([resid[row, index] for row, (_, index) in enumerate(located)]).double()
+def _residuals(model, requests, layer, prefixes=PREFIXES):
+    """Independent reference of ``cur_zs``: full forward passes with a cache, read at the subject's last token and
+    averaged over the prompt behind each prefix (keyscope's one key; ``("",)``: MEMIT's bare prompt)."""
+    out = []
+    for r in requests:
+        located = [locate(model.tokenizer, rome.prefixed(p, r.template), r.subject) for p in prefixes]
+        ids, mask = pad_batch([enc.ids for enc, _ in located], 0)
+        _, cache = model.run_with_cache(ids, attention_mask=mask)
+        resid = cache[f"blocks.{layer}.hook_resid_post"]  # (batch, pos, d_model)
+        out.append(torch.stack([resid[row, index] for row, (_, index) in enumerate(located)]).double().mean(0))
+    return torch.stack(out)  # (n, d_model)
 
 
-def test_layer_updates_follow_memits_loop_densely(tiny):
+@pytest.mark.parametrize("reference", [False, True])
+def test_layer_updates_follow_memits_loop_densely(tiny, reference):
     """Replay memit_main.py's loop with dense solves on the model edited layer by layer and compare each ΔW_l."""
     model, covs, config, edit = tiny
+    if reference:
+        config = dataclasses.replace(config, reference=True)
+        edit = memit.compute_memit(model, REQUESTS, config, covs, PREFIXES)
+    h_prefixes = ("",) if reference else PREFIXES
     before = {layer: W_out(model, layer).clone() for layer in LAYERS}
     Z = edit.z.double()  # (n, d_model)
     try:
         for i, layer in enumerate(LAYERS):
             keys = torch.stack([collect_keys(model, [rome.prefixed(p, r.template) for p in PREFIXES],
                                              [r.subject] * len(PREFIXES), layer).mean(0) for r in REQUESTS])  # (n, d)
-            R = (Z - _residuals(model, REQUESTS, LAYERS[-1])) / (len(LAYERS) - i)  # (n, d_model)
+            R = (Z - _residuals(model, REQUESTS, LAYERS[-1], h_prefixes)) / (len(LAYERS) - i)  # (n, d_model)
             delta_W = R.T @ _dense(keys, covs[layer], config.mom2_update_weight)  # (d_model, d_mlp)
             assert torch.allclose(edit.updates[i].keys, keys, atol=1e-5)
             assert torch.allclose(edit.updates[i].delta_W.double(), delta_W, rtol=1e-4, atol=1e-6)
@@ -203,6 +213,21 @@ def test_edits_move_the_last_layers_residual_toward_z(tiny):
         after = _residuals(model, REQUESTS, LAYERS[-1])
     Z = edit.z.double()
     assert ((Z - after).norm(dim=1) < (Z - before).norm(dim=1)).all()
+
+
+def test_one_layer_at_lambda_zero_installs_z_exactly_on_the_prefix_averaged_residual(tiny):
+    """The one key: with λ = 0 the last layer's update moves the residual, averaged over the prefixed prompts
+    (where δ was optimised), exactly onto z — ROME's ``W' k* = v*`` for every request at once."""
+    model, covs, config, _ = tiny
+    config = dataclasses.replace(config, layers=(1,), mom2_update_weight=0.0)
+    edit = memit.compute_memit(model, REQUESTS, config, covs, PREFIXES)
+    with edit.applied(model):
+        after = _residuals(model, REQUESTS, 1)
+    assert torch.allclose(after, edit.z.double(), atol=1e-4 * float(edit.z.abs().max()))
+    reference = memit.compute_memit(model, REQUESTS, dataclasses.replace(config, reference=True), covs, PREFIXES)
+    with reference.applied(model):
+        bare = _residuals(model, REQUESTS, 1, ("",))
+    assert not torch.allclose(bare, reference.z.double(), atol=1e-4 * float(reference.z.abs().max()))  # two keys
 
 
 def test_memit_rep_fits_an_adaptor_per_request_and_layer_and_undoes_everything(tiny):
