@@ -24,6 +24,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--method", default="memit", choices=("memit", "memit+rep"))
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="another MEMITConfig field (a number), e.g. v_num_grad_steps=100")
     args = parser.parse_args()
 
     from keyscope import corpus as corpora
@@ -57,8 +59,9 @@ def main() -> None:
     results = []
     for layers in args.layers:
         for lam in args.lam:
+            extra = {k: float(v) if "." in v or "e" in v else int(v) for k, v in (a.split("=", 1) for a in args.set)}
             config = MEMITConfig.for_model(model, layers=tuple(int(x) for x in layers.split(",")),
-                                           mom2_update_weight=lam)
+                                           mom2_update_weight=lam, **extra)
             editor = EDITORS[args.method](model, context, config)
             totals: dict[str, list[int]] = {}
             start = time.perf_counter()
@@ -72,7 +75,7 @@ def main() -> None:
                             acc = totals.setdefault(metric, [0, 0])
                             acc[0] += hits
                             acc[1] += total
-            row = {"method": args.method, "layers": list(config.layers), "mom2_update_weight": lam, "n": len(chosen), "batch": args.batch,
+            row = {"method": args.method, "layers": list(config.layers), **extra, "mom2_update_weight": lam, "n": len(chosen), "batch": args.batch,
                    "seconds": round(time.perf_counter() - start, 1),
                    **{m: round(h / t, 4) for m, (h, t) in totals.items() if t and not m.endswith("_new")}}
             print(json.dumps(row), flush=True)
