@@ -97,7 +97,9 @@ def test_published_settings_per_family_and_the_factworld_card():
     assert (llama["layers"], llama["clamp_norm_factor"], llama["v_weight_decay"]) == ((4, 5, 6, 7, 8), 4.0, 1e-3)
     factworld = load_model()
     config = memit.MEMITConfig.for_model(factworld)
-    assert config.layers == tuple(factworld_card_layers()) and config.v_num_grad_steps == 60
+    card = factworld_card()
+    assert config.layers == tuple(card["layers"]) and config.v_num_grad_steps == card["v_num_grad_steps"]
+    assert config.mom2_update_weight == card["mom2_update_weight"] and config.clamp_norm_factor == 4.0  # LLaMA's
     assert memit.MEMITConfig.for_model(factworld, layers=(2, 3)).layers == (2, 3)
     with pytest.raises(KeyscopeError, match="do not exist"):
         memit.MEMITConfig.for_model(factworld, layers=(5, 6))
@@ -106,12 +108,12 @@ def test_published_settings_per_family_and_the_factworld_card():
     assert memit.MEMITConfig(v_num_grad_steps=7).z_config().v_num_grad_steps == 7
 
 
-def factworld_card_layers():
+def factworld_card():
     import json
 
     from keyscope.models import factworld_model_dir
 
-    return json.loads((factworld_model_dir() / "keyscope.json").read_text())["memit_config"]["layers"]
+    return json.loads((factworld_model_dir() / "keyscope.json").read_text())["memit_config"]
 
 
 def test_registry_has_memit_and_memit_rep():
