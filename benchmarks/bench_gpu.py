@@ -44,7 +44,7 @@ from keyscope import rome  # noqa: E402
 from keyscope.corpus import TokenBatch  # noqa: E402
 from keyscope.covariance import GRAM_BLOCKS, KeyCovariance  # noqa: E402
 from keyscope.keys import layer_keys  # noqa: E402
-from keyscope.models import sdpa_attention  # noqa: E402
+from keyscope.models import ModelSource, register_source, sdpa_attention  # noqa: E402
 
 LLAMA_7B = {"d_model": 4096, "d_mlp": 11008, "n_heads": 32, "n_layers": 32, "vocab": 32000}
 SMALL = {"d_model": 256, "d_mlp": 688, "n_heads": 4, "n_layers": 8, "vocab": 32000}
@@ -83,9 +83,7 @@ def build_model(shape: dict, device: str, dtype: torch.dtype, workdir: Path):
     model = TransformerBridge.boot_transformers("random-llama", hf_model=hf, tokenizer=tokenizer, device=device,
                                                 dtype=dtype)
     model.eval()
-    model.keyscope_name = f"random LLaMA d_model {shape['d_model']}"  # what load_model records
-    model.keyscope_dir = model.keyscope_repo_id = None
-    model.keyscope_card = {}
+    register_source(model, ModelSource(f"random LLaMA d_model {shape['d_model']}", card={}))  # as load_model does
     return model
 
 

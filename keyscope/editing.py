@@ -232,6 +232,8 @@ class _Registry(Mapping):
 EDITORS: Mapping[str, type[Editor]] = _Registry({
     "rome": "keyscope.rome:ROMEEditor",
     "rome+rep": "keyscope.rep:ROMEREPEditor",
+    "memit": "keyscope.memit:MEMITEditor",
+    "memit+rep": "keyscope.memit:MEMITREPEditor",
 })
 
 

@@ -231,9 +231,9 @@ def _gate_groups(model, edit: ModelEdit, plan: QueryPlan, names: dict[str, float
     """Group the thresholds of ``names`` (method name → τ) by the set of positions whose gate is on in the
     sequences of ``plan``: thresholds with the same set give the same forward passes, so each group is
     scored once (Figure 7 without a pass per τ); ``off`` marks a group whose set is empty (exactly the base edit).
-    When the gate's on-set does not decide the adapted keys (dropout at inference, the paper's setting) every τ
-    is its own group."""
-    if not edit.gate_decides:
+    When the gate's on-set does not decide the adapted keys (dropout at inference, the paper's setting), or the
+    edit has several gates (several requests or layers), every τ is its own group."""
+    if not edit.gate_decides or len(edit.requests) > 1 or len(edit.layers) > 1:  # one gate decides: group
         return [{"tau": tau, "names": [name], "off": False} for name, tau in names.items()]
     from keyscope.keys import layer_keys
     from keyscope.prompts import length_batches, pad_batch

@@ -66,6 +66,7 @@ import math
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 import torch
 
@@ -78,7 +79,7 @@ from keyscope.perturbations import KINDS, LONG, REPHRASE, SHUFFLE, TEMPLATE, Pro
 from keyscope.similarity import probe_keys
 
 __all__ = ["REPConfig", "KeyAdaptor", "REP", "REPKeys", "gather_keys", "training_positives", "behind_prefixes",
-           "minibatches", "check_keys", "adapted", "applied", "REPEdit", "ROMEREPEditor", "OBJECTIVES", "ANCHORS",
+           "minibatches", "check_keys", "KeyEdit", "adapted", "applied", "REPEdit", "ROMEREPEditor", "OBJECTIVES", "ANCHORS",
            "ANCHOR_LOSSES", "SETTINGS"]
 
 #: ``strength``: ``(α(k̂) − 1)²``; ``paper``: ``−|α(k̂)| / ‖k̂‖`` (scaled); ``released``: ``−(k̂/‖k̂‖)ᵀu``.
@@ -278,6 +279,22 @@ class KeyAdaptor(torch.nn.Module):
 # ---------------------------------------------------------------------------------------------- keys
 
 
+class KeyEdit(Protocol):
+    """What REP needs of the edit it adapts: one key ``k_star`` ``(d_mlp,)`` of ``layer`` and the
+    ``key_selector`` ``(d_mlp,)`` with ``strength(k) = kᵀ key_selector`` (1 at ``k_star``), the ``request``, the
+    context ``prefixes`` and the keys behind them (``prefix_keys``, or ``None``). A :class:`keyscope.rome.Edit`
+    is one; so is a request's share of a MEMIT layer update (:class:`keyscope.memit.RequestKeyEdit`)."""
+
+    request: rome.EditRequest
+    layer: int
+    k_star: torch.Tensor
+    key_selector: torch.Tensor
+    prefixes: tuple[str, ...]
+    prefix_keys: torch.Tensor | None
+
+    def strength(self, key: torch.Tensor) -> torch.Tensor: ...
+
+
 @dataclass(frozen=True)
 class REPKeys:
     """The training keys of one edit (float32, ``(n, d_mlp)`` each): ``positives`` (same subject, other
@@ -307,7 +324,7 @@ def training_positives(probes: Sequence[Probe], config: REPConfig, prefixes: Seq
 
 def gather_keys(
     model,
-    edit: rome.Edit,
+    edit: KeyEdit,
     positives: Sequence[Probe],
     config: REPConfig,
     subject_keys: torch.Tensor | None = None,
@@ -423,7 +440,7 @@ class REP:
     def __init__(self, config: REPConfig | None = None):
         self.config = config or REPConfig()
 
-    def fit(self, edit: rome.Edit, keys: REPKeys) -> REP:
+    def fit(self, edit: KeyEdit, keys: REPKeys) -> REP:
         """Train the adaptor for ``edit`` on ``keys`` (Algorithm 1): ``config.steps`` Adam steps on
 
         ``objective(B_t) + anchor_weight · anchor + gate_weight · BCE``
@@ -621,8 +638,8 @@ class ROMEREPEditor(Editor):
         probes = self._probes(base_edit.requests, probes)
         return REPEdit(base_edit, [self.fit(edit, p) for edit, p in zip(base_edit.edits, probes)])
 
-    def fit(self, edit: rome.Edit, probes) -> REP:
-        """REP's adaptor for one ROME ``edit``, trained on ``probes`` (module docstring)."""
+    def fit(self, edit: KeyEdit, probes) -> REP:
+        """REP's adaptor for one ROME ``edit`` (or any :class:`KeyEdit`), trained on ``probes`` (module docstring)."""
         ctx = self.context
         positives = probes.training_probes() if hasattr(probes, "training_probes") else list(probes)
         fact = getattr(probes, "fact", edit.request)

@@ -152,6 +152,8 @@ __all__ = [
     "predicted_value",
     "apply",
     "applied",
+    "restoring",
+    "optimise_delta",
     "ROMEEdits",
     "ROMEEditor",
 ]
@@ -654,13 +656,35 @@ def compute_v_star(
     """
     layer = check_layer(model, layer)
     start = time.perf_counter()
-    device = model.cfg.device
     batch = _v_star_batch(model, request, prefixes, config)
     W = W_out(model, layer)  # (d_model, d_mlp)
     bias = b_out(model, layer)
     W_k_star = W.float() @ k_star.to(W.device, torch.float32)  # (d_model,)
     value = W_k_star + (bias.float() if bias is not None else 0.0)  # (d_model,): v = W k* + b
-    value_norm = float(value.norm())
+    replay_layer = layer if family(model) in ADDITIVE_BLOCK_FAMILIES else None  # see "Speed" above
+    delta, trace = optimise_delta(model, batch, value_hook(layer), float(value.norm()), config,
+                                  replay_layer=replay_layer, progress=progress,
+                                  reuse_lower_layers=reuse_lower_layers, sdpa=sdpa, label=f"v* layer {layer}")
+    v_star = W_k_star + delta  # (d_model,)
+    return v_star, replace(trace, seconds_v_star=time.perf_counter() - start)
+
+
+def optimise_delta(model, batch: _VStarBatch, hook: str, value_norm: float, config: ROMEConfig, *,
+                   replay_layer: int | None = None, progress: bool = False, reuse_lower_layers: bool = True,
+                   sdpa: bool | None = None, label: str = "δ") -> tuple[torch.Tensor, EditTrace]:
+    """The δ ``(d_model,)`` of ROME's v* objective (:func:`compute_v_star`), added at activation ``hook`` at the
+    subject's last token of every row of ``batch`` (:func:`_v_star_batch`), with the weight decay
+    ``v_weight_decay · ‖δ‖ / value_norm²`` and the clamp ``‖δ‖ ≤ clamp_norm_factor · value_norm``. ROME adds δ
+    at the MLP output (:func:`~keyscope.models.value_hook`, ``value_norm = ‖W k* + b‖``); MEMIT's ``compute_z``
+    at the residual stream after a block (:mod:`keyscope.memit`, ``value_norm`` the residual's norm).
+
+    ``replay_layer``: a block whose output plus ``inject · δ`` equals the forward pass with δ added at ``hook``
+    (``None``: none); with ``reuse_lower_layers`` every evaluation after the first replays that block's recorded
+    output instead of running blocks ``0..replay_layer`` (:func:`compute_v_star`, "Speed"). ``sdpa`` (default:
+    on CUDA devices) runs attention through the fused kernel; ``progress`` shows a bar over the steps, named
+    ``label``."""
+    start = time.perf_counter()
+    device = model.cfg.device
     max_norm = config.clamp_norm_factor * value_norm
 
     delta = torch.zeros(d_model(model), dtype=torch.float32, device=device, requires_grad=True)  # (d_model,)
@@ -681,9 +705,9 @@ def compute_v_star(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=config.v_num_grad_steps, desc=f"v* layer {layer}", unit="step", leave=False)
+        bar = tqdm(total=config.v_num_grad_steps, desc=label, unit="step", leave=False)
     recorded: dict = {}
-    reuse = reuse_lower_layers and family(model) in ADDITIVE_BLOCK_FAMILIES
+    reuse = reuse_lower_layers and replay_layer is not None
 
     def shift(residual: torch.Tensor) -> torch.Tensor:
         return residual + (batch.inject * delta).to(residual.dtype)  # (batch, pos, d_model)
@@ -691,14 +715,15 @@ def compute_v_star(
     def logits_at_delta() -> torch.Tensor:
         """Logits ``(n_targets + 1, vocab)`` with the current δ: a full pass (hooked δ) or the replay above."""
         if reuse and "output" in recorded:
-            with _blocks_replayed(model, layer, recorded["output"], shift) as calls:
+            with _blocks_replayed(model, replay_layer, recorded["output"], shift) as calls:
                 logits = logits_at(model, batch.input_ids, batch.attention_mask, rows, positions)
-            if calls["replays"] != layer + 1:
-                raise RuntimeError(f"the forward pass bypassed the replayed blocks 0..{layer} ({calls['replays']} calls)")
+            if calls["replays"] != replay_layer + 1:
+                raise RuntimeError(f"the forward pass bypassed the replayed blocks 0..{replay_layer} "
+                                   f"({calls['replays']} calls)")
             return logits
-        handle = _replay_after(model, layer, recorded) if reuse else None
+        handle = _replay_after(model, replay_layer, recorded) if reuse else None
         try:
-            with model.hooks(fwd_hooks=[(value_hook(layer), add_delta)]):
+            with model.hooks(fwd_hooks=[(hook, add_delta)]):
                 return logits_at(model, batch.input_ids, batch.attention_mask, rows, positions)
         finally:
             if handle is not None:
@@ -745,7 +770,6 @@ def compute_v_star(
         if bar is not None:
             bar.close()
     delta = delta.detach()
-    v_star = W_k_star + delta  # (d_model,)
     trace = EditTrace(
         loss=tuple(history["loss"]),
         nll=tuple(history["nll"]),
@@ -758,7 +782,7 @@ def compute_v_star(
         stopped_early=stopped_early,
         seconds_v_star=time.perf_counter() - start,
     )
-    return v_star, trace
+    return delta, trace
 
 
 # ---------------------------------------------------------------------------------------------- update
@@ -930,10 +954,18 @@ def applied(model, *edits: Edit) -> Iterator:
     exit, also when the block raises. Copies of the original weights are taken before anything is
     written and copied back in ``finally``; blocks nest (each restores what it found)."""
     layers = sorted({_check_fits(model, edit) for edit in edits})
-    saved = {layer: W_out(model, layer).clone() for layer in layers}  # (d_model, d_mlp) each
-    try:
+    with restoring(model, layers):
         for edit in edits:
             apply(model, edit)
+        yield model
+
+
+@contextmanager
+def restoring(model, layers: Sequence[int]) -> Iterator:
+    """Copy ``W_out`` of each of ``layers`` on entry and copy it back on exit, bit-exactly, also when the block
+    raises: whatever the block writes into those weights is undone (:func:`applied`, MEMIT's edits)."""
+    saved = {layer: W_out(model, check_layer(model, layer)).clone() for layer in sorted(set(layers))}  # (d_model, d_mlp) each
+    try:
         yield model
     finally:
         for layer, original in saved.items():

@@ -20,24 +20,24 @@ LAYERS = {
     "keyscope.models": 3, "keyscope.keys": 3, "keyscope.corpus": 3, "keyscope.datasets": 3,
     "keyscope.predictions": 3, "keyscope.perturbations": 3,
     "keyscope.covariance": 4, "keyscope.covariance_job": 4, "keyscope.metrics": 4, "keyscope.similarity": 4, "keyscope.scan": 4, "keyscope.trace": 4,
-    "keyscope.rome": 5, "keyscope.rep": 5, "keyscope.editing": 5,
-    "keyscope.evaluate": 6, "keyscope.bounds": 6, "keyscope.ablation": 6, "keyscope.reach": 6,
+    "keyscope.rome": 5, "keyscope.rep": 5, "keyscope.editing": 5, "keyscope.memit": 5,
+    "keyscope.evaluate": 6, "keyscope.bounds": 6, "keyscope.ablation": 6, "keyscope.reach": 6, "keyscope.sequential": 6,
     **dict.fromkeys(["keyscope.experiments", "keyscope.experiments.ablation", "keyscope.experiments.bounds",
                      "keyscope.experiments.edit", "keyscope.experiments.factworld", "keyscope.experiments.readme",
                      "keyscope.experiments.reproduce", "keyscope.experiments.scan", "keyscope.experiments.similarity",
                      "keyscope.experiments.table1", "keyscope.experiments.tables", "keyscope.experiments.trace",
-                     "keyscope.experiments.values", "keyscope.experiments.reach"], 7),
+                     "keyscope.experiments.values", "keyscope.experiments.reach", "keyscope.experiments.sequential"], 7),
     **dict.fromkeys(["keyscope.cli", "keyscope.cli.bounds", "keyscope.cli.common", "keyscope.cli.data",
                      "keyscope.cli.edit", "keyscope.cli.evaluate", "keyscope.cli.factworld", "keyscope.cli.output",
                      "keyscope.cli.reproduce", "keyscope.cli.scan", "keyscope.cli.similarity", "keyscope.cli.trace",
-                     "keyscope.cli.values", "keyscope.cli.covariance", "keyscope.cli.reach", "keyscope.__main__"], 8),
+                     "keyscope.cli.values", "keyscope.cli.covariance", "keyscope.cli.reach", "keyscope.cli.sequential", "keyscope.__main__"], 8),
 }
 
 #: Plotting: a leaf that imports nothing of keyscope but itself (and that anything but the library's lower
 #: layers may import).
 LEAVES = ("keyscope.plotting", "keyscope.plotting.bounds", "keyscope.plotting.fig3", "keyscope.plotting.fig4",
           "keyscope.plotting.fig5", "keyscope.plotting.fig7", "keyscope.plotting.trace",
-          "keyscope.plotting.reach")
+          "keyscope.plotting.reach", "keyscope.plotting.sequential")
 
 
 def package_modules(package_dir: Path, prefix: str = "keyscope.") -> set[str]:

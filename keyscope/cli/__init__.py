@@ -19,7 +19,7 @@ import warnings
 from keyscope.errors import KeyscopeError
 
 #: Command modules, in the order ``keyscope --help`` lists them.
-COMMANDS = ("factworld", "similarity", "data", "covariance", "trace", "scan", "edit", "reach", "values", "evaluate", "bounds", "reproduce")
+COMMANDS = ("factworld", "similarity", "data", "covariance", "trace", "scan", "edit", "reach", "values", "evaluate", "sequential", "bounds", "reproduce")
 
 
 class UsageError(KeyscopeError):
