@@ -86,7 +86,7 @@ def test_near_twin_ood_probes_count_in_ood_but_not_in_ood_new(tiny_checkpoints):
     anchors = collect_keys(model, [new.prompt], [new.subject], layer)  # (1, d_mlp)
     with_anchors = ev.near_twins(model, queries, layer, cov, rep.REPConfig(), anchors)
     assert with_anchors[("rephrase", 1)] == pytest.approx(1.0, abs=1e-6)
-    assert with_anchors[("rephrase", 0)] == twins[("rephrase", 0)]
+    assert with_anchors[("rephrase", 0)] == pytest.approx(twins[("rephrase", 0)], abs=1e-12)  # the anchors are extra keys
 
 
 def test_tau_groups_score_exactly_like_one_pass_per_tau(tiny_checkpoints):

@@ -206,14 +206,16 @@ def test_figure_5_rephrases_are_every_rephrased_subject_in_the_fact_prompt(token
     """Figure 5's parametrisation (:data:`keyscope.perturbations.REPHRASES`): every non-blank rephrasing,
     more than the default cap of 10, in the dataset's order, and nothing else."""
     from keyscope.experiments import values as va
-    from keyscope.predictions import target_context
+    from keyscope.predictions import target_sequence
 
     tok, fact = tokenizers["bpe"], _long_fact()
     probes = pt.fact_probes(tok, fact, iter(hf_tiny.TRAINING_TEXT * 20), pt.REPHRASES)
     expected = [fill(fact.prompt, alias).text for alias in fact.subject_rephrase if alias.strip()]
     assert [p.prompt for p in probes.perturbed[pt.REPHRASE][0]] == expected and len(expected) == 12
     assert [p for p in probes.all() if p.kind != pt.ORIGINAL] == list(probes.perturbed[pt.REPHRASE][0])
-    assert va._contexts(tok, fact)["rephrase"] == [target_context(tok, p, "poet") for p in expected]
+    plan = va._plan(tok, fact)
+    assert [plan.sequences[new] for new, _ in plan.groups["rephrase"]] == [
+        target_sequence(tok, p, fact.target_new) for p in expected]
 
 
 def test_no_shuffles_asked_gives_none(tokenizers):
