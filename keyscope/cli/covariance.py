@@ -9,6 +9,7 @@ covariance …`` each process takes every K-th batch and rank 0 writes the cache
 
 from __future__ import annotations
 
+from keyscope.cli.common import positive_int
 from keyscope.cli.output import check_outputs, write_json
 from keyscope.errors import KeyscopeError
 
@@ -41,9 +42,6 @@ def cmd_covariance(args) -> int:
 
     if args.dtype not in DTYPES:
         raise KeyscopeError(f"--dtype must be one of {', '.join(sorted(DTYPES))}, not {args.dtype!r}")
-    for name in ("tokens", "batch_size", "seq_len"):
-        if getattr(args, name) < 1:
-            raise KeyscopeError(f"--{name.replace('_', '-')} must be positive, not {getattr(args, name)}")
     if not args.checkpoint_every >= 0:  # also NaN
         raise KeyscopeError(f"--checkpoint-every must be ≥ 0 seconds, not {args.checkpoint_every}")
     requested = _layers(args)
@@ -84,9 +82,9 @@ def register(sub) -> None:
     p.add_argument("--layers", help="several layers in one pass, e.g. 3-8 or 2,5,9")
     p.add_argument("--corpus", help="corpus (default: factworld filler for factworld, WikiText-103 otherwise; "
                                     "or a text file/folder)")
-    p.add_argument("--tokens", type=int, default=100_000, help="counted corpus tokens (default 100,000)")
-    p.add_argument("--seq-len", type=int, default=256, help="window length fed to the model (default 256)")
-    p.add_argument("--batch-size", type=int, default=16, help="windows per forward pass (default 16)")
+    p.add_argument("--tokens", type=positive_int, default=100_000, help="counted corpus tokens (default 100,000)")
+    p.add_argument("--seq-len", type=positive_int, default=256, help="window length fed to the model (default 256)")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="windows per forward pass (default 16)")
     p.add_argument("--dtype", default="float32", metavar="{float32,bf16,fp16}",
                    help="model weights (default float32, what the other commands load, so they find the cache; "
                         "the key Gram products are float32 either way)")

@@ -7,7 +7,6 @@ import torch
 
 from keyscope.cli import main
 from keyscope.models import load_model
-from tests import hf_tiny
 
 FACTS = [
     {"case_id": 7, "prompt": "The Eiffel Tower is located in", "subject": "The Eiffel Tower", "target_new": "Rome",
@@ -22,12 +21,8 @@ REPORT_KEYS = {"model", "layer", "case_id", "request", "seconds", "v_star", "pro
 
 
 @pytest.fixture
-def inputs(tmp_path, monkeypatch, tiny_checkpoints):
-    monkeypatch.setenv("KEYSCOPE_CACHE", str(tmp_path / "cache"))
-    facts = tmp_path / "facts.json"
-    facts.write_text(json.dumps(FACTS))
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n\n".join(hf_tiny.TRAINING_TEXT * 3), encoding="utf-8")
+def inputs(tmp_path, tiny_checkpoints, cli_files):
+    facts, corpus = cli_files(FACTS)
     base = ["edit", "--model", str(tiny_checkpoints["llama"]), "--layer", "1", "--corpus", str(corpus),
             "--tokens", "500", "--no-progress"]
     return {"base": base, "facts": str(facts), "tmp": tmp_path}

@@ -5,17 +5,12 @@ import json
 import pytest
 
 from keyscope.cli import main
-from tests import hf_tiny
 from tests.cli.test_edit import FACTS
 
 
 @pytest.fixture
-def inputs(tmp_path, monkeypatch, tiny_checkpoints):
-    monkeypatch.setenv("KEYSCOPE_CACHE", str(tmp_path / "cache"))
-    facts = tmp_path / "facts.json"
-    facts.write_text(json.dumps(FACTS))
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n\n".join(hf_tiny.TRAINING_TEXT * 3), encoding="utf-8")
+def inputs(tmp_path, tiny_checkpoints, cli_files):
+    facts, corpus = cli_files(FACTS)
     base = ["reach", "--model", str(tiny_checkpoints["llama"]), "--layer", "1", "--corpus", str(corpus),
             "--data", str(facts), "--tokens", "400", "--cov-tokens", "500", "--top", "5", "--shuffles", "2",
             "--context-tokens", "30", "--no-progress", "--out", str(tmp_path / "out")]

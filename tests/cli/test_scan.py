@@ -6,7 +6,6 @@ import json
 import pytest
 
 from keyscope.cli import main
-from tests import hf_tiny
 
 FACTS = [
     {"case_id": 7, "prompt": "The Eiffel Tower is located in", "subject": "The Eiffel Tower", "target_new": "Rome",
@@ -25,12 +24,8 @@ FACTS = [
 
 
 @pytest.fixture
-def inputs(tmp_path, monkeypatch, tiny_checkpoints):
-    monkeypatch.setenv("KEYSCOPE_CACHE", str(tmp_path / "cache"))
-    facts = tmp_path / "facts.json"
-    facts.write_text(json.dumps(FACTS))
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n\n".join(hf_tiny.TRAINING_TEXT), encoding="utf-8")
+def inputs(tmp_path, tiny_checkpoints, cli_files):
+    facts, corpus = cli_files(FACTS, 1)
     return {"model": str(tiny_checkpoints["gpt2"]), "facts": str(facts), "corpus": str(corpus), "tmp": tmp_path}
 
 

@@ -43,13 +43,9 @@ def word_checkpoint(tmp_path_factory):
 
 
 @pytest.fixture
-def inputs(tmp_path, monkeypatch, word_checkpoint):
-    monkeypatch.setenv("KEYSCOPE_CACHE", str(tmp_path / "cache"))
+def inputs(tmp_path, word_checkpoint, cli_files):
     path, records = word_checkpoint
-    facts = tmp_path / "facts.json"
-    facts.write_text(json.dumps(records))
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n\n".join(hf_tiny.TRAINING_TEXT * 3), encoding="utf-8")
+    facts, corpus = cli_files(records)
     base = ["values", "--model", str(path), "--data", str(facts), "--layer", "1", "--corpus", str(corpus),
             "--tokens", "500", "--no-progress"]
     return {"base": base, "tmp": tmp_path, "records": records}
