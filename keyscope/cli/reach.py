@@ -15,7 +15,7 @@ precision@K and the Spearman correlation of ``s(k)`` with the KL. Writes ``reach
 
 from __future__ import annotations
 
-from keyscope.cli.common import add_rome_setting_argument
+from keyscope.cli.common import add_rome_setting_argument, non_negative_int, positive_int
 from keyscope.cli.edit import add_probe_arguments, add_request_arguments
 from keyscope.cli.output import check_outputs, write_json
 from keyscope.errors import KeyscopeError
@@ -77,7 +77,7 @@ def register(sub) -> None:
     p = sub.add_parser("reach", help="an edit's reach before it is applied: the corpus positions it changes most, "
                                      "the subject's forms it misses, and a check of the prediction")
     add_request_arguments(p)
-    p.add_argument("--n", type=int, help="instead of one edit: the reach of N known facts of --data drawn with "
+    p.add_argument("--n", type=positive_int, help="instead of one edit: the reach of N known facts of --data drawn with "
                                          "--seed, summarised (reach_edits.csv, reach_edits.png)")
     p.add_argument("--data", help="facts for --case/--n: factworld (default for factworld) or a CounterFact/REP file")
     p.add_argument("--model", default="factworld", help="factworld, a hub name or a local HF directory")
@@ -85,11 +85,11 @@ def register(sub) -> None:
     p.add_argument("--method", default="rome", help="editing method of the registry (default rome; e.g. rome+rep)")
     p.add_argument("--corpus", help="corpus to scan, for C and the long context (default: factworld filler for "
                                     "factworld, WikiText-103 otherwise; or a text file/folder)")
-    p.add_argument("--tokens", type=int, default=100_000, help="corpus tokens scanned (default 100,000)")
-    p.add_argument("--cov-tokens", type=int, default=100_000, help="corpus tokens for C (default 100,000)")
+    p.add_argument("--tokens", type=positive_int, default=100_000, help="corpus tokens scanned (default 100,000)")
+    p.add_argument("--cov-tokens", type=positive_int, default=100_000, help="corpus tokens for C (default 100,000)")
     p.add_argument("--recompute", action="store_true", help="recompute C even if cached")
-    p.add_argument("--top", type=int, default=20, help="positions listed and checked (default 20)")
-    p.add_argument("--window", type=int, default=10,
+    p.add_argument("--top", type=positive_int, default=20, help="positions listed and checked (default 20)")
+    p.add_argument("--window", type=non_negative_int, default=10,
                    help="positions masked after each occurrence of the subject or a related name (default 10)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random positions, the shuffles and --n")
     add_probe_arguments(p)

@@ -9,7 +9,12 @@ undone at the end, bit-exactly.
 
 from __future__ import annotations
 
-from keyscope.cli.common import add_covariance_arguments, add_model_arguments, add_output_arguments
+from keyscope.cli.common import (
+    add_covariance_arguments,
+    add_model_arguments,
+    add_output_arguments,
+    positive_int,
+)
 from keyscope.cli.output import check_outputs, write_json
 from keyscope.errors import KeyscopeError
 
@@ -61,7 +66,7 @@ def register(sub) -> None:
     add_model_arguments(p)
     p.add_argument("--method", default="rome", help="comma-separated editing methods (rome, rome+rep, memit, "
                                                     "memit+rep; default rome), one line each")
-    p.add_argument("--n", type=int, help="number of sequential edits (default: the last checkpoint)")
+    p.add_argument("--n", type=positive_int, help="number of sequential edits (default: the last checkpoint)")
     p.add_argument("--checkpoints", default="10,50,100", help="measure after these numbers of edits (default 10,50,100)")
     p.add_argument("--batch-size", type=int, default=1,
                    help="facts per edit for batched methods (MEMIT; default 1); others edit one fact at a time")
