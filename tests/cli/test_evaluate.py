@@ -67,7 +67,7 @@ def test_evaluate_trains_rep_in_the_released_codes_setting(env, tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--methods", "memit"], "--methods"),
+    (["--methods", "pmet"], "--methods"),  # not (yet) in the registry
     (["--tau-sweep", "0.5,1.5"], "--tau-sweep"),
     (["--tau", "0"], "--tau"),
     (["--n", "0"], "--n"),
