@@ -189,9 +189,10 @@ class Observation:
 def observe(model, layer: int, sequences: Sequence[Sequence[int]], positions: Sequence[int], batch_size: int = 32,
             edit: ModelEdit | None = None) -> Observation:
     """Run ``sequences`` (token ids) in right-padded batches with ``edit`` applied (none: the unedited model),
-    capturing the layer's key as it enters the layer (before any key adaptor) and its value, and the logits at
-    each row's last token. ``alpha`` is ``edit``'s strength on the captured key (under REP: of the adapted key,
-    :meth:`~keyscope.editing.ModelEdit.strength`), zero without an edit."""
+    capturing the layer's key and value and the logits at each row's last token. ``alpha`` is ``edit``'s
+    strength on the key (:meth:`~keyscope.editing.ModelEdit.strength`); for an edit that adapts a base edit's
+    keys (REP) the base edit's strength on the adapted key the pass used (Lemma 4.6 with REP's keys); zero
+    without an edit."""
     tokenizer = model.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     n = len(sequences)
@@ -206,14 +207,19 @@ def observe(model, layer: int, sequences: Sequence[Sequence[int]], positions: Se
             captured[name] = activation.detach()
         return hook
 
-    # the capture hooks are registered before the edit's own, so they read the key that the edit's hooks receive
+    # the first capture hooks are registered before the edit's own, so they read the key that the edit's hooks
+    # receive; an adapter's edit (REP on ROME's) is read after its hooks too: its α is the base edit's strength on
+    # the very adapted key the forward pass used (one dropout draw, where dropout stays on at inference)
+    base = getattr(edit, "base", None)
+    after = [(key_hook(layer), keep("adapted"))] if base is not None else []
     with model.hooks(fwd_hooks=[(key_hook(layer), keep("key")), (value_hook(layer), keep("value"))]), \
-            (edit.applied(model) if edit is not None else nullcontext()):
+            (edit.applied(model) if edit is not None else nullcontext()), model.hooks(fwd_hooks=after):
         for rows in length_batches([len(s) for s in sequences], batch_size):
             input_ids, mask = pad_batch([sequences[i] for i in rows], pad_id, "right", device=model.cfg.device)
             logits = model(input_ids, attention_mask=mask, return_type="logits")  # (batch, pos, vocab)
             if edit is not None:
-                strength = edit.strength(captured["key"].float())  # (batch, pos)
+                strength = (base.strength(captured["adapted"].float()) if base is not None
+                            else edit.strength(captured["key"].float()))  # (batch, pos)
                 strength = strength.masked_fill(mask.to(strength.device) == 0, -math.inf)
             for r, i in enumerate(rows):
                 length = len(sequences[i])
