@@ -62,11 +62,12 @@ class ReachReport:
 
 
 class Reacher:
-    """The editor and the probe settings of a run, shared by every request it is asked about."""
+    """The editor and the probe settings of a run, shared by every request it is asked about; ``load_covariance(L)``
+    gives the key covariance of another layer, for editors that edit several (MEMIT)."""
 
     def __init__(self, model, layer: int, cov, source, method: str = "rome", facts: Sequence = (),
                  config: reach.ReachConfig | None = None, probe_config: ProbeConfig | None = None,
-                 rome_config=None, rep_config=None, context_docs=None):
+                 rome_config=None, rep_config=None, context_docs=None, load_covariance=None):
         self.model, self.layer, self.source, self.method = model, layer, source, method
         self.facts = tuple(facts)
         self.config = config or reach.ReachConfig()
@@ -74,7 +75,7 @@ class Reacher:
         self.context_docs = context_docs
         self.forms = subject_forms(self.facts)  # a shuffle that spells another subject's name is no shuffle
         context = prepare_context(model, layer, cov, (method,), self.facts, source, rome_config, rep_config,
-                                  seed=self.config.seed)
+                                  seed=self.config.seed, load_covariance=load_covariance)
         self.editor = make_editor(method, model, context)
 
     def probes(self, request: EditRequest, fact=None) -> list:
