@@ -391,8 +391,9 @@ def run_facts(model, facts: Sequence[Fact], config: EvalConfig, context_docs: It
             flush()
     if not rows:
         raise KeyscopeError(f"no fact could be evaluated ({len(skipped)} skipped; first: {skipped[0]['reason']})")
-    rows.sort(key=lambda r: [f.case_id for f in chosen].index(r["case_id"]))
-    skipped.sort(key=lambda r: [f.case_id for f in chosen].index(r["case_id"]))
+    order = {fact.case_id: i for i, fact in enumerate(chosen)}  # the drawn order, whatever the chunks did
+    rows.sort(key=lambda r: order[r["case_id"]])
+    skipped.sort(key=lambda r: order[r["case_id"]])
     return rows, skipped, n_known
 
 

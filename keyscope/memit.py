@@ -70,10 +70,19 @@ from keyscope import rep, rome
 from keyscope.editing import Editor, GateNegatives, ModelEdit
 from keyscope.errors import KeyscopeError
 from keyscope.keys import collect_keys
-from keyscope.models import MODEL_CARD, W_out, check_layer, family, model_card, model_name, n_layers
+from keyscope.models import (
+    MODEL_CARD,
+    W_out,
+    check_layer,
+    family,
+    model_card,
+    model_name,
+    n_layers,
+    residual_hook,
+)
 from keyscope.prompts import locate, pad_batch
 
-__all__ = ["MEMITConfig", "PUBLISHED", "residual_hook", "subject_residuals", "compute_z", "memit_update",
+__all__ = ["MEMITConfig", "PUBLISHED", "subject_residuals", "compute_z", "memit_update",
            "LayerUpdate", "RequestKeyEdit", "MEMITEdit", "MEMITREPEdit", "MEMITEditor", "MEMITREPEditor",
            "compute_memit"]
 
@@ -171,11 +180,6 @@ PUBLISHED: dict[str, dict] = {
 # ---------------------------------------------------------------------------------------------- residuals
 
 
-def residual_hook(layer: int) -> str:
-    """The residual stream after block ``layer`` (MEMIT's ``layer_module_tmp`` output)."""
-    return f"blocks.{layer}.hook_resid_post"
-
-
 def subject_residuals(model, requests: Sequence[rome.EditRequest], layer: int, batch_size: int = 32,
                       prefixes: Sequence[str] = ("",)) -> torch.Tensor:
     """The residual after block ``layer`` at the subject's last token of each request's prompt, averaged over the
@@ -209,7 +213,7 @@ def compute_z(model, request: rome.EditRequest, layer: int, prefixes: Sequence[s
               base: rome.ROMEConfig | None = None) -> tuple[torch.Tensor, rome.EditTrace]:
     """``z = h + δ`` ``(d_model,)``: the target residual after block ``layer`` at the subject's last token
     (kmeng01/memit ``memit/compute_z.py``), ``δ`` optimised by ROME's v* loop
-    (:func:`keyscope.rome.optimise_delta`) at :func:`residual_hook` with ``‖h‖`` scaling the decay and clamp,
+    (:func:`keyscope.rome.optimise_delta`) at :func:`keyscope.models.residual_hook` with ``‖h‖`` scaling the decay and clamp,
     ``h`` the unedited residual (compute_z.py's ``target_init``: on the bare prompt; keyscope: averaged over the
     prefixed prompts, unless ``config.reference``)."""
     start = time.perf_counter()

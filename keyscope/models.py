@@ -113,6 +113,12 @@ def final_norm_scale_hook() -> str:
     return "ln_final.hook_scale"
 
 
+def residual_hook(layer: int) -> str:
+    """Hook of the residual stream after block ``layer`` (MEMIT's ``layer_module_tmp`` output) ``(batch, pos,
+    d_model)``."""
+    return f"blocks.{layer}.hook_resid_post"
+
+
 def embed_hook() -> str:
     """TransformerLens hook whose activation is the token embeddings (what causal tracing corrupts)."""
     return "hook_embed"
