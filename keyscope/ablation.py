@@ -34,6 +34,7 @@ from keyscope.evaluate import (
     ood_probe_keys,
     paired_bootstrap_interval,
     run_facts,
+    score_each,
     summarize,
 )
 from keyscope.metrics import METRICS, plan_queries, score_plan
@@ -198,13 +199,8 @@ def ablate(model, facts: Sequence[Fact], layer: int, cov, context_docs: Iterable
     contexts = {ref: replace(context, rome_config=rome_configs[ref]) for ref in (False, True)}
 
     def score(items):
-        rows, skipped = [], []
-        for fact, queries in items:
-            try:
-                rows.append(ablate_fact(model, fact, queries, variants, contexts, config.twin_cosine))
-            except KeyscopeError as exc:
-                skipped.append({"case_id": fact.case_id, "reason": str(exc)})
-        return rows, skipped
+        return score_each(items, lambda fact, queries: ablate_fact(model, fact, queries, variants, contexts,
+                                                                   config.twin_cosine))
 
     rows, skipped, n_known = run_facts(model, facts, config, context_docs, score, "ablation", progress)
     summary = summarize(rows, config.bootstrap, config.seed)

@@ -66,7 +66,7 @@ from keyscope.predictions import sample_known_facts, score_targets
 from keyscope.similarity import probe_keys, whitened_cosine_matrix
 
 __all__ = ["EvalConfig", "METHODS", "EvalResult", "evaluate", "evaluate_fact", "evaluate_batch",
-           "compute_edits", "fact_request", "summarize", "bootstrap_interval", "paired_bootstrap_interval", "near_twins",
+           "compute_edits", "score_each", "fact_request", "summarize", "bootstrap_interval", "paired_bootstrap_interval", "near_twins",
            "ood_probe_keys", "run_facts"]
 
 #: The methods evaluated by default, in Table 1's row order (any of :data:`keyscope.editing.EDITORS` can be asked).
@@ -218,10 +218,18 @@ def evaluate_batch(model, items: Sequence[tuple[Fact, FactProbes]], editors: Map
             shared, _ = compute_edits(batched, [fact_request(f) for f, _ in items], [q for _, q in items])
         except KeyscopeError as exc:
             return [], [{"case_id": f.case_id, "reason": str(exc)} for f, _ in items]
+    return score_each(items, lambda fact, queries: evaluate_fact(model, fact, queries, editors, context, taus,
+                                                                 twin_cosine, shared))
+
+
+def score_each(items: Sequence[tuple[Fact, FactProbes]], score: Callable[[Fact, FactProbes], dict]
+               ) -> tuple[list[dict], list[dict]]:
+    """``score(fact, probes)`` for each of ``items``: ``(rows, skipped)``, a fact whose scoring raises a
+    :class:`~keyscope.errors.KeyscopeError` skipped with its reason."""
     rows, skipped = [], []
     for fact, queries in items:
         try:
-            rows.append(evaluate_fact(model, fact, queries, editors, context, taus, twin_cosine, shared))
+            rows.append(score(fact, queries))
         except KeyscopeError as exc:
             skipped.append({"case_id": fact.case_id, "reason": str(exc)})
     return rows, skipped
