@@ -12,13 +12,16 @@ are computed once per fact.
 Whether a departure helps is read from the **difference** of each variant to keyscope's setting (:data:`BASE`),
 with a paired 95% cluster-bootstrap interval (:func:`differences`, one resampling of the facts shared by both
 methods, :func:`keyscope.evaluate.paired_bootstrap_interval`): the marginal intervals of two variants scored on
-the same facts overlap even where one is better on almost every fact.
+the same facts overlap even where one is better on almost every fact. :func:`verdict` reads it: a departure
+*helps* a column when reverting it lowers that column measurably (the whole interval of variant − keyscope below
+0), *hurts* it when reverting raises it measurably; keyscope keeps a departure as its default only where it
+helps some column (:data:`DECISION_METRICS`, the columns the README shows).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
@@ -41,7 +44,8 @@ from keyscope.metrics import METRICS, plan_queries, score_plan
 from keyscope.perturbations import LONG, REPHRASE, SHUFFLE, FactProbes
 from keyscope.predictions import score_targets
 
-__all__ = ["Variant", "VARIANTS", "BASE", "AblationResult", "ablate", "ablate_fact", "baseline_name", "differences"]
+__all__ = ["Variant", "VARIANTS", "BASE", "DECISION_METRICS", "AblationResult", "ablate", "ablate_fact",
+           "baseline_name", "differences", "verdict"]
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,23 @@ VARIANTS: tuple[Variant, ...] = (
 #: The variant every other one is compared with (:func:`differences`).
 BASE = "keyscope"
 
+#: The Table 1 columns a departure is judged on (:func:`verdict`): Success, Locality and the in-domain and
+#: out-of-domain-without-near-twins rates of rephrases, token shuffles and long contexts.
+DECISION_METRICS = ("success", "locality", "rephrase_id", "rephrase_ood_new", "shuffle_id", "shuffle_ood_new",
+                    "long_id", "long_ood_new")
+
+
+def verdict(difference_ci: Mapping[str, Sequence[float] | None], metrics: Sequence[str] = DECISION_METRICS) -> dict:
+    """What keyscope's choice does, read from the paired 95% intervals ``difference_ci`` of (variant with the
+    choice reverted) − keyscope over ``metrics``: it ``helps`` the columns whose interval lies below 0 (reverting
+    it lowers them) and ``hurts`` those whose interval lies above 0. ``{"verdict": "helps" | "hurts" |
+    "trade-off" | "no measured effect", "helps": [...], "hurts": [...], "keep": bool}``; ``keep``: the choice
+    measurably helps some column, the rule for keeping it as keyscope's default."""
+    helps = [m for m in metrics if difference_ci.get(m) is not None and difference_ci[m][1] < 0]
+    hurts = [m for m in metrics if difference_ci.get(m) is not None and difference_ci[m][0] > 0]
+    label = ("trade-off" if helps and hurts else "helps" if helps else "hurts" if hurts else "no measured effect")
+    return {"verdict": label, "helps": helps, "hurts": hurts, "keep": bool(helps)}
+
 
 def differences(rows: Sequence[dict], names: Sequence[str], base: str = BASE, n_resamples: int = 1000,
                 seed: int = 0) -> dict[str, dict]:
@@ -94,7 +115,8 @@ def differences(rows: Sequence[dict], names: Sequence[str], base: str = BASE, n_
     difference of every Table 1 metric's micro-average to ``base``'s, ``Σh/Σt − Σh_b/Σt_b`` (a rate, not points),
     and its paired 95% cluster-bootstrap interval over the facts where both are scored
     (:func:`keyscope.evaluate.paired_bootstrap_interval`): ``{name: {"difference": {metric: d},
-    "difference_ci": {metric: [lo, hi]}}}``, ``None`` where either method has no prompt of the metric."""
+    "difference_ci": {metric: [lo, hi]}, "verdict": verdict(...)}}``, ``None`` where either method has no prompt of
+    the metric."""
     out = {}
     for name in names:
         if name == base:
@@ -110,6 +132,7 @@ def differences(rows: Sequence[dict], names: Sequence[str], base: str = BASE, n_
             entry["difference"][metric] = float(hits.sum() / totals.sum() - base_hits.sum() / base_totals.sum())
             entry["difference_ci"][metric] = list(paired_bootstrap_interval(hits, totals, base_hits, base_totals,
                                                                             n_resamples, seed))
+        entry["verdict"] = verdict(entry["difference_ci"])
         out[name] = entry
     return out
 

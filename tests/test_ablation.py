@@ -84,6 +84,25 @@ def test_differences_are_paired_against_keyscope():
     assert -0.2 <= lo <= -2 / 30 <= hi <= 0
 
 
+def test_verdict_reads_the_paired_intervals():
+    cols = ablation.DECISION_METRICS
+    none = {m: None for m in cols}
+    assert ablation.verdict(none) == {"verdict": "no measured effect", "helps": [], "hurts": [], "keep": False}
+    straddle = {m: [-0.05, 0.02] for m in cols}
+    assert ablation.verdict(straddle)["verdict"] == "no measured effect"
+    # reverting lowers success measurably: keyscope's choice helps success
+    helps = straddle | {"success": [-0.1, -0.01]}
+    assert ablation.verdict(helps) == {"verdict": "helps", "helps": ["success"], "hurts": [], "keep": True}
+    hurts = straddle | {"long_id": [0.01, 0.2]}
+    assert ablation.verdict(hurts) == {"verdict": "hurts", "helps": [], "hurts": ["long_id"], "keep": False}
+    both = helps | {"locality": [0.001, 0.03]}
+    v = ablation.verdict(both)
+    assert v["verdict"] == "trade-off" and v["keep"] and v["hurts"] == ["locality"]
+    # an interval touching 0 is not a measured effect; columns outside the decision set are ignored
+    assert ablation.verdict(straddle | {"success": [-0.1, 0.0]})["verdict"] == "no measured effect"
+    assert ablation.verdict(straddle | {"shuffle_words_id": [-0.3, -0.2]})["verdict"] == "no measured effect"
+
+
 def test_variants_are_the_departures_of_the_issue():
     names = [v.name for v in ablation.VARIANTS]
     assert names[:2] == ["keyscope", "released"] and len(set(names)) == len(names)

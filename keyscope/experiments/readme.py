@@ -180,34 +180,48 @@ def trace(figures: Path) -> str:
             + f"; the largest is at layer {card['default_layer']} (`figures/factworld_build_seed0.json`).\n")
 
 
-ABLATION_COLUMNS = ("success", "locality", "rephrase_id", "rephrase_ood_new", "shuffle_id", "shuffle_ood_new",
-                    "long_id", "long_ood_new")
-
-
 def ablation(figures: Path) -> str:
     """The departures (``ablation.csv``): each variant's change against keyscope's setting, in points, with the
-    paired 95% interval of the difference where the CSV has it (``METRIC_diff_lo``/``_hi``)."""
+    paired 95% interval of the difference and :func:`keyscope.ablation.verdict` of it where the CSV has the
+    intervals (``METRIC_diff_lo``/``_hi``)."""
+    from keyscope.ablation import DECISION_METRICS, verdict
     from keyscope.experiments.table1 import HEADERS
 
     rows = read_csv(figures / "ablation.csv")
     base = _by(rows, "variant")["keyscope"]
-    paired = any(_float(row.get(f"{c}_diff_lo")) is not None for row in rows for c in ABLATION_COLUMNS)
+
+    def interval(row: dict, column: str) -> tuple[float, float] | None:
+        lo, hi = _float(row.get(f"{column}_diff_lo")), _float(row.get(f"{column}_diff_hi"))
+        return None if lo is None else (lo, hi)
+
+    paired = any(interval(row, c) is not None for row in rows for c in DECISION_METRICS)
 
     def change(row: dict, column: str) -> str:
-        lo, hi = _float(row.get(f"{column}_diff_lo")), _float(row.get(f"{column}_diff_hi"))
         cell = _signed(100 * (float(row[column]) - float(base[column])))
-        return cell if lo is None else f"{cell} [{_signed(100 * lo)}, {_signed(100 * hi)}]"
+        ci = interval(row, column)
+        return cell if ci is None else f"{cell} [{_signed(100 * ci[0])}, {_signed(100 * ci[1])}]"
 
-    lines = ["| variant | what it reverts | " + " | ".join(HEADERS[c] for c in ABLATION_COLUMNS) + " |",
-             "|---|---|" + "---:|" * len(ABLATION_COLUMNS)]
+    def judged(row: dict) -> str:
+        if row["variant"] == "keyscope" or not any(interval(row, c) for c in DECISION_METRICS):
+            return ""
+        v = verdict({c: interval(row, c) for c in DECISION_METRICS})
+        named = [f"{word} {', '.join(HEADERS[c] for c in v[word])}" for word in ("helps", "hurts") if v[word]]
+        return v["verdict"] + (f" ({'; '.join(named)})" if named else "")
+
+    lines = ["| variant | what it reverts | " + " | ".join(HEADERS[c] for c in DECISION_METRICS)
+             + (" | keyscope's choice |" if paired else " |"),
+             "|---|---|" + "---:|" * len(DECISION_METRICS) + ("---|" if paired else "")]
     for row in rows:
         if row["variant"] == "keyscope":
-            cells = [percent(_float(row[c])) for c in ABLATION_COLUMNS]
+            cells = [percent(_float(row[c])) for c in DECISION_METRICS]
         else:
-            cells = [change(row, c) for c in ABLATION_COLUMNS]
-        lines.append(f"| {row['variant']} | {row['departure']} | " + " | ".join(cells) + " |")
+            cells = [change(row, c) for c in DECISION_METRICS]
+        lines.append(f"| {row['variant']} | {row['departure']} | " + " | ".join(cells)
+                     + (f" | {judged(row)} |" if paired else " |"))
     return ("\n".join(lines) + "\n\nThe keyscope row is in percent, every other row in points against it"
-            + (" with the paired 95% cluster-bootstrap interval of the difference" if paired else "")
+            + (" with the paired 95% cluster-bootstrap interval of the difference; the last column reads those "
+               "intervals (`keyscope.ablation.verdict`: keyscope's choice helps a column when reverting it lowers the "
+               "column's whole interval below 0)" if paired else "")
             + " (`figures/ablation.csv`, intervals in `figures/ablation.md`, from `keyscope evaluate --ablate --n 50 "
             "--out figures --json figures/ablation.json`).\n")
 
