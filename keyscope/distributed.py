@@ -129,3 +129,14 @@ def barrier(world: World) -> None:
         import torch.distributed as dist
 
         dist.barrier()
+
+
+def all_gather_object(value: T, world: World) -> list[T]:
+    """Every rank's ``value``, in rank order, on every rank (pickled; ``[value]`` for a single process)."""
+    if not world.distributed:
+        return [value]
+    import torch.distributed as dist
+
+    gathered: list = [None] * world.size
+    dist.all_gather_object(gathered, value)
+    return gathered

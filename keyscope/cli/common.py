@@ -5,8 +5,14 @@ argument types that check counts while parsing."""
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from keyscope.errors import KeyscopeError, UnknownToken
+
+if TYPE_CHECKING:
+    from keyscope.distributed import World
 
 #: The options that name output paths: folders, then files. Every command's are checked before any work and
 #: cleaned up after a failure (:func:`keyscope.cli.main`).
@@ -71,19 +77,35 @@ def data_source(args) -> str:
     return data
 
 
-def model_and_layer(args):
-    """The model of ``--model`` and ``--layer`` (checked), or the model's default edit layer."""
+def model_and_layer(args, device: str | None = None):
+    """The model of ``--model`` and ``--layer`` (checked), or the model's default edit layer; on ``device``
+    (default: CUDA when available)."""
     from keyscope.models import check_layer, default_layer, load_model
 
-    model = load_model(args.model)
+    model = load_model(args.model, device=device)
     layer = check_layer(model, args.layer) if args.layer is not None else default_layer(model)
     return model, layer
 
 
-def covariance(model, layer: int, args, n_tokens: int, progress: bool = True):
-    """``(C, corpus)``: the cached layer-``layer`` key covariance over ``--corpus`` (the model's default corpus)."""
+@contextmanager
+def torchrun_world() -> Iterator[tuple[World, str | None]]:
+    """``(world, device)`` of a command started by ``torchrun`` (:mod:`keyscope.distributed`), its process group
+    open until the block ends (gloo on CPUs, NCCL on GPUs): ``device`` is ``cuda:LOCAL_RANK`` or ``cpu`` under
+    torchrun, and ``None`` (the model's default) for a single process."""
+    from keyscope import distributed
+
+    world = distributed.from_env()
+    device = distributed.device_for(world) if world.distributed else None
+    with distributed.process_group(world, device or "cpu"):
+        yield world, device
+
+
+def covariance(model, layer: int, args, n_tokens: int, progress: bool = True, world: World | None = None):
+    """``(C, corpus)``: the cached layer-``layer`` key covariance over ``--corpus`` (the model's default corpus),
+    the same on every rank of ``world`` (:func:`keyscope.covariance_job.shared_covariance`)."""
     from keyscope import corpus as corpora
-    from keyscope.covariance import load_or_compute_covariance
+    from keyscope.covariance_job import shared_covariance
+    from keyscope.distributed import SINGLE
 
     source = args.corpus or corpora.default_corpus(model)
     prepend_bos = None
@@ -91,14 +113,14 @@ def covariance(model, layer: int, args, n_tokens: int, progress: bool = True):
         from keyscope.models import hf_prepends_bos
 
         prepend_bos = hf_prepends_bos(model)
-    cov = load_or_compute_covariance(model, layer, source, n_tokens=n_tokens, recompute=args.recompute,
-                                     progress=progress, prepend_bos=prepend_bos)
+    cov = shared_covariance(model, layer, source, world=world or SINGLE, n_tokens=n_tokens,
+                            recompute=args.recompute, progress=progress, prepend_bos=prepend_bos)
     return cov, source
 
 
-def covariance_loader(model, args):
+def covariance_loader(model, args, world: World | None = None):
     """``L ↦ C`` of layer ``L`` over ``--corpus`` with ``--tokens`` (cached), for editors that edit several layers."""
-    return lambda layer: covariance(model, layer, args, args.tokens, progress=not args.no_progress)[0]
+    return lambda layer: covariance(model, layer, args, args.tokens, progress=not args.no_progress, world=world)[0]
 
 
 def add_model_arguments(parser) -> None:

@@ -10,7 +10,9 @@ subject, and writes into ``--out``:
 * ``fig4_neighbors.csv`` — every hit (subject, rank, score, raw ``kᵀC⁻¹k*``, stream position, prefix);
 * ``fig4_rephrase.csv`` — the scores of the subjects' rephrased forms, one row each.
 
-It prints the best hit's prefix per subject (Figure 4 right).
+It prints the best hit's prefix per subject (Figure 4 right). Under ``torchrun --nproc_per_node K -m keyscope
+scan …`` each process scans every K-th batch of the corpus, the top-k lists are gathered and merged into the
+single-process ones exactly (ties by stream position), and rank 0 alone writes (:mod:`keyscope.distributed`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,13 @@ def _one_line(text: str, width: int = 90) -> str:
 
 
 def cmd_scan(args) -> int:
+    from keyscope.cli.common import torchrun_world
+
+    with torchrun_world() as (world, device):
+        return _scan(args, world, device)
+
+
+def _scan(args, world, device) -> int:
     from keyscope import scan
     from keyscope.cli.common import check_subject_tokens, covariance, data_source, model_and_layer
     from keyscope.datasets import read_facts
@@ -40,15 +49,17 @@ def cmd_scan(args) -> int:
         raise KeyscopeError(str(exc)) from exc
     data = data_source(args)
     fact_file = read_facts(data)
-    model, layer = model_and_layer(args)
+    model, layer = model_and_layer(args, device)
     facts = experiment.distinct_subjects(fact_file.facts, args.subjects)
     if not facts:
         raise KeyscopeError(f"{data} holds no usable facts ({len(fact_file.failures)} records failed to load)")
     check_subject_tokens(model, facts)
     progress = not args.no_progress
-    cov, source = covariance(model, layer, args, args.cov_tokens, progress=progress)
+    cov, source = covariance(model, layer, args, args.cov_tokens, progress=progress, world=world)
     config = replace(config, layer=layer)
-    report = experiment.run(model, facts, cov, source, config, args.out, args.model, progress=progress)
+    report = experiment.run(model, facts, cov, source, config, args.out, args.model, progress=progress, world=world)
+    if not world.is_main:  # rank 0 alone prints and writes
+        return 0
     result, summary = report.result, report.summary
     print(f"{args.model}, layer {layer}: scanned {result.n_tokens:,} tokens of {source} for {len(facts)} subjects "
           f"(C from {cov.n_tokens_:,} tokens; subject occurrences masked with window {config.window})")
