@@ -169,13 +169,14 @@ def add_output_arguments(parser, what: str = "the figure and CSV") -> None:
     parser.add_argument("--json", metavar="PATH", help="also write the summary as JSON")
 
 
-def edit_inputs(args):
+def edit_inputs(args, world: World | None = None, device: str | None = None):
     """What an editing command starts from: ``(facts, model, layer, C, corpus)`` from ``--data``, ``--model``,
     ``--layer``, ``--corpus``, ``--tokens``, ``--recompute`` and ``--no-progress`` (``--out`` and ``--json`` are
-    checked before, by :func:`keyscope.cli.main`)."""
+    checked before, by :func:`keyscope.cli.main`); the model on ``device``, ``C`` the same on every rank of
+    ``world`` (:func:`torchrun_world`)."""
     from keyscope.datasets import load_facts
 
     facts = load_facts(data_source(args))
-    model, layer = model_and_layer(args)
-    cov, source = covariance(model, layer, args, args.tokens, progress=not args.no_progress)
+    model, layer = model_and_layer(args, device)
+    cov, source = covariance(model, layer, args, args.tokens, progress=not args.no_progress, world=world)
     return facts, model, layer, cov, source
