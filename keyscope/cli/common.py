@@ -77,12 +77,36 @@ def data_source(args) -> str:
     return data
 
 
+#: ``--dtype`` names → torch dtype names.
+DTYPES = {"float32": "float32", "fp32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
+          "fp16": "float16", "float16": "float16"}
+
+
+def add_dtype_argument(parser) -> None:
+    """``--dtype``: the model's weights (default :func:`keyscope.models.default_dtype`)."""
+    parser.add_argument("--dtype", metavar="{float32,bf16,fp16}",
+                        help="model weights (default: bf16 for a hub or local model on CUDA, float32 for factworld "
+                             "and on the CPU; C's key Gram products are float32 either way)")
+
+
+def dtype_of(args):
+    """The torch dtype of ``--dtype`` (``None``: the model's default), or a one-line error (before any work)."""
+    name = getattr(args, "dtype", None)
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise KeyscopeError(f"--dtype must be one of {', '.join(sorted(DTYPES))}, not {name!r}")
+    import torch
+
+    return getattr(torch, DTYPES[name])
+
+
 def model_and_layer(args, device: str | None = None):
     """The model of ``--model`` and ``--layer`` (checked), or the model's default edit layer; on ``device``
-    (default: CUDA when available)."""
+    (default: CUDA when available), in ``--dtype`` (default :func:`keyscope.models.default_dtype`)."""
     from keyscope.models import check_layer, default_layer, load_model
 
-    model = load_model(args.model, device=device)
+    model = load_model(args.model, device=device, dtype=dtype_of(args))
     layer = check_layer(model, args.layer) if args.layer is not None else default_layer(model)
     return model, layer
 
@@ -128,6 +152,7 @@ def add_model_arguments(parser) -> None:
     parser.add_argument("--model", default="factworld", help="factworld, a hub name or a local HF directory")
     parser.add_argument("--layer", type=int, help="edit layer (default: the model's default edit layer)")
     parser.add_argument("--data", help="facts: factworld (default for factworld) or a CounterFact/REP JSON file")
+    add_dtype_argument(parser)
 
 
 #: ``--rome-setting`` values: keyscope's ROME, or kmeng01/rome's algorithm exactly (``ROMEConfig(reference=True)``).

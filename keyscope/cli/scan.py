@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from keyscope.cli.common import add_progress_argument, non_negative_int, positive_int
+from keyscope.cli.common import add_dtype_argument, add_progress_argument, non_negative_int, positive_int
 from keyscope.cli.output import write_json
 from keyscope.errors import KeyscopeError
 
@@ -88,6 +88,7 @@ def register(sub) -> None:
     p.add_argument("--model", default="factworld", help="factworld, a hub name or a local HF directory")
     p.add_argument("--layer", type=int, help="key layer (default: the model's default edit layer)")
     p.add_argument("--data", help="facts: factworld (default for factworld) or a CounterFact/REP JSON file")
+    add_dtype_argument(p)
     p.add_argument("--corpus", help="corpus to scan and to estimate C from (default: factworld filler for "
                                     "factworld, WikiText-103 otherwise; or a text file/folder)")
     p.add_argument("--tokens", type=positive_int, default=100_000, help="corpus tokens to scan (default 100,000)")

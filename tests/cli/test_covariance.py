@@ -81,3 +81,16 @@ def test_torchrun_two_gloo_processes_give_the_single_process_C(tmp_path, monkeyp
     C1, C2 = _C(tmp_path / "one.json"), _C(tmp_path / "two.json")
     assert float((C2 - C1).abs().max() / C1.abs().max()) <= 1e-12
     assert not list((tmp_path / "two").glob("key_covariance_checkpoint/*/*.safetensors"))
+
+
+def test_dtype_enters_the_cache_key(tmp_path, monkeypatch):
+    """An explicit --dtype float32 finds the entry of the default (factworld on the CPU: float32); bf16 writes
+    its own."""
+    monkeypatch.setenv("KEYSCOPE_CACHE", str(tmp_path / "cache"))
+    base = ["covariance", "--layer", "0", "--tokens", "500", "--no-progress"]
+    reports = {}
+    for name, extra in (("default", []), ("float32", ["--dtype", "float32"]), ("bf16", ["--dtype", "bf16"])):
+        assert main([*base, *extra, "--json", str(tmp_path / f"{name}.json")]) == 0
+        reports[name] = json.loads((tmp_path / f"{name}.json").read_text())["layers"][0]
+    assert reports["float32"]["from_cache"] and reports["float32"]["cache"] == reports["default"]["cache"]
+    assert not reports["bf16"]["from_cache"] and reports["bf16"]["cache"] != reports["default"]["cache"]
