@@ -82,6 +82,11 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bf16": "bfloat16", "bfloat16
           "fp16": "float16", "float16": "float16"}
 
 
+#: ``--batch-size`` of a corpus pass (:func:`keyscope.memory.corpus_batch_size`).
+BATCH_SIZE_HELP = ("windows per forward pass (default 16 on the CPU; on CUDA as many as fit in half the free memory, "
+                   "at most 512 or this; only float rounding depends on it)")
+
+
 def add_dtype_argument(parser) -> None:
     """``--dtype``: the model's weights (default :func:`keyscope.models.default_dtype`)."""
     parser.add_argument("--dtype", metavar="{float32,bf16,fp16}",

@@ -19,7 +19,13 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from keyscope.cli.common import add_dtype_argument, add_progress_argument, non_negative_int, positive_int
+from keyscope.cli.common import (
+    BATCH_SIZE_HELP,
+    add_dtype_argument,
+    add_progress_argument,
+    non_negative_int,
+    positive_int,
+)
 from keyscope.cli.output import write_json
 from keyscope.errors import KeyscopeError
 
@@ -41,10 +47,11 @@ def _scan(args, world, device) -> int:
     from keyscope.cli.common import check_subject_tokens, covariance, data_source, model_and_layer
     from keyscope.datasets import read_facts
     from keyscope.experiments import scan as experiment
+    from keyscope.memory import DEFAULT_BATCH_SIZE, corpus_batch_size
 
     try:  # check the numbers before the model loads; the layer is set below
-        config = scan.ScanConfig(layer=0, n_tokens=args.tokens, seq_len=args.seq_len, batch_size=args.batch_size,
-                                 top_k=args.top_k, window=args.window)
+        config = scan.ScanConfig(layer=0, n_tokens=args.tokens, seq_len=args.seq_len,
+                                 batch_size=args.batch_size or DEFAULT_BATCH_SIZE, top_k=args.top_k, window=args.window)
     except ValueError as exc:
         raise KeyscopeError(str(exc)) from exc
     data = data_source(args)
@@ -56,7 +63,8 @@ def _scan(args, world, device) -> int:
     check_subject_tokens(model, facts)
     progress = not args.no_progress
     cov, source = covariance(model, layer, args, args.cov_tokens, progress=progress, world=world)
-    config = replace(config, layer=layer)
+    config = replace(config, layer=layer,
+                     batch_size=corpus_batch_size(model, config.seq_len, [layer], args.batch_size, world))
     report = experiment.run(model, facts, cov, source, config, args.out, args.model, progress=progress, world=world)
     if not world.is_main:  # rank 0 alone prints and writes
         return 0
@@ -98,7 +106,7 @@ def register(sub) -> None:
                    help="positions masked after each subject occurrence's last token (default 10)")
     p.add_argument("--cov-tokens", type=positive_int, default=100_000, help="corpus tokens for C (default 100,000)")
     p.add_argument("--seq-len", type=positive_int, default=256, help="window length fed to the model (default 256)")
-    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--batch-size", type=positive_int, help=BATCH_SIZE_HELP)
     p.add_argument("--recompute", action="store_true", help="recompute C even if cached")
     add_progress_argument(p)
     p.add_argument("--out", default="figures", help="output folder for the figure and CSV (default figures/)")
