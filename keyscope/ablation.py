@@ -28,6 +28,7 @@ import numpy as np
 
 from keyscope import rep, rome
 from keyscope.datasets import Fact
+from keyscope.distributed import SINGLE, World
 from keyscope.editing import EditContext, make_editor, prepare_context
 from keyscope.errors import KeyscopeError
 from keyscope.evaluate import (
@@ -201,9 +202,10 @@ class AblationResult:
 
 def ablate(model, facts: Sequence[Fact], layer: int, cov, context_docs: Iterable[str], corpus=None,
            variants: Sequence[Variant] = VARIANTS, config: EvalConfig | None = None, tau: float | None = None,
-           seed: int | None = None, progress: bool = True) -> AblationResult:
+           seed: int | None = None, progress: bool = True, world: World = SINGLE) -> AblationResult:
     """Score ROME and each of ``variants`` on ``config.n`` known facts (module docstring). ``tau`` and ``seed``,
-    if given, replace every variant's gate threshold and adaptor seed."""
+    if given, replace every variant's gate threshold and adaptor seed. Under ``torchrun`` (``world``) the facts
+    are shared among the ranks and every rank gets all rows (:func:`keyscope.evaluate.run_facts`)."""
     from keyscope.models import model_name
 
     if not variants:
@@ -225,7 +227,7 @@ def ablate(model, facts: Sequence[Fact], layer: int, cov, context_docs: Iterable
         return score_each(items, lambda fact, queries: ablate_fact(model, fact, queries, variants, contexts,
                                                                    config.twin_cosine))
 
-    rows, skipped, n_known = run_facts(model, facts, config, context_docs, score, "ablation", progress)
+    rows, skipped, n_known = run_facts(model, facts, config, context_docs, score, "ablation", progress, world=world)
     summary = summarize(rows, config.bootstrap, config.seed)
     if BASE in names:
         for name, entry in differences(rows, names, BASE, config.bootstrap, config.seed).items():

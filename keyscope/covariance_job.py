@@ -338,3 +338,35 @@ def summary(result: JobResult, model_label: str, corpus_label: str) -> dict:
         "checkpoints_written": result.checkpoints_written,
         "world_size": result.world_size,
     }
+
+
+def shared_covariance(
+    model,
+    layer: int,
+    corpus: Source,
+    *,
+    world: World = SINGLE,
+    n_tokens: int = 100_000,
+    prepend_bos: bool | None = None,
+    recompute: bool = False,
+    progress: bool = True,
+    root=None,
+) -> KeyCovariance:
+    """The layer-``layer`` key covariance on every rank of ``world``, identical on all of them.
+
+    A single process gets :func:`keyscope.covariance.load_or_compute_covariance` unchanged. Several processes
+    run :func:`compute_covariances` (the cache entry when rank 0 finds it, else one pass sharded over the ranks
+    and cached by rank 0; the same spec, so the entry serves both), and every rank then rebuilds ``C`` from rank
+    0's :meth:`~keyscope.covariance.KeyCovariance.to_tensors` — as a single process rebuilds it from the cache
+    — so every rank edits and scores with the same ``C``, bit for bit.
+    """
+    from keyscope.covariance import load_or_compute_covariance
+
+    if not world.distributed:
+        return load_or_compute_covariance(model, layer, corpus, n_tokens=n_tokens, recompute=recompute,
+                                          prepend_bos=prepend_bos, progress=progress, root=root)
+    job = CovarianceJob((layer,), n_tokens=n_tokens, prepend_bos=prepend_bos, checkpoint_every=math.inf)
+    result = compute_covariances(model, job, corpus, world=world, recompute=recompute, root=root, progress=progress)
+    tensors = broadcast_object(result.covariances[layer].to_tensors() if world.is_main else None, world)
+    spec = covariance_spec(model, job.config(layer), corpus)
+    return KeyCovariance.from_tensors(tensors, job.config(layer), spec, device=model.cfg.device)

@@ -1,6 +1,6 @@
 """Several processes on one job with ``torch.distributed``, launched by ``torchrun``.
 
-keyscope does not launch processes itself: ``torchrun --nproc_per_node K -m keyscope covariance …`` (or
+keyscope does not launch processes itself: ``torchrun --nproc_per_node K -m keyscope covariance|scan|evaluate …`` (or
 torchrun's multi-node flags) starts ``K`` copies and sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
 ``MASTER_ADDR`` and ``MASTER_PORT`` in each one's environment. :func:`from_env` reads them and
 :func:`process_group` initialises the default process group — NCCL when the processes use CUDA devices,
@@ -11,7 +11,8 @@ Work is split by deterministic striding (:func:`shard`): rank ``r`` of ``size`` 
 ``r, r + size, r + 2·size, …`` of a stream every rank generates identically, so the union of the shards is
 the stream and no two ranks share an item. Partial results are combined with :func:`all_reduce_sum_`
 (float64 sums and int64 counts, so the sum is the single-process one up to the order of float64 additions)
-and :func:`broadcast_object` (rank 0's decisions); only rank 0 writes files (:attr:`World.is_main`).
+and :func:`broadcast_object` (rank 0's decisions), or gathered with :func:`all_gather_object` (each rank's
+top-k lists or per-fact rows, merged in a fixed order); only rank 0 writes files (:attr:`World.is_main`).
 """
 
 from __future__ import annotations
@@ -129,3 +130,14 @@ def barrier(world: World) -> None:
         import torch.distributed as dist
 
         dist.barrier()
+
+
+def all_gather_object(value: T, world: World) -> list[T]:
+    """Every rank's ``value``, in rank order, on every rank (pickled; ``[value]`` for a single process)."""
+    if not world.distributed:
+        return [value]
+    import torch.distributed as dist
+
+    gathered: list = [None] * world.size
+    dist.all_gather_object(gathered, value)
+    return gathered

@@ -44,6 +44,7 @@ import torch
 
 from keyscope import rep, rome
 from keyscope.datasets import Fact
+from keyscope.distributed import SINGLE, World, all_gather_object
 from keyscope.editing import (
     EDITORS,
     EditContext,
@@ -366,37 +367,53 @@ class EvalResult:
 
 def run_facts(model, facts: Sequence[Fact], config: EvalConfig, context_docs: Iterable[str],
               score: Callable[[Sequence[tuple[Fact, FactProbes]]], tuple[list[dict], list[dict]]], desc: str,
-              progress: bool = True, chunk: int = 1) -> tuple[list[dict], list[dict], int]:
+              progress: bool = True, chunk: int = 1, world: World = SINGLE) -> tuple[list[dict], list[dict], int]:
     """``score(items)`` for ``config.n`` known facts drawn with ``config.seed``, in chunks of ``chunk`` facts
     with their probes (:func:`keyscope.perturbations.fact_probes`); ``score`` returns ``(rows, skipped)``.
-    Returns ``(rows, skipped, n_known)``. A fact whose probes raise a :class:`~keyscope.errors.KeyscopeError`
-    (e.g. a target without a token of its own after the prompt) is skipped with its reason; none scored at all
-    is an error."""
+    Returns ``(rows, skipped, n_known)``, in the drawn order. A fact whose probes raise a
+    :class:`~keyscope.errors.KeyscopeError` (e.g. a target without a token of its own after the prompt) is
+    skipped with its reason; none scored at all is an error.
+
+    Under ``torchrun`` (``world``) every rank draws the same facts and builds every fact's probes (cheap, and the
+    long contexts come from one stream, so each fact gets the same text as in a single process), but scores
+    only the chunks ``rank, rank + K, …``; the rows and skips of all ranks are gathered on every rank and put in
+    the drawn order — a single process's rows, since each fact's scores depend only on the fact, its probes and
+    the shared setup (seeded generators, no global random state).
+    """
     from tqdm.auto import tqdm
 
     chosen, n_known = sample_known_facts(model, facts, config.n, config.seed, batch_size=config.batch_size)
     forms = subject_forms(facts)
     rows, skipped, pending = [], [], []
+    chunks = 0
 
     def flush() -> None:
-        scored, failed = score(pending)
-        rows.extend(scored)
-        skipped.extend(failed)
+        nonlocal chunks
+        if chunks % world.size == world.rank:  # this rank's chunk (distributed.shard's striding)
+            scored, failed = score(pending)
+            rows.extend(scored)
+            skipped.extend(failed)
+        chunks += 1
         bar.update(len(pending))
         pending.clear()
 
-    with tqdm(total=len(chosen), desc=desc, disable=not progress) as bar:
+    with tqdm(total=len(chosen), desc=desc, disable=not progress or not world.is_main) as bar:
         for fact in chosen:
             try:
                 pending.append((fact, fact_probes(model.tokenizer, fact, context_docs, config.probes, exclude=forms,
                                                   other_facts=facts)))
             except KeyscopeError as exc:
-                skipped.append({"case_id": fact.case_id, "reason": str(exc)})
+                if world.is_main:  # every rank finds it; one records it
+                    skipped.append({"case_id": fact.case_id, "reason": str(exc)})
                 bar.update(1)
             if len(pending) == chunk:
                 flush()
         if pending:
             flush()
+    if world.distributed:
+        shares = all_gather_object((rows, skipped), world)
+        rows = [row for share, _ in shares for row in share]
+        skipped = [skip for _, share in shares for skip in share]
     if not rows:
         raise KeyscopeError(f"no fact could be evaluated ({len(skipped)} skipped; first: {skipped[0]['reason']})")
     order = {fact.case_id: i for i, fact in enumerate(chosen)}  # the drawn order, whatever the chunks did
@@ -409,13 +426,15 @@ def evaluate(model, facts: Sequence[Fact], layer: int, cov, context_docs: Iterab
              methods: Sequence[str] = METHODS, config: EvalConfig | None = None,
              rome_config: rome.ROMEConfig | None = None, rep_config: rep.REPConfig | None = None,
              taus: Sequence[float] = (), progress: bool = True,
-             load_covariance: Callable[[int], object] | None = None) -> EvalResult:
+             load_covariance: Callable[[int], object] | None = None, world: World = SINGLE) -> EvalResult:
     """Evaluate ``methods`` (names in :data:`keyscope.editing.EDITORS`) on ``config.n`` known facts drawn with
     ``config.seed`` (module docstring); batch editors get ``config.edit_batch`` facts per edit.
 
     ``context_docs`` supplies the long contexts (an iterator: each fact gets fresh text); ``corpus`` (a
     :mod:`keyscope.corpus` source) supplies REP's corpus negatives; ``load_covariance(L)`` the key covariance of
-    another layer, for editors that edit several.
+    another layer, for editors that edit several. Under ``torchrun`` (``world``) the facts (or batches of facts)
+    are shared among the ranks and every rank gets all rows (:func:`run_facts`); ``cov`` and what
+    ``load_covariance`` returns must be the same on every rank.
     """
 
     from keyscope.models import model_name
@@ -435,7 +454,8 @@ def evaluate(model, facts: Sequence[Fact], layer: int, cov, context_docs: Iterab
         return evaluate_batch(model, items, editors, context, taus, config.twin_cosine)
 
     rows, skipped, n_known = run_facts(model, facts, config, context_docs, score, "evaluating edits", progress,
-                                       chunk=config.edit_batch if any(e.batched for e in editors.values()) else 1)
+                                       chunk=config.edit_batch if any(e.batched for e in editors.values()) else 1,
+                                       world=world)
     summary = summarize(rows, config.bootstrap, config.seed)
     return EvalResult(model_name(model), layer, rows, summary, config, rep_config, n_known, tuple(taus),
                       time.perf_counter() - start, skipped)

@@ -320,8 +320,27 @@ def _check_dense_mlp(model, label: str) -> None:
             )
 
 
+def default_dtype(name_or_path: str, device: str | torch.device) -> torch.dtype:
+    """The weights' dtype :func:`load_model` picks when none is asked for: ``bfloat16`` for a real model (a hub
+    name or a local HF directory other than the shipped factworld) on a CUDA device — half the memory, and
+    tensor-core matmuls; the key Gram products of ``C`` stay float32 into float64 sums
+    (:func:`keyscope.covariance.add_batch`) — and ``float32`` for factworld and on the CPU, so CPU results never
+    change. The dtype is part of every covariance cache key, so bf16 and float32 ``C`` never mix."""
+    if torch.device(device).type != "cuda":
+        return torch.float32
+    if name_or_path == FACTWORLD:
+        return torch.float32
+    shipped = Path(resolve_model_path(FACTWORLD)).expanduser().resolve()
+    if Path(name_or_path).expanduser().resolve() == shipped:
+        return torch.float32
+    return torch.bfloat16
+
+
 def load_model(name_or_path: str = FACTWORLD, device: str | None = None, dtype: torch.dtype | None = None):
     """Load ``name_or_path`` as an unprocessed TransformerLens 4 ``TransformerBridge`` in eval mode.
+
+    ``device`` defaults to CUDA when available, ``dtype`` to :func:`default_dtype` (bf16 for a real model on
+    CUDA, float32 otherwise).
 
     ``name_or_path`` is ``"factworld"`` (the model shipped with keyscope), a local HF directory
     (``config.json`` + weights + tokenizer) or a hub name (``gpt2``, ``meta-llama/Llama-2-7b-hf``, …). A hub
@@ -362,7 +381,7 @@ def load_model(name_or_path: str = FACTWORLD, device: str | None = None, dtype: 
         repo_id, source = cached or (_official_name(name_or_path), None)
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = dtype or torch.float32
+    dtype = dtype or default_dtype(name_or_path, device)
     try:
         model = _boot(str(source) if source is not None else repo_id, device, dtype)
     except (OSError, ValueError, KeyError, TypeError, *_config_errors()) as exc:  # files; malformed config

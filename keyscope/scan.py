@@ -26,10 +26,16 @@ match is only known at its last token, the scan scores positions ``L − 1`` tok
 masked sequence), holding back that many keys. Both run over the same keys in one pass; excluded positions
 score ``-inf``.
 
-Top-k. Each chunk's ``torch.topk`` over positions ``(k, S)`` is merged with the running ``(k, S)`` best by a
-second ``topk``, so the state (scores, raw similarities, stream positions and the ``prefix_tokens`` token ids
-ending at each hit) has a fixed size whatever the corpus length; prefixes are decoded once at the end. The
-merged result equals the global top-k (up to the order of exact ties).
+Top-k. Each chunk's best ``k`` positions ``(k, S)`` are merged with the running ``(k, S)`` best, so the state
+(scores, raw similarities, stream positions and the ``prefix_tokens`` token ids ending at each hit) has a fixed
+size whatever the corpus length; prefixes are decoded once at the end. The merged result equals the global top-k under a total order — higher score first, equal scores by earlier stream
+position (:func:`best_rows`) — so it does not depend on the chunking.
+
+Several processes (:mod:`keyscope.distributed`, ``torchrun``). Every rank walks the whole token stream (the
+tokenizer and the subject masks are cheap) but runs the model only on its batches, ``rank, rank + K, …``
+(``world`` of :func:`scan_scores`); each keeps the top-k of its positions, and the states are gathered and
+merged by the same total order: the single-process top-k exactly (scores, positions, prefixes and their order),
+with the excluded and above-threshold counts summed as integers.
 
 Any score. The streaming core, :func:`scan_scores`, takes any function of a chunk's keys (at one or several
 layers, one forward pass stopped after the last) to ``(P, S)`` scores: the linear score above
@@ -48,6 +54,7 @@ import torch
 
 from keyscope.corpus import Source, TokenBatch, token_batches
 from keyscope.datasets import Fact
+from keyscope.distributed import SINGLE, World, all_gather_object
 from keyscope.keys import collect_keys, layer_keys
 from keyscope.models import check_layer, key_hook, sdpa_attention
 from keyscope.prompts import encode, fill, tokens_overlapping
@@ -239,6 +246,15 @@ class SubjectMask:
 # ---------------------------------------------------------------------------------------------- top-k
 
 
+def best_rows(scores: torch.Tensor, positions: torch.Tensor, k: int) -> torch.Tensor:
+    """The rows of the ``k`` best entries of each column of ``scores`` ``(n, S)``: highest score first, and among
+    equal scores the lowest stream position (``positions`` ``(n, S)``) first — a total order, so the top-k of a
+    stream does not depend on how it is cut into chunks or shared among processes. ``(min(k, n), S)``."""
+    by_position = positions.argsort(dim=0, stable=True)  # (n, S)
+    by_score = scores.gather(0, by_position).sort(dim=0, descending=True, stable=True).indices  # (n, S)
+    return by_position.gather(0, by_score)[: min(k, scores.shape[0])]  # (k, S)
+
+
 class ScoreTopK:
     """Running top-k of any per-position scores of streamed keys against ``S`` columns (subjects, edits).
 
@@ -280,19 +296,51 @@ class ScoreTopK:
         scores = scores.masked_fill(excluded, float("-inf"))
         if self.thresholds is not None:
             self.n_above += (scores > self.thresholds).sum(0).cpu()
-        k = min(self.top_k, scores.shape[0])
-        best, rows = scores.topk(k, dim=0)  # (k, S)
+        rows = best_rows(scores, positions.to(device)[:, None].expand_as(scores), self.top_k)  # (k, S)
+        best = scores.gather(0, rows)  # (k, S)
         chunk_raw = raw.gather(0, rows)  # (k, S)
         chunk_pos = positions.to(device)[rows]  # (k, S)
         chunk_prefix = prefix_ids.to(device)[rows]  # (k, S, L)
-        merged_scores = torch.cat([self.scores, best])  # (k' + k, S)
-        keep = min(self.top_k, merged_scores.shape[0])
-        self.scores, picks = merged_scores.topk(keep, dim=0)  # (keep, S)
-        self.raw = torch.cat([self.raw, chunk_raw]).gather(0, picks)
-        self.positions = torch.cat([self.positions, chunk_pos]).gather(0, picks)
-        all_prefix = torch.cat([self.prefix_ids, chunk_prefix])  # (k' + k, S, L)
-        self.prefix_ids = all_prefix.gather(0, picks[:, :, None].expand(-1, -1, all_prefix.shape[2]))
+        self._merge(best, chunk_raw, chunk_pos, chunk_prefix)
         return unmasked
+
+    def _merge(self, scores: torch.Tensor, raw: torch.Tensor, positions: torch.Tensor,
+               prefix_ids: torch.Tensor) -> None:
+        """Merge candidate hits ``(n, S)`` (and ``(n, S, L)`` prefix ids) into the state: the ``top_k`` best of
+        both, in :func:`best_rows` order."""
+        all_scores = torch.cat([self.scores, scores.to(self.scores.device)])  # (k' + n, S)
+        all_positions = torch.cat([self.positions, positions.to(self.positions.device)])  # (k' + n, S)
+        picks = best_rows(all_scores, all_positions, self.top_k)  # (keep, S)
+        self.scores = all_scores.gather(0, picks)
+        self.raw = torch.cat([self.raw, raw.to(self.raw.device)]).gather(0, picks)
+        self.positions = all_positions.gather(0, picks)
+        all_prefix = torch.cat([self.prefix_ids, prefix_ids.to(self.prefix_ids.device)])  # (k' + n, S, L)
+        self.prefix_ids = all_prefix.gather(0, picks[:, :, None].expand(-1, -1, all_prefix.shape[2]))
+
+    def state(self) -> dict[str, torch.Tensor | None]:
+        """The running state on the CPU (for :meth:`gather`)."""
+        return {"scores": self.scores.cpu(), "raw": self.raw.cpu(), "positions": self.positions.cpu(),
+                "prefix_ids": self.prefix_ids.cpu(), "n_excluded": self.n_excluded.clone(),
+                "n_above": None if self.n_above is None else self.n_above.clone()}
+
+    def gather(self, world: World) -> ScoreTopK:
+        """Merge the states of every rank of ``world`` into this one, in place (a no-op for a single process).
+
+        Each rank's state is the top-k of its share of the positions under the total order of
+        :func:`best_rows`, so the top-k of their union is the top-k of the whole stream — the single-process
+        state exactly, ties included. ``n_excluded`` and ``n_above`` are integer sums. Returns self.
+        """
+        if not world.distributed:
+            return self
+        states = all_gather_object(self.state(), world)
+        self.scores, self.raw = self.scores[:0], self.raw[:0]
+        self.positions, self.prefix_ids = self.positions[:0], self.prefix_ids[:0]
+        for state in states:
+            self._merge(state["scores"], state["raw"], state["positions"], state["prefix_ids"])
+        self.n_excluded = sum((state["n_excluded"] for state in states), torch.zeros_like(self.n_excluded))
+        if self.n_above is not None:
+            self.n_above = sum((state["n_above"] for state in states), torch.zeros_like(self.n_above))
+        return self
 
     def state_nbytes(self) -> int:
         """Bytes held by the running state (bounded by ``top_k``, independent of the corpus length)."""
@@ -344,6 +392,7 @@ def scan_batches(
     config: ScanConfig,
     subjects: Sequence[str] | None = None,
     progress: bool = True,
+    world: World = SINGLE,
 ) -> dict[str, ScanResult]:
     """Scan token ``batches`` for the keys most similar to each row of ``k_stars`` ``(S, d_mlp)``, once per
     filter of ``masks``.
@@ -357,7 +406,7 @@ def scan_batches(
     norms = (k_stars.to(c_inv.device, torch.float64) * c_inv).sum(-1)  # (S,)
     linear = NeighbourTopK(c_inv.T.to(device), norms.to(device), config.top_k, config.prefix_tokens)
     return scan_scores(model, batches, lambda keys: linear.score(keys[config.layer]), k_stars.shape[0], masks,
-                       config, subjects, progress)
+                       config, subjects, progress, world=world)
 
 
 def scan_scores(
@@ -371,6 +420,7 @@ def scan_scores(
     progress: bool = True,
     layers: Sequence[int] | None = None,
     thresholds: torch.Tensor | None = None,
+    world: World = SINGLE,
 ) -> dict[str, ScanResult]:
     """The streaming scan with any score: every counted position of ``batches`` is scored by
     ``score({layer: keys (P, d_mlp)}) -> (P, n_columns)`` (or a ``(scores, raw)`` pair; :class:`ScoreTopK`)
@@ -393,37 +443,46 @@ def scan_scores(
     lookbehind = {name: name == "strict" for name in masks}
     lag = max([SubjectMask.longest(v) - 1 for name, v in masks.items() if lookbehind[name]], default=0)
     maskers = {name: SubjectMask(variants, config.window, lookbehind[name], lag) for name, variants in masks.items()}
-    bar = _progress(progress, config.n_tokens, f"scan layer {layers[-1]}")
-    seen = 0
-    held = None  # the last ``lag`` positions' scores, raw scores, stream positions and prefixes
+    bar = _progress(progress and world.is_main, config.n_tokens, f"scan layer {layers[-1]}" + (
+        f" (rank 0 of {world.size})" if world.distributed else ""))
+    seen = 0  # stream positions so far (every rank walks the whole token stream)
+    emitted = 0  # stream positions whose masks are known
+    scored: list[tuple[torch.Tensor, ...]] = []  # this rank's scored positions waiting for their masks
 
-    def update(scores, raw, positions, prefixes, excluded: dict[str, torch.Tensor]) -> None:
-        for name, top in tops.items():
-            top.update(None, excluded[name], positions, prefixes, (scores, raw))
+    def consume(excluded: dict[str, torch.Tensor]) -> None:
+        """Merge this rank's scored positions among the mask rows just emitted (stream ``emitted`` onwards)."""
+        nonlocal emitted, scored
+        hi = emitted + int(next(iter(excluded.values())).shape[0])
+        waiting = []
+        for chunk in scored:
+            positions = chunk[2]
+            n = int((positions < hi).sum())  # positions ascend: the first n rows have their masks
+            if n:
+                rows = slice(int(positions[0]) - emitted, int(positions[0]) - emitted + n)
+                for name, top in tops.items():
+                    top.update(None, excluded[name][rows], positions[:n], chunk[3][:n], (chunk[0][:n], chunk[1][:n]))
+            if n < positions.shape[0]:
+                waiting.append(tuple(t[n:] for t in chunk))
+        scored, emitted = waiting, hi
 
     try:
         first = next(iter(tops.values()))
-        for batch in batches:
-            scores, raw = first.score(keys_at_layers(model, batch, layers))  # (P, S) each
+        for index, batch in enumerate(batches):
             stream = batch.input_ids[batch.key_mask]  # (P,)
-            positions = torch.arange(seen, seen + stream.shape[0])  # (P,)
-            prefixes = _prefix_windows(batch, config.prefix_tokens)  # (P, L)
-            chunk = (scores, raw, positions, prefixes)
-            if held is not None:
-                chunk = tuple(torch.cat([a.to(b.device), b]) for a, b in zip(held, chunk))
-            excluded = {name: masker(stream) for name, masker in maskers.items()}  # (P + held - lag, S) each
-            cut = max(int(chunk[0].shape[0]) - lag, 0)
-            held = tuple(t[cut:] for t in chunk)
-            if cut:
-                update(*(t[:cut] for t in chunk), excluded)
+            if index % world.size == world.rank:  # this rank's batch (distributed.shard's striding)
+                scores, raw = first.score(keys_at_layers(model, batch, layers))  # (P, S) each
+                positions = torch.arange(seen, seen + stream.shape[0])  # (P,)
+                scored.append((scores, raw, positions, _prefix_windows(batch, config.prefix_tokens)))
+            consume({name: masker(stream) for name, masker in maskers.items()})  # rows up to lag behind
             seen += int(stream.shape[0])
             if bar is not None:
                 bar.update(int(stream.shape[0]))
-        if held is not None and held[0].shape[0]:
-            update(*held, {name: masker.flush() for name, masker in maskers.items()})
+        consume({name: masker.flush() for name, masker in maskers.items()})
     finally:
         if bar is not None:
             bar.close()
+    for top in tops.values():
+        top.gather(world)
     return {name: _result(model.tokenizer, top, config, subjects, seen) for name, top in tops.items()}
 
 
@@ -538,6 +597,7 @@ def scan_corpus(
     progress: bool = True,
     k_stars: torch.Tensor | None = None,
     filters: Sequence[str] = FILTERS,
+    world: World = SINGLE,
 ) -> dict[str, ScanResult]:
     """Scan ``config.n_tokens`` positions of ``corpus`` for each fact subject's nearest keys (module docstring),
     under each of ``filters`` (:func:`filter_variants`): ``{filter: ScanResult}``.
@@ -553,4 +613,4 @@ def scan_corpus(
     per_fact = [filter_variants(tokenizer, f) for f in facts]
     masks = {name: [variants[name] for variants in per_fact] for name in filters}
     batches = token_batches(tokenizer, corpus, config.n_tokens, config.seq_len, config.batch_size, config.prepend_bos)
-    return scan_batches(model, batches, k_stars, cov, masks, config, [f.subject for f in facts], progress)
+    return scan_batches(model, batches, k_stars, cov, masks, config, [f.subject for f in facts], progress, world)

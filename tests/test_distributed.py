@@ -29,6 +29,7 @@ def test_single_process_helpers_are_no_ops():
     distributed.all_reduce_sum_([t], distributed.SINGLE)
     assert t.tolist() == [1.0, 1.0, 1.0]
     assert distributed.broadcast_object({"a": 1}, distributed.SINGLE) == {"a": 1}
+    assert distributed.all_gather_object({"a": 1}, distributed.SINGLE) == [{"a": 1}]
     assert distributed.device_for(distributed.SINGLE, "cpu") == "cpu"
     with distributed.process_group(distributed.SINGLE, "cpu") as world:
         assert world is distributed.SINGLE and not torch.distributed.is_initialized()

@@ -523,3 +523,14 @@ def test_sdpa_attention_gives_the_eager_keys_and_logits_and_restores_the_bridge(
     with model.hooks(fwd_hooks=[(pattern_name, lambda t, hook: fired.append(1))]):
         assert torch.equal(layer_keys(model, ids, mask, last), eager_keys)
     assert fired
+
+
+def test_default_dtype_is_bf16_only_for_real_models_on_cuda(tmp_path):
+    shipped = models.resolve_model_path(models.FACTWORLD)
+    for device in ("cuda", "cuda:1", torch.device("cuda", 0)):
+        assert models.default_dtype("gpt2-xl", device) == torch.bfloat16
+        assert models.default_dtype(str(tmp_path), device) == torch.bfloat16  # a local HF directory
+        assert models.default_dtype(models.FACTWORLD, device) == torch.float32
+        assert models.default_dtype(shipped, device) == torch.float32  # factworld by its path
+    for name in ("gpt2-xl", str(tmp_path), models.FACTWORLD):
+        assert models.default_dtype(name, "cpu") == torch.float32  # CPU results never change

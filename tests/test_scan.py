@@ -308,3 +308,35 @@ def test_scan_scores_with_any_score_and_layers_equals_brute_force(model, cov, fa
     assert result.positions.tolist() == rows.T.tolist()
     assert result.n_above.tolist() == (dense > thresholds).sum(0).tolist()
     assert result.n_excluded.tolist() == excluded.sum(0).tolist()
+
+
+def test_ties_are_broken_by_stream_position_whatever_the_chunking_or_sharding():
+    """Equal scores rank by earlier stream position (a total order), so chunked, sharded-and-merged and
+    all-at-once top-k lists are the same, ties included."""
+    g = torch.Generator().manual_seed(2)
+    N, S, k = 120, 3, 9
+    scores = torch.randint(0, 4, (N, S), generator=g).float()  # (N, S): many exact ties
+    excluded = torch.rand(N, S, generator=g) < 0.1
+    prefix = torch.arange(N)[:, None].expand(N, 2)
+    masked = scores.masked_fill(excluded, float("-inf"))
+    expected = torch.stack([torch.tensor(sorted(range(N), key=lambda i: (-float(masked[i, j]), i))[:k])
+                            for j in range(S)], dim=1)  # (k, S)
+
+    def top(chunks):
+        acc = scan.ScoreTopK(lambda keys: keys, S, k, prefix_tokens=2)
+        for lo, hi in chunks:
+            hi = min(hi, N)
+            acc.update(scores[lo:hi], excluded[lo:hi], torch.arange(lo, hi), prefix[lo:hi])
+        return acc
+
+    whole = top([(0, N)])
+    assert torch.equal(whole.positions, expected) and torch.equal(whole.prefix_ids[:, :, 0], expected)
+    assert torch.equal(top([(lo, lo + 7) for lo in range(0, N, 7)]).positions, expected)
+    cuts = list(range(0, N, 10))
+    shards = [top([(lo, lo + 10) for lo in cuts[r::3]]) for r in range(3)]  # 3 ranks, strided batches
+    merged = scan.ScoreTopK(lambda keys: keys, S, k, prefix_tokens=2)
+    for shard in shards:
+        state = shard.state()
+        merged._merge(state["scores"], state["raw"], state["positions"], state["prefix_ids"])
+    assert torch.equal(merged.positions, expected) and torch.equal(merged.scores, whole.scores)
+    assert sum(int(s.n_excluded.sum()) for s in shards) == int(excluded.sum())

@@ -5,8 +5,14 @@ argument types that check counts while parsing."""
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from keyscope.errors import KeyscopeError, UnknownToken
+
+if TYPE_CHECKING:
+    from keyscope.distributed import World
 
 #: The options that name output paths: folders, then files. Every command's are checked before any work and
 #: cleaned up after a failure (:func:`keyscope.cli.main`).
@@ -71,19 +77,64 @@ def data_source(args) -> str:
     return data
 
 
-def model_and_layer(args):
-    """The model of ``--model`` and ``--layer`` (checked), or the model's default edit layer."""
+#: ``--dtype`` names → torch dtype names.
+DTYPES = {"float32": "float32", "fp32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
+          "fp16": "float16", "float16": "float16"}
+
+
+#: ``--batch-size`` of a corpus pass (:func:`keyscope.memory.corpus_batch_size`).
+BATCH_SIZE_HELP = ("windows per forward pass (default 16 on the CPU; on CUDA as many as fit in half the free memory, "
+                   "at most 512 or this; only float rounding depends on it)")
+
+
+def add_dtype_argument(parser) -> None:
+    """``--dtype``: the model's weights (default :func:`keyscope.models.default_dtype`)."""
+    parser.add_argument("--dtype", metavar="{float32,bf16,fp16}",
+                        help="model weights (default: bf16 for a hub or local model on CUDA, float32 for factworld "
+                             "and on the CPU; C's key Gram products are float32 either way)")
+
+
+def dtype_of(args):
+    """The torch dtype of ``--dtype`` (``None``: the model's default), or a one-line error (before any work)."""
+    name = getattr(args, "dtype", None)
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise KeyscopeError(f"--dtype must be one of {', '.join(sorted(DTYPES))}, not {name!r}")
+    import torch
+
+    return getattr(torch, DTYPES[name])
+
+
+def model_and_layer(args, device: str | None = None):
+    """The model of ``--model`` and ``--layer`` (checked), or the model's default edit layer; on ``device``
+    (default: CUDA when available), in ``--dtype`` (default :func:`keyscope.models.default_dtype`)."""
     from keyscope.models import check_layer, default_layer, load_model
 
-    model = load_model(args.model)
+    model = load_model(args.model, device=device, dtype=dtype_of(args))
     layer = check_layer(model, args.layer) if args.layer is not None else default_layer(model)
     return model, layer
 
 
-def covariance(model, layer: int, args, n_tokens: int, progress: bool = True):
-    """``(C, corpus)``: the cached layer-``layer`` key covariance over ``--corpus`` (the model's default corpus)."""
+@contextmanager
+def torchrun_world() -> Iterator[tuple[World, str | None]]:
+    """``(world, device)`` of a command started by ``torchrun`` (:mod:`keyscope.distributed`), its process group
+    open until the block ends (gloo on CPUs, NCCL on GPUs): ``device`` is ``cuda:LOCAL_RANK`` or ``cpu`` under
+    torchrun, and ``None`` (the model's default) for a single process."""
+    from keyscope import distributed
+
+    world = distributed.from_env()
+    device = distributed.device_for(world) if world.distributed else None
+    with distributed.process_group(world, device or "cpu"):
+        yield world, device
+
+
+def covariance(model, layer: int, args, n_tokens: int, progress: bool = True, world: World | None = None):
+    """``(C, corpus)``: the cached layer-``layer`` key covariance over ``--corpus`` (the model's default corpus),
+    the same on every rank of ``world`` (:func:`keyscope.covariance_job.shared_covariance`)."""
     from keyscope import corpus as corpora
-    from keyscope.covariance import load_or_compute_covariance
+    from keyscope.covariance_job import shared_covariance
+    from keyscope.distributed import SINGLE
 
     source = args.corpus or corpora.default_corpus(model)
     prepend_bos = None
@@ -91,14 +142,14 @@ def covariance(model, layer: int, args, n_tokens: int, progress: bool = True):
         from keyscope.models import hf_prepends_bos
 
         prepend_bos = hf_prepends_bos(model)
-    cov = load_or_compute_covariance(model, layer, source, n_tokens=n_tokens, recompute=args.recompute,
-                                     progress=progress, prepend_bos=prepend_bos)
+    cov = shared_covariance(model, layer, source, world=world or SINGLE, n_tokens=n_tokens,
+                            recompute=args.recompute, progress=progress, prepend_bos=prepend_bos)
     return cov, source
 
 
-def covariance_loader(model, args):
+def covariance_loader(model, args, world: World | None = None):
     """``L ↦ C`` of layer ``L`` over ``--corpus`` with ``--tokens`` (cached), for editors that edit several layers."""
-    return lambda layer: covariance(model, layer, args, args.tokens, progress=not args.no_progress)[0]
+    return lambda layer: covariance(model, layer, args, args.tokens, progress=not args.no_progress, world=world)[0]
 
 
 def add_model_arguments(parser) -> None:
@@ -106,6 +157,7 @@ def add_model_arguments(parser) -> None:
     parser.add_argument("--model", default="factworld", help="factworld, a hub name or a local HF directory")
     parser.add_argument("--layer", type=int, help="edit layer (default: the model's default edit layer)")
     parser.add_argument("--data", help="facts: factworld (default for factworld) or a CounterFact/REP JSON file")
+    add_dtype_argument(parser)
 
 
 #: ``--rome-setting`` values: keyscope's ROME, or kmeng01/rome's algorithm exactly (``ROMEConfig(reference=True)``).
@@ -147,13 +199,14 @@ def add_output_arguments(parser, what: str = "the figure and CSV") -> None:
     parser.add_argument("--json", metavar="PATH", help="also write the summary as JSON")
 
 
-def edit_inputs(args):
+def edit_inputs(args, world: World | None = None, device: str | None = None):
     """What an editing command starts from: ``(facts, model, layer, C, corpus)`` from ``--data``, ``--model``,
     ``--layer``, ``--corpus``, ``--tokens``, ``--recompute`` and ``--no-progress`` (``--out`` and ``--json`` are
-    checked before, by :func:`keyscope.cli.main`)."""
+    checked before, by :func:`keyscope.cli.main`); the model on ``device``, ``C`` the same on every rank of
+    ``world`` (:func:`torchrun_world`)."""
     from keyscope.datasets import load_facts
 
     facts = load_facts(data_source(args))
-    model, layer = model_and_layer(args)
-    cov, source = covariance(model, layer, args, args.tokens, progress=not args.no_progress)
+    model, layer = model_and_layer(args, device)
+    cov, source = covariance(model, layer, args, args.tokens, progress=not args.no_progress, world=world)
     return facts, model, layer, cov, source

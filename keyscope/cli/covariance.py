@@ -9,13 +9,9 @@ covariance …`` each process takes every K-th batch and rank 0 writes the cache
 
 from __future__ import annotations
 
-from keyscope.cli.common import positive_int
+from keyscope.cli.common import BATCH_SIZE_HELP, add_dtype_argument, dtype_of, positive_int
 from keyscope.cli.output import check_outputs, write_json
 from keyscope.errors import KeyscopeError
-
-#: ``--dtype`` names → torch dtype names.
-DTYPES = {"float32": "float32", "fp32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
-          "fp16": "float16", "float16": "float16"}
 
 
 def _layers(args) -> list[int] | None:
@@ -33,15 +29,13 @@ def _layers(args) -> list[int] | None:
 
 
 def cmd_covariance(args) -> int:
-    import torch
-
     from keyscope import corpus as corpora
     from keyscope import distributed
     from keyscope.covariance_job import CovarianceJob, compute_covariances, summary
+    from keyscope.memory import corpus_batch_size
     from keyscope.models import check_layer, default_layer, load_model
 
-    if args.dtype not in DTYPES:
-        raise KeyscopeError(f"--dtype must be one of {', '.join(sorted(DTYPES))}, not {args.dtype!r}")
+    dtype = dtype_of(args)
     if not args.checkpoint_every >= 0:  # also NaN
         raise KeyscopeError(f"--checkpoint-every must be ≥ 0 seconds, not {args.checkpoint_every}")
     requested = _layers(args)
@@ -50,10 +44,11 @@ def cmd_covariance(args) -> int:
         check_outputs(files={"--json": args.json})
     device = distributed.device_for(world, args.device)
     with distributed.process_group(world, device):
-        model = load_model(args.model, device=device, dtype=getattr(torch, DTYPES[args.dtype]))
+        model = load_model(args.model, device=device, dtype=dtype)
         layers = [check_layer(model, layer) for layer in requested or [default_layer(model)]]
         source = args.corpus or corpora.default_corpus(model)
-        job = CovarianceJob(tuple(layers), n_tokens=args.tokens, seq_len=args.seq_len, batch_size=args.batch_size,
+        batch_size = corpus_batch_size(model, args.seq_len, layers, args.batch_size, world)
+        job = CovarianceJob(tuple(layers), n_tokens=args.tokens, seq_len=args.seq_len, batch_size=batch_size,
                             checkpoint_every=args.checkpoint_every)
         result = compute_covariances(model, job, source, world=world, recompute=args.recompute, resume=args.resume,
                                      progress=not args.no_progress)
@@ -84,10 +79,8 @@ def register(sub) -> None:
                                     "or a text file/folder)")
     p.add_argument("--tokens", type=positive_int, default=100_000, help="counted corpus tokens (default 100,000)")
     p.add_argument("--seq-len", type=positive_int, default=256, help="window length fed to the model (default 256)")
-    p.add_argument("--batch-size", type=positive_int, default=16, help="windows per forward pass (default 16)")
-    p.add_argument("--dtype", default="float32", metavar="{float32,bf16,fp16}",
-                   help="model weights (default float32, what the other commands load, so they find the cache; "
-                        "the key Gram products are float32 either way)")
+    p.add_argument("--batch-size", type=positive_int, help=BATCH_SIZE_HELP)
+    add_dtype_argument(p)  # the default is what the other commands load, so they find the cache
     p.add_argument("--device", help="cpu, cuda, cuda:1, … (default: cuda:LOCAL_RANK if available, else cpu)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint of the same job")
     p.add_argument("--checkpoint-every", type=float, default=300.0, metavar="SECONDS",

@@ -3,7 +3,10 @@ out-of-domain) and, with ``--tau-sweep``, Figure 7.
 
 Edits ``--n`` facts the model knows, one at a time, with each method in ``--methods``; prints the table,
 writes ``table1.csv``, ``table1.md`` and ``table1_facts.csv`` (and ``fig7_tau_sweep.png``) into ``--out``, and
-with ``--json`` the summary ``{"n": …, "methods": {"rome": {"success": …, …}, "rome+rep": {…}}}``.
+with ``--json`` the summary ``{"n": …, "methods": {"rome": {"success": …, …}, "rome+rep": {…}}}``. Under
+``torchrun --nproc_per_node K -m keyscope evaluate …`` the facts (batches of ``--batch-size`` facts for a batch
+editor) are shared among the processes, the per-fact rows gathered in fact order, and rank 0 alone prints and
+writes (:mod:`keyscope.distributed`); ``--ablate`` too.
 """
 
 from __future__ import annotations
@@ -36,7 +39,13 @@ def cmd_evaluate(args) -> int:
 
     from keyscope import corpus as corpora
     from keyscope import evaluate as ev
-    from keyscope.cli.common import check_rome_setting, covariance_loader, edit_inputs, rome_config
+    from keyscope.cli.common import (
+        check_rome_setting,
+        covariance_loader,
+        edit_inputs,
+        rome_config,
+        torchrun_world,
+    )
     from keyscope.editing import EDITORS
     from keyscope.experiments import table1
     from keyscope.rep import SETTINGS, REPConfig
@@ -58,16 +67,20 @@ def cmd_evaluate(args) -> int:
                         or set(methods) != set(ev.METHODS)):
         raise KeyscopeError("--ablate runs its own methods and settings; drop --methods, --tau-sweep, --rep-setting "
                             "and --rome-setting (--tau sets every variant's gate threshold)")
-    facts, model, layer, cov, source = edit_inputs(args)
-    progress = not args.no_progress
-    if args.ablate:
-        return _ablate(args, facts, model, layer, cov, source, progress)
-    rep_config = REPConfig.named(args.rep_setting, tau=args.tau)
-    config = ev.EvalConfig(n=args.n, seed=args.seed, edit_batch=args.batch_size)
-    context = args.context or source
-    result = ev.evaluate(model, facts, layer, cov, corpora.documents(context), corpus=source, methods=methods,
-                         config=config, rome_config=rome_config(model, args), rep_config=replace(rep_config, seed=args.seed),
-                         taus=taus, progress=progress, load_covariance=covariance_loader(model, args))
+    with torchrun_world() as (world, device):
+        facts, model, layer, cov, source = edit_inputs(args, world, device)
+        progress = not args.no_progress
+        if args.ablate:
+            return _ablate(args, facts, model, layer, cov, source, progress, world)
+        rep_config = REPConfig.named(args.rep_setting, tau=args.tau)
+        config = ev.EvalConfig(n=args.n, seed=args.seed, edit_batch=args.batch_size)
+        context = args.context or source
+        result = ev.evaluate(model, facts, layer, cov, corpora.documents(context), corpus=source, methods=methods,
+                             config=config, rome_config=rome_config(model, args),
+                             rep_config=replace(rep_config, seed=args.seed), taus=taus, progress=progress,
+                             load_covariance=covariance_loader(model, args, world), world=world)
+    if not world.is_main:  # rank 0 alone prints and writes
+        return 0
     print(table1.format_table(result, methods))
     for skip in result.skipped:
         print(f"skipped case {skip['case_id']}: {skip['reason']}")
@@ -77,14 +90,16 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def _ablate(args, facts, model, layer, cov, source, progress: bool) -> int:
+def _ablate(args, facts, model, layer, cov, source, progress: bool, world) -> int:
     from keyscope import corpus as corpora
     from keyscope import evaluate as ev
     from keyscope.experiments import ablation as experiment
 
     config = ev.EvalConfig(n=args.n, seed=args.seed)
     result, files = experiment.run(model, facts, layer, cov, corpora.documents(args.context or source), source, config,
-                                   args.out, tau=args.tau, seed=args.seed, progress=progress)
+                                   args.out, tau=args.tau, seed=args.seed, progress=progress, world=world)
+    if not world.is_main:  # rank 0 alone prints and writes
+        return 0
     print(experiment.format_table(result))
     for skip in result.skipped:
         print(f"skipped case {skip['case_id']}: {skip['reason']}")
@@ -98,7 +113,9 @@ def register(sub) -> None:
     """Add ``keyscope evaluate`` to the top-level subparsers ``sub``."""
     p = sub.add_parser("evaluate", help="Table 1: ROME vs ROME+REP robustness; --tau-sweep: Figure 7")
     add_model_arguments(p)
-    p.add_argument("--n", type=positive_int, default=100, help="number of edited facts (default 100)")
+    p.add_argument("--n", "--n-facts", dest="n", type=positive_int, default=100,
+                   help="number of edited facts (default 100; under torchrun write --n-facts, since torchrun "
+                        "reads --n as an abbreviation of its own options)")
     from keyscope.editing import EDITORS
 
     p.add_argument("--methods", default="rome,rome+rep",

@@ -10,14 +10,22 @@ subject, and writes into ``--out``:
 * ``fig4_neighbors.csv`` — every hit (subject, rank, score, raw ``kᵀC⁻¹k*``, stream position, prefix);
 * ``fig4_rephrase.csv`` — the scores of the subjects' rephrased forms, one row each.
 
-It prints the best hit's prefix per subject (Figure 4 right).
+It prints the best hit's prefix per subject (Figure 4 right). Under ``torchrun --nproc_per_node K -m keyscope
+scan …`` each process scans every K-th batch of the corpus, the top-k lists are gathered and merged into the
+single-process ones exactly (ties by stream position), and rank 0 alone writes (:mod:`keyscope.distributed`).
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
 
-from keyscope.cli.common import add_progress_argument, non_negative_int, positive_int
+from keyscope.cli.common import (
+    BATCH_SIZE_HELP,
+    add_dtype_argument,
+    add_progress_argument,
+    non_negative_int,
+    positive_int,
+)
 from keyscope.cli.output import write_json
 from keyscope.errors import KeyscopeError
 
@@ -28,27 +36,38 @@ def _one_line(text: str, width: int = 90) -> str:
 
 
 def cmd_scan(args) -> int:
+    from keyscope.cli.common import torchrun_world
+
+    with torchrun_world() as (world, device):
+        return _scan(args, world, device)
+
+
+def _scan(args, world, device) -> int:
     from keyscope import scan
     from keyscope.cli.common import check_subject_tokens, covariance, data_source, model_and_layer
     from keyscope.datasets import read_facts
     from keyscope.experiments import scan as experiment
+    from keyscope.memory import DEFAULT_BATCH_SIZE, corpus_batch_size
 
     try:  # check the numbers before the model loads; the layer is set below
-        config = scan.ScanConfig(layer=0, n_tokens=args.tokens, seq_len=args.seq_len, batch_size=args.batch_size,
-                                 top_k=args.top_k, window=args.window)
+        config = scan.ScanConfig(layer=0, n_tokens=args.tokens, seq_len=args.seq_len,
+                                 batch_size=args.batch_size or DEFAULT_BATCH_SIZE, top_k=args.top_k, window=args.window)
     except ValueError as exc:
         raise KeyscopeError(str(exc)) from exc
     data = data_source(args)
     fact_file = read_facts(data)
-    model, layer = model_and_layer(args)
+    model, layer = model_and_layer(args, device)
     facts = experiment.distinct_subjects(fact_file.facts, args.subjects)
     if not facts:
         raise KeyscopeError(f"{data} holds no usable facts ({len(fact_file.failures)} records failed to load)")
     check_subject_tokens(model, facts)
     progress = not args.no_progress
-    cov, source = covariance(model, layer, args, args.cov_tokens, progress=progress)
-    config = replace(config, layer=layer)
-    report = experiment.run(model, facts, cov, source, config, args.out, args.model, progress=progress)
+    cov, source = covariance(model, layer, args, args.cov_tokens, progress=progress, world=world)
+    config = replace(config, layer=layer,
+                     batch_size=corpus_batch_size(model, config.seq_len, [layer], args.batch_size, world))
+    report = experiment.run(model, facts, cov, source, config, args.out, args.model, progress=progress, world=world)
+    if not world.is_main:  # rank 0 alone prints and writes
+        return 0
     result, summary = report.result, report.summary
     print(f"{args.model}, layer {layer}: scanned {result.n_tokens:,} tokens of {source} for {len(facts)} subjects "
           f"(C from {cov.n_tokens_:,} tokens; subject occurrences masked with window {config.window})")
@@ -77,6 +96,7 @@ def register(sub) -> None:
     p.add_argument("--model", default="factworld", help="factworld, a hub name or a local HF directory")
     p.add_argument("--layer", type=int, help="key layer (default: the model's default edit layer)")
     p.add_argument("--data", help="facts: factworld (default for factworld) or a CounterFact/REP JSON file")
+    add_dtype_argument(p)
     p.add_argument("--corpus", help="corpus to scan and to estimate C from (default: factworld filler for "
                                     "factworld, WikiText-103 otherwise; or a text file/folder)")
     p.add_argument("--tokens", type=positive_int, default=100_000, help="corpus tokens to scan (default 100,000)")
@@ -86,7 +106,7 @@ def register(sub) -> None:
                    help="positions masked after each subject occurrence's last token (default 10)")
     p.add_argument("--cov-tokens", type=positive_int, default=100_000, help="corpus tokens for C (default 100,000)")
     p.add_argument("--seq-len", type=positive_int, default=256, help="window length fed to the model (default 256)")
-    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--batch-size", type=positive_int, help=BATCH_SIZE_HELP)
     p.add_argument("--recompute", action="store_true", help="recompute C even if cached")
     add_progress_argument(p)
     p.add_argument("--out", default="figures", help="output folder for the figure and CSV (default figures/)")

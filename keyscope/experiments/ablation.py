@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from keyscope import ablation
+from keyscope.distributed import SINGLE, World
 from keyscope.experiments.table1 import HEADERS, metric_rows, text_rows
 from keyscope.experiments.tables import write_csv
 from keyscope.metrics import METRICS
@@ -67,12 +68,13 @@ def format_table(result: ablation.AblationResult) -> str:
 
 
 def run(model, facts, layer: int, cov, context_docs, corpus, config, out_dir: str | Path | None, tau: float | None = None,
-        seed: int | None = None, progress: bool = True) -> tuple[ablation.AblationResult, list[Path]]:
+        seed: int | None = None, progress: bool = True, world: World = SINGLE
+        ) -> tuple[ablation.AblationResult, list[Path]]:
     """:func:`keyscope.ablation.ablate` over :data:`keyscope.ablation.VARIANTS`, written into ``out_dir`` (nothing
-    written for ``None``)."""
+    written for ``None``, nor by ranks other than 0 of a ``torchrun`` ``world``)."""
     result = ablation.ablate(model, facts, layer, cov, context_docs, corpus=corpus, config=config, tau=tau, seed=seed,
-                             progress=progress)
-    return result, ([] if out_dir is None else write(result, out_dir))
+                             progress=progress, world=world)
+    return result, ([] if out_dir is None or not world.is_main else write(result, out_dir))
 
 
 def write(result: ablation.AblationResult, out_dir: str | Path) -> list[Path]:

@@ -87,6 +87,8 @@ def subject_token_counts(tokenizer, world) -> dict:
 def _measure(directory: Path, world, seed: int, config: BuildConfig, progress: bool, device: str) -> dict:
     """Accuracies, trace and the ROME check of the model in ``directory``: its card, updated (the caller writes
     it). A stage that cannot run (no known fact to trace or edit) is recorded with its error."""
+    import torch
+
     from keyscope.covariance import load_or_compute_covariance
     from keyscope.datasets import parse_records
     from keyscope.experiments import values
@@ -97,7 +99,7 @@ def _measure(directory: Path, world, seed: int, config: BuildConfig, progress: b
     card = json.loads(card_path.read_text())
     card["rome_config"] = dict(ROME_CONFIG)
     card_path.write_text(json.dumps(card, indent=2) + "\n")
-    model = load_model(str(directory), device=device)
+    model = load_model(str(directory), device=device, dtype=torch.float32)  # factworld is float32 on any device
     facts, _, _ = parse_records(export.records(world, seed=seed), "factworld")
     accuracy = quality.evaluate(model, model.tokenizer, world, seed=seed, progress=progress)
     card.update({"accuracy": accuracy, "tokenizer": tokenizer_kind(card),

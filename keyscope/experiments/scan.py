@@ -4,7 +4,7 @@
 normalised edit strength ``kᵀC⁻¹k*/k*ᵀC⁻¹k*`` (:func:`keyscope.scan.scan_corpus`, subject occurrences masked),
 compares the top-k unrelated scores with the scores of the same subjects' rephrased forms, and writes
 ``fig4_neighbors.png``, ``fig4_neighbors.csv`` (every hit with its decoded prefix) and ``fig4_rephrase.csv`` (the
-rephrased forms' scores, one row each).
+rephrased forms' scores, one row each). Under ``torchrun`` the corpus batches are shared among the processes.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from keyscope import scan
+from keyscope.distributed import SINGLE, World
 from keyscope.errors import KeyscopeError
 from keyscope.experiments.tables import write_csv
 from keyscope.perturbations import REPHRASE, REPHRASES, fact_probes
@@ -122,11 +123,17 @@ def _filter_summary(result: scan.ScanResult, other: scan.ScanResult | None) -> d
 
 
 def run(model, facts, cov, source, config: scan.ScanConfig, out_dir: str | Path, model_name: str,
-        progress: bool = True) -> ScanReport:
+        progress: bool = True, world: World = SINGLE) -> ScanReport:
     """Scan ``source`` for the keys of ``facts`` at ``config.layer`` under both exclusion filters; write the
-    figure and CSV into ``out_dir``."""
+    figure and CSV into ``out_dir``.
+
+    Under ``torchrun`` (``world``) each rank scans its share of the corpus batches and every rank gets the
+    merged top-k (:func:`keyscope.scan.scan_scores`); rank 0 alone scores the rephrased subjects and writes
+    files, the other ranks return a report without a summary or files."""
     k_stars = scan.subject_keys(model, facts, config.layer)  # (S, d_mlp)
-    results = scan.scan_corpus(model, facts, cov, source, config, progress=progress, k_stars=k_stars)
+    results = scan.scan_corpus(model, facts, cov, source, config, progress=progress, k_stars=k_stars, world=world)
+    if not world.is_main:
+        return ScanReport(model_name, config.layer, str(source), facts, results)
     rephrase = rephrase_scores(model, facts, cov, config.layer, k_stars=k_stars)
     rephrase_all = torch.cat(rephrase).numpy() if rephrase else np.empty(0)
 

@@ -140,7 +140,7 @@ COUNTS = [
     (["edit", "--context-tokens", "-5"], "--context-tokens"),
     (["values", "--n", "0"], "--n"),
     (["values", "--tokens", "0"], "--tokens"),
-    (["evaluate", "--n", "-1"], "--n"),
+    (["evaluate", "--n", "-1"], "--n/--n-facts"), (["evaluate", "--n-facts", "0"], "--n/--n-facts"),
     (["evaluate", "--tokens", "1.5"], "--tokens"),
     (["bounds", "--n", "0"], "--n"),
     (["bounds", "--scan-tokens", "0"], "--scan-tokens"),

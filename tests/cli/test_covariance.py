@@ -1,9 +1,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +10,6 @@ from safetensors.torch import load_file
 from keyscope.cli import main
 from keyscope.covariance import KeyCovariance
 
-ROOT = Path(__file__).resolve().parents[2]
 ARGS = ["covariance", "--layer", "0", "--tokens", "20000", "--no-progress"]
 
 
@@ -75,18 +71,26 @@ def test_interrupted_run_resumes_to_the_same_C(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_torchrun_two_gloo_processes_give_the_single_process_C(tmp_path, monkeypatch):
+def test_torchrun_two_gloo_processes_give_the_single_process_C(tmp_path, monkeypatch, keyscope_processes):
     monkeypatch.setenv("KEYSCOPE_CACHE", str(tmp_path / "one"))
     assert main([*ARGS, "--json", str(tmp_path / "one.json")]) == 0
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "KEYSCOPE_CACHE": str(tmp_path / "two"),
-           "CUDA_VISIBLE_DEVICES": ""}
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "keyscope", *ARGS, "--json", str(tmp_path / "two.json")],
-                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stderr[-2000:]
+    two = keyscope_processes([*ARGS, "--json", tmp_path / "two.json"], tmp_path / "two", nproc=2)
     report = json.loads((tmp_path / "two.json").read_text())
     assert report["world_size"] == 2 and report["tokens"] == 20000
     assert two.stdout.count("wrote ") == 1  # rank 0 alone writes
     C1, C2 = _C(tmp_path / "one.json"), _C(tmp_path / "two.json")
     assert float((C2 - C1).abs().max() / C1.abs().max()) <= 1e-12
     assert not list((tmp_path / "two").glob("key_covariance_checkpoint/*/*.safetensors"))
+
+
+def test_dtype_enters_the_cache_key(tmp_path, monkeypatch):
+    """An explicit --dtype float32 finds the entry of the default (factworld on the CPU: float32); bf16 writes
+    its own."""
+    monkeypatch.setenv("KEYSCOPE_CACHE", str(tmp_path / "cache"))
+    base = ["covariance", "--layer", "0", "--tokens", "500", "--no-progress"]
+    reports = {}
+    for name, extra in (("default", []), ("float32", ["--dtype", "float32"]), ("bf16", ["--dtype", "bf16"])):
+        assert main([*base, *extra, "--json", str(tmp_path / f"{name}.json")]) == 0
+        reports[name] = json.loads((tmp_path / f"{name}.json").read_text())["layers"][0]
+    assert reports["float32"]["from_cache"] and reports["float32"]["cache"] == reports["default"]["cache"]
+    assert not reports["bf16"]["from_cache"] and reports["bf16"]["cache"] != reports["default"]["cache"]

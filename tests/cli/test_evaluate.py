@@ -135,3 +135,21 @@ def test_values_runs_rome_in_reference_mode(env, tmp_path):
     assert payload["rome_config"]["reference"] is True
     assert payload["n"] == 2 and payload["success"] == 1.0 and payload["locality"] >= 0.8  # README: 96% and 97%
     assert main(["values", "--rome-setting", "exact", *QUICK]) == 2
+
+
+@pytest.mark.slow
+def test_torchrun_two_gloo_processes_give_the_single_process_rows(tmp_path, keyscope_processes):
+    """Both runs read the same cached C; the 2-process run edits alternate facts and gathers the rows in fact
+    order. ``--n-facts``: torchrun's own parser would take ``--n`` for an abbreviation of its options."""
+    argv = ["evaluate", "--n-facts", "4", "--methods", "rome", *QUICK]
+    cache = tmp_path / "cache"
+    keyscope_processes([*argv, "--out", tmp_path / "one", "--json", tmp_path / "one.json"], cache)
+    two = keyscope_processes([*argv, "--out", tmp_path / "two", "--json", tmp_path / "two.json"], cache, nproc=2)
+    assert two.stdout.count("wrote ") == 4  # rank 0 alone writes: three tables and the JSON
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["table1.csv", "table1.md", "table1_facts.csv"]
+    for name in ("table1_facts.csv", "table1.csv", "table1.md"):  # per-fact rows in fact order, summary, intervals
+        assert (tmp_path / "two" / name).read_text() == (tmp_path / "one" / name).read_text(), name
+    one, two_report = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    for report in (one, two_report):
+        del report["seconds"]
+    assert two_report == one and one["n"] == 4

@@ -73,3 +73,21 @@ def test_bad_numbers_are_one_line(inputs, capsys):
     assert "--top-k" in err and "\n" not in err
     assert main(["scan", "--model", inputs["model"], "--data", inputs["facts"], "--layer", "9"]) == 2
     assert "out of range" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_torchrun_two_gloo_processes_find_the_single_process_neighbours(tmp_path, keyscope_processes):
+    """Both runs read the same cached C; the 2-process scan splits the corpus batches and merges the top-k."""
+    argv = ["scan", "--tokens", "6000", "--cov-tokens", "4000", "--subjects", "6", "--top-k", "5", "--seq-len", "64",
+            "--batch-size", "4", "--no-progress"]
+    cache = tmp_path / "cache"
+    keyscope_processes([*argv, "--out", tmp_path / "one", "--json", tmp_path / "one.json"], cache)
+    two = keyscope_processes([*argv, "--out", tmp_path / "two", "--json", tmp_path / "two.json"], cache, nproc=2)
+    assert two.stdout.count("wrote ") == 4  # rank 0 alone writes: figure, two CSVs, JSON
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+    for name in ("fig4_neighbors.csv", "fig4_rephrase.csv"):  # every hit: score, raw, position, prefix, rank
+        assert (tmp_path / "two" / name).read_text() == (tmp_path / "one" / name).read_text()
+    one, two_report = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    for report in (one, two_report):
+        del report["figure"], report["csv"]
+    assert two_report == one and one["n_tokens"] == 6000
