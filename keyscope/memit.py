@@ -319,6 +319,25 @@ class MEMITEdit(ModelEdit):
         update = self.update(layer)
         return update.coefficients(keys)[..., request] / update.own()[request].to(keys.device)
 
+    def value_direction(self, request: int = 0) -> torch.Tensor:
+        """``Δv*_i = Σ_l c_{i,l}(k_{i,l}) R_l[:, i]`` ``(d_model,)``: request ``i``'s share of what the edit adds to
+        the summed MLP outputs at its own keys (:mod:`keyscope.editing`, "Combined strength"; ``v* − W k*`` of
+        ROME for one layer at λ = 0)."""
+        return sum(self._shares(request)).float()  # (d_model,)
+
+    def layer_weights(self, request: int = 0) -> dict[int, float]:
+        """``w_l = c_{i,l}(k_{i,l}) R_l[:, i]ᵀ Δv* / ‖Δv*‖²`` per edited layer, summing to 1."""
+        shares = self._shares(request)
+        total = sum(shares)  # (d_model,) float64
+        scale = float(total @ total)
+        if scale == 0:
+            raise KeyscopeError(f"request {request}'s edit writes nothing at its own keys (Δv* = 0)")
+        return {u.layer: float(share @ total) / scale for u, share in zip(self.updates, shares)}
+
+    def _shares(self, request: int) -> list[torch.Tensor]:
+        """``c_{i,l}(k_{i,l}) R_l[:, i]`` ``(d_model,)`` float64 per layer."""
+        return [u.own()[request].double() * u.residuals[request].double() for u in self.updates]
+
     def request_edit(self, request: int, layer: int | None = None) -> RequestKeyEdit:
         """Request ``request``'s share of ``layer``'s update as a single-key edit (:class:`RequestKeyEdit`)."""
         update = self.update(layer)
@@ -409,6 +428,13 @@ class MEMITREPEdit(ModelEdit):
                  tau: float | None = None) -> torch.Tensor:
         """``s_i(k̂)`` of the keys adapted by request ``request``'s adaptor at ``layer``."""
         return self.adaptors[(request, self._layer(layer))].strength(keys, tau)
+
+    def value_direction(self, request: int = 0) -> torch.Tensor:
+        """The MEMIT edit's ``Δv*`` (the adaptors move keys, not what is written at the requests' keys)."""
+        return self.base.value_direction(request)
+
+    def layer_weights(self, request: int = 0) -> dict[int, float]:
+        return self.base.layer_weights(request)
 
     def gate(self, keys: torch.Tensor, layer: int | None = None, request: int = 0) -> torch.Tensor:
         return self.adaptors[(request, self._layer(layer))].gate(keys)
