@@ -279,6 +279,7 @@ class BoundsResult:
     summary: dict
     config: BoundsConfig
     skipped: list[dict] = field(default_factory=list)
+    edit_layers: dict[str, list[int]] = field(default_factory=dict)  # the layers each edit method writes
 
     @property
     def n_edited(self) -> int:
@@ -287,7 +288,7 @@ class BoundsResult:
 
     def as_json(self) -> dict:
         return {"n": self.n_edited, "model": self.model, "layer": self.layer, **self.summary,
-                "config": asdict(self.config), "skipped": self.skipped}
+                "edit_layers": self.edit_layers, "config": asdict(self.config), "skipped": self.skipped}
 
 
 def _specificity(rows: list[dict]) -> dict:
@@ -475,5 +476,6 @@ def run(model, facts: Sequence[Fact], layer: int, cov, context_docs, corpus=None
             rows += _specificity_rows(fact.case_id, method, before.rows(n_robust, len(seqs)),
                                       after.rows(n_robust, len(seqs)), spec_kinds, use_max)
     summary = summarize(l44_rows, rows, methods)
+    edit_layers = {name: list(edits[0][1][name].layers) for name in bases}
     return BoundsResult(model_name(model), layer, [r for r in l44_rows if r is not None], rows, summary, config,
-                        skipped)
+                        skipped, edit_layers)

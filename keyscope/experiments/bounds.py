@@ -31,10 +31,14 @@ def _lemma_4_4_lines(l44: dict, indent: str = "  ") -> list[str]:
 
 
 def title(result: bounds.BoundsResult) -> str:
-    """``"model, layer L: N ROME edits"`` (or the methods' names when others than ROME's family ran)."""
+    """``"model, layer L: N ROME edits"``, or when other methods than ROME's family ran
+    ``"model: N facts edited by m1, m2 (layers: m1 1,2,3; corpus scan at layer L)"``."""
     methods = list(result.summary["lemma_4_6"]["methods"])
-    edited = "ROME edits" if bounds.edit_methods(methods) == ("rome",) else f"facts edited ({', '.join(methods)})"
-    return f"{result.model}, layer {result.layer}: {result.n_edited} {edited}"
+    if bounds.edit_methods(methods) == ("rome",):
+        return f"{result.model}, layer {result.layer}: {result.n_edited} ROME edits"
+    layers = "; ".join(f"{m} {','.join(map(str, ls))}" for m, ls in result.edit_layers.items())
+    return (f"{result.model}: {result.n_edited} facts edited by {', '.join(methods)} (layers: {layers}; "
+            f"corpus scan at layer {result.layer})")
 
 
 def format_summary(result: bounds.BoundsResult) -> str:
