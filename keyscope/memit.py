@@ -39,6 +39,10 @@ the **edit strength** of request ``i`` on any key ``k`` of layer ``l`` (:meth:`M
 
 — the share of request ``i``'s residual that ``k`` receives, relative to the share its own key ``k_i`` receives.
 For one request ``A = C⁻¹k* / (λ + k*ᵀC⁻¹k*)`` and ``s(k) = kᵀC⁻¹k* / k*ᵀC⁻¹k*``: ROME's strength (Lemma 4.1).
+Over all layers, request ``i`` writes ``Δv*_i = Σ_l c_i(k_{i,l}) R_l[:, i]`` at its own keys
+(:meth:`MEMITEdit.value_direction`), layer ``l`` the share ``w_l`` of it (:meth:`MEMITEdit.layer_weights`), and
+keys ``{l: k_l}`` receive ``α = Σ_l w_l s_{i,l}(k_l)`` of it (:meth:`~keyscope.editing.ModelEdit.combined_strength`,
+:mod:`keyscope.editing`, "Combined strength of a multi-layer edit").
 
 One key
 -------
