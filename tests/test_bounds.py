@@ -197,3 +197,25 @@ def test_bounds_run_of_rome_keeps_the_value_check_an_identity(factworld):
     assert result.summary["lemma_4_6"]["value_check_pearson"] == pytest.approx(1.0, abs=1e-4)
     assert set(result.summary["lemma_4_4"]["methods"]) == {"rome"}
     assert format_summary(result).splitlines()[0].endswith("2 ROME edits")
+
+
+def test_summary_and_report_give_lemma_4_4_per_edit_method():
+    def edit_row(case_id, method, holds):
+        return {"case_id": case_id, "method": method, "eps1": 1.0, "eps2": 1.0, "needed": 2.0,
+                "best_gain_unit": 3.0 if holds else 1.0, "best_gain_attention": 1.0, "best_head": (2, 0),
+                "single_head_holds": holds, "delta_v_norm": 5.0, "norm_bound": 1.0, "norm_bound_holds": True}
+
+    l44 = [edit_row(1, "rome", True), edit_row(1, "memit", False), edit_row(2, "rome", True), edit_row(2, "memit", True)]
+    queries = [{"case_id": c, "method": m, "kind": k, "alpha": a, "alpha_max": a, "success": a > 0.5,
+                "value_coefficient": a, "gap_change": a}
+               for c in (1, 2) for m in ("rome", "memit", "memit+rep") for k, a in (("rephrase", 0.2), ("shuffle", 0.9))]
+    summary = bounds.summarize(l44, queries, ["rome", "memit", "memit+rep"])
+    assert summary["lemma_4_4"]["holds_fraction"] == 1.0  # the first edit method's at the top level
+    assert {m: s["holds_fraction"] for m, s in summary["lemma_4_4"]["methods"].items()} == {"rome": 1.0, "memit": 0.5}
+    result = bounds.BoundsResult("m", 1, l44, queries, summary, bounds.BoundsConfig(n=2),
+                                 edit_layers={"rome": [1], "memit": [1, 2, 3]})
+    text = format_summary(result)
+    assert result.n_edited == 2 and "ROME edits" not in text and "memit 1,2,3" in text
+    assert "  memit:" in text and "50.0% of edits" in text
+    legacy = bounds.summarize([{k: v for k, v in r.items() if k != "method"} for r in l44[::2]], queries, ["rome"])
+    assert legacy["lemma_4_4"]["methods"]["rome"]["holds_fraction"] == 1.0  # rows written before the method column
