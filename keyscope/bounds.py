@@ -1,28 +1,43 @@
 """The paper's lemmas checked on real edits (Yan et al., "Keys to Robust Edits", Sec. 4).
 
 For each edited fact (known facts, as in :mod:`keyscope.evaluate`), with ``ε₁`` the logit gap (true − new)
-before the edit and ``ε₂`` the gap (new − true) after it, at the prompt's last position:
+before the edit and ``ε₂`` the gap (new − true) after it, at the prompt's last position. Every method of the
+registry whose edits state the value they write (:meth:`~keyscope.editing.ModelEdit.value_direction`) is
+checked: ROME and MEMIT, and their REP adaptors.
 
-**Lemma 4.4** (Δv must be large and aligned). The edit changes the value at the subject's last token by
-``Δv`` (measured on the value hook; by Lemma 4.1 it is ``α(k₀)·(v* − W k*)``). A head ``h`` of a later layer
+**Edit strength of a multi-layer edit.** A method may write a fact over several layers (MEMIT). Its strength
+on the keys ``{l: k_l}`` a query has at the edited layers is the combined strength
+``α = Σ_l w_l s_l(k_l)`` (:meth:`~keyscope.editing.ModelEdit.combined_strength`): the projection, in units of
+``Δv* = Σ_l ΔW_l k_{i,l}`` (what the edit writes at the request's own keys), of what it writes at those keys
+(Lemma 4.1 summed over the layers). For one layer it is ROME's ``s(k) = kᵀC⁻¹k* / k*ᵀC⁻¹k*``. The "value" of a
+query is the sum of the edited layers' MLP outputs at its position.
+
+**Lemma 4.4** (Δv must be large and aligned). The edit changes what the heads after its last edited layer
+read at the subject's last token by ``Δv``: for a one-layer edit (ROME) the value there (the value hook; by
+Lemma 4.1 it is ``α(k₀)·(v* − W k*)``; the layer's own attention does not see its MLP output, so it is also
+the residual change after the layer); for a multi-layer edit (MEMIT) the residual change after the last edited
+layer (which also carries the earlier layers' changes moved on by attention). A head ``h`` of a later layer
 carries it to the last position as ``a_h · Δvᵀ m_h`` of the new-vs-true logit difference, where, with the
 norms' scales frozen at their clean values (``s₁`` at the subject for the head's pre-norm, ``s_f`` at the last
 position for the final norm; centring ``P = I − 11ᵀ/d`` for LayerNorm, ``P = I`` for RMSNorm)::
 
     m_h = P (γ₁ ⊙ W_V^h W_O^h P (γ_f ⊙ (w_new − w_true)) / s_f) / s₁
 
-and ``a_h`` its attention weight from the last position to the subject. Reported per edit: the largest
-single-head gain with ``a_h = 1`` (the lemma's bound) and with the actual ``a_h``, whether it reaches
-``ε₁ + ε₂``, and the Cauchy–Schwarz lower bound ``‖Δv‖ ≥ (ε₁ + ε₂) / max_h ‖m_h‖`` against the actual ``‖Δv‖``.
+and ``a_h`` its attention weight from the last position to the subject. Reported per edit and per method that
+computes its own edit (not for adaptors, which write the same ``ΔW``): the largest single-head gain with
+``a_h = 1`` (the lemma's bound) and with the actual ``a_h``, whether it reaches ``ε₁ + ε₂``, and the
+Cauchy–Schwarz lower bound ``‖Δv‖ ≥ (ε₁ + ε₂) / max_h ‖m_h‖`` against the actual ``‖Δv‖``.
 
 **Lemma 4.6** (robustness). For every rephrased, shuffled and long-context query of the fact, the edit
-strength ``α = k_sᵀC⁻¹k* / k*ᵀC⁻¹k*`` of its key (the adapted key ``k̂_s`` under REP) predicts how much of
-the edit reaches it: the AUROC of ``α`` for whether the query succeeds after the edit (new target top-1),
-separately for ROME and ROME+REP. Beside it, a **consistency check** (``value_check_pearson``), not evidence
-for any lemma: the Pearson correlation between the predicted value change ``α`` (in units of
-``Δv* = v* − W k*``) and the hooked one, ``(v' − v)ᵀΔv* / ‖Δv*‖²`` at the query's subject token. For ROME it
-is 1 by construction (Lemma 4.1 is an identity of the rank-one update), so it only checks that keyscope's
-hooks read the values the edit writes; under REP the adapted key also moves the old value, ``W(k̂ − k)``.
+strength ``α`` of its keys (the adapted keys ``k̂`` under REP, read as the base edit's strength on them)
+predicts how much of the edit reaches it: the AUROC of ``α`` for whether the query succeeds after the edit
+(new target top-1), per method. Beside it, a **consistency check** (``value_check_pearson``), not evidence for
+any lemma: the Pearson correlation between the predicted value change ``α`` (in units of ``Δv*``) and the
+hooked one, ``(v' − v)ᵀΔv* / ‖Δv*‖²`` with ``v`` the summed values at the query's subject token. For ROME it is
+1 by construction (Lemma 4.1 is an identity of the rank-one update), so it only checks that keyscope's hooks
+read the values the edit writes; under REP the adapted key also moves the old value, ``W(k̂ − k)``. For MEMIT
+it is not an identity: the update of an earlier layer moves the keys of the later ones, so ``W_l(k'_l − k_l)``
+enters the hooked change beside ``α``.
 
 The lemma reads ``α`` at the subject's last token. A rephrased form that ends in a suffix ("… the Elder")
 or a place ("… of Telmar") carries the original name *before* its last token, where the edit lands in full
@@ -33,18 +48,20 @@ over the query's positions.
 (:mod:`keyscope.scan`), ``α`` (the largest over the prompt's positions; at the hit for scan prefixes) against
 the measured change of their own prediction: the drop in log-probability of the unedited top-1 token and
 whether the top-1 flips (AUROC of ``α`` for a flip) — reported for the two groups separately, each with its
-number of flips (the positives of its AUROC), and pooled.
+number of flips (the positives of its AUROC), and pooled. The prompts are one set per fact, shared by every
+method so the methods are compared on the same prompts: the corpus-scan prefixes are those of ROME's ``k*`` at
+the run's layer (the model's default edit layer, which for factworld is the causal trace's), whichever methods
+run.
 
-Lemma 4.4 is checked at the layer the edits are made at (the model's default edit layer, which for factworld
-is the causal trace's): "a single path carries the change" means one attention head of a later layer, reading
-the edited value at the subject's last token, moves the new-vs-true logit difference at the last position by
-at least ``ε₁ + ε₂`` on its own.
+"A single path carries the change" means one attention head of a later layer, reading the edited value at the
+subject's last token, moves the new-vs-true logit difference at the last position by at least ``ε₁ + ε₂`` on
+its own.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 
@@ -65,6 +82,7 @@ from keyscope.models import (
     key_hook,
     model_name,
     n_layers,
+    residual_hook,
     value_hook,
 )
 from keyscope.perturbations import KINDS, fact_probes, subject_forms
@@ -118,13 +136,16 @@ def pearson(x: Sequence[float], y: Sequence[float]) -> float | None:
 
 
 @torch.no_grad()
-def lemma_4_4(model, edit: rome.Edit, fact: Fact) -> dict | None:
-    """Lemma 4.4 for one edit on its own prompt (module docstring); ``None`` if the edit is at the last layer
-    (no head after it)."""
-    layer = edit.layer
-    later = range(layer + 1, n_layers(model))
+def lemma_4_4(model, edit: ModelEdit, fact: Fact, method: str = "rome") -> dict | None:
+    """Lemma 4.4 for one edit (``edit`` of ``method``, of the one request ``fact``) on its own prompt (module
+    docstring); ``None`` if the edit's last layer is the model's last (no head after it)."""
+    last_layer = edit.layers[-1]
+    later = range(last_layer + 1, n_layers(model))
     if not later:
         return None
+    # what the later heads read at the subject: the value of a one-layer edit (the same as the residual after it,
+    # and so ROME's numbers), the residual after the last layer of a multi-layer one
+    read_hook = value_hook(last_layer) if len(edit.layers) == 1 else residual_hook(last_layer)
     tokenizer = model.tokenizer
     encoded, subject_pos = locate(tokenizer, fact.prompt, fact.subject)
     context, new_id = target_context(tokenizer, fact.filled_prompt, fact.target_new)
@@ -132,13 +153,13 @@ def lemma_4_4(model, edit: rome.Edit, fact: Fact) -> dict | None:
     ids = torch.as_tensor([context], device=model.cfg.device)  # (1, pos)
     last = len(context) - 1
     names = {attention_norm_scale_hook(b) for b in later} | {attention_pattern_hook(b) for b in later}
-    names |= {final_norm_scale_hook(), value_hook(layer)}
+    names |= {final_norm_scale_hook(), read_hook}
     logits, cache = model.run_with_cache(ids, names_filter=lambda name: name in names)
     eps1 = float(logits[0, last, true_id] - logits[0, last, new_id])
-    with rome.applied(model, edit):
-        edited, edited_cache = model.run_with_cache(ids, names_filter=lambda name: name == value_hook(layer))
+    with edit.applied(model):
+        edited, edited_cache = model.run_with_cache(ids, names_filter=lambda name: name == read_hook)
     eps2 = float(edited[0, last, new_id] - edited[0, last, true_id])
-    delta_v = (edited_cache[value_hook(layer)][0, subject_pos] - cache[value_hook(layer)][0, subject_pos]).double()
+    delta_v = (edited_cache[read_hook][0, subject_pos] - cache[read_hook][0, subject_pos]).double()  # (d_model,)
     W_U = model.W_U.detach()  # (d_model, d_vocab)
     direction = (W_U[:, new_id] - W_U[:, true_id]).double()  # (d_model,)
     final = final_norm(model)
@@ -159,7 +180,7 @@ def lemma_4_4(model, edit: rome.Edit, fact: Fact) -> dict | None:
     needed = eps1 + eps2
     norm_bound = needed / best["norm"] if best["norm"] > 0 and needed > 0 else 0.0
     return {
-        "case_id": fact.case_id, "eps1": eps1, "eps2": eps2, "needed": needed,
+        "case_id": fact.case_id, "method": method, "eps1": eps1, "eps2": eps2, "needed": needed,
         "best_gain_unit": best["unit"], "best_gain_attention": best["attention"], "best_head": best["head"],
         "single_head_holds": best["unit"] >= needed, "delta_v_norm": float(delta_v.norm()),
         "norm_bound": norm_bound, "norm_bound_holds": float(delta_v.norm()) >= norm_bound,
@@ -171,62 +192,75 @@ def lemma_4_4(model, edit: rome.Edit, fact: Fact) -> dict | None:
 
 @dataclass(frozen=True)
 class Observation:
-    """A forward pass over prompts with whatever edit/adaptor is applied: per prompt the key's edit
-    strength at a chosen position and the largest over all positions, the value there, and the last
-    position's log-probabilities."""
+    """A forward pass over prompts with whatever edit/adaptor is applied: per prompt the edit's (combined)
+    strength at a chosen position and the largest over all positions, the values ``{layer: (n, d_model)}`` there,
+    and the last position's log-probabilities."""
 
     alpha: torch.Tensor  # (n,)
     alpha_max: torch.Tensor  # (n,)
-    value: torch.Tensor  # (n, d_model)
+    values: Mapping[int, torch.Tensor]  # {layer: (n, d_model)}
     log_probs: torch.Tensor  # (n, d_vocab)
+
+    def value(self, layers: Sequence[int]) -> torch.Tensor:
+        """The summed values of ``layers`` ``(n, d_model)`` float64."""
+        return sum(self.values[layer].double() for layer in layers)
 
     def rows(self, lo: int, hi: int) -> Observation:
         """The observation of prompts ``lo:hi``."""
-        return Observation(self.alpha[lo:hi], self.alpha_max[lo:hi], self.value[lo:hi], self.log_probs[lo:hi])
+        return Observation(self.alpha[lo:hi], self.alpha_max[lo:hi],
+                           {layer: v[lo:hi] for layer, v in self.values.items()}, self.log_probs[lo:hi])
 
 
 @torch.no_grad()
-def observe(model, layer: int, sequences: Sequence[Sequence[int]], positions: Sequence[int], batch_size: int = 32,
-            edit: ModelEdit | None = None) -> Observation:
+def observe(model, layers: int | Sequence[int], sequences: Sequence[Sequence[int]], positions: Sequence[int],
+            batch_size: int = 32, edit: ModelEdit | None = None) -> Observation:
     """Run ``sequences`` (token ids) in right-padded batches with ``edit`` applied (none: the unedited model),
-    capturing the layer's key and value and the logits at each row's last token. ``alpha`` is ``edit``'s
-    strength on the key (:meth:`~keyscope.editing.ModelEdit.strength`); for an edit that adapts a base edit's
-    keys (REP) the base edit's strength on the adapted key the pass used (Lemma 4.6 with REP's keys); zero
-    without an edit."""
+    capturing the keys and values of ``layers`` and of every layer ``edit`` edits, and the logits at each row's
+    last token. ``alpha`` is ``edit``'s combined strength on its layers' keys
+    (:meth:`~keyscope.editing.ModelEdit.combined_strength`; ROME's ``s(k)`` for one layer); for an edit that
+    adapts a base edit's keys (REP) the base edit's strength on the adapted keys the pass used (Lemma 4.6 with
+    REP's keys); zero without an edit."""
     tokenizer = model.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    layers = [layers] if isinstance(layers, int) else list(layers)
+    edited = tuple(edit.layers) if edit is not None else ()
+    layers = sorted({*layers, *edited})
     n = len(sequences)
     alpha = torch.zeros(n)
     alpha_max = torch.zeros(n)
-    values = torch.zeros((n, int(model.cfg.d_model)))
+    values = {layer: torch.zeros((n, int(model.cfg.d_model))) for layer in layers}
     log_probs: list[torch.Tensor | None] = [None] * n
-    captured: dict[str, torch.Tensor] = {}
+    captured: dict[tuple[str, int], torch.Tensor] = {}
 
-    def keep(name):
+    def keep(name, layer):
         def hook(activation, hook):
-            captured[name] = activation.detach()
+            captured[(name, layer)] = activation.detach()
         return hook
 
-    # the first capture hooks are registered before the edit's own, so they read the key that the edit's hooks
-    # receive; an adapter's edit (REP on ROME's) is read after its hooks too: its α is the base edit's strength on
-    # the very adapted key the forward pass used (one dropout draw, where dropout stays on at inference)
+    # the first capture hooks are registered before the edit's own, so they read the keys that the edit's hooks
+    # receive; an adapter's edit (REP on ROME's or MEMIT's) is read after its hooks too: its α is the base edit's
+    # strength on the very adapted keys the forward pass used (one dropout draw, where dropout stays on at inference)
     base = getattr(edit, "base", None)
-    after = [(key_hook(layer), keep("adapted"))] if base is not None else []
-    with model.hooks(fwd_hooks=[(key_hook(layer), keep("key")), (value_hook(layer), keep("value"))]), \
-            (edit.applied(model) if edit is not None else nullcontext()), model.hooks(fwd_hooks=after):
+    before = [(key_hook(layer), keep("key", layer)) for layer in edited]
+    before += [(value_hook(layer), keep("value", layer)) for layer in layers]
+    after = [(key_hook(layer), keep("adapted", layer)) for layer in edited] if base is not None else []
+    with model.hooks(fwd_hooks=before), (edit.applied(model) if edit is not None else nullcontext()), \
+            model.hooks(fwd_hooks=after):
         for rows in length_batches([len(s) for s in sequences], batch_size):
             input_ids, mask = pad_batch([sequences[i] for i in rows], pad_id, "right", device=model.cfg.device)
             logits = model(input_ids, attention_mask=mask, return_type="logits")  # (batch, pos, vocab)
             if edit is not None:
-                strength = (base.strength(captured["adapted"].float()) if base is not None
-                            else edit.strength(captured["key"].float()))  # (batch, pos)
+                read = "adapted" if base is not None else "key"
+                keys = {layer: captured[(read, layer)].float() for layer in edited}  # {layer: (batch, pos, d_mlp)}
+                strength = (base if base is not None else edit).combined_strength(keys)  # (batch, pos)
                 strength = strength.masked_fill(mask.to(strength.device) == 0, -math.inf)
             for r, i in enumerate(rows):
                 length = len(sequences[i])
                 if edit is not None:
                     alpha[i] = float(strength[r, positions[i]])
                     alpha_max[i] = float(strength[r, 1 if length > 1 else 0 : length].max())  # BOS excluded
-                values[i] = captured["value"][r, positions[i]].float().cpu()
+                for layer in layers:
+                    values[layer][i] = captured[("value", layer)][r, positions[i]].float().cpu()
                 log_probs[i] = logits[r, length - 1].float().log_softmax(-1).cpu()
     return Observation(alpha, alpha_max, values, torch.stack(log_probs) if n else torch.zeros((0, 1)))
 
@@ -245,10 +279,16 @@ class BoundsResult:
     summary: dict
     config: BoundsConfig
     skipped: list[dict] = field(default_factory=list)
+    edit_layers: dict[str, list[int]] = field(default_factory=dict)  # the layers each edit method writes
+
+    @property
+    def n_edited(self) -> int:
+        """The number of facts edited (each by every method)."""
+        return len({r["case_id"] for r in (*self.lemma_4_4_rows, *self.query_rows)})
 
     def as_json(self) -> dict:
-        return {"n": len(self.lemma_4_4_rows), "model": self.model, "layer": self.layer, **self.summary,
-                "config": asdict(self.config), "skipped": self.skipped}
+        return {"n": self.n_edited, "model": self.model, "layer": self.layer, **self.summary,
+                "edit_layers": self.edit_layers, "config": asdict(self.config), "skipped": self.skipped}
 
 
 def _specificity(rows: list[dict]) -> dict:
@@ -261,20 +301,40 @@ def _specificity(rows: list[dict]) -> dict:
             "n_queries": len(rows)}
 
 
-def summarize(l44: list[dict | None], rows: list[dict], methods: Sequence[str]) -> dict:
-    """The lemma summary of a run's per-edit Lemma 4.4 rows (``None`` for an edit without one) and per-query rows
-    (:attr:`BoundsResult.summary`); ``methods`` in report order."""
-    valid = [r for r in l44 if r is not None]
-    lemma_4_4 = {
-        "holds_fraction": float(np.mean([r["single_head_holds"] for r in valid])) if valid else None,
-        "attention_weighted_holds_fraction": float(np.mean([r["best_gain_attention"] >= r["needed"] for r in valid]))
-        if valid else None,
-        "norm_bound_holds_fraction": float(np.mean([r["norm_bound_holds"] for r in valid])) if valid else None,
-        "median_needed": float(np.median([r["needed"] for r in valid])) if valid else None,
-        "median_best_gain_unit": float(np.median([r["best_gain_unit"] for r in valid])) if valid else None,
-        "median_delta_v_norm": float(np.median([r["delta_v_norm"] for r in valid])) if valid else None,
-        "median_norm_bound": float(np.median([r["norm_bound"] for r in valid])) if valid else None,
+def edit_methods(methods: Sequence[str]) -> tuple[str, ...]:
+    """The methods that compute their own edit among ``methods`` or as the base of one of them, in order (the
+    edits Lemma 4.4 is checked on; an adaptor writes its base's ``ΔW``)."""
+    return tuple(dict.fromkeys(EDITORS[m].base or m for m in methods))
+
+
+def _lemma_4_4_summary(valid: list[dict]) -> dict:
+    """The fractions and medians of Lemma 4.4 rows (``None`` without any)."""
+    def median(key):
+        return float(np.median([r[key] for r in valid])) if valid else None
+
+    def fraction(values):
+        return float(np.mean(values)) if valid else None
+
+    return {
+        "holds_fraction": fraction([r["single_head_holds"] for r in valid]),
+        "attention_weighted_holds_fraction": fraction([r["best_gain_attention"] >= r["needed"] for r in valid]),
+        "norm_bound_holds_fraction": fraction([r["norm_bound_holds"] for r in valid]),
+        "median_needed": median("needed"),
+        "median_best_gain_unit": median("best_gain_unit"),
+        "median_delta_v_norm": median("delta_v_norm"),
+        "median_norm_bound": median("norm_bound"),
     }
+
+
+def summarize(l44: list[dict | None], rows: list[dict], methods: Sequence[str]) -> dict:
+    """The lemma summary of a run's per-edit Lemma 4.4 rows (``None`` for an edit without one; a row without a
+    ``method`` is of the first method that computes its own edit) and per-query rows
+    (:attr:`BoundsResult.summary`); ``methods`` in report order. ``lemma_4_4`` holds the first edit method's
+    numbers at its top level and every edit method's under ``methods``."""
+    bases = edit_methods(methods)
+    valid = [r for r in l44 if r is not None]
+    by_method_44 = {b: _lemma_4_4_summary([r for r in valid if (r.get("method") or bases[0]) == b]) for b in bases}
+    lemma_4_4 = {**by_method_44[bases[0]], "methods": by_method_44}
     by_method_46, by_method_47 = {}, {}
     for method in methods:
         robust = [r for r in rows if r["method"] == method and r["kind"] in KINDS]
@@ -303,13 +363,14 @@ def summarize(l44: list[dict | None], rows: list[dict], methods: Sequence[str]) 
     }
 
 
-def _robustness_rows(edit, queries, method, before: Observation, after: Observation, new_id, true_id,
+def _robustness_rows(edit: ModelEdit, queries, method, before: Observation, after: Observation, new_id, true_id,
                      kinds) -> list[dict]:
-    residual = edit.residual.double().cpu()
-    scale = float(residual @ residual)
+    direction = edit.value_direction().double().cpu()  # (d_model,) Δv*
+    scale = float(direction @ direction)
+    changes = after.value(edit.layers) - before.value(edit.layers)  # (n, d_model) of the summed values
     out = []
     for i, kind in enumerate(kinds):
-        change = (after.value[i].double() - before.value[i].double()) @ residual / scale if scale > 0 else 0.0
+        change = changes[i] @ direction / scale if scale > 0 else 0.0
         gap_before = float(before.log_probs[i, new_id] - before.log_probs[i, true_id])
         gap_after = float(after.log_probs[i, new_id] - after.log_probs[i, true_id])
         out.append({"case_id": queries.fact.case_id, "method": method, "kind": kind, "alpha": float(after.alpha[i]),
@@ -332,8 +393,12 @@ def _specificity_rows(case_id, method, before: Observation, after: Observation, 
 
 def run(model, facts: Sequence[Fact], layer: int, cov, context_docs, corpus=None, config: BoundsConfig | None = None,
         rome_config: rome.ROMEConfig | None = None, rep_config: rep.REPConfig | None = None,
-        progress: bool = True) -> BoundsResult:
-    """Edit ``config.n`` known facts and collect Lemma 4.4/4.6/4.7 evidence (module docstring)."""
+        progress: bool = True, load_covariance=None) -> BoundsResult:
+    """Edit ``config.n`` known facts and collect Lemma 4.4/4.6/4.7 evidence (module docstring). Each method that
+    computes its own edit (:func:`edit_methods`: ROME at ``layer``, MEMIT over its layers, whose covariances come
+    from ``load_covariance(L)``, as :func:`keyscope.editing.prepare_context` takes it) edits every fact alone (one
+    request per edit); adaptors adapt their base's edit. A fact that one of them cannot edit is skipped for all,
+    so the methods are compared on the same facts and the same prompts (module docstring)."""
     from tqdm.auto import tqdm
 
     from keyscope import evaluate as ev
@@ -341,36 +406,39 @@ def run(model, facts: Sequence[Fact], layer: int, cov, context_docs, corpus=None
 
     config = config or BoundsConfig()
     methods = check_methods(config.methods)
-    not_rome = [m for m in methods if "rome" not in (m, EDITORS[m].base)]
-    if not_rome:
-        raise KeyscopeError(f"the lemma checks read ROME's rank-one edit; {', '.join(not_rome)} neither is ROME "
-                            "nor adapts its edit")
+    bases = edit_methods(methods)
     tokenizer = model.tokenizer
     chosen, _ = sample_known_facts(model, facts, config.n, config.seed, batch_size=config.batch_size)
     eval_config = ev.EvalConfig(n=config.n, seed=config.seed)
     forms = subject_forms(facts)
     edit_context = prepare_context(model, layer, cov, methods, facts, corpus, rome_config, rep_config,
-                                   eval_config.n_corpus_negatives, config.seed, config.batch_size)
-    editors = {name: make_editor(name, model, edit_context) for name in methods}
-    rome_editor = editors.get("rome") or make_editor("rome", model, edit_context)
+                                   eval_config.n_corpus_negatives, config.seed, config.batch_size, load_covariance)
+    editors = {name: make_editor(name, model, edit_context) for name in dict.fromkeys((*bases, *methods))}
     edits, skipped = [], []
-    for fact in tqdm(chosen, desc="ROME edits", disable=not progress):
+    for fact in tqdm(chosen, desc=f"{', '.join(bases)} edits", disable=not progress):
         try:
-            edits.append((fact, rome_editor.compute([ev.fact_request(fact)])))
+            done = {name: editors[name].compute([ev.fact_request(fact)]) for name in bases}
         except KeyscopeError as exc:
             skipped.append({"case_id": fact.case_id, "reason": str(exc)})
+            continue
+        for edit in done.values():
+            edit.value_direction()  # a method that does not state what it writes: one line, before any lemma
+        edits.append((fact, done))
     if not edits:
         raise KeyscopeError(f"no fact could be edited ({len(skipped)} skipped)")
     scan = None
     if corpus is not None and config.scan_top_k:
+        # one set of specificity prompts per fact for every method: the corpus prefixes of ROME's k* at `layer`
+        k_stars = [done["rome"].edits[0].k_star if "rome" in done else
+                   rome.edit_key(model, ev.fact_request(fact), layer, edit_context.prefixes, edit_context.rome_config)
+                   for fact, done in edits]
         scan = scan_corpus(model, [f for f, _ in edits], cov, corpus,
                            ScanConfig(layer, n_tokens=config.scan_tokens, top_k=config.scan_top_k,
                                       prefix_tokens=config.scan_prefix_tokens), progress=progress,
-                           k_stars=torch.stack([e.edits[0].k_star for _, e in edits]), filters=("strict",))["strict"]
+                           k_stars=torch.stack(k_stars), filters=("strict",))["strict"]
     l44_rows, rows = [], []
-    for j, (fact, rome_edit) in enumerate(tqdm(edits, desc="lemmas", disable=not progress)):
-        edit = rome_edit.edits[0]  # the rank-one edit the lemmas are about
-        l44_rows.append(lemma_4_4(model, edit, fact))
+    for j, (fact, done) in enumerate(tqdm(edits, desc="lemmas", disable=not progress)):
+        l44_rows += [lemma_4_4(model, done[name], fact, name) for name in bases]
         queries = fact_probes(tokenizer, fact, context_docs, eval_config.probes, exclude=forms, other_facts=facts)
         robust, kinds = [], []
         for kind in KINDS:
@@ -396,15 +464,18 @@ def run(model, facts: Sequence[Fact], layer: int, cov, context_docs, corpus=None
                     use_max.append(False)
         seqs = [s for s, _ in robust] + [s for s, _ in specific]
         positions = [p for _, p in robust] + [p for _, p in specific]
-        before = observe(model, layer, seqs, positions, config.batch_size)
-        method_edits, _ = ev.compute_edits(editors, [rome_edit.requests[0]], [queries], {"rome": rome_edit})
+        edited_layers = sorted({layer for edit in done.values() for layer in edit.layers})
+        before = observe(model, edited_layers, seqs, positions, config.batch_size)
+        method_edits, _ = ev.compute_edits(editors, [ev.fact_request(fact)], [queries], done)
+        n_robust = len(robust)
         for method in methods:
-            after = observe(model, layer, seqs, positions, config.batch_size, method_edits[method])
-            n_robust = len(robust)
+            edit = method_edits[method]
+            after = observe(model, edit.layers, seqs, positions, config.batch_size, edit)
             rows += _robustness_rows(edit, queries, method, before.rows(0, n_robust), after.rows(0, n_robust),
                                      new_id, true_id, kinds)
             rows += _specificity_rows(fact.case_id, method, before.rows(n_robust, len(seqs)),
                                       after.rows(n_robust, len(seqs)), spec_kinds, use_max)
     summary = summarize(l44_rows, rows, methods)
+    edit_layers = {name: list(edits[0][1][name].layers) for name in bases}
     return BoundsResult(model_name(model), layer, [r for r in l44_rows if r is not None], rows, summary, config,
-                        skipped)
+                        skipped, edit_layers)

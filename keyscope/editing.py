@@ -11,7 +11,21 @@ of it, and nothing else:
   bit-exactly and removes every hook on exit, also on an exception);
 * report its **edit strength** on any key (:meth:`ModelEdit.strength`): the fraction of the edit a key
   ``k`` of an edited layer receives, ``s(k) = kᵀC⁻¹k* / k*ᵀC⁻¹k*`` for ROME (Lemma 4.1; the adapted key
-  ``k̂`` under REP, Lemma 4.6), per request and per layer for batch editors.
+  ``k̂`` under REP, Lemma 4.6), per request and per layer for batch editors; and, for the lemma checks
+  (:mod:`keyscope.bounds`), the value ``Δv*`` the edit writes at a request's own keys
+  (:meth:`ModelEdit.value_direction`) and its **combined strength** over every edited layer
+  (:meth:`ModelEdit.combined_strength`, below).
+
+Combined strength of a multi-layer edit
+---------------------------------------
+Let request ``i``'s edit change ``W_out`` of layers ``l`` by ``ΔW_l`` and write, at the request's own keys
+``k_{i,l}`` (those the edit was computed at), ``Δv* = Σ_l ΔW_l k_{i,l}`` (its share of it for a batch edit:
+``Σ_l c_{i,l}(k_{i,l}) R_l[:, i]`` for MEMIT; ``v* − W k*`` for ROME). By Lemma 4.1 at each layer, keys
+``{l: k_l}`` receive ``Σ_l s_l(k_l) ΔW_l k_{i,l}``, whose projection on ``Δv*`` in units of ``Δv*`` is::
+
+    α({k_l}) = Σ_l w_l s_l(k_l),     w_l = (ΔW_l k_{i,l})ᵀ Δv* / ‖Δv*‖²,     Σ_l w_l = 1
+
+(:meth:`ModelEdit.layer_weights`). For a one-layer edit ``w = 1`` and ``α`` is ``s(k)``, ROME's strength.
 
 An :class:`Editor` is built from the :class:`EditContext` of a run (the edit layer, its covariance, the
 methods' configs, ROME's context prefixes, REP's gate negatives), which the caller prepares once with
@@ -148,6 +162,32 @@ class ModelEdit(ABC):
                  tau: float | None = None) -> torch.Tensor:
         """The edit strength of request ``request`` on keys ``(..., d_mlp)`` of ``layer`` (default: the only or
         last edited layer): ``(...,)``; 1 means the key receives the edit as fully as ``k*`` does."""
+
+    def value_direction(self, request: int = 0) -> torch.Tensor:
+        """``Δv*`` ``(d_model,)``: what the edit of request ``request`` adds to the summed MLP outputs of its edited
+        layers at the request's own keys (module docstring)."""
+        raise KeyscopeError(f"{type(self).__name__} does not state the value it writes (no value_direction); "
+                            "the lemma checks need it")
+
+    def layer_weights(self, request: int = 0) -> dict[int, float]:
+        """``{l: w_l}``: the share of ``Δv*`` (along it) each edited layer writes, summing to 1 (module
+        docstring); ``{layer: 1}`` for an edit of one layer."""
+        if len(self.layers) != 1:
+            raise KeyscopeError(f"{type(self).__name__} edits layers {list(self.layers)} but states no layer weights")
+        return {self.layers[0]: 1.0}
+
+    def combined_strength(self, keys_by_layer: Mapping[int, torch.Tensor], request: int = 0,
+                          tau: float | None = None) -> torch.Tensor:
+        """``α = Σ_l w_l s_l(k_l)`` ``(...,)`` for keys ``{l: (..., d_mlp)}`` of every edited layer (module docstring:
+        the projection on ``Δv*``, in its units, of what the edit writes at those keys, Lemma 4.1 summed over the
+        layers); ``s(k)`` for an edit of one layer."""
+        total = None
+        for layer, weight in self.layer_weights(request).items():
+            if layer not in keys_by_layer:
+                raise KeyscopeError(f"the combined strength needs the keys of layer {layer}")
+            term = weight * self.strength(keys_by_layer[layer], layer, request, tau)  # (...,)
+            total = term if total is None else total + term
+        return total
 
     def gate(self, keys: torch.Tensor) -> torch.Tensor:
         """The gate probability ``g(k)`` ``(...,)`` of a gated edit."""

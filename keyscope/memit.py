@@ -39,6 +39,10 @@ the **edit strength** of request ``i`` on any key ``k`` of layer ``l`` (:meth:`M
 
 — the share of request ``i``'s residual that ``k`` receives, relative to the share its own key ``k_i`` receives.
 For one request ``A = C⁻¹k* / (λ + k*ᵀC⁻¹k*)`` and ``s(k) = kᵀC⁻¹k* / k*ᵀC⁻¹k*``: ROME's strength (Lemma 4.1).
+Over all layers, request ``i`` writes ``Δv*_i = Σ_l c_i(k_{i,l}) R_l[:, i]`` at its own keys
+(:meth:`MEMITEdit.value_direction`), layer ``l`` the share ``w_l`` of it (:meth:`MEMITEdit.layer_weights`), and
+keys ``{l: k_l}`` receive ``α = Σ_l w_l s_{i,l}(k_l)`` of it (:meth:`~keyscope.editing.ModelEdit.combined_strength`,
+:mod:`keyscope.editing`, "Combined strength of a multi-layer edit").
 
 One key
 -------
@@ -319,6 +323,25 @@ class MEMITEdit(ModelEdit):
         update = self.update(layer)
         return update.coefficients(keys)[..., request] / update.own()[request].to(keys.device)
 
+    def value_direction(self, request: int = 0) -> torch.Tensor:
+        """``Δv*_i = Σ_l c_{i,l}(k_{i,l}) R_l[:, i]`` ``(d_model,)``: request ``i``'s share of what the edit adds to
+        the summed MLP outputs at its own keys (:mod:`keyscope.editing`, "Combined strength"; ``v* − W k*`` of
+        ROME for one layer at λ = 0)."""
+        return sum(self._shares(request)).float()  # (d_model,)
+
+    def layer_weights(self, request: int = 0) -> dict[int, float]:
+        """``w_l = c_{i,l}(k_{i,l}) R_l[:, i]ᵀ Δv* / ‖Δv*‖²`` per edited layer, summing to 1."""
+        shares = self._shares(request)
+        total = sum(shares)  # (d_model,) float64
+        scale = float(total @ total)
+        if scale == 0:
+            raise KeyscopeError(f"request {request}'s edit writes nothing at its own keys (Δv* = 0)")
+        return {u.layer: float(share @ total) / scale for u, share in zip(self.updates, shares)}
+
+    def _shares(self, request: int) -> list[torch.Tensor]:
+        """``c_{i,l}(k_{i,l}) R_l[:, i]`` ``(d_model,)`` float64 per layer."""
+        return [u.own()[request].double() * u.residuals[request].double() for u in self.updates]
+
     def request_edit(self, request: int, layer: int | None = None) -> RequestKeyEdit:
         """Request ``request``'s share of ``layer``'s update as a single-key edit (:class:`RequestKeyEdit`)."""
         update = self.update(layer)
@@ -409,6 +432,13 @@ class MEMITREPEdit(ModelEdit):
                  tau: float | None = None) -> torch.Tensor:
         """``s_i(k̂)`` of the keys adapted by request ``request``'s adaptor at ``layer``."""
         return self.adaptors[(request, self._layer(layer))].strength(keys, tau)
+
+    def value_direction(self, request: int = 0) -> torch.Tensor:
+        """The MEMIT edit's ``Δv*`` (the adaptors move keys, not what is written at the requests' keys)."""
+        return self.base.value_direction(request)
+
+    def layer_weights(self, request: int = 0) -> dict[int, float]:
+        return self.base.layer_weights(request)
 
     def gate(self, keys: torch.Tensor, layer: int | None = None, request: int = 0) -> torch.Tensor:
         return self.adaptors[(request, self._layer(layer))].gate(keys)

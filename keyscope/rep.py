@@ -608,6 +608,13 @@ class REPEdit(ModelEdit):
         self._layer(layer)
         return self.adaptors[request].strength(keys, tau)
 
+    def value_direction(self, request: int = 0) -> torch.Tensor:
+        """The ROME edit's ``Δv*`` (the adaptor moves keys, not what is written at ``k*``)."""
+        return self.base.value_direction(request)
+
+    def layer_weights(self, request: int = 0) -> dict[int, float]:
+        return self.base.layer_weights(request)
+
     def gate(self, keys: torch.Tensor) -> torch.Tensor:
         return self.adaptors[0].gate(keys)
 

@@ -145,6 +145,7 @@ __all__ = [
     "check_request_tokens",
     "context_prefixes",
     "compute_k_star",
+    "edit_key",
     "prefixed",
     "prefixed_keys",
     "compute_v_star",
@@ -476,6 +477,13 @@ def prefixed_keys(
     templates = [prefixed(prefix, request.template) for prefix in prefixes]
     subjects = [request.subject] * len(templates)
     return collect_keys(model, templates, subjects, layer, prepend_bos=prepend_bos)  # (n_prefixes, d_mlp)
+
+
+def edit_key(model, request: EditRequest, layer: int, prefixes: Sequence[str], config: ROMEConfig) -> torch.Tensor:
+    """The key :func:`compute_edit` installs ``v*`` at (:attr:`Edit.k_star`) without computing the edit: the
+    prefix-averaged key, or the bare prompt's in reference mode. ``(d_mlp,)`` float32."""
+    prefix_keys = prefixed_keys(model, request, layer, prefixes, _prepend_bos(model, config))  # (n_prefixes, d_mlp)
+    return prefix_keys[0] if config.reference else prefix_keys.mean(0)
 
 
 def compute_k_star(
@@ -994,6 +1002,14 @@ class ROMEEdits(ModelEdit):
         """``s(k) = kᵀC⁻¹k* / k*ᵀC⁻¹k*`` of request ``request``'s edit (:meth:`Edit.strength`)."""
         self._layer(layer)
         return self.edits[request].strength(keys)
+
+    def value_direction(self, request: int = 0) -> torch.Tensor:
+        """``Δv* = v* − W k*`` ``(d_model,)`` of request ``request``'s edit (:attr:`Edit.residual`)."""
+        return self.edits[request].residual
+
+    def layer_weights(self, request: int = 0) -> dict[int, float]:
+        """``{layer: 1}``: each request's edit is of one layer."""
+        return {self.edits[request].layer: 1.0}
 
     @property
     def prefix_keys(self) -> torch.Tensor | None:

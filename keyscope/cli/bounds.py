@@ -1,34 +1,44 @@
-"""``keyscope bounds``: check the paper's lemmas on real edits (Lemma 4.4: Δv through a single attention
-path; Lemma 4.6: α predicts robustness, for ROME and ROME+REP; Lemma 4.7: α predicts specificity on
-neighbourhood prompts and corpus-scan prefixes). Prints the summary, writes ``fig_bounds.png``, ``bounds.md``
-and per-edit/per-query CSVs into ``--out`` and, with ``--json``,
-``{"lemma_4_4": {"holds_fraction": …}, "lemma_4_6": {"auroc": …, "value_check_pearson": …}, "lemma_4_7": {"auroc": …,
-"neighbourhood": {"auroc": …, "positives": …}, "corpus": {"auroc": …, "positives": …}}}``.
+"""``keyscope bounds``: check the paper's lemmas on real edits of each method of ``--methods`` (Lemma 4.4: Δv
+through a single attention path; Lemma 4.6: α predicts robustness; Lemma 4.7: α predicts specificity on
+neighbourhood prompts and corpus-scan prefixes), for ROME, MEMIT and their REP adaptors (α of a multi-layer edit:
+:meth:`keyscope.editing.ModelEdit.combined_strength`). Prints the summary, writes ``fig_bounds.png``,
+``bounds.md`` and per-edit/per-query CSVs into ``--out`` and, with ``--json``,
+``{"lemma_4_4": {"holds_fraction": …, "methods": {"rome": {…}}}, "lemma_4_6": {"auroc": …, "value_check_pearson":
+…, "methods": {…}}, "lemma_4_7": {"auroc": …, "neighbourhood": {"auroc": …, "positives": …}, "corpus": {"auroc":
+…, "positives": …}, "methods": {…}}}`` (top-level numbers: the first method's).
 """
 
 from __future__ import annotations
 
 from keyscope.cli.common import (
     add_covariance_arguments,
+    add_methods_argument,
     add_model_arguments,
     add_output_arguments,
     positive_int,
 )
 from keyscope.cli.output import write_json
+from keyscope.errors import KeyscopeError
+
+DEFAULT_METHODS = "rome,rome+rep"
 
 
 def cmd_bounds(args) -> int:
     from keyscope import bounds
     from keyscope import corpus as corpora
-    from keyscope.cli.common import edit_inputs
+    from keyscope.cli.common import covariance_loader, edit_inputs, parse_methods
     from keyscope.experiments import bounds as experiment
 
+    methods = parse_methods(args.methods)
+    if args.rome_only:
+        if args.methods != DEFAULT_METHODS:
+            raise KeyscopeError("--rome-only is --methods rome; give one of them")
+        methods = ("rome",)
     facts, model, layer, cov, source = edit_inputs(args)
     progress = not args.no_progress
-    methods = ("rome",) if args.rome_only else ("rome", "rome+rep")
     config = bounds.BoundsConfig(n=args.n, seed=args.seed, methods=methods, scan_tokens=args.scan_tokens)
     result = bounds.run(model, facts, layer, cov, corpora.documents(args.context or source), corpus=source,
-                        config=config, progress=progress)
+                        config=config, progress=progress, load_covariance=covariance_loader(model, args))
     print(experiment.format_summary(result))
     for path in experiment.write(result, args.out):
         print(f"wrote {path}")
@@ -42,7 +52,8 @@ def register(sub) -> None:
     add_model_arguments(p)
     p.add_argument("--n", type=positive_int, default=50, help="number of edited facts (default 50)")
     p.add_argument("--seed", type=int, default=0, help="seed of the facts and splits")
-    p.add_argument("--rome-only", action="store_true", help="skip ROME+REP")
+    add_methods_argument(p, DEFAULT_METHODS)
+    p.add_argument("--rome-only", action="store_true", help="ROME alone (--methods rome)")
     p.add_argument("--corpus", help="corpus for C, REP's negatives and the scan (default: the model's default)")
     p.add_argument("--context", help="text for the long contexts (default: the corpus)")
     add_covariance_arguments(p)

@@ -20,6 +20,25 @@ OUTPUT_FOLDERS = ("out",)
 OUTPUT_FILES = ("json", "export")
 
 
+def add_methods_argument(parser, default: str = "rome,rome+rep") -> None:
+    """``--methods M1,M2,…``: editing methods of the registry (:data:`keyscope.editing.EDITORS`)."""
+    from keyscope.editing import EDITORS
+
+    parser.add_argument("--methods", default=default,
+                        help=f"comma-separated editing methods, of: {', '.join(EDITORS)} (default {default})")
+
+
+def parse_methods(text: str) -> tuple[str, ...]:
+    """``--methods`` as a tuple of registry names, or a one-line error naming the known ones."""
+    from keyscope.editing import EDITORS
+
+    methods = tuple(m.strip() for m in text.split(",") if m.strip())
+    unknown = [m for m in methods if m not in EDITORS]
+    if not methods or unknown:
+        raise KeyscopeError(f"--methods takes a comma-separated subset of {','.join(EDITORS)}, not {text!r}")
+    return methods
+
+
 def positive_int(text: str) -> int:
     """An ``argparse`` type for counts: a whole number ≥ 1 (argparse names the flag in its error)."""
     return _int_at_least(text, 1)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from keyscope.cli.common import (
     add_covariance_arguments,
+    add_methods_argument,
     add_model_arguments,
     add_output_arguments,
     add_rome_setting_argument,
@@ -43,6 +44,7 @@ def cmd_evaluate(args) -> int:
         check_rome_setting,
         covariance_loader,
         edit_inputs,
+        parse_methods,
         rome_config,
         torchrun_world,
     )
@@ -50,10 +52,7 @@ def cmd_evaluate(args) -> int:
     from keyscope.experiments import table1
     from keyscope.rep import SETTINGS, REPConfig
 
-    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    unknown = [m for m in methods if m not in EDITORS]
-    if not methods or unknown:
-        raise KeyscopeError(f"--methods takes a comma-separated subset of {','.join(EDITORS)}, not {args.methods!r}")
+    methods = parse_methods(args.methods)
     if not 0.0 < args.tau < 1.0:
         raise KeyscopeError(f"--tau must lie in (0, 1), not {args.tau}")
     check_rome_setting(args)
@@ -116,10 +115,7 @@ def register(sub) -> None:
     p.add_argument("--n", "--n-facts", dest="n", type=positive_int, default=100,
                    help="number of edited facts (default 100; under torchrun write --n-facts, since torchrun "
                         "reads --n as an abbreviation of its own options)")
-    from keyscope.editing import EDITORS
-
-    p.add_argument("--methods", default="rome,rome+rep",
-                   help=f"comma-separated editing methods, of: {', '.join(EDITORS)} (default rome,rome+rep)")
+    add_methods_argument(p)
     p.add_argument("--batch-size", type=positive_int, default=1,
                    help="facts per edit of a batch editor (MEMIT); the others edit one fact at a time (default 1)")
     p.add_argument("--tau", type=float, default=0.9, help="REP's gate threshold (default 0.9)")

@@ -21,18 +21,37 @@ def _fmt(value, pct: bool = False) -> str:
     return f"{100 * value:.1f}%" if pct else f"{value:.3f}"
 
 
+def _lemma_4_4_lines(l44: dict, indent: str = "  ") -> list[str]:
+    return [
+        f"{indent}largest single-head gain (attention weight 1) >= ε1 + ε2: {_fmt(l44['holds_fraction'], True)} of edits",
+        f"{indent}... with the heads' actual attention weights:             {_fmt(l44['attention_weighted_holds_fraction'], True)}",
+        f"{indent}||Δv|| >= (ε1 + ε2) / max_h ||m_h|| (Cauchy–Schwarz):     {_fmt(l44['norm_bound_holds_fraction'], True)} "
+        f"(median bound {_fmt(l44['median_norm_bound'])}, median ||Δv|| {_fmt(l44['median_delta_v_norm'])})",
+    ]
+
+
+def title(result: bounds.BoundsResult) -> str:
+    """``"model, layer L: N ROME edits"``, or when other methods than ROME's family ran
+    ``"model: N facts edited by m1, m2 (layers: m1 1,2,3; corpus scan at layer L)"``."""
+    methods = list(result.summary["lemma_4_6"]["methods"])
+    if bounds.edit_methods(methods) == ("rome",):
+        return f"{result.model}, layer {result.layer}: {result.n_edited} ROME edits"
+    layers = "; ".join(f"{m} {','.join(map(str, ls))}" for m, ls in result.edit_layers.items())
+    return (f"{result.model}: {result.n_edited} facts edited by {', '.join(methods)} (layers: {layers}; "
+            f"corpus scan at layer {result.layer})")
+
+
 def format_summary(result: bounds.BoundsResult) -> str:
     """The lemma summary as text (also the body of ``bounds.md``)."""
     s = result.summary
     l44 = s["lemma_4_4"]
-    lines = [
-        f"{result.model}, layer {result.layer}: {len(result.lemma_4_4_rows)} ROME edits",
-        "Lemma 4.4 (a single attention path must carry ε1 + ε2):",
-        f"  largest single-head gain (attention weight 1) >= ε1 + ε2: {_fmt(l44['holds_fraction'], True)} of edits",
-        f"  ... with the heads' actual attention weights:             {_fmt(l44['attention_weighted_holds_fraction'], True)}",
-        f"  ||Δv|| >= (ε1 + ε2) / max_h ||m_h|| (Cauchy–Schwarz):     {_fmt(l44['norm_bound_holds_fraction'], True)} "
-        f"(median bound {_fmt(l44['median_norm_bound'])}, median ||Δv|| {_fmt(l44['median_delta_v_norm'])})",
-    ]
+    by_method = l44.get("methods") or {}
+    lines = [title(result), "Lemma 4.4 (a single attention path must carry ε1 + ε2):"]
+    if len(by_method) > 1:
+        for method, m in by_method.items():
+            lines += [f"  {method}:", *_lemma_4_4_lines(m, "    ")]
+    else:
+        lines += _lemma_4_4_lines(l44)
     lines.append("Lemma 4.6 (robustness): AUROC of α at the subject's last token for a query's success")
     for method, m in s["lemma_4_6"]["methods"].items():
         lines.append(f"  {method:9s} {_fmt(m['auroc'])} over {m['n_queries']} queries ({m['positives']} successes); "
@@ -40,7 +59,9 @@ def format_summary(result: bounds.BoundsResult) -> str:
                      f"{_fmt(m['pearson_logit_gap'])}")
     lines.append("  consistency check, not evidence: Pearson(α·Δv*, hooked value change) "
                  + ", ".join(f"{method} {_fmt(m['value_check_pearson'])}" for method, m in s["lemma_4_6"]["methods"].items())
-                 + " (1 for ROME by construction)")
+                 + " (1 for ROME by construction"
+                 + ("; not for a multi-layer edit, whose earlier layers move the later layers' keys)"
+                    if bounds.edit_methods(list(s["lemma_4_6"]["methods"])) != ("rome",) else ")"))
     lines.append("Lemma 4.7 (specificity): AUROC of α for a flipped top-1, per group")
     for method, m in s["lemma_4_7"]["methods"].items():
         for group in bounds.SPECIFICITY_KINDS:
@@ -56,8 +77,7 @@ def write(result: bounds.BoundsResult, out_dir: str | Path) -> list[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = [out / FIGURE, out / REPORT]
-    figure = plot.alpha_scatter(result.query_rows, title=f"{result.model}, layer {result.layer}: "
-                                f"{len(result.lemma_4_4_rows)} ROME edits")
+    figure = plot.alpha_scatter(result.query_rows, title=title(result))
     figure.savefig(files[0], dpi=150)
     files[1].write_text("```\n" + format_summary(result) + "\n```\n")
     if result.lemma_4_4_rows:

@@ -132,7 +132,7 @@ def tau_sweep(figures: Path) -> str:
 
 def bounds(figures: Path) -> str:
     """The lemmas (``bounds_edits.csv``, ``bounds_queries.csv``)."""
-    edits = read_csv(figures / "bounds_edits.csv")
+    edits = [r for r in read_csv(figures / "bounds_edits.csv") if r.get("method", "rome") == "rome"]
     queries = read_csv(figures / "bounds_queries.csv")
 
     def group(method: str, kinds: tuple[str, ...], label: str) -> tuple[float | None, int, int]:

@@ -96,6 +96,17 @@ def test_bounds_reports_the_three_lemmas(env, tmp_path, capsys):
         assert (tmp_path / name).stat().st_size > 0, name
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--methods", "pmet"], "--methods"),
+    (["--methods", "memit", "--rome-only"], "--rome-only"),
+])
+def test_bounds_rejects_bad_methods_in_one_line(env, tmp_path, capsys, argv, message):
+    assert main(["bounds", "--out", str(tmp_path / "o"), *argv, *QUICK]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("keyscope: error:") and message in err and "\n" not in err
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.slow
 def test_reproduce_quick_regenerates_every_artefact_and_the_report(env, tmp_path):
     assert main(["reproduce", "--quick", "--no-progress", "--out", str(tmp_path)]) == 0
