@@ -15,7 +15,7 @@ methods, :func:`keyscope.evaluate.paired_bootstrap_interval`): the marginal inte
 the same facts overlap even where one is better on almost every fact. :func:`verdict` reads it: a departure
 *helps* a column when reverting it lowers that column measurably (the whole interval of variant − keyscope below
 0), *hurts* it when reverting raises it measurably; keyscope keeps a departure as its default only where it
-helps some column (:data:`DECISION_METRICS`, the columns the README shows).
+helps some Table 1 column.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from keyscope.metrics import METRICS, plan_queries, score_plan
 from keyscope.perturbations import LONG, REPHRASE, SHUFFLE, FactProbes
 from keyscope.predictions import score_targets
 
-__all__ = ["Variant", "VARIANTS", "BASE", "DECISION_METRICS", "AblationResult", "ablate", "ablate_fact",
+__all__ = ["Variant", "VARIANTS", "BASE", "AblationResult", "ablate", "ablate_fact",
            "baseline_name", "differences", "verdict"]
 
 
@@ -92,15 +92,9 @@ VARIANTS: tuple[Variant, ...] = (
 #: The variant every other one is compared with (:func:`differences`).
 BASE = "keyscope"
 
-#: The Table 1 columns a departure is judged on (:func:`verdict`): Success, Locality and the in-domain and
-#: out-of-domain-without-near-twins rates of rephrases, token shuffles and long contexts.
-DECISION_METRICS = ("success", "locality", "rephrase_id", "rephrase_ood_new", "shuffle_id", "shuffle_ood_new",
-                    "long_id", "long_ood_new")
-
-
-def verdict(difference_ci: Mapping[str, Sequence[float] | None], metrics: Sequence[str] = DECISION_METRICS) -> dict:
+def verdict(difference_ci: Mapping[str, Sequence[float] | None], metrics: Sequence[str] = METRICS) -> dict:
     """What keyscope's choice does, read from the paired 95% intervals ``difference_ci`` of (variant with the
-    choice reverted) − keyscope over ``metrics``: it ``helps`` the columns whose interval lies below 0 (reverting
+    choice reverted) − keyscope over ``metrics`` (every Table 1 column): it ``helps`` the columns whose interval lies below 0 (reverting
     it lowers them) and ``hurts`` those whose interval lies above 0. ``{"verdict": "helps" | "hurts" |
     "trade-off" | "no measured effect", "helps": [...], "hurts": [...], "keep": bool}``; ``keep``: the choice
     measurably helps some column, the rule for keeping it as keyscope's default."""

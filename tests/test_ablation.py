@@ -85,7 +85,9 @@ def test_differences_are_paired_against_keyscope():
 
 
 def test_verdict_reads_the_paired_intervals():
-    cols = ablation.DECISION_METRICS
+    from keyscope.metrics import METRICS
+
+    cols = METRICS
     none = {m: None for m in cols}
     assert ablation.verdict(none) == {"verdict": "no measured effect", "helps": [], "hurts": [], "keep": False}
     straddle = {m: [-0.05, 0.02] for m in cols}
@@ -98,9 +100,11 @@ def test_verdict_reads_the_paired_intervals():
     both = helps | {"locality": [0.001, 0.03]}
     v = ablation.verdict(both)
     assert v["verdict"] == "trade-off" and v["keep"] and v["hurts"] == ["locality"]
-    # an interval touching 0 is not a measured effect; columns outside the decision set are ignored
+    # an interval touching 0 is not a measured effect; every Table 1 column counts, a subset only its own
     assert ablation.verdict(straddle | {"success": [-0.1, 0.0]})["verdict"] == "no measured effect"
-    assert ablation.verdict(straddle | {"shuffle_words_id": [-0.3, -0.2]})["verdict"] == "no measured effect"
+    assert ablation.verdict(straddle | {"shuffle_words_id": [-0.3, -0.2]})["helps"] == ["shuffle_words_id"]
+    assert ablation.verdict(straddle | {"shuffle_words_id": [-0.3, -0.2]}, ["success"])["verdict"] == \
+        "no measured effect"
 
 
 def test_variants_are_the_departures_of_the_issue():

@@ -180,12 +180,18 @@ def trace(figures: Path) -> str:
             + f"; the largest is at layer {card['default_layer']} (`figures/factworld_build_seed0.json`).\n")
 
 
+#: The Table 1 columns of the README's ablation table (the verdict reads every column).
+ABLATION_COLUMNS = ("success", "locality", "rephrase_id", "rephrase_ood_new", "shuffle_id", "shuffle_ood_new",
+                    "long_id", "long_ood_new")
+
+
 def ablation(figures: Path) -> str:
     """The departures (``ablation.csv``): each variant's change against keyscope's setting, in points, with the
     paired 95% interval of the difference and :func:`keyscope.ablation.verdict` of it where the CSV has the
     intervals (``METRIC_diff_lo``/``_hi``)."""
-    from keyscope.ablation import DECISION_METRICS, verdict
+    from keyscope.ablation import verdict
     from keyscope.experiments.table1 import HEADERS
+    from keyscope.metrics import METRICS
 
     rows = read_csv(figures / "ablation.csv")
     base = _by(rows, "variant")["keyscope"]
@@ -194,7 +200,7 @@ def ablation(figures: Path) -> str:
         lo, hi = _float(row.get(f"{column}_diff_lo")), _float(row.get(f"{column}_diff_hi"))
         return None if lo is None else (lo, hi)
 
-    paired = any(interval(row, c) is not None for row in rows for c in DECISION_METRICS)
+    paired = any(interval(row, c) is not None for row in rows for c in METRICS)
 
     def change(row: dict, column: str) -> str:
         cell = _signed(100 * (float(row[column]) - float(base[column])))
@@ -202,20 +208,21 @@ def ablation(figures: Path) -> str:
         return cell if ci is None else f"{cell} [{_signed(100 * ci[0])}, {_signed(100 * ci[1])}]"
 
     def judged(row: dict) -> str:
-        if row["variant"] == "keyscope" or not any(interval(row, c) for c in DECISION_METRICS):
+        if row["variant"] == "keyscope" or not any(interval(row, c) for c in METRICS):
             return ""
-        v = verdict({c: interval(row, c) for c in DECISION_METRICS})
+        v = verdict({c: interval(row, c) for c in METRICS})
         named = [f"{word} {', '.join(HEADERS[c] for c in v[word])}" for word in ("helps", "hurts") if v[word]]
-        return v["verdict"] + (f" ({'; '.join(named)})" if named else "")
+        return v["verdict"] if v["verdict"] == "no measured effect" else ("trade-off: " if len(named) == 2 else "") + \
+            "; ".join(named)
 
-    lines = ["| variant | what it reverts | " + " | ".join(HEADERS[c] for c in DECISION_METRICS)
+    lines = ["| variant | what it reverts | " + " | ".join(HEADERS[c] for c in ABLATION_COLUMNS)
              + (" | keyscope's choice |" if paired else " |"),
-             "|---|---|" + "---:|" * len(DECISION_METRICS) + ("---|" if paired else "")]
+             "|---|---|" + "---:|" * len(ABLATION_COLUMNS) + ("---|" if paired else "")]
     for row in rows:
         if row["variant"] == "keyscope":
-            cells = [percent(_float(row[c])) for c in DECISION_METRICS]
+            cells = [percent(_float(row[c])) for c in ABLATION_COLUMNS]
         else:
-            cells = [change(row, c) for c in DECISION_METRICS]
+            cells = [change(row, c) for c in ABLATION_COLUMNS]
         lines.append(f"| {row['variant']} | {row['departure']} | " + " | ".join(cells)
                      + (f" | {judged(row)} |" if paired else " |"))
     return ("\n".join(lines) + "\n\nThe keyscope row is in percent, every other row in points against it"
@@ -290,10 +297,64 @@ def reach(figures: Path) -> str:
     return "\n".join(out)
 
 
+SEQUENTIAL = ("sequential/sequential.csv", "sequential/sequential50.json",
+              "keyscope sequential --method rome,rome+rep,memit,memit+rep --n 50 --checkpoints 10,20,30,40,50 "
+              "--out figures/sequential --json figures/sequential/sequential50.json")
+
+
+def sequential(figures: Path) -> str:
+    """Sequential editing (``sequential.csv``: one row per method and checkpoint; the run's JSON for the undo
+    check): retention, locality, the in-domain robustness of the earlier edits and REP's gate firing on other
+    edits' subjects, per method, after each checkpoint's number of edits."""
+    table, summary, command = SEQUENTIAL
+    rows = read_csv(figures / table)
+    data = json.loads((figures / summary).read_text())
+    lines = ["| method | edits | retention | locality | Rephrase ID | Shuffle ID | Long ID | gate on another edit's subject |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        gate = _float(row["gate_other"])
+        lines.append(f"| {row['method']} | {row['n_edits']} | " + " | ".join(
+            percent(_float(row[c])) for c in ("retention", "locality", "rephrase_id", "shuffle_id", "long_id"))
+            + f" | {'—' if gate is None else percent(gate)} |")
+    restored = "restored bit-exactly" if data["weights_restored"] else "NOT restored"
+    return ("\n".join(lines) + f"\n\nPercent; every `W_out` {restored} after the run (hashes compared); "
+            f"{data['seconds'] / 60:.0f} min (`figures/{table}`, `figures/{summary}`, from `{command}`).\n")
+
+
+MEMIT_BOUNDS = ("memit/bounds_memit50.json", "keyscope bounds --methods memit,memit+rep --n 50 --out figures/memit "
+                "--json figures/memit/bounds_memit50.json")
+
+
+def memit_bounds(figures: Path) -> str:
+    """The lemma checks of MEMIT and MEMIT+REP (``keyscope bounds --methods memit,memit+rep``'s JSON)."""
+    summary, command = MEMIT_BOUNDS
+    data = json.loads((figures / summary).read_text())
+    l44 = data["lemma_4_4"]["methods"]["memit"]
+
+    def auc(value) -> str:
+        return "n/a" if value is None else f"{value:.2f}"
+
+    parts = []
+    for method, m in data["lemma_4_6"]["methods"].items():
+        spec = data["lemma_4_7"]["methods"][method]
+        parts.append(
+            f"{method}: Lemma 4.6 AUROC {auc(m['auroc'])} over {m['n_queries']} queries ({m['positives']} successes; "
+            f"α_max {auc(m['auroc_alpha_max'])}), value check (Pearson) {'n/a' if m['value_check_pearson'] is None else format(m['value_check_pearson'], '.3f')}; Lemma 4.7 "
+            f"neighbourhood {auc(spec['neighbourhood']['auroc'])} ({spec['neighbourhood']['positives']} flips of "
+            f"{spec['neighbourhood']['n_queries']}), corpus {auc(spec['corpus']['auroc'])} "
+            f"({spec['corpus']['positives']} flips of {spec['corpus']['n_queries']})")
+    layers = ", ".join(str(layer) for layer in data["edit_layers"]["memit"])
+    return (f"{data['n']} facts edited one at a time by MEMIT at layers {layers}: " + "; ".join(parts)
+            + f". Lemma 4.4 (heads after layer {data['edit_layers']['memit'][-1]}): a single head carries ε₁ + ε₂ in "
+              f"{percent(l44['holds_fraction'])}% of edits, the Cauchy–Schwarz bound on ‖Δv‖ holds in "
+              f"{percent(l44['norm_bound_holds_fraction'])}% (`figures/{summary}`, from `{command}`).\n")
+
+
 BLOCKS: dict[str, Callable[[Path], str]] = {
     "similarity": similarity, "scan": scan, "values": values, "table1": table1, "tau_sweep": tau_sweep,
     "bounds": bounds, "build": build, "trace": trace, "ablation": ablation, "timing": timing, "shape": shape,
-    "paper": paper, "reach": reach,
+    "paper": paper, "reach": reach, "sequential": sequential,
+    "memit_bounds": memit_bounds,
 }
 
 
