@@ -185,8 +185,11 @@ def fit_layers(
     if resume:
         try:
             start = load_checkpoint(path, spec, covariances, device=device)
-        except FileNotFoundError:
-            pass
+        except FileNotFoundError:  # a changed spec, batch size or number of processes is another job
+            warnings.warn(f"no checkpoint of this job (layers {', '.join(map(str, layers))}, batch size "
+                          f"{job.batch_size}, {world.size} process{'es' if world.size > 1 else ''}) to resume; "
+                          "starting afresh (a stopped run continues only with the same settings and --batch-size)",
+                          stacklevel=2)
         except CorruptCache as exc:
             warnings.warn(f"{exc}; starting afresh", stacklevel=2)
             covariances = empty()

@@ -113,6 +113,18 @@ def all_reduce_sum_(tensors: Iterable[torch.Tensor], world: World) -> None:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
 
 
+def all_reduce_min(value: int, world: World, device: str = "cpu") -> int:
+    """The smallest of the ranks' integer ``value`` (``value`` itself for a single process); ``device`` is where
+    the collective's tensor lives (a CUDA device under NCCL)."""
+    if not world.distributed:
+        return value
+    import torch.distributed as dist
+
+    box = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(box, op=dist.ReduceOp.MIN)
+    return int(box.item())
+
+
 def broadcast_object(value: T, world: World) -> T:
     """Rank 0's ``value`` on every rank (pickled; for small decisions such as which layers to compute)."""
     if not world.distributed:

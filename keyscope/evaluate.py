@@ -44,7 +44,7 @@ import torch
 
 from keyscope import rep, rome
 from keyscope.datasets import Fact
-from keyscope.distributed import SINGLE, World, all_gather_object
+from keyscope.distributed import SINGLE, World, all_gather_object, broadcast_object
 from keyscope.editing import (
     EDITORS,
     EditContext,
@@ -374,8 +374,9 @@ def run_facts(model, facts: Sequence[Fact], config: EvalConfig, context_docs: It
     :class:`~keyscope.errors.KeyscopeError` (e.g. a target without a token of its own after the prompt) is
     skipped with its reason; none scored at all is an error.
 
-    Under ``torchrun`` (``world``) every rank draws the same facts and builds every fact's probes (cheap, and the
-    long contexts come from one stream, so each fact gets the same text as in a single process), but scores
+    Under ``torchrun`` (``world``) every rank takes rank 0's draw of the facts (so a near-tie read differently on
+    another device cannot split the chunks differently), builds every fact's probes (cheap, and the long contexts
+    come from one stream, so each fact gets the same text as in a single process), but scores
     only the chunks ``rank, rank + K, …``; the rows and skips of all ranks are gathered on every rank and put in
     the drawn order — a single process's rows, since each fact's scores depend only on the fact, its probes and
     the shared setup (seeded generators, no global random state).
@@ -383,6 +384,11 @@ def run_facts(model, facts: Sequence[Fact], config: EvalConfig, context_docs: It
     from tqdm.auto import tqdm
 
     chosen, n_known = sample_known_facts(model, facts, config.n, config.seed, batch_size=config.batch_size)
+    if world.distributed:  # rank 0's draw on every rank: a near-tie top-1 read differently can't split the chunks
+        ids, n_known = broadcast_object(([f.case_id for f in chosen], n_known), world)
+        wanted = set(ids)
+        by_id = {f.case_id: f for f in facts if f.case_id in wanted} | {f.case_id: f for f in chosen}
+        chosen = [by_id[i] for i in ids]
     forms = subject_forms(facts)
     rows, skipped, pending = [], [], []
     chunks = 0

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from keyscope.distributed import SINGLE, World
+from keyscope.distributed import SINGLE, World, all_reduce_min
 
 #: Batch size of corpus passes when none is asked for, on the CPU (and the cap on CUDA).
 DEFAULT_BATCH_SIZE = 16
@@ -66,10 +66,4 @@ def corpus_batch_size(model, seq_len: int, layers: Sequence[int], requested: int
         return requested or DEFAULT_BATCH_SIZE
     free, _ = torch.cuda.mem_get_info(device)
     size = fit_batch_size(free, window_bytes(model, seq_len, layers), requested or MAX_BATCH_SIZE)
-    if world.distributed:
-        import torch.distributed as dist
-
-        box = torch.tensor([size], dtype=torch.int64, device=device)
-        dist.all_reduce(box, op=dist.ReduceOp.MIN)
-        size = int(box.item())
-    return size
+    return all_reduce_min(size, world, device)

@@ -482,8 +482,15 @@ def prefixed_keys(
 def edit_key(model, request: EditRequest, layer: int, prefixes: Sequence[str], config: ROMEConfig) -> torch.Tensor:
     """The key :func:`compute_edit` installs ``v*`` at (:attr:`Edit.k_star`) without computing the edit: the
     prefix-averaged key, or the bare prompt's in reference mode. ``(d_mlp,)`` float32."""
-    prefix_keys = prefixed_keys(model, request, layer, prefixes, _prepend_bos(model, config))  # (n_prefixes, d_mlp)
-    return prefix_keys[0] if config.reference else prefix_keys.mean(0)
+    return _edit_keys(prefixed_keys(model, request, layer, prefixes, _prepend_bos(model, config)), config)[0]
+
+
+def _edit_keys(prefix_keys: torch.Tensor, config: ROMEConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(k_star, k_bar)`` of a request's keys behind each prefix ``(n_prefixes, d_mlp)``: ``k̄`` their mean (ROME
+    eq. 3, as :func:`compute_k_star`) and ``k*``, where v* is installed: ``k̄``, or the bare prompt's key (the
+    first prefix is ``""``) in reference mode."""
+    k_bar = prefix_keys.mean(0)  # (d_mlp,)
+    return (prefix_keys[0] if config.reference else k_bar), k_bar
 
 
 def compute_k_star(
@@ -903,8 +910,7 @@ def compute_edit(
 
     start = time.perf_counter()
     prefix_keys = prefixed_keys(model, request, layer, prefixes, _prepend_bos(model, config))  # (n_prefixes, d_mlp)
-    k_bar = prefix_keys.mean(0)  # (d_mlp,) ROME eq. 3, as compute_k_star
-    k_star = prefix_keys[0] if config.reference else k_bar  # (d_mlp,) where v* is installed
+    k_star, k_bar = _edit_keys(prefix_keys, config)  # (d_mlp,) where v* is installed, (d_mlp,) ROME eq. 3
     seconds_k_star = time.perf_counter() - start
 
     v_star, trace = compute_v_star(model, request, layer, k_star, prefixes, config, progress)  # (d_model,)

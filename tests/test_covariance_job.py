@@ -99,7 +99,8 @@ def test_stopped_and_resumed_run_is_bit_exact(model, tmp_path):
 def test_resume_without_or_with_a_damaged_checkpoint_starts_afresh(model, tmp_path):
     job = CovarianceJob((1,), 300, 32, 3, checkpoint_every=0)
     specs = {1: covariance_spec(model, job.config(1), DOCS)}
-    fresh, stats = fit_layers(model, job, DOCS, specs, resume=True, root=tmp_path, progress=False)
+    with pytest.warns(UserWarning, match="no checkpoint of this job .*batch size 3, 1 process"):
+        fresh, stats = fit_layers(model, job, DOCS, specs, resume=True, root=tmp_path, progress=False)
     assert stats["resumed_tokens"] == 0 and fresh[1].n_tokens_ == 300
     with pytest.raises(Stop):
         fit_layers(model, job, DOCS, specs, root=tmp_path, progress=False, on_batch=_stop_after(1))

@@ -9,6 +9,7 @@ the model's top predictions before and after the edit.
 from __future__ import annotations
 
 from keyscope.cli.common import (
+    add_dtype_argument,
     add_progress_argument,
     add_rome_setting_argument,
     non_negative_int,
@@ -98,6 +99,7 @@ def register(sub) -> None:
     add_request_arguments(p)
     p.add_argument("--data", help="facts for --case: factworld (default for factworld) or a CounterFact/REP file")
     p.add_argument("--model", default="factworld", help="factworld, a hub name or a local HF directory")
+    add_dtype_argument(p)
     p.add_argument("--layer", type=int, help="edit layer (default: the model's default edit layer)")
     p.add_argument("--corpus", help="corpus for C = E[k k^T] and the long context (default: factworld filler for "
                                     "factworld, WikiText-103 otherwise; or a text file/folder)")

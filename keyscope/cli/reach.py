@@ -15,7 +15,7 @@ precision@K and the Spearman correlation of ``s(k)`` with the KL. Writes ``reach
 
 from __future__ import annotations
 
-from keyscope.cli.common import add_rome_setting_argument, non_negative_int, positive_int
+from keyscope.cli.common import add_dtype_argument, add_rome_setting_argument, non_negative_int, positive_int
 from keyscope.cli.edit import add_probe_arguments, add_request_arguments
 from keyscope.cli.output import check_outputs, write_json
 from keyscope.errors import KeyscopeError
@@ -83,6 +83,7 @@ def register(sub) -> None:
                                          "--seed, summarised (reach_edits.csv, reach_edits.png)")
     p.add_argument("--data", help="facts for --case/--n: factworld (default for factworld) or a CounterFact/REP file")
     p.add_argument("--model", default="factworld", help="factworld, a hub name or a local HF directory")
+    add_dtype_argument(p)
     p.add_argument("--layer", type=int, help="edit layer (default: the model's default edit layer)")
     p.add_argument("--method", default="rome", help="editing method of the registry (default rome; e.g. rome+rep)")
     p.add_argument("--corpus", help="corpus to scan, for C and the long context (default: factworld filler for "

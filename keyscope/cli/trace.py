@@ -8,13 +8,13 @@ map) and ``trace.csv`` (one row per fact) into ``--out``.
 
 from __future__ import annotations
 
-from keyscope.cli.common import add_progress_argument, positive_int
+from keyscope.cli.common import add_dtype_argument, add_progress_argument, positive_int
 from keyscope.cli.output import write_json
 from keyscope.errors import KeyscopeError
 
 
 def cmd_trace(args) -> int:
-    from keyscope.cli.common import data_source
+    from keyscope.cli.common import data_source, dtype_of
     from keyscope.datasets import load_facts
     from keyscope.experiments import trace as experiment
     from keyscope.models import load_model
@@ -25,10 +25,11 @@ def cmd_trace(args) -> int:
                              seed=args.seed)
     except ValueError as exc:
         raise KeyscopeError(str(exc)) from exc
+    dtype = dtype_of(args)
     facts = load_facts(data_source(args))
     if args.case is not None:
         experiment.find_case(facts, args.case)  # an unknown id fails before the trace
-    model = load_model(args.model)
+    model = load_model(args.model, dtype=dtype)
     report = experiment.run(model, facts, config, args.out, case=args.case, progress=not args.no_progress)
     print(experiment.format_summary(report))
     for path in report.files:
@@ -42,6 +43,7 @@ def register(sub) -> None:
     p = sub.add_parser("trace", help="causal tracing: indirect effect of each layer at the subject's last token, "
                                      "and the layer to edit")
     p.add_argument("--model", default="factworld", help="factworld, a hub name or a local HF directory")
+    add_dtype_argument(p)
     p.add_argument("--data", help="facts: factworld (default for factworld) or a CounterFact/REP/known-facts file")
     p.add_argument("--n", type=positive_int, default=200, help="known facts to trace (default 200)")
     p.add_argument("--samples", type=positive_int, default=5, help="noise draws per fact (default 5; ROME: 10)")

@@ -77,7 +77,10 @@ def write(result: bounds.BoundsResult, out_dir: str | Path) -> list[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = [out / FIGURE, out / REPORT]
-    figure = plot.alpha_scatter(result.query_rows, title=title(result))
+    from keyscope.editing import EDITORS
+
+    methods = {r["method"] for r in result.query_rows}
+    figure = plot.alpha_scatter(result.query_rows, title=title(result), bases={m: EDITORS[m].base for m in methods})
     figure.savefig(files[0], dpi=150)
     files[1].write_text("```\n" + format_summary(result) + "\n```\n")
     if result.lemma_4_4_rows:

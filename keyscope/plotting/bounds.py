@@ -9,7 +9,7 @@ against the drop of the log-probability of their own unedited top-1 token.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -19,14 +19,16 @@ COLOURS = {"rephrase": "#1f77b4", "shuffle": "#d62728", "long": "#2ca02c", "neig
 MARKERS = ("o", "s", "^", "D")
 
 
-def alpha_scatter(rows: Sequence[dict], title: str = "") -> Figure:
+def alpha_scatter(rows: Sequence[dict], title: str = "", bases: Mapping[str, str | None] | None = None) -> Figure:
     """``rows``: dicts with ``method``, ``kind``, ``alpha`` and ``gap_change`` (robustness kinds) or
-    ``own_logprob_change`` (specificity kinds), as :mod:`keyscope.bounds` writes them."""
+    ``own_logprob_change`` (specificity kinds), as :mod:`keyscope.bounds` writes them. ``bases`` maps a method
+    to the method whose edit it adapts (``None``: its own edit); an adaptor shares its base's marker, hollow."""
     fig = Figure(figsize=(10.0, 4.2), layout="constrained")
     left, right = fig.subplots(1, 2)
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    bases = list(dict.fromkeys(m.split("+")[0] for m in methods))
-    styles = [(m, MARKERS[bases.index(m.split("+")[0]) % len(MARKERS)], "+" not in m) for m in methods]
+    bases = dict(bases or {})
+    roots = list(dict.fromkeys(bases.get(m) or m for m in methods))
+    styles = [(m, MARKERS[roots.index(bases.get(m) or m) % len(MARKERS)], bases.get(m) is None) for m in methods]
     for ax, kinds, field, ylabel in (
         (left, ("rephrase", "shuffle", "long"), "gap_change", r"$\Delta$ [log P(new) − log P(true)]"),
         (right, ("neighbourhood", "corpus"), "own_logprob_change", r"$\Delta$ log P(own top-1)"),
