@@ -58,9 +58,13 @@ class Variant:
     departure: str
     rep: rep.REPConfig
     rome_reference: bool = False
+    #: A choice keyscope measured and did not keep (the default is the released code's): the variant tries
+    #: keyscope's former choice instead of reverting one.
+    tried: bool = False
 
 
-#: keyscope's setting, the released code's, and each departure reverted alone (to the released code's choice).
+#: keyscope's setting, the released code's, each departure reverted alone (to the released code's choice), and
+#: each choice keyscope tried and dropped for want of a measured effect (``tried``), added alone.
 VARIANTS: tuple[Variant, ...] = (
     Variant("keyscope", "keyscope's settings (REPConfig(), keyscope's ROME)", rep.REPConfig()),
     Variant("released", "the released code: REPConfig.released() on ROME's reference mode", rep.REPConfig.released(),
@@ -69,10 +73,6 @@ VARIANTS: tuple[Variant, ...] = (
             "−(k̂/‖k̂‖)ᵀu is blind to ‖k̂‖", rep.REPConfig(objective="released")),
     Variant("steps_lr", "150 Adam steps at lr 2e-3; the released 10 steps at 5e-4 barely move the adaptor",
             rep.REPConfig(steps=10, lr=5e-4)),
-    Variant("input_scaling", "keys scaled by 1/RMS before the gate and projection, so one lr suits any key size",
-            rep.REPConfig(input_scaling=False)),
-    Variant("anchor", "anchors: the edit prompt behind every prefix, relative error ×10; released: the bare key, "
-            "50000·MSE", rep.REPConfig(anchor="bare", anchor_loss="mse", anchor_weight=50000.0)),
     Variant("long_context", "trains on long contexts (the released code's lost their subject slot)",
             rep.REPConfig(train_long_context=False)),
     Variant("gate_negatives", "the gate is trained against other subjects', corpus and context keys",
@@ -82,8 +82,14 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("training_data", "positives: every in-domain kind once (rephrases, token and word shuffles, templates; "
             "long contexts are their own row); released: rephrases and token shuffles behind every ROME prefix",
             rep.REPConfig(positive_kinds=(REPHRASE, SHUFFLE, LONG), positive_prefixes=True)),
-    Variant("adaptor", "three small choices together: every positive at every step, biases, gate on at g ≥ τ; "
-            "released: mini-batches of 15, no biases, g > τ", rep.REPConfig(batch_size=15, bias=False, gate_strict=True)),
+    Variant("input_scaling", "tried, not the default: keys scaled by 1/RMS before the gate and projection "
+            "(default: the released code's unscaled keys)", rep.REPConfig(input_scaling=True), tried=True),
+    Variant("anchor", "tried, not the default: the edit prompt behind every prefix as anchors, relative error ×10 "
+            "(default: the released code's bare key, 50000·MSE)",
+            rep.REPConfig(anchor="prefixes", anchor_loss="relative", anchor_weight=10.0), tried=True),
+    Variant("adaptor", "tried, not the default: every positive at every step, biases, gate on at g ≥ τ (default: "
+            "the released code's mini-batches of 15, no biases, g > τ)",
+            rep.REPConfig(batch_size=None, bias=True, gate_strict=False), tried=True),
     Variant("rome_reference", "keyscope's ROME (one prefix-averaged key k*, KL after \"is a\"); reference: "
             "kmeng01/rome's", rep.REPConfig(), rome_reference=True),
 )

@@ -79,7 +79,7 @@ def test_fit_pulls_positives_to_the_edit_and_keeps_the_gate_off_on_negatives():
     before = edit.strength(positives)
     after = fitted.strength(positives)
     assert torch.allclose(before, torch.full_like(before, 0.2), atol=1e-4)  # the edit misses them before
-    assert (after - 1.0).abs().max() < 0.15, after
+    assert (after - 1.0).abs().max() < 0.25, after  # 0.19 with the default (released) anchor and mini-batches
     assert (fitted.gate(positives) >= 0.9).all() and (fitted.gate(negatives) < 0.9).all()
     assert torch.equal(fitted.transform(negatives), negatives)  # the branch is off: keys untouched exactly
     assert torch.allclose(fitted.transform(anchors), anchors, rtol=0.05, atol=0.05 * anchors.norm() / D**0.5)
@@ -121,7 +121,7 @@ def test_gather_keys_collects_positives_anchors_and_ranked_negatives(tiny):
     probes = [Probe("The actress {}", "Darrieux", "rephrase"), Probe("{} was born in", "Danielle Darrieux", "template"),
               Probe("Paris is big. The actress {}", "Danielle Darrieux", "long")]
     others = collect_keys(model, ["{} is located in"] * 3, ["The Eiffel Tower", "Michael Jordan", "Slovenia"], LAYER)
-    config = rep.REPConfig(n_similar_negatives=1, n_random_negatives=1, n_context_negatives=2)
+    config = rep.REPConfig(n_similar_negatives=1, n_random_negatives=1, n_context_negatives=2, anchor="prefixes")
     keys = rep.gather_keys(model, edit, probes, config, subject_keys=others)
     assert keys.positives.shape == (3, model.cfg.d_mlp) and keys.anchors.shape == (2, model.cfg.d_mlp)
     strongest = others[edit.strength(others).argmax()]
@@ -166,8 +166,10 @@ def test_released_setting_has_each_of_the_released_codes_choices():
                     positive_prefixes=True)
     assert {name: getattr(released, name) for name in expected} == expected
     default = rep.REPConfig()
-    assert all(getattr(default, name) != value for name, value in expected.items()
-               if name not in ("rank", "gate_hidden_fraction", "dropout", "tau"))
+    kept = ("rank", "gate_hidden_fraction", "dropout", "tau",  # shared; then the released choices the default adopted
+            "batch_size", "anchor", "anchor_loss", "anchor_weight", "bias", "gate_strict", "input_scaling")
+    assert all(getattr(default, name) != value for name, value in expected.items() if name not in kept)
+    assert all(getattr(default, name) == expected[name] for name in kept)
     assert rep.REPConfig.named("released", tau=0.5) == rep.REPConfig.released(tau=0.5)
     assert rep.REPConfig.named("keyscope") == default and rep.REPConfig.named("paper") == rep.REPConfig.paper()
     with pytest.raises(ValueError, match="released"):

@@ -215,8 +215,8 @@ def ablation(figures: Path) -> str:
         return v["verdict"] if v["verdict"] == "no measured effect" else ("trade-off: " if len(named) == 2 else "") + \
             "; ".join(named)
 
-    lines = ["| variant | what it reverts | " + " | ".join(HEADERS[c] for c in ABLATION_COLUMNS)
-             + (" | keyscope's choice |" if paired else " |"),
+    lines = ["| variant | what it changes | " + " | ".join(HEADERS[c] for c in ABLATION_COLUMNS)
+             + (" | the default's choice |" if paired else " |"),
              "|---|---|" + "---:|" * len(ABLATION_COLUMNS) + ("---|" if paired else "")]
     for row in rows:
         if row["variant"] == "keyscope":
