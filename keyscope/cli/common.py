@@ -28,14 +28,15 @@ def add_methods_argument(parser, default: str = "rome,rome+rep") -> None:
                         help=f"comma-separated editing methods, of: {', '.join(EDITORS)} (default {default})")
 
 
-def parse_methods(text: str) -> tuple[str, ...]:
-    """``--methods`` as a tuple of registry names, or a one-line error naming the known ones."""
+def parse_methods(text: str, flag: str = "--methods") -> tuple[str, ...]:
+    """``--methods`` (or ``flag``) as a tuple of registry names, or a one-line error naming the known ones."""
     from keyscope.editing import EDITORS
 
     methods = tuple(m.strip() for m in text.split(",") if m.strip())
     unknown = [m for m in methods if m not in EDITORS]
     if not methods or unknown:
-        raise KeyscopeError(f"--methods takes a comma-separated subset of {','.join(EDITORS)}, not {text!r}")
+        raise KeyscopeError(f"{flag}: unknown method in {text!r}; it takes a comma-separated subset of "
+                            f"{','.join(EDITORS)}")
     return methods
 
 

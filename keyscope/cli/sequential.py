@@ -31,12 +31,11 @@ def parse_checkpoints(text: str) -> tuple[int, ...]:
 
 def cmd_sequential(args) -> int:
     from keyscope import corpus as corpora
-    from keyscope.cli.common import covariance, edit_inputs
-    from keyscope.editing import check_methods
+    from keyscope.cli.common import covariance_loader, edit_inputs, parse_methods
     from keyscope.experiments import sequential as experiment
     from keyscope.sequential import SequentialConfig, run_sequential
 
-    methods = check_methods([m.strip() for m in args.method.split(",") if m.strip()])
+    methods = parse_methods(args.method, "--method")
     checkpoints = parse_checkpoints(args.checkpoints)
     n = args.n if args.n is not None else max(checkpoints)
     if args.batch_size < 1:
@@ -47,11 +46,8 @@ def cmd_sequential(args) -> int:
     facts, model, layer, cov, source = edit_inputs(args)
     progress = not args.no_progress
 
-    def load_covariance(other: int):
-        return covariance(model, other, args, args.tokens, progress=progress)[0]
-
     result = run_sequential(model, facts, layer, cov, corpora.documents(args.context or source), methods, config,
-                            corpus=source, load_covariance=load_covariance, progress=progress)
+                            corpus=source, load_covariance=covariance_loader(model, args), progress=progress)
     print(experiment.format_table(result))
     print(f"weights restored bit-exactly: {result.weights_restored}")
     for path in experiment.write(result, args.out):
