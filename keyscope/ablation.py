@@ -1,6 +1,7 @@
 """What each of keyscope's departures from the reference code buys: ROME+REP under keyscope's settings, under
 the released code's (:meth:`keyscope.rep.REPConfig.released` on ROME's reference mode,
-``ROMEConfig(reference=True)``), and with each departure reverted alone (:data:`VARIANTS`).
+``ROMEConfig(reference=True)``), with each departure reverted alone, and with each choice keyscope tried and
+dropped for the released one switched back on alone (``Variant.tried``; :data:`VARIANTS`).
 
 Every variant is scored on the same facts, probes and Table 1 metrics as :mod:`keyscope.evaluate` (micro-averaged,
 95% cluster-bootstrap intervals); per fact the ROME edit is computed once per ROME setting and shared by every
@@ -15,7 +16,8 @@ methods, :func:`keyscope.evaluate.paired_bootstrap_interval`): the marginal inte
 the same facts overlap even where one is better on almost every fact. :func:`verdict` reads it: a departure
 *helps* a column when reverting it lowers that column measurably (the whole interval of variant − keyscope below
 0), *hurts* it when reverting raises it measurably; keyscope keeps a departure as its default only where it
-helps some Table 1 column.
+helps some Table 1 column. For a tried variant the row is the tried
+choice minus the default, so *helps* credits the default's (the released code's) choice.
 """
 
 from __future__ import annotations

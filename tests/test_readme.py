@@ -156,7 +156,7 @@ def test_report_renderer_follows_its_artefacts(tmp_path):
     text = reproduce.report(tmp_path, _timings())
     assert "| MLP | 0.067 | 0.000 | 0.100 |" in text and "largest MLP effect is at layer 2" in text
     assert "**not** the layer this trace picks" in text
-    assert "| 0.5 | 97.8% | 50.0% |" in text
+    assert f"| 0.5 | {100 * float(sweep[0]['success']):.1f}% | 50.0% |" in text  # the changed cell, not the artefact's
     (tmp_path / "fig4_rephrase.csv").unlink()  # without its artefact the rephrase comparison is left out
     assert "for the same subjects' rephrased forms" in text
     assert "for the same subjects' rephrased forms" not in reproduce.report(tmp_path, _timings())

@@ -227,8 +227,8 @@ def ablation(figures: Path) -> str:
                      + (f" | {judged(row)} |" if paired else " |"))
     return ("\n".join(lines) + "\n\nThe keyscope row is in percent, every other row in points against it"
             + (" with the paired 95% cluster-bootstrap interval of the difference; the last column reads those "
-               "intervals (`keyscope.ablation.verdict`: keyscope's choice helps a column when reverting it lowers the "
-               "column's whole interval below 0)" if paired else "")
+               "intervals (`keyscope.ablation.verdict`: the default's choice helps a column when changing it alone lowers "
+               "the column's whole interval below 0)" if paired else "")
             + " (`figures/ablation.csv`, intervals in `figures/ablation.md`, from `keyscope evaluate --ablate --n 50 "
             "--out figures --json figures/ablation.json`).\n")
 
