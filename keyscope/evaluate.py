@@ -113,7 +113,9 @@ def near_twins(model, queries: FactProbes, layer: int, cov, rep_config: rep.REPC
     largest whitened cosine ``kᵀC⁻¹k' / (‖k‖_C⁻¹ ‖k'‖_C⁻¹)`` with the keys REP trains on: the edit prompt's
     own key, :func:`keyscope.rep.training_positives` of the in-domain probes (with
     ``rep_config.positive_prefixes``, each behind each of ROME's ``prefixes``) and ``anchors`` ``(n, d_mlp)``
-    (the edit's prefixed keys, :attr:`keyscope.rome.Edit.prefix_keys`, which REP keeps fixed). A probe at or
+    (the edit's prefixed keys, :attr:`keyscope.rome.Edit.prefix_keys`: REP's anchors with
+    ``anchor="prefixes"``; under the default bare anchor they are kept anyway, so the filter is the stricter
+    one — k* is their mean, and a probe near one of them is near the edit itself). A probe at or
     above :attr:`EvalConfig.twin_cosine` is a near-twin of a training key. ``ood_keys`` are the probes' keys
     from :func:`ood_probe_keys` when already computed (the same numbers: they are computed apart from the
     training keys either way)."""
@@ -146,8 +148,8 @@ def fact_request(fact: Fact) -> rome.EditRequest:
 
 
 def _anchor_keys(model, fact: Fact, edits: dict[str, ModelEdit], context: EditContext) -> torch.Tensor:
-    """The edit prompt's keys behind each of ROME's context prefixes ``(n_prefixes, d_mlp)`` (REP's anchors, and
-    the anchors of :func:`near_twins`): from a one-fact ROME-based edit of this row when there is one."""
+    """The edit prompt's keys behind each of ROME's context prefixes ``(n_prefixes, d_mlp)`` (REP's anchors with
+    ``anchor="prefixes"``, and the anchors of :func:`near_twins`): from a one-fact ROME-based edit of this row when there is one."""
     for edit in edits.values():
         keys = getattr(edit, "prefix_keys", None)
         if keys is not None and len(edit.requests) == 1:

@@ -21,7 +21,7 @@ Training (Algorithm 1) uses keys of the unedited model, which the edit does not 
 * **anchors**: the bare edit prompt's key, kept unchanged (``50000 ·`` its mean squared change, the released
   code's; ``anchor="prefixes"`` adds its prefixed keys, whose mean is ``k*``);
 * objective ``"paper"``: maximise ``|(k̂_s/‖k̂_s‖)ᵀ C⁻¹k*|`` (an earlier reading of the released code,
-  which in fact has no ``|·|``: see below) plus the anchor term ``‖k̂_a − k_a‖² / ‖k_a‖²``; objective
+  which in fact has no ``|·|``: see below) plus the anchor term; objective
   ``"strength"`` (keyscope's default): ``(α(k̂_s) − 1)²``, i.e.
   make each positive key receive exactly the edit ``k*`` receives — the normalised objective is blind to
   ``‖k̂_s‖``, so it can point a key at ``C⁻¹k*`` and still leave ``α`` far from 1;
@@ -127,9 +127,10 @@ class REPConfig:
     n_random_negatives: int = 32  # other subjects drawn at random
     n_context_negatives: int = 8  # template/context positions per training prompt
     seed: int = 0
-    # The five fields below are the released code's choices: keyscope's own (prefixed anchors with a relative
-    # error, every positive at every step, biases, g ≥ τ, keys scaled by 1/RMS) had no measured effect on 50
-    # factworld edits (paired 95% intervals, `keyscope evaluate --ablate`; README "What each departure buys").
+    # The fields below are the released code's choices: reverting keyscope's own (prefixed anchors with a
+    # relative error, every positive at every step, biases, g ≥ τ, keys scaled by 1/RMS) to them had no measured
+    # effect on 50 factworld edits (paired 95% intervals, figures/ablation_former_defaults); switched back on
+    # under these defaults, keyscope's adaptor details cost 1.2 points of locality (figures/ablation.md).
     anchor: str = "bare"
     anchor_loss: str = "mse"
     batch_size: int | None = 15  # None: every positive at every step
@@ -224,10 +225,10 @@ def _linear(n_in: int, n_out: int, bias: bool, generator: torch.Generator) -> to
 
 class KeyAdaptor(torch.nn.Module):
     """``k̂ = k + g(k) · P(k)`` on keys ``(..., d_mlp)`` (module docstring). ``forward(keys, tau)`` uses
-    the binary gate ``1[g ≥ tau]`` (``1[g > tau]`` with ``gate_strict``); ``tau=None`` the soft gate ``g``
-    (training).
+    the binary gate ``1[g > tau]`` (``1[g ≥ tau]`` when ``gate_strict`` is False); ``tau=None`` the soft gate
+    ``g`` (training). The defaults are :class:`REPConfig`'s (no biases, strict gate).
 
-    ``P(k) = up(down(Dropout(k)))``, with biases unless ``bias=False``; ``down`` has PyTorch's Linear
+    ``P(k) = up(down(Dropout(k)))``, with biases if ``bias=True``; ``down`` has PyTorch's Linear
     initialisation (Kaiming-uniform, ``a = √5``), ``up`` is zero, so an untrained adaptor is the identity.
     ``key_scale`` (a buffer, 1 by default; :class:`REP` sets it to ``1 / RMS`` of the training keys unless
     ``input_scaling`` is off) scales the keys before the gate and the projection only, so the same learning
@@ -238,7 +239,7 @@ class KeyAdaptor(torch.nn.Module):
     """
 
     def __init__(self, d_mlp: int, rank: int = 32, gate_hidden_fraction: float = 0.1, dropout: float = 0.1,
-                 seed: int = 0, bias: bool = True):
+                 seed: int = 0, bias: bool = False, gate_strict: bool = True):
         super().__init__()
         generator = torch.Generator().manual_seed(seed)
         hidden = max(1, math.floor(gate_hidden_fraction * d_mlp))
@@ -251,7 +252,7 @@ class KeyAdaptor(torch.nn.Module):
             torch.nn.init.zeros_(self.up.bias)
         self.dropout = dropout
         self.dropout_at_inference = False
-        self.gate_strict = False
+        self.gate_strict = gate_strict
         self.register_buffer("key_scale", torch.ones(()))
         self._generator = torch.Generator().manual_seed(seed + 1)
 
@@ -302,7 +303,8 @@ class KeyEdit(Protocol):
 @dataclass(frozen=True)
 class REPKeys:
     """The training keys of one edit (float32, ``(n, d_mlp)`` each): ``positives`` (same subject, other
-    forms), ``anchors`` (the edit prompt and its prefixed prompts), ``negatives`` (gate negatives)."""
+    forms), ``anchors`` (the bare edit prompt; with ``anchor="prefixes"`` also the prompt behind every context
+    prefix), ``negatives`` (gate negatives)."""
 
     positives: torch.Tensor
     anchors: torch.Tensor
@@ -464,7 +466,8 @@ class REP:
         check_keys(keys, d)
         selector = edit.key_selector.to(device).float()  # (d_mlp,) C⁻¹k* / k*ᵀC⁻¹k*
         pos, anchors, neg = keys.positives.to(device), keys.anchors.to(device), keys.negatives.to(device)
-        adaptor = KeyAdaptor(d, cfg.rank, cfg.gate_hidden_fraction, cfg.dropout, seed=cfg.seed, bias=cfg.bias).to(device)
+        adaptor = KeyAdaptor(d, cfg.rank, cfg.gate_hidden_fraction, cfg.dropout, seed=cfg.seed, bias=cfg.bias,
+                             gate_strict=cfg.gate_strict).to(device)
         reference = torch.cat([pos, anchors])  # (n, d_mlp)
         rms = reference.pow(2).mean().sqrt().clamp_min(1e-12)
         if cfg.input_scaling:
@@ -508,7 +511,6 @@ class REP:
                 history.append({"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in terms.items()}})
         adaptor.eval()
         adaptor.dropout_at_inference = cfg.dropout_at_inference
-        adaptor.gate_strict = cfg.gate_strict
         adaptor.requires_grad_(False)
         self.adaptor_ = adaptor
         self.history_ = history

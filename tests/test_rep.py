@@ -177,12 +177,13 @@ def test_released_setting_has_each_of_the_released_codes_choices():
     for bad in (dict(anchor="all"), dict(anchor_loss="l1"), dict(batch_size=0), dict(positive_kinds=("alias",))):
         with pytest.raises(ValueError):
             rep.REPConfig(**bad)
-    adaptor = rep.KeyAdaptor(D, bias=False)
+    adaptor = rep.KeyAdaptor(D)  # REPConfig()'s adaptor: no biases, g > τ
     assert adaptor.down.bias is None and adaptor.up.bias is None and adaptor.up.weight.abs().sum() == 0
     at_tau = torch.tensor([0.9, 0.95])
-    assert adaptor.gate_on(at_tau, 0.9).tolist() == [True, True]
-    adaptor.gate_strict = True
     assert adaptor.gate_on(at_tau, 0.9).tolist() == [False, True]
+    loose = rep.KeyAdaptor(D, bias=True, gate_strict=False)
+    assert loose.down.bias is not None and loose.up.bias is not None
+    assert loose.gate_on(at_tau, 0.9).tolist() == [True, True]
 
 
 def test_minibatches_follow_the_released_sampler():

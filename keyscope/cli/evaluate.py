@@ -125,8 +125,9 @@ def register(sub) -> None:
                         "'paper' (an earlier approximation of it on keyscope's adaptor)")
     add_rome_setting_argument(p)
     p.add_argument("--ablate", action="store_true",
-                   help="instead of Table 1: ROME+REP under keyscope's settings, the released code's, and each "
-                        "departure reverted alone (ablation.md, ablation.csv)")
+                   help="instead of Table 1: ROME+REP under keyscope's settings, the released code's, each departure "
+                        "reverted alone and each choice keyscope tried and dropped switched back on (ablation.md, "
+                        "ablation.csv)")
     p.add_argument("--seed", type=int, default=0, help="seed of the facts, splits and adaptors")
     p.add_argument("--corpus", help="corpus for C and REP's negatives (default: the model's default corpus)")
     p.add_argument("--context", help="text for the long contexts (default: the corpus)")

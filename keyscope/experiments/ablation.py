@@ -32,7 +32,8 @@ def markdown(result: ablation.AblationResult) -> str:
     lines[0] = lines[0].replace("| method |", "| variant |", 1)
     lines += ["", f"{len(result.rows)} edits of known facts, {result.model}, layer {result.layer}; micro-averaged top-1 "
               "rates in percent with 95% cluster-bootstrap intervals. Each variant reverts one of keyscope's "
-              "departures to the released code's choice:", ""]
+              "departures to the released code's choice or, for a row marked 'tried', switches a choice keyscope "
+              "dropped for the released one back on:", ""]
     lines += [f"- **{name}**: {what}" for name, what in _rows(result)]
     lines += _difference_rows(result)
     return "\n".join(lines) + "\n"
