@@ -6,8 +6,8 @@ An artefact of kind ``kind`` computed from a JSON-serialisable ``spec`` lives in
 * ``tensors.safetensors`` — the named tensors;
 * ``spec.json`` — the spec itself, the file's size and SHA-256 checksum, and the keyscope version.
 
-Writes are atomic (temporary file in the same folder, then ``os.replace``) and ``spec.json`` is written
-last, so a crash leaves either the old artefact or no artefact. Every load checks the spec, size and
+Writes are atomic (:mod:`keyscope.atomic`: temporary file in the same folder, then ``os.replace``) and
+``spec.json`` is written last, so a crash leaves either the old artefact or no artefact. Every load checks the spec, size and
 checksum: a truncated, edited or mismatched artefact raises :class:`CorruptCache` from :func:`load`, and
 :func:`cached` turns that into a warning and recomputes — a damaged file is never used silently.
 
@@ -19,13 +19,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from keyscope.atomic import atomic_write, write_text
 from keyscope.errors import CorruptCache
 
 TENSORS = "tensors.safetensors"
@@ -67,31 +67,6 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _umask() -> int:
-    """The process's file-creation mask (read by setting it and putting it back at once)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write ``path`` atomically: ``write(tmp)`` fills a temporary file in the same folder, which is synced and
-    then renamed over ``path`` (``os.replace``); on any error the temporary file is removed and ``path`` is
-    left as it was."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # the mode a plain open() would give, not mkstemp's owner-only 0600
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save(kind: str, spec: dict, tensors: dict[str, torch.Tensor], root: str | Path | None = None) -> Path:
     """Store ``tensors`` as artefact ``kind``/``spec`` atomically; return its folder."""
     from safetensors.torch import save_file
@@ -114,7 +89,7 @@ def save(kind: str, spec: dict, tensors: dict[str, torch.Tensor], root: str | Pa
         "keyscope_version": __version__,
     }
     text = json.dumps(record, indent=2, sort_keys=True, ensure_ascii=False)
-    atomic_write(folder / SPEC, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    write_text(folder / SPEC, text)
     return folder
 
 

@@ -9,7 +9,7 @@ same cache entries, so every later command finds them), but
   (:func:`keyscope.covariance.add_batch`);
 * **resumably**: every ``checkpoint_every`` seconds (after a whole batch) the raw float64 sums and counts of
   every layer and the index of the next batch are written atomically to one safetensors file
-  (:func:`keyscope.cache.atomic_write`) in ``<cache>/key_covariance_checkpoint/<hash>/``. ``resume=True``
+  (:func:`keyscope.atomic.atomic_write`) in ``<cache>/key_covariance_checkpoint/<hash>/``. ``resume=True``
   restores them and skips the batches already added. Batch boundaries are those of the corpus stream, not of
   the run, and the float64 sums are saved exactly, so a stopped and resumed run adds the same float32 Gram
   blocks in the same order as an uninterrupted one: the same ``C`` bit for bit (on a deterministic device).
@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from keyscope import cache
+from keyscope.atomic import atomic_write
 from keyscope.corpus import Source, token_batches
 from keyscope.covariance import (
     KIND,
@@ -123,7 +124,7 @@ def save_checkpoint(path: Path, spec: dict, covariances: dict[int, KeyCovariance
         tensors[f"n_tokens.{layer}"] = torch.tensor(state["n_tokens"], dtype=torch.int64)
     metadata = {"spec": cache.canonical_json(spec)}
     path.parent.mkdir(parents=True, exist_ok=True)
-    cache.atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def load_checkpoint(path: Path, spec: dict, covariances: dict[int, KeyCovariance], device=None) -> int:

@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "keyscope"
 #: Layer of every module of the package; a module may import modules of its own layer or below. A module that
 #: exists but is not listed here (or in :data:`LEAVES`) fails :func:`test_every_module_is_listed`.
 LAYERS = {
-    "keyscope": 0, "keyscope.errors": 0, "keyscope.cache": 0, "keyscope.distributed": 0,
+    "keyscope": 0, "keyscope.errors": 0, "keyscope.atomic": 0, "keyscope.cache": 0, "keyscope.distributed": 0,
     **dict.fromkeys(["keyscope.factworld", "keyscope.factworld.card", "keyscope.factworld.corpus",
                      "keyscope.factworld.export", "keyscope.factworld.quality", "keyscope.factworld.tokenizer",
                      "keyscope.factworld.train", "keyscope.factworld.world"], 1),

@@ -4,7 +4,8 @@
 status 2, with no traceback: a bad argument (``keyscope: error: argument --n: …``), a
 :class:`~keyscope.errors.KeyscopeError`, and an :class:`OSError` (an output path that cannot be written, a
 full disk). Before a command runs, its output paths (``--out``, ``--json``, ``--export``) are checked; if it
-fails, what it had written there is removed (:func:`keyscope.cli.output.nothing_left_on_failure`). Library
+fails, they are put back as they were: what it had written there is removed, and the files that were there
+before come back with their old content (:func:`keyscope.cli.output.nothing_left_on_failure`). Library
 warnings print as one ``keyscope: warning: …`` line each; Ctrl-C prints ``keyscope: interrupted`` and exits
 130. Each command lives in its own module here and registers its subparser through ``register(sub)``; no
 library module imports this package.
@@ -59,7 +60,7 @@ def _os_error(exc: OSError) -> str:
 
 
 def run(args) -> int:
-    """Run the parsed command ``args``: check its output paths, then call it; on failure remove what it wrote."""
+    """Run the parsed command ``args``: check its output paths, then call it; on failure put them back as they were."""
     from keyscope.cli.common import output_paths
     from keyscope.cli.output import check_outputs, nothing_left_on_failure
 

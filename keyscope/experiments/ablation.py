@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from keyscope import ablation
+from keyscope.atomic import write_text
 from keyscope.distributed import SINGLE, World
 from keyscope.experiments.table1 import HEADERS, metric_rows, text_rows
 from keyscope.experiments.tables import write_csv
@@ -94,5 +95,5 @@ def write(result: ablation.AblationResult, out_dir: str | Path) -> list[Path]:
             row.update({f"{metric}_diff": diff, f"{metric}_diff_lo": diff_ci[0], f"{metric}_diff_hi": diff_ci[1]})
         rows.append(row)
     write_csv(out / TABLE_CSV, rows)
-    (out / TABLE_MD).write_text(markdown(result))
+    write_text(out / TABLE_MD, markdown(result))
     return [out / TABLE_MD, out / TABLE_CSV]

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from keyscope import bounds
+from keyscope.atomic import save_figure, write_text
 from keyscope.experiments.tables import write_csv
 from keyscope.plotting import bounds as plot
 
@@ -81,8 +82,8 @@ def write(result: bounds.BoundsResult, out_dir: str | Path) -> list[Path]:
 
     methods = {r["method"] for r in result.query_rows}
     figure = plot.alpha_scatter(result.query_rows, title=title(result), bases={m: EDITORS[m].base for m in methods})
-    figure.savefig(files[0], dpi=150)
-    files[1].write_text("```\n" + format_summary(result) + "\n```\n")
+    save_figure(figure, files[0], dpi=150)
+    write_text(files[1], "```\n" + format_summary(result) + "\n```\n")
     if result.lemma_4_4_rows:
         write_csv(out / EDITS_CSV, result.lemma_4_4_rows)
         files.append(out / EDITS_CSV)

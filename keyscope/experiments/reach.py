@@ -16,7 +16,6 @@ edit) and ``reach_edits.png``.
 
 from __future__ import annotations
 
-import csv
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,9 +24,11 @@ from pathlib import Path
 import numpy as np
 
 from keyscope import reach
+from keyscope.atomic import save_figure
 from keyscope.editing import make_editor, prepare_context
 from keyscope.errors import KeyscopeError
 from keyscope.experiments.edit import ProbeConfig, build_probes, edit_probes
+from keyscope.experiments.tables import write_csv
 from keyscope.models import model_name
 from keyscope.perturbations import ORIGINAL, PerturbationConfig, fact_probes, rephrase_kinds, subject_forms
 from keyscope.plotting.reach import reach_edits_figure, reach_figure
@@ -135,7 +136,7 @@ def run(reacher: Reacher, request: EditRequest, out_dir: str | Path, fact=None, 
     out.mkdir(parents=True, exist_ok=True)
     report.figure = figure_of(report)
     path = out / FIGURE
-    report.figure.savefig(path, dpi=150)
+    save_figure(report.figure, path, dpi=150)
     report.files.append(path)
     return report
 
@@ -222,16 +223,13 @@ def run_many(reacher: Reacher, n: int, out_dir: str | Path, progress: bool = Tru
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     table, figure_path = out / EDITS_TABLE, out / EDITS_FIGURE
-    with open(table, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(table, rows)
     summary = summarize(rows)
     figure = reach_edits_figure([r["top_kl_median"] for r in rows], [r["random_kl_median"] for r in rows],
                                 title=(f"{model_name(reacher.model)}, layer {reacher.layer}, {reacher.method}: "
                                        f"{summary['n_top_above_random']} of {len(rows)} edits\nchange their top-"
                                        f"{reacher.config.top_k} positions more than random ones"))
-    figure.savefig(figure_path, dpi=150)
+    save_figure(figure, figure_path, dpi=150)
     return ManyReport(model_name(reacher.model), reacher.layer, reacher.method, reacher.config, rows, summary,
                       skipped, n_known, time.perf_counter() - start, time.process_time() - cpu_start,
                       [table, figure_path], figure)

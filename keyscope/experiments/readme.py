@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from keyscope.atomic import write_text
 from keyscope.bounds import auroc
 from keyscope.experiments.tables import percent, read_csv
 from keyscope.perturbations import KINDS, LONG, RANDOM, REPHRASE, SHUFFLE, SHUFFLE_WORDS
@@ -379,4 +380,4 @@ def update(text: str, figures: str | Path) -> str:
 
 if __name__ == "__main__":  # python -m keyscope.experiments.readme README.md figures
     readme, figures_dir = Path(sys.argv[1]), Path(sys.argv[2])
-    readme.write_text(update(readme.read_text(), figures_dir))
+    write_text(readme, update(readme.read_text(), figures_dir))

@@ -24,6 +24,7 @@ from keyscope import bounds as bounds_lib
 from keyscope import corpus as corpora
 from keyscope import evaluate as ev
 from keyscope import scan as scan_lib
+from keyscope.atomic import write_text
 from keyscope.covariance import load_or_compute_covariance
 from keyscope.datasets import load_facts, read_facts
 from keyscope.experiments import bounds as bounds_exp
@@ -268,7 +269,7 @@ def run(config: ReproduceConfig, out_dir: str | Path = "figures", progress: bool
     done("bounds", start)
 
     start = stage("report")
-    (out / REPORT).write_text(report(out, {"seconds": seconds, "layer": layer, "config": asdict(config)}))
+    write_text(out / REPORT, report(out, {"seconds": seconds, "layer": layer, "config": asdict(config)}))
     done("report", start)
     bar.close()
     return {"results": results, "seconds": seconds, "layer": layer, "config": asdict(config),
@@ -281,4 +282,4 @@ if __name__ == "__main__":  # python -m keyscope.experiments.reproduce figures: 
 
     figures_dir = Path(sys.argv[1])
     run_record = json.loads((figures_dir / "reproduce_timings.json").read_text())
-    (figures_dir / REPORT).write_text(report(figures_dir, run_record))
+    write_text(figures_dir / REPORT, report(figures_dir, run_record))

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from keyscope import scan
+from keyscope.atomic import atomic_write, save_figure
 from keyscope.distributed import SINGLE, World
 from keyscope.errors import KeyscopeError
 from keyscope.experiments.tables import write_csv
@@ -79,13 +80,16 @@ class ScanReport:
 
 
 def _write_hits(path: Path, results: dict[str, scan.ScanResult], facts) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["filter", "case_id", "subject", "rank", "score", "raw", "position", "prefix"])
-        for name, result in results.items():
-            for hit in result.neighbours():
-                writer.writerow([name, facts[hit.subject_index].case_id, hit.subject, hit.rank, f"{hit.score:.6g}",
-                                 f"{hit.raw:.6g}", hit.position, hit.prefix])
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["filter", "case_id", "subject", "rank", "score", "raw", "position", "prefix"])
+            for name, result in results.items():
+                for hit in result.neighbours():
+                    writer.writerow([name, facts[hit.subject_index].case_id, hit.subject, hit.rank,
+                                     f"{hit.score:.6g}", f"{hit.raw:.6g}", hit.position, hit.prefix])
+
+    atomic_write(path, write)
 
 
 def rephrase_scores(model, facts: Sequence, cov, layer: int, k_stars: torch.Tensor | None = None) -> list[torch.Tensor]:
@@ -143,7 +147,7 @@ def run(model, facts, cov, source, config: scan.ScanConfig, out_dir: str | Path,
     figure = fig4_neighbors(neighbour_scores, rephrase_all, title=(
         f"{model_name}, layer {config.layer}: top-{config.top_k} corpus keys vs. rephrased subjects"))
     figure_path, table_path = out / FIGURE, out / TABLE
-    figure.savefig(figure_path, dpi=150)
+    save_figure(figure, figure_path, dpi=150)
     _write_hits(table_path, results, facts)
     write_csv(out / REPHRASE_TABLE, [{"case_id": f.case_id, "subject": f.subject, "score": float(score)}
                                for f, scores in zip(facts, rephrase) for score in scores.tolist()])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from keyscope.atomic import save_figure
 from keyscope.experiments.tables import percent, write_csv
 from keyscope.plotting.sequential import sequential as sequential_figure
 from keyscope.sequential import CHECKPOINT_METRICS, SequentialResult
@@ -31,10 +32,7 @@ def write(result: SequentialResult, out_dir: str | Path) -> list[Path]:
     curves = {m: {method: [(e["n_edits"], e.get(m)) for e in entries] for method, entries in result.methods.items()}
               for m in metrics}
     figure = sequential_figure(curves, LABELS, title=f"Sequential editing on {result.model} (layer {result.layer})")
-    tmp = out / (FIGURE + ".tmp.png")
-    figure.savefig(tmp, dpi=130)
-    tmp.replace(out / FIGURE)
-    return [out / FIGURE, write_csv(out / CSV, rows(result))]
+    return [save_figure(figure, out / FIGURE, dpi=130), write_csv(out / CSV, rows(result))]
 
 
 def format_table(result: SequentialResult) -> str:

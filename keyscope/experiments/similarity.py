@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from keyscope import similarity
+from keyscope.atomic import atomic_write, save_figure
 from keyscope.errors import KeyscopeError
 from keyscope.perturbations import KINDS, RANDOM, PerturbationConfig, fact_probes, subject_forms
 from keyscope.plotting import fig3
@@ -111,11 +112,11 @@ def run(model, facts, layer: int, cov, context_docs, out_dir: str | Path, model_
     out.mkdir(parents=True, exist_ok=True)
 
     csv_path = out / "fig3_similarity.csv"
-    pd.DataFrame(rows).to_csv(csv_path, index=False)
+    atomic_write(csv_path, lambda tmp: pd.DataFrame(rows).to_csv(tmp, index=False))
     values = {kind: [r["similarity"] for r in rows if r["kind"] == kind] for kind in STUDY_KINDS}
     dist = fig3.similarity_distributions(values, title=f"{model_name}, layer {layer}: keys vs. the original key")
     dist_path = out / "fig3_similarity.png"
-    dist.savefig(dist_path, dpi=150)
+    save_figure(dist, dist_path, dpi=150)
 
     pca_fact = next((f for f in chosen if f.subject == pca_subject), None) if pca_subject else None
     if pca_subject and pca_fact is None:
@@ -130,7 +131,7 @@ def run(model, facts, layer: int, cov, context_docs, out_dir: str | Path, model_
     coords = similarity.whitened_pca(pca_keys, cov)
     pca_path = out / "fig3_pca.png"
     pca = fig3.key_pca(coords.numpy(), kinds, subject=pca_fact.subject)
-    pca.savefig(pca_path, dpi=150)
+    save_figure(pca, pca_path, dpi=150)
     return SimilarityResult(model_name, layer, summary, rows, [dist_path, pca_path, csv_path],
                             {"similarity": dist, "pca": pca})
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from keyscope import evaluate as ev
+from keyscope.atomic import save_figure, write_text
 from keyscope.experiments.tables import percent, write_csv
 from keyscope.metrics import DOMAINS, METRICS
 from keyscope.perturbations import KINDS, LONG, REPHRASE, SHUFFLE, SHUFFLE_WORDS
@@ -100,7 +101,7 @@ def write(result: ev.EvalResult, out_dir: str | Path, methods=ev.METHODS) -> lis
         table_rows.append(row)
     files = [out / TABLE_CSV, out / TABLE_MD, out / FACTS_CSV]
     write_csv(files[0], table_rows)
-    files[1].write_text(markdown(result, methods))
+    write_text(files[1], markdown(result, methods))
     fact_rows = []
     for r in result.rows:
         for method, scores in r["methods"].items():
@@ -125,6 +126,6 @@ def write_sweep(result: ev.EvalResult, out_dir: str | Path) -> list[Path]:
                             baseline=result.summary.get("rome"), labels=HEADERS,
                             title=f"{result.model}, layer {result.layer}, {len(result.rows)} edits: ROME+REP "
                                   "against τ (dotted: ROME)")
-    figure.savefig(out / FIGURE, dpi=150)
+    save_figure(figure, out / FIGURE, dpi=150)
     write_csv(out / SWEEP_CSV, [{"tau": t, **sweep[t]} for t in taus])
     return [out / FIGURE, out / SWEEP_CSV]

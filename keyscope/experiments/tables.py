@@ -6,21 +6,24 @@ import csv
 from collections.abc import Sequence
 from pathlib import Path
 
+from keyscope.atomic import atomic_write
+
 
 def write_csv(path: str | Path, rows: Sequence[dict]) -> Path:
     """Write ``rows`` (dicts) as CSV with the union of their keys as columns (first-seen order; missing
-    cells empty), atomically."""
+    cells empty), atomically (:func:`keyscope.atomic.atomic_write`)."""
     path = Path(path)
     columns: dict[str, None] = {}
     for row in rows:
         columns.update(dict.fromkeys(row))
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(columns), restval="")
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(path)
-    return path
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(columns), restval="")
+            writer.writeheader()
+            writer.writerows(rows)
+
+    return atomic_write(path, write)
 
 
 def read_csv(path: str | Path) -> list[dict]:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from keyscope import trace
+from keyscope.atomic import save_figure
 from keyscope.errors import KeyscopeError
 from keyscope.experiments.tables import write_csv
 from keyscope.plotting.trace import causal_trace
@@ -61,7 +62,7 @@ def run(model, facts, config: trace.TraceConfig, out_dir: str | Path | None, cas
     out.mkdir(parents=True, exist_ok=True)
     figure = causal_trace(result.indirect_effect, result.layer, heat.effects, heat.tokens, heat.subject,
                           title=f"{result.model}: causal trace over {len(result.facts)} known facts")
-    figure.savefig(out / FIGURE, dpi=150)
+    save_figure(figure, out / FIGURE, dpi=150)
     rows = [{"case_id": f.case_id, "p_clean": f.p_clean, "p_corrupted": f.p_corrupted,
              **{f"mlp_{layer}": v for layer, v in enumerate(f.mlp)}, **{f"attn_{layer}": v for layer, v in enumerate(f.attn)}}
             for f in result.facts]

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from keyscope import perturbations, rome
+from keyscope.atomic import save_figure
 from keyscope.editing import make_editor, prepare_context
 from keyscope.errors import KeyscopeError
 from keyscope.evaluate import fact_request
@@ -166,7 +167,7 @@ def run(model, facts, layer: int, cov, out_dir: str | Path | None, n: int = 100,
     figure = fig5.value_norms(before_norms, after_norms,
                               title=f"{name}, layer {layer}: value norm at k* over {len(rows)} ROME edits")
     figure_path, table_path = out / FIGURE, out / TABLE
-    figure.savefig(figure_path, dpi=150)
+    save_figure(figure, figure_path, dpi=150)
     write_csv(table_path, rows)
     return ValuesResult(name, layer, rows, summary, skipped, config, [figure_path, table_path], {"value_norms": figure})
 

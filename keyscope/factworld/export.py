@@ -18,6 +18,7 @@ import json
 import random
 from pathlib import Path
 
+from keyscope.atomic import write_text
 from keyscope.factworld.world import ALIAS_KINDS, World
 
 N_NEIGHBOURS = 10
@@ -69,11 +70,8 @@ def _order_twins(world: World) -> list[list[int]]:
 
 
 def write(world: World, path: str | Path, seed: int = 0) -> Path:
-    """Write :func:`records` as a JSON list, one record per line (atomically)."""
+    """Write :func:`records` as a JSON list, one record per line (atomically: :mod:`keyscope.atomic`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
     lines = ",\n".join(json.dumps(r, ensure_ascii=False) for r in records(world, seed))
-    tmp.write_text(f"[\n{lines}\n]\n")
-    tmp.replace(path)
-    return path
+    return write_text(path, f"[\n{lines}\n]\n")

@@ -287,19 +287,30 @@ def similarity_argv(env) -> list[str]:
 def test_a_failure_after_the_work_leaves_nothing_behind(env, capsys, monkeypatch, exc, code, message):
     import keyscope.cli.similarity as command
 
+    written = command.write_json
+
     def broken(path, payload):
+        written(path, payload)
         raise exc
 
-    monkeypatch.setattr(command, "write_json", broken)  # fails after the figures and CSV are written
+    monkeypatch.setattr(command, "write_json", broken)  # fails after the figures, CSV and JSON are written
     assert main(similarity_argv(env)) == code
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [message] and not env["out"].exists()
 
-    env["out"].mkdir()  # an existing --out: what was there stays, what the run added goes
-    (env["out"] / "mine.txt").write_text("keep")
+    env["out"].mkdir()  # an existing --out: what was there stays as it was, what the run added goes
+    before = {"mine.txt": b"keep", "fig3_similarity.png": b"an older figure", "sim.json": b'{"older": 1}'}
+    for name, content in before.items():
+        (env["out"] / name).write_bytes(content)
     assert main(similarity_argv(env)) == code
-    assert sorted(p.name for p in env["out"].iterdir()) == ["mine.txt"]
-    assert not list(env["tmp"].rglob("*.tmp"))
+    assert {p.name: p.read_bytes() for p in env["out"].iterdir()} == before  # overwritten ones put back
+    assert not list(env["tmp"].rglob("*.tmp")) and not list(env["tmp"].rglob(".keyscope-backup-*"))
+
+    monkeypatch.setattr(command, "write_json", written)  # the same run succeeding replaces them
+    assert main(similarity_argv(env)) == 0
+    assert (env["out"] / "fig3_similarity.png").read_bytes().startswith(b"\x89PNG")
+    assert json.loads((env["out"] / "sim.json").read_text())["layer"] == 1
+    assert (env["out"] / "mine.txt").read_bytes() == b"keep" and not list(env["tmp"].rglob(".keyscope-backup-*"))
 
 
 def test_a_corrupt_cache_is_recomputed_with_one_warning_line(env, capsys):
