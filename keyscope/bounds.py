@@ -280,6 +280,7 @@ class BoundsResult:
     config: BoundsConfig
     skipped: list[dict] = field(default_factory=list)
     edit_layers: dict[str, list[int]] = field(default_factory=dict)  # the layers each edit method writes
+    settings: dict = field(default_factory=dict)  # the editors' configs (EditContext.settings)
 
     @property
     def n_edited(self) -> int:
@@ -288,7 +289,8 @@ class BoundsResult:
 
     def as_json(self) -> dict:
         return {"n": self.n_edited, "model": self.model, "layer": self.layer, **self.summary,
-                "edit_layers": self.edit_layers, "config": asdict(self.config), "skipped": self.skipped}
+                "edit_layers": self.edit_layers, "config": asdict(self.config), "skipped": self.skipped,
+                **self.settings}
 
 
 def _specificity(rows: list[dict]) -> dict:
@@ -478,4 +480,4 @@ def run(model, facts: Sequence[Fact], layer: int, cov, context_docs, corpus=None
     summary = summarize(l44_rows, rows, methods)
     edit_layers = {name: list(edits[0][1][name].layers) for name in bases}
     return BoundsResult(model_name(model), layer, [r for r in l44_rows if r is not None], rows, summary, config,
-                        skipped, edit_layers)
+                        skipped, edit_layers, edit_context.settings())

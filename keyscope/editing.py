@@ -40,7 +40,7 @@ import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import ClassVar
 
 import torch
@@ -95,6 +95,10 @@ class EditContext:
     batch_size: int = 32
     load_covariance: Callable[[int], object] | None = field(default=None, repr=False, compare=False)
     _covariances: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def settings(self) -> dict:
+        """The editors' settings of the run, for a result's JSON: ``{"rome_config": …, "rep_config": …}``."""
+        return {"rome_config": asdict(self.rome_config), "rep_config": asdict(self.rep_config)}
 
     def covariance(self, layer: int):
         """The key covariance of ``layer`` (``cov`` for the edit layer)."""

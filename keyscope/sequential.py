@@ -83,6 +83,7 @@ class SequentialResult:
     skipped: list[dict] = field(default_factory=list)
     weights_restored: bool = True
     seconds: float = 0.0
+    settings: dict = field(default_factory=dict)  # the editors' configs (EditContext.settings)
 
     def as_json(self) -> dict:
         """``checkpoints`` is the first method's list (each entry with ``n_edits``, ``retention``, ``locality``, …);
@@ -90,7 +91,8 @@ class SequentialResult:
         first = next(iter(self.methods))
         return {"model": self.model, "layer": self.layer, "method": first, "checkpoints": self.methods[first],
                 "methods": self.methods, "n_known": self.n_known, "config": asdict(self.config),
-                "skipped": self.skipped, "weights_restored": self.weights_restored, "seconds": round(self.seconds, 1)}
+                "skipped": self.skipped, "weights_restored": self.weights_restored, "seconds": round(self.seconds, 1),
+                **self.settings}
 
 
 def weights_digest(model) -> list[str]:
@@ -248,4 +250,4 @@ def run_sequential(model, facts: Sequence[Fact], layer: int, cov, context_docs: 
     if not restored:
         raise KeyscopeError("the model's weights differ from before the sequential run (an edit was not undone)")
     return SequentialResult(model_name(model), layer, config, results, n_known, skipped, restored,
-                            time.perf_counter() - start)
+                            time.perf_counter() - start, context.settings())

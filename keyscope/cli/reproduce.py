@@ -28,7 +28,8 @@ def cmd_reproduce(args) -> int:
     print(f"reproduced on {args.model}, layer {outcome['layer']} in {sum(outcome['seconds'].values()):.0f} s: "
           + ", ".join(f"{k} {v:.0f} s" for k, v in outcome["seconds"].items()))
     print(f"wrote {outcome['report']}")
-    write_json(args.json, {"seconds": outcome["seconds"], "layer": outcome["layer"], "config": outcome["config"]})
+    write_json(args.json, {"seconds": outcome["seconds"], "layer": outcome["layer"], "config": outcome["config"],
+                           "rep_config": outcome["rep_config"]})
     return 0
 
 

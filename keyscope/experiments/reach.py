@@ -53,13 +53,15 @@ class ReachReport:
     seconds: dict[str, float] = field(default_factory=dict)
     files: list[Path] = field(default_factory=list)
     figure: object = field(default=None, repr=False)
+    settings: dict = field(default_factory=dict)  # the editors' configs (EditContext.settings)
 
     def as_json(self) -> dict:
         request = self.request
         return {"model": self.model, "layer": self.layer, "method": self.method, "case_id": self.case_id,
                 "request": {"prompt": request.template, "subject": request.subject, "target_new": request.target_new,
                             "target_true": request.target_true},
-                **self.result.as_json(), "seconds": dict(self.seconds), "files": [str(f) for f in self.files]}
+                **self.result.as_json(), "seconds": dict(self.seconds), "files": [str(f) for f in self.files],
+                **self.settings}
 
 
 class Reacher:
@@ -78,6 +80,7 @@ class Reacher:
         context = prepare_context(model, layer, cov, (method,), self.facts, source, rome_config, rep_config,
                                   seed=self.config.seed, load_covariance=load_covariance)
         self.editor = make_editor(method, model, context)
+        self.settings = context.settings()  # the editors' configs, for the JSON
 
     def probes(self, request: EditRequest, fact=None) -> list:
         """The subject's forms shown beside the corpus (``keyscope edit``'s probes, the edit prompt first)."""
@@ -113,7 +116,7 @@ class Reacher:
         seconds.update(result.seconds, check=result.check.seconds)
         seconds["total"] = time.perf_counter() - start
         return ReachReport(model_name(self.model), self.layer, self.method, request,
-                           fact.case_id if fact is not None else None, result, seconds)
+                           fact.case_id if fact is not None else None, result, seconds, settings=self.settings)
 
 
 def figure_of(report: ReachReport):
@@ -192,6 +195,7 @@ class ManyReport:
     cpu_seconds: float = 0.0
     files: list[Path] = field(default_factory=list)
     figure: object = field(default=None, repr=False)
+    settings: dict = field(default_factory=dict)  # the editors' configs (EditContext.settings)
 
     def as_json(self) -> dict:
         c = self.config
@@ -199,7 +203,7 @@ class ManyReport:
                 "top_k": c.top_k, "seed": c.seed, "changed_quantile": c.changed_quantile, "n_known": self.n_known,
                 "summary": self.summary, "edits": self.rows, "skipped": self.skipped,
                 "seconds": round(self.seconds, 1), "cpu_seconds": round(self.cpu_seconds, 1),
-                "files": [str(f) for f in self.files]}
+                "files": [str(f) for f in self.files], **self.settings}
 
 
 def run_many(reacher: Reacher, n: int, out_dir: str | Path, progress: bool = True) -> ManyReport:
@@ -232,7 +236,7 @@ def run_many(reacher: Reacher, n: int, out_dir: str | Path, progress: bool = Tru
     save_figure(figure, figure_path, dpi=150)
     return ManyReport(model_name(reacher.model), reacher.layer, reacher.method, reacher.config, rows, summary,
                       skipped, n_known, time.perf_counter() - start, time.process_time() - cpu_start,
-                      [table, figure_path], figure)
+                      [table, figure_path], figure, reacher.settings)
 
 
 # ---------------------------------------------------------------------------------------------- text

@@ -273,7 +273,7 @@ def run(config: ReproduceConfig, out_dir: str | Path = "figures", progress: bool
     done("report", start)
     bar.close()
     return {"results": results, "seconds": seconds, "layer": layer, "config": asdict(config),
-            "report": str(out / REPORT)}
+            "rep_config": asdict(evaluation.rep_config), "report": str(out / REPORT)}
 
 
 if __name__ == "__main__":  # python -m keyscope.experiments.reproduce figures: REPORT.md again from the artefacts

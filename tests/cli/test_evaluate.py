@@ -109,7 +109,8 @@ def test_bounds_rejects_bad_methods_in_one_line(env, tmp_path, capsys, argv, mes
 
 @pytest.mark.slow
 def test_reproduce_quick_regenerates_every_artefact_and_the_report(env, tmp_path):
-    assert main(["reproduce", "--quick", "--no-progress", "--out", str(tmp_path)]) == 0
+    assert main(["reproduce", "--quick", "--no-progress", "--out", str(tmp_path), "--json", str(tmp_path / "r.json")]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["rep_config"]["tau"] == 0.9  # REP's settings recorded
     for name in ("fig3_similarity.png", "fig3_pca.png", "fig4_neighbors.png", "fig5_value_norms.png",
                  "fig7_tau_sweep.png", "fig_bounds.png", "table1.md", "REPORT.md"):
         assert (tmp_path / name).stat().st_size > 0, name

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 
 from keyscope import models
 from keyscope.cli import main
+from keyscope.rep import REPConfig
 
 
 @pytest.mark.slow
@@ -21,6 +23,7 @@ def test_sequential_writes_checkpoints_figure_csv_and_leaves_the_weights_bit_exa
     assert all(torch.equal(p.detach(), snapshot[n]) for n, p in model.original_model.named_parameters())
     payload = json.loads(report.read_text())
     assert [e["n_edits"] for e in payload["checkpoints"]] == [1, 3] and payload["weights_restored"] is True
+    assert payload["rep_config"] == dataclasses.asdict(REPConfig()) and payload["rome_config"]["v_num_grad_steps"] > 0
     assert all({"retention", "locality", "rephrase_id", "long_ood"} <= set(e) for e in payload["checkpoints"])
     assert (out / "fig_sequential.png").stat().st_size > 0
     rows = list(csv.DictReader(open(out / "sequential.csv")))
