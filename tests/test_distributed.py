@@ -5,6 +5,7 @@ import torch
 
 from keyscope import distributed
 from keyscope.distributed import World
+from keyscope.errors import KeyscopeError, RankFailed
 
 
 def test_from_env_reads_torchrun_variables():
@@ -33,3 +34,54 @@ def test_single_process_helpers_are_no_ops():
     assert distributed.device_for(distributed.SINGLE, "cpu") == "cpu"
     with distributed.process_group(distributed.SINGLE, "cpu") as world:
         assert world is distributed.SINGLE and not torch.distributed.is_initialized()
+
+
+def test_timeout_and_exit_status():
+    assert distributed.timeout_from_env({}) == distributed.DEFAULT_TIMEOUT_S
+    assert distributed.timeout_from_env({"KEYSCOPE_DIST_TIMEOUT": "2.5"}) == 2.5
+    for bad in ("0", "-1", "nan", "soon"):
+        with pytest.raises(KeyscopeError, match="KEYSCOPE_DIST_TIMEOUT"):
+            distributed.timeout_from_env({"KEYSCOPE_DIST_TIMEOUT": bad})
+    assert [distributed.exit_status(e) for e in (KeyscopeError("x"), RankFailed("x", exit_code=1), OSError("x"),
+                                                  KeyboardInterrupt(), RuntimeError("x"))] == [2, 1, 2, 130, 1]
+    distributed.check_peers(distributed.SINGLE)  # no group: nothing to exchange
+
+
+def _rank_main(rank: int, port: int, folder: str) -> None:
+    """One of two gloo processes under a 2 s timeout: rank 1 comes late to the gather; rank 0 writes what it saw
+    into ``folder/rank0``."""
+    import os
+    import time
+    from pathlib import Path
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    world = World(rank=rank, size=2)
+    seen = "gathered"
+    try:
+        with distributed.process_group(world, "cpu", timeout=2.0):
+            if rank == 1:
+                time.sleep(4)  # a rank stuck in its own work, past the others' 2 s wait
+            distributed.all_gather_object(rank, world)
+    except RankFailed as exc:
+        seen = f"{exc.exit_code} {exc}"
+    Path(folder, f"rank{rank}").write_text(seen)
+
+
+@pytest.mark.slow
+def test_a_rank_that_does_not_come_fails_the_others_after_the_timeout(tmp_path):
+    """A genuine hang is bounded by the process group's timeout: rank 0's gather fails with RankFailed (exit
+    status 1) naming the timeout, instead of waiting gloo's default 30 minutes. (A rank that *fails* is heard
+    at once: tests/cli/test_covariance.py, test_a_failure_on_one_torchrun_rank_ends_both_with_one_line_each.)"""
+    import socket
+    import time
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    began = time.monotonic()
+    mp.spawn(_rank_main, args=(port, str(tmp_path)), nprocs=2, join=True)
+    assert time.monotonic() - began < 60
+    seen = (tmp_path / "rank0").read_text()
+    assert seen.startswith("1 a collective failed") and "within 2 s (KEYSCOPE_DIST_TIMEOUT)" in seen, seen
