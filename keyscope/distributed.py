@@ -207,7 +207,7 @@ def process_group(world: World, device: str, timeout: float | None = None) -> It
         if not guard.broken:
             try:
                 if not guard.heard:  # this rank's own failure: the others hear of it here
-                    _exchange(guard, exit_status(exc))
+                    _exchange(guard, exit_status(exc) or 1)
                 _exchange(guard, 0)  # every rank has unwound (its outputs removed) before any exits
             except BaseException:  # noqa: S110 - the rank's own error is the one to report
                 pass
