@@ -20,7 +20,8 @@ work raises (any exception, a :class:`~keyscope.errors.KeyscopeError` or a bug) 
 on its way out of :func:`process_group` it joins it with its exit status (2 for a ``KeyscopeError``, 1 for an
 unexpected exception, 130 for Ctrl-C), so the other ranks, at their next collective (at the latest the
 exchange at the end of the block), raise :class:`~keyscope.errors.RankFailed` naming the rank instead of
-waiting for data that will never come. Every rank then meets once more (after its ``finally`` blocks ran, so
+waiting for data that will never come; long loops over a stream exchange statuses every few items too
+(:func:`heartbeat`). Every rank then meets once more (after its ``finally`` blocks ran, so
 rank 0 has removed its partial outputs before any rank exits and ``torchrun`` stops the rest) and re-raises.
 An error inside a collective itself (a rank that died, or a wait past the process group's ``timeout``) is a
 :class:`~keyscope.errors.RankFailed` too, after which no further exchange is tried. The timeout only bounds how
@@ -217,14 +218,29 @@ def process_group(world: World, device: str, timeout: float | None = None) -> It
         dist.destroy_process_group()
 
 
+#: Stream items per rank between two :func:`heartbeat` status exchanges in a long sharded loop.
+HEARTBEAT_ITEMS = 16
+
+
+def heartbeat(world: World, index: int) -> None:
+    """Inside a long loop over a stream every rank walks whole (:func:`shard`, the scan's batches): a status
+    exchange (:func:`check_peers`) after every ``HEARTBEAT_ITEMS · size`` items of the stream, so a rank that
+    failed stops the others within a few of their own items, not at the loop's end. Positions in the stream,
+    not time, decide where, so every rank exchanges at the same items and no result depends on it."""
+    if world.distributed and (index + 1) % (HEARTBEAT_ITEMS * world.size) == 0:
+        check_peers(world)
+
+
 def shard(items: Iterable[T], world: World, start: int = 0) -> Iterator[tuple[int, T]]:
     """``(index, item)`` for this rank's items of ``items``: the indices ``i ≥ start`` with ``i % size == rank``.
 
-    Every rank must iterate the same stream; the items of the other ranks are skipped, not computed on.
+    Every rank must iterate the same stream, to its end; the items of the other ranks are skipped, not computed
+    on. Between items, every rank takes part in the stream's :func:`heartbeat`.
     """
     for index, item in enumerate(items):
         if index >= start and index % world.size == world.rank:
             yield index, item
+        heartbeat(world, index)
 
 
 def all_reduce_sum_(tensors: Iterable[torch.Tensor], world: World) -> None:

@@ -47,31 +47,42 @@ def test_timeout_and_exit_status():
     distributed.check_peers(distributed.SINGLE)  # no group: nothing to exchange
 
 
-def _rank_main(rank: int, port: int, folder: str) -> None:
-    """One of two gloo processes under a 2 s timeout: rank 1 comes late to the gather; rank 0 writes what it saw
-    into ``folder/rank0``."""
+def _rank_main(rank: int, port: int, folder: str, case: str) -> None:
+    """One of two gloo processes under a 2 s timeout. ``late``: rank 1 comes to the gather 4 s late; ``shard``:
+    rank 1 fails at its second item of a long sharded stream. Each rank writes what it saw into ``folder``."""
     import os
     import time
     from pathlib import Path
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     world = World(rank=rank, size=2)
-    seen = "gathered"
+    seen, index = "gathered", -1
     try:
         with distributed.process_group(world, "cpu", timeout=2.0):
-            if rank == 1:
+            if case == "late" and rank == 1:
                 time.sleep(4)  # a rank stuck in its own work, past the others' 2 s wait
+            if case == "shard":
+                for index, _ in distributed.shard(range(100_000), world):
+                    if rank == 1 and index == 3:
+                        raise RuntimeError("rank 1's shard")
             distributed.all_gather_object(rank, world)
     except RankFailed as exc:
         seen = f"{exc.exit_code} {exc}"
-    Path(folder, f"rank{rank}").write_text(seen)
+    except RuntimeError as exc:
+        seen = f"own {exc}"
+    Path(folder, f"rank{rank}").write_text(f"{index} {seen}")
 
 
 @pytest.mark.slow
-def test_a_rank_that_does_not_come_fails_the_others_after_the_timeout(tmp_path):
-    """A genuine hang is bounded by the process group's timeout: rank 0's gather fails with RankFailed (exit
-    status 1) naming the timeout, instead of waiting gloo's default 30 minutes. (A rank that *fails* is heard
-    at once: tests/cli/test_covariance.py, test_a_failure_on_one_torchrun_rank_ends_both_with_one_line_each.)"""
+@pytest.mark.parametrize("case, seen", [
+    ("late", "-1 1 a collective failed"),  # rank 0's gather fails after its 2 s wait, naming the timeout
+    ("shard", "30 1 stopped because rank 1 of 2 failed"),  # its last item before the first heartbeat
+])
+def test_a_failing_or_missing_rank_stops_the_other(tmp_path, case, seen):
+    """A genuine hang is bounded by the process group's timeout (not gloo's default 30 minutes); a rank that
+    fails in a long sharded loop stops the others at the loop's next heartbeat (``HEARTBEAT_ITEMS · size`` = 32
+    stream items), where it reports its status (tests/cli/test_covariance.py has a failure before a collective
+    and one after the work, through the CLI)."""
     import socket
     import time
 
@@ -81,7 +92,10 @@ def test_a_rank_that_does_not_come_fails_the_others_after_the_timeout(tmp_path):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     began = time.monotonic()
-    mp.spawn(_rank_main, args=(port, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_rank_main, args=(port, str(tmp_path), case), nprocs=2, join=True)
     assert time.monotonic() - began < 60
-    seen = (tmp_path / "rank0").read_text()
-    assert seen.startswith("1 a collective failed") and "within 2 s (KEYSCOPE_DIST_TIMEOUT)" in seen, seen
+    assert (tmp_path / "rank0").read_text().startswith(seen), (tmp_path / "rank0").read_text()
+    if case == "late":
+        assert "within 2 s (KEYSCOPE_DIST_TIMEOUT)" in (tmp_path / "rank0").read_text()
+    else:
+        assert (tmp_path / "rank1").read_text() == "3 own rank 1's shard"
