@@ -18,7 +18,12 @@ same cache entries, so every later command finds them), but
   batches ``r, r+K, …`` of the stream, the raw sums and counts are all-reduced, and rank 0 alone writes the
   cache. Each rank checkpoints its own share (the world size is part of the checkpoint's name).
 
-The checkpoint is deleted once the cache entries are written.
+The checkpoint is deleted once the cache entries are written, and when the run ends in
+:class:`~keyscope.errors.EmptyCorpus` (far fewer tokens than asked for, a binary corpus, one of unknown tokens):
+that depends only on the corpus, whose identity is part of the checkpoint's spec, so a resumed run would end in
+the same error and the checkpoint could never be used. A run stopped any other way keeps it for ``resume=True``:
+Ctrl-C, a crash, a full disk, out of memory, another rank's failure, or a corpus not reachable right now
+(WikiText-103 offline) — the same job can still finish.
 """
 
 from __future__ import annotations
@@ -235,6 +240,13 @@ def fit_layers(
     return covariances, stats
 
 
+def _remove_checkpoint(path: Path) -> None:
+    """Delete this rank's checkpoint ``path``, and the job's folder once no rank's checkpoint is left in it."""
+    path.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        path.parent.rmdir()
+
+
 def parse_layers(text: str) -> list[int]:
     """``"3-8"``, ``"2,5,9"`` or a mix (``"0-2,7"``) as a sorted list of distinct layers."""
     layers: set[int] = set()
@@ -289,12 +301,17 @@ def compute_covariances(
                    for layer, tensors in cached.items()}
     stats = {"tokens_this_run": 0, "resumed_tokens": 0, "seconds": 0.0, "checkpoints_written": 0, "checkpoint": None}
     if todo:
-        fitted, stats = fit_layers(model, job, corpus, {layer: specs[layer] for layer in todo}, world=world,
-                                   resume=resume, root=root, progress=progress, on_batch=on_batch)
-        n = fitted[todo[0]].n_tokens_
-        if n < MIN_TOKEN_SHARE * job.n_tokens:  # every rank sees the all-reduced count: all raise, none caches
-            raise EmptyCorpus(f"the corpus yielded only {n:,} of the {job.n_tokens:,} tokens asked for C; "
-                              f"give a larger corpus or ask for fewer tokens")
+        checkpoint = checkpoint_file({layer: specs[layer] for layer in todo}, job, world, root)
+        try:
+            fitted, stats = fit_layers(model, job, corpus, {layer: specs[layer] for layer in todo}, world=world,
+                                       resume=resume, root=root, progress=progress, on_batch=on_batch)
+            n = fitted[todo[0]].n_tokens_
+            if n < MIN_TOKEN_SHARE * job.n_tokens:  # every rank sees the all-reduced count: all raise, none caches
+                raise EmptyCorpus(f"the corpus yielded only {n:,} of the {job.n_tokens:,} tokens asked for C; "
+                                  f"give a larger corpus or ask for fewer tokens")
+        except EmptyCorpus:  # this job can never finish: its checkpoint would only linger (module docstring)
+            _remove_checkpoint(checkpoint)
+            raise
         if n < job.n_tokens and world.is_main:
             warnings.warn(f"the corpus ran out after {n} of the {job.n_tokens} tokens asked for; "
                           f"C is estimated from {n}", stacklevel=2)
@@ -306,9 +323,7 @@ def compute_covariances(
                     warnings.warn(f"could not write the {KIND} cache under {cache.cache_root(root)} ({exc}); "
                                   f"result not cached", stacklevel=2)
         barrier(world)
-        stats["checkpoint"].unlink(missing_ok=True)
-        with contextlib.suppress(OSError):  # the job's folder, once no rank's checkpoint is left in it
-            stats["checkpoint"].parent.rmdir()
+        _remove_checkpoint(checkpoint)
         covariances.update(fitted)
     return JobResult(
         covariances={layer: covariances[layer] for layer in job.layers if layer in covariances},

@@ -13,6 +13,19 @@ the stream and no two ranks share an item. Partial results are combined with :fu
 (float64 sums and int64 counts, so the sum is the single-process one up to the order of float64 additions)
 and :func:`broadcast_object` (rank 0's decisions), or gathered with :func:`all_gather_object` (each rank's
 top-k lists or per-fact rows, merged in a fixed order); only rank 0 writes files (:attr:`World.is_main`).
+
+**A failure on one rank ends every rank.** Inside :func:`process_group` every collective of this module first
+exchanges one status per rank (a small ``all_reduce``, :func:`check_peers`): 0 for "fine". A rank whose own
+work raises (any exception, a :class:`~keyscope.errors.KeyscopeError` or a bug) does not skip that exchange:
+on its way out of :func:`process_group` it joins it with its exit status (2 for a ``KeyscopeError``, 1 for an
+unexpected exception, 130 for Ctrl-C), so the other ranks, at their next collective (at the latest the
+exchange at the end of the block), raise :class:`~keyscope.errors.RankFailed` naming the rank instead of
+waiting for data that will never come; long loops over a stream exchange statuses every few items too
+(:func:`heartbeat`). Every rank then meets once more (after its ``finally`` blocks ran, so
+rank 0 has removed its partial outputs before any rank exits and ``torchrun`` stops the rest) and re-raises.
+An error inside a collective itself (a rank that died, or a wait past the process group's ``timeout``) is a
+:class:`~keyscope.errors.RankFailed` too, after which no further exchange is tried. The timeout only bounds how
+long one rank waits for the others at a collective; it never changes a result.
 """
 
 from __future__ import annotations
@@ -21,11 +34,19 @@ import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TypeVar
 
 import torch
 
+from keyscope.errors import KeyscopeError, RankFailed
+
 T = TypeVar("T")
+
+#: Seconds one rank waits for the others at a collective before the job fails (``KEYSCOPE_DIST_TIMEOUT``
+#: overrides it; gloo's own default is 30 minutes). Rank 0 reading or writing large caches while the others
+#: wait is the longest legitimate wait.
+DEFAULT_TIMEOUT_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -72,35 +93,154 @@ def device_for(world: World, device: str | None = None) -> str:
     return "cpu"
 
 
+def timeout_from_env(environ=None) -> float:
+    """The process group's timeout in seconds: ``KEYSCOPE_DIST_TIMEOUT`` if set, else :data:`DEFAULT_TIMEOUT_S`."""
+    env = os.environ if environ is None else environ
+    text = env.get("KEYSCOPE_DIST_TIMEOUT")
+    if text is None:
+        return DEFAULT_TIMEOUT_S
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0:
+        raise KeyscopeError(f"KEYSCOPE_DIST_TIMEOUT must be a positive number of seconds, not {text!r}")
+    return seconds
+
+
+@dataclass
+class _Guard:
+    """The failure exchange of the process group :func:`process_group` opened: where its status tensor lives,
+    and whether a collective broke (after which no rank can be reached)."""
+
+    world: World
+    device: str
+    timeout: float
+    broken: bool = False
+    heard: bool = False  # this rank learned of another's failure (and so joined that exchange already)
+
+
+#: The guard of the open :func:`process_group` (``None`` outside one, or when the caller owns the group).
+_guard: _Guard | None = None
+
+
+def exit_status(exc: BaseException) -> int:
+    """The exit status a rank failing with ``exc`` reports to the others (and the CLI exits with): a
+    :class:`~keyscope.errors.KeyscopeError`'s own (2), 2 for an :class:`OSError`, 130 for Ctrl-C, else 1."""
+    if isinstance(exc, KeyscopeError):
+        return exc.exit_code
+    if isinstance(exc, OSError):
+        return 2
+    if isinstance(exc, KeyboardInterrupt):
+        return 130
+    return 1
+
+
 @contextmanager
-def process_group(world: World, device: str) -> Iterator[World]:
+def _collective(guard: _Guard | None) -> Iterator[None]:
+    """Around the ``torch.distributed`` calls of one collective: an error in them (a rank that died, a wait past
+    the timeout) breaks the guard and is a :class:`~keyscope.errors.RankFailed`."""
+    try:
+        yield
+    except BaseException as exc:
+        if guard is None:
+            raise
+        guard.broken = True
+        if isinstance(exc, Exception) and not isinstance(exc, KeyscopeError):
+            raise RankFailed(f"a collective failed ({type(exc).__name__}: {' '.join(str(exc).split()) or '?'}); "
+                             f"another rank died or did not reach it within {guard.timeout:g} s "
+                             f"(KEYSCOPE_DIST_TIMEOUT)", exit_code=1) from exc
+        raise
+
+
+def _exchange(guard: _Guard, status: int) -> list[int]:
+    """Every rank's ``status`` (one small ``all_reduce``; every rank of the group must call it)."""
+    import torch.distributed as dist
+
+    box = torch.zeros(guard.world.size, dtype=torch.int64, device=guard.device)
+    box[guard.world.rank] = status
+    with _collective(guard):
+        dist.all_reduce(box, op=dist.ReduceOp.SUM)
+        return [int(s) for s in box.tolist()]
+
+
+def check_peers(world: World) -> None:
+    """Raise :class:`~keyscope.errors.RankFailed` if another rank of the open :func:`process_group` failed: the
+    status exchange every collective here starts with (every rank must call it at the same point; a no-op for
+    a single process or a group the caller opened)."""
+    guard = _guard
+    if not world.distributed or guard is None or guard.broken:
+        return
+    statuses = _exchange(guard, 0)
+    failed = [rank for rank, status in enumerate(statuses) if status]
+    if failed:
+        guard.heard = True
+        which = ", ".join(map(str, failed))
+        raise RankFailed(f"stopped because rank{'s' if len(failed) > 1 else ''} {which} of {world.size} failed "
+                         f"(see {'their errors' if len(failed) > 1 else 'its error'})", exit_code=statuses[failed[0]])
+
+
+@contextmanager
+def process_group(world: World, device: str, timeout: float | None = None) -> Iterator[World]:
     """Initialise the default process group for ``world`` (NCCL on CUDA, gloo otherwise) and destroy it on exit.
 
-    A single-process world, or one whose group is already initialised by the caller, is left alone.
+    ``timeout`` (seconds, default :func:`timeout_from_env`) bounds each wait at a collective. Inside the block
+    a failure on any rank ends every rank (module docstring): the block's end is a last status exchange, and a
+    rank leaving it with an exception of its own reports it there first. A single-process world, or one whose
+    group is already initialised by the caller, is left alone.
     """
     import torch.distributed as dist
 
+    global _guard
     if not world.distributed or dist.is_initialized():
         yield world
         return
+    seconds = timeout_from_env() if timeout is None else timeout
     backend = "nccl" if str(device).startswith("cuda") else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(torch.device(device))
-    dist.init_process_group(backend=backend, rank=world.rank, world_size=world.size)
+    dist.init_process_group(backend=backend, rank=world.rank, world_size=world.size, timeout=timedelta(seconds=seconds))
+    guard = _guard = _Guard(world, "cuda" if backend == "nccl" else "cpu", seconds)
     try:
         yield world
+        check_peers(world)
+    except BaseException as exc:
+        if not guard.broken:
+            try:
+                if not guard.heard:  # this rank's own failure: the others hear of it here
+                    _exchange(guard, exit_status(exc) or 1)
+                _exchange(guard, 0)  # every rank has unwound (its outputs removed) before any exits
+            except BaseException:  # noqa: S110 - the rank's own error is the one to report
+                pass
+        raise
     finally:
+        _guard = None
         dist.destroy_process_group()
+
+
+#: Stream items per rank between two :func:`heartbeat` status exchanges in a long sharded loop.
+HEARTBEAT_ITEMS = 16
+
+
+def heartbeat(world: World, index: int) -> None:
+    """Inside a long loop over a stream every rank walks whole (:func:`shard`, the scan's batches): a status
+    exchange (:func:`check_peers`) after every ``HEARTBEAT_ITEMS · size`` items of the stream, so a rank that
+    failed stops the others within a few of their own items, not at the loop's end. Positions in the stream,
+    not time, decide where, so every rank exchanges at the same items and no result depends on it."""
+    if world.distributed and (index + 1) % (HEARTBEAT_ITEMS * world.size) == 0:
+        check_peers(world)
 
 
 def shard(items: Iterable[T], world: World, start: int = 0) -> Iterator[tuple[int, T]]:
     """``(index, item)`` for this rank's items of ``items``: the indices ``i ≥ start`` with ``i % size == rank``.
 
-    Every rank must iterate the same stream; the items of the other ranks are skipped, not computed on.
+    Every rank must iterate the same stream, to its end; the items of the other ranks are skipped, not computed
+    on. Between items, every rank takes part in the stream's :func:`heartbeat`.
     """
     for index, item in enumerate(items):
         if index >= start and index % world.size == world.rank:
             yield index, item
+        heartbeat(world, index)
 
 
 def all_reduce_sum_(tensors: Iterable[torch.Tensor], world: World) -> None:
@@ -109,8 +249,11 @@ def all_reduce_sum_(tensors: Iterable[torch.Tensor], world: World) -> None:
         return
     import torch.distributed as dist
 
-    for tensor in tensors:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    tensors = list(tensors)
+    check_peers(world)
+    with _collective(_guard):
+        for tensor in tensors:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
 
 
 def all_reduce_min(value: int, world: World, device: str = "cpu") -> int:
@@ -121,8 +264,10 @@ def all_reduce_min(value: int, world: World, device: str = "cpu") -> int:
     import torch.distributed as dist
 
     box = torch.tensor([value], dtype=torch.int64, device=device)
-    dist.all_reduce(box, op=dist.ReduceOp.MIN)
-    return int(box.item())
+    check_peers(world)
+    with _collective(_guard):
+        dist.all_reduce(box, op=dist.ReduceOp.MIN)
+        return int(box.item())
 
 
 def broadcast_object(value: T, world: World) -> T:
@@ -132,7 +277,9 @@ def broadcast_object(value: T, world: World) -> T:
     import torch.distributed as dist
 
     box = [value]
-    dist.broadcast_object_list(box, src=0)
+    check_peers(world)
+    with _collective(_guard):
+        dist.broadcast_object_list(box, src=0)
     return box[0]
 
 
@@ -141,7 +288,9 @@ def barrier(world: World) -> None:
     if world.distributed:
         import torch.distributed as dist
 
-        dist.barrier()
+        check_peers(world)
+        with _collective(_guard):
+            dist.barrier()
 
 
 def all_gather_object(value: T, world: World) -> list[T]:
@@ -151,5 +300,7 @@ def all_gather_object(value: T, world: World) -> list[T]:
     import torch.distributed as dist
 
     gathered: list = [None] * world.size
-    dist.all_gather_object(gathered, value)
+    check_peers(world)
+    with _collective(_guard):
+        dist.all_gather_object(gathered, value)
     return gathered

@@ -52,3 +52,12 @@ class InvalidKeys(KeyscopeError, ValueError):
 
 class NotFitted(KeyscopeError, RuntimeError):
     """A fitted object (an adaptor, an estimate) used before ``fit``."""
+
+
+class RankFailed(KeyscopeError):
+    """Another process of a ``torchrun`` job failed (or a collective with it broke), so this one stops too
+    (:mod:`keyscope.distributed`); ``exit_code`` is the failing rank's, so every rank exits alike."""
+
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -54,7 +54,7 @@ import torch
 
 from keyscope.corpus import Source, TokenBatch, token_batches
 from keyscope.datasets import Fact
-from keyscope.distributed import SINGLE, World, all_gather_object
+from keyscope.distributed import SINGLE, World, all_gather_object, heartbeat
 from keyscope.keys import collect_keys, layer_keys
 from keyscope.models import check_layer, key_hook, sdpa_attention
 from keyscope.prompts import encode, fill, tokens_overlapping
@@ -475,6 +475,7 @@ def scan_scores(
                 scored.append((scores, raw, positions, _prefix_windows(batch, config.prefix_tokens)))
             consume({name: masker(stream) for name, masker in maskers.items()})  # rows up to lag behind
             seen += int(stream.shape[0])
+            heartbeat(world, index)  # a rank that failed stops this one here, not at the gather
             if bar is not None:
                 bar.update(int(stream.shape[0]))
         consume({name: masker.flush() for name, masker in maskers.items()})

@@ -15,6 +15,7 @@ from keyscope.covariance_job import (
     parse_layers,
 )
 from keyscope.distributed import SINGLE
+from keyscope.errors import EmptyCorpus
 from keyscope.models import load_model
 from tests import hf_tiny
 
@@ -94,6 +95,21 @@ def test_stopped_and_resumed_run_is_bit_exact(model, tmp_path):
         diff = (resumed.covariances[layer].C_ - whole.covariances[layer].C_).abs().max()
         assert float(diff) == 0.0
         assert resumed.covariances[layer].n_tokens_ == 600
+
+
+def test_a_run_that_can_never_finish_leaves_no_checkpoint(model, tmp_path):
+    """Far too few tokens for C is an EmptyCorpus after the whole pass, and a resumed run would end in it again:
+    the checkpoint written after every batch is removed with its folder (a run stopped any other way keeps its
+    checkpoint: test_stopped_and_resumed_run_is_bit_exact)."""
+    job = CovarianceJob((0,), n_tokens=100_000, seq_len=32, batch_size=3, checkpoint_every=0)
+    path = checkpoint_file({0: covariance_spec(model, job.config(0), DOCS)}, job, SINGLE, tmp_path)
+    written = []
+    with pytest.raises(EmptyCorpus, match="yielded only"):
+        compute_covariances(model, job, DOCS, root=tmp_path, progress=False,
+                            on_batch=lambda index: written.append(path.exists()))
+    assert len(written) > 1 and all(written)  # checkpointed along the way
+    assert not path.exists() and not path.parent.exists()
+    assert not cache.artefact_dir(KIND, covariance_spec(model, job.config(0), DOCS), tmp_path).exists()
 
 
 def test_resume_without_or_with_a_damaged_checkpoint_starts_afresh(model, tmp_path):

@@ -5,7 +5,11 @@ status 2, with no traceback: a bad argument (``keyscope: error: argument --n: �
 :class:`~keyscope.errors.KeyscopeError`, and an :class:`OSError` (an output path that cannot be written, a
 full disk). Before a command runs, its output paths (``--out``, ``--json``, ``--export``) are checked; if it
 fails, they are put back as they were: what it had written there is removed, and the files that were there
-before come back with their old content (:func:`keyscope.cli.output.nothing_left_on_failure`). Library
+before come back with their old content (:func:`keyscope.cli.output.nothing_left_on_failure`). Under
+``torchrun`` every error line names its process (``keyscope: error: rank 1 of 2: …``), a failure on any rank
+ends every rank (:mod:`keyscope.distributed`: the others print ``… stopped because rank 1 of 2 failed`` and
+exit with the failing rank's status) and an unexpected exception prints its traceback, then that line, and
+exits 1 — as a single process, where it ends in Python's traceback and status 1. Library
 warnings print as one ``keyscope: warning: …`` line each; Ctrl-C prints ``keyscope: interrupted`` and exits
 130. Each command lives in its own module here and registers its subparser through ``register(sub)``; no
 library module imports this package.
@@ -14,6 +18,7 @@ library module imports this package.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 
@@ -59,15 +64,85 @@ def _os_error(exc: OSError) -> str:
     return f"{': '.join(names)}: {what}" if names else what
 
 
-def run(args) -> int:
-    """Run the parsed command ``args``: check its output paths, then call it; on failure put them back as they were."""
+def _where() -> str:
+    """``"rank R of K: "`` in a process ``torchrun`` started, else ``""`` (torch is not imported for that)."""
+    if "WORLD_SIZE" not in os.environ:
+        return ""
+    from keyscope.distributed import from_env
+
+    try:
+        world = from_env()
+    except ValueError:
+        return ""
+    return f"rank {world.rank} of {world.size}: " if world.distributed else ""
+
+
+def _report(exc: BaseException, where: str) -> int | None:
+    """Print ``exc`` as the one line of the error contract (``where`` names the rank under torchrun) and return
+    the exit status; ``None`` for an unexpected exception of a single process, whose traceback Python prints.
+    Under torchrun an unexpected exception prints its traceback, then the line, and is status 1."""
+    if isinstance(exc, KeyscopeError):
+        print(f"keyscope: error: {where}{_one_line(exc)}", file=sys.stderr)
+        return exc.exit_code
+    if isinstance(exc, OSError):
+        print(f"keyscope: error: {where}{_os_error(exc)}", file=sys.stderr)
+        return 2
+    if isinstance(exc, KeyboardInterrupt):
+        print(f"keyscope: {where}interrupted", file=sys.stderr)
+        return 130
+    if not where or not isinstance(exc, Exception):
+        return None
+    import traceback
+
+    traceback.print_exception(exc)
+    print(f"keyscope: error: {where}{type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
+    return 1
+
+
+class _Reported(KeyscopeError):
+    """A rank's failure, already printed, on its way out of the process group with its exit status."""
+
+    def __init__(self, exit_code: int):
+        super().__init__(f"exit status {exit_code}")
+        self.exit_code = exit_code
+
+
+def _run_checked(args, world) -> int:
+    from contextlib import nullcontext
+
     from keyscope.cli.common import output_paths
     from keyscope.cli.output import check_outputs, nothing_left_on_failure
+    from keyscope.distributed import check_peers
 
     folders, files = output_paths(args)
     check_outputs(folders=folders, files=files)
-    with nothing_left_on_failure(folders, files):
-        return int(args.func(args) or 0)
+    # rank 0 alone writes, so it alone cleans up (another rank would remove what rank 0 is writing)
+    with nothing_left_on_failure(folders, files) if world.is_main else nullcontext():
+        status = int(args.func(args) or 0)
+        check_peers(world)  # a rank that failed after the others' last collective fails them here
+    return status
+
+
+def run(args) -> int:
+    """Run the parsed command ``args``: check its output paths, then call it; on failure put them back as they were.
+
+    Under ``torchrun`` all of it happens inside the job's process group
+    (:func:`keyscope.cli.common.torchrun_world`; :mod:`keyscope.distributed`): the ranks meet once more before
+    outputs are kept, so a failure on any rank, however late, fails every rank; each rank prints its error line
+    (the failing one its own, the others ``… stopped because rank R of K failed``) after removing what it wrote
+    and before any rank exits, and every rank exits with the failing rank's status."""
+    from keyscope.cli.common import torchrun_world
+
+    with torchrun_world(getattr(args, "device", None)) as (world, _):
+        if not world.distributed:
+            return _run_checked(args, world)
+        try:
+            return _run_checked(args, world)
+        except BaseException as exc:
+            status = _report(exc, f"rank {world.rank} of {world.size}: ")
+            if status is None:
+                raise
+            raise _Reported(status) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,15 +150,13 @@ def main(argv: list[str] | None = None) -> int:
         warnings.showwarning = _warn
         try:
             return run(build_parser().parse_args(argv))
-        except KeyscopeError as exc:
-            print(f"keyscope: error: {_one_line(exc)}", file=sys.stderr)
+        except _Reported as exc:
             return exc.exit_code
-        except OSError as exc:
-            print(f"keyscope: error: {_os_error(exc)}", file=sys.stderr)
-            return 2
-        except KeyboardInterrupt:
-            print("keyscope: interrupted", file=sys.stderr)
-            return 130
+        except BaseException as exc:
+            status = _report(exc, _where())
+            if status is None:
+                raise
+            return status
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -137,14 +137,15 @@ def model_and_layer(args, device: str | None = None):
 
 
 @contextmanager
-def torchrun_world() -> Iterator[tuple[World, str | None]]:
+def torchrun_world(device: str | None = None) -> Iterator[tuple[World, str | None]]:
     """``(world, device)`` of a command started by ``torchrun`` (:mod:`keyscope.distributed`), its process group
-    open until the block ends (gloo on CPUs, NCCL on GPUs): ``device`` is ``cuda:LOCAL_RANK`` or ``cpu`` under
-    torchrun, and ``None`` (the model's default) for a single process."""
+    open until the block ends (gloo on CPUs, NCCL on GPUs; :func:`keyscope.cli.run` opens it around every
+    command, so a command's own call finds it open): ``device`` is the one asked for, else ``cuda:LOCAL_RANK``
+    or ``cpu`` under torchrun, and ``None`` (the model's default) for a single process."""
     from keyscope import distributed
 
     world = distributed.from_env()
-    device = distributed.device_for(world) if world.distributed else None
+    device = distributed.device_for(world, device) if world.distributed else device
     with distributed.process_group(world, device or "cpu"):
         yield world, device
 

@@ -1,6 +1,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -9,6 +13,7 @@ from safetensors.torch import load_file
 
 from keyscope.cli import main
 from keyscope.covariance import KeyCovariance
+from tests.cli.conftest import ROOT
 
 ARGS = ["covariance", "--layer", "0", "--tokens", "20000", "--no-progress"]
 
@@ -94,3 +99,63 @@ def test_dtype_enters_the_cache_key(tmp_path, monkeypatch):
         reports[name] = json.loads((tmp_path / f"{name}.json").read_text())["layers"][0]
     assert reports["float32"]["from_cache"] and reports["float32"]["cache"] == reports["default"]["cache"]
     assert not reports["bf16"]["from_cache"] and reports["bf16"]["cache"] != reports["default"]["cache"]
+
+
+#: ``python DRIVER MODE STATUS_DIR ARGV…`` under torchrun: ``keyscope ARGV…`` with a failure planted on rank 1 —
+#: ``shard``: a RuntimeError in its first batch of the corpus pass (before the ranks' all-reduce); ``late``: a
+#: KeyscopeError after the command returned (rank 0 has written ``--json`` by then). Each rank writes its exit
+#: status and end time into STATUS_DIR (a rank killed by torchrun writes none).
+DRIVER = """
+import os, sys, time
+from pathlib import Path
+import keyscope.covariance_job as job
+from keyscope.cli import covariance, main
+from keyscope.errors import EmptyCorpus
+
+mode, out, rank = sys.argv[1], Path(sys.argv[2]), os.environ["RANK"]
+if rank == "1" and mode == "shard":
+    def add_batch(*args):
+        raise RuntimeError("out of memory in this shard")
+    job.add_batch = add_batch
+if rank == "1" and mode == "late":
+    command = covariance.cmd_covariance
+    def late(args):
+        command(args)
+        raise EmptyCorpus("a failure after the work")
+    covariance.cmd_covariance = late
+status = main(sys.argv[3:])
+(out / f"rank{rank}").write_text(f"{status} {time.time()}")
+sys.exit(status)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode, status, message", [
+    ("shard", 1, "rank 1 of 2: RuntimeError: out of memory in this shard"),
+    ("late", 2, "rank 1 of 2: a failure after the work"),
+])
+def test_a_failure_on_one_torchrun_rank_ends_both_with_one_line_each(tmp_path, mode, status, message):
+    """Rank 1 fails alone; rank 0 hears of it at its next collective (the all-reduce after the pass, or the
+    ranks' last meeting after the command) instead of waiting there, removes its ``--json``, and both exit with
+    rank 1's status, each with its own ``keyscope: error:`` line, within seconds (gloo would wait 30 minutes)."""
+    driver, report = tmp_path / "driver.py", tmp_path / "out" / "cov.json"
+    driver.write_text(DRIVER)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "KEYSCOPE_CACHE": str(tmp_path / "cache"),
+           "CUDA_VISIBLE_DEVICES": ""}
+    began = time.time()
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(driver), mode, str(tmp_path), "covariance", "--layer", "0", "--tokens", "2000", "--batch-size", "2",
+                           "--no-progress", "--json", str(report)],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    ends = {rank: (tmp_path / f"rank{rank}").read_text().split() for rank in (0, 1)}  # both ended by themselves
+    assert {rank: int(code) for rank, (code, _) in ends.items()} == {0: status, 1: status}, done.stderr[-3000:]
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("keyscope: error:")]
+    assert f"keyscope: error: {message}" in errors
+    assert "keyscope: error: rank 0 of 2: stopped because rank 1 of 2 failed (see its error)" in errors
+    assert len(errors) == 2
+    # a bug shows its traceback, as in a single process; a KeyscopeError is its one line
+    assert ('raise RuntimeError("out of memory in this shard")' in done.stderr) == (mode == "shard")
+    assert "raise EmptyCorpus" not in done.stderr
+    assert max(float(end) for _, end in ends.values()) - began < 120  # torch import and the pass included
+    assert not report.exists() and not report.parent.exists()  # rank 0's --json (and its new folder) removed
