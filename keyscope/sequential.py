@@ -18,7 +18,7 @@ probes and scoring as :func:`keyscope.evaluate.evaluate_fact` (:func:`keyscope.p
   out-of-domain rates over all probes: near-twins are not separated here);
 * ``gate_other`` (gated methods, REP) — how often an edit's gate fires on another edited fact's subject:
   over ordered pairs ``(e, f)`` of edited facts with different subjects, the fraction whose adaptor of ``e`` is
-  on (``g ≥ τ``) at ``f``'s subject key in ``f``'s edit prompt (keys of the unedited model at the adaptor's
+  on (:meth:`keyscope.rep.KeyAdaptor.gate_on`: ``g > τ`` by default) at ``f``'s subject key in ``f``'s edit prompt (keys of the unedited model at the adaptor's
   layer, which ``W_out`` edits of that layer do not change).
 """
 
