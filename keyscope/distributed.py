@@ -215,7 +215,25 @@ def process_group(world: World, device: str, timeout: float | None = None) -> It
         raise
     finally:
         _guard = None
+        if not guard.broken:
+            _store_barrier(world, "keyscope-exit", seconds)
         dist.destroy_process_group()
+
+
+def _store_barrier(world: World, key: str, timeout: float) -> None:
+    """Wait until every rank has reached this point (at most ``timeout`` seconds), through the process group's
+    store, not a collective: no rank tears its gloo connections down while another still finishes its last
+    collective on them. Without it a rank aborted at exit ("terminate called without an active exception") in
+    about one two-process run in seven here (none in 24 with it). The wait decides only when a rank exits."""
+    import time
+
+    import torch.distributed as dist
+
+    store = dist.distributed_c10d._get_default_store()  # torchrun's TCPStore (private API, torch 2.x)
+    store.add(key, 1)
+    deadline = time.monotonic() + timeout
+    while store.add(key, 0) < world.size and time.monotonic() < deadline:
+        time.sleep(0.005)
 
 
 #: Stream items per rank between two :func:`heartbeat` status exchanges in a long sharded loop.
