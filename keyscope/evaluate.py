@@ -41,7 +41,9 @@ token: every position whose key can change a scored prediction), through the fac
 Locality prompts that fire (``_own``, ``_other``: through the fact's own / another request's adaptor);
 ``gate_locality_failed`` (``_own``, ``_other``) and ``gate_locality_kept`` — that share among the prompts whose
 top-1 changed / was kept; ``locality_gate_on`` and ``locality_gate_off`` — Locality among the prompts that fire /
-do not; all pooled over facts, with the counts in ``gate_counts``; ``None`` for a method without a gate.
+do not; ``gate_adaptors_failed`` / ``_kept`` — the mean number of adaptors that fire on a failed / kept prompt,
+and ``gate_positions_failed`` / ``_kept`` — the mean share of its positions where some adaptor is on; all pooled
+over facts, with the counts in ``gate_counts``; ``None`` for a method without a gate.
 ``gate_locality_by_layer`` holds the same statistics with only the adaptors of one edited layer counted (MEMIT+REP
 has one per request and layer). The recording changes no score (the gate is computed again from the same keys).
 """
@@ -97,6 +99,10 @@ GATE_STATS = {
     "gate_locality_kept": ("kept_on", "kept"),
     "locality_gate_on": ("kept_on", "on"),
     "locality_gate_off": ("kept_off", "off"),
+    "gate_adaptors_failed": ("adaptors_failed", "failed"),
+    "gate_adaptors_kept": ("adaptors_kept", "kept"),
+    "gate_positions_failed": ("positions_failed", "failed"),
+    "gate_positions_kept": ("positions_kept", "kept"),
 }
 
 
@@ -248,23 +254,34 @@ def evaluate_fact(model, fact: Fact, queries: FactProbes, editors: Mapping[str, 
     return row
 
 
-def gate_counts(kept: Sequence[bool], own: Sequence[bool], other: Sequence[bool]) -> dict[str, int]:
+def gate_counts(kept: Sequence[bool], own: Sequence[bool], other: Sequence[bool],
+                adaptors: Sequence[int] | None = None, positions: Sequence[float] | None = None) -> dict:
     """The gate diagnostics' counts (module docstring) over one fact's Locality prompts, given for each whether it
     kept its top-1 (``kept``) and whether its own request's adaptor (``own``) or another request's (``other``)
     was on at some position: ``prompts``, ``on``/``off`` (some adaptor on / none), ``own``, ``other``,
     ``failed``/``kept`` (top-1 changed / kept), ``failed_on``, ``failed_own``, ``failed_other``, ``kept_on``,
-    ``kept_off``."""
-    if not len(kept) == len(own) == len(other):
-        raise ValueError(f"got {len(kept)} kept, {len(own)} own and {len(other)} other flags")
+    ``kept_off``; and, given for each prompt how many adaptors were on somewhere in it (``adaptors``) and the share
+    of its positions where some adaptor was on (``positions``; both 0 when not given), their sums over the failed
+    and the kept prompts: ``adaptors_failed``, ``adaptors_kept``, ``positions_failed``, ``positions_kept``."""
+    n = len(kept)
+    adaptors = [0] * n if adaptors is None else adaptors
+    positions = [0.0] * n if positions is None else positions
+    if not n == len(own) == len(other) == len(adaptors) == len(positions):
+        raise ValueError(f"got {n} kept, {len(own)} own, {len(other)} other, {len(adaptors)} adaptor and "
+                         f"{len(positions)} position entries")
     on = [a or b for a, b in zip(own, other)]
     failed = [not k for k in kept]
-    return {"prompts": len(kept), "on": sum(on), "off": len(kept) - sum(on), "own": sum(own), "other": sum(other),
-            "failed": sum(failed), "kept": len(kept) - sum(failed),
+    return {"prompts": n, "on": sum(on), "off": n - sum(on), "own": sum(own), "other": sum(other),
+            "failed": sum(failed), "kept": n - sum(failed),
             "failed_on": sum(f and o for f, o in zip(failed, on)),
             "failed_own": sum(f and bool(o) for f, o in zip(failed, own)),
             "failed_other": sum(f and bool(o) for f, o in zip(failed, other)),
             "kept_on": sum(k and o for k, o in zip(kept, on)),
-            "kept_off": sum(k and not o for k, o in zip(kept, on))}
+            "kept_off": sum(k and not o for k, o in zip(kept, on)),
+            "adaptors_failed": sum(a for f, a in zip(failed, adaptors) if f),
+            "adaptors_kept": sum(a for f, a in zip(failed, adaptors) if not f),
+            "positions_failed": sum(p for f, p in zip(failed, positions) if f),
+            "positions_kept": sum(p for f, p in zip(failed, positions) if not f)}
 
 
 def _scored_with_gates(model, edit: ModelEdit, plan: QueryPlan, unedited: Sequence, batch_size: int,
@@ -272,32 +289,36 @@ def _scored_with_gates(model, edit: ModelEdit, plan: QueryPlan, unedited: Sequen
     """:func:`score_plan` on the model as it is (``edit`` applied) and the :func:`gate_counts` of its Locality
     prompts, read in the same forward passes (:func:`keyscope.rep.recorded_gates`); ``own`` is the index of the
     scored fact among ``edit.requests``. Pass ``b`` of :func:`keyscope.predictions.target_runs` is call ``b`` of
-    every adaptor; a run fires where the gate is on at one of its real (unpadded) positions. The counts hold
-    ``"layers": {str(layer): gate_counts(...)}`` too, each with the adaptors of that layer alone."""
+    every adaptor; an adaptor fires on a run where its gate is on at one of the run's real (unpadded) positions.
+    The counts hold ``"layers": {str(layer): gate_counts(...)}`` too, each with the adaptors of that layer alone."""
     adaptors = edit.request_adaptors()
     with rep.recorded_gates([a for _, a in adaptors]) as calls:
         scores = score_targets(model, plan.sequences, batch_size=batch_size)
     runs, run_of, batches = target_runs(plan.sequences, batch_size)
-    fired: dict[tuple[bool, int], np.ndarray] = {}  # (own request?, layer) -> (n_runs,)
-    for layer in sorted({a.layer_ for _, a in adaptors}):
-        fired |= {(True, layer): np.zeros(len(runs), dtype=bool), (False, layer): np.zeros(len(runs), dtype=bool)}
+    layers = sorted({a.layer_ for _, a in adaptors})
+    fired = {(mine, layer): np.zeros(len(runs), dtype=int)  # (own request?, layer) -> adaptors on per run (n_runs,)
+             for mine in (True, False) for layer in layers}
+    where = {layer: [np.zeros(len(run), dtype=bool) for run in runs] for layer in layers}  # positions on, per run
     for (request, adaptor), record in zip(adaptors, calls):
         if len(record) != len(batches):
             raise RuntimeError(f"an adaptor was called {len(record)} times in {len(batches)} forward passes")
-        runs_fired = fired[(request == own, adaptor.layer_)]
         for batch, on in zip(batches, record):  # on: (batch, pos)
             if on.shape != (len(batch), max(len(runs[r]) for r in batch)):
                 raise RuntimeError(f"gate of shape {tuple(on.shape)} for a pass of {len(batch)} runs")
             for row, r in enumerate(batch):
-                runs_fired[r] |= bool(on[row, : len(runs[r])].any())
+                real = on[row, : len(runs[r])].numpy()  # (len(run),)
+                fired[(request == own, adaptor.layer_)][r] += bool(real.any())
+                where[adaptor.layer_][r] |= real
     rows = [run_of[i] for i in plan.locality]
     kept = locality_kept(plan, scores, unedited)
 
-    def counts_of(layers) -> dict:
-        return gate_counts(kept, *([bool(any(fired[(mine, layer)][r] for layer in layers)) for r in rows]
-                                   for mine in (True, False)))
+    def counts_of(chosen: Sequence[int]) -> dict:
+        own_on, other_on = ([bool(sum(fired[(mine, layer)][r] for layer in chosen)) for r in rows]
+                            for mine in (True, False))
+        n_on = [int(sum(fired[(mine, layer)][r] for mine in (True, False) for layer in chosen)) for r in rows]
+        share = [float(np.logical_or.reduce([where[layer][r] for layer in chosen]).mean()) for r in rows]
+        return gate_counts(kept, own_on, other_on, n_on, share)
 
-    layers = sorted({layer for _, layer in fired})
     counts = counts_of(layers) | {"layers": {str(layer): counts_of([layer]) for layer in layers}}
     return plan_metrics(plan, scores, unedited), counts
 

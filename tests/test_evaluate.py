@@ -126,15 +126,19 @@ def test_tau_groups_score_exactly_like_one_pass_per_tau(tiny_checkpoints):
 
 def test_gate_counts_by_hand():
     counts = ev.gate_counts(kept=[True, False, False, True], own=[True, True, False, False],
-                            other=[False, True, False, False])
+                            other=[False, True, False, False], adaptors=[1, 2, 0, 0], positions=[0.5, 0.25, 0, 0])
     assert counts == {"prompts": 4, "on": 2, "off": 2, "own": 2, "other": 1, "failed": 2, "kept": 2, "failed_on": 1,
-                      "failed_own": 1, "failed_other": 1, "kept_on": 1, "kept_off": 1}
+                      "failed_own": 1, "failed_other": 1, "kept_on": 1, "kept_off": 1, "adaptors_failed": 2,
+                      "adaptors_kept": 1, "positions_failed": 0.25, "positions_kept": 0.5}
+    with pytest.raises(ValueError, match="entries"):
+        ev.gate_counts([True], [True], [True], adaptors=[1, 2])
     rows = [{"case_id": 0, "methods": {"x": {m: (0, 0, 0) for m in METRICS}}, "gates": {"x": counts}},
             {"case_id": 1, "methods": {"x": {m: (0, 0, 0) for m in METRICS}, "y": {m: (0, 0, 0) for m in METRICS}},
              "gates": {"x": ev.gate_counts([False], [False], [True])}}]
     summary = ev.summarize(rows, n_resamples=10)
     assert summary["x"]["gate_locality"] == pytest.approx(3 / 5) and summary["x"]["gate_locality_other"] == 2 / 5
     assert summary["x"]["gate_locality_failed"] == 2 / 3 and summary["x"]["locality_gate_off"] == 1 / 2
+    assert summary["x"]["gate_adaptors_failed"] == 2 / 3 and summary["x"]["gate_positions_kept"] == 0.25
     assert summary["y"]["gate_locality"] is None and summary["y"]["gate_counts"] is None
 
 
@@ -183,6 +187,7 @@ def test_gates_on_locality_prompts_are_attributed_to_own_and_other_requests(tiny
                  for ids in runs]  # (pos,) each, unedited keys: what the first adaptor of `layer` sees
     tau = float(torch.stack([g.max() for g in gates]).median())  # some prompts fire, some do not
     reference = [bool((g > tau).any()) for g in gates]
+    share = [float((g > tau).float().mean()) for g in gates]  # of the prompt's positions
     assert 0 < sum(reference) < len(reference)
     partial = forced_adaptor(model, layer, 0.0, tau=tau, seed=3)
     edit = TwoRequests([(1, partial), (0, forced_adaptor(model, layer + 1, 50.0))])  # request 0's gate always on
@@ -197,6 +202,10 @@ def test_gates_on_locality_prompts_are_attributed_to_own_and_other_requests(tiny
     assert as_first["failed"] == n - scores["locality"][0] == as_first["failed_own"]
     assert as_first["layers"][str(layer)]["other"] == sum(reference) and as_first["layers"][str(layer)]["own"] == 0
     assert as_first["layers"][str(layer + 1)]["own"] == n
+    assert as_first["adaptors_failed"] + as_first["adaptors_kept"] == n + sum(reference)  # adaptors on, per prompt
+    assert as_first["positions_failed"] + as_first["positions_kept"] == pytest.approx(n)  # request 0's: everywhere
+    alone = as_first["layers"][str(layer)]
+    assert alone["positions_failed"] + alone["positions_kept"] == pytest.approx(sum(share))
     off = TwoRequests([(0, forced_adaptor(model, layer, -50.0)), (1, forced_adaptor(model, layer + 1, -50.0, seed=1))])
     with off.applied(model):
         scores, counts = ev._scored_with_gates(model, off, plan, unedited, 32, own=0)

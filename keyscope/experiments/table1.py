@@ -21,7 +21,8 @@ from keyscope.plotting import fig7
 
 #: The gate diagnostics of the per-fact CSV (gated methods): ``gate_locality_<count>``, the fact's
 #: :func:`keyscope.evaluate.gate_counts` (its Locality prompts and failures are ``locality_total``/``_hits``).
-GATE_COLUMNS = ("on", "own", "other", "failed_on", "failed_own", "failed_other")
+GATE_COLUMNS = ("on", "own", "other", "failed_on", "failed_own", "failed_other", "adaptors_failed", "adaptors_kept",
+                "positions_failed", "positions_kept")
 
 TABLE_CSV = "table1.csv"
 TABLE_MD = "table1.md"
