@@ -90,7 +90,8 @@ def test_near_twin_ood_probes_count_in_ood_but_not_in_ood_new(tiny_checkpoints):
     assert with_anchors[("rephrase", 0)] == pytest.approx(twins[("rephrase", 0)], abs=1e-12)  # the anchors are extra keys
 
 
-def test_tau_groups_score_exactly_like_one_pass_per_tau(tiny_checkpoints):
+def _one_rome_rep_fact(tiny_checkpoints):
+    """A tiny ROME / ROME+REP setting of one fact: ``(model, layer, cov, fact, queries, context)``."""
     from keyscope import rep, rome
     from keyscope.covariance import KeyCovariance
     from keyscope.perturbations import PerturbationConfig, fact_probes
@@ -105,10 +106,17 @@ def test_tau_groups_score_exactly_like_one_pass_per_tau(tiny_checkpoints):
     config = PerturbationConfig(n_shuffles=2, n_word_shuffles=2, n_long_contexts=2, long_context_tokens=20)
     queries = fact_probes(model.tokenizer, fact, iter(hf_tiny.TRAINING_TEXT * 20), config,
                           other_facts=[fact, other])
-    rome_config = rome.ROMEConfig.for_model(model, v_num_grad_steps=3)
-    rep_config = rep.REPConfig(steps=40)
     context = prepare_context(model, layer, cov, ev.METHODS, [fact, other], list(hf_tiny.TRAINING_TEXT * 5),
-                              rome_config, rep_config, n_corpus_negatives=16)
+                              rome.ROMEConfig.for_model(model, v_num_grad_steps=3), rep.REPConfig(steps=40),
+                              n_corpus_negatives=16)
+    return model, layer, cov, fact, queries, context
+
+
+def test_tau_groups_score_exactly_like_one_pass_per_tau(tiny_checkpoints):
+    from keyscope import rep, rome
+
+    model, layer, cov, fact, queries, context = _one_rome_rep_fact(tiny_checkpoints)
+    rome_config, rep_config = context.rome_config, context.rep_config
     taus = (0.05, 0.5, 0.95)
     editors = {m: make_editor(m, model, context) for m in ev.METHODS}
     row = ev.evaluate_fact(model, fact, queries, editors, context, taus)
@@ -213,23 +221,7 @@ def test_gates_on_locality_prompts_are_attributed_to_own_and_other_requests(tiny
 
 
 def test_gate_recording_changes_no_score(tiny_checkpoints):
-    from keyscope import rep, rome
-    from keyscope.covariance import KeyCovariance
-    from keyscope.perturbations import PerturbationConfig, fact_probes
-
-    model = load_model(str(tiny_checkpoints["llama"]))
-    layer = 1
-    cov = KeyCovariance(layer, n_tokens=2000, seq_len=64, progress=False).fit(model, hf_tiny.TRAINING_TEXT * 10)
-    fact = Fact(0, "The actress {}", "Danielle Darrieux", "Paris", "French",
-                neighborhood_prompts=("The actress Michael Jordan", "The actress Kobe Bryant"),
-                subject_rephrase=("Darrieux", "Danielle", "the actress Darrieux"))
-    other = Fact(1, "{} is located in", "The Eiffel Tower", "Rome", "Paris")
-    config = PerturbationConfig(n_shuffles=2, n_word_shuffles=2, n_long_contexts=2, long_context_tokens=20)
-    queries = fact_probes(model.tokenizer, fact, iter(hf_tiny.TRAINING_TEXT * 20), config,
-                          other_facts=[fact, other])
-    context = prepare_context(model, layer, cov, ev.METHODS, [fact, other], list(hf_tiny.TRAINING_TEXT * 5),
-                              rome.ROMEConfig.for_model(model, v_num_grad_steps=3), rep.REPConfig(steps=40),
-                              n_corpus_negatives=16)
+    model, _, _, fact, queries, context = _one_rome_rep_fact(tiny_checkpoints)
     editors = {m: make_editor(m, model, context) for m in ev.METHODS}
     edits, _ = ev.compute_edits(editors, [ev.fact_request(fact)], [queries])
     taus = (0.001, 0.5, 0.999)
