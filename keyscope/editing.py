@@ -193,6 +193,12 @@ class ModelEdit(ABC):
             total = term if total is None else total + term
         return total
 
+    def request_adaptors(self) -> list[tuple[int, object]]:
+        """``(request index, adaptor)`` of every key adaptor of a gated edit (a fitted :class:`keyscope.rep.REP`;
+        ROME+REP: one per request, MEMIT+REP: one per request and layer), in the order they are applied; ``[]``
+        for an edit without one."""
+        return []
+
     def gate(self, keys: torch.Tensor) -> torch.Tensor:
         """The gate probability ``g(k)`` ``(...,)`` of a gated edit."""
         raise KeyscopeError(f"{type(self).__name__} has no gate")

@@ -31,6 +31,21 @@ a cluster bootstrap over facts (prompts of one fact are not independent). ROME's
 ROME's tables.
 
 ``taus`` evaluates one fitted adaptor at several gate thresholds without retraining (Figure 7).
+
+**Gate diagnostics** (gated methods, REP; not Table 1 metrics): in the very forward passes that score a fact's
+Locality prompts with the edit applied, :func:`keyscope.rep.recorded_gates` records where each adaptor of the edit
+switches its branch on (``g(k) > τ``, on the keys that adaptor sees there). A neighbourhood prompt **fires** when
+some adaptor is on at some position fed to the model (the prompt and its teacher-forced ground truth but the last
+token: every position whose key can change a scored prediction), through the fact's **own** request's adaptor or
+**another** request's (a batch edit, MEMIT+REP). Per method (:data:`GATE_STATS`): ``gate_locality`` — the share of
+Locality prompts that fire (``_own``, ``_other``: through the fact's own / another request's adaptor);
+``gate_locality_failed`` (``_own``, ``_other``) and ``gate_locality_kept`` — that share among the prompts whose
+top-1 changed / was kept; ``locality_gate_on`` and ``locality_gate_off`` — Locality among the prompts that fire /
+do not; ``gate_adaptors_failed`` / ``_kept`` — the mean number of adaptors that fire on a failed / kept prompt,
+and ``gate_positions_failed`` / ``_kept`` — the mean share of its positions where some adaptor is on; all pooled
+over facts, with the counts in ``gate_counts``; ``None`` for a method without a gate.
+``gate_locality_by_layer`` holds the same statistics with only the adaptors of one edited layer counted (MEMIT+REP
+has one per request and layer). The recording changes no score (the gate is computed again from the same keys).
 """
 
 from __future__ import annotations
@@ -55,7 +70,7 @@ from keyscope.editing import (
     prepare_context,
 )
 from keyscope.errors import KeyscopeError
-from keyscope.metrics import METRICS, QueryPlan, plan_queries, score_plan
+from keyscope.metrics import METRICS, QueryPlan, locality_kept, plan_metrics, plan_queries, score_plan
 from keyscope.perturbations import (
     KINDS,
     FactProbes,
@@ -63,15 +78,32 @@ from keyscope.perturbations import (
     fact_probes,
     subject_forms,
 )
-from keyscope.predictions import sample_known_facts, score_targets
+from keyscope.predictions import sample_known_facts, score_targets, target_runs
 from keyscope.similarity import probe_keys, whitened_cosine_matrix
 
 __all__ = ["EvalConfig", "METHODS", "EvalResult", "evaluate", "evaluate_fact", "evaluate_batch",
            "compute_edits", "score_each", "fact_request", "summarize", "bootstrap_interval", "paired_bootstrap_interval", "near_twins",
-           "ood_probe_keys", "run_facts"]
+           "ood_probe_keys", "run_facts", "GATE_STATS", "gate_counts"]
 
 #: The methods evaluated by default, in Table 1's row order (any of :data:`keyscope.editing.EDITORS` can be asked).
 METHODS = ("rome", "rome+rep")
+#: The gate diagnostics of a gated method's summary (module docstring): name → (numerator, denominator), sums of
+#: :func:`gate_counts` over facts.
+GATE_STATS = {
+    "gate_locality": ("on", "prompts"),
+    "gate_locality_own": ("own", "prompts"),
+    "gate_locality_other": ("other", "prompts"),
+    "gate_locality_failed": ("failed_on", "failed"),
+    "gate_locality_failed_own": ("failed_own", "failed"),
+    "gate_locality_failed_other": ("failed_other", "failed"),
+    "gate_locality_kept": ("kept_on", "kept"),
+    "locality_gate_on": ("kept_on", "on"),
+    "locality_gate_off": ("kept_off", "off"),
+    "gate_adaptors_failed": ("adaptors_failed", "failed"),
+    "gate_adaptors_kept": ("adaptors_kept", "kept"),
+    "gate_positions_failed": ("positions_failed", "failed"),
+    "gate_positions_kept": ("positions_kept", "kept"),
+}
 
 
 @dataclass(frozen=True)
@@ -177,11 +209,14 @@ def compute_edits(editors: Mapping[str, Editor], requests: Sequence[rome.EditReq
 
 def evaluate_fact(model, fact: Fact, queries: FactProbes, editors: Mapping[str, Editor], context: EditContext,
                   taus: Sequence[float] = (), twin_cosine: float = 0.95,
-                  edits: Mapping[str, ModelEdit] | None = None) -> dict:
+                  edits: Mapping[str, ModelEdit] | None = None, own_request: int = 0,
+                  record_gates: bool = True) -> dict:
     """Edit one fact with every method of ``editors`` (name → :class:`~keyscope.editing.Editor`) and score it:
     ``{"case_id", "seconds": {method: s}, "methods": {name: {metric: (hits, total, prob_hits)}}}``. ``edits``
-    holds edits computed beforehand (a batch editor's edit of several facts, this one among them). With
-    ``taus``, a gated method ``m`` also gets ``m@τ`` entries, one per threshold."""
+    holds edits computed beforehand (a batch editor's edit of several facts, this one request ``own_request`` of
+    them). With ``taus``, a gated method ``m`` also gets ``m@τ`` entries, one per threshold. With
+    ``record_gates``, the row also holds ``"gates": {name: gate_counts(...)}`` for every gated entry (module
+    docstring; the scores are the same either way)."""
     batch_size = context.batch_size
     computed, seconds = compute_edits(editors, [fact_request(fact)], [queries], edits)
     row = {"case_id": fact.case_id, "seconds": seconds, "methods": {}}
@@ -197,20 +232,100 @@ def evaluate_fact(model, fact: Fact, queries: FactProbes, editors: Mapping[str, 
                 row["methods"][name] = score_plan(model, plan, unedited, batch_size)
             continue
         names = {name: context.rep_config.tau, **{f"{name}@{tau:g}": tau for tau in taus}}
+        own = own_request if name in (edits or {}) else 0
         for group in _gate_groups(model, edit, plan, names, batch_size):
+            gates = None
             if group["off"] and editor.base in row["methods"]:
                 scores = row["methods"][editor.base]  # the gate is off everywhere: exactly the base edit
+                if record_gates:  # no adaptor fires; which prompts failed does not matter then, only how many
+                    n, kept = len(plan.locality), scores["locality"][0]
+                    gates = gate_counts([i < kept for i in range(n)], [False] * n, [False] * n)
+                    gates["layers"] = {str(a.layer_): dict(gates) for _, a in edit.request_adaptors()}
+            elif record_gates:
+                with edit.applied(model, group["tau"]):
+                    scores, gates = _scored_with_gates(model, edit, plan, unedited, batch_size, own)
             else:
                 with edit.applied(model, group["tau"]):
                     scores = score_plan(model, plan, unedited, batch_size)
             for member in group["names"]:
                 row["methods"][member] = scores
+                if gates is not None:
+                    row.setdefault("gates", {})[member] = gates
     return row
 
 
+def gate_counts(kept: Sequence[bool], own: Sequence[bool], other: Sequence[bool],
+                adaptors: Sequence[int] | None = None, positions: Sequence[float] | None = None) -> dict:
+    """The gate diagnostics' counts (module docstring) over one fact's Locality prompts, given for each whether it
+    kept its top-1 (``kept``) and whether its own request's adaptor (``own``) or another request's (``other``)
+    was on at some position: ``prompts``, ``on``/``off`` (some adaptor on / none), ``own``, ``other``,
+    ``failed``/``kept`` (top-1 changed / kept), ``failed_on``, ``failed_own``, ``failed_other``, ``kept_on``,
+    ``kept_off``; and, given for each prompt how many adaptors were on somewhere in it (``adaptors``) and the share
+    of its positions where some adaptor was on (``positions``; both 0 when not given), their sums over the failed
+    and the kept prompts: ``adaptors_failed``, ``adaptors_kept``, ``positions_failed``, ``positions_kept``."""
+    n = len(kept)
+    adaptors = [0] * n if adaptors is None else adaptors
+    positions = [0.0] * n if positions is None else positions
+    if not n == len(own) == len(other) == len(adaptors) == len(positions):
+        raise ValueError(f"got {n} kept, {len(own)} own, {len(other)} other, {len(adaptors)} adaptor and "
+                         f"{len(positions)} position entries")
+    on = [a or b for a, b in zip(own, other)]
+    failed = [not k for k in kept]
+    return {"prompts": n, "on": sum(on), "off": n - sum(on), "own": sum(own), "other": sum(other),
+            "failed": sum(failed), "kept": n - sum(failed),
+            "failed_on": sum(f and o for f, o in zip(failed, on)),
+            "failed_own": sum(f and bool(o) for f, o in zip(failed, own)),
+            "failed_other": sum(f and bool(o) for f, o in zip(failed, other)),
+            "kept_on": sum(k and o for k, o in zip(kept, on)),
+            "kept_off": sum(k and not o for k, o in zip(kept, on)),
+            "adaptors_failed": sum(a for f, a in zip(failed, adaptors) if f),
+            "adaptors_kept": sum(a for f, a in zip(failed, adaptors) if not f),
+            "positions_failed": sum(p for f, p in zip(failed, positions) if f),
+            "positions_kept": sum(p for f, p in zip(failed, positions) if not f)}
+
+
+def _scored_with_gates(model, edit: ModelEdit, plan: QueryPlan, unedited: Sequence, batch_size: int,
+                       own: int) -> tuple[dict, dict]:
+    """:func:`score_plan` on the model as it is (``edit`` applied) and the :func:`gate_counts` of its Locality
+    prompts, read in the same forward passes (:func:`keyscope.rep.recorded_gates`); ``own`` is the index of the
+    scored fact among ``edit.requests``. Pass ``b`` of :func:`keyscope.predictions.target_runs` is call ``b`` of
+    every adaptor; an adaptor fires on a run where its gate is on at one of the run's real (unpadded) positions.
+    The counts hold ``"layers": {str(layer): gate_counts(...)}`` too, each with the adaptors of that layer alone."""
+    adaptors = edit.request_adaptors()
+    with rep.recorded_gates([a for _, a in adaptors]) as calls:
+        scores = score_targets(model, plan.sequences, batch_size=batch_size)
+    runs, run_of, batches = target_runs(plan.sequences, batch_size)
+    layers = sorted({a.layer_ for _, a in adaptors})
+    fired = {(mine, layer): np.zeros(len(runs), dtype=int)  # (own request?, layer) -> adaptors on per run (n_runs,)
+             for mine in (True, False) for layer in layers}
+    where = {layer: [np.zeros(len(run), dtype=bool) for run in runs] for layer in layers}  # positions on, per run
+    for (request, adaptor), record in zip(adaptors, calls):
+        if len(record) != len(batches):
+            raise RuntimeError(f"an adaptor was called {len(record)} times in {len(batches)} forward passes")
+        for batch, on in zip(batches, record):  # on: (batch, pos)
+            if on.shape != (len(batch), max(len(runs[r]) for r in batch)):
+                raise RuntimeError(f"gate of shape {tuple(on.shape)} for a pass of {len(batch)} runs")
+            for row, r in enumerate(batch):
+                real = on[row, : len(runs[r])].numpy()  # (len(run),)
+                fired[(request == own, adaptor.layer_)][r] += bool(real.any())
+                where[adaptor.layer_][r] |= real
+    rows = [run_of[i] for i in plan.locality]
+    kept = locality_kept(plan, scores, unedited)
+
+    def counts_of(chosen: Sequence[int]) -> dict:
+        own_on, other_on = ([bool(sum(fired[(mine, layer)][r] for layer in chosen)) for r in rows]
+                            for mine in (True, False))
+        n_on = [int(sum(fired[(mine, layer)][r] for mine in (True, False) for layer in chosen)) for r in rows]
+        share = [float(np.logical_or.reduce([where[layer][r] for layer in chosen]).mean()) for r in rows]
+        return gate_counts(kept, own_on, other_on, n_on, share)
+
+    counts = counts_of(layers) | {"layers": {str(layer): counts_of([layer]) for layer in layers}}
+    return plan_metrics(plan, scores, unedited), counts
+
+
 def evaluate_batch(model, items: Sequence[tuple[Fact, FactProbes]], editors: Mapping[str, Editor],
-                   context: EditContext, taus: Sequence[float] = (), twin_cosine: float = 0.95
-                   ) -> tuple[list[dict], list[dict]]:
+                   context: EditContext, taus: Sequence[float] = (), twin_cosine: float = 0.95,
+                   record_gates: bool = True) -> tuple[list[dict], list[dict]]:
     """:func:`evaluate_fact` for each of ``items`` (fact, probes), the batch editors' edits computed once for all of
     them (MEMIT writes the facts of a batch jointly); ``(rows, skipped)``. A batch edit that cannot be computed
     skips the whole batch; a fact that cannot be scored skips that fact, each with its reason."""
@@ -221,8 +336,10 @@ def evaluate_batch(model, items: Sequence[tuple[Fact, FactProbes]], editors: Map
             shared, _ = compute_edits(batched, [fact_request(f) for f, _ in items], [q for _, q in items])
         except KeyscopeError as exc:
             return [], [{"case_id": f.case_id, "reason": str(exc)} for f, _ in items]
+    position = {fact.case_id: i for i, (fact, _) in enumerate(items)}  # the fact's request in the batch edits
     return score_each(items, lambda fact, queries: evaluate_fact(model, fact, queries, editors, context, taus,
-                                                                 twin_cosine, shared))
+                                                                 twin_cosine, shared, position[fact.case_id],
+                                                                 record_gates))
 
 
 def score_each(items: Sequence[tuple[Fact, FactProbes]], score: Callable[[Fact, FactProbes], dict]
@@ -314,7 +431,8 @@ def paired_bootstrap_interval(hits: np.ndarray, totals: np.ndarray, base_hits: n
 
 def summarize(rows: Sequence[dict], n_resamples: int = 1000, seed: int = 0) -> dict:
     """Per method: each metric's micro-average, its 95% interval (``ci``), the ``P(new) > P(true)`` rate
-    (``prob``) and the number of prompts (``counts``)."""
+    (``prob``) and the number of prompts (``counts``); the gate diagnostics of :data:`GATE_STATS` and their summed
+    :func:`gate_counts` (``gate_counts``) of the rows that hold them (``None`` for a method none does)."""
     order = list(EDITORS)
     methods = sorted({m for r in rows for m in r["methods"]},
                      key=lambda m: (m not in EDITORS, order.index(m) if m in EDITORS else 0, m))
@@ -332,8 +450,30 @@ def summarize(rows: Sequence[dict], n_resamples: int = 1000, seed: int = 0) -> d
             if metric != "locality":
                 entry["prob"][metric] = float(probs.sum() / total) if total else None
             entry["counts"][metric] = total
+        gates = [r["gates"][method] for r in rows if method in r.get("gates", {})]
+        counts = _summed_counts(gates) if gates else None
+        entry["gate_counts"] = counts
+        entry |= _gate_stats(counts)
+        entry["gate_locality_by_layer"] = ({layer: _gate_stats(c) for layer, c in counts["layers"].items()}
+                                           if counts and "layers" in counts else None)
         out[method] = entry
     return out
+
+
+def _summed_counts(gates: Sequence[dict]) -> dict:
+    """:func:`gate_counts` of several facts summed, count by count (and layer by layer, where given)."""
+    total = {k: sum(g[k] for g in gates) for k in gates[0] if k != "layers"}
+    if all("layers" in g for g in gates):
+        layers = dict.fromkeys(layer for g in gates for layer in g["layers"])
+        total["layers"] = {layer: _summed_counts([g["layers"][layer] for g in gates if layer in g["layers"]])
+                           for layer in layers}
+    return total
+
+
+def _gate_stats(counts: dict | None) -> dict[str, float | None]:
+    """:data:`GATE_STATS` of summed :func:`gate_counts` (``None`` each without counts or with a zero denominator)."""
+    return {stat: counts[num] / counts[den] if counts and counts[den] else None
+            for stat, (num, den) in GATE_STATS.items()}
 
 
 @dataclass
@@ -434,7 +574,8 @@ def evaluate(model, facts: Sequence[Fact], layer: int, cov, context_docs: Iterab
              methods: Sequence[str] = METHODS, config: EvalConfig | None = None,
              rome_config: rome.ROMEConfig | None = None, rep_config: rep.REPConfig | None = None,
              taus: Sequence[float] = (), progress: bool = True,
-             load_covariance: Callable[[int], object] | None = None, world: World = SINGLE) -> EvalResult:
+             load_covariance: Callable[[int], object] | None = None, world: World = SINGLE,
+             record_gates: bool = True) -> EvalResult:
     """Evaluate ``methods`` (names in :data:`keyscope.editing.EDITORS`) on ``config.n`` known facts drawn with
     ``config.seed`` (module docstring); batch editors get ``config.edit_batch`` facts per edit.
 
@@ -442,7 +583,8 @@ def evaluate(model, facts: Sequence[Fact], layer: int, cov, context_docs: Iterab
     :mod:`keyscope.corpus` source) supplies REP's corpus negatives; ``load_covariance(L)`` the key covariance of
     another layer, for editors that edit several. Under ``torchrun`` (``world``) the facts (or batches of facts)
     are shared among the ranks and every rank gets all rows (:func:`run_facts`); ``cov`` and what
-    ``load_covariance`` returns must be the same on every rank.
+    ``load_covariance`` returns must be the same on every rank. ``record_gates``: the gate diagnostics of gated
+    methods (module docstring), which change no other number.
     """
 
     from keyscope.models import model_name
@@ -459,7 +601,7 @@ def evaluate(model, facts: Sequence[Fact], layer: int, cov, context_docs: Iterab
         raise KeyscopeError(f"a τ sweep needs a gated method ({', '.join(m for m in EDITORS if EDITORS[m].gated)})")
 
     def score(items):
-        return evaluate_batch(model, items, editors, context, taus, config.twin_cosine)
+        return evaluate_batch(model, items, editors, context, taus, config.twin_cosine, record_gates)
 
     rows, skipped, n_known = run_facts(model, facts, config, context_docs, score, "evaluating edits", progress,
                                        chunk=config.edit_batch if any(e.batched for e in editors.values()) else 1,

@@ -440,6 +440,9 @@ class MEMITREPEdit(ModelEdit):
     def layer_weights(self, request: int = 0) -> dict[int, float]:
         return self.base.layer_weights(request)
 
+    def request_adaptors(self) -> list[tuple[int, rep.REP]]:
+        return [(request, adaptor) for (request, _), adaptor in self.adaptors.items()]
+
     def gate(self, keys: torch.Tensor, layer: int | None = None, request: int = 0) -> torch.Tensor:
         return self.adaptors[(request, self._layer(layer))].gate(keys)
 

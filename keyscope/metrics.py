@@ -27,9 +27,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from keyscope.perturbations import KINDS, FactProbes
-from keyscope.predictions import score_targets, target_sequence
+from keyscope.predictions import TargetScores, score_targets, target_sequence
 
-__all__ = ["DOMAINS", "METRICS", "QueryPlan", "plan_queries", "score_plan", "LOCALITY", "SUCCESS"]
+__all__ = ["DOMAINS", "METRICS", "QueryPlan", "plan_queries", "score_plan", "plan_metrics", "locality_kept", "LOCALITY", "SUCCESS"]
 
 SUCCESS = "success"
 LOCALITY = "locality"
@@ -89,11 +89,22 @@ def score_plan(model, plan: QueryPlan, unedited_locality: Sequence, batch_size: 
     """Per metric of ``metrics`` ``(hits, total, prob_hits)`` for the model as it is now (edits and hooks
     applied); ``unedited_locality`` are the unedited model's teacher-forced top-1 tokens of the Locality rows
     (``score_targets(...).argmax``)."""
-    scores = score_targets(model, plan.sequences, batch_size=batch_size)
+    return plan_metrics(plan, score_targets(model, plan.sequences, batch_size=batch_size), unedited_locality, metrics)
+
+
+def locality_kept(plan: QueryPlan, scores: TargetScores, unedited_locality: Sequence) -> list[bool]:
+    """Whether each neighbourhood prompt of ``plan`` (``plan.locality``, in order) keeps the unedited top-1 tokens
+    under ``scores`` (:func:`keyscope.predictions.score_targets` of ``plan.sequences``)."""
+    return [scores.argmax[row] == before for row, before in zip(plan.locality, unedited_locality)]
+
+
+def plan_metrics(plan: QueryPlan, scores: TargetScores, unedited_locality: Sequence,
+                 metrics: Sequence[str] = METRICS) -> dict[str, tuple[int, int, int]]:
+    """:func:`score_plan` of ``scores``, the teacher-forced scores of ``plan.sequences`` already computed."""
     out: dict[str, tuple[int, int, int]] = {}
     for metric in metrics:
         if metric == LOCALITY:
-            kept = sum(scores.argmax[row] == before for row, before in zip(plan.locality, unedited_locality))
+            kept = sum(locality_kept(plan, scores, unedited_locality))
             out[metric] = (kept, len(plan.locality), 0)
             continue
         pairs = plan.groups.get(metric, [])

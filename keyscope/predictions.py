@@ -29,7 +29,7 @@ import torch
 from keyscope.errors import KeyscopeError, SubjectNotFound
 from keyscope.prompts import encode, length_batches, pad_batch, tokens_overlapping
 
-__all__ = ["TopK", "prompt_context", "target_context", "target_sequence", "TargetScores", "score_targets",
+__all__ = ["TopK", "prompt_context", "target_context", "target_sequence", "TargetScores", "score_targets", "target_runs",
            "next_token_top_k", "decode_token", "predicts_target", "known_facts", "sample_known_facts", "UnknownFacts"]
 
 
@@ -101,6 +101,18 @@ class TargetScores:
     argmax: tuple[tuple[int, ...], ...]
 
 
+def target_runs(sequences: Sequence[tuple[Sequence[int], int]], batch_size: int = 32
+                ) -> tuple[list[tuple[int, ...]], list[int], list[list[int]]]:
+    """How :func:`score_targets` runs ``sequences``: ``(runs, run_of, batches)`` — the distinct inputs ``ids[:-1]``
+    (``runs``, in first-seen order), the run of each sequence (``run_of[i]``), and the runs of each forward pass in
+    order (``batches``, :func:`~keyscope.prompts.length_batches`; row ``j`` of pass ``b`` is run ``batches[b][j]``,
+    right-padded to the pass's longest run)."""
+    inputs: dict[tuple[int, ...], int] = {}
+    run_of = [inputs.setdefault(tuple(ids[:-1]), len(inputs)) for ids, _ in sequences]
+    runs = list(inputs)
+    return runs, run_of, length_batches([len(run) for run in runs], batch_size)
+
+
 @torch.no_grad()
 def score_targets(model, sequences: Sequence[tuple[Sequence[int], int]], batch_size: int = 32) -> TargetScores:
     """Score ``(ids, n_target)`` sequences from :func:`target_sequence` (see :class:`TargetScores`).
@@ -112,9 +124,7 @@ def score_targets(model, sequences: Sequence[tuple[Sequence[int], int]], batch_s
     n = len(sequences)
     if any(n_target < 1 or n_target >= len(ids) for ids, n_target in sequences):
         raise ValueError("every sequence needs at least one context token and one target token")
-    inputs: dict[tuple[int, ...], int] = {}
-    run_of = [inputs.setdefault(tuple(ids[:-1]), len(inputs)) for ids, _ in sequences]
-    runs = list(inputs)
+    runs, run_of, batches = target_runs(sequences, batch_size)
     tokenizer = model.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     members: list[list[int]] = [[] for _ in runs]
@@ -124,7 +134,7 @@ def score_targets(model, sequences: Sequence[tuple[Sequence[int], int]], batch_s
     top1 = torch.zeros(n, dtype=torch.bool)  # (n,)
     argmax: list[tuple[int, ...]] = [()] * n
     device = model.cfg.device
-    for batch in length_batches([len(run) for run in runs], batch_size):
+    for batch in batches:
         input_ids, attention_mask = pad_batch([runs[r] for r in batch], pad_id, "right", device=device)
         logits = model(input_ids, attention_mask=attention_mask, return_type="logits")  # (batch, pos, vocab)
         for row, r in enumerate(batch):

@@ -80,7 +80,7 @@ from keyscope.perturbations import KINDS, LONG, REPHRASE, SHUFFLE, TEMPLATE, Pro
 from keyscope.similarity import probe_keys
 
 __all__ = ["REPConfig", "KeyAdaptor", "REP", "REPKeys", "gather_keys", "training_positives", "behind_prefixes",
-           "minibatches", "check_keys", "KeyEdit", "adapted", "applied", "REPEdit", "ROMEREPEditor", "OBJECTIVES", "ANCHORS",
+           "minibatches", "check_keys", "KeyEdit", "adapted", "recorded_gates", "applied", "REPEdit", "ROMEREPEditor", "OBJECTIVES", "ANCHORS",
            "ANCHOR_LOSSES", "SETTINGS"]
 
 #: ``strength``: ``(α(k̂) − 1)²``; ``paper``: ``−|α(k̂)| / ‖k̂‖`` (scaled); ``released``: ``−(k̂/‖k̂‖)ᵀu``.
@@ -567,6 +567,43 @@ def adapted(model, rep: REP, tau: float | None = None) -> Iterator:
 
 
 @contextmanager
+def recorded_gates(reps: Sequence[REP]) -> Iterator[list[list[torch.Tensor]]]:
+    """Record where each adaptor of ``reps`` switches its branch on, in every forward pass that applies it at a
+    threshold inside the block (:func:`adapted`, :meth:`REPEdit.applied`, …): yields ``calls``, where
+    ``calls[i]`` gets one bool CPU tensor of the keys' leading shape (``(batch, pos)`` in a forward pass) per call
+    of ``reps[i]``'s adaptor, ``1[g(k) > τ]`` (:meth:`KeyAdaptor.gate_on`) of the keys ``k`` that adaptor is
+    given — the keys it actually sees in that pass, after every hook before it (earlier layers' edits and
+    adaptors, an earlier adaptor of the same layer). A forward pre-hook on each adaptor computes the gate again
+    from the same keys (:meth:`KeyAdaptor.gate_probability`, which draws no dropout), changing nothing of the
+    forward pass; a soft-gate call (``tau=None``, training) records nothing. The hooks are removed on exit,
+    also on an exception. Each adaptor may be given once."""
+    for r in reps:
+        r._check_fitted()
+    modules = [r.adaptor_ for r in reps]
+    if len({id(m) for m in modules}) != len(modules):
+        raise ValueError("an adaptor is given twice: its calls could not be told apart")
+    calls: list[list[torch.Tensor]] = [[] for _ in modules]
+    handles = []
+
+    def recorder(record: list[torch.Tensor]):
+        def hook(module: KeyAdaptor, args: tuple, kwargs: dict) -> None:
+            keys = args[0] if args else kwargs["keys"]  # (..., d_mlp)
+            tau = args[1] if len(args) > 1 else kwargs.get("tau")
+            if tau is not None:
+                with torch.no_grad():
+                    record.append(module.gate_on(module.gate_probability(keys), tau).cpu())  # (...,)
+        return hook
+
+    try:
+        for module, record in zip(modules, calls):
+            handles.append(module.register_forward_pre_hook(recorder(record), with_kwargs=True))
+        yield calls
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
 def applied(model, edit: rome.Edit, rep: REP | None = None, tau: float | None = None) -> Iterator:
     """ROME and REP together: apply ``edit`` to ``W_out`` (:func:`keyscope.rome.applied`) and, if ``rep``
     is given, its adaptor on the keys (:func:`adapted`); on exit both are removed — the weights restored
@@ -620,6 +657,9 @@ class REPEdit(ModelEdit):
 
     def layer_weights(self, request: int = 0) -> dict[int, float]:
         return self.base.layer_weights(request)
+
+    def request_adaptors(self) -> list[tuple[int, REP]]:
+        return list(enumerate(self.adaptors))
 
     def gate(self, keys: torch.Tensor) -> torch.Tensor:
         return self.adaptors[0].gate(keys)

@@ -165,14 +165,8 @@ def _gate_rate(gated: Sequence[tuple[int, object]], items: Sequence[_Fact], n: i
 
 
 def _adaptors(edit, first_fact: int) -> list[tuple[int, object]]:
-    """``(fact index, REP)`` of every adaptor of a gated edit (ROME+REP: one per request; MEMIT+REP: one per request
-    and layer)."""
-    adaptors = getattr(edit, "adaptors", None)
-    if adaptors is None:
-        return []
-    if isinstance(adaptors, dict):
-        return [(first_fact + request, a) for (request, _), a in adaptors.items()]
-    return [(first_fact + request, a) for request, a in enumerate(adaptors)]
+    """``(fact index, REP)`` of every adaptor of a gated edit (:meth:`~keyscope.editing.ModelEdit.request_adaptors`)."""
+    return [(first_fact + request, a) for request, a in edit.request_adaptors()]
 
 
 def _measure(model, items: Sequence[_Fact], batch_size: int) -> dict:

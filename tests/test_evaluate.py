@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from keyscope import evaluate as ev
 from keyscope.datasets import Fact
@@ -89,7 +90,8 @@ def test_near_twin_ood_probes_count_in_ood_but_not_in_ood_new(tiny_checkpoints):
     assert with_anchors[("rephrase", 0)] == pytest.approx(twins[("rephrase", 0)], abs=1e-12)  # the anchors are extra keys
 
 
-def test_tau_groups_score_exactly_like_one_pass_per_tau(tiny_checkpoints):
+def _one_rome_rep_fact(tiny_checkpoints):
+    """A tiny ROME / ROME+REP setting of one fact: ``(model, layer, cov, fact, queries, context)``."""
     from keyscope import rep, rome
     from keyscope.covariance import KeyCovariance
     from keyscope.perturbations import PerturbationConfig, fact_probes
@@ -104,10 +106,17 @@ def test_tau_groups_score_exactly_like_one_pass_per_tau(tiny_checkpoints):
     config = PerturbationConfig(n_shuffles=2, n_word_shuffles=2, n_long_contexts=2, long_context_tokens=20)
     queries = fact_probes(model.tokenizer, fact, iter(hf_tiny.TRAINING_TEXT * 20), config,
                           other_facts=[fact, other])
-    rome_config = rome.ROMEConfig.for_model(model, v_num_grad_steps=3)
-    rep_config = rep.REPConfig(steps=40)
     context = prepare_context(model, layer, cov, ev.METHODS, [fact, other], list(hf_tiny.TRAINING_TEXT * 5),
-                              rome_config, rep_config, n_corpus_negatives=16)
+                              rome.ROMEConfig.for_model(model, v_num_grad_steps=3), rep.REPConfig(steps=40),
+                              n_corpus_negatives=16)
+    return model, layer, cov, fact, queries, context
+
+
+def test_tau_groups_score_exactly_like_one_pass_per_tau(tiny_checkpoints):
+    from keyscope import rep, rome
+
+    model, layer, cov, fact, queries, context = _one_rome_rep_fact(tiny_checkpoints)
+    rome_config, rep_config = context.rome_config, context.rep_config
     taus = (0.05, 0.5, 0.95)
     editors = {m: make_editor(m, model, context) for m in ev.METHODS}
     row = ev.evaluate_fact(model, fact, queries, editors, context, taus)
@@ -121,3 +130,110 @@ def test_tau_groups_score_exactly_like_one_pass_per_tau(tiny_checkpoints):
     for tau in taus:
         with rep.applied(model, edit, fitted, tau):
             assert score_plan(model, plan, unedited, 32) == row["methods"][f"rome+rep@{tau:g}"], tau
+
+
+def test_gate_counts_by_hand():
+    counts = ev.gate_counts(kept=[True, False, False, True], own=[True, True, False, False],
+                            other=[False, True, False, False], adaptors=[1, 2, 0, 0], positions=[0.5, 0.25, 0, 0])
+    assert counts == {"prompts": 4, "on": 2, "off": 2, "own": 2, "other": 1, "failed": 2, "kept": 2, "failed_on": 1,
+                      "failed_own": 1, "failed_other": 1, "kept_on": 1, "kept_off": 1, "adaptors_failed": 2,
+                      "adaptors_kept": 1, "positions_failed": 0.25, "positions_kept": 0.5}
+    with pytest.raises(ValueError, match="entries"):
+        ev.gate_counts([True], [True], [True], adaptors=[1, 2])
+    rows = [{"case_id": 0, "methods": {"x": {m: (0, 0, 0) for m in METRICS}}, "gates": {"x": counts}},
+            {"case_id": 1, "methods": {"x": {m: (0, 0, 0) for m in METRICS}, "y": {m: (0, 0, 0) for m in METRICS}},
+             "gates": {"x": ev.gate_counts([False], [False], [True])}}]
+    summary = ev.summarize(rows, n_resamples=10)
+    assert summary["x"]["gate_locality"] == pytest.approx(3 / 5) and summary["x"]["gate_locality_other"] == 2 / 5
+    assert summary["x"]["gate_locality_failed"] == 2 / 3 and summary["x"]["locality_gate_off"] == 1 / 2
+    assert summary["x"]["gate_adaptors_failed"] == 2 / 3 and summary["x"]["gate_positions_kept"] == 0.25
+    assert summary["y"]["gate_locality"] is None and summary["y"]["gate_counts"] is None
+
+
+def test_gates_on_locality_prompts_are_attributed_to_own_and_other_requests(tiny_checkpoints):
+    from contextlib import ExitStack, contextmanager
+
+    from keyscope import rep
+    from keyscope.editing import ModelEdit
+    from keyscope.keys import layer_keys
+    from keyscope.metrics import QueryPlan
+    from tests.test_rep import forced_adaptor
+
+    class TwoRequests(ModelEdit):  # two requests' adaptors, nothing else
+        gated = True
+
+        def __init__(self, adaptors):
+            self.adaptors, self.requests = adaptors, ("a", "b")
+            self.layers = tuple(sorted({a.layer_ for _, a in adaptors}))
+
+        @contextmanager
+        def applied(self, model, tau=None):
+            with ExitStack() as stack:
+                for _, adaptor in self.adaptors:
+                    stack.enter_context(rep.adapted(model, adaptor, tau))
+                yield model
+
+        def strength(self, keys, layer=None, request=0, tau=None):
+            raise NotImplementedError
+
+        def request_adaptors(self):
+            return list(self.adaptors)
+
+    model = load_model(str(tiny_checkpoints["llama"]))
+    layer = 1
+    fact = Fact(0, "The actress {}", "Danielle Darrieux", "Paris", "French",
+                neighborhood_prompts=("The actress Michael Jordan", "Kobe", "The old market in the city of Rome",
+                                      "The Eiffel Tower is", "The actress Kobe Bryant of the team"))
+    plan = QueryPlan()
+    plan.query(model.tokenizer, fact, ["success"], fact.filled_prompt)
+    plan.neighbourhood(model.tokenizer, fact)
+    unedited = ev.score_targets(model, [plan.sequences[r] for r in plan.locality]).argmax
+    runs = [plan.sequences[r][0][:-1] for r in plan.locality]  # each Locality prompt as fed, alone (no padding)
+    probe = forced_adaptor(model, layer, 0.0, seed=3)
+    with torch.no_grad():
+        gates = [probe.adaptor_.gate_probability(layer_keys(model, torch.tensor([ids]), None, layer).float())[0]
+                 for ids in runs]  # (pos,) each, unedited keys: what the first adaptor of `layer` sees
+    tau = float(torch.stack([g.max() for g in gates]).median())  # some prompts fire, some do not
+    reference = [bool((g > tau).any()) for g in gates]
+    share = [float((g > tau).float().mean()) for g in gates]  # of the prompt's positions
+    assert 0 < sum(reference) < len(reference)
+    partial = forced_adaptor(model, layer, 0.0, tau=tau, seed=3)
+    edit = TwoRequests([(1, partial), (0, forced_adaptor(model, layer + 1, 50.0))])  # request 0's gate always on
+    n = len(runs)
+    with edit.applied(model):
+        expected = score_plan(model, plan, unedited, 2)
+        scores, as_first = ev._scored_with_gates(model, edit, plan, unedited, 2, own=0)  # passes of 2 runs, padded
+        _, as_second = ev._scored_with_gates(model, edit, plan, unedited, 2, own=1)
+    assert scores == expected
+    assert as_first["own"] == n and as_first["other"] == sum(reference) and as_first["on"] == n
+    assert as_second["own"] == sum(reference) and as_second["other"] == n
+    assert as_first["failed"] == n - scores["locality"][0] == as_first["failed_own"]
+    assert as_first["layers"][str(layer)]["other"] == sum(reference) and as_first["layers"][str(layer)]["own"] == 0
+    assert as_first["layers"][str(layer + 1)]["own"] == n
+    assert as_first["adaptors_failed"] + as_first["adaptors_kept"] == n + sum(reference)  # adaptors on, per prompt
+    assert as_first["positions_failed"] + as_first["positions_kept"] == pytest.approx(n)  # request 0's: everywhere
+    alone = as_first["layers"][str(layer)]
+    assert alone["positions_failed"] + alone["positions_kept"] == pytest.approx(sum(share))
+    off = TwoRequests([(0, forced_adaptor(model, layer, -50.0)), (1, forced_adaptor(model, layer + 1, -50.0, seed=1))])
+    with off.applied(model):
+        scores, counts = ev._scored_with_gates(model, off, plan, unedited, 32, own=0)
+    assert counts["on"] == 0 and counts["off"] == n and scores["locality"] == (n, n, 0)  # gates off: unedited
+
+
+def test_gate_recording_changes_no_score(tiny_checkpoints):
+    model, _, _, fact, queries, context = _one_rome_rep_fact(tiny_checkpoints)
+    editors = {m: make_editor(m, model, context) for m in ev.METHODS}
+    edits, _ = ev.compute_edits(editors, [ev.fact_request(fact)], [queries])
+    taus = (0.001, 0.5, 0.999)
+    plain = ev.evaluate_fact(model, fact, queries, editors, context, taus, edits=edits, record_gates=False)
+    recorded = ev.evaluate_fact(model, fact, queries, editors, context, taus, edits=edits)
+    assert recorded["methods"] == plain["methods"] and "gates" not in plain
+    assert set(recorded["gates"]) == {"rome+rep", *(f"rome+rep@{t:g}" for t in taus)}
+    for name, counts in recorded["gates"].items():
+        assert counts["prompts"] == 2 and counts["failed"] == 2 - recorded["methods"][name]["locality"][0]
+    assert recorded["gates"]["rome+rep@0.999"]["on"] <= recorded["gates"]["rome+rep@0.001"]["on"]
+    summary, plain_summary = ev.summarize([recorded], 50), ev.summarize([plain], 50)
+    for method in summary:
+        assert {m: summary[method][m] for m in METRICS} == {m: plain_summary[method][m] for m in METRICS}
+    assert summary["rome"]["gate_locality"] is None and summary["rome+rep"]["gate_counts"]["prompts"] == 2
+    assert recorded["gates"]["rome+rep@0.001"]["on"] > 0  # a group scored with the recording on, not skipped

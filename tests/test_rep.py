@@ -309,3 +309,67 @@ def test_an_unfitted_adaptor_is_refused_before_anything_changes(tiny):
     with pytest.raises(NotFitted):
         rep.REP().transform(edit.k_star[None])
     assert torch.equal(W_out(model, LAYER), W_before) and isinstance(NotFitted("x"), KeyscopeError)
+
+
+# ---------------------------------------------------------------------------------------------- gate recording
+
+
+def forced_adaptor(model, layer: int, bias: float, tau: float = 0.9, seed: int = 0) -> rep.REP:
+    """A fitted-looking REP at ``layer`` without training: an untrained adaptor (random gate, random ``up`` so that
+    it moves the keys where on) whose gate's last bias is shifted by ``bias`` (±50 forces it on / off everywhere)."""
+    fitted = rep.REP(rep.REPConfig(tau=tau))
+    fitted.adaptor_ = rep.KeyAdaptor(int(model.cfg.d_mlp), seed=seed).eval()  # as fit leaves it: no dropout
+    with torch.no_grad():
+        fitted.adaptor_.gate[-1].bias += bias
+        fitted.adaptor_.up.weight.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(seed))
+    fitted.layer_, fitted.history_, fitted.edit_ = layer, [], None
+    return fitted
+
+
+def _batch(model, texts):
+    from keyscope.prompts import pad_batch
+
+    return pad_batch([model.tokenizer(t)["input_ids"] for t in texts], 0, "right")  # (batch, pos) ids and mask
+
+
+def test_recorded_gates_count_forced_and_partial_gates_and_change_nothing(tiny):
+    from keyscope.keys import layer_keys
+
+    model, _, _ = tiny
+    ids, mask = _batch(model, ["The actress Danielle Darrieux", "Paris", "The Eiffel Tower is located in"])
+    probe = forced_adaptor(model, LAYER, 0.0, seed=3)
+    with torch.no_grad():
+        gate = probe.adaptor_.gate_probability(layer_keys(model, ids, mask, LAYER).float())  # (batch, pos) unedited
+    tau = float(gate[mask.bool()].median())  # on at about half the real positions
+    partial = forced_adaptor(model, LAYER, 0.0, tau=tau, seed=3)
+    on, off = forced_adaptor(model, LAYER + 1, 50.0), forced_adaptor(model, LAYER + 1, -50.0, seed=1)
+    with torch.no_grad(), rep.adapted(model, partial), rep.adapted(model, on), rep.adapted(model, off):
+        plain = model(ids, attention_mask=mask)
+        with rep.recorded_gates([partial, on, off]) as calls:
+            recorded = model(ids, attention_mask=mask)
+    assert torch.equal(recorded, plain)  # recording changes nothing of the forward pass
+    assert [len(c) for c in calls] == [1, 1, 1] and calls[0][0].shape == ids.shape
+    assert torch.equal(calls[0][0], gate > tau)  # the first adaptor of LAYER sees the unedited keys
+    assert 0 < int((calls[0][0] & mask.bool()).sum()) < int(mask.sum())
+    assert bool(calls[1][0].all()) and not bool(calls[2][0].any())
+    with rep.recorded_gates([on]) as soft:
+        on.adaptor_(torch.zeros(2, int(model.cfg.d_mlp)), None)  # the soft gate (training) has no on-set
+    assert soft == [[]]
+    with pytest.raises(NotFitted), rep.recorded_gates([on, rep.REP(on.config)]):
+        pass
+    assert not on.adaptor_._forward_pre_hooks  # refused before any hook was registered
+    twin = on.with_tau(0.5)  # shares the adaptor: its calls could not be told apart
+    with pytest.raises(ValueError, match="twice"), rep.recorded_gates([on, twin]):
+        pass
+
+
+def test_recorded_gates_remove_their_hooks_on_an_exception(tiny):
+    model, _, _ = tiny
+    on = forced_adaptor(model, LAYER, 50.0)
+    ids, mask = _batch(model, ["The actress Danielle Darrieux"])
+    with pytest.raises(RuntimeError, match="boom"), rep.recorded_gates([on]) as calls:
+        raise RuntimeError("boom")
+    assert not on.adaptor_._forward_pre_hooks
+    with torch.no_grad(), rep.adapted(model, on):
+        model(ids, attention_mask=mask)
+    assert calls == [[]]  # nothing recorded after the block

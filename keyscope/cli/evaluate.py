@@ -3,7 +3,9 @@ out-of-domain) and, with ``--tau-sweep``, Figure 7.
 
 Edits ``--n`` facts the model knows, one at a time, with each method in ``--methods``; prints the table,
 writes ``table1.csv``, ``table1.md`` and ``table1_facts.csv`` (and ``fig7_tau_sweep.png``) into ``--out``, and
-with ``--json`` the summary ``{"n": …, "methods": {"rome": {"success": …, …}, "rome+rep": {…}}}``. Under
+with ``--json`` the summary ``{"n": …, "methods": {"rome": {"success": …, …}, "rome+rep": {…}}}`` (a gated method's
+entry also holds the gate diagnostics of its Locality prompts, ``gate_locality`` and the others of
+:data:`keyscope.evaluate.GATE_STATS`, which the per-fact CSV holds as counts). Under
 ``torchrun --nproc_per_node K -m keyscope evaluate …`` the facts (batches of ``--batch-size`` facts for a batch
 editor) are shared among the processes, the per-fact rows gathered in fact order, and rank 0 alone prints and
 writes (:mod:`keyscope.distributed`); ``--ablate`` too.

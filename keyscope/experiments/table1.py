@@ -3,7 +3,8 @@ in-domain and out-of-domain, and ROME+REP against the gate threshold τ.
 
 ``run`` calls :func:`keyscope.evaluate.evaluate` and writes ``table1.csv`` (one row per method: every metric,
 its 95% interval and the ``P(new) > P(true)`` rate), ``table1.md`` (the table as in the paper, in percent
-with intervals) and ``table1_facts.csv`` (per fact and method: hits and totals); with a τ sweep also
+with intervals) and ``table1_facts.csv`` (per fact and method: hits and totals; for a gated method also the
+gate diagnostics' counts of its Locality prompts, :data:`GATE_COLUMNS`); with a τ sweep also
 ``fig7_tau_sweep.png`` and ``fig7_tau_sweep.csv``.
 """
 
@@ -17,6 +18,11 @@ from keyscope.experiments.tables import percent, write_csv
 from keyscope.metrics import DOMAINS, METRICS
 from keyscope.perturbations import KINDS, LONG, REPHRASE, SHUFFLE, SHUFFLE_WORDS
 from keyscope.plotting import fig7
+
+#: The gate diagnostics of the per-fact CSV (gated methods): ``gate_locality_<count>``, the fact's
+#: :func:`keyscope.evaluate.gate_counts` (its Locality prompts and failures are ``locality_total``/``_hits``).
+GATE_COLUMNS = ("on", "own", "other", "failed_on", "failed_own", "failed_other", "adaptors_failed", "adaptors_kept",
+                "positions_failed", "positions_kept")
 
 TABLE_CSV = "table1.csv"
 TABLE_MD = "table1.md"
@@ -108,6 +114,9 @@ def write(result: ev.EvalResult, out_dir: str | Path, methods=ev.METHODS) -> lis
             row = {"case_id": r["case_id"], "method": method}
             for metric in METRICS:
                 row[f"{metric}_hits"], row[f"{metric}_total"] = scores[metric][0], scores[metric][1]
+            gates = r.get("gates", {}).get(method)
+            if gates is not None:
+                row.update({f"gate_locality_{k}": gates[k] for k in GATE_COLUMNS})
             fact_rows.append(row)
     write_csv(files[2], fact_rows)
     return files + write_sweep(result, out)
