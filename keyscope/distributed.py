@@ -39,7 +39,7 @@ from typing import TypeVar
 
 import torch
 
-from keyscope.errors import KeyscopeError, RankFailed
+from keyscope.errors import KeyscopeError, RankFailed, exit_status
 
 T = TypeVar("T")
 
@@ -118,22 +118,13 @@ class _Guard:
     timeout: float
     broken: bool = False
     heard: bool = False  # this rank learned of another's failure (and so joined that exchange already)
+    generation: int = 0  # how many groups this process opened before: a fresh store key for each exit barrier
 
 
 #: The guard of the open :func:`process_group` (``None`` outside one, or when the caller owns the group).
 _guard: _Guard | None = None
-
-
-def exit_status(exc: BaseException) -> int:
-    """The exit status a rank failing with ``exc`` reports to the others (and the CLI exits with): a
-    :class:`~keyscope.errors.KeyscopeError`'s own (2), 2 for an :class:`OSError`, 130 for Ctrl-C, else 1."""
-    if isinstance(exc, KeyscopeError):
-        return exc.exit_code
-    if isinstance(exc, OSError):
-        return 2
-    if isinstance(exc, KeyboardInterrupt):
-        return 130
-    return 1
+#: How many process groups :func:`process_group` opened in this process (the exit barrier's store key).
+_generation = 0
 
 
 @contextmanager
@@ -146,7 +137,7 @@ def _collective(guard: _Guard | None) -> Iterator[None]:
         if guard is None:
             raise
         guard.broken = True
-        if isinstance(exc, Exception) and not isinstance(exc, KeyscopeError):
+        if isinstance(exc, Exception) and not isinstance(exc, (KeyscopeError, RankFailed)):
             raise RankFailed(f"a collective failed ({type(exc).__name__}: {' '.join(str(exc).split()) or '?'}); "
                              f"another rank died or did not reach it within {guard.timeout:g} s "
                              f"(KEYSCOPE_DIST_TIMEOUT)", exit_code=1) from exc
@@ -191,7 +182,7 @@ def process_group(world: World, device: str, timeout: float | None = None) -> It
     """
     import torch.distributed as dist
 
-    global _guard
+    global _guard, _generation
     if not world.distributed or dist.is_initialized():
         yield world
         return
@@ -200,7 +191,8 @@ def process_group(world: World, device: str, timeout: float | None = None) -> It
     if backend == "nccl":
         torch.cuda.set_device(torch.device(device))
     dist.init_process_group(backend=backend, rank=world.rank, world_size=world.size, timeout=timedelta(seconds=seconds))
-    guard = _guard = _Guard(world, "cuda" if backend == "nccl" else "cpu", seconds)
+    _generation += 1
+    guard = _guard = _Guard(world, "cuda" if backend == "nccl" else "cpu", seconds, generation=_generation)
     try:
         yield world
         check_peers(world)
@@ -216,7 +208,7 @@ def process_group(world: World, device: str, timeout: float | None = None) -> It
     finally:
         _guard = None
         if not guard.broken:
-            _store_barrier(world, "keyscope-exit", seconds)
+            _store_barrier(world, f"keyscope-exit-{guard.generation}", seconds)
         dist.destroy_process_group()
 
 

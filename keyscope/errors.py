@@ -54,10 +54,25 @@ class NotFitted(KeyscopeError, RuntimeError):
     """A fitted object (an adaptor, an estimate) used before ``fit``."""
 
 
-class RankFailed(KeyscopeError):
+class RankFailed(Exception):
     """Another process of a ``torchrun`` job failed (or a collective with it broke), so this one stops too
-    (:mod:`keyscope.distributed`); ``exit_code`` is the failing rank's, so every rank exits alike."""
+    (:mod:`keyscope.distributed`); ``exit_code`` is the failing rank's, so every rank exits alike. Not a
+    :class:`KeyscopeError`: a loop that skips an item on bad input (a fact that cannot be scored) must not take
+    another rank's failure for one."""
 
     def __init__(self, message: str, exit_code: int = 2):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def exit_status(exc: BaseException) -> int:
+    """The exit status of a command failing with ``exc`` (and what a failing rank reports to the others): a
+    :class:`KeyscopeError`'s or :class:`RankFailed`'s own (2 unless set), 2 for an :class:`OSError`, 130 for
+    Ctrl-C, else 1."""
+    if isinstance(exc, (KeyscopeError, RankFailed)):
+        return exc.exit_code
+    if isinstance(exc, OSError):
+        return 2
+    if isinstance(exc, KeyboardInterrupt):
+        return 130
+    return 1

@@ -299,6 +299,7 @@ def _scored_with_gates(model, edit: ModelEdit, plan: QueryPlan, unedited: Sequen
     fired = {(mine, layer): np.zeros(len(runs), dtype=int)  # (own request?, layer) -> adaptors on per run (n_runs,)
              for mine in (True, False) for layer in layers}
     where = {layer: [np.zeros(len(run), dtype=bool) for run in runs] for layer in layers}  # positions on, per run
+    wanted = {run_of[i] for i in plan.locality}  # only the Locality runs are read below
     for (request, adaptor), record in zip(adaptors, calls):
         if len(record) != len(batches):
             raise RuntimeError(f"an adaptor was called {len(record)} times in {len(batches)} forward passes")
@@ -306,6 +307,8 @@ def _scored_with_gates(model, edit: ModelEdit, plan: QueryPlan, unedited: Sequen
             if on.shape != (len(batch), max(len(runs[r]) for r in batch)):
                 raise RuntimeError(f"gate of shape {tuple(on.shape)} for a pass of {len(batch)} runs")
             for row, r in enumerate(batch):
+                if r not in wanted:
+                    continue
                 real = on[row, : len(runs[r])].numpy()  # (len(run),)
                 fired[(request == own, adaptor.layer_)][r] += bool(real.any())
                 where[adaptor.layer_][r] |= real
@@ -364,12 +367,12 @@ def _gate_groups(model, edit: ModelEdit, plan: QueryPlan, names: dict[str, float
     if not edit.gate_decides or len(edit.requests) > 1 or len(edit.layers) > 1:  # one gate decides: group
         return [{"tau": tau, "names": [name], "off": False} for name, tau in names.items()]
     from keyscope.keys import layer_keys
-    from keyscope.prompts import length_batches, pad_batch
+    from keyscope.prompts import pad_batch
 
-    runs = list(dict.fromkeys(tuple(ids[:-1]) for ids, _ in plan.sequences))
+    runs, _, batches = target_runs(plan.sequences, batch_size)
     pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
     gates = []
-    for rows in length_batches([len(r) for r in runs], batch_size):
+    for rows in batches:
         input_ids, mask = pad_batch([runs[i] for i in rows], pad_id, device=model.cfg.device)
         keys = layer_keys(model, input_ids, mask, edit.layers[-1])  # (batch, pos, d_mlp)
         gates.append(edit.gate(keys)[mask.bool()].cpu())  # (real positions,)

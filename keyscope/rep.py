@@ -165,7 +165,8 @@ class REPConfig:
     def paper(cls, **overrides) -> REPConfig:
         """An approximation of the released REP code's setting on keyscope's data and adaptor: Adam at lr
         5e-4 for 10 steps on the normalised objective with ``|·|``, no long contexts, no gate negatives,
-        dropout left on at test time (``--rep-setting paper``). :meth:`released` is the faithful one."""
+        dropout left on at test time (``--rep-setting paper``); its anchor, mini-batches and adaptor details are
+        the default's, which are the released code's. :meth:`released` is the faithful one."""
         paper = dict(lr=5e-4, steps=10, objective="paper", gate_negatives=False, train_long_context=False,
                      dropout_at_inference=True)
         return cls(**{**paper, **overrides})

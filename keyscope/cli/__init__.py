@@ -22,7 +22,7 @@ import os
 import sys
 import warnings
 
-from keyscope.errors import KeyscopeError
+from keyscope.errors import KeyscopeError, RankFailed, exit_status
 
 #: Command modules, in the order ``keyscope --help`` lists them.
 COMMANDS = ("factworld", "similarity", "data", "covariance", "trace", "scan", "edit", "reach", "values", "evaluate", "sequential", "bounds", "reproduce")
@@ -81,22 +81,20 @@ def _report(exc: BaseException, where: str) -> int | None:
     """Print ``exc`` as the one line of the error contract (``where`` names the rank under torchrun) and return
     the exit status; ``None`` for an unexpected exception of a single process, whose traceback Python prints.
     Under torchrun an unexpected exception prints its traceback, then the line, and is status 1."""
-    if isinstance(exc, KeyscopeError):
+    if isinstance(exc, (KeyscopeError, RankFailed)):
         print(f"keyscope: error: {where}{_one_line(exc)}", file=sys.stderr)
-        return exc.exit_code
-    if isinstance(exc, OSError):
+    elif isinstance(exc, OSError):
         print(f"keyscope: error: {where}{_os_error(exc)}", file=sys.stderr)
-        return 2
-    if isinstance(exc, KeyboardInterrupt):
+    elif isinstance(exc, KeyboardInterrupt):
         print(f"keyscope: {where}interrupted", file=sys.stderr)
-        return 130
-    if not where or not isinstance(exc, Exception):
+    elif not where or not isinstance(exc, Exception):
         return None
-    import traceback
+    else:
+        import traceback
 
-    traceback.print_exception(exc)
-    print(f"keyscope: error: {where}{type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
-    return 1
+        traceback.print_exception(exc)
+        print(f"keyscope: error: {where}{type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
+    return exit_status(exc)
 
 
 class _Reported(KeyscopeError):

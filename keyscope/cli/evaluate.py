@@ -124,7 +124,8 @@ def register(sub) -> None:
     p.add_argument("--tau-sweep", metavar="T1,T2,…", help="also evaluate REP at these thresholds (Figure 7)")
     p.add_argument("--rep-setting", default="keyscope", metavar="{keyscope,paper,released}",
                    help="REP training: keyscope's default, 'released' (the released code's setting, exactly) or "
-                        "'paper' (an earlier approximation of it on keyscope's adaptor)")
+                        "'paper' (an earlier, looser approximation of it: the released steps, lr, objective and dropout "
+                        "on keyscope's training data)")
     add_rome_setting_argument(p)
     p.add_argument("--ablate", action="store_true",
                    help="instead of Table 1: ROME+REP under keyscope's settings, the released code's, each departure "
