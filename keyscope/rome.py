@@ -121,6 +121,7 @@ from keyscope.models import (
     logits_at,
     model_card,
     model_name,
+    n_layers,
     sdpa_attention,
     value_hook,
 )
@@ -170,6 +171,11 @@ class TargetTokenization(KeyscopeError):
 
 # ---------------------------------------------------------------------------------------------- config
 
+#: The words EasyEdit's ROME starts its context prefixes from (``get_context_templates`` in
+#: ``easyeditor/models/rome/rome_main.py``: ``generate_fast(model, tok, ["The", "Therefore", "Because", "I", "You"],
+#: n_gen_per_prompt=n_gen // 5, max_out_len=length)``), kept at the start of each prefix.
+EASYEDIT_PREFIX_SEEDS = ("The", "Therefore", "Because", "I", "You")
+
 #: ROME's context prefixes: ``(length in tokens, count)`` pairs. ``[[5, 10], [10, 10]]`` in EasyEdit's
 #: ``hparams/ROME/*.yaml`` (gpt2-xl, gpt-j-6B, llama-7b, mistral-7b, qwen2.5-7b) and in the ROME hparams of the
 #: MEMIT repo (``hparams/ROME/EleutherAI_gpt-neox-20b.json``).
@@ -200,6 +206,10 @@ class ROMEConfig:
     context_template_length_params: tuple[tuple[int, int], ...] = CONTEXT_TEMPLATE_LENGTH_PARAMS
     #: Top-k of the prefix sampler (``generate_fast(..., top_k=5)`` in rome/util/generate.py).
     prefix_top_k: int = 5
+    #: Words each prefix is sampled on from (and keeps): ``()`` samples from the BOS alone (kmeng01/rome's
+    #: ``generate_fast(model, tok, ["<|endoftext|>"], ...)``); :data:`EASYEDIT_PREFIX_SEEDS` is EasyEdit's, whose
+    #: ROME the released REP code builds on (each seed gets ``count // len(seeds)`` of a group's prefixes).
+    prefix_seeds: tuple[str, ...] = ()
     #: Stop when the total loss falls below this (``if loss < 5e-2: break`` in rome/compute_v.py and
     #: EasyEdit's compute_v.py); ``None`` never stops on the loss.
     early_stop_loss: float | None = 5e-2
@@ -243,7 +253,8 @@ class ROMEConfig:
         unknown = sorted(set(own) - known)
         if unknown:
             raise KeyscopeError(f"the rome_config of {MODEL_CARD} has unknown fields {unknown}")
-        own = {k: tuple(map(tuple, v)) if k == "context_template_length_params" else v for k, v in own.items()}
+        own = {k: tuple(map(tuple, v)) if k == "context_template_length_params" else tuple(v) if k == "prefix_seeds"
+               else v for k, v in own.items()}
         return replace(cls(), **{**published, **own, **overrides})
 
 
@@ -257,11 +268,14 @@ PUBLISHED: dict[str, dict] = {
     # kmeng01/memit hparams/ROME/EleutherAI_gpt-neox-20b.json
     "gpt_neox": {"v_num_grad_steps": 20, "v_lr": 0.5, "v_weight_decay": 0.5, "clamp_norm_factor": 4.0, "kl_factor": 0.0625},
     # EasyEdit hparams/ROME/llama-7b.yaml (Llama-2-7b)
-    "llama": {"v_num_grad_steps": 25, "v_lr": 0.5, "v_weight_decay": 1e-3, "clamp_norm_factor": 4.0, "kl_factor": 0.0625},
+    "llama": {"v_num_grad_steps": 25, "v_lr": 0.5, "v_weight_decay": 1e-3, "clamp_norm_factor": 4.0, "kl_factor": 0.0625,
+             "prefix_seeds": EASYEDIT_PREFIX_SEEDS},
     # EasyEdit hparams/ROME/mistral-7b.yaml
-    "mistral": {"v_num_grad_steps": 25, "v_lr": 0.5, "v_weight_decay": 1e-3, "clamp_norm_factor": 4.0, "kl_factor": 0.0625},
+    "mistral": {"v_num_grad_steps": 25, "v_lr": 0.5, "v_weight_decay": 1e-3, "clamp_norm_factor": 4.0, "kl_factor": 0.0625,
+               "prefix_seeds": EASYEDIT_PREFIX_SEEDS},
     # EasyEdit hparams/ROME/qwen2.5-7b.yaml
-    "qwen2": {"v_num_grad_steps": 25, "v_lr": 0.5, "v_weight_decay": 1e-3, "clamp_norm_factor": 4.0, "kl_factor": 0.0625},
+    "qwen2": {"v_num_grad_steps": 25, "v_lr": 0.5, "v_weight_decay": 1e-3, "clamp_norm_factor": 4.0, "kl_factor": 0.0625,
+             "prefix_seeds": EASYEDIT_PREFIX_SEEDS},
 }
 
 #: Models whose own published file differs from their family's.
@@ -414,7 +428,7 @@ def prefixed(prefix: str, template: str) -> str:
 
 
 def _start_ids(tokenizer) -> list[int]:
-    """The tokens every sequence starts with (the BOS); the EOS if the tokenizer adds nothing."""
+    """The tokens every sequence starts with (the BOS); the BOS or else the EOS if the tokenizer adds nothing."""
     ids = list(encode(tokenizer, "").ids)
     if ids:
         return ids
@@ -424,36 +438,111 @@ def _start_ids(tokenizer) -> list[int]:
     raise ValueError(f"tokenizer {type(tokenizer).__name__} has neither a BOS nor an EOS token to start prefixes from")
 
 
-def context_prefixes(model, config: ROMEConfig | None = None) -> tuple[str, ...]:
-    """ROME's context prefixes, sampled from ``model``: ``("", p_1, …, p_N)`` with ``""`` the bare prompt.
+#: Version of :func:`sample_context_prefixes`'s algorithm, part of the prefixes' cache key.
+PREFIX_SAMPLER = 2
 
-    All ``N = Σ count`` rows are sampled together, from the BOS, with top-``prefix_top_k`` sampling
-    (``torch.Generator`` seeded with ``config.seed``; logits beyond the tokenizer's vocabulary masked out)
-    until the longest requested length; a row of the ``(length, count)`` group keeps its first ``length``
-    tokens (BOS included, as ROME's ``max_out_len``). Decoded without special tokens and cleaned
-    (:func:`_clean_prefix`). Deterministic for a given model, config and device.
-    """
-    config = config or ROMEConfig.for_model(model)
-    groups = [(length, count) for length, count in config.context_template_length_params if count > 0]
-    if not groups:
-        return ("",)
-    tokenizer = model.tokenizer
-    start = _start_ids(tokenizer)
-    lengths = [length for length, count in groups for _ in range(count)]
-    generator = torch.Generator().manual_seed(config.seed)
-    ids = torch.tensor([start] * len(lengths), dtype=torch.long)  # (n_prefixes, pos)
-    n_vocab = len(tokenizer)
+
+def _sample_rows(model, starts: list[list[int]], length: int, top_k: int, generator: torch.Generator) -> list[list[int]]:
+    """Extend each row of ``starts`` (all of one length) to ``length`` tokens by top-``top_k`` sampling."""
+    ids = torch.tensor(starts, dtype=torch.long)  # (n, pos)
+    n_vocab = len(model.tokenizer)
     with torch.no_grad():
-        while ids.shape[1] < max(lengths):
+        while ids.shape[1] < length:
             last = torch.full((ids.shape[0],), ids.shape[1] - 1)  # (n,)
             logits = logits_at(model, ids.to(model.cfg.device), None, torch.arange(ids.shape[0]), last)
             logits = logits.float().cpu()  # (n, vocab)
             logits[:, n_vocab:] = float("-inf")
-            top = logits.topk(min(config.prefix_top_k, n_vocab), dim=-1)  # (n, k)
+            top = logits.topk(min(top_k, n_vocab), dim=-1)  # (n, k)
             choice = torch.multinomial(top.values.softmax(-1), 1, generator=generator)  # (n, 1)
             ids = torch.cat([ids, top.indices.gather(1, choice)], dim=1)  # (n, pos + 1)
-    rows = [ids[i, len(start) : max(length, len(start))].tolist() for i, length in enumerate(lengths)]
-    texts = tokenizer.batch_decode(rows, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    return ids.tolist()
+
+
+def sample_context_prefixes(model, config: ROMEConfig) -> list[list[int]]:
+    """The token ids of ROME's context prefixes (BOS excluded), sampled from ``model``; see :func:`context_prefixes`.
+
+    From the BOS alone (``config.prefix_seeds == ()``): all ``N = Σ count`` rows in one batch, sampled to the
+    longest length, a row of a ``(length, count)`` group keeping its first ``length`` tokens (BOS included, as
+    ROME's ``max_out_len``). From seed words: each seed's ``count // len(seeds)`` rows of each group, in EasyEdit's
+    order (seed by seed), one batch per seed, to the longest length (the seed's tokens and the tokenizer's own BOS
+    counted, as ``generate_fast``'s ``max_out_len``). One ``torch.Generator`` seeded with ``config.seed`` draws
+    every token, in that order."""
+    groups = [(length, count) for length, count in config.context_template_length_params if count > 0]
+    tokenizer = model.tokenizer
+    generator = torch.Generator().manual_seed(config.seed)
+    longest = max(length for length, _ in groups)
+    if not config.prefix_seeds:
+        start = _start_ids(tokenizer)
+        lengths = [length for length, count in groups for _ in range(count)]
+        rows = _sample_rows(model, [start] * len(lengths), longest, config.prefix_top_k, generator)
+        return [row[len(start) : max(length, len(start))] for row, length in zip(rows, lengths)]
+    per_seed = {seed: [] for seed in config.prefix_seeds}  # seed → its rows' lengths, group by group
+    for length, count in groups:
+        for seed in config.prefix_seeds:
+            per_seed[seed] += [length] * (count // len(config.prefix_seeds))
+    sampled = {}
+    for seed, lengths in per_seed.items():
+        if lengths:
+            start = list(encode(tokenizer, seed).ids)  # (with the tokenizer's own BOS, if it adds one)
+            rows = _sample_rows(model, [start] * len(lengths), max(longest, len(start)), config.prefix_top_k, generator)
+            bos = len(_start_ids(tokenizer)) if list(encode(tokenizer, "").ids) else 0
+            sampled[seed] = [row[bos : max(length, len(start))] for row, length in zip(rows, lengths)]
+    # EasyEdit's order: group by group, and within a group seed by seed
+    order, taken = [], dict.fromkeys(per_seed, 0)
+    for length, count in groups:
+        for seed in config.prefix_seeds:
+            n = count // len(config.prefix_seeds)
+            order += sampled[seed][taken[seed] : taken[seed] + n] if n else []
+            taken[seed] += n
+    return order
+
+
+def _prefixes_spec(model, config: ROMEConfig) -> dict:
+    from keyscope.covariance import upstream_fingerprint
+
+    top = n_layers(model) - 1
+    return {
+        "sampler": PREFIX_SAMPLER,
+        "model": model_name(model),
+        "weights": upstream_fingerprint(model, top),
+        "last_W_out": float(W_out(model, top).double().square().sum()),  # upstream_fingerprint leaves it out
+        "dtype": str(next(model.original_model.parameters()).dtype),
+        "vocab": len(model.tokenizer),
+        "bos": list(encode(model.tokenizer, "").ids),
+        "lengths": [list(group) for group in config.context_template_length_params],
+        "top_k": config.prefix_top_k,
+        "seeds": list(config.prefix_seeds),
+        "seed": config.seed,
+    }
+
+
+def context_prefixes(model, config: ROMEConfig | None = None, cache: bool = True) -> tuple[str, ...]:
+    """ROME's context prefixes, sampled from ``model``: ``("", p_1, …, p_N)`` with ``""`` the bare prompt.
+
+    Sampled with top-``prefix_top_k`` sampling from a ``torch.Generator`` seeded with ``config.seed``, from the
+    BOS or from ``config.prefix_seeds`` (:func:`sample_context_prefixes`; logits beyond the tokenizer's
+    vocabulary masked out), decoded without special tokens and cleaned (:func:`_clean_prefix`). Deterministic
+    for a given model, config and device. With ``cache`` the sampled ids are kept in keyscope's cache, keyed by
+    the model's weights and the sampler's settings (:mod:`keyscope.cache`: atomic, verified), so every command
+    and edit of a model reads the same prefixes without sampling them again.
+    """
+    from keyscope import cache as artefacts
+
+    config = config or ROMEConfig.for_model(model)
+    if not any(count > 0 for _, count in config.context_template_length_params):
+        return ("",)
+
+    def compute() -> dict[str, torch.Tensor]:
+        rows = sample_context_prefixes(model, config)
+        width = max((len(row) for row in rows), default=0)
+        ids = torch.zeros((len(rows), width), dtype=torch.long)  # (n_prefixes, width)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+        return {"ids": ids, "lengths": torch.tensor([len(row) for row in rows], dtype=torch.long)}
+
+    tensors = artefacts.cached("prefixes", _prefixes_spec(model, config), compute) if cache else compute()
+    rows = [ids[:length].tolist() for ids, length in zip(tensors["ids"], tensors["lengths"].tolist())]
+    texts = model.tokenizer.batch_decode(rows, skip_special_tokens=True, clean_up_tokenization_spaces=False)
     return ("", *(_clean_prefix(text) for text in texts))
 
 

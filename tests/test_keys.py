@@ -25,11 +25,18 @@ def models(tiny_checkpoints):
 # ------------------------------------------------------------------------------------- BOS
 
 
-def test_bridge_tokenizer_prepends_bos_and_index_counts_it(models):
-    model = models["gpt2"]
+@pytest.mark.parametrize("arch", hf_tiny.ARCHITECTURES)
+def test_model_tokenizes_as_trained_and_index_counts_the_bos(models, tiny_checkpoints, arch):
+    """The bridge would prepend a BOS to every tokenizer; keyscope's models read text as their own tokenizer does:
+    no BOS for the byte-level BPE of GPT-2 / GPT-NeoX / GPT-J, ``<s>`` for the LLaMA-style one."""
+    from transformers import AutoTokenizer
+
+    model = models[arch]
+    own = AutoTokenizer.from_pretrained(str(tiny_checkpoints[arch]))
     enc, index = locate(model.tokenizer, "{} is located in", "The Eiffel Tower")
-    assert enc.ids[0] == model.tokenizer.bos_token_id
-    assert torch.equal(model.to_tokens(enc.text)[0], torch.tensor(enc.ids))
+    assert list(enc.ids) == own(enc.text)["input_ids"]
+    assert (enc.ids[0] == model.tokenizer.bos_token_id) == (arch in ("llama", "mistral"))
+    assert enc.offsets[index][1] == len("The Eiffel Tower")
 
 
 # ------------------------------------------------------------------------------------- collect_keys

@@ -33,8 +33,9 @@ from keyscope.factworld.train import TrainConfig, train
 #: ROME settings written into every factworld card (``"rome_config"``, read by
 #: :meth:`keyscope.rome.ROMEConfig.for_model`): the published LLaMA settings (EasyEdit ``llama-7b.yaml``) but
 #: 60 v* steps instead of 25, because factworld is confident in its facts and 25 steps often stop short of the
-#: new target (``docs/history.md``).
-ROME_CONFIG = {"v_num_grad_steps": 60}
+#: new target (``docs/history.md``); and context prefixes sampled from the BOS alone (kmeng01/rome), not from
+#: EasyEdit's seed words, which factworld's world-built vocabulary does not hold as words.
+ROME_CONFIG = {"v_num_grad_steps": 60, "prefix_seeds": []}
 
 #: The quality bar every seed must clear: top-1 accuracies (fractions), ROME at the traced layer, and an edit
 #: site above the first layer.
