@@ -117,7 +117,7 @@ class Failure:
 @dataclass(frozen=True)
 class FactFile:
     """What :func:`read_facts` found in a source: its schema, how many records, the facts (with the index of
-    the record each came from) and the failures."""
+    the record each came from), the failures, and the records as read (:func:`fact_records`)."""
 
     source: str
     schema: str
@@ -125,6 +125,7 @@ class FactFile:
     facts: tuple[Fact, ...]
     failures: tuple[Failure, ...]
     indices: tuple[int, ...] = ()  # record index of each fact
+    records: tuple = field(default=(), repr=False, compare=False)  # the parsed JSON records, in file order
 
 
 class _RecordError(Exception):
@@ -408,7 +409,20 @@ def read_facts(source: str | Path) -> FactFile:
         if schema == PATIL:
             raise UnknownSchema(f"{source} is a Patil et al. paraphrase table, not a fact file; read it with load_paraphrases")
     facts, failures, indices = parse_records(records, schema)
-    return FactFile(name, schema, len(records), tuple(facts), tuple(failures), tuple(indices))
+    return FactFile(name, schema, len(records), tuple(facts), tuple(failures), tuple(indices), tuple(records))
+
+
+def fact_records(fact_file: FactFile, positions: Iterable[int]) -> list:
+    """The records of the facts ``fact_file.facts[i]`` for ``i`` in ``positions``, as read (same schema, same
+    fields), so that a file of them reads back as those facts. A record without its case id (``case_id``;
+    ``known_id`` for ``rome_known``) had its index in the file for one; it gets that one written in, so the facts
+    keep their case ids in a file of a subset."""
+    key = "known_id" if fact_file.schema == ROME_KNOWN else "case_id"
+    out = []
+    for i in positions:
+        record = fact_file.records[fact_file.indices[i]]
+        out.append(record if key in record else {key: fact_file.facts[i].case_id, **record})
+    return out
 
 
 def _existing(source: str | Path) -> Path:

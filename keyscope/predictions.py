@@ -14,8 +14,8 @@ token ids** — the exact sequences fed to the model — run in right-padded bat
   optionally the probability of one chosen token per prompt;
 * :func:`score_targets` scores whole (multi-token) targets teacher-forced: their log-probability, whether
   every target token is the top-1 prediction, and the argmax tokens at the target positions;
-* :func:`predicts_target`, :func:`known_facts` and :func:`sample_known_facts` ask which facts (of
-  :mod:`keyscope.datasets`) the model knows: top-1 on the first token of the true target.
+* :func:`predicts_target`, :func:`known_mask`, :func:`known_facts` and :func:`sample_known_facts` ask which facts
+  (of :mod:`keyscope.datasets`) the model knows: top-1 on the first token of the true target.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ from keyscope.errors import KeyscopeError, SubjectNotFound
 from keyscope.prompts import encode, length_batches, pad_batch, tokens_overlapping
 
 __all__ = ["TopK", "prompt_context", "target_context", "target_sequence", "TargetScores", "score_targets", "target_runs",
-           "next_token_top_k", "decode_token", "predicts_target", "known_facts", "sample_known_facts", "UnknownFacts"]
+           "next_token_top_k", "decode_token", "predicts_target", "has_true_target", "known_mask", "known_facts",
+           "sample_known_facts", "UnknownFacts"]
 
 
 @dataclass(frozen=True)
@@ -157,13 +158,17 @@ def next_token_top_k(
     k: int = 1,
     batch_size: int = 32,
     targets: Sequence[int] | None = None,
+    progress: bool = False,
 ) -> TopK:
     """Top-``k`` next tokens after each context (token ids as fed to the model) and their probabilities.
 
     Contexts are sorted by length and run in right-padded batches of ``batch_size``; the logits ``(batch,
     pos, vocab)`` are read at each row's last real token, ``P = softmax(logits)`` in float32. With
     ``targets`` (one token id per context) also returns ``P(target)``. Row ``i`` belongs to ``contexts[i]``.
+    ``progress`` shows a bar over the batches (on stderr).
     """
+    from tqdm.auto import tqdm
+
     n = len(contexts)
     if targets is not None and len(targets) != n:
         raise ValueError(f"got {n} contexts but {len(targets)} targets")
@@ -176,7 +181,8 @@ def next_token_top_k(
     probs = torch.zeros((n, k), dtype=torch.float32)  # (n, k)
     target_probs = torch.zeros(n, dtype=torch.float32) if targets is not None else None  # (n,)
     device = model.cfg.device
-    for rows in length_batches([len(c) for c in contexts], batch_size):
+    batches = length_batches([len(c) for c in contexts], batch_size)
+    for rows in tqdm(batches, desc="next-token predictions", unit="batch", disable=not progress, leave=False):
         input_ids, attention_mask = pad_batch([contexts[i] for i in rows], pad_id, "right", device=device)
         logits = model(input_ids, attention_mask=attention_mask, return_type="logits")  # (batch, pos, vocab)
         last = (attention_mask.sum(1) - 1).to(logits.device)  # (batch,)
@@ -199,13 +205,14 @@ def decode_token(tokenizer, token_id: int) -> str:
 
 
 def predicts_target(
-    model, facts: Sequence, target: str = "true", batch_size: int = 32, prepend_bos: bool | None = None
+    model, facts: Sequence, target: str = "true", batch_size: int = 32, prepend_bos: bool | None = None,
+    progress: bool = False,
 ) -> torch.Tensor:
     """Whether the model's top-1 next token after each fact's filled prompt is the first token of its
     ``target`` (``"true"`` or ``"new"``): a ``(n,)`` bool tensor.
 
     Prompts are sorted by length and run in right-padded batches with an attention mask; the logits are
-    read at each prompt's last real token.
+    read at each prompt's last real token (:func:`target_context` gives both; ``progress``: a bar over the batches).
     """
     if target not in ("true", "new"):
         raise ValueError(f"target must be 'true' or 'new', not {target!r}")
@@ -218,14 +225,44 @@ def predicts_target(
         pairs.append(target_context(tokenizer, fact.filled_prompt, answer, prepend_bos))
     if not pairs:
         return torch.zeros(0, dtype=torch.bool)
-    top1 = next_token_top_k(model, [context for context, _ in pairs], k=1, batch_size=batch_size).top1  # (n,)
+    contexts = [context for context, _ in pairs]
+    top1 = next_token_top_k(model, contexts, k=1, batch_size=batch_size, progress=progress).top1  # (n,)
     return top1 == torch.as_tensor([first for _, first in pairs])  # (n,)
 
 
-def known_facts(model, facts: Sequence, batch_size: int = 32, prepend_bos: bool | None = None) -> list:
+def has_true_target(fact) -> bool:
+    """Whether ``fact`` can be judged known at all: it has a ``target_true`` that is not blank."""
+    return bool(fact.target_true and fact.target_true.strip())
+
+
+def known_mask(model, facts: Sequence, batch_size: int = 32, prepend_bos: bool | None = None,
+               progress: bool = False) -> torch.Tensor:
+    """Which of ``facts`` the model knows (:func:`known_facts`): a ``(n,)`` bool tensor, ``False`` for a fact
+    without a true target (not judged). Only the judged facts are run, in the batches :func:`predicts_target`
+    makes of them."""
+    judged = [i for i, fact in enumerate(facts) if has_true_target(fact)]
+    mask = torch.zeros(len(facts), dtype=torch.bool)  # (n,)
+    mask[judged] = predicts_target(model, [facts[i] for i in judged], "true", batch_size=batch_size,
+                                   prepend_bos=prepend_bos, progress=progress)  # (judged,)
+    return mask
+
+
+def known_facts(model, facts: Sequence, batch_size: int = 32, prepend_bos: bool | None = None,
+                progress: bool = False) -> list:
     """The facts whose true target's first token is the model's top-1 prediction after the filled prompt
-    (the "known facts" filter of ROME and Yan et al.), in their original order."""
-    known = predicts_target(model, facts, "true", batch_size=batch_size, prepend_bos=prepend_bos)
+    (the "known facts" filter of ROME and Yan et al.), in their original order.
+
+    A multi-token target is judged by its first token alone, as ROME and Yan et al. judge it: ``"Los Angeles
+    Lakers"`` is known when the top-1 next token is the one that begins it, whatever the model would predict
+    after that. That token comes from :func:`target_context`: the prompt (trailing whitespace removed), one
+    space and the target (stripped) are tokenised together, once, and the target's first token is the first
+    token holding any of its characters, so the space before it goes with it where the tokenizer merges them
+    (GPT-2's ``"ĠLos"``, SentencePiece's ``"▁Los"``) and stays in the context where it is a token of its own;
+    the context is every token before it (BOS included where the model prepends one). The prediction is thus
+    read exactly where the model would see the target begin. A fact without a ``target_true``, or with a blank
+    one, is not judged and not known (:func:`has_true_target`).
+    """
+    known = known_mask(model, facts, batch_size=batch_size, prepend_bos=prepend_bos, progress=progress)
     return [fact for fact, ok in zip(facts, known.tolist()) if ok]
 
 

@@ -8,6 +8,7 @@ from keyscope.models import load_model
 from keyscope.predictions import (
     decode_token,
     known_facts,
+    known_mask,
     next_token_top_k,
     predicts_target,
     prompt_context,
@@ -104,6 +105,20 @@ def test_known_facts_keep_exactly_the_top1_true_targets(word_model):
         known = known_facts(word_model, facts, batch_size=batch_size)
         assert [f.case_id for f in known] == [0, 2, 4]
     assert predicts_target(word_model, facts, "new").tolist() == [False, True, False, True, False]
+
+
+def test_a_multi_token_target_is_judged_by_its_first_token_and_no_target_is_not_judged(word_model):
+    template, subject = "{} is located in", "The Eiffel Tower"
+    predicted = _greedy_next_word(word_model, fill(template, subject).text).strip()
+    other = "France" if predicted != "France" else "Spain"
+    facts = [Fact(0, template, subject, other, f"{predicted} {other}"),  # first token top-1: known
+             Fact(1, template, subject, other, f"{other} {predicted}"),  # only a later token top-1: not known
+             Fact(2, template, subject, other, None),  # no target_true: not judged
+             Fact(3, template, subject, other, "  ")]
+    assert known_mask(word_model, facts).tolist() == [True, False, False, False]
+    assert [f.case_id for f in known_facts(word_model, facts, batch_size=1)] == [0]
+    with pytest.raises(ValueError):  # predicts_target itself takes judged facts only
+        predicts_target(word_model, facts[2:3])
 
 
 def test_known_facts_on_a_bpe_model(tiny_checkpoints):

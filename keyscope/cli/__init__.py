@@ -3,9 +3,9 @@
 ``main(argv) -> int`` is the one place that turns every expected failure into one line on stderr and exit
 status 2, with no traceback: a bad argument (``keyscope: error: argument --n: …``), a
 :class:`~keyscope.errors.KeyscopeError`, and an :class:`OSError` (an output path that cannot be written, a
-full disk). Before a command runs, its output paths (``--out``, ``--json``, ``--export``) are checked; if it
-fails, they are put back as they were: what it had written there is removed, and the files that were there
-before come back with their old content (:func:`keyscope.cli.output.nothing_left_on_failure`). Under
+full disk). Before a command runs, its output paths (``--out``, ``--json``, ``--export``, ``--write-known``) are
+checked; if it fails, they are put back as they were: what it had written there is removed, and the files that were
+there before come back with their old content (:func:`keyscope.cli.output.nothing_left_on_failure`). Under
 ``torchrun`` every error line names its process (``keyscope: error: rank 1 of 2: …``), a failure on any rank
 ends every rank (:mod:`keyscope.distributed`: the others print ``… stopped because rank 1 of 2 failed`` and
 exit with the failing rank's status) and an unexpected exception prints its traceback, then that line, and

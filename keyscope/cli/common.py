@@ -1,6 +1,6 @@
-"""What several commands share: the model and layer from ``--model/--layer``, the facts from ``--data``, the
-layer's key covariance ``C`` from ``--corpus/--recompute``, ``--no-progress``, the output options, and the
-argument types that check counts while parsing."""
+"""What several commands share: the model and layer from ``--model/--layer``, the facts from ``--data`` (and the
+known ones of ``--known``), the layer's key covariance ``C`` from ``--corpus/--recompute``, ``--no-progress``, the
+output options, and the argument types that check counts while parsing."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ from keyscope.errors import KeyscopeError, UnknownToken
 if TYPE_CHECKING:
     from keyscope.distributed import World
 
-#: The options that name output paths: folders, then files. Every command's are checked before any work and
-#: cleaned up after a failure (:func:`keyscope.cli.main`).
+#: The options that name output paths (as ``args`` attributes; ``write_known`` is ``--write-known``): folders, then
+#: files. Every command's are checked before any work and cleaned up after a failure (:func:`keyscope.cli.main`).
 OUTPUT_FOLDERS = ("out",)
-OUTPUT_FILES = ("json", "export")
+OUTPUT_FILES = ("json", "export", "write_known")
 
 
 def add_methods_argument(parser, default: str = "rome,rome+rep") -> None:
@@ -66,10 +66,15 @@ def add_progress_argument(parser) -> None:
 
 
 def output_paths(args) -> tuple[dict[str, str | None], dict[str, str | None]]:
-    """``({"--out": folder}, {"--json": path, "--export": path})``: the output options ``args`` has."""
-    folders = {f"--{name}": getattr(args, name) for name in OUTPUT_FOLDERS if getattr(args, name, None)}
-    files = {f"--{name}": getattr(args, name) for name in OUTPUT_FILES if getattr(args, name, None)}
+    """``({"--out": folder}, {"--json": path, "--export": path, "--write-known": path})``: the output options ``args``
+    has."""
+    folders = {_flag(name): getattr(args, name) for name in OUTPUT_FOLDERS if getattr(args, name, None)}
+    files = {_flag(name): getattr(args, name) for name in OUTPUT_FILES if getattr(args, name, None)}
     return folders, files
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def check_subject_tokens(model, facts) -> None:
@@ -85,6 +90,44 @@ def check_subject_tokens(model, facts) -> None:
             what = f"the subject {fact.subject!r} (case {fact.case_id})"
             raise UnknownToken(f"{unknown_token_message(tokenizer, pieces, what)}; leave such facts out "
                                f"(keyscope data --model lists them)")
+
+
+#: ``--known``'s help: what it keeps, the same judgement as ``keyscope data --known``'s.
+KNOWN_HELP = ("keep only the facts of --data the model knows (top-1 next token after the prompt = the first token of "
+              "target_true), before anything else: as if --data were the file keyscope data --known --write-known "
+              "writes")
+
+#: ``--known``'s help for a command that draws only known facts anyway.
+ALWAYS_KNOWN_HELP = ("always on for this command: it draws the facts it uses only among those the model knows (top-1 "
+                     "next token after the prompt = the first token of target_true); --known changes nothing")
+
+
+def add_known_argument(parser, help: str = KNOWN_HELP) -> None:
+    """``--known``: the facts of ``--data`` restricted to those the model knows (:func:`known_subset`); ``help``
+    says what it does for the command (:data:`ALWAYS_KNOWN_HELP` where it changes nothing)."""
+    parser.add_argument("--known", action="store_true", help=help)
+
+
+def known_subset(args, model, facts, world: World | None = None) -> list:
+    """With ``--known``, the facts of ``facts`` that ``model`` knows (:func:`keyscope.predictions.known_facts`, with
+    a progress bar unless ``--no-progress``; a fact without a ``target_true`` is not judged, so left out), in their
+    order, or a one-line error when it knows none; without ``--known``, ``facts`` as they are. The judgement, its
+    batches included, is the one ``keyscope data --known`` makes of the same facts. Under ``torchrun`` every rank
+    of ``world`` takes rank 0's, so a near-tie read differently on another device cannot give the ranks different
+    facts."""
+    if not getattr(args, "known", False):
+        return list(facts)
+    from keyscope.distributed import SINGLE, broadcast_object
+    from keyscope.predictions import UnknownFacts, has_true_target, known_mask
+
+    world = world or SINGLE
+    mask = known_mask(model, facts, progress=not args.no_progress and world.is_main)  # (n,)
+    known = [fact for fact, ok in zip(facts, broadcast_object(mask.tolist(), world)) if ok]
+    if not known:
+        judged = sum(map(has_true_target, facts))
+        raise UnknownFacts(f"--known: the model knows none of the {judged} facts of {data_source(args)} with a "
+                           f"target_true (top-1 on its first token)")
+    return known
 
 
 def data_source(args) -> str:
@@ -174,10 +217,14 @@ def covariance_loader(model, args, world: World | None = None):
 
 
 def add_model_arguments(parser) -> None:
-    """``--model``, ``--layer`` and ``--data``, as every editing command takes them."""
+    """``--model``, ``--layer`` and ``--data``, as every editing command of :func:`edit_inputs` takes them, and its
+    ``--known``, always on: those commands edit only facts drawn among the ones the model knows
+    (:func:`keyscope.predictions.sample_known_facts`), and most of them use the other facts of ``--data`` too (the
+    names a shuffle must not spell, other facts' prompts), which restricting ``--data`` up front would change."""
     parser.add_argument("--model", default="factworld", help="factworld, a hub name or a local HF directory")
     parser.add_argument("--layer", type=int, help="edit layer (default: the model's default edit layer)")
     parser.add_argument("--data", help="facts: factworld (default for factworld) or a CounterFact/REP JSON file")
+    add_known_argument(parser, ALWAYS_KNOWN_HELP)
     add_dtype_argument(parser)
 
 
@@ -224,7 +271,8 @@ def edit_inputs(args, world: World | None = None, device: str | None = None):
     """What an editing command starts from: ``(facts, model, layer, C, corpus)`` from ``--data``, ``--model``,
     ``--layer``, ``--corpus``, ``--tokens``, ``--recompute`` and ``--no-progress`` (``--out`` and ``--json`` are
     checked before, by :func:`keyscope.cli.main`); the model on ``device``, ``C`` the same on every rank of
-    ``world`` (:func:`torchrun_world`)."""
+    ``world`` (:func:`torchrun_world`). The facts are all of ``--data``: ``--known`` is always on for these commands
+    (:func:`add_model_arguments`)."""
     from keyscope.datasets import load_facts
 
     facts = load_facts(data_source(args))

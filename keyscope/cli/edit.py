@@ -9,7 +9,9 @@ the model's top predictions before and after the edit.
 from __future__ import annotations
 
 from keyscope.cli.common import (
+    KNOWN_HELP,
     add_dtype_argument,
+    add_known_argument,
     add_progress_argument,
     add_rome_setting_argument,
     non_negative_int,
@@ -30,13 +32,14 @@ def _find_case(facts, data: str, case: str):
 
 def edit_request(args):
     """The edit request, its fact (``None`` without ``--case``) and the facts of ``--data`` (``()`` when there
-    are none: a model other than factworld without ``--data``), checked before the model loads."""
+    are none: a model other than factworld without ``--data`` or ``--known``), checked before the model loads
+    (``--known`` is applied once it has: :func:`known_request_facts`)."""
     from keyscope.cli.common import data_source
     from keyscope.datasets import load_facts
     from keyscope.rome import EditRequest
 
     fact, facts = None, ()
-    if args.case is not None or args.data is not None or args.model == "factworld":
+    if args.case is not None or args.data is not None or args.model == "factworld" or args.known:
         data = data_source(args)
         facts = load_facts(data)
         if args.case is not None:
@@ -52,6 +55,19 @@ def edit_request(args):
     return EditRequest(prompt, subject, target, target_true), fact, facts
 
 
+def known_request_facts(args, model, fact, facts) -> list:
+    """With ``--known``, the facts of ``--data`` that ``model`` knows (:func:`keyscope.cli.common.known_subset`) and a
+    one-line error if the ``--case`` fact is not one of them; without it, ``facts`` as they are."""
+    from keyscope.cli.common import known_subset
+
+    known = known_subset(args, model, facts)
+    if args.known and fact is not None and all(f is not fact for f in known):
+        raise KeyscopeError(f"--known: the model does not know case {fact.case_id} (its top-1 next token after "
+                            f"{fact.filled_prompt!r} is not the first token of {fact.target_true!r}); drop --known "
+                            f"to edit it anyway")
+    return known
+
+
 def cmd_edit(args) -> int:
     from keyscope import corpus as corpora
     from keyscope import rome
@@ -62,6 +78,7 @@ def cmd_edit(args) -> int:
     check_rome_setting(args)
     request, fact, facts = edit_request(args)
     model, layer = model_and_layer(args)
+    facts = known_request_facts(args, model, fact, facts)
     rome.check_request_tokens(model.tokenizer, request)  # an <unk> subject or target fails before C
     cov, source = covariance(model, layer, args, args.tokens, progress=not args.no_progress)
     config = experiment.ProbeConfig(experiment.edit_probes(args.shuffles, args.context_tokens, args.seed))
@@ -75,6 +92,10 @@ def cmd_edit(args) -> int:
     print(experiment.format_report(report))
     write_json(args.json, report.as_json())
     return 0
+
+
+#: ``--known``'s help for ``edit`` (and ``reach`` with ``--case``).
+KNOWN_EDIT_HELP = f"{KNOWN_HELP}; --case must be one of them"
 
 
 def add_request_arguments(parser) -> None:
@@ -98,6 +119,7 @@ def register(sub) -> None:
                                     "long-context prompts, with each key's edit strength")
     add_request_arguments(p)
     p.add_argument("--data", help="facts for --case: factworld (default for factworld) or a CounterFact/REP file")
+    add_known_argument(p, KNOWN_EDIT_HELP)
     p.add_argument("--model", default="factworld", help="factworld, a hub name or a local HF directory")
     add_dtype_argument(p)
     p.add_argument("--layer", type=int, help="edit layer (default: the model's default edit layer)")

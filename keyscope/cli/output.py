@@ -50,7 +50,7 @@ def check_outputs(*, folders: dict[str, str | None] | None = None, files: dict[s
                 raise KeyscopeError(f"{option} {value}: cannot write in {base} ({exc.strerror or exc})") from exc
 
 
-def write_json(path: str | None, payload: dict) -> None:
+def write_json(path: str | None, payload: dict | list) -> None:
     """Write ``payload`` to ``path`` atomically (nothing if ``path`` is empty) and say so: into a temporary file
     beside it, moved into place at the end and removed if anything fails (:func:`keyscope.atomic.write_text`)."""
     if not path:

@@ -15,8 +15,14 @@ precision@K and the Spearman correlation of ``s(k)`` with the KL. Writes ``reach
 
 from __future__ import annotations
 
-from keyscope.cli.common import add_dtype_argument, add_rome_setting_argument, non_negative_int, positive_int
-from keyscope.cli.edit import add_probe_arguments, add_request_arguments
+from keyscope.cli.common import (
+    add_dtype_argument,
+    add_known_argument,
+    add_rome_setting_argument,
+    non_negative_int,
+    positive_int,
+)
+from keyscope.cli.edit import KNOWN_EDIT_HELP, add_probe_arguments, add_request_arguments
 from keyscope.cli.output import check_outputs, write_json
 from keyscope.errors import KeyscopeError
 
@@ -36,7 +42,7 @@ def _config(args):
 def cmd_reach(args) -> int:
     from keyscope import corpus as corpora
     from keyscope.cli.common import check_rome_setting, covariance, data_source, model_and_layer, rome_config
-    from keyscope.cli.edit import edit_request
+    from keyscope.cli.edit import edit_request, known_request_facts
     from keyscope.datasets import load_facts
     from keyscope.editing import check_methods
     from keyscope.experiments import reach as experiment
@@ -55,6 +61,8 @@ def cmd_reach(args) -> int:
     else:
         request, fact, facts = edit_request(args)
     model, layer = model_and_layer(args)
+    if args.n is None:  # --n draws known facts anyway, and its edits use all of --data (--known is always on)
+        facts = known_request_facts(args, model, fact, facts)
     progress = not args.no_progress
     cov, source = covariance(model, layer, args, args.cov_tokens, progress=progress)
     probe_config = ProbeConfig(edit_probes(args.shuffles, args.context_tokens, args.seed))
@@ -82,6 +90,8 @@ def register(sub) -> None:
     p.add_argument("--n", type=positive_int, help="instead of one edit: the reach of N known facts of --data drawn with "
                                          "--seed, summarised (reach_edits.csv, reach_edits.png)")
     p.add_argument("--data", help="facts for --case/--n: factworld (default for factworld) or a CounterFact/REP file")
+    add_known_argument(p, f"{KNOWN_EDIT_HELP}. With --n it changes nothing: --n draws only facts the model knows "
+                          f"(always on)")
     p.add_argument("--model", default="factworld", help="factworld, a hub name or a local HF directory")
     add_dtype_argument(p)
     p.add_argument("--layer", type=int, help="edit layer (default: the model's default edit layer)")

@@ -3,7 +3,7 @@ write ``REPORT.md`` beside them (see :mod:`keyscope.experiments.reproduce`)."""
 
 from __future__ import annotations
 
-from keyscope.cli.common import add_progress_argument
+from keyscope.cli.common import add_known_argument, add_progress_argument
 from keyscope.cli.output import write_json
 from keyscope.errors import KeyscopeError
 
@@ -15,7 +15,7 @@ def cmd_reproduce(args) -> int:
     from keyscope.experiments import reproduce
 
     config = reproduce.ReproduceConfig(model=args.model, data=args.data, layer=args.layer, corpus=args.corpus,
-                                       seed=args.seed)
+                                       seed=args.seed, known=args.known)
     if args.quick:
         config = replace(config, trace_facts=10, similarity_subjects=10, scan_subjects=20, scan_tokens=20_000, values_edits=5,
                          evaluate_edits=5, bounds_edits=3, taus=(0.5, 0.9))
@@ -38,6 +38,9 @@ def register(sub) -> None:
     p = sub.add_parser("reproduce", help="every figure, Table 1 and the lemma report, and REPORT.md, in one run")
     p.add_argument("--model", default="factworld", help="factworld, a hub name or a local HF directory")
     p.add_argument("--data", help="facts (default: factworld's for factworld; required otherwise)")
+    add_known_argument(p, "Figures 3 and 4 (similarity, scan) only on the facts of --data the model knows (top-1 next "
+                          "token after the prompt = the first token of target_true), as those commands' --known; the "
+                          "other stages draw only known facts anyway")
     p.add_argument("--layer", type=int, help="edit layer (default: the model's default edit layer)")
     p.add_argument("--corpus", help="corpus for C, scans, long contexts and REP's negatives")
     p.add_argument("--seed", type=int, default=0)

@@ -22,6 +22,7 @@ from dataclasses import replace
 from keyscope.cli.common import (
     BATCH_SIZE_HELP,
     add_dtype_argument,
+    add_known_argument,
     add_progress_argument,
     non_negative_int,
     positive_int,
@@ -44,7 +45,13 @@ def cmd_scan(args) -> int:
 
 def _scan(args, world, device) -> int:
     from keyscope import scan
-    from keyscope.cli.common import check_subject_tokens, covariance, data_source, model_and_layer
+    from keyscope.cli.common import (
+        check_subject_tokens,
+        covariance,
+        data_source,
+        known_subset,
+        model_and_layer,
+    )
     from keyscope.datasets import read_facts
     from keyscope.experiments import scan as experiment
     from keyscope.memory import DEFAULT_BATCH_SIZE, corpus_batch_size
@@ -57,7 +64,7 @@ def _scan(args, world, device) -> int:
     data = data_source(args)
     fact_file = read_facts(data)
     model, layer = model_and_layer(args, device)
-    facts = experiment.distinct_subjects(fact_file.facts, args.subjects)
+    facts = experiment.distinct_subjects(known_subset(args, model, fact_file.facts, world), args.subjects)
     if not facts:
         raise KeyscopeError(f"{data} holds no usable facts ({len(fact_file.failures)} records failed to load)")
     check_subject_tokens(model, facts)
@@ -96,6 +103,7 @@ def register(sub) -> None:
     p.add_argument("--model", default="factworld", help="factworld, a hub name or a local HF directory")
     p.add_argument("--layer", type=int, help="key layer (default: the model's default edit layer)")
     p.add_argument("--data", help="facts: factworld (default for factworld) or a CounterFact/REP JSON file")
+    add_known_argument(p)
     add_dtype_argument(p)
     p.add_argument("--corpus", help="corpus to scan and to estimate C from (default: factworld filler for "
                                     "factworld, WikiText-103 otherwise; or a text file/folder)")

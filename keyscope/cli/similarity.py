@@ -3,23 +3,29 @@ contexts, in the whitened metric ``C⁻¹`` that decides how far a ROME edit rea
 
 from __future__ import annotations
 
-from keyscope.cli.common import add_dtype_argument, add_progress_argument, positive_int
+from keyscope.cli.common import add_dtype_argument, add_known_argument, add_progress_argument, positive_int
 from keyscope.cli.output import write_json
 from keyscope.errors import KeyscopeError
 
 
 def cmd_similarity(args) -> int:
     from keyscope import corpus as corpora
-    from keyscope.cli.common import check_subject_tokens, covariance, data_source, model_and_layer
+    from keyscope.cli.common import (
+        check_subject_tokens,
+        covariance,
+        data_source,
+        known_subset,
+        model_and_layer,
+    )
     from keyscope.datasets import load_facts
     from keyscope.experiments import similarity as experiment
 
     data = data_source(args)
     facts = load_facts(data)
-    pca = [f for f in facts if f.subject == args.pca_subject][:1]
-    if args.pca_subject is not None and not pca:
-        raise KeyscopeError(f"--pca-subject {args.pca_subject!r} is not a subject of {data}")
+    _pca_facts(facts, args.pca_subject, data)  # an unknown subject fails before the model loads
     model, layer = model_and_layer(args)
+    facts = known_subset(args, model, facts)
+    pca = _pca_facts(facts, args.pca_subject, f"the facts of {data} the model knows (--known)")
     check_subject_tokens(model, experiment.pick_facts(facts, args.n_subjects, args.seed) + pca)
     progress = not args.no_progress
     cov, source = covariance(model, layer, args, args.tokens, progress=progress)
@@ -36,12 +42,21 @@ def cmd_similarity(args) -> int:
     return 0
 
 
+def _pca_facts(facts, subject: str | None, where: str) -> list:
+    """The first fact of ``--pca-subject`` (``[]`` without it), or a one-line error naming ``where`` it was looked for."""
+    pca = [f for f in facts if f.subject == subject][:1]
+    if subject is not None and not pca:
+        raise KeyscopeError(f"--pca-subject {subject!r} is not a subject of {where}")
+    return pca
+
+
 def register(sub) -> None:
     p = sub.add_parser("similarity", help="Figure 3: whitened similarity of perturbed subject keys")
     p.add_argument("--model", default="factworld", help="factworld, a hub name or a local HF directory")
     add_dtype_argument(p)
     p.add_argument("--layer", type=int, help="edit layer (default: the model's default edit layer)")
     p.add_argument("--data", help="facts: factworld (default for factworld) or a CounterFact/REP JSON file")
+    add_known_argument(p)
     p.add_argument("--n-subjects", type=positive_int, default=100, help="number of subjects (default 100)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--corpus", help="corpus for C = E[k k^T] and long contexts (default: factworld filler for "

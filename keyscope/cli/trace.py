@@ -8,7 +8,13 @@ map) and ``trace.csv`` (one row per fact) into ``--out``.
 
 from __future__ import annotations
 
-from keyscope.cli.common import add_dtype_argument, add_progress_argument, positive_int
+from keyscope.cli.common import (
+    ALWAYS_KNOWN_HELP,
+    add_dtype_argument,
+    add_known_argument,
+    add_progress_argument,
+    positive_int,
+)
 from keyscope.cli.output import write_json
 from keyscope.errors import KeyscopeError
 
@@ -45,6 +51,7 @@ def register(sub) -> None:
     p.add_argument("--model", default="factworld", help="factworld, a hub name or a local HF directory")
     add_dtype_argument(p)
     p.add_argument("--data", help="facts: factworld (default for factworld) or a CounterFact/REP/known-facts file")
+    add_known_argument(p, ALWAYS_KNOWN_HELP)
     p.add_argument("--n", type=positive_int, default=200, help="known facts to trace (default 200)")
     p.add_argument("--samples", type=positive_int, default=5, help="noise draws per fact (default 5; ROME: 10)")
     p.add_argument("--noise", type=float, default=3.0, help="noise sigma in embedding standard deviations (default 3)")

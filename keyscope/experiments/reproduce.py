@@ -26,7 +26,7 @@ from keyscope import evaluate as ev
 from keyscope import scan as scan_lib
 from keyscope.atomic import write_text
 from keyscope.covariance import load_or_compute_covariance
-from keyscope.datasets import load_facts, read_facts
+from keyscope.datasets import load_facts
 from keyscope.experiments import bounds as bounds_exp
 from keyscope.experiments import readme
 from keyscope.experiments import scan as scan_exp
@@ -37,6 +37,7 @@ from keyscope.experiments import values as values_exp
 from keyscope.experiments.tables import percent, read_csv
 from keyscope.metrics import METRICS
 from keyscope.models import default_layer, load_model, model_name
+from keyscope.predictions import UnknownFacts, known_facts
 from keyscope.trace import TraceConfig
 
 REPORT = "REPORT.md"
@@ -61,6 +62,7 @@ class ReproduceConfig:
     taus: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
     bounds_edits: int = 50
     seed: int = 0
+    known: bool = False  # Figures 3 and 4 on the facts the model knows only (the other stages draw only those)
 
 
 def _pct(value) -> str:
@@ -141,7 +143,8 @@ def report(figures: str | Path, run: dict) -> str:
     config, layer = run["config"], run["layer"]
     model = config["model"]
     lines = [f"# keyscope reproduction of \"Keys to Robust Edits\" on `{model}`", "",
-             f"Layer {layer}; seed {config['seed']}; regenerate with `keyscope reproduce --model {model}`. "
+             f"Layer {layer}; seed {config['seed']}; regenerate with `keyscope reproduce --model {model}"
+             f"{' --known' if config.get('known') else ''}`. "
              f"Stage times: " + ", ".join(f"{k} {v:.0f} s" for k, v in run["seconds"].items() if k != "report") + ".", ""]
     if (figures / trace_exp.TABLE).exists():
         lines += _trace_section(figures, config, layer)
@@ -227,6 +230,9 @@ def run(config: ReproduceConfig, out_dir: str | Path = "figures", progress: bool
 
         raise KeyscopeError("give the facts (a CounterFact/REP file) for a model other than factworld")
     facts = load_facts(data)
+    studied = known_facts(model, facts) if config.known else facts  # what Figures 3 and 4 study
+    if not studied:
+        raise UnknownFacts(f"the model knows none of the facts of {data} (--known)")
     source = config.corpus or corpora.default_corpus(model)
     cov = load_or_compute_covariance(model, layer, source, n_tokens=config.covariance_tokens, progress=False)
     done("covariance", start)
@@ -237,13 +243,13 @@ def run(config: ReproduceConfig, out_dir: str | Path = "figures", progress: bool
     done("trace", start)
 
     start = stage("figure 3")
-    results["similarity"] = similarity_exp.run(model, facts, layer, cov, corpora.documents(source), out, name,
+    results["similarity"] = similarity_exp.run(model, studied, layer, cov, corpora.documents(source), out, name,
                                                n_subjects=config.similarity_subjects, seed=config.seed,
                                                progress=False)
     done("figure 3", start)
 
     start = stage("figure 4")
-    scan_facts = scan_exp.distinct_subjects(read_facts(data).facts, config.scan_subjects)
+    scan_facts = scan_exp.distinct_subjects(studied, config.scan_subjects)
     scan_config = scan_lib.ScanConfig(layer=layer, n_tokens=config.scan_tokens)
     results["scan"] = scan_exp.run(model, scan_facts, cov, source, scan_config, out, name, progress=False)
     done("figure 4", start)
