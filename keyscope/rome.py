@@ -489,10 +489,10 @@ def sample_context_prefixes(model, config: ROMEConfig) -> list[list[int]]:
             sampled[seed] = [row[bos : max(length, len(start))] for row, length in zip(rows, lengths)]
     # EasyEdit's order: group by group, and within a group seed by seed
     order, taken = [], dict.fromkeys(per_seed, 0)
-    for length, count in groups:
+    for _, count in groups:
+        n = count // len(config.prefix_seeds)
         for seed in config.prefix_seeds:
-            n = count // len(config.prefix_seeds)
-            order += sampled[seed][taken[seed] : taken[seed] + n] if n else []
+            order += sampled.get(seed, [])[taken[seed] : taken[seed] + n]
             taken[seed] += n
     return order
 
