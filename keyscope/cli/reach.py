@@ -16,6 +16,7 @@ precision@K and the Spearman correlation of ``s(k)`` with the KL. Writes ``reach
 from __future__ import annotations
 
 from keyscope.cli.common import (
+    MODEL_HELP,
     add_dtype_argument,
     add_known_argument,
     add_rome_setting_argument,
@@ -92,7 +93,7 @@ def register(sub) -> None:
     p.add_argument("--data", help="facts for --case/--n: factworld (default for factworld) or a CounterFact/REP file")
     add_known_argument(p, f"{KNOWN_EDIT_HELP}. With --n it changes nothing: --n draws only facts the model knows "
                           f"(always on)")
-    p.add_argument("--model", default="factworld", help="factworld, a hub name or a local HF directory")
+    p.add_argument("--model", default="factworld", help=MODEL_HELP)
     add_dtype_argument(p)
     p.add_argument("--layer", type=int, help="edit layer (default: the model's default edit layer)")
     p.add_argument("--method", default="rome", help="editing method of the registry (default rome; e.g. rome+rep)")

@@ -3,7 +3,7 @@ write ``REPORT.md`` beside them (see :mod:`keyscope.experiments.reproduce`)."""
 
 from __future__ import annotations
 
-from keyscope.cli.common import add_known_argument, add_progress_argument
+from keyscope.cli.common import MODEL_HELP, add_known_argument, add_progress_argument
 from keyscope.cli.output import write_json
 from keyscope.errors import KeyscopeError
 
@@ -36,7 +36,7 @@ def cmd_reproduce(args) -> int:
 def register(sub) -> None:
     """Add ``keyscope reproduce`` to the top-level subparsers ``sub``."""
     p = sub.add_parser("reproduce", help="every figure, Table 1 and the lemma report, and REPORT.md, in one run")
-    p.add_argument("--model", default="factworld", help="factworld, a hub name or a local HF directory")
+    p.add_argument("--model", default="factworld", help=MODEL_HELP)
     p.add_argument("--data", help="facts (default: factworld's for factworld; required otherwise)")
     add_known_argument(p, "Figures 3 and 4 (similarity, scan) only on the facts of --data the model knows (top-1 next "
                           "token after the prompt = the first token of target_true), as those commands' --known; the "

@@ -21,6 +21,7 @@ from dataclasses import replace
 
 from keyscope.cli.common import (
     BATCH_SIZE_HELP,
+    MODEL_HELP,
     add_dtype_argument,
     add_known_argument,
     add_progress_argument,
@@ -100,7 +101,7 @@ def _scan(args, world, device) -> int:
 def register(sub) -> None:
     """Add ``keyscope scan`` to the top-level subparsers ``sub``."""
     p = sub.add_parser("scan", help="Figure 4: corpus positions whose keys an edit of a subject would reach")
-    p.add_argument("--model", default="factworld", help="factworld, a hub name or a local HF directory")
+    p.add_argument("--model", default="factworld", help=MODEL_HELP)
     p.add_argument("--layer", type=int, help="key layer (default: the model's default edit layer)")
     p.add_argument("--data", help="facts: factworld (default for factworld) or a CounterFact/REP JSON file")
     add_known_argument(p)

@@ -3,7 +3,13 @@ contexts, in the whitened metric ``C⁻¹`` that decides how far a ROME edit rea
 
 from __future__ import annotations
 
-from keyscope.cli.common import add_dtype_argument, add_known_argument, add_progress_argument, positive_int
+from keyscope.cli.common import (
+    MODEL_HELP,
+    add_dtype_argument,
+    add_known_argument,
+    add_progress_argument,
+    positive_int,
+)
 from keyscope.cli.output import write_json
 from keyscope.errors import KeyscopeError
 
@@ -52,7 +58,7 @@ def _pca_facts(facts, subject: str | None, where: str) -> list:
 
 def register(sub) -> None:
     p = sub.add_parser("similarity", help="Figure 3: whitened similarity of perturbed subject keys")
-    p.add_argument("--model", default="factworld", help="factworld, a hub name or a local HF directory")
+    p.add_argument("--model", default="factworld", help=MODEL_HELP)
     add_dtype_argument(p)
     p.add_argument("--layer", type=int, help="edit layer (default: the model's default edit layer)")
     p.add_argument("--data", help="facts: factworld (default for factworld) or a CounterFact/REP JSON file")

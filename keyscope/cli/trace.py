@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from keyscope.cli.common import (
     ALWAYS_KNOWN_HELP,
+    MODEL_HELP,
     add_dtype_argument,
     add_known_argument,
     add_progress_argument,
@@ -48,7 +49,7 @@ def register(sub) -> None:
     """Add ``keyscope trace`` to the top-level subparsers ``sub``."""
     p = sub.add_parser("trace", help="causal tracing: indirect effect of each layer at the subject's last token, "
                                      "and the layer to edit")
-    p.add_argument("--model", default="factworld", help="factworld, a hub name or a local HF directory")
+    p.add_argument("--model", default="factworld", help=MODEL_HELP)
     add_dtype_argument(p)
     p.add_argument("--data", help="facts: factworld (default for factworld) or a CounterFact/REP/known-facts file")
     add_known_argument(p, ALWAYS_KNOWN_HELP)
