@@ -8,7 +8,8 @@ A corpus *source* is one of
   from its first non-blank line (:func:`file_format`):
 
   - ``wikiextractor`` (first line ``<doc id=… title=…>``): one document per ``<doc>`` block, tags stripped,
-    the repeated title line dropped, empty stubs (title only) skipped;
+    the repeated title line and magic words (``__NOTOC__``) dropped, empty stubs (title only) and redirects
+    skipped;
   - ``wikitext`` (first line `` = Title = ``, the WikiText ``.tokens`` and ``.raw`` files): one document per
     article, split at the top-level `` = Title = `` lines, with the number escapes ``@-@``, ``@,@``, ``@.@``
     undone — exactly the preprocessing of the ``"wikitext-103"`` stream below, so a local WikiText-2 file and
@@ -90,6 +91,8 @@ _WIKITEXT_TITLE = re.compile(r"^ = [^=].* = $")
 _WIKITEXT_DETOKENIZE = ((" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."))
 _DOC_OPEN = re.compile(r'^<doc(?:\s[^>]*)?>$')
 _DOC_TITLE = re.compile(r'\btitle="([^"]*)"')
+_MAGIC_WORD = re.compile(r"^__[A-Z]+__$")
+_REDIRECT = re.compile(r"^#redirect", re.IGNORECASE)
 
 WIKIEXTRACTOR = "wikiextractor"
 WIKITEXT_FILE = "wikitext"
@@ -136,8 +139,8 @@ def _paragraph_documents(lines: Iterable[str]) -> Iterator[str]:
 def _wikiextractor_documents(lines: Iterable[str]) -> Iterator[str]:
     """WikiExtractor output: the body of each ``<doc …>…</doc>`` block, without the title line it repeats.
 
-    Blank lines inside a block are dropped; a block with no text after its title (a redirect or stub) is
-    skipped.
+    Blank lines and magic-word lines (``__NOTOC__``) inside a block are dropped; a block with no text after its
+    title (a stub) or whose text is a redirect (``#REDIRECT …``) is skipped.
     """
     title: str | None = None
     body: list[str] | None = None
@@ -149,18 +152,20 @@ def _wikiextractor_documents(lines: Iterable[str]) -> Iterator[str]:
                 title, body = (match.group(1) if match else None), []
             continue
         if stripped == "</doc>":
-            if body and title is not None and body[0].strip() == title.strip():
-                body = body[1:]
-            if body:
-                yield "\n".join(body)
+            yield from _wikiextractor_body(title, body)
             title, body = None, None
-        elif stripped:
+        elif stripped and not _MAGIC_WORD.match(stripped):
             body.append(line)
     if body:  # a truncated last block
-        if title is not None and body[0].strip() == title.strip():
-            body = body[1:]
-        if body:
-            yield "\n".join(body)
+        yield from _wikiextractor_body(title, body)
+
+
+def _wikiextractor_body(title: str | None, body: list[str]) -> Iterator[str]:
+    """The text of one WikiExtractor block (its lines after ``<doc>``), if it has any besides the title."""
+    if body and title is not None and body[0].strip() == title.strip():
+        body = body[1:]
+    if body and not _REDIRECT.match(body[0].strip()):
+        yield "\n".join(body)
 
 
 def _wikitext_articles(lines: Iterable[str]) -> Iterator[str]:

@@ -104,3 +104,13 @@ def test_new_formats_feed_token_batches(tmp_path):
     tok = hf_tiny.byte_level_bpe_tokenizer()
     batches = list(corpus.token_batches(tok, path, n_tokens=40, seq_len=16, batch_size=2))
     assert sum(b.n_tokens for b in batches) == 40
+
+
+def test_wikiextractor_skips_redirects_and_magic_words(tmp_path):
+    path = tmp_path / "wiki_01"
+    path.write_text('<doc id="2" url="?curid=2" title="Mid Coast">\nMid Coast\n\n #REDIRECT Mid_Coast\n</doc>\n'
+                    '<doc id="3" url="?curid=3" title="Seo">\nSeo\n#REDIRECTSeo Hyun-deok\n</doc>\n'
+                    '<doc id="4" url="?curid=4" title="Tacitus">\nTacitus\n__NOEDITSECTION__\n</doc>\n'
+                    '<doc id="5" url="?curid=5" title="Du Fu">\nDu Fu\n__NOTOC__\nDu Fu was a poet.\n</doc>\n',
+                    encoding="utf-8")
+    assert list(corpus.documents(path)) == ["Du Fu was a poet."]
