@@ -69,6 +69,7 @@ import numpy as np
 import torch
 
 from keyscope import rep, rome
+from keyscope.corpus import ContextSource
 from keyscope.datasets import Fact
 from keyscope.editing import EDITORS, ModelEdit, check_methods, make_editor, prepare_context
 from keyscope.errors import KeyscopeError
@@ -413,6 +414,7 @@ def run(model, facts: Sequence[Fact], layer: int, cov, context_docs, corpus=None
     chosen, _ = sample_known_facts(model, facts, config.n, config.seed, batch_size=config.batch_size)
     eval_config = ev.EvalConfig(n=config.n, seed=config.seed)
     forms = subject_forms(facts)
+    contexts = ContextSource.of(context_docs)  # one for every fact: each long context has text of its own
     edit_context = prepare_context(model, layer, cov, methods, facts, corpus, rome_config, rep_config,
                                    eval_config.n_corpus_negatives, config.seed, config.batch_size, load_covariance)
     editors = {name: make_editor(name, model, edit_context) for name in dict.fromkeys((*bases, *methods))}
@@ -441,7 +443,7 @@ def run(model, facts: Sequence[Fact], layer: int, cov, context_docs, corpus=None
     l44_rows, rows = [], []
     for j, (fact, done) in enumerate(tqdm(edits, desc="lemmas", disable=not progress)):
         l44_rows += [lemma_4_4(model, done[name], fact, name) for name in bases]
-        queries = fact_probes(tokenizer, fact, context_docs, eval_config.probes, exclude=forms, other_facts=facts)
+        queries = fact_probes(tokenizer, fact, contexts, eval_config.probes, exclude=forms, other_facts=facts)
         robust, kinds = [], []
         for kind in KINDS:
             for probe in (*queries.perturbed[kind][0], *queries.perturbed[kind][1]):

@@ -8,7 +8,8 @@ A corpus *source* is one of
   from its first non-blank line (:func:`file_format`):
 
   - ``wikiextractor`` (first line ``<doc id=… title=…>``): one document per ``<doc>`` block, tags stripped,
-    the repeated title line dropped, empty stubs (title only) skipped;
+    the repeated title line and magic words (``__NOTOC__``) dropped, empty stubs (title only) and redirects
+    skipped;
   - ``wikitext`` (first line `` = Title = ``, the WikiText ``.tokens`` and ``.raw`` files): one document per
     article, split at the top-level `` = Title = `` lines, with the number escapes ``@-@``, ``@,@``, ``@.@``
     undone — exactly the preprocessing of the ``"wikitext-103"`` stream below, so a local WikiText-2 file and
@@ -22,13 +23,16 @@ A corpus *source* is one of
 
 :func:`documents` yields the documents; :func:`corpus_id` names a source for cache keys;
 :func:`token_batches` packs documents into fixed-length token windows with a bound on the number of tokens
-(the streaming input of :mod:`keyscope.covariance` and of corpus scans).
+(the streaming input of :mod:`keyscope.covariance` and of corpus scans); a :class:`ContextSource` hands the
+long contexts of a run (:func:`keyscope.perturbations.long_context`) text of their own, context after context.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+import warnings
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,6 +94,8 @@ _WIKITEXT_TITLE = re.compile(r"^ = [^=].* = $")
 _WIKITEXT_DETOKENIZE = ((" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."))
 _DOC_OPEN = re.compile(r'^<doc(?:\s[^>]*)?>$')
 _DOC_TITLE = re.compile(r'\btitle="([^"]*)"')
+_MAGIC_WORD = re.compile(r"^__[A-Z]+__$")
+_REDIRECT = re.compile(r"^#redirect", re.IGNORECASE)
 
 WIKIEXTRACTOR = "wikiextractor"
 WIKITEXT_FILE = "wikitext"
@@ -136,8 +142,8 @@ def _paragraph_documents(lines: Iterable[str]) -> Iterator[str]:
 def _wikiextractor_documents(lines: Iterable[str]) -> Iterator[str]:
     """WikiExtractor output: the body of each ``<doc …>…</doc>`` block, without the title line it repeats.
 
-    Blank lines inside a block are dropped; a block with no text after its title (a redirect or stub) is
-    skipped.
+    Blank lines and magic-word lines (``__NOTOC__``) inside a block are dropped; a block with no text after its
+    title (a stub) or whose text is a redirect (``#REDIRECT …``) is skipped.
     """
     title: str | None = None
     body: list[str] | None = None
@@ -149,18 +155,20 @@ def _wikiextractor_documents(lines: Iterable[str]) -> Iterator[str]:
                 title, body = (match.group(1) if match else None), []
             continue
         if stripped == "</doc>":
-            if body and title is not None and body[0].strip() == title.strip():
-                body = body[1:]
-            if body:
-                yield "\n".join(body)
+            yield from _wikiextractor_body(title, body)
             title, body = None, None
-        elif stripped:
+        elif stripped and not _MAGIC_WORD.match(stripped):
             body.append(line)
     if body:  # a truncated last block
-        if title is not None and body[0].strip() == title.strip():
-            body = body[1:]
-        if body:
-            yield "\n".join(body)
+        yield from _wikiextractor_body(title, body)
+
+
+def _wikiextractor_body(title: str | None, body: list[str]) -> Iterator[str]:
+    """The text of one WikiExtractor block (its lines after ``<doc>``), if it has any besides the title."""
+    if body and title is not None and body[0].strip() == title.strip():
+        body = body[1:]
+    if body and not _REDIRECT.match(body[0].strip()):
+        yield "\n".join(body)
 
 
 def _wikitext_articles(lines: Iterable[str]) -> Iterator[str]:
@@ -295,6 +303,118 @@ def corpus_id(source: Source) -> str:
         digest.update(len(data).to_bytes(8, "little") + data)
         count += 1
     return f"texts:{count}:{digest.hexdigest()[:16]}"
+
+
+class ContextSource:
+    """The unrelated text of a run's long contexts (:func:`keyscope.perturbations.long_context`), so that each
+    context has text of its own.
+
+    One object serves a whole run, every fact's contexts being taken from it in turn. :meth:`take` joins the
+    next documents of ``source`` (a corpus source, or any iterable of documents), in the corpus's order and
+    skipping blank ones, with spaces, until the text holds enough tokens: a document too short for a context
+    is followed by the next one. The order is the corpus's own (factworld's filler stream is seeded), so the
+    k-th context of a run is the same text in every run and on every rank, whatever the seed; a stream
+    (WikiText-103, factworld) is read only as far as the contexts need.
+
+    A finite corpus whose documents are all taken goes on with the rest of each document that a context
+    began (from the first word after the last token it could use), in the same order, so no text serves two
+    contexts while there is any left. Only then does it start over at its first document: a warning, once,
+    says after how many contexts, and :attr:`n_reused` counts the contexts that reuse text. A corpus without
+    text, or whose whole text holds fewer tokens than one context takes, is :class:`EmptyCorpus`. Every
+    :meth:`take` should count with the same tokenizer.
+    """
+
+    def __init__(self, source: Source | Iterable[str]):
+        literal = isinstance(source, (list, tuple))
+        self.name = (f"the {len(source)} context documents given" if literal else
+                     f"the corpus {source}" if isinstance(source, (str, Path)) else "the context documents")
+        self._stream = iter(documents(source) if literal or isinstance(source, (str, Path)) else source)
+        self._streaming = True
+        self._documents: list[str] = []  # the non-blank documents read, in order
+        self._rest: deque[tuple[int, int]] = deque()  # (document, first character) of text no context took
+        self._total: int | None = None  # tokens in the whole corpus, counted once it is used up
+        self._restarts = 0
+        #: Contexts taken, and how many of them reuse text an earlier one took (the corpus was used up).
+        self.n_taken = 0
+        self.n_reused = 0
+
+    @classmethod
+    def of(cls, context: ContextSource | Source | Iterable[str] | None) -> ContextSource | None:
+        """``context`` itself if it is a :class:`ContextSource` (or ``None``: no long contexts), else one over it
+        (an iterator stays shared: the new source reads on where it stands). Each study calls this once per run,
+        so that its facts share one source."""
+        return context if context is None or isinstance(context, ContextSource) else cls(context)
+
+    def _piece(self) -> tuple[int, int] | None:
+        """``(document, first character)`` of the next text no context took: the corpus's next document while
+        it lasts, then the rests of documents; ``None`` when there is none."""
+        if self._streaming:
+            for doc in self._stream:
+                if doc.strip():
+                    self._documents.append(doc)
+                    return len(self._documents) - 1, 0
+            self._streaming = False
+        return self._rest.popleft() if self._rest else None
+
+    def take(self, tokenizer, n_tokens: int, spare: int = 0) -> str:
+        """The next context's text: the next pieces of text, joined with spaces, until ``tokenizer`` counts at
+        least ``n_tokens + spare`` tokens in it (no special tokens) — or the whole corpus, when it holds fewer
+        but at least ``n_tokens``. The text after the first ``n_tokens + spare`` tokens is left for later
+        contexts.
+
+        Raises :class:`EmptyCorpus` (one line, with the counts) when the whole corpus holds fewer than
+        ``n_tokens`` tokens, or no text at all.
+        """
+        if n_tokens < 1:
+            raise ValueError(f"a long context needs at least one token, not {n_tokens}")
+        need = n_tokens + spare
+        text, reused = "", False
+        while True:
+            piece = self._piece()
+            if piece is None:  # every text has served a context
+                if self._total is None:
+                    if not self._documents:
+                        raise EmptyCorpus(f"no text for long contexts in {self.name}; give a corpus with text")
+                    self._total = len(tokenizer(" ".join(self._documents), add_special_tokens=False)["input_ids"])
+                if self._total < n_tokens:
+                    raise EmptyCorpus(f"only {self._total:,} tokens of text in {self.name}, fewer than the "
+                                      f"{n_tokens:,} of one long context; give a larger corpus or ask for shorter "
+                                      f"contexts")
+                if self._total < need:  # one context takes the whole corpus, every time
+                    text, reused = " ".join(self._documents), self.n_taken > 0
+                    break
+                self._rest.extend((i, 0) for i in range(len(self._documents)))  # start over
+                self._restarts += 1
+                continue
+            reused |= self._restarts > 0
+            index, start = piece
+            text = f"{text} {self._documents[index][start:]}" if text else self._documents[index][start:]
+            offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+            if len(offsets) >= need:
+                self._keep_rest(text, piece, offsets[need - 1][1])
+                break
+        if reused and not self.n_reused:
+            contexts = f"{self.n_taken:,} long context{'s' * (self.n_taken != 1)}"
+            warnings.warn(f"{self.name} ran out after {contexts} with text of their own ({len(self._documents):,} "
+                          f"documents, {self._total:,} tokens): the later contexts reuse its text from the start "
+                          f"(give a larger corpus for text of their own)", stacklevel=2)
+        self.n_taken += 1
+        self.n_reused += reused
+        return text
+
+    def _keep_rest(self, text: str, piece: tuple[int, int], end: int) -> None:
+        """Queue the rest of ``piece`` (the last piece of ``text``) from the first word after character ``end``
+        of ``text`` (where the last token a context may use ends), if any is left."""
+        index, start = piece
+        doc = self._documents[index]
+        cut = start + max(0, end - (len(text) - len(doc) + start))  # in doc
+        word = _NEXT_WORD.search(doc, cut)
+        if word is not None:
+            self._rest.append((index, word.start()))
+
+
+#: The first character of a word that starts at or after a position (what follows whitespace).
+_NEXT_WORD = re.compile(r"(?<=\s)\S")
 
 
 @dataclass(frozen=True)

@@ -231,8 +231,8 @@ class KeyCovariance:
                               f"give a larger corpus or ask for fewer tokens")
         if self.n_tokens_ < cfg.n_tokens:
             warnings.warn(
-                f"the corpus ran out after {self.n_tokens_} of the {cfg.n_tokens} tokens asked for; "
-                f"C is estimated from {self.n_tokens_}",
+                f"the corpus ran out after {self.n_tokens_:,} of the {cfg.n_tokens:,} tokens asked for; "
+                f"C is estimated from {self.n_tokens_:,}",
                 stacklevel=2,
             )
         return self

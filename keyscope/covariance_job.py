@@ -313,8 +313,8 @@ def compute_covariances(
             _remove_checkpoint(checkpoint)
             raise
         if n < job.n_tokens and world.is_main:
-            warnings.warn(f"the corpus ran out after {n} of the {job.n_tokens} tokens asked for; "
-                          f"C is estimated from {n}", stacklevel=2)
+            warnings.warn(f"the corpus ran out after {n:,} of the {job.n_tokens:,} tokens asked for; "
+                          f"C is estimated from {n:,}", stacklevel=2)
         if world.is_main:
             for layer in todo:
                 try:

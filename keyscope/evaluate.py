@@ -58,6 +58,7 @@ import numpy as np
 import torch
 
 from keyscope import rep, rome
+from keyscope.corpus import ContextSource
 from keyscope.datasets import Fact
 from keyscope.distributed import SINGLE, World, all_gather_object, broadcast_object
 from keyscope.editing import (
@@ -69,7 +70,7 @@ from keyscope.editing import (
     make_editor,
     prepare_context,
 )
-from keyscope.errors import KeyscopeError
+from keyscope.errors import EmptyCorpus, KeyscopeError
 from keyscope.metrics import METRICS, QueryPlan, locality_kept, plan_metrics, plan_queries, score_plan
 from keyscope.perturbations import (
     KINDS,
@@ -517,7 +518,9 @@ def run_facts(model, facts: Sequence[Fact], config: EvalConfig, context_docs: It
     with their probes (:func:`keyscope.perturbations.fact_probes`); ``score`` returns ``(rows, skipped)``.
     Returns ``(rows, skipped, n_known)``, in the drawn order. A fact whose probes raise a
     :class:`~keyscope.errors.KeyscopeError` (e.g. a target without a token of its own after the prompt) is
-    skipped with its reason; none scored at all is an error.
+    skipped with its reason; none scored at all is an error, and so is a corpus too small for a long context
+    (:class:`~keyscope.errors.EmptyCorpus`: no other fact would fare better). The facts share one
+    :class:`~keyscope.corpus.ContextSource` over ``context_docs``.
 
     Under ``torchrun`` (``world``) every rank takes rank 0's draw of the facts (so a near-tie read differently on
     another device cannot split the chunks differently), builds every fact's probes (cheap, and the long contexts
@@ -535,6 +538,7 @@ def run_facts(model, facts: Sequence[Fact], config: EvalConfig, context_docs: It
         by_id = {f.case_id: f for f in facts if f.case_id in wanted} | {f.case_id: f for f in chosen}
         chosen = [by_id[i] for i in ids]
     forms = subject_forms(facts)
+    contexts = ContextSource.of(context_docs)
     rows, skipped, pending = [], [], []
     chunks = 0
 
@@ -551,8 +555,10 @@ def run_facts(model, facts: Sequence[Fact], config: EvalConfig, context_docs: It
     with tqdm(total=len(chosen), desc=desc, disable=not progress or not world.is_main) as bar:
         for fact in chosen:
             try:
-                pending.append((fact, fact_probes(model.tokenizer, fact, context_docs, config.probes, exclude=forms,
+                pending.append((fact, fact_probes(model.tokenizer, fact, contexts, config.probes, exclude=forms,
                                                   other_facts=facts)))
+            except EmptyCorpus:
+                raise
             except KeyscopeError as exc:
                 if world.is_main:  # every rank finds it; one records it
                     skipped.append({"case_id": fact.case_id, "reason": str(exc)})
@@ -582,7 +588,8 @@ def evaluate(model, facts: Sequence[Fact], layer: int, cov, context_docs: Iterab
     """Evaluate ``methods`` (names in :data:`keyscope.editing.EDITORS`) on ``config.n`` known facts drawn with
     ``config.seed`` (module docstring); batch editors get ``config.edit_batch`` facts per edit.
 
-    ``context_docs`` supplies the long contexts (an iterator: each fact gets fresh text); ``corpus`` (a
+    ``context_docs`` supplies the long contexts (a :class:`~keyscope.corpus.ContextSource` or the documents of
+    one: each long context takes text of its own); ``corpus`` (a
     :mod:`keyscope.corpus` source) supplies REP's corpus negatives; ``load_covariance(L)`` the key covariance of
     another layer, for editors that edit several. Under ``torchrun`` (``world``) the facts (or batches of facts)
     are shared among the ranks and every rank gets all rows (:func:`run_facts`); ``cov`` and what

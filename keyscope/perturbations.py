@@ -42,6 +42,7 @@ from collections import Counter
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
+from keyscope.corpus import ContextSource
 from keyscope.errors import KeyscopeError
 from keyscope.prompts import SLOT, Encoded, encode, fill, tokens_overlapping
 
@@ -246,18 +247,21 @@ def long_context(
     tokenizer,
     template: str,
     subject: str,
-    context: str | Iterable[str],
+    context: str | ContextSource | Iterable[str],
     n_tokens: int = 300,
     separator: str | None = None,
     source: str = CORPUS,
 ) -> Probe:
     """The fact preceded by ``n_tokens`` model tokens of unrelated text (Yan et al.'s long-context probe).
 
-    ``context`` is a text or an iterable of documents (e.g. ``keyscope.corpus.documents("wikitext-103")``;
-    an iterator shared between facts gives each fact fresh text; documents are joined with spaces). Its
-    first tokens are decoded and put before the prompt with ``separator``; the number of decoded tokens is
-    adjusted until :func:`count_prefix_tokens` counts exactly ``n_tokens`` tokens before the prompt, which
-    is recorded in ``n_context_tokens`` (the closest count reached if re-tokenisation never lands on it).
+    ``context`` is a text, or a :class:`~keyscope.corpus.ContextSource` (or any corpus source or iterable of
+    documents, read through one) from which the context takes its own text, ``n_tokens`` tokens and a few to
+    spare: one source shared between facts gives every context of a run text of its own, and says when the
+    corpus runs out (a corpus shorter than one context is :class:`~keyscope.errors.EmptyCorpus`). Its first
+    tokens are decoded and put before the prompt with ``separator``; the number of decoded tokens is adjusted
+    until :func:`count_prefix_tokens` counts exactly ``n_tokens`` tokens before the prompt, which is recorded
+    in ``n_context_tokens`` (the closest count reached if re-tokenisation never lands on it; fewer when a
+    literal ``context`` text is shorter).
 
     ``separator=None`` tries ``"\\n"``, ``" "`` and ``"\\n\\n"`` and keeps the first after which the prompt
     tokenises exactly as it does alone (GPT-2's ``The`` after a newline, LLaMA's ``▁The`` after a space), so
@@ -266,12 +270,7 @@ def long_context(
     template = fill(template, subject).template
     prompt = fill(template, subject).text
     prompt_ids = list(_plain(tokenizer, prompt).ids)
-    docs = [context] if isinstance(context, str) else context
-    text = ""
-    for doc in docs:
-        text = f"{text} {doc}" if text else doc
-        if len(tokenizer(text, add_special_tokens=False)["input_ids"]) >= n_tokens + 32:
-            break
+    text = context if isinstance(context, str) else ContextSource.of(context).take(tokenizer, n_tokens, 32)
     pool = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     if not pool:
         raise ValueError("the long-context text is empty")
@@ -384,16 +383,18 @@ def rephrase_kinds(fact) -> list[str] | None:
     return None
 
 
-def fact_probes(tokenizer, fact, context_docs: Iterable[str] | None, config: PerturbationConfig | None = None,
-                exclude: Collection[str] = frozenset(), other_facts: Sequence | None = None,
-                subject_pool: Sequence[str] = ()) -> FactProbes:
+def fact_probes(tokenizer, fact, context_docs: ContextSource | Iterable[str] | None,
+                config: PerturbationConfig | None = None, exclude: Collection[str] = frozenset(),
+                other_facts: Sequence | None = None, subject_pool: Sequence[str] = ()) -> FactProbes:
     """Every probe of ``fact`` (``prompt``, ``subject``, ``subject_rephrase``, ``paraphrase_prompts``), split
     in-domain / out-of-domain by whole sources (module docstring).
 
-    ``context_docs`` is an iterator of unrelated documents (each long context takes fresh text); the
-    out-of-domain long contexts are made of the sentences of ``other_facts`` (:func:`fact_documents`, seeded
-    by the fact, never about its own subject). ``None`` leaves a source out. ``exclude`` holds forms that name
-    other subjects; ``subject_pool`` feeds the random baseline.
+    ``context_docs`` gives the unrelated text of the in-domain long contexts: a
+    :class:`~keyscope.corpus.ContextSource` that the run's facts share (each long context takes text of its
+    own), or documents read through one for this fact alone; the out-of-domain long contexts are made of the
+    sentences of ``other_facts`` (:func:`fact_documents`, seeded by the fact, never about its own subject).
+    ``None`` leaves a source out. ``exclude`` holds forms that name other subjects; ``subject_pool`` feeds the
+    random baseline.
     """
     config = config or PerturbationConfig()
     template = fill(fact.prompt, fact.subject).template
@@ -431,8 +432,9 @@ def fact_probes(tokenizer, fact, context_docs: Iterable[str] | None, config: Per
     def longs(docs, source: str) -> tuple[Probe, ...]:
         if docs is None or not config.long_context_tokens:
             return ()
-        return tuple(long_context(tokenizer, template, subject, docs, n_tokens=config.long_context_tokens, source=source)
-                     for _ in range(config.n_long_contexts))
+        contexts = ContextSource.of(docs)
+        return tuple(long_context(tokenizer, template, subject, contexts, n_tokens=config.long_context_tokens,
+                                  source=source) for _ in range(config.n_long_contexts))
 
     fact_docs = None
     if other_facts and config.out_of_domain:

@@ -33,9 +33,10 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 
 from keyscope import evaluate as ev
+from keyscope.corpus import ContextSource
 from keyscope.datasets import Fact
 from keyscope.editing import check_methods, make_editor, prepare_context
-from keyscope.errors import KeyscopeError
+from keyscope.errors import EmptyCorpus, KeyscopeError
 from keyscope.keys import collect_keys
 from keyscope.models import W_out, model_name, n_layers
 from keyscope.perturbations import PerturbationConfig, fact_probes, subject_forms
@@ -119,17 +120,20 @@ def _prepare_facts(model, facts: Sequence[Fact], config: SequentialConfig, conte
 
     chosen, n_known = sample_known_facts(model, facts, len(facts), config.seed, batch_size=config.batch_size)
     forms = subject_forms(facts)
+    contexts = ContextSource.of(context_docs)  # one for every fact: each long context has text of its own
     out, skipped = [], []
     bar = tqdm(total=config.n, desc="probes", disable=not progress)
     for fact in chosen:
         if len(out) == config.n:
             break
         try:
-            probes = fact_probes(model.tokenizer, fact, context_docs, config.probes, exclude=forms, other_facts=facts)
+            probes = fact_probes(model.tokenizer, fact, contexts, config.probes, exclude=forms, other_facts=facts)
             plan = ev.plan_queries(model.tokenizer, probes, {}, 1.0)
             unedited = score_targets(model, [plan.sequences[r] for r in plan.locality],
                                      batch_size=config.batch_size).argmax
             request = EditRequest(fact.prompt, fact.subject, fact.target_new, fact.target_true)
+        except EmptyCorpus:  # the corpus, not the fact: no other fact would fare better
+            raise
         except KeyscopeError as exc:
             skipped.append({"case_id": fact.case_id, "reason": str(exc)})
             continue

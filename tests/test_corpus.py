@@ -128,3 +128,93 @@ def test_binary_files_and_unreadable_text_are_refused(tmp_path, sp_tokenizer):
         list(corpus.token_batches(sp_tokenizer, foreign, n_tokens=500, seq_len=32))
     mixed = ["Paris is big. Жюль"] * 40  # a few unknown tokens are fine
     assert sum(b.n_tokens for b in corpus.token_batches(sp_tokenizer, mixed, n_tokens=300, seq_len=32)) == 300
+
+
+# ------------------------------------------------------------------------------------- long-context text
+
+
+def _n(tok, text: str) -> int:
+    return len(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def test_context_source_gives_each_context_documents_of_its_own(bpe_tokenizer):
+    tok = bpe_tokenizer
+    docs = ["Paris is big.", "  ", "Du Fu was a poet.", *hf_tiny.TRAINING_TEXT[:10]]
+    contexts = corpus.ContextSource(docs)
+    first = contexts.take(tok, 12)
+    assert first.startswith("Paris is big. Du Fu was a poet."), "a short document is followed by the next, blanks skipped"
+    assert _n(tok, first) >= 12 > _n(tok, first[: first.rindex(". ") + 1])
+    taken = [first] + [contexts.take(tok, 12) for _ in range(3)]
+    sentences = [s for text in taken for s in text.replace(". ", ".|").split("|")]
+    assert sentences == [d for d in docs if d.strip()][: len(sentences)], "the corpus's order, no document twice"
+    assert contexts.n_taken == 4 and contexts.n_reused == 0
+    assert corpus.ContextSource.of(contexts) is contexts and corpus.ContextSource.of(None) is None
+
+
+def test_context_source_keeps_the_order_of_the_stream_it_reads(bpe_tokenizer):
+    """While a corpus lasts, a context is the next documents of the stream joined with spaces until they hold
+    ``n + spare`` tokens — the rule the long contexts always had, so factworld's committed contexts stay the same
+    (reference: that rule written out)."""
+    pytest.importorskip("keyscope.factworld.corpus")
+    tok = bpe_tokenizer
+    stream, got = corpus.documents("factworld"), corpus.ContextSource("factworld")
+    for n in (40, 300, 700, 40):
+        text = ""
+        for doc in stream:
+            text = f"{text} {doc}" if text else doc
+            if _n(tok, text) >= n + 32:
+                break
+        assert got.take(tok, n, spare=32) == text
+    shared = corpus.documents(["a b c", "d e f", "g h i"])
+    next(shared)
+    assert corpus.ContextSource.of(shared).take(tok, 1) == "d e f", "an iterator is read on where it stands"
+
+
+def test_context_source_goes_on_with_the_rest_of_long_documents_before_reusing_text(bpe_tokenizer):
+    tok = bpe_tokenizer
+    docs = [" ".join(hf_tiny.TRAINING_TEXT[i::2]) for i in (0, 1)]  # two documents of many contexts each
+    contexts = corpus.ContextSource(docs)
+    first, second, third = (contexts.take(tok, 30, spare=4) for _ in range(3))
+    assert (first, second) == tuple(docs), "whole documents first, in the corpus's order"
+    used = tok.decode(tok(first, add_special_tokens=False)["input_ids"][:34])
+    assert docs[0].endswith(third) and docs[0].index(third) >= len(used), "then the rest, after what was used"
+    assert third[0] != " " and docs[0][docs[0].index(third) - 1] == " ", "from the start of a word"
+    with pytest.warns(UserWarning, match=r"ran out after \d+ long contexts") as caught:
+        while not contexts.n_reused:
+            contexts.take(tok, 30, spare=4)
+        for _ in range(5):
+            contexts.take(tok, 30, spare=4)
+    assert len(caught) == 1, "the warning comes once"
+    own = contexts.n_taken - contexts.n_reused
+    assert own >= 0.8 * sum(_n(tok, d) for d in docs) / 34, "about one context per n + spare tokens of the corpus"
+    assert f"after {own} long contexts" in str(caught[0].message) and contexts.n_reused == 6
+
+
+def test_many_contexts_from_a_tiny_corpus_warn_once_and_count_the_reuse(bpe_tokenizer, recwarn):
+    docs = ["Paris is big.", "Apple A5 runs iOS."]
+    contexts = corpus.ContextSource(docs)
+    texts = [contexts.take(bpe_tokenizer, 3) for _ in range(20)]
+    assert texts[:2] == docs and all(text in " ".join(docs * 2) for text in texts)
+    own = contexts.n_taken - contexts.n_reused
+    assert contexts.n_taken == 20 and 2 <= own < 20 and texts[own] == docs[0], "then the corpus from the start"
+    messages = [str(w.message) for w in recwarn.list]
+    assert messages == [f"the 2 context documents given ran out after {own} long contexts with text of their own (2 "
+                        f"documents, {_n(bpe_tokenizer, ' '.join(docs))} tokens): the later contexts reuse its text "
+                        f"from the start (give a larger corpus for text of their own)"]
+    whole = corpus.ContextSource(["Paris is big.", "Apple A5 runs iOS."])  # fewer than n + spare: all of it, every time
+    assert [whole.take(bpe_tokenizer, 3, spare=100) for _ in range(2)] == ["Paris is big. Apple A5 runs iOS."] * 2
+
+
+def test_a_corpus_too_small_for_one_context_is_one_line(tmp_path, bpe_tokenizer):
+    small = corpus.ContextSource(["Paris is big."])
+    for _ in range(2):  # the same line every time it is asked
+        with pytest.raises(EmptyCorpus, match=r"only \d+ tokens of text in the 1 context documents given, fewer than "
+                                              r"the 1,000 of one long context") as info:
+            small.take(bpe_tokenizer, 1000)
+        assert "\n" not in str(info.value)
+    (tmp_path / "blank.txt").write_text("\n\n   \n", encoding="utf-8")
+    for empty in ([], ["", "  "], tmp_path / "blank.txt"):
+        with pytest.raises(EmptyCorpus, match="no text for long contexts in") as info:
+            corpus.ContextSource(empty).take(bpe_tokenizer, 10)
+        assert "\n" not in str(info.value)
+    assert "blank.txt" in str(info.value)

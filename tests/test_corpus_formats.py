@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import pytest
+
 from keyscope import corpus
+from keyscope.errors import EmptyCorpus
 from tests import hf_tiny
 
 WIKIEXTRACTOR = """<doc id="56564557" url="?curid=56564557" title="Marcus Claudius Tacitus">
@@ -104,3 +107,49 @@ def test_new_formats_feed_token_batches(tmp_path):
     tok = hf_tiny.byte_level_bpe_tokenizer()
     batches = list(corpus.token_batches(tok, path, n_tokens=40, seq_len=16, batch_size=2))
     assert sum(b.n_tokens for b in batches) == 40
+
+
+def test_wikiextractor_skips_redirects_and_magic_words(tmp_path):
+    path = tmp_path / "wiki_01"
+    path.write_text('<doc id="2" url="?curid=2" title="Mid Coast">\nMid Coast\n\n #REDIRECT Mid_Coast\n</doc>\n'
+                    '<doc id="3" url="?curid=3" title="Seo">\nSeo\n#REDIRECTSeo Hyun-deok\n</doc>\n'
+                    '<doc id="4" url="?curid=4" title="Tacitus">\nTacitus\n__NOEDITSECTION__\n</doc>\n'
+                    '<doc id="5" url="?curid=5" title="Du Fu">\nDu Fu\n__NOTOC__\nDu Fu was a poet.\n</doc>\n',
+                    encoding="utf-8")
+    assert list(corpus.documents(path)) == ["Du Fu was a poet."]
+
+
+#: WikiText-2-raw as exported from the hub: CRLF line ends, blank lines dropped, escapes and headings kept.
+WIKITEXT_RAW = (" = Robert Boulter = \r\n Robert Boulter is an English film , television and theatre actor . \r\n"
+                " = = Career = = \r\n In 2000 Boulter had a guest @-@ starring role on The Bill . \r\n"
+                " = Du Fu = \r\n Du Fu was a prominent Chinese poet of the Tang dynasty . \r\n")
+
+#: One corpus of each format a user can pass, as ``{name: (relative path, bytes)}``; each holds two documents.
+FORMATS = {
+    "wikitext-tokens": ("wiki.test.tokens", WIKITEXT_TOKENS.encode()),
+    "wikitext-raw": ("wiki.test.raw", WIKITEXT_RAW.encode()),
+    "wikiextractor": ("text/AA/wiki_00", WIKIEXTRACTOR.encode()),
+    "plain-text": ("notes.txt", b"Paris is the capital of France.\nIt is big.\n\n\nSlovenia is a country.\n"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_every_format_gives_documents_for_c_scans_and_long_contexts(tmp_path, name):
+    """WikiText (tokenised and raw), WikiExtractor folders and plain text all give their documents to
+    ``C`` and corpus scans (:func:`keyscope.corpus.token_batches`) and to long contexts
+    (:class:`keyscope.corpus.ContextSource`), and a corpus too small for a context is one line."""
+    relative, data = FORMATS[name]
+    path = tmp_path / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    source = tmp_path if name == "wikiextractor" else path  # WikiExtractor's output is a folder
+    docs = list(corpus.documents(source))
+    assert len(docs) == 2 and all(d.strip() and "\r" not in d and "@-@" not in d and "<doc" not in d for d in docs)
+    tok = hf_tiny.byte_level_bpe_tokenizer()
+    n_tokens = sum(len(tok(d, add_special_tokens=False)["input_ids"]) + 1 for d in docs)  # + EOS after each
+    batches = list(corpus.token_batches(tok, source, n_tokens=10 * n_tokens, seq_len=16, batch_size=2))
+    assert sum(b.n_tokens for b in batches) == n_tokens, "the whole corpus, and no more"
+    contexts = corpus.ContextSource(source)
+    assert contexts.take(tok, 5) == docs[0] and contexts.take(tok, 5).startswith(docs[1])
+    with pytest.raises(EmptyCorpus, match=f"tokens of text in the corpus {source}, fewer than the 10,000 of one"):
+        corpus.ContextSource(source).take(tok, 10_000)

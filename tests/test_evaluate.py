@@ -237,3 +237,32 @@ def test_gate_recording_changes_no_score(tiny_checkpoints):
         assert {m: summary[method][m] for m in METRICS} == {m: plain_summary[method][m] for m in METRICS}
     assert summary["rome"]["gate_locality"] is None and summary["rome+rep"]["gate_counts"]["prompts"] == 2
     assert recorded["gates"]["rome+rep@0.001"]["on"] > 0  # a group scored with the recording on, not skipped
+
+
+def test_run_facts_share_one_context_source_and_stop_on_a_corpus_too_small(monkeypatch, recwarn):
+    """Every fact of a run takes its long contexts from one source over ``context_docs`` (a list too), so no two
+    share text while the corpus lasts; a corpus too small for one context stops the run with its own line rather
+    than skipping every fact."""
+    from types import SimpleNamespace
+
+    from keyscope.errors import EmptyCorpus
+    from keyscope.perturbations import PerturbationConfig
+
+    tok = hf_tiny.byte_level_bpe_tokenizer()
+    facts = [Fact(case_id=i, prompt="{} works as a", subject=subject, target_new="poet", target_true="doctor")
+             for i, subject in enumerate(("Ann Bea", "Cid Dee", "Eve Fay", "Gus Hal"))]
+    monkeypatch.setattr(ev, "sample_known_facts", lambda model, facts, n, seed, batch_size: (list(facts)[:n], n))
+    probes = PerturbationConfig(n_rephrase=0, n_shuffles=0, n_word_shuffles=0, n_long_contexts=2,
+                                long_context_tokens=20, n_random=0)
+    config = ev.EvalConfig(n=4, probes=probes)
+    model = SimpleNamespace(tokenizer=tok)
+    docs = [f"Document {i}: {text}" for i, text in enumerate(hf_tiny.TRAINING_TEXT)]  # distinct documents
+
+    def score(items):
+        return [{"case_id": f.case_id, "long": [p.template for p in q.perturbed["long"][0]]} for f, q in items], []
+
+    rows, skipped, _ = ev.run_facts(model, facts, config, docs, score, "t", progress=False)
+    contexts = [template for row in rows for template in row["long"]]
+    assert not skipped and len(contexts) == len(set(contexts)) == 8 and not recwarn.list
+    with pytest.raises(EmptyCorpus, match="only .* tokens of text in the 1 context documents given"):
+        ev.run_facts(model, facts, config, ["Paris is big."], score, "t", progress=False)

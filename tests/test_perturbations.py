@@ -224,3 +224,24 @@ def test_no_shuffles_asked_gives_none(tokenizers):
     config = pt.PerturbationConfig(n_shuffles=0, n_word_shuffles=0)
     probes = pt.fact_probes(tokenizers["bpe"], _fact(), None, config)
     assert probes.perturbed[pt.SHUFFLE] == ((), ()) and probes.perturbed[pt.SHUFFLE_WORDS] == ((), ())
+
+
+def test_facts_sharing_a_context_source_get_text_of_their_own_and_a_tiny_corpus_says_so(tokenizers, recwarn):
+    from keyscope.corpus import ContextSource
+
+    tok = tokenizers["bpe"]
+    config = pt.PerturbationConfig(n_rephrase=0, n_shuffles=0, n_word_shuffles=0, n_long_contexts=2,
+                                   long_context_tokens=20, n_random=0)
+    facts = [Fact(case_id=i, prompt="{} works as a", subject="Ann Bea Cid", target_new="poet", target_true="doctor")
+             for i in range(30)]
+    contexts = ContextSource(hf_tiny.TRAINING_TEXT[:10])  # room for a few contexts, not for 60
+    longs = [p for fact in facts for p in pt.fact_probes(tok, fact, contexts, config).perturbed["long"][0]]
+    assert len(longs) == 60 and all(abs(p.n_context_tokens - 20) <= 1 and p.source == "corpus" for p in longs)
+    own = contexts.n_taken - contexts.n_reused
+    assert contexts.n_taken == 60 and 3 <= own < 60
+    assert len({p.template for p in longs[:own]}) == own, "distinct text until the corpus runs out"
+    warned = [str(w.message) for w in recwarn.list]
+    assert len(warned) == 1 and f"ran out after {own} long contexts with text of their own" in warned[0]
+    # documents passed to one fact alone serve its contexts in turn: two contexts, two texts
+    alone = pt.fact_probes(tok, facts[0], hf_tiny.TRAINING_TEXT[:10], config).perturbed["long"][0]
+    assert alone[0].template == longs[0].template and alone[1].template == longs[1].template

@@ -37,7 +37,7 @@ def cmd_bounds(args) -> int:
     facts, model, layer, cov, source = edit_inputs(args)
     progress = not args.no_progress
     config = bounds.BoundsConfig(n=args.n, seed=args.seed, methods=methods, scan_tokens=args.scan_tokens)
-    result = bounds.run(model, facts, layer, cov, corpora.documents(args.context or source), corpus=source,
+    result = bounds.run(model, facts, layer, cov, corpora.ContextSource(args.context or source), corpus=source,
                         config=config, progress=progress, load_covariance=covariance_loader(model, args))
     print(experiment.format_summary(result))
     for path in experiment.write(result, args.out):

@@ -86,7 +86,7 @@ def cmd_edit(args) -> int:
     own = fact is not None and request.subject == fact.subject
     rephrasings = fact.subject_rephrase if own else ()
     exclude = subject_forms(facts)  # a shuffle that spells another subject's name is no shuffle
-    report = experiment.run(model, request, layer, cov, corpora.documents(source), rephrasings, config,
+    report = experiment.run(model, request, layer, cov, corpora.ContextSource(source), rephrasings, config,
                             rome_config(model, args), case_id=fact.case_id if fact is not None else None,
                             rephrase_kinds=rephrase_kinds(fact) if own else None, exclude=exclude,
                             progress=not args.no_progress)

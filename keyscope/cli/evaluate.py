@@ -76,7 +76,7 @@ def cmd_evaluate(args) -> int:
         rep_config = REPConfig.named(args.rep_setting, tau=args.tau)
         config = ev.EvalConfig(n=args.n, seed=args.seed, edit_batch=args.batch_size)
         context = args.context or source
-        result = ev.evaluate(model, facts, layer, cov, corpora.documents(context), corpus=source, methods=methods,
+        result = ev.evaluate(model, facts, layer, cov, corpora.ContextSource(context), corpus=source, methods=methods,
                              config=config, rome_config=rome_config(model, args),
                              rep_config=replace(rep_config, seed=args.seed), taus=taus, progress=progress,
                              load_covariance=covariance_loader(model, args, world), world=world)
@@ -97,7 +97,8 @@ def _ablate(args, facts, model, layer, cov, source, progress: bool, world) -> in
     from keyscope.experiments import ablation as experiment
 
     config = ev.EvalConfig(n=args.n, seed=args.seed)
-    result, files = experiment.run(model, facts, layer, cov, corpora.documents(args.context or source), source, config,
+    contexts = corpora.ContextSource(args.context or source)
+    result, files = experiment.run(model, facts, layer, cov, contexts, source, config,
                                    args.out, tau=args.tau, seed=args.seed, progress=progress, world=world)
     if not world.is_main:  # rank 0 alone prints and writes
         return 0

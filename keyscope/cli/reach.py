@@ -68,7 +68,7 @@ def cmd_reach(args) -> int:
     cov, source = covariance(model, layer, args, args.cov_tokens, progress=progress)
     probe_config = ProbeConfig(edit_probes(args.shuffles, args.context_tokens, args.seed))
     reacher = experiment.Reacher(model, layer, cov, source, args.method, facts, config, probe_config,
-                                 rome_config(model, args), context_docs=corpora.documents(source),
+                                 rome_config(model, args), context_docs=corpora.ContextSource(source),
                                  load_covariance=lambda other: covariance(model, other, args, args.cov_tokens,
                                                                           progress=progress)[0])
     if args.n is not None:

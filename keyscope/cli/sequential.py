@@ -46,7 +46,7 @@ def cmd_sequential(args) -> int:
     facts, model, layer, cov, source = edit_inputs(args)
     progress = not args.no_progress
 
-    result = run_sequential(model, facts, layer, cov, corpora.documents(args.context or source), methods, config,
+    result = run_sequential(model, facts, layer, cov, corpora.ContextSource(args.context or source), methods, config,
                             corpus=source, load_covariance=covariance_loader(model, args), progress=progress)
     print(experiment.format_table(result))
     print(f"weights restored bit-exactly: {result.weights_restored}")

@@ -35,7 +35,7 @@ def cmd_similarity(args) -> int:
     check_subject_tokens(model, experiment.pick_facts(facts, args.n_subjects, args.seed) + pca)
     progress = not args.no_progress
     cov, source = covariance(model, layer, args, args.tokens, progress=progress)
-    context_docs = corpora.documents(source)
+    context_docs = corpora.ContextSource(source)
     result = experiment.run(model, facts, layer, cov, context_docs, args.out, args.model,
                             n_subjects=args.n_subjects, seed=args.seed, pca_subject=args.pca_subject,
                             progress=progress)

@@ -25,8 +25,9 @@ import numpy as np
 
 from keyscope import reach
 from keyscope.atomic import save_figure
+from keyscope.corpus import ContextSource
 from keyscope.editing import make_editor, prepare_context
-from keyscope.errors import KeyscopeError
+from keyscope.errors import EmptyCorpus, KeyscopeError
 from keyscope.experiments.edit import ProbeConfig, build_probes, edit_probes
 from keyscope.experiments.tables import write_csv
 from keyscope.models import model_name
@@ -75,7 +76,7 @@ class Reacher:
         self.facts = tuple(facts)
         self.config = config or reach.ReachConfig()
         self.probe_config = probe_config or ProbeConfig(edit_probes(seed=self.config.seed))
-        self.context_docs = context_docs
+        self.context_docs = ContextSource.of(context_docs)  # every request's long contexts: text of their own
         self.forms = subject_forms(self.facts)  # a shuffle that spells another subject's name is no shuffle
         context = prepare_context(model, layer, cov, (method,), self.facts, source, rome_config, rep_config,
                                   seed=self.config.seed, load_covariance=load_covariance)
@@ -220,6 +221,8 @@ def run_many(reacher: Reacher, n: int, out_dir: str | Path, progress: bool = Tru
         try:
             request = EditRequest(fact.prompt, fact.subject, fact.target_new, fact.target_true)
             rows.append(edit_row(reacher.run(request, fact, progress=False)))
+        except EmptyCorpus:  # the corpus, not the fact: no other fact would fare better
+            raise
         except KeyscopeError as exc:
             skipped.append({"case_id": fact.case_id, "reason": str(exc)})
     if not rows:

@@ -243,7 +243,7 @@ def run(config: ReproduceConfig, out_dir: str | Path = "figures", progress: bool
     done("trace", start)
 
     start = stage("figure 3")
-    results["similarity"] = similarity_exp.run(model, studied, layer, cov, corpora.documents(source), out, name,
+    results["similarity"] = similarity_exp.run(model, studied, layer, cov, corpora.ContextSource(source), out, name,
                                                n_subjects=config.similarity_subjects, seed=config.seed,
                                                progress=False)
     done("figure 3", start)
@@ -260,7 +260,7 @@ def run(config: ReproduceConfig, out_dir: str | Path = "figures", progress: bool
     done("figure 5", start)
 
     start = stage("table 1 + figure 7")
-    evaluation = ev.evaluate(model, facts, layer, cov, corpora.documents(source), corpus=source,
+    evaluation = ev.evaluate(model, facts, layer, cov, corpora.ContextSource(source), corpus=source,
                              config=ev.EvalConfig(n=config.evaluate_edits, seed=config.seed), taus=config.taus,
                              progress=False)
     table1_exp.write(evaluation, out)
@@ -268,7 +268,7 @@ def run(config: ReproduceConfig, out_dir: str | Path = "figures", progress: bool
     done("table 1 + figure 7", start)
 
     start = stage("bounds")
-    results["bounds"] = bounds_lib.run(model, facts, layer, cov, corpora.documents(source), corpus=source,
+    results["bounds"] = bounds_lib.run(model, facts, layer, cov, corpora.ContextSource(source), corpus=source,
                                        config=bounds_lib.BoundsConfig(n=config.bounds_edits, seed=config.seed),
                                        progress=False)
     bounds_exp.write(results["bounds"], out)

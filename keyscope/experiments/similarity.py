@@ -18,6 +18,7 @@ import pandas as pd
 
 from keyscope import similarity
 from keyscope.atomic import atomic_write, save_figure
+from keyscope.corpus import ContextSource
 from keyscope.errors import KeyscopeError
 from keyscope.perturbations import KINDS, RANDOM, PerturbationConfig, fact_probes, subject_forms
 from keyscope.plotting import fig3
@@ -40,11 +41,12 @@ def perturbation_study(model, facts: Sequence, layer: int, cov, context_docs, co
 
     config = config or PerturbationConfig()
     tokenizer = model.tokenizer
+    contexts = ContextSource.of(context_docs)  # one for every fact: each long context has text of its own
     pool = [f.subject for f in facts]
     rows: list[dict] = []
     keys_by_case: dict = {}
     for fact in tqdm(facts, desc="perturbation keys", disable=not progress):
-        probes = fact_probes(tokenizer, fact, context_docs, config, exclude=exclude, other_facts=other_facts,
+        probes = fact_probes(tokenizer, fact, contexts, config, exclude=exclude, other_facts=other_facts,
                              subject_pool=pool).all()
         keys = similarity.probe_keys(model, probes, layer)  # (n_probes, d_mlp)
         strength = similarity.edit_strength(keys[1:], keys[0], cov).cpu()  # (n_probes - 1,)
@@ -105,6 +107,7 @@ def run(model, facts, layer: int, cov, context_docs, out_dir: str | Path, model_
     chosen = pick_facts(facts, n_subjects, seed)
     config = PerturbationConfig(seed=seed)
     forms = subject_forms(facts)
+    context_docs = ContextSource.of(context_docs)  # the PCA subject's contexts follow the others' text
     rows, keys = perturbation_study(model, chosen, layer, cov, context_docs, config, progress=progress,
                                                other_facts=facts, exclude=forms)
     summary = summarize(rows)

@@ -81,3 +81,24 @@ def test_similarity_bad_input_is_one_line(tiny_checkpoints, rep_file, tmp_path, 
 def test_similarity_needs_data_for_a_real_model(tiny_checkpoints, capsys):
     assert main(["similarity", "--model", str(tiny_checkpoints["gpt2"])]) == 2
     assert "--data is required" in capsys.readouterr().err
+
+
+def test_long_contexts_from_a_small_wikitext_raw_file_outlast_the_facts(tiny_checkpoints, rep_file, tmp_path, capsys,
+                                                                        monkeypatch):
+    """The documents of ``--corpus`` used to be one iterator that the facts' long contexts drained: a WikiText-2-raw
+    file (CRLF, blank lines dropped) shorter than the contexts asked for ended in ``ValueError: the long-context text
+    is empty``. Now the contexts go on, and one warning line says from when on they reuse the corpus's text."""
+    monkeypatch.setenv("KEYSCOPE_CACHE", str(tmp_path / "cache"))
+    facts, _ = rep_file
+    article = " {title} is a song by the band . It was released as a single in 1999 and reached number one . \r\n"
+    raw = tmp_path / "wiki.test.raw"
+    raw.write_bytes("".join(f" = {t} = \r\n = = Release = = \r\n" + article.format(title=t) * 3
+                            for t in ("Blue River", "Old Mill")).encode())
+    report = tmp_path / "sim.json"
+    argv = ["similarity", "--model", str(tiny_checkpoints["llama"]), "--layer", "1", "--data", str(facts),
+            "--corpus", str(raw), "--tokens", "200", "--out", str(tmp_path / "figs"), "--json", str(report), "--no-progress"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if line.startswith("keyscope: warning:")]
+    assert len(warnings) == 1 and f"the corpus {raw} ran out after" in warnings[0] and "reuse its text" in warnings[0]
+    assert json.loads(report.read_text())["perturbations"]["long"]["n"] == 2 * 3 * 3  # 3 facts, 3 contexts per source
