@@ -196,9 +196,14 @@ def converted_folder(gguf: str | Path, card: dict | None = None, root: str | Pat
         _write_card(build, own)
         (build / MANIFEST).write_text(json.dumps({"format": FORMAT, "gguf_sha256": digest, "files": files},
                                                  indent=2) + "\n")
-        if folder.exists():  # an incomplete or damaged earlier conversion
-            shutil.rmtree(folder)
-        os.replace(build, folder)
+        if folder.exists() and not _manifest_ok(folder):  # an incomplete or damaged earlier conversion
+            shutil.rmtree(folder, ignore_errors=True)
+        try:
+            os.replace(build, folder)
+        except OSError:  # another process put its (identical) conversion there first
+            if not _manifest_ok(folder):
+                raise
+            shutil.rmtree(build, ignore_errors=True)
     except BaseException:
         shutil.rmtree(build, ignore_errors=True)
         raise
