@@ -348,6 +348,17 @@ class PerturbationConfig:
                 raise ValueError(f"PerturbationConfig.{name} must be >= 0, not {getattr(self, name)}")
 
 
+#: The query protocol of the paper's Table 1 (Yan et al., "Keys to Robust Edits", §5): per fact 5 in-domain and 5
+#: out-of-domain queries of each kind — the 10 rephrased subjects split 5/5, 5 token and 5 word shuffles of the
+#: subject in-domain and one of each of the 5 held-out rephrased forms out of domain, 5 long contexts of corpus
+#: text in-domain and 5 of other facts' sentences out of domain. ``PerturbationConfig()`` is keyscope's default
+#: (6 + 4 shuffles, 3 + 3 long contexts).
+PROTOCOLS: dict[str, PerturbationConfig] = {
+    "keyscope": PerturbationConfig(),
+    "paper": PerturbationConfig(n_rephrase=10, n_shuffles=5, n_word_shuffles=5, n_long_contexts=5),
+}
+
+
 #: Every rephrased subject of a fact, none held out, and no other perturbation: the rephrase probes of Figure 5
 #: (:mod:`keyscope.experiments.values`) and of Figure 4's scale (:func:`keyscope.experiments.scan.rephrase_scores`).
 REPHRASES = PerturbationConfig(n_rephrase=None, n_shuffles=0, n_word_shuffles=0, n_long_contexts=0, n_random=0,

@@ -159,6 +159,20 @@ def test_without_kinds_the_second_half_of_the_rephrasings_is_out_of_domain(token
     assert probes.perturbed["long"] == ((), ())
 
 
+def test_paper_protocol_gives_five_in_domain_and_five_out_of_domain_queries_of_each_kind(tokenizers):
+    """Yan et al.'s Table 1: a fact with 10 rephrased subjects gets 5 + 5 of every kind (corpus text for the
+    in-domain long contexts, other facts' sentences out of domain)."""
+    fact = Fact(case_id=3, prompt="{} works as a", subject="Ann Bea Cid", target_new="poet", target_true="doctor",
+                subject_rephrase=tuple(f"Ann Bea Cid {i}" for i in range(10)))
+    others = [Fact(case_id=i, prompt="{} lives in", subject=f"Dan Eve {i}", target_new="Rome", target_true="Oslo")
+              for i in range(4)]
+    docs = iter(["The river runs through the old town and past the mill. " * 40] * 20)
+    probes = pt.fact_probes(tokenizers["bpe"], fact, docs, pt.PROTOCOLS["paper"], other_facts=others)
+    counts = {kind: tuple(len(half) for half in halves) for kind, halves in probes.perturbed.items()}
+    assert counts == {"rephrase": (5, 5), "shuffle": (5, 5), "shuffle_words": (5, 5), "long": (5, 5)}
+    assert pt.PROTOCOLS["keyscope"] == pt.PerturbationConfig()
+
+
 # ------------------------------------------------------------------------------------------ each caller's probes
 
 

@@ -52,12 +52,15 @@ def cmd_evaluate(args) -> int:
     )
     from keyscope.editing import EDITORS
     from keyscope.experiments import table1
+    from keyscope.perturbations import PROTOCOLS
     from keyscope.rep import SETTINGS, REPConfig
 
     methods = parse_methods(args.methods)
     if not 0.0 < args.tau < 1.0:
         raise KeyscopeError(f"--tau must lie in (0, 1), not {args.tau}")
     check_rome_setting(args)
+    if args.protocol not in PROTOCOLS:
+        raise KeyscopeError(f"--protocol must be one of {', '.join(PROTOCOLS)}, not {args.protocol!r}")
     if args.rep_setting not in SETTINGS:
         raise KeyscopeError(f"--rep-setting must be one of {', '.join(SETTINGS)}, not {args.rep_setting!r}")
     taus = parse_taus(args.tau_sweep)
@@ -74,7 +77,7 @@ def cmd_evaluate(args) -> int:
         if args.ablate:
             return _ablate(args, facts, model, layer, cov, source, progress, world)
         rep_config = REPConfig.named(args.rep_setting, tau=args.tau)
-        config = ev.EvalConfig(n=args.n, seed=args.seed, edit_batch=args.batch_size)
+        config = ev.EvalConfig(n=args.n, seed=args.seed, edit_batch=args.batch_size, probes=PROTOCOLS[args.protocol])
         context = args.context or source
         result = ev.evaluate(model, facts, layer, cov, corpora.ContextSource(context), corpus=source, methods=methods,
                              config=config, rome_config=rome_config(model, args),
@@ -128,6 +131,9 @@ def register(sub) -> None:
                         "'paper' (an earlier, looser approximation of it: the released steps, lr, objective and dropout "
                         "on keyscope's training data)")
     add_rome_setting_argument(p)
+    p.add_argument("--protocol", default="keyscope", metavar="{keyscope,paper}",
+                   help="queries per fact: keyscope's (rephrasings 5/5, 6 token + 4 word shuffles in-domain, 3 + 3 "
+                        "long contexts) or the paper's Table 1 (5 in-domain and 5 out-of-domain of each kind)")
     p.add_argument("--ablate", action="store_true",
                    help="instead of Table 1: ROME+REP under keyscope's settings, the released code's, each departure "
                         "reverted alone and each choice keyscope tried and dropped switched back on (ablation.md, "
