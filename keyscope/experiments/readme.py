@@ -411,11 +411,35 @@ def smollm2_edit(figures: Path) -> str:
                    f"(`figures/smollm2/edit_case0.json`, from `{SMOLLM2_EDIT}`).\n")
 
 
+SMOLLM2_TRACE = ("keyscope trace --model smollm2-135m --data ../shared/data/counterfact/rome_known_1000.json --n 50 "
+                 "--out figures/smollm2/trace --json figures/smollm2/trace/trace.json")
+
+
+def smollm2_trace(figures: Path) -> str:
+    """SmolLM2's causal trace (``figures/smollm2/trace/trace.json``) beside factworld's (``factworld_build_seed0.json``)
+    and the paper's choice of layer."""
+    report = json.loads((figures / "smollm2" / "trace" / "trace.json").read_text())
+    mlp, attn = report["indirect_effect"]["mlp"], report["indirect_effect"]["attn"]
+    factworld = json.loads((figures / "factworld_build_seed0.json").read_text())
+    fw_mlp = factworld["trace"]["indirect_effect"]
+    top3 = sorted(range(len(mlp)), key=lambda layer: -mlp[layer])[:3]
+    return (f"Over {report['n']} facts of ROME's known-facts set that SmolLM2 knows, corrupting the subject's embeddings "
+            f"(noise {report['noise_scale']:g}σ, {report['samples']} draws) moves P(true target) from "
+            f"{report['p_clean']:.3f} to {report['p_corrupted']:.3f}; restoring one layer's MLP output at the subject's "
+            f"last token recovers most at layers {', '.join(str(layer) for layer in top3)} (average indirect effect "
+            f"{', '.join(f'{mlp[layer]:.3f}' for layer in top3)}; layer 5: {mlp[5]:.3f}; the attention output's largest "
+            f"is {max(attn):.3f} at layer {attn.index(max(attn))}), of 30 layers. factworld's peaks at layer "
+            f"{factworld['default_layer']} of {len(fw_mlp)} ({max(fw_mlp):.3f}); the paper edits LLaMA-2-7B at layer 5 "
+            f"of 32 (`figures/smollm2/trace/trace.json`, from `{SMOLLM2_TRACE}`; the curve: "
+            f"[`trace.png`](figures/smollm2/trace/trace.png)).\n")
+
+
 BLOCKS: dict[str, Callable[[Path], str]] = {
     "similarity": similarity, "scan": scan, "values": values, "table1": table1, "tau_sweep": tau_sweep,
     "bounds": bounds, "build": build, "trace": trace, "ablation": ablation, "timing": timing, "shape": shape,
     "paper": paper, "reach": reach, "sequential": sequential,
     "memit_bounds": memit_bounds, "smollm2_known": smollm2_known, "smollm2_edit": smollm2_edit,
+    "smollm2_trace": smollm2_trace,
 }
 
 
