@@ -34,12 +34,14 @@ from keyscope.distributed import SINGLE, World
 from keyscope.editing import EditContext, make_editor, prepare_context
 from keyscope.errors import KeyscopeError
 from keyscope.evaluate import (
+    Checkpoint,
     EvalConfig,
     fact_request,
     near_twins,
     ood_probe_keys,
     paired_bootstrap_interval,
     run_facts,
+    run_spec,
     score_each,
     summarize,
 )
@@ -204,10 +206,14 @@ class AblationResult:
 
 def ablate(model, facts: Sequence[Fact], layer: int, cov, context_docs: Iterable[str], corpus=None,
            variants: Sequence[Variant] = VARIANTS, config: EvalConfig | None = None, tau: float | None = None,
-           seed: int | None = None, progress: bool = True, world: World = SINGLE) -> AblationResult:
+           seed: int | None = None, progress: bool = True, world: World = SINGLE,
+           checkpoint: Checkpoint | None = None) -> AblationResult:
     """Score ROME and each of ``variants`` on ``config.n`` known facts (module docstring). ``tau`` and ``seed``,
     if given, replace every variant's gate threshold and adaptor seed. Under ``torchrun`` (``world``) the facts
-    are shared among the ranks and every rank gets all rows (:func:`keyscope.evaluate.run_facts`)."""
+    are shared among the ranks and every rank gets all rows (:func:`keyscope.evaluate.run_facts`). ``checkpoint``:
+    the per-fact rows kept on disk as they come, and with ``checkpoint.resume`` a stopped run continued
+    (:class:`keyscope.evaluate.Checkpoint`, as :func:`keyscope.evaluate.evaluate` keeps them; its spec gets
+    :func:`keyscope.evaluate.run_spec`, the variants and the configs)."""
     from keyscope.models import model_name
 
     if not variants:
@@ -229,7 +235,12 @@ def ablate(model, facts: Sequence[Fact], layer: int, cov, context_docs: Iterable
         return score_each(items, lambda fact, queries: ablate_fact(model, fact, queries, variants, contexts,
                                                                    config.twin_cosine))
 
-    rows, skipped, n_known = run_facts(model, facts, config, context_docs, score, "ablation", progress, world=world)
+    if checkpoint is not None:
+        checkpoint.describe(command="ablation", **run_spec(model, facts, layer, cov, corpus),
+                            variants=[asdict(v) for v in variants], config=asdict(config),
+                            rome_configs=[asdict(rome_configs[ref]) for ref in (False, True)])
+    rows, skipped, n_known = run_facts(model, facts, config, context_docs, score, "ablation", progress, world=world,
+                                       checkpoint=checkpoint)
     summary = summarize(rows, config.bootstrap, config.seed)
     if BASE in names:
         for name, entry in differences(rows, names, BASE, config.bootstrap, config.seed).items():

@@ -365,14 +365,30 @@ def upstream_fingerprint(model, layer: int) -> str:
     retrained model (factworld) or one edited in an earlier layer gets a fresh covariance, while an edit at
     ``layer`` itself reuses the cached one — as ROME does, estimating ``C`` before any edit.
     """
+    skip = {id(p) for p in down_projection(model, layer).parameters()}
+
+    def counted(name: str, param) -> bool:
+        match = _LAYER_INDEX.search(name)
+        return id(param) not in skip and not (match and int(match.group(1)) > layer)
+
+    return _fingerprint(model, counted)
+
+
+def weights_fingerprint(model) -> str:
+    """A hash of every weight of ``model`` (:func:`upstream_fingerprint`'s digest over all parameters): what a
+    result of the whole model's outputs depends on (the per-fact checkpoints of :func:`keyscope.evaluate.run_facts`)."""
+    return _fingerprint(model, lambda name, param: True)
+
+
+def _fingerprint(model, counted) -> str:
+    """The first 16 hex digits of a SHA-256 over the name, shape, sum and sum of squares (float64) of each
+    parameter ``counted(name, param)`` keeps."""
     import hashlib
 
-    skip = {id(p) for p in down_projection(model, layer).parameters()}
     digest = hashlib.sha256()
     with torch.no_grad():
         for name, param in model.original_model.named_parameters():
-            match = _LAYER_INDEX.search(name)
-            if id(param) in skip or (match and int(match.group(1)) > layer):
+            if not counted(name, param):
                 continue
             p = param.detach().to(torch.float64)
             digest.update(f"{name}:{tuple(param.shape)}:{float(p.sum())!r}:{float((p * p).sum())!r};".encode())

@@ -50,9 +50,13 @@ has one per request and layer). The recording changes no score (the gate is comp
 
 from __future__ import annotations
 
+import contextlib
+import json
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -84,7 +88,7 @@ from keyscope.similarity import probe_keys, whitened_cosine_matrix
 
 __all__ = ["EvalConfig", "METHODS", "EvalResult", "evaluate", "evaluate_fact", "evaluate_batch",
            "compute_edits", "score_each", "fact_request", "summarize", "bootstrap_interval", "paired_bootstrap_interval", "near_twins",
-           "ood_probe_keys", "run_facts", "GATE_STATS", "gate_counts"]
+           "ood_probe_keys", "run_facts", "GATE_STATS", "gate_counts", "Checkpoint", "run_spec"]
 
 #: The methods evaluated by default, in Table 1's row order (any of :data:`keyscope.editing.EDITORS` can be asked).
 METHODS = ("rome", "rome+rep")
@@ -511,9 +515,124 @@ class EvalResult:
                 "rep_config": asdict(self.rep_config), "taus": list(self.taus), "skipped": self.skipped}
 
 
+#: The cache folder of :class:`Checkpoint` files (``<cache>/<kind>/<hash of the spec>/``) and their format.
+CHECKPOINT_KIND = "fact_rows_checkpoint"
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class Checkpoint:
+    """The per-fact rows of a :func:`run_facts` run kept on disk, so that a stopped run continues where it stopped
+    (``keyscope evaluate --resume``), as :mod:`keyscope.covariance_job` keeps the covariance's sums.
+
+    ``spec`` is everything the rows depend on: the caller's part (``keyscope evaluate``: the long contexts' text),
+    the run's (:meth:`describe`, called by :func:`evaluate`: model name and weights fingerprint, dtype, device
+    type, layer, ``C``, a digest of the facts, corpus, methods and every config) and :func:`run_facts`' (the drawn
+    facts' case ids, the chunk size, the number of processes). Its SHA-256 names the folder
+    ``<cache>/fact_rows_checkpoint/<hash>/`` (:func:`keyscope.cache.artefact_dir`); each rank of ``K`` keeps its own
+    chunks in ``rank<r>of<K>.json``: the spec and, per scored chunk, its index, case ids, rows and skips, rewritten
+    atomically (:func:`keyscope.atomic.write_text`) after every chunk (one fact, or one batch of a batch editor).
+    Floats are written as Python's shortest exact repr, so the restored rows give the same tables bit for bit
+    (only the ``(hits, total, prob_hits)`` tuples come back as lists).
+
+    Without ``resume`` a run starts afresh and overwrites a checkpoint of the same spec. With ``resume`` the
+    chunks found are not scored again; a run with any other spec finds no checkpoint (another folder), and one
+    whose file cannot be read or holds another spec is not used: either is one warning, and the run starts
+    afresh. The caller removes the checkpoint (:meth:`remove`) once its results are safe (``keyscope evaluate``:
+    after writing its outputs); a run stopped any other way (Ctrl-C, a crash, another rank's failure) keeps it.
+    ``restored`` is the number of facts restored, over all ranks, once :func:`run_facts` returns.
+    """
+
+    spec: dict = field(default_factory=dict)
+    resume: bool = False
+    root: str | Path | None = None  # the cache root (keyscope.cache.cache_root)
+    path: Path | None = field(default=None, init=False)
+    restored: int = field(default=0, init=False)
+    _full: dict = field(default_factory=dict, init=False, repr=False)
+
+    def describe(self, **parts) -> None:
+        """Add ``parts`` (plain JSON, or dataclasses' ``asdict``: tuples are lists, other objects their repr) to
+        the spec."""
+        self.spec = {**self.spec, **json.loads(json.dumps(parts, default=repr))}
+
+    def open(self, case_ids: Sequence, chunk: int, world: World) -> dict[int, tuple[list, list, list]]:
+        """Fix the checkpoint's path for the drawn facts ``case_ids``, in chunks of ``chunk``, on ``world``; with
+        ``resume`` return the chunks it holds (index → ``(case_ids, rows, skipped)``), else nothing."""
+        from keyscope import cache
+
+        self._full = {**self.spec, "format": CHECKPOINT_FORMAT, "facts_drawn": list(case_ids), "chunk": chunk,
+                      "world_size": world.size}
+        self.path = cache.artefact_dir(CHECKPOINT_KIND, self._full, self.root) / f"rank{world.rank}of{world.size}.json"
+        if not self.resume:
+            return {}
+        if not self.path.exists():
+            facts = f"{len(case_ids)} fact{'s' if len(case_ids) != 1 else ''}"
+            warnings.warn(f"no checkpoint of this run ({facts}, {world.size} process{'es' if world.distributed else ''}) "
+                          "to resume; starting afresh (a stopped run "
+                          "continues only with the same model, data, facts, methods, settings and processes)",
+                          stacklevel=3)
+            return {}
+        try:
+            stored = json.loads(self.path.read_text(encoding="utf-8"))
+            if stored["spec"] != json.loads(cache.canonical_json(self._full)):
+                raise ValueError("it was written for a different run")
+            return {int(index): (ids, rows, skipped) for index, ids, rows, skipped in stored["chunks"]}
+        except (OSError, ValueError, KeyError, TypeError) as exc:  # a damaged file is never used silently
+            warnings.warn(f"checkpoint {self.path} not used ({exc}); starting afresh", stacklevel=3)
+            return {}
+
+    def save(self, chunks: Mapping[int, tuple[list, list, list]]) -> None:
+        """Write ``chunks`` (index → ``(case_ids, rows, skipped)``) with the spec, atomically."""
+        from keyscope import cache
+        from keyscope.atomic import write_text
+
+        payload = {"spec": json.loads(cache.canonical_json(self._full)),
+                   "chunks": [[index, *chunks[index]] for index in sorted(chunks)]}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_text(self.path, json.dumps(payload, default=_plain_number) + "\n")
+
+    def remove(self) -> None:
+        """Delete this rank's checkpoint, and its folder once no rank's is left in it."""
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                self.path.parent.rmdir()
+
+
+def _plain_number(value):
+    """A NumPy (or torch) scalar in a row as the Python number it holds (``json.dumps``' ``default``)."""
+    if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:
+        return value.item()
+    raise TypeError(f"a per-fact row holds a {type(value).__name__}, which a checkpoint cannot keep")
+
+
+def run_spec(model, facts: Sequence[Fact], layer: int, cov, corpus=None) -> dict:
+    """What every per-fact run's rows depend on besides its methods and configs (a :class:`Checkpoint`'s spec):
+    the keyscope version, model name, fingerprint of all weights (:func:`keyscope.covariance.weights_fingerprint`),
+    dtype, device type, layer, a digest of ``C`` (and its ridge scale), of every fact (they supply negatives and
+    names a shuffle must not spell) and the corpus (:func:`keyscope.corpus.corpus_id`)."""
+    import hashlib
+
+    from keyscope import __version__
+    from keyscope.corpus import corpus_id
+    from keyscope.covariance import weights_fingerprint
+    from keyscope.models import model_name
+
+    matrix = getattr(cov, "C_", cov).detach().to("cpu", torch.float64).contiguous()
+    records = json.dumps([asdict(f) for f in facts], sort_keys=True, default=repr).encode("utf-8")
+    return {"keyscope": __version__, "model": model_name(model), "weights": weights_fingerprint(model),
+            "dtype": str(next(model.original_model.parameters()).dtype),
+            "device": torch.device(model.cfg.device).type, "layer": layer,
+            "covariance": hashlib.sha256(matrix.numpy().tobytes()).hexdigest()[:16],
+            "ridge_scale": getattr(getattr(cov, "config", None), "ridge_scale", None),
+            "facts": hashlib.sha256(records).hexdigest()[:16],
+            "corpus": corpus_id(corpus) if corpus is not None else None}
+
+
 def run_facts(model, facts: Sequence[Fact], config: EvalConfig, context_docs: Iterable[str],
               score: Callable[[Sequence[tuple[Fact, FactProbes]]], tuple[list[dict], list[dict]]], desc: str,
-              progress: bool = True, chunk: int = 1, world: World = SINGLE) -> tuple[list[dict], list[dict], int]:
+              progress: bool = True, chunk: int = 1, world: World = SINGLE,
+              checkpoint: Checkpoint | None = None) -> tuple[list[dict], list[dict], int]:
     """``score(items)`` for ``config.n`` known facts drawn with ``config.seed``, in chunks of ``chunk`` facts
     with their probes (:func:`keyscope.perturbations.fact_probes`); ``score`` returns ``(rows, skipped)``.
     Returns ``(rows, skipped, n_known)``, in the drawn order. A fact whose probes raise a
@@ -528,6 +647,11 @@ def run_facts(model, facts: Sequence[Fact], config: EvalConfig, context_docs: It
     only the chunks ``rank, rank + K, …``; the rows and skips of all ranks are gathered on every rank and put in
     the drawn order — a single process's rows, since each fact's scores depend only on the fact, its probes and
     the shared setup (seeded generators, no global random state).
+
+    With a ``checkpoint`` (:class:`Checkpoint`) every scored chunk is added to it, and with ``checkpoint.resume``
+    the chunks it holds are taken from it instead of scored: every fact's probes are still built, in order (the
+    long contexts come from one stream), so the other chunks are scored exactly as in an uninterrupted run and the
+    rows are its rows. Under ``torchrun`` each rank keeps its own chunks.
     """
     from tqdm.auto import tqdm
 
@@ -538,14 +662,26 @@ def run_facts(model, facts: Sequence[Fact], config: EvalConfig, context_docs: It
         by_id = {f.case_id: f for f in facts if f.case_id in wanted} | {f.case_id: f for f in chosen}
         chosen = [by_id[i] for i in ids]
     forms = subject_forms(facts)
+<<<<<<< HEAD
     contexts = ContextSource.of(context_docs)
+=======
+    done = checkpoint.open([f.case_id for f in chosen], chunk, world) if checkpoint is not None else {}
+>>>>>>> resume
     rows, skipped, pending = [], [], []
-    chunks = 0
+    chunks = restored = 0
 
     def flush() -> None:
-        nonlocal chunks
+        nonlocal chunks, restored
         if chunks % world.size == world.rank:  # this rank's chunk (distributed.shard's striding)
-            scored, failed = score(pending)
+            ids = [fact.case_id for fact, _ in pending]
+            if chunks in done and done[chunks][0] == ids:  # scored before the run was stopped
+                _, scored, failed = done[chunks]
+                restored += len(ids)
+            else:
+                scored, failed = score(pending)
+                if checkpoint is not None:
+                    done[chunks] = (ids, scored, failed)
+                    checkpoint.save(done)
             rows.extend(scored)
             skipped.extend(failed)
         chunks += 1
@@ -568,9 +704,12 @@ def run_facts(model, facts: Sequence[Fact], config: EvalConfig, context_docs: It
         if pending:
             flush()
     if world.distributed:
-        shares = all_gather_object((rows, skipped), world)
-        rows = [row for share, _ in shares for row in share]
-        skipped = [skip for _, share in shares for skip in share]
+        shares = all_gather_object((rows, skipped, restored), world)
+        rows = [row for share, _, _ in shares for row in share]
+        skipped = [skip for _, share, _ in shares for skip in share]
+        restored = sum(share for _, _, share in shares)
+    if checkpoint is not None:
+        checkpoint.restored = restored
     if not rows:
         raise KeyscopeError(f"no fact could be evaluated ({len(skipped)} skipped; first: {skipped[0]['reason']})")
     order = {fact.case_id: i for i, fact in enumerate(chosen)}  # the drawn order, whatever the chunks did
@@ -584,7 +723,7 @@ def evaluate(model, facts: Sequence[Fact], layer: int, cov, context_docs: Iterab
              rome_config: rome.ROMEConfig | None = None, rep_config: rep.REPConfig | None = None,
              taus: Sequence[float] = (), progress: bool = True,
              load_covariance: Callable[[int], object] | None = None, world: World = SINGLE,
-             record_gates: bool = True) -> EvalResult:
+             record_gates: bool = True, checkpoint: Checkpoint | None = None) -> EvalResult:
     """Evaluate ``methods`` (names in :data:`keyscope.editing.EDITORS`) on ``config.n`` known facts drawn with
     ``config.seed`` (module docstring); batch editors get ``config.edit_batch`` facts per edit.
 
@@ -594,7 +733,10 @@ def evaluate(model, facts: Sequence[Fact], layer: int, cov, context_docs: Iterab
     another layer, for editors that edit several. Under ``torchrun`` (``world``) the facts (or batches of facts)
     are shared among the ranks and every rank gets all rows (:func:`run_facts`); ``cov`` and what
     ``load_covariance`` returns must be the same on every rank. ``record_gates``: the gate diagnostics of gated
-    methods (module docstring), which change no other number.
+    methods (module docstring), which change no other number. ``checkpoint``: keep the per-fact rows on disk as
+    they come and, with ``checkpoint.resume``, continue a stopped run (:class:`Checkpoint`; its spec gets
+    :func:`run_spec`, the methods and every config here; the caller adds what it alone knows, the long contexts'
+    source, and removes it once the results are safe).
     """
 
     from keyscope.models import model_name
@@ -613,9 +755,13 @@ def evaluate(model, facts: Sequence[Fact], layer: int, cov, context_docs: Iterab
     def score(items):
         return evaluate_batch(model, items, editors, context, taus, config.twin_cosine, record_gates)
 
+    if checkpoint is not None:
+        checkpoint.describe(command="evaluate", **run_spec(model, facts, layer, cov, corpus), methods=list(methods),
+                            config=asdict(config), rome_config=asdict(rome_config) if rome_config else None,
+                            rep_config=asdict(rep_config), taus=list(taus), record_gates=record_gates)
     rows, skipped, n_known = run_facts(model, facts, config, context_docs, score, "evaluating edits", progress,
                                        chunk=config.edit_batch if any(e.batched for e in editors.values()) else 1,
-                                       world=world)
+                                       world=world, checkpoint=checkpoint)
     summary = summarize(rows, config.bootstrap, config.seed)
     return EvalResult(model_name(model), layer, rows, summary, config, rep_config, n_known, tuple(taus),
                       time.perf_counter() - start, skipped)

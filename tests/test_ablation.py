@@ -139,3 +139,48 @@ def test_ablate_refuses_duplicate_or_no_variants(setup):
     twice = (ablation.VARIANTS[0], ablation.VARIANTS[0])
     with pytest.raises(KeyscopeError, match="distinct"):
         ablation.ablate(model, [FACT], LAYER, cov, iter(()), variants=twice)
+
+
+@pytest.mark.slow
+def test_a_stopped_ablation_resumes_from_its_checkpoint_to_the_same_result(tmp_path, monkeypatch):
+    """:func:`keyscope.ablation.ablate` keeps its per-fact rows in a :class:`keyscope.evaluate.Checkpoint` as
+    :func:`keyscope.evaluate.evaluate` does (the shared :func:`keyscope.evaluate.run_facts`); the rows are stand-ins,
+    the mechanism is the real one on factworld's facts."""
+    import torch
+
+    from keyscope.datasets import load_facts
+    from keyscope.metrics import METRICS
+
+    model = load_model("factworld")
+    facts = load_facts("factworld")
+    cov = torch.eye(model.cfg.d_mlp)  # (d_mlp, d_mlp): the stand-in rows never edit
+    variants = (ablation.Variant("keyscope", "x", rep.REPConfig(gate_negatives=False)),
+                ablation.Variant("other", "y", rep.REPConfig(gate_negatives=False, steps=3)))
+    scored = []
+
+    def run(stop_after=None, resume=False):
+        def score(model, fact, queries, variants, contexts, twin_cosine):
+            if len(scored) == stop_after:
+                raise KeyboardInterrupt
+            scored.append(fact.case_id)
+            return {"case_id": fact.case_id, "methods": {name: {m: (len(fact.subject) % 3, 3, i % 2)
+                                                                for i, m in enumerate(METRICS)}
+                                                         for name in ("rome", "rome (reference)", "keyscope", "other")}}
+
+        monkeypatch.setattr(ablation, "ablate_fact", score)
+        checkpoint = ev.Checkpoint({"context": "test"}, resume=resume, root=tmp_path)
+        result = ablation.ablate(model, facts, 3, cov, iter(["filler text . "] * 10_000), variants=variants,
+                                 config=ev.EvalConfig(n=3, bootstrap=50), progress=False, checkpoint=checkpoint)
+        return result, checkpoint
+
+    whole, _ = run()
+    scored.clear()
+    with pytest.raises(KeyboardInterrupt):
+        run(stop_after=2)
+    assert len(list(tmp_path.glob(f"{ev.CHECKPOINT_KIND}/*/rank0of1.json"))) == 1
+    resumed, checkpoint = run(resume=True)
+    assert checkpoint.restored == 2 and len(scored) == 3  # one fact scored after the two restored
+    assert resumed.summary == whole.summary and resumed.skipped == whole.skipped
+    assert [r["case_id"] for r in resumed.rows] == [r["case_id"] for r in whole.rows]
+    checkpoint.remove()
+    assert not list(tmp_path.glob(f"{ev.CHECKPOINT_KIND}/*/*"))

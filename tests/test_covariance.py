@@ -147,12 +147,13 @@ def test_load_or_compute_caches_and_detects_corruption(models, tmp_path, monkeyp
 
 def test_fingerprint_tracks_upstream_weights_only(models):
     model = models["gpt2"]
-    before = covariance.upstream_fingerprint(model, LAYER)
+    before, whole = covariance.upstream_fingerprint(model, LAYER), covariance.weights_fingerprint(model)
     saved = {layer: W_out(model, layer).detach().clone() for layer in (LAYER - 1, LAYER)}
     try:
         with torch.no_grad():
             W_out(model, LAYER).add_(1.0)  # an edit at the layer itself does not change its keys
             assert covariance.upstream_fingerprint(model, LAYER) == before
+            assert covariance.weights_fingerprint(model) != whole  # but it changes the model's outputs
             W_out(model, LAYER - 1).add_(1.0)  # an earlier layer does
             assert covariance.upstream_fingerprint(model, LAYER) != before
     finally:
@@ -160,6 +161,7 @@ def test_fingerprint_tracks_upstream_weights_only(models):
             for layer, weight in saved.items():
                 W_out(model, layer).copy_(weight)
     assert covariance.upstream_fingerprint(model, LAYER) == before
+    assert covariance.weights_fingerprint(model) == whole
 
 
 def test_state_dict_roundtrip_and_merge_are_exact():

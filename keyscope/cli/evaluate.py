@@ -9,6 +9,10 @@ entry also holds the gate diagnostics of its Locality prompts, ``gate_locality``
 ``torchrun --nproc_per_node K -m keyscope evaluate …`` the facts (batches of ``--batch-size`` facts for a batch
 editor) are shared among the processes, the per-fact rows gathered in fact order, and rank 0 alone prints and
 writes (:mod:`keyscope.distributed`); ``--ablate`` too.
+
+The per-fact rows are checkpointed in the cache after every fact (every batch) and ``--resume`` continues a stopped
+run to the same outputs (:class:`keyscope.evaluate.Checkpoint`); the checkpoint is removed once they are written.
+``--ablate`` too.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ def cmd_evaluate(args) -> int:
         torchrun_world,
     )
     from keyscope.editing import EDITORS
+    from keyscope.experiments import ablation as experiment
     from keyscope.experiments import table1
     from keyscope.perturbations import PROTOCOLS
     from keyscope.rep import SETTINGS, REPConfig
@@ -74,6 +79,7 @@ def cmd_evaluate(args) -> int:
     with torchrun_world() as (world, device):
         facts, model, layer, cov, source = edit_inputs(args, world, device)
         progress = not args.no_progress
+<<<<<<< HEAD
         if args.ablate:
             return _ablate(args, facts, model, layer, cov, source, progress, world)
         rep_config = REPConfig.named(args.rep_setting, tau=args.tau)
@@ -83,11 +89,31 @@ def cmd_evaluate(args) -> int:
                              config=config, rome_config=rome_config(model, args),
                              rep_config=replace(rep_config, seed=args.seed), taus=taus, progress=progress,
                              load_covariance=covariance_loader(model, args, world), world=world)
+=======
+        context = args.context or source
+        checkpoint = ev.Checkpoint({"context": corpora.corpus_id(context)}, resume=args.resume)
+        if args.ablate:
+            result, files = experiment.run(model, facts, layer, cov, corpora.documents(context), source,
+                                           ev.EvalConfig(n=args.n, seed=args.seed), args.out, tau=args.tau,
+                                           seed=args.seed, progress=progress, world=world, checkpoint=checkpoint)
+        else:
+            rep_config = REPConfig.named(args.rep_setting, tau=args.tau)
+            config = ev.EvalConfig(n=args.n, seed=args.seed, edit_batch=args.batch_size)
+            result = ev.evaluate(model, facts, layer, cov, corpora.documents(context), corpus=source, methods=methods,
+                                 config=config, rome_config=rome_config(model, args),
+                                 rep_config=replace(rep_config, seed=args.seed), taus=taus, progress=progress,
+                                 load_covariance=covariance_loader(model, args, world), world=world,
+                                 checkpoint=checkpoint)
+>>>>>>> resume
     if not world.is_main:  # rank 0 alone prints and writes
+        checkpoint.remove()
         return 0
-    print(table1.format_table(result, methods))
+    if args.resume:
+        print(f"restored {checkpoint.restored} of {len(result.rows) + len(result.skipped)} facts from a checkpoint")
+    print(experiment.format_table(result) if args.ablate else table1.format_table(result, methods))
     for skip in result.skipped:
         print(f"skipped case {skip['case_id']}: {skip['reason']}")
+<<<<<<< HEAD
     for path in table1.write(result, args.out, methods):
         print(f"wrote {path}")
     write_json(args.json, result.as_json())
@@ -109,8 +135,12 @@ def _ablate(args, facts, model, layer, cov, source, progress: bool, world) -> in
     for skip in result.skipped:
         print(f"skipped case {skip['case_id']}: {skip['reason']}")
     for path in files:
+=======
+    for path in files if args.ablate else table1.write(result, args.out, methods):
+>>>>>>> resume
         print(f"wrote {path}")
     write_json(args.json, result.as_json())
+    checkpoint.remove()  # the outputs are written: nothing left to resume
     return 0
 
 
@@ -139,6 +169,10 @@ def register(sub) -> None:
                         "reverted alone and each choice keyscope tried and dropped switched back on (ablation.md, "
                         "ablation.csv)")
     p.add_argument("--seed", type=int, default=0, help="seed of the facts, splits and adaptors")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a stopped run of the same command from its checkpoint (the per-fact rows, kept in "
+                        "the cache after every fact or batch of facts and removed once the outputs are written): the "
+                        "same table as an uninterrupted run")
     p.add_argument("--corpus", help="corpus for C and REP's negatives (default: the model's default corpus)")
     p.add_argument("--context", help="text for the long contexts (default: the corpus)")
     add_covariance_arguments(p)

@@ -70,12 +70,12 @@ def format_table(result: ablation.AblationResult) -> str:
 
 
 def run(model, facts, layer: int, cov, context_docs, corpus, config, out_dir: str | Path | None, tau: float | None = None,
-        seed: int | None = None, progress: bool = True, world: World = SINGLE
+        seed: int | None = None, progress: bool = True, world: World = SINGLE, checkpoint=None
         ) -> tuple[ablation.AblationResult, list[Path]]:
-    """:func:`keyscope.ablation.ablate` over :data:`keyscope.ablation.VARIANTS`, written into ``out_dir`` (nothing
-    written for ``None``, nor by ranks other than 0 of a ``torchrun`` ``world``)."""
+    """:func:`keyscope.ablation.ablate` over :data:`keyscope.ablation.VARIANTS` (with its ``checkpoint``, if any),
+    written into ``out_dir`` (nothing written for ``None``, nor by ranks other than 0 of a ``torchrun`` ``world``)."""
     result = ablation.ablate(model, facts, layer, cov, context_docs, corpus=corpus, config=config, tau=tau, seed=seed,
-                             progress=progress, world=world)
+                             progress=progress, world=world, checkpoint=checkpoint)
     return result, ([] if out_dir is None or not world.is_main else write(result, out_dir))
 
 

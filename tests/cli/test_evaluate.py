@@ -165,3 +165,43 @@ def test_torchrun_two_gloo_processes_give_the_single_process_rows(tmp_path, keys
     for report in (one, two_report):
         del report["seconds"]
     assert two_report == one and one["n"] == 4
+    assert not list((cache / "fact_rows_checkpoint").glob("*/*"))  # each rank removed its checkpoint
+
+
+@pytest.mark.slow
+def test_evaluate_resume_continues_a_stopped_run_to_the_same_table(env, cache, tmp_path, capsys, monkeypatch):
+    """A run stopped after its first fact keeps that fact's rows; ``--resume`` scores only the others and writes the
+    uninterrupted run's files, byte for byte (the JSON but for its wall-clock seconds); the checkpoint is then gone."""
+    from keyscope import evaluate as ev
+
+    argv = ["evaluate", "--n", "2", *QUICK]
+    assert main([*argv, "--out", str(tmp_path / "one"), "--json", str(tmp_path / "one.json")]) == 0
+    real, scored = ev.evaluate_batch, []
+
+    def stopped_after_one(model, items, *args, **kwargs):
+        if scored:
+            raise KeyboardInterrupt
+        scored.extend(fact.case_id for fact, _ in items)
+        return real(model, items, *args, **kwargs)
+
+    monkeypatch.setattr(ev, "evaluate_batch", stopped_after_one)
+    assert main([*argv, "--out", str(tmp_path / "two"), "--json", str(tmp_path / "two.json")]) == 130
+    assert not (tmp_path / "two").exists()  # the outputs of a stopped run are removed; its checkpoint stays
+    assert len(list((cache / ev.CHECKPOINT_KIND).glob("*/rank0of1.json"))) == 1
+    capsys.readouterr()
+    monkeypatch.setattr(ev, "evaluate_batch", lambda model, items, *args, **kwargs: (
+        scored.extend(fact.case_id for fact, _ in items), real(model, items, *args, **kwargs))[1])
+    assert main([*argv, "--out", str(tmp_path / "two"), "--json", str(tmp_path / "two.json"), "--resume"]) == 0
+    assert "restored 1 of 2 facts from a checkpoint" in capsys.readouterr().out
+    assert len(scored) == 2 and len(set(scored)) == 2  # the restored fact was not scored again
+    for name in ("table1.csv", "table1.md", "table1_facts.csv"):
+        assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    for report in (one, two):
+        del report["seconds"]
+    assert two == one
+    assert not list((cache / ev.CHECKPOINT_KIND).iterdir())  # removed once the table is written
+    # another setting finds no checkpoint of its own: one warning line, and a fresh run
+    assert main([*argv, "--n", "1", "--out", str(tmp_path / "three"), "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "keyscope: warning: no checkpoint of this run" in err
