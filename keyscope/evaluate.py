@@ -662,11 +662,8 @@ def run_facts(model, facts: Sequence[Fact], config: EvalConfig, context_docs: It
         by_id = {f.case_id: f for f in facts if f.case_id in wanted} | {f.case_id: f for f in chosen}
         chosen = [by_id[i] for i in ids]
     forms = subject_forms(facts)
-<<<<<<< HEAD
     contexts = ContextSource.of(context_docs)
-=======
     done = checkpoint.open([f.case_id for f in chosen], chunk, world) if checkpoint is not None else {}
->>>>>>> resume
     rows, skipped, pending = [], [], []
     chunks = restored = 0
 

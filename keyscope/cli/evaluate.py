@@ -79,32 +79,21 @@ def cmd_evaluate(args) -> int:
     with torchrun_world() as (world, device):
         facts, model, layer, cov, source = edit_inputs(args, world, device)
         progress = not args.no_progress
-<<<<<<< HEAD
-        if args.ablate:
-            return _ablate(args, facts, model, layer, cov, source, progress, world)
-        rep_config = REPConfig.named(args.rep_setting, tau=args.tau)
-        config = ev.EvalConfig(n=args.n, seed=args.seed, edit_batch=args.batch_size, probes=PROTOCOLS[args.protocol])
-        context = args.context or source
-        result = ev.evaluate(model, facts, layer, cov, corpora.ContextSource(context), corpus=source, methods=methods,
-                             config=config, rome_config=rome_config(model, args),
-                             rep_config=replace(rep_config, seed=args.seed), taus=taus, progress=progress,
-                             load_covariance=covariance_loader(model, args, world), world=world)
-=======
         context = args.context or source
         checkpoint = ev.Checkpoint({"context": corpora.corpus_id(context)}, resume=args.resume)
         if args.ablate:
-            result, files = experiment.run(model, facts, layer, cov, corpora.documents(context), source,
+            result, files = experiment.run(model, facts, layer, cov, corpora.ContextSource(context), source,
                                            ev.EvalConfig(n=args.n, seed=args.seed), args.out, tau=args.tau,
                                            seed=args.seed, progress=progress, world=world, checkpoint=checkpoint)
         else:
             rep_config = REPConfig.named(args.rep_setting, tau=args.tau)
-            config = ev.EvalConfig(n=args.n, seed=args.seed, edit_batch=args.batch_size)
-            result = ev.evaluate(model, facts, layer, cov, corpora.documents(context), corpus=source, methods=methods,
-                                 config=config, rome_config=rome_config(model, args),
+            config = ev.EvalConfig(n=args.n, seed=args.seed, edit_batch=args.batch_size,
+                                   probes=PROTOCOLS[args.protocol])
+            result = ev.evaluate(model, facts, layer, cov, corpora.ContextSource(context), corpus=source,
+                                 methods=methods, config=config, rome_config=rome_config(model, args),
                                  rep_config=replace(rep_config, seed=args.seed), taus=taus, progress=progress,
                                  load_covariance=covariance_loader(model, args, world), world=world,
                                  checkpoint=checkpoint)
->>>>>>> resume
     if not world.is_main:  # rank 0 alone prints and writes
         checkpoint.remove()
         return 0
@@ -113,31 +102,7 @@ def cmd_evaluate(args) -> int:
     print(experiment.format_table(result) if args.ablate else table1.format_table(result, methods))
     for skip in result.skipped:
         print(f"skipped case {skip['case_id']}: {skip['reason']}")
-<<<<<<< HEAD
-    for path in table1.write(result, args.out, methods):
-        print(f"wrote {path}")
-    write_json(args.json, result.as_json())
-    return 0
-
-
-def _ablate(args, facts, model, layer, cov, source, progress: bool, world) -> int:
-    from keyscope import corpus as corpora
-    from keyscope import evaluate as ev
-    from keyscope.experiments import ablation as experiment
-
-    config = ev.EvalConfig(n=args.n, seed=args.seed)
-    contexts = corpora.ContextSource(args.context or source)
-    result, files = experiment.run(model, facts, layer, cov, contexts, source, config,
-                                   args.out, tau=args.tau, seed=args.seed, progress=progress, world=world)
-    if not world.is_main:  # rank 0 alone prints and writes
-        return 0
-    print(experiment.format_table(result))
-    for skip in result.skipped:
-        print(f"skipped case {skip['case_id']}: {skip['reason']}")
-    for path in files:
-=======
     for path in files if args.ablate else table1.write(result, args.out, methods):
->>>>>>> resume
         print(f"wrote {path}")
     write_json(args.json, result.as_json())
     checkpoint.remove()  # the outputs are written: nothing left to resume
