@@ -45,8 +45,24 @@ def _by(rows: list[dict], key: str) -> dict[str, dict]:
 
 def similarity(figures: Path) -> str:
     """Figure 3's summary (``fig3_similarity.csv``): the normalised edit strength per perturbation kind."""
+    return _similarity_table(figures, "fig3_similarity.csv", REPRODUCE)
+
+
+SMOLLM2_SIMILARITY = ("keyscope similarity --model smollm2-135m --data ../shared/data/paraphrases/"
+                      "robustkeyedit_test.counterfact_para_prompt_para_subject_llama2-7b.json --known --corpus "
+                      "../shared/data/enwiki_extract --n-subjects 100 --out figures/smollm2/similarity "
+                      "--json figures/smollm2/similarity/similarity.json")
+
+
+def smollm2_similarity(figures: Path) -> str:
+    """Figure 3 on SmolLM2 (``smollm2/similarity/fig3_similarity.csv``)."""
+    return _similarity_table(figures, "smollm2/similarity/fig3_similarity.csv", SMOLLM2_SIMILARITY)
+
+
+def _similarity_table(figures: Path, name: str, command: str) -> str:
+    """The normalised edit strength per perturbation kind of a Figure 3 CSV, and where it came from."""
     values: dict[str, list[float]] = {}
-    for row in read_csv(figures / "fig3_similarity.csv"):
+    for row in read_csv(figures / name):
         values.setdefault(row["kind"], []).append(float(row["similarity"]))
     labels = {REPHRASE: "rephrased subject", SHUFFLE: "shuffled subject tokens",
               SHUFFLE_WORDS: "shuffled subject words", LONG: "300-token unrelated context",
@@ -57,7 +73,7 @@ def similarity(figures: Path) -> str:
             v = np.asarray(values[kind])
             lines.append(f"| {label} | {len(v)} | {np.median(v):.3f} | {np.quantile(v, 0.1):.3f} | "
                          f"{np.quantile(v, 0.9):.3f} |")
-    return "\n".join(lines) + f"\n\n(`figures/fig3_similarity.csv`, from `{REPRODUCE}`)\n"
+    return "\n".join(lines) + f"\n\n(`figures/{name}`, from `{command}`)\n"
 
 
 def neighbour_medians(figures: Path) -> dict[str, float]:
@@ -439,7 +455,7 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "bounds": bounds, "build": build, "trace": trace, "ablation": ablation, "timing": timing, "shape": shape,
     "paper": paper, "reach": reach, "sequential": sequential,
     "memit_bounds": memit_bounds, "smollm2_known": smollm2_known, "smollm2_edit": smollm2_edit,
-    "smollm2_trace": smollm2_trace,
+    "smollm2_trace": smollm2_trace, "smollm2_similarity": smollm2_similarity,
 }
 
 
