@@ -1,7 +1,9 @@
-"""Seconds of ROME's v* optimisation: the plain loop against the one that runs the lower layers once.
+"""Seconds of ROME's v* optimisation: the plain loop against the ones that run the lower layers once and the
+unchanged prefix of every prompt once.
 
     python benchmarks/bench_v_star.py                      # factworld, the tiny GPT-2 of the tests
     python benchmarks/bench_v_star.py --gpt2-small         # also a random GPT-2-small shape at layer 5
+    python benchmarks/bench_v_star.py --smollm2            # also SmolLM2-135M (converted in the cache) at layer 5
     python benchmarks/bench_v_star.py --edits 5 --repeats 3
 
 For each model and request, k* and the context prefixes are computed once; then
@@ -10,8 +12,11 @@ For each model and request, k* and the context prefixes are computed once; then
 * ``plain``  — every step a full forward pass with δ hooked into the layer's MLP output
   (``reuse_lower_layers=False, sdpa=False``);
 * ``reuse``  — blocks ``0..L`` run once, later steps replay block ``L``'s output plus δ
-  (``reuse_lower_layers=True, sdpa=False``: the default on CPU);
-* ``reuse+sdpa`` — the same with fused SDPA attention (the default on CUDA).
+  (``reuse_lower_layers=True, reuse_prefix=False, sdpa=False``);
+* ``reuse+sdpa`` — the same with fused SDPA attention;
+* ``reuse+prefix`` — also the positions before each subject's last token run once through blocks ``L+1..``, whose
+  keys and values are cached; later steps run those blocks on the rest of each prompt only (the default; it runs
+  Hugging Face's SDPA attention, ``keyscope.rome._PrefixCached``).
 
 It prints the best of ``--repeats`` seconds per v* (mean over ``--edits`` requests), the v* steps, the largest
 relative difference of v* against ``plain`` and the speed-up ``plain / variant``.
@@ -37,9 +42,13 @@ from keyscope.models import FACTWORLD, default_layer, load_model  # noqa: E402
 
 VARIANTS = {
     "plain": dict(reuse_lower_layers=False, sdpa=False),
-    "reuse": dict(reuse_lower_layers=True, sdpa=False),
-    "reuse+sdpa": dict(reuse_lower_layers=True, sdpa=True),
+    "reuse": dict(reuse_lower_layers=True, reuse_prefix=False, sdpa=False),
+    "reuse+sdpa": dict(reuse_lower_layers=True, reuse_prefix=False, sdpa=True),
+    "reuse+prefix": dict(reuse_lower_layers=True, reuse_prefix=True),
 }
+
+#: The request of the real-model run (``--smollm2``).
+SMOLLM2_REQUEST = rome.EditRequest("The mother tongue of {} is", "Danielle Darrieux", "English")
 
 
 def bench(label: str, model, layer: int, requests: list[rome.EditRequest], repeats: int) -> list[str]:
@@ -65,7 +74,8 @@ def bench(label: str, model, layer: int, requests: list[rome.EditRequest], repea
     rows = []
     for name in VARIANTS:
         mean = statistics.mean(seconds[name])
-        rows.append(f"| {label} | {layer} | {name} | {mean:.3f} | {statistics.mean(steps[name]):.1f} | "
+        n_steps = statistics.mean(steps[name])
+        rows.append(f"| {label} | {layer} | {name} | {mean:.3f} | {mean / n_steps:.4f} | {n_steps:.1f} | "
                     f"{worst[name]:.1e} | {base / mean:.2f}× |")
     return rows
 
@@ -75,23 +85,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--edits", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--gpt2-small", action="store_true", help="also a random GPT-2-small shape at layer 5")
+    parser.add_argument("--smollm2", action="store_true", help="also SmolLM2-135M at layer 5 (one request)")
+    parser.add_argument("--no-tiny", action="store_true", help="skip factworld and the tiny GPT-2")
     args = parser.parse_args(argv)
 
-    rows = ["| model | layer | loop | s per v* | steps | max ‖Δv*‖/‖v*‖ | speed-up |", "|---|---:|---|---:|---:|---:|---:|"]
-    model = load_model(FACTWORLD)
-    rows += bench("factworld", model, default_layer(model), factworld_requests(args.edits), args.repeats)
+    rows = ["| model | layer | loop | s per v* | s per step | steps | max ‖Δv*‖/‖v*‖ | speed-up |",
+            "|---|---:|---|---:|---:|---:|---:|---:|"]
     with tempfile.TemporaryDirectory() as tmp:
         from tests.hf_tiny import save_tiny_checkpoint
 
-        model = load_model(str(save_tiny_checkpoint("gpt2", Path(tmp) / "tiny")))
-        rows += bench("tiny GPT-2 (tests/hf_tiny.py, 3 layers)", model, 1, REQUESTS[: args.edits], args.repeats)
+        if not args.no_tiny:
+            model = load_model(FACTWORLD)
+            rows += bench("factworld", model, default_layer(model), factworld_requests(args.edits), args.repeats)
+            model = load_model(str(save_tiny_checkpoint("gpt2", Path(tmp) / "tiny")))
+            rows += bench("tiny GPT-2 (tests/hf_tiny.py, 3 layers)", model, 1, REQUESTS[: args.edits], args.repeats)
         if args.gpt2_small:
             model = load_model(str(save_gpt2_small(Path(tmp) / "gpt2-small")))
             rows += bench("random GPT-2-small shape (12 layers)", model, 5, REQUESTS[: args.edits], args.repeats)
+        if args.smollm2:
+            model = load_model("smollm2-135m")
+            rows += bench("SmolLM2-135M", model, 5, [SMOLLM2_REQUEST], args.repeats)
     threads = torch.get_num_threads()
     print(f"device {model.cfg.device}, {threads} torch thread{'s' if threads > 1 else ''}")
     print("\n".join(rows))
-
 
 if __name__ == "__main__":
     main()

@@ -565,36 +565,58 @@ def test_patch_view_predicts_hooked_values(models, edits, arch):
     torch.testing.assert_close(edited - unedited, strengths[:, None] * edit.residual[None], rtol=1e-3, atol=1e-4)
 
 
-def _v_star_both_ways(model, request, layer, config):
-    """v* by the plain loop and by the fast one (lower layers replayed, SDPA forced on to test the GPU path),
-    with how often block 0's own module ran in each."""
-    prefixes = rome.context_prefixes(model, config)
+VARIANTS = {
+    "plain": dict(reuse_lower_layers=False, sdpa=False),  # every step a full forward, δ hooked into the MLP output
+    "replay": dict(reuse_lower_layers=True, reuse_prefix=False, sdpa=True),  # blocks 0..L replayed (SDPA: the GPU path)
+    "fast": dict(reuse_lower_layers=True, sdpa=True),  # the default: replayed and only the suffix above L
+}
+
+
+def _v_star_every_way(model, request, layer, config, prefixes=None):
+    """v* by each of :data:`VARIANTS`, with how often block 0's own module ran in each and the query lengths block
+    ``layer + 1`` saw."""
+    from keyscope.models import fast_logits_ok
+
+    prefixes = rome.context_prefixes(model, config) if prefixes is None else prefixes
     k_star = rome.compute_k_star(model, request, layer, prefixes)
-    runs = []
-    handle = model.blocks[0].original_component.register_forward_hook(lambda *args: runs.append(1))
+    fast_logits_ok(model)  # its one-off check runs the model: before the counting
+    runs, queries = [], []
+    handles = [model.blocks[0].original_component.register_forward_hook(lambda *args: runs.append(1)),
+               model.blocks[layer + 1].original_component.register_forward_pre_hook(
+                   lambda module, args: queries.append(args[0].shape[1]))]
     try:
         results = {}
-        for name, options in (("plain", dict(reuse_lower_layers=False, sdpa=False)),
-                              ("fast", dict(reuse_lower_layers=True, sdpa=True))):
+        for name, options in VARIANTS.items():
             runs.clear()
+            queries.clear()
             v_star, trace = rome.compute_v_star(model, request, layer, k_star, prefixes, config, **options)
-            results[name] = (v_star, trace, len(runs))
+            results[name] = (v_star, trace, len(runs), list(queries))
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     return results
+
+
+def _assert_same_v_star(results, n_steps=None):
+    plain, plain_trace, plain_runs, _ = results["plain"]
+    assert plain_runs == len(plain_trace.loss)
+    assert plain_trace.delta_norm > 1e-3 * plain_trace.value_norm  # δ moved: not a comparison of zero updates
+    for name in ("replay", "fast"):
+        v_star, trace, runs, _ = results[name]
+        assert runs == 1  # block 0 ran once, not once per step
+        assert len(trace.loss) == len(plain_trace.loss) == (n_steps or len(trace.loss))
+        assert trace.stopped_early == plain_trace.stopped_early
+        torch.testing.assert_close(v_star, plain, rtol=1e-4, atol=1e-5 * float(plain.norm()))
+        np.testing.assert_allclose(trace.loss, plain_trace.loss, rtol=1e-4)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_fast_v_star_loop_runs_lower_layers_once_and_gives_the_same_v_star(models, arch):
     model = models[arch]
     config = dataclasses.replace(rome.ROMEConfig(), v_num_grad_steps=12, early_stop_loss=None)
-    results = _v_star_both_ways(model, REQUEST, LAYER, config)
-    (plain, plain_trace, plain_runs), (fast, fast_trace, fast_runs) = results["plain"], results["fast"]
-    assert plain_runs == len(plain_trace.loss) == 12 and fast_runs == 1  # block 0 ran once, not once per step
-    assert len(fast_trace.loss) == 12 and not fast_trace.stopped_early
-    torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-5 * float(plain.norm()))
-    np.testing.assert_allclose(fast_trace.loss, plain_trace.loss, rtol=1e-4)
-    assert plain_trace.delta_norm > 1e-3 * plain_trace.value_norm  # δ moved: not a comparison of zero updates
+    results = _v_star_every_way(model, REQUEST, LAYER, config)
+    _assert_same_v_star(results, 12)
+    assert not results["fast"][1].stopped_early
     assert all("forward" not in vars(block) for block in model.blocks)  # the replay is undone
     assert "forward" not in vars(model.blocks[0].attn)
 
@@ -606,9 +628,61 @@ def test_fast_v_star_loop_on_factworld_stops_at_the_same_step():
     fact = load_facts("factworld")[0]
     request = rome.EditRequest(fact.prompt, fact.subject, fact.target_new)
     config = rome.ROMEConfig.for_model(model)
-    layer = rome.default_layer(model)
-    results = _v_star_both_ways(model, request, layer, config)
-    (plain, plain_trace, _), (fast, fast_trace, fast_runs) = results["plain"], results["fast"]
-    assert fast_runs == 1 and plain_trace.stopped_early == fast_trace.stopped_early
-    assert len(fast_trace.loss) == len(plain_trace.loss) > 1
-    torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-5 * float(plain.norm()))
+    results = _v_star_every_way(model, request, rome.default_layer(model), config)
+    _assert_same_v_star(results)
+    assert len(results["plain"][1].loss) > 1
+
+
+#: Subjects at the start, inside and at the end of the prompt; a two-token target; different prefix lengths.
+PREFIX_REQUESTS = (
+    REQUEST,
+    OTHER,
+    rome.EditRequest("The Republic of {} is a country in", "Slovenia", "Central Europe"),
+)
+
+
+@pytest.mark.parametrize("arch", ("llama", "mistral"))
+def test_v_star_from_the_suffix_with_cached_prefix_equals_the_plain_loop(tiny_checkpoints, arch):
+    model = load_model(str(tiny_checkpoints[arch]))
+    config = dataclasses.replace(rome.ROMEConfig(), v_num_grad_steps=8, early_stop_loss=None)
+    prefixes = ("", "The", "Michael Jordan played basketball for", "Apple A5 was created by Apple. Apple A5 runs")
+    for request in PREFIX_REQUESTS:
+        results = _v_star_every_way(model, request, LAYER, config, prefixes)
+        _assert_same_v_star(results, 8)
+        lengths = {name: queries for name, (*_, queries) in results.items()}
+        full = lengths["plain"][0]
+        assert lengths["plain"] == [full] * 8 and lengths["replay"] == [full] * 8
+        # the fast loop: blocks 0..L once (stopping at block L + 1), one pass over the prefix columns, then every step
+        # over the suffix columns only
+        prefix, *suffix = lengths["fast"]
+        assert suffix == [suffix[0]] * 8 and prefix + suffix[0] >= full > suffix[0]  # P + S ≥ the padded length
+
+
+@pytest.mark.parametrize("arch", ("gpt2", "llama", "mistral"))
+def test_prefix_cached_logits_equal_a_full_forward_on_a_padded_batch(tiny_checkpoints, arch):
+    """The logits of :class:`rome._PrefixCached` at a random δ against a full forward with δ hooked into the MLP
+    output, on the right-padded v* batch of prompts of different lengths."""
+    from keyscope.models import fast_logits_ok, logits_at, sdpa_attention
+
+    model = load_model(str(tiny_checkpoints[arch]))
+    assert fast_logits_ok(model)  # (its one-off check runs the model: before the hooks)
+    config = rome.ROMEConfig()
+    prefixes = ("", "The", "Michael Jordan played basketball for the Chicago Bulls.")
+    batch = rome._v_star_batch(model, OTHER, prefixes, config)
+    assert not batch.attention_mask.all()  # padded
+    rows = torch.cat([batch.target_rows, torch.tensor([batch.n_prompts])])
+    positions = torch.cat([batch.target_positions, torch.tensor([batch.kl_position])])
+    delta = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(0))  # (d_model,)
+    with torch.no_grad(), model.hooks(fwd_hooks=[(value_hook(LAYER), lambda a, hook: a + batch.inject * delta)]):
+        full = logits_at(model, batch.input_ids, batch.attention_mask, rows, positions)  # (n, vocab)
+    with torch.no_grad(), sdpa_attention(model):
+        cached = rome._PrefixCached(model, LAYER, batch, rows, positions)(delta)  # (n, vocab)
+    torch.testing.assert_close(cached, full, rtol=1e-4, atol=1e-4 * float(full.abs().max()))
+
+
+def test_a_batch_longer_than_the_sliding_window_runs_the_replay(tiny_checkpoints, monkeypatch):
+    model = load_model(str(tiny_checkpoints["mistral"]))
+    monkeypatch.setattr(model.original_model.config, "sliding_window", 4)  # shorter than any v* batch
+    config = dataclasses.replace(rome.ROMEConfig(), v_num_grad_steps=3, early_stop_loss=None)
+    results = _v_star_every_way(model, REQUEST, LAYER, config, ("", "The"))
+    assert results["fast"][3] == results["replay"][3] == results["plain"][3]  # every step over the whole batch
