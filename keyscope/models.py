@@ -21,7 +21,9 @@ Model plumbing shared by the editors: :func:`logits_at` (logits at chosen positi
 (parameters frozen for an optimisation through the model, restored on exit), and :func:`save_model` /
 :func:`hf_state_dict` (a Hugging Face directory that :func:`load_model` loads back, edits included).
 
-Where a model comes from (:func:`load_model`), in order: ``"factworld"``; an existing local directory; a hub
+Where a model comes from (:func:`load_model`), in order: ``"factworld"``; an existing local directory; a model
+keyscope knows by name (``smollm2-135m``) or a ``.gguf`` file, converted once into a cached HF folder
+(:mod:`keyscope.gguf`); a hub
 name already in the local Hugging Face cache, read from its cached snapshot **without contacting the hub**
 (so a cached model loads the same offline and online); and only then a download. Before downloading, one
 short request (:data:`HUB_PROBE_TIMEOUT_S`) asks the hub whether the name exists, so that offline (by
@@ -525,9 +527,10 @@ def hf_prepends_bos(model) -> bool:
     of the directory or hub name the model came from), starts a sequence with its BOS token.
 
     This is the tokenisation of the reference implementations (kmeng01/rome, EasyEdit): GPT-2's tokenizer
-    adds nothing, LLaMA's adds ``<s>``. A ``TransformerBridge`` instead loads every tokenizer with
-    ``add_bos_token=True`` (TransformerLens' convention), so ``model.tokenizer`` prepends a BOS for GPT-2 too.
-    Read once per model (the tokenizer files are local after :func:`load_model`).
+    adds nothing, LLaMA's adds ``<s>``. A ``TransformerBridge`` booted by TransformerLens alone loads every
+    tokenizer with ``add_bos_token=True``, so its ``model.tokenizer`` prepends a BOS for GPT-2 too; one loaded
+    by :func:`load_model` tokenises as this says (:func:`_boot`). Read once per model (the tokenizer files are
+    local after :func:`load_model`).
     """
     facts = model_facts(model)
     if facts.hf_prepends_bos is None:

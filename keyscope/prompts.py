@@ -9,9 +9,10 @@ Token convention
 ----------------
 Every index this module returns is a position in the **model's token sequence**, the exact sequence
 :func:`keyscope.keys.collect_keys` feeds the model: ``model.tokenizer(text)`` with its special tokens. A
-``TransformerBridge`` sets its tokenizer up to prepend a BOS (``cfg.default_prepend_bos``), so for models
-loaded with :func:`keyscope.models.load_model` position 0 is the BOS token and the first word of the prompt
-is at position 1 — for GPT-2 too (``<|endoftext|>``), as in TransformerLens. ``prepend_bos=True/False``
+model loaded with :func:`keyscope.models.load_model` tokenises as it was trained, with its own tokenizer's BOS
+convention (the bridge's prepended BOS is removed where the model's tokenizer adds none): position 0 is the BOS
+for LLaMA-2 and factworld, whose first word is at position 1, and the first word itself for GPT-2 and SmolLM2.
+``prepend_bos=True/False``
 forces a BOS in or out; ``None`` (the default) keeps whatever the tokenizer does. The same ``prepend_bos``
 must be used to locate the subject and to run the model, which :func:`keyscope.keys.collect_keys` guarantees.
 
