@@ -55,8 +55,18 @@ SMOLLM2_SIMILARITY = ("keyscope similarity --model smollm2-135m --data ../shared
 
 
 def smollm2_similarity(figures: Path) -> str:
-    """Figure 3 on SmolLM2 (``smollm2/similarity/fig3_similarity.csv``)."""
-    return _similarity_table(figures, "smollm2/similarity/fig3_similarity.csv", SMOLLM2_SIMILARITY)
+    """Figure 3 on SmolLM2 (``smollm2/similarity/fig3_similarity.csv``), with factworld's medians beside it."""
+    table = _similarity_table(figures, "smollm2/similarity/fig3_similarity.csv", SMOLLM2_SIMILARITY)
+    medians = {}
+    for name in ("fig3_similarity.csv", "smollm2/similarity/fig3_similarity.csv"):
+        values: dict[str, list[float]] = {}
+        for row in read_csv(figures / name):
+            values.setdefault(row["kind"], []).append(float(row["similarity"]))
+        medians[name] = {kind: float(np.median(v)) for kind, v in values.items()}
+    factworld = medians["fig3_similarity.csv"]
+    return table + ("\nfactworld's medians, for comparison: rephrased " + f"{factworld[REPHRASE]:.3f}, token shuffles "
+                    f"{factworld[SHUFFLE]:.3f}, word shuffles {factworld[SHUFFLE_WORDS]:.3f}, long contexts "
+                    f"{factworld[LONG]:.3f}, another subject {factworld[RANDOM]:.3f} (`figures/fig3_similarity.csv`).\n")
 
 
 def _similarity_table(figures: Path, name: str, command: str) -> str:
@@ -394,6 +404,20 @@ def smollm2_known(figures: Path) -> str:
     return "\n".join(lines) + f"\n\n(`figures/smollm2/known_*.json`, each from `{command}`)\n"
 
 
+SMOLLM2_BOS = ("python benchmarks/bos_effect.py --model smollm2-135m --data ../shared/data/paraphrases/"
+               "robustkeyedit_test.counterfact_para_prompt_para_subject_llama2-7b.json --json figures/smollm2/bos_effect.json")
+
+
+def smollm2_bos(figures: Path) -> str:
+    """What the bridge's BOS would have cost SmolLM2 (``figures/smollm2/bos_effect.json``)."""
+    report = json.loads((figures / "smollm2" / "bos_effect.json").read_text())
+    own, bos = report["own"], report["bos"]
+    return (f"Read behind the bridge's BOS, SmolLM2 would know {bos['known']} of the {report['facts']} facts of REP's "
+            f"LLaMA-2 test set instead of {own['known']}, and the mean probability of the true target's first token "
+            f"would fall from {own['mean_true_probability']:.3f} to {bos['mean_true_probability']:.3f} "
+            f"(`figures/smollm2/bos_effect.json`, from `{SMOLLM2_BOS}`).\n")
+
+
 SMOLLM2_EDIT = ("keyscope edit --model smollm2-135m --case 0 --data "
                 "../shared/data/counterfact/counterfact_orig_format_1400_patil.json --corpus ../shared/data/enwiki_extract "
                 "--json figures/smollm2/edit_case0.json")
@@ -456,6 +480,7 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "paper": paper, "reach": reach, "sequential": sequential,
     "memit_bounds": memit_bounds, "smollm2_known": smollm2_known, "smollm2_edit": smollm2_edit,
     "smollm2_trace": smollm2_trace, "smollm2_similarity": smollm2_similarity,
+    "smollm2_bos": smollm2_bos,
 }
 
 
