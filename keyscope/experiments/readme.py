@@ -131,9 +131,25 @@ TABLE1_COLUMNS = ("success", "locality", "rephrase_id", "rephrase_ood", "rephras
 
 def table1(figures: Path) -> str:
     """Table 1 (``table1.csv``): ROME, ROME+REP and their difference, in percent."""
+    return _table1(figures, "", REPRODUCE)
+
+
+SMOLLM2_TABLE1 = ("keyscope evaluate --model smollm2-135m --data ../shared/data/paraphrases/"
+                  "robustkeyedit_test.counterfact_para_prompt_para_subject_llama2-7b.json --known --n 50 --methods "
+                  "rome,rome+rep --protocol paper --corpus ../shared/data/enwiki_extract --out figures/smollm2/table1 "
+                  "--json figures/smollm2/table1/table1.json --resume")
+
+
+def smollm2_table1(figures: Path) -> str:
+    """Table 1 on SmolLM2 with the paper's protocol (``smollm2/table1/table1.csv``)."""
+    return _table1(figures, "smollm2/table1/", SMOLLM2_TABLE1)
+
+
+def _table1(figures: Path, folder: str, command: str) -> str:
+    """ROME, ROME+REP and their difference, in percent, of the ``table1.csv`` in ``figures/folder``."""
     from keyscope.experiments.table1 import HEADERS
 
-    by_method = _by(read_csv(figures / "table1.csv"), "method")
+    by_method = _by(read_csv(figures / folder / "table1.csv"), "method")
     lines = ["| method | " + " | ".join(HEADERS[c] for c in TABLE1_COLUMNS) + " |", "|---|" + "---:|" * len(TABLE1_COLUMNS)]
     for method, label in (("rome", "ROME"), ("rome+rep", "ROME+REP")):
         lines.append(f"| {label} | " + " | ".join(percent(_float(by_method[method][c])) for c in TABLE1_COLUMNS) + " |")
@@ -141,7 +157,7 @@ def table1(figures: Path) -> str:
     lines.append("| difference | " + " | ".join(_signed(d) for d in deltas) + " |")
     counts = {c: by_method["rome"][f"{c}_prompts"] for c in TABLE1_COLUMNS}
     return ("\n".join(lines) + "\n\nPrompts per column: " + ", ".join(f"{HEADERS[c]} {counts[c]}" for c in TABLE1_COLUMNS)
-            + f" (`figures/table1.csv`, intervals in `figures/table1.md`, from `{REPRODUCE}`).\n")
+            + f" (`figures/{folder}table1.csv`, intervals in `figures/{folder}table1.md`, from `{command}`).\n")
 
 
 def tau_sweep(figures: Path) -> str:
@@ -480,7 +496,7 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "paper": paper, "reach": reach, "sequential": sequential,
     "memit_bounds": memit_bounds, "smollm2_known": smollm2_known, "smollm2_edit": smollm2_edit,
     "smollm2_trace": smollm2_trace, "smollm2_similarity": smollm2_similarity,
-    "smollm2_bos": smollm2_bos,
+    "smollm2_bos": smollm2_bos, "smollm2_table1": smollm2_table1,
 }
 
 

@@ -41,6 +41,9 @@ from keyscope.predictions import UnknownFacts, known_facts
 from keyscope.trace import TraceConfig
 
 REPORT = "REPORT.md"
+#: Where the real model's Table 1 lies in ``figures/`` (README "Real model, offline"); REPORT.md shows its deltas
+#: beside the reproduced model's and the paper's when it is there.
+SMOLLM2_TABLE1 = "smollm2/table1"
 STAGES = ("covariance", "trace", "figure 3", "figure 4", "figure 5", "table 1 + figure 7", "bounds", "report")
 
 
@@ -178,15 +181,23 @@ def report(figures: str | Path, run: dict) -> str:
     lines += ["## Table 1: ROME and ROME+REP", "", table1_exp.summary_markdown(table, names, n_edits, model, layer).rstrip(),
               ""]
     if "rome" in table and "rome+rep" in table:
+        real = figures / SMOLLM2_TABLE1
+        other = _table1_summary(real) if (real / table1_exp.TABLE_CSV).exists() else None
         lines += ["ROME+REP minus ROME, in points (paper: LLaMA-2-7B, Table 1; it reports no word shuffles and no "
-                  "near-twin split):", "",
-                  "| metric | keyscope | paper |", "|---|---:|---:|"]
+                  "near-twin split" + ("; SmolLM2-135M: `smollm2/table1/table1.csv`, the paper's query protocol)"
+                                       if other else ")") + ":", "",
+                  f"| metric | keyscope |{' keyscope on smollm2-135m |' if other else ''} paper |",
+                  "|---|---:|" + ("---:|" if other else "") + "---:|"]
+
+        def delta(t: dict, metric: str) -> str:
+            a, b = t["rome+rep"][metric], t["rome"][metric]
+            return _num(None if a is None or b is None else 100 * (a - b), 1)
+
         for metric in METRICS:
-            a, b = table["rome+rep"][metric], table["rome"][metric]
-            delta = None if a is None or b is None else 100 * (a - b)
             paper = table1_exp.PAPER_DELTAS.get(metric)
-            lines.append(f"| {table1_exp.HEADERS[metric]} | {_num(delta, 1)} | "
-                         f"{'' if paper is None else f'{paper:+.1f}'} |")
+            lines.append(f"| {table1_exp.HEADERS[metric]} | {delta(table, metric)} |"
+                         + (f" {delta(other, metric)} |" if other else "")
+                         + f" {'' if paper is None else f'{paper:+.1f}'} |")
         lines.append("")
     sweep_path = figures / table1_exp.SWEEP_CSV
     if sweep_path.exists():
