@@ -134,8 +134,8 @@ def table1(figures: Path) -> str:
     return _table1(figures, "", REPRODUCE)
 
 
-SMOLLM2_TABLE1 = ("keyscope evaluate --model smollm2-135m --data ../shared/data/paraphrases/"
-                  "robustkeyedit_test.counterfact_para_prompt_para_subject_llama2-7b.json --known --n 50 --methods "
+SMOLLM2_TABLE1 = ("torchrun --nproc_per_node 2 -m keyscope evaluate --model smollm2-135m --data ../shared/data/paraphrases/"
+                  "robustkeyedit_test.counterfact_para_prompt_para_subject_llama2-7b.json --known --n-facts 30 --methods "
                   "rome,rome+rep --protocol paper --corpus ../shared/data/enwiki_extract --out figures/smollm2/table1 "
                   "--json figures/smollm2/table1/table1.json --resume")
 
