@@ -894,8 +894,7 @@ def compute_v_star(
     (:func:`keyscope.models.sdpa_attention`; v* reads no attention pattern); on CPU its backward pass measured
     no faster than eager attention, so it is off there. ``reuse_lower_layers=False, sdpa=False`` is the plain loop (every step a
     full eager forward with ``δ`` hooked into the MLP output); all give the same ``v*`` to float tolerance
-    (tests/test_rome.py, benchmarks/bench_v_star.py: on one CPU thread the replay alone is 1.3× and with the
-    cached prefix 3.0× faster than the plain loop on factworld, 1.2× and 4.0× on SmolLM2-135M at layer 5).
+    (tests/test_rome.py; benchmarks/bench_v_star.py measures each against the plain loop).
 
     ``progress=True`` shows a tqdm bar over the steps with the loss and the target probability (off by default).
     """
