@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -14,7 +15,7 @@ from keyscope import similarity as sim
 from keyscope.covariance import KeyCovariance
 from keyscope.errors import KeyscopeError, LayerOutOfRange, MalformedRecord, SubjectNotFound, UnknownToken
 from keyscope.keys import collect_keys
-from keyscope.models import W_out, b_out, hf_state_dict, load_model, save_model, value_hook
+from keyscope.models import W_out, b_out, hf_prepends_bos, hf_state_dict, load_model, save_model, value_hook
 from keyscope.prompts import encode, fill, locate
 from tests import hf_tiny
 
@@ -32,13 +33,22 @@ def models(tiny_checkpoints):
     return {arch: load_model(str(tiny_checkpoints[arch])) for arch in ARCHS}
 
 
+def _fit_cov(model) -> KeyCovariance:
+    return KeyCovariance(LAYER, n_tokens=2000, seq_len=64, progress=False).fit(model, hf_tiny.TRAINING_TEXT * 10)
+
+
 @pytest.fixture(scope="module")
 def covs(models):
-    docs = hf_tiny.TRAINING_TEXT * 10
-    return {
-        arch: KeyCovariance(LAYER, n_tokens=2000, seq_len=64, progress=False).fit(model, docs)
-        for arch, model in models.items()
-    }
+    return {arch: _fit_cov(model) for arch, model in models.items()}
+
+
+@pytest.fixture(scope="module")
+def llama_bpe(tmp_path_factory):
+    """The tiny LLaMA with a GPT-2-style byte-level BPE that adds no BOS (SmolLM2-135M's setting): path, model, C."""
+    path = hf_tiny.save_tiny_checkpoint("llama", tmp_path_factory.mktemp("llama_bpe") / "llama",
+                                        tokenizer=hf_tiny.byte_level_bpe_tokenizer())
+    model = load_model(str(path))
+    return path, model, _fit_cov(model)
 
 
 @pytest.fixture(scope="module")
@@ -354,10 +364,24 @@ def test_rank_one_factors_match_dense_formula(models, covs, edits):
     torch.testing.assert_close(edit.key_selector @ edit.k_star, sim.edit_strength(edit.k_star, edit.k_star, cov).float())
 
 
-def _rome_reference(path, request: dict, layer: int, C_inv: torch.Tensor, prefixes, config) -> torch.Tensor:
+#: kmeng01/rome's ``rewrite_module_tmp`` and ``mlp_module_tmp`` per HF model type: hparams/ROME/gpt2-xl.json, and
+#: EasyEdit's hparams/ROME/llama-7b.yaml for LLaMA-family models (an ``nn.Linear`` ``down_proj``, not a ``Conv1D``).
+_REFERENCE_MODULES = {"gpt2": ("transformer.h.{}.mlp.c_proj", "transformer.h.{}.mlp"),
+                      "llama": ("model.layers.{}.mlp.down_proj", "model.layers.{}.mlp")}
+
+
+def _rome_reference(path, request: dict, layer: int, C_inv: torch.Tensor, prefixes, config,
+                    stats: dict | None = None) -> torch.Tensor:
     """kmeng01/rome's ``execute_rome`` for one layer, transcribed plainly on the Hugging Face model and tokenizer
     (no keyscope code): ``rome_main.get_context_templates`` (given prefixes), ``compute_u``,
-    ``compute_v`` and the update ``u ⊗ right_vector``. Returns ``ΔW`` as ``(d_model, d_mlp)`` float64."""
+    ``compute_v`` and the update ``u ⊗ right_vector``, for GPT-2 and LLaMA-family models (:data:`_REFERENCE_MODULES`).
+    Returns ``ΔW`` as ``(d_model, d_mlp)`` float64 for both. ``stats``, if given, receives the v* loop's ``steps``
+    (forward evaluations), ``seconds`` and ``tokens_per_step`` (the padded batch, every position through every block).
+
+    Tokenisers that prepend a BOS (LLaMA's): the subject's last token is found as EasyEdit's
+    ``repr_tools.get_words_idxs_in_templates`` does (``len(tok.encode(prefix + word)) - 1``: kmeng01's lengths of
+    the separately tokenised prefix and word would count the BOS twice), and the target drops its leading BOS as
+    EasyEdit's ``compute_v`` does; otherwise kmeng01/rome's code as it is."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path)
@@ -365,14 +389,18 @@ def _rome_reference(path, request: dict, layer: int, C_inv: torch.Tensor, prefix
     hf = AutoModelForCausalLM.from_pretrained(path).eval()
     for param in hf.parameters():
         param.requires_grad_(False)
-    mlp, c_proj = hf.transformer.h[layer].mlp, hf.transformer.h[layer].mlp.c_proj
+    rewrite_module, mlp_module = (name.format(layer) for name in _REFERENCE_MODULES[hf.config.model_type])
+    mlp, rewrite = hf.get_submodule(mlp_module), hf.get_submodule(rewrite_module)
     subject, prompt = request["subject"], request["prompt"]
     target = request["target_new"] if request["target_new"].startswith(" ") else " " + request["target_new"]
     templates = ["{}"] + [prefix + ". {}" for prefix in prefixes if prefix]
+    bos = tok.bos_token_id is not None and tok("a")["input_ids"][:1] == [tok.bos_token_id]
 
     def last_index(template: str) -> int:  # repr_tools.get_words_idxs_in_templates, subtoken "last"
         fill_idx = template.index("{}")
         before, word = template[:fill_idx], subject
+        if bos:  # EasyEdit's repr_tools
+            return len(tok.encode(before + word)) - 1
         if before:
             assert before[-1] == " "
             before, word = before[:-1], " " + subject.strip()
@@ -380,7 +408,7 @@ def _rome_reference(path, request: dict, layer: int, C_inv: torch.Tensor, prefix
 
     def module_io(text: str, index: int) -> tuple[torch.Tensor, torch.Tensor]:  # repr_tools.get_repr_at_idxs
         seen = {}
-        handle = c_proj.register_forward_hook(lambda m, i, o: seen.update(input=i[0], output=o))
+        handle = rewrite.register_forward_hook(lambda m, i, o: seen.update(input=i[0], output=o))
         try:
             with torch.no_grad():
                 hf(**tok([text], return_tensors="pt"))
@@ -396,6 +424,8 @@ def _rome_reference(path, request: dict, layer: int, C_inv: torch.Tensor, prefix
 
     # compute_v
     target_ids = tok(target)["input_ids"]
+    if bos and target_ids[:1] == [tok.bos_token_id]:  # EasyEdit's compute_v
+        target_ids = target_ids[1:]
     rewriting = [c + tok.decode(target_ids[:-1]) for c in context_prompts]
     all_prompts = rewriting + ["{} is a"]
     inputs = tok([q.format(subject) for q in all_prompts], return_tensors="pt", padding=True)
@@ -404,7 +434,7 @@ def _rome_reference(path, request: dict, layer: int, C_inv: torch.Tensor, prefix
         ex_len = int(inputs["attention_mask"][i].sum())
         targets[i, ex_len - len(target_ids) : ex_len] = torch.tensor(target_ids)
     lookup = [last_index(q) for q in all_prompts]
-    delta = torch.zeros(hf.config.n_embd, requires_grad=True)
+    delta = torch.zeros(hf.config.hidden_size, requires_grad=True)
     state = {"target_init": None}
 
     def edit_output(module, args, out):
@@ -418,6 +448,7 @@ def _rome_reference(path, request: dict, layer: int, C_inv: torch.Tensor, prefix
     opt = torch.optim.Adam([delta], lr=config.v_lr)
     kl_init = None
     handle = mlp.register_forward_hook(edit_output)
+    start = time.perf_counter()
     try:
         for it in range(config.v_num_grad_steps):
             opt.zero_grad()
@@ -443,27 +474,33 @@ def _rome_reference(path, request: dict, layer: int, C_inv: torch.Tensor, prefix
                     delta[...] = delta * max_norm / delta.norm()
     finally:
         handle.remove()
+    if stats is not None:
+        stats.update(steps=it + 1, seconds=time.perf_counter() - start, tokens_per_step=inputs["input_ids"].numel())
     v_target = state["target_init"].double() + delta.detach().double()
     cur_input, cur_output = module_io(prompt.format(subject), last_index(prompt))
     right_vector = (v_target - cur_output) / torch.dot(cur_input, u)
-    return torch.outer(right_vector, u)  # (d_model, d_mlp): Conv1D's (d_mlp, d_model) update, transposed
+    return torch.outer(right_vector, u)  # (d_model, d_mlp): rome_main's (d_mlp, d_model) upd_matrix, transposed
 
 
-def test_reference_mode_matches_a_dense_transcription_of_rome(tiny_checkpoints, models, covs):
-    model, cov = models["gpt2"], covs["gpt2"]
+@pytest.mark.parametrize("arch", ["gpt2", "llama-bpe"])
+def test_reference_mode_matches_a_dense_transcription_of_rome(tiny_checkpoints, models, covs, llama_bpe, arch):
+    """Reference mode against :func:`_rome_reference`, on GPT-2 and on LLaMA with SmolLM2's kind of tokenizer. (With
+    the suite's sentencepiece LLaMA tokenizer the two differ by design, cosine ~0.998: compute_v's rewriting prompts
+    end in ``tok.decode(target_ids[:-1])``, whose Metaspace decoding drops the target's leading space.)"""
+    path, model, cov = llama_bpe if arch == "llama-bpe" else (tiny_checkpoints[arch], models[arch], covs[arch])
     prefixes = ("", "Toko Yasuda plays the guitar", "The Republic of Slovenia is a country")
     config = rome.ROMEConfig.for_model(model, reference=True, v_num_grad_steps=8)
     edit = rome.compute_edit(model, REQUEST, LAYER, cov, config, prefixes=prefixes)
     cov.cholesky()
     C_inv = torch.linalg.inv(cov.C_ + cov.ridge_ * torch.eye(model.cfg.d_mlp, dtype=torch.float64))
     request = {"prompt": REQUEST.template, "subject": REQUEST.subject, "target_new": REQUEST.target_new}
-    expected = _rome_reference(tiny_checkpoints["gpt2"], request, LAYER, C_inv, prefixes, config)
+    expected = _rome_reference(path, request, LAYER, C_inv, prefixes, config)
     got = edit.delta_W.double()
     cosine = float((got * expected).sum() / (got.norm() * expected.norm()))
     assert cosine > 0.9999, cosine
     torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-4 * float(expected.abs().max()))
-    # the reference tokenises without the bridge's BOS and installs v* at the bare prompt's key
-    bare = collect_keys(model, [REQUEST.template], [REQUEST.subject], LAYER, prepend_bos=False)[0]
+    # the reference tokenises as the plain HF tokenizer does (GPT-2's: no BOS) and installs v* at the bare prompt's key
+    bare = collect_keys(model, [REQUEST.template], [REQUEST.subject], LAYER, prepend_bos=hf_prepends_bos(model))[0]
     torch.testing.assert_close(edit.k_star, bare)
     torch.testing.assert_close(edit.strength(edit.k_star), torch.tensor(1.0), rtol=1e-5, atol=0)
     default = rome.compute_edit(model, REQUEST, LAYER, cov, dataclasses.replace(config, reference=False),
