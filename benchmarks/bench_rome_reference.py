@@ -25,6 +25,7 @@ halved: two full steps (forward, backward, Adam).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -36,6 +37,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from keyscope.atomic import write_text  # noqa: E402
 
 #: CounterFact-like requests (the first three as CounterFact words them).
 REQUESTS = [
@@ -150,7 +153,8 @@ def main(argv=None) -> int:
         config = rome.ROMEConfig.for_model(model, reference=True, **overrides)
         prefixes = rome.context_prefixes(model, config)
         blocks = n_layers(model)
-        emit(f"$ python benchmarks/bench_rome_reference.py {' '.join(sys.argv[1:] if argv is None else argv)}")
+        emit(f"$ python benchmarks/bench_rome_reference.py {' '.join(sys.argv[1:] if argv is None else argv)}   "
+             f"({os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f} at the start)")
         source = "published" if args.steps is None else "--steps"
         emit(f"{label}, layer {args.layer} of {blocks}, {len(prefixes)} prefixes, up to {config.v_num_grad_steps} "
              f"v* steps ({source}), C over {args.cov_tokens} tokens of {Path(corpus).name}, "
@@ -195,9 +199,10 @@ def main(argv=None) -> int:
                                                prefixes, config)
         emit(f"one keyscope reference v* step ({subject}; torch.profiler): {100 * share:.0f}% of the operators' self "
              f"CPU time is not matmul ({aten_ms:.0f} ms of operators, {wall_ms:.0f} ms wall under the profiler)")
+    emit(f"(load average {os.getloadavg()[0]:.1f} at the end)")
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text("\n".join(lines) + "\n")
+        write_text(args.out, "\n".join(lines) + "\n")
     return 0
 
 
