@@ -484,7 +484,8 @@ def smollm2_trace(figures: Path) -> str:
             f"{report['p_clean']:.3f} to {report['p_corrupted']:.3f}; restoring one layer's MLP output at the subject's "
             f"last token recovers most at layers {', '.join(str(layer) for layer in top3)} (average indirect effect "
             f"{', '.join(f'{mlp[layer]:.3f}' for layer in top3)}; layer 5: {mlp[5]:.3f}; the attention output's largest "
-            f"is {max(attn):.3f} at layer {attn.index(max(attn))}), of 30 layers. factworld's peaks at layer "
+            f"is {max(attn):.3f} at layer {attn.index(max(attn))}), of 30 layers: beyond layer 0 no layer recovers more "
+            f"than {100 * max(mlp[1:]) / report['total_effect']:.0f}% of the total effect. factworld's peaks at layer "
             f"{factworld['default_layer']} of {len(fw_mlp)} ({max(fw_mlp):.3f}); the paper edits LLaMA-2-7B at layer 5 "
             f"of 32 (`figures/smollm2/trace/trace.json`, from `{SMOLLM2_TRACE}`; the curve: "
             f"[`trace.png`](figures/smollm2/trace/trace.png)).\n")
