@@ -491,6 +491,26 @@ def smollm2_trace(figures: Path) -> str:
             f"[`trace.png`](figures/smollm2/trace/trace.png)).\n")
 
 
+SMOLLM2_BENCH = ("python benchmarks/bench_rome_reference.py --model smollm2-135m --n 5 "
+                 "--out figures/benchmarks/bench_rome_reference_smollm2.txt")
+
+
+def smollm2_bench(figures: Path) -> str:
+    """ROME on SmolLM2 against the dense transcription of kmeng01/rome (``bench_rome_reference_smollm2.txt``)."""
+    text = (figures / "benchmarks" / "bench_rome_reference_smollm2.txt").read_text()
+    rows = [line for line in text.splitlines() if "→" in line and not line.startswith("request")]
+    cosines = [float(line.split()[-10]) for line in rows]  # the "ΔW cos ref" column
+    differences = [float(line.split()[-9]) for line in rows]
+    median = re.search(r"median keyscope reference / transcription: ([\d.]+)×", text)[1]
+    share = re.search(r"(\d+)% of the operators' self CPU time is not matmul", text)[1]
+    load = re.findall(r"load average ([\d.]+)", text)
+    return (f"One ROME edit of SmolLM2 at layer 5 in reference mode takes a median **{median}×** the time of the dense "
+            f"transcription of kmeng01/rome over {len(rows)} requests, with the same ΔW (cosine ≥ {min(cosines):.6f}, "
+            f"relative difference ≤ {max(differences):.1e}); {share}% of a v* step's operator time is not matmul "
+            f"(one torch thread{'; load average ' + ' at the start, '.join(load) + ' at the end' if load else ''}; "
+            f"`figures/benchmarks/bench_rome_reference_smollm2.txt`, from `{SMOLLM2_BENCH}`).\n")
+
+
 BLOCKS: dict[str, Callable[[Path], str]] = {
     "similarity": similarity, "scan": scan, "values": values, "table1": table1, "tau_sweep": tau_sweep,
     "bounds": bounds, "build": build, "trace": trace, "ablation": ablation, "timing": timing, "shape": shape,
@@ -498,6 +518,7 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "memit_bounds": memit_bounds, "smollm2_known": smollm2_known, "smollm2_edit": smollm2_edit,
     "smollm2_trace": smollm2_trace, "smollm2_similarity": smollm2_similarity,
     "smollm2_bos": smollm2_bos, "smollm2_table1": smollm2_table1,
+    "smollm2_bench": smollm2_bench,
 }
 
 
