@@ -16,7 +16,7 @@ LAYERS = {
     **dict.fromkeys(["keyscope.factworld", "keyscope.factworld.card", "keyscope.factworld.corpus",
                      "keyscope.factworld.export", "keyscope.factworld.quality", "keyscope.factworld.tokenizer",
                      "keyscope.factworld.train", "keyscope.factworld.world"], 1),
-    "keyscope.prompts": 2,
+    "keyscope.prompts": 2, "keyscope.gguf": 2,
     "keyscope.models": 3, "keyscope.memory": 3, "keyscope.keys": 3, "keyscope.corpus": 3, "keyscope.datasets": 3,
     "keyscope.predictions": 3, "keyscope.perturbations": 3,
     "keyscope.covariance": 4, "keyscope.covariance_job": 4, "keyscope.metrics": 4, "keyscope.similarity": 4, "keyscope.scan": 4, "keyscope.trace": 4,
