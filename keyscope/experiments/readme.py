@@ -141,8 +141,28 @@ SMOLLM2_TABLE1 = ("torchrun --nproc_per_node 2 -m keyscope evaluate --model smol
 
 
 def smollm2_table1(figures: Path) -> str:
-    """Table 1 on SmolLM2 with the paper's protocol (``smollm2/table1/table1.csv``)."""
-    return _table1(figures, "smollm2/table1/", SMOLLM2_TABLE1)
+    """Table 1 on SmolLM2 with the paper's protocol (``smollm2/table1/table1.csv``), and ROME+REP − ROME with its
+    paired 95% cluster-bootstrap interval per column, recomputed from the per-fact rows (``table1_facts.csv``,
+    :func:`keyscope.evaluate.paired_bootstrap_interval`, seed 0)."""
+    from keyscope.evaluate import paired_bootstrap_interval
+    from keyscope.experiments.table1 import HEADERS
+
+    rows = read_csv(figures / "smollm2" / "table1" / "table1_facts.csv")
+    by_fact: dict[str, dict[str, dict]] = {}
+    for row in rows:
+        by_fact.setdefault(row["case_id"], {})[row["method"]] = row
+    paired = [f for f in by_fact.values() if "rome" in f and "rome+rep" in f]
+    parts = []
+    for column in TABLE1_COLUMNS:
+        hits, totals, base_hits, base_totals = (
+            np.array([float(f[method][f"{column}_{what}"]) for f in paired])
+            for method, what in (("rome+rep", "hits"), ("rome+rep", "total"), ("rome", "hits"), ("rome", "total")))
+        difference = 100 * (hits.sum() / totals.sum() - base_hits.sum() / base_totals.sum())
+        low, high = paired_bootstrap_interval(hits, totals, base_hits, base_totals)
+        parts.append(f"{HEADERS[column]} {_signed(difference)} [{_signed(100 * low)}, {_signed(100 * high)}]")
+    return (_table1(figures, "smollm2/table1/", SMOLLM2_TABLE1)
+            + f"\nROME+REP − ROME in points, with paired 95% intervals over the {len(paired)} facts: "
+            + "; ".join(parts) + ".\n")
 
 
 def _table1(figures: Path, folder: str, command: str) -> str:

@@ -186,7 +186,7 @@ def report(figures: str | Path, run: dict) -> str:
         lines += ["ROME+REP minus ROME, in points (paper: LLaMA-2-7B, Table 1; it reports no word shuffles and no "
                   "near-twin split" + ("; SmolLM2-135M: `smollm2/table1/table1.csv`, the paper's query protocol)"
                                        if other else ")") + ":", "",
-                  f"| metric | keyscope |{' keyscope on smollm2-135m |' if other else ''} paper |",
+                  f"| metric | keyscope{f' on {model}' if other else ''} |{' keyscope on smollm2-135m |' if other else ''} paper |",
                   "|---|---:|" + ("---:|" if other else "") + "---:|"]
 
         def delta(t: dict, metric: str) -> str:
