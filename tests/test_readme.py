@@ -22,7 +22,8 @@ REPORT = FIGURES / "REPORT.md"
 def test_every_readme_block_is_rendered_from_its_artefacts():
     found = readme.blocks(README.read_text())
     assert {"similarity", "scan", "values", "table1", "tau_sweep", "bounds", "build", "trace", "ablation",
-            "timing"} <= set(found)
+            "timing", "smollm2_known", "smollm2_bos", "smollm2_edit", "smollm2_similarity", "smollm2_trace",
+            "smollm2_table1"} <= set(found)
     for name, body in found.items():
         assert body == readme.render(name, FIGURES), f"README block {name!r} differs from its artefacts"
 
@@ -123,10 +124,13 @@ def test_report_trace_deltas_sweep_and_times_match_their_artefacts():
     deltas = _table_after(text, "ROME+REP minus ROME")
     titles = {HEADERS[m]: m for m in METRICS}
     assert {row[0] for row in deltas[1:]} == set(titles)
-    for title, ours, paper in deltas[1:]:
+    real = {row["method"]: row for row in _csv("smollm2/table1/table1.csv")}
+    assert deltas[0] == ["metric", "keyscope on factworld", "keyscope on smollm2-135m", "paper"]
+    for title, ours, smollm2, paper in deltas[1:]:
         metric = titles[title]
-        assert float(ours) == pytest.approx(
-            100 * (float(by_method["rome+rep"][metric]) - float(by_method["rome"][metric])), abs=0.051), title
+        for cell, rows in ((ours, by_method), (smollm2, real)):
+            assert float(cell) == pytest.approx(
+                100 * (float(rows["rome+rep"][metric]) - float(rows["rome"][metric])), abs=0.051), title
         assert (float(paper) if paper else None) == PAPER_DELTAS.get(metric), title
 
     sweep = {float(r["tau"]): r for r in _csv("fig7_tau_sweep.csv")}
