@@ -59,7 +59,8 @@ def artefact_dir(kind: str, spec: dict, root: str | Path | None = None) -> Path:
     return cache_root(root) / kind / spec_hash(spec)
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: str | Path) -> str:
+    """The hex SHA-256 of a file, read in 4 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 22), b""):
@@ -84,7 +85,7 @@ def save(kind: str, spec: dict, tensors: dict[str, torch.Tensor], root: str | Pa
         "spec": json.loads(canonical_json(spec)),
         "file": TENSORS,
         "bytes": file.stat().st_size,
-        "sha256": _sha256_file(file),
+        "sha256": sha256_file(file),
         "tensors": {name: {"shape": list(t.shape), "dtype": str(t.dtype)} for name, t in payload.items()},
         "keyscope_version": __version__,
     }
@@ -119,7 +120,7 @@ def load(kind: str, spec: dict, root: str | Path | None = None) -> dict[str, tor
     size = file.stat().st_size
     if size != record.get("bytes"):
         raise CorruptCache(f"cached {kind} in {folder} is truncated or altered ({size} bytes, expected {record.get('bytes')})")
-    if _sha256_file(file) != record.get("sha256"):
+    if sha256_file(file) != record.get("sha256"):
         raise CorruptCache(f"cached {kind} in {folder} fails its SHA-256 checksum")
     try:
         tensors = load_file(str(file))

@@ -22,7 +22,6 @@ imports ``llm``, which keyscope does not need).
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -34,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from keyscope.atomic import write_text
-from keyscope.cache import cache_root
+from keyscope.cache import cache_root, sha256_file
 from keyscope.errors import CorruptCache, ModelNotAvailable
 from keyscope.factworld import MODEL_CARD
 
@@ -80,15 +79,6 @@ PACKAGED: dict[str, PackagedModel] = {
         },
     ),
 }
-
-
-def sha256_file(path: str | Path) -> str:
-    """The hex SHA-256 of a file, read in 4 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def packaged_gguf(name: str) -> Path:

@@ -122,7 +122,6 @@ from keyscope.models import (
     logits_at,
     model_card,
     model_name,
-    n_layers,
     sdpa_attention,
     value_hook,
 )
@@ -514,14 +513,12 @@ def sample_context_prefixes(model, config: ROMEConfig) -> list[list[int]]:
 
 
 def _prefixes_spec(model, config: ROMEConfig) -> dict:
-    from keyscope.covariance import upstream_fingerprint
+    from keyscope.covariance import weights_fingerprint
 
-    top = n_layers(model) - 1
     return {
         "sampler": PREFIX_SAMPLER,
         "model": model_name(model),
-        "weights": upstream_fingerprint(model, top),
-        "last_W_out": float(W_out(model, top).double().square().sum()),  # upstream_fingerprint leaves it out
+        "weights": weights_fingerprint(model),
         "dtype": str(next(model.original_model.parameters()).dtype),
         "vocab": len(model.tokenizer),
         "bos": list(encode(model.tokenizer, "").ids),
