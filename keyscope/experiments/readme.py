@@ -142,27 +142,60 @@ SMOLLM2_TABLE1 = ("torchrun --nproc_per_node 2 -m keyscope evaluate --model smol
 
 def smollm2_table1(figures: Path) -> str:
     """Table 1 on SmolLM2 with the paper's protocol (``smollm2/table1/table1.csv``), and ROME+REP − ROME with its
-    paired 95% cluster-bootstrap interval per column, recomputed from the per-fact rows (``table1_facts.csv``,
-    :func:`keyscope.evaluate.paired_bootstrap_interval`, seed 0)."""
+    paired interval per column (:func:`_paired_deltas`)."""
+    paired, parts = _paired_deltas(figures / "smollm2" / "table1", TABLE1_COLUMNS)
+    return (_table1(figures, "smollm2/table1/", SMOLLM2_TABLE1)
+            + f"\nROME+REP − ROME in points, with paired 95% intervals over the {paired} facts: " + "; ".join(parts) + ".\n")
+
+
+#: The CounterFact schemas of the other SmolLM2 runs: (folder, label, fact file under ../shared/data).
+SMOLLM2_SCHEMAS = (("counterfact", "CounterFact in its original schema", "counterfact/counterfact_orig_format_1400_patil.json"),
+                   ("easyedit", "EasyEdit's CounterFact validation set", "counterfact/easyedit_counterfact-val.json"))
+
+
+def smollm2_schemas(figures: Path) -> str:
+    """ROME and ROME+REP on SmolLM2 over the CounterFact files of the original and EasyEdit schemas
+    (``smollm2/{counterfact,easyedit}/``): success, locality and the paired differences of the columns they have."""
+    from keyscope.experiments.table1 import HEADERS
+
+    lines = []
+    for folder, label, data in SMOLLM2_SCHEMAS:
+        by_method = _by(read_csv(figures / "smollm2" / folder / "table1.csv"), "method")
+        rome = by_method["rome"]
+        columns = [c for c in TABLE1_COLUMNS if c not in ("success", "locality") and int(rome[f"{c}_prompts"])]
+        paired, parts = _paired_deltas(figures / "smollm2" / folder, ("success", "locality", *columns))
+        command = (f"keyscope evaluate --model smollm2-135m --data ../shared/data/{data} --known --n 10 --methods "
+                   f"rome,rome+rep --protocol paper --corpus ../shared/data/enwiki_extract --out figures/smollm2/{folder} "
+                   f"--json figures/smollm2/{folder}/table1.json")
+        lines.append(f"- {label}, {paired} known facts: ROME success {percent(_float(rome['success']))}%, locality "
+                     f"{percent(_float(rome['locality']))}% (ROME+REP {percent(_float(by_method['rome+rep']['success']))}%, "
+                     f"{percent(_float(by_method['rome+rep']['locality']))}%); ROME+REP − ROME: " + "; ".join(parts[2:])
+                     + f" (`figures/smollm2/{folder}/table1.csv`, from `{command}`; columns without prompts left out: "
+                     + ", ".join(HEADERS[c] for c in TABLE1_COLUMNS if c not in ("success", "locality", *columns))
+                     + ")")
+    return "\n".join(lines) + "\n"
+
+
+def _paired_deltas(folder: Path, columns) -> tuple[int, list[str]]:
+    """``(n, parts)``: ROME+REP − ROME of each of ``columns`` in points with its paired 95% cluster-bootstrap interval,
+    recomputed from the per-fact rows of ``folder/table1_facts.csv`` (:func:`keyscope.evaluate.paired_bootstrap_interval`,
+    seed 0) over the ``n`` facts both methods scored."""
     from keyscope.evaluate import paired_bootstrap_interval
     from keyscope.experiments.table1 import HEADERS
 
-    rows = read_csv(figures / "smollm2" / "table1" / "table1_facts.csv")
     by_fact: dict[str, dict[str, dict]] = {}
-    for row in rows:
+    for row in read_csv(folder / "table1_facts.csv"):
         by_fact.setdefault(row["case_id"], {})[row["method"]] = row
     paired = [f for f in by_fact.values() if "rome" in f and "rome+rep" in f]
     parts = []
-    for column in TABLE1_COLUMNS:
+    for column in columns:
         hits, totals, base_hits, base_totals = (
             np.array([float(f[method][f"{column}_{what}"]) for f in paired])
             for method, what in (("rome+rep", "hits"), ("rome+rep", "total"), ("rome", "hits"), ("rome", "total")))
         difference = 100 * (hits.sum() / totals.sum() - base_hits.sum() / base_totals.sum())
         low, high = paired_bootstrap_interval(hits, totals, base_hits, base_totals)
         parts.append(f"{HEADERS[column]} {_signed(difference)} [{_signed(100 * low)}, {_signed(100 * high)}]")
-    return (_table1(figures, "smollm2/table1/", SMOLLM2_TABLE1)
-            + f"\nROME+REP − ROME in points, with paired 95% intervals over the {len(paired)} facts: "
-            + "; ".join(parts) + ".\n")
+    return len(paired), parts
 
 
 def _table1(figures: Path, folder: str, command: str) -> str:
@@ -542,7 +575,7 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "memit_bounds": memit_bounds, "smollm2_known": smollm2_known, "smollm2_edit": smollm2_edit,
     "smollm2_trace": smollm2_trace, "smollm2_similarity": smollm2_similarity,
     "smollm2_bos": smollm2_bos, "smollm2_table1": smollm2_table1,
-    "smollm2_bench": smollm2_bench,
+    "smollm2_bench": smollm2_bench, "smollm2_schemas": smollm2_schemas,
 }
 
 
