@@ -541,7 +541,22 @@ def smollm2_trace(figures: Path) -> str:
             f"than {100 * max(mlp[1:]) / report['total_effect']:.0f}% of the total effect. factworld's peaks at layer "
             f"{factworld['default_layer']} of {len(fw_mlp)} ({max(fw_mlp):.3f}); the paper edits LLaMA-2-7B at layer 5 "
             f"of 32 (`figures/smollm2/trace/trace.json`, from `{SMOLLM2_TRACE}`; the curve: "
-            f"[`trace.png`](figures/smollm2/trace/trace.png)).\n")
+            f"[`trace.png`](figures/smollm2/trace/trace.png)).\n" + _smollm2_window_trace(figures))
+
+
+SMOLLM2_TRACE_WINDOW = ("keyscope trace --model smollm2-135m --data ../shared/data/counterfact/rome_known_1000.json --n 20 "
+                        "--window 10 --out figures/smollm2/trace_window10 --json figures/smollm2/trace_window10/trace.json")
+
+
+def _smollm2_window_trace(figures: Path) -> str:
+    """The window-10 trace of SmolLM2 (ROME's Figure 1 setting, ``figures/smollm2/trace_window10/trace.json``)."""
+    report = json.loads((figures / "smollm2" / "trace_window10" / "trace.json").read_text())
+    mlp = report["indirect_effect"]["mlp"]
+    early = max(range(len(mlp)), key=lambda layer: mlp[layer])
+    return (f"\nRestoring windows of {report['window']} layers around each layer (ROME's Figure 1) over {report['n']} known facts of "
+            f"the same set, the MLP effect is a plateau over layers 0–5 ({min(mlp[:6]):.3f}–{max(mlp[:6]):.3f}, largest at "
+            f"layer {early}) that halves by layer 6 ({mlp[6]:.3f}) and fades after layer 14 ({mlp[15]:.3f} at 15) "
+            f"(`figures/smollm2/trace_window10/trace.json`, from `{SMOLLM2_TRACE_WINDOW}`).\n")
 
 
 SMOLLM2_BENCH = ("python benchmarks/bench_rome_reference.py --model smollm2-135m --n 5 "
