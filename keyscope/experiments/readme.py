@@ -57,23 +57,23 @@ SMOLLM2_SIMILARITY = ("keyscope similarity --model smollm2-135m --data ../shared
 def smollm2_similarity(figures: Path) -> str:
     """Figure 3 on SmolLM2 (``smollm2/similarity/fig3_similarity.csv``), with factworld's medians beside it."""
     table = _similarity_table(figures, "smollm2/similarity/fig3_similarity.csv", SMOLLM2_SIMILARITY)
-    medians = {}
-    for name in ("fig3_similarity.csv", "smollm2/similarity/fig3_similarity.csv"):
-        values: dict[str, list[float]] = {}
-        for row in read_csv(figures / name):
-            values.setdefault(row["kind"], []).append(float(row["similarity"]))
-        medians[name] = {kind: float(np.median(v)) for kind, v in values.items()}
-    factworld = medians["fig3_similarity.csv"]
+    factworld = {kind: float(np.median(v)) for kind, v in _strengths(figures / "fig3_similarity.csv").items()}
     return table + ("\nfactworld's medians, for comparison: rephrased " + f"{factworld[REPHRASE]:.3f}, token shuffles "
                     f"{factworld[SHUFFLE]:.3f}, word shuffles {factworld[SHUFFLE_WORDS]:.3f}, long contexts "
                     f"{factworld[LONG]:.3f}, another subject {factworld[RANDOM]:.3f} (`figures/fig3_similarity.csv`).\n")
 
 
+def _strengths(path: Path) -> dict[str, list[float]]:
+    """A Figure 3 CSV's normalised edit strengths, per perturbation kind."""
+    values: dict[str, list[float]] = {}
+    for row in read_csv(path):
+        values.setdefault(row["kind"], []).append(float(row["similarity"]))
+    return values
+
+
 def _similarity_table(figures: Path, name: str, command: str) -> str:
     """The normalised edit strength per perturbation kind of a Figure 3 CSV, and where it came from."""
-    values: dict[str, list[float]] = {}
-    for row in read_csv(figures / name):
-        values.setdefault(row["kind"], []).append(float(row["similarity"]))
+    values = _strengths(figures / name)
     labels = {REPHRASE: "rephrased subject", SHUFFLE: "shuffled subject tokens",
               SHUFFLE_WORDS: "shuffled subject words", LONG: "300-token unrelated context",
               RANDOM: "other subject (baseline)"}
