@@ -213,6 +213,27 @@ def _file_documents(files: Iterable[Path]) -> Iterator[str]:
         yield from _READERS[file_format(file)](_lines(file))
 
 
+#: Seconds the one hub request before streaming WikiText-103 may take; past it the hub counts as unreachable.
+WIKITEXT_PROBE_TIMEOUT_S = 5.0
+
+
+def _probe_wikitext(name: str) -> None:
+    """Raise the one-line :class:`KeyscopeError` at once when the hub cannot serve dataset ``name`` (offline mode,
+    no network): one request with a short timeout and no retries, instead of the ~30 s of retries ``datasets``
+    spends (and prints) before giving up."""
+    from huggingface_hub import HfApi, is_offline_mode
+
+    reason = "HF_HUB_OFFLINE is set" if is_offline_mode() else None
+    if reason is None:
+        try:
+            HfApi().dataset_info(name, timeout=WIKITEXT_PROBE_TIMEOUT_S)
+        except Exception as exc:  # any failure of this one request (DNS, refused, timeout, 5xx)
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+    if reason is not None:
+        raise KeyscopeError(f"WikiText-103, the default corpus of a real model, is not reachable ({reason}); "
+                            f"pass --corpus with a text file or folder (WikiText, WikiExtractor or plain text)")
+
+
 def _wikitext_documents() -> Iterator[str]:
     """WikiText-103 articles: lines grouped at the top-level `` = Title = `` headings."""
     try:
@@ -223,6 +244,7 @@ def _wikitext_documents() -> Iterator[str]:
             "or pass a text file/folder or a list of strings as the corpus"
         ) from exc
     name, config, split = WIKITEXT_DATASET
+    _probe_wikitext(name)
     try:
         rows = datasets.load_dataset(name, config, split=split, streaming=True)
         iterator = iter(rows)

@@ -66,6 +66,7 @@ def test_wikitext_articles_are_grouped(monkeypatch):
     rows = [" = Valkyria = \n", " The game @-@ play is 1 @,@ 000 .\n", "", " = = Plot = = \n", " More text .\n",
             " = Tower = \n", " Tall .\n"]
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: [{"text": r} for r in rows])
+    monkeypatch.setattr(corpus, "_probe_wikitext", lambda name: None)  # no hub request in a test
     docs = list(corpus.documents("wikitext"))
     assert len(docs) == 2
     assert "game-play is 1,000" in docs[0] and "= = Plot = =" in docs[0]
@@ -218,3 +219,21 @@ def test_a_corpus_too_small_for_one_context_is_one_line(tmp_path, bpe_tokenizer)
             corpus.ContextSource(empty).take(bpe_tokenizer, 10)
         assert "\n" not in str(info.value)
     assert "blank.txt" in str(info.value)
+
+
+def test_unreachable_wikitext_is_one_line_at_once_without_the_datasets_retries(monkeypatch):
+    """Offline, the default corpus of a real model fails in one request, naming --corpus; datasets is never asked."""
+    import sys
+    import types
+
+    from huggingface_hub import HfApi
+
+    def unreachable(self, name, timeout=None):
+        raise OSError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(HfApi, "dataset_info", unreachable)
+    fake = types.SimpleNamespace(load_dataset=lambda *a, **k: pytest.fail("datasets was asked"))
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    with pytest.raises(KeyscopeError) as info:
+        next(corpus.documents("wikitext-103"))
+    assert "--corpus" in str(info.value) and "\n" not in str(info.value)
