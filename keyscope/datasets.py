@@ -126,6 +126,7 @@ class FactFile:
     failures: tuple[Failure, ...]
     indices: tuple[int, ...] = ()  # record index of each fact
     records: tuple = field(default=(), repr=False, compare=False)  # the parsed JSON records, in file order
+    duplicates: int = 0  # facts of a later file whose case id an earlier file of the same --data had (read_facts)
 
 
 class _RecordError(Exception):
@@ -394,12 +395,34 @@ def _factworld_records() -> list[dict]:
     return export.records(world_of(card), seed=seed)
 
 
-def read_facts(source: str | Path) -> FactFile:
-    """Read every record of ``source`` (a fact file, or ``"factworld"``) into facts and failures.
+#: What separates the files of one ``--data`` that reads several (:func:`split_sources`).
+SOURCE_SEPARATOR = ","
 
-    Raises :class:`UnknownSchema` (a :class:`KeyscopeError`, one line) for an unreadable file, invalid JSON,
-    an unknown schema or a Patil paraphrase table; problems of single records are returned as failures.
+
+def split_sources(source: str | Path) -> list[str | Path]:
+    """The files of ``source``: ``[source]`` for ``"factworld"``, a path or an existing file, else its
+    comma-separated parts (``"a.json,b.json"``), each of which must exist."""
+    if not isinstance(source, str) or source == FACTWORLD or SOURCE_SEPARATOR not in source or Path(source).expanduser().is_file():
+        return [source]
+    parts = [part.strip() for part in source.split(SOURCE_SEPARATOR)]
+    if not all(parts):
+        raise UnknownSchema(f"--data {source!r} has an empty file name between its commas")
+    return parts
+
+
+def read_facts(source: str | Path) -> FactFile:
+    """Read every record of ``source`` (a fact file, ``"factworld"``, or several fact files of one schema joined
+    by commas) into facts and failures.
+
+    Several files read as one (:func:`_union`): their records in order, and each case id's fact from the first
+    file that holds it (Yan et al.'s LLaMA-2, Mistral and Qwen test sets share most of their facts; the later
+    copies are counted in ``FactFile.duplicates``, not loaded). Raises :class:`UnknownSchema` (a
+    :class:`KeyscopeError`, one line) for an unreadable file, invalid JSON, an unknown schema, files of different
+    schemas or a Patil paraphrase table; problems of single records are returned as failures.
     """
+    sources = split_sources(source)
+    if len(sources) > 1:
+        return _union([read_facts(part) for part in sources])
     if isinstance(source, str) and source == FACTWORLD:
         records, name = _factworld_records(), FACTWORLD
         schema = FACTWORLD_SCHEMA
@@ -410,6 +433,29 @@ def read_facts(source: str | Path) -> FactFile:
             raise UnknownSchema(f"{source} is a Patil et al. paraphrase table, not a fact file; read it with load_paraphrases")
     facts, failures, indices = parse_records(records, schema)
     return FactFile(name, schema, len(records), tuple(facts), tuple(failures), tuple(indices), tuple(records))
+
+
+def _union(files: Sequence[FactFile]) -> FactFile:
+    """One :class:`FactFile` of ``files``: records concatenated (record indices count through the files in
+    order), each case id's fact taken from the first file that has it."""
+    schemas = {f.schema for f in files}
+    if len(schemas) > 1:
+        raise UnknownSchema("the files of one --data must share a schema: "
+                            + ", ".join(f"{f.source} is {f.schema}" for f in files))
+    facts, failures, indices, records, seen, duplicates, offset = [], [], [], [], set(), 0, 0
+    for f in files:
+        failures += [replace(failure, index=failure.index + offset) for failure in f.failures]
+        for fact, index in zip(f.facts, f.indices):
+            if fact.case_id in seen:
+                duplicates += 1
+                continue
+            seen.add(fact.case_id)
+            facts.append(fact)
+            indices.append(index + offset)
+        records += f.records
+        offset += f.n_records
+    return FactFile(SOURCE_SEPARATOR.join(f.source for f in files), files[0].schema, offset, tuple(facts),
+                    tuple(failures), tuple(indices), tuple(records), duplicates)
 
 
 def fact_records(fact_file: FactFile, positions: Iterable[int]) -> list:
@@ -437,6 +483,9 @@ def sniff_schema(source: str | Path) -> str:
     :func:`detect_schema`. Raises :class:`UnknownSchema` for an unreadable or unknown file."""
     if isinstance(source, str) and source == FACTWORLD:
         return FACTWORLD_SCHEMA
+    sources = split_sources(source)
+    if len(sources) > 1:
+        return read_facts(source).schema
     return detect_schema(_read_json(_existing(source)))
 
 

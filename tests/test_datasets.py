@@ -267,3 +267,28 @@ def test_patil_paraphrases_attach_by_filled_prompt_and_true_target(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({"k": "not a list"}))
     with pytest.raises(MalformedRecord):
         ds.load_paraphrases(tmp_path / "bad.json")
+
+
+def test_several_files_read_as_one_with_each_case_id_once(tmp_path):
+    """``a.json,b.json`` reads both files' records in order; a case id of ``a`` met again in ``b`` is counted as
+    a duplicate and its later fact left out; files of two schemas are one line."""
+    other = {**REP, "case_id": 7, "prompt": "Xenix, created by", "subject": "Xenix"}
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    first.write_text(json.dumps([REP, {"prompt": "no subject"}]))
+    second.write_text(json.dumps([{**REP, "target_new": "Apple"}, other]))
+    both = ds.read_facts(f"{first},{second}")
+    assert both.schema == ds.REP and both.n_records == 4 and both.duplicates == 1
+    assert [f.case_id for f in both.facts] == [143, 7]
+    assert both.facts[0].target_new == "Adobe"  # the first file's copy
+    assert both.indices == (0, 3) and [f.index for f in both.failures] == [1]
+    assert ds.fact_records(both, [1]) == [other]
+    assert ds.sniff_schema(f"{first}, {second}") == ds.REP
+    assert [f.case_id for f in ds.load_facts(f"{first},{second}", on_error="skip")] == [143, 7]
+    easy = tmp_path / "e.json"
+    easy.write_text(json.dumps([EASYEDIT]))
+    with pytest.raises(ds.UnknownSchema, match="share a schema"):
+        ds.read_facts(f"{first},{easy}")
+    with pytest.raises(ds.UnknownSchema, match="does not exist"):
+        ds.read_facts(f"{first},{tmp_path / 'missing.json'}")
+    with pytest.raises(ds.UnknownSchema, match="empty file name"):
+        ds.read_facts(f"{first},")

@@ -228,7 +228,8 @@ def add_model_arguments(parser) -> None:
     names a shuffle must not spell, other facts' prompts), which restricting ``--data`` up front would change."""
     parser.add_argument("--model", default="factworld", help=MODEL_HELP)
     parser.add_argument("--layer", type=int, help="edit layer (default: the model's default edit layer)")
-    parser.add_argument("--data", help="facts: factworld (default for factworld) or a CounterFact/REP JSON file")
+    parser.add_argument("--data", help="facts: factworld (default for factworld) or a CounterFact/REP JSON file (or several "
+                        "of one schema joined by commas, read as one)")
     add_known_argument(parser, ALWAYS_KNOWN_HELP)
     add_dtype_argument(parser)
 

@@ -105,7 +105,8 @@ def cmd_data(args) -> int:
     failures.sort(key=lambda f: f.index)
     print(f"schema: {fact_file.schema}")
     print(f"records: {fact_file.n_records}")
-    print(f"loaded: {len(fact_file.facts)}")
+    print(f"loaded: {len(fact_file.facts)}" + (f" ({fact_file.duplicates} case ids already read from an earlier "
+                                                   "file left out)" if fact_file.duplicates else ""))
     print(f"located: {located} ({how})")
     print(f"failures: {len(failures)}")
     for failure in failures:
@@ -114,6 +115,7 @@ def cmd_data(args) -> int:
         "schema": fact_file.schema,
         "records": fact_file.n_records,
         "loaded": len(fact_file.facts),
+        "duplicates": fact_file.duplicates,
         "located": located,
         "failures": [{"index": f.index, "field": f.field, "reason": f.reason, "kind": f.kind} for f in failures],
     }
@@ -127,8 +129,9 @@ def register(sub) -> None:
     """Add ``keyscope data`` to the top-level subparsers ``sub``."""
     p = sub.add_parser("data", help="detect a fact file's schema, load it and locate its subjects; with --known, "
                                     "count (and write) the facts a model knows")
-    p.add_argument("path", help="a CounterFact / EasyEdit / REP / factworld / ROME-known JSON file, a Patil "
-                                "paraphrase table, or 'factworld'")
+    p.add_argument("path", help="a CounterFact / EasyEdit / REP / factworld / ROME-known JSON file (or several of one "
+                                "schema joined by commas, read as one: each case id from the first file holding it), "
+                                "a Patil paraphrase table, or 'factworld'")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--model", help="locate subjects with this model's tokenizer (factworld, hub name, directory)")
     which.add_argument("--tokenizer", metavar="DIR", help="locate subjects with this Hugging Face tokenizer")

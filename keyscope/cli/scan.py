@@ -103,7 +103,8 @@ def register(sub) -> None:
     p = sub.add_parser("scan", help="Figure 4: corpus positions whose keys an edit of a subject would reach")
     p.add_argument("--model", default="factworld", help=MODEL_HELP)
     p.add_argument("--layer", type=int, help="key layer (default: the model's default edit layer)")
-    p.add_argument("--data", help="facts: factworld (default for factworld) or a CounterFact/REP JSON file")
+    p.add_argument("--data", help="facts: factworld (default for factworld) or a CounterFact/REP JSON file (or several "
+                        "of one schema joined by commas, read as one)")
     add_known_argument(p)
     add_dtype_argument(p)
     p.add_argument("--corpus", help="corpus to scan and to estimate C from (default: factworld filler for "

@@ -61,7 +61,8 @@ def register(sub) -> None:
     p.add_argument("--model", default="factworld", help=MODEL_HELP)
     add_dtype_argument(p)
     p.add_argument("--layer", type=int, help="edit layer (default: the model's default edit layer)")
-    p.add_argument("--data", help="facts: factworld (default for factworld) or a CounterFact/REP JSON file")
+    p.add_argument("--data", help="facts: factworld (default for factworld) or a CounterFact/REP JSON file (or several "
+                        "of one schema joined by commas, read as one)")
     add_known_argument(p)
     p.add_argument("--n-subjects", type=positive_int, default=100, help="number of subjects (default 100)")
     p.add_argument("--seed", type=int, default=0)

@@ -41,7 +41,8 @@ def test_clean_file_exits_0_and_reports(tmp_path, capsys, tokenizer_dir):
     printed = capsys.readouterr().out
     assert "schema: rep" in printed and "records: 2" in printed and "loaded: 2" in printed
     assert "located: 2 (by the tokenizer" in printed and "failures: 0" in printed
-    assert json.loads(out.read_text()) == {"schema": "rep", "records": 2, "loaded": 2, "located": 2, "failures": []}
+    assert json.loads(out.read_text()) == {"schema": "rep", "records": 2, "loaded": 2, "duplicates": 0, "located": 2,
+                                          "failures": []}
 
 
 def test_without_tokenizer_locates_by_characters(tmp_path, capsys):
@@ -250,3 +251,13 @@ def test_reproduce_report_names_known_in_its_command_line():
     assert "reproduce --model factworld`" in reproduce.report(figures, run)  # a committed run: no --known
     known = reproduce.report(figures, {**run, "config": {**run["config"], "known": True}})
     assert "reproduce --model factworld --known`" in known
+
+
+def test_several_files_report_the_duplicates_left_out(tmp_path, capsys):
+    first = write(tmp_path, "a.json", [REP])
+    second = write(tmp_path, "b.json", [REP, {**REP, "case_id": 2}])
+    out = tmp_path / "report.json"
+    assert main(["data", f"{first},{second}", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert (report["records"], report["loaded"], report["duplicates"]) == (3, 2, 1)
+    assert "1 case ids already read from an earlier file left out" in capsys.readouterr().out
