@@ -48,22 +48,39 @@ def similarity(figures: Path) -> str:
     return _similarity_table(figures, "fig3_similarity.csv", REPRODUCE)
 
 
-SMOLLM2_SIMILARITY = ("keyscope similarity --model smollm2-135m --data ../shared/data/paraphrases/"
-                      "robustkeyedit_test.counterfact_para_prompt_para_subject_llama2-7b.json --known --corpus "
-                      "../shared/data/enwiki_extract --n-subjects 100 --out figures/smollm2/similarity "
-                      "--json figures/smollm2/similarity/similarity.json")
+#: The fact files of SmolLM2's runs, under ../shared/data (REP's four release files read as one for Figure 3).
+_PARAPHRASES = "../shared/data/paraphrases/robustkeyedit_"
+SMOLLM2_LLAMA2 = f"{_PARAPHRASES}test.counterfact_para_prompt_para_subject_llama2-7b.json"
+SMOLLM2_REP_FILES = ",".join([SMOLLM2_LLAMA2, f"{_PARAPHRASES}test.counterfact_para_prompt_para_subject_mistral.json",
+                              f"{_PARAPHRASES}test.counterfact_para_prompt_para_subject_qwen.json",
+                              f"{_PARAPHRASES}valid.counterfact_para_prompt_para_subject.json"])
+SMOLLM2_COUNTERFACT = "../shared/data/counterfact/counterfact_orig_format_1400_patil.json"
+_SMOLLM2 = "--model smollm2-135m"
+_ENWIKI = "--corpus ../shared/data/enwiki_extract"
+SMOLLM2_SIMILARITY = (f"keyscope similarity {_SMOLLM2} --data {SMOLLM2_REP_FILES} --known {_ENWIKI} --n-subjects 200 "
+                      "--out figures/smollm2/similarity --json figures/smollm2/similarity/similarity.json")
+SMOLLM2_SCAN = (f"keyscope scan {_SMOLLM2} --data {SMOLLM2_LLAMA2} --known {_ENWIKI} --tokens 1000000 --subjects 100 "
+                "--out figures/smollm2/scan --json figures/smollm2/scan/scan.json")
+SMOLLM2_VALUES = (f"keyscope values {_SMOLLM2} --data {SMOLLM2_COUNTERFACT} --n 200 {_ENWIKI} --out figures/smollm2/values "
+                  "--json figures/smollm2/values/values.json")
+SMOLLM2_BOUNDS = (f"keyscope bounds {_SMOLLM2} --data {SMOLLM2_LLAMA2} --n 20 {_ENWIKI} --out figures/smollm2/bounds "
+                  "--json figures/smollm2/bounds/bounds.json")
+SMOLLM2_REACH = (f"keyscope reach {_SMOLLM2} --data {SMOLLM2_LLAMA2} --n 5 --tokens 50000 --top 20 {_ENWIKI} "
+                 "--out figures/smollm2/reach --json figures/smollm2/reach/reach.json")
+SMOLLM2_MEMIT = (f"keyscope evaluate {_SMOLLM2} --data {SMOLLM2_LLAMA2} --known --n 10 --methods memit,memit+rep "
+                 f"--protocol paper {_ENWIKI} --out figures/smollm2/memit --json figures/smollm2/memit/table1.json")
 
 
 def smollm2_similarity(figures: Path) -> str:
     """Figure 3 on SmolLM2 (``smollm2/similarity/fig3_similarity.csv``), with factworld's medians beside it."""
     table = _similarity_table(figures, "smollm2/similarity/fig3_similarity.csv", SMOLLM2_SIMILARITY)
-    factworld = {kind: float(np.median(v)) for kind, v in _strengths(figures / "fig3_similarity.csv").items()}
+    factworld = {kind: float(np.median(v)) for kind, v in similarity_strengths(figures / "fig3_similarity.csv").items()}
     return table + ("\nfactworld's medians, for comparison: rephrased " + f"{factworld[REPHRASE]:.3f}, token shuffles "
                     f"{factworld[SHUFFLE]:.3f}, word shuffles {factworld[SHUFFLE_WORDS]:.3f}, long contexts "
                     f"{factworld[LONG]:.3f}, another subject {factworld[RANDOM]:.3f} (`figures/fig3_similarity.csv`).\n")
 
 
-def _strengths(path: Path) -> dict[str, list[float]]:
+def similarity_strengths(path: Path) -> dict[str, list[float]]:
     """A Figure 3 CSV's normalised edit strengths, per perturbation kind."""
     values: dict[str, list[float]] = {}
     for row in read_csv(path):
@@ -73,7 +90,7 @@ def _strengths(path: Path) -> dict[str, list[float]]:
 
 def _similarity_table(figures: Path, name: str, command: str) -> str:
     """The normalised edit strength per perturbation kind of a Figure 3 CSV, and where it came from."""
-    values = _strengths(figures / name)
+    values = similarity_strengths(figures / name)
     labels = {REPHRASE: "rephrased subject", SHUFFLE: "shuffled subject tokens",
               SHUFFLE_WORDS: "shuffled subject words", LONG: "300-token unrelated context",
               RANDOM: "other subject (baseline)"}
@@ -86,28 +103,28 @@ def _similarity_table(figures: Path, name: str, command: str) -> str:
     return "\n".join(lines) + f"\n\n(`figures/{name}`, from `{command}`)\n"
 
 
-def neighbour_medians(figures: Path) -> dict[str, float]:
-    """Figure 4 (``fig4_neighbors.csv``): per filter, the median score of every subject's 10 best hits pooled
-    (``median_top10`` of :mod:`keyscope.experiments.scan`)."""
+def neighbour_medians(figures: Path, folder: str = "") -> dict[str, float]:
+    """Figure 4 (``figures/folder/fig4_neighbors.csv``): per filter, the median score of every subject's 10 best
+    hits pooled (``median_top10`` of :mod:`keyscope.experiments.scan`)."""
     scores: dict[str, list[float]] = {}
-    for row in read_csv(figures / "fig4_neighbors.csv"):
+    for row in read_csv(figures / folder / "fig4_neighbors.csv"):
         if int(row["rank"]) < 10:
             scores.setdefault(row["filter"], []).append(float(row["score"]))
     return {name: float(np.median(values)) for name, values in scores.items()}
 
 
-def scan(figures: Path) -> str:
+def scan(figures: Path, folder: str = "", command: str = REPRODUCE) -> str:
     """Figure 4 (``fig4_neighbors.csv``, :func:`neighbour_medians`)."""
-    medians = neighbour_medians(figures)
+    medians = neighbour_medians(figures, folder)
     return ("The median normalised edit strength of the subjects' 10 best *unrelated* corpus positions (pooled) is "
             + ", ".join(f"**{medians[name]:.3f}** under the {name} filter" for name in sorted(medians))
-            + f" (`figures/fig4_neighbors.csv`, from `{REPRODUCE}`).\n")
+            + f" (`figures/{folder}fig4_neighbors.csv`, from `{command}`).\n")
 
 
-def value_summary(figures: Path) -> dict:
-    """Figure 5 and ROME's quality (``fig5_value_norms.csv``): the number of edits, the median value norms at k*
-    before and after and their median ratio, success, pooled locality and seconds per edit."""
-    rows = read_csv(figures / "fig5_value_norms.csv")
+def value_summary(figures: Path, folder: str = "") -> dict:
+    """Figure 5 and ROME's quality (``figures/folder/fig5_value_norms.csv``): the number of edits, the median value
+    norms at k* before and after and their median ratio, success, pooled locality and seconds per edit."""
+    rows = read_csv(figures / folder / "fig5_value_norms.csv")
     before = np.array([float(r["value_norm_before"]) for r in rows])
     after = np.array([float(r["value_norm_after"]) for r in rows])
     return {"n": len(rows), "before": float(np.median(before)), "after": float(np.median(after)),
@@ -116,13 +133,13 @@ def value_summary(figures: Path) -> dict:
             "seconds": float(np.mean([float(r["seconds"]) for r in rows]))}
 
 
-def values(figures: Path) -> str:
+def values(figures: Path, folder: str = "", command: str = REPRODUCE) -> str:
     """Figure 5 and ROME's quality (:func:`value_summary`)."""
-    v = value_summary(figures)
+    v = value_summary(figures, folder)
     return (f"Over {v['n']} ROME edits the median value norm at k* is {v['before']:.1f} before and "
             f"{v['after']:.1f} after (median ratio {v['ratio']:.2f}); success "
             f"**{percent(v['success'])}%**, locality **{percent(v['locality'])}%**, {v['seconds']:.2f} s per edit "
-            f"(`figures/fig5_value_norms.csv`, from `{REPRODUCE}`).\n")
+            f"(`figures/{folder}fig5_value_norms.csv`, from `{command}`).\n")
 
 
 TABLE1_COLUMNS = ("success", "locality", "rephrase_id", "rephrase_ood", "rephrase_ood_new", "shuffle_id", "shuffle_ood",
@@ -134,10 +151,9 @@ def table1(figures: Path) -> str:
     return _table1(figures, "", REPRODUCE)
 
 
-SMOLLM2_TABLE1 = ("torchrun --nproc_per_node 2 -m keyscope evaluate --model smollm2-135m --data ../shared/data/paraphrases/"
-                  "robustkeyedit_test.counterfact_para_prompt_para_subject_llama2-7b.json --known --n-facts 30 --methods "
-                  "rome,rome+rep --protocol paper --corpus ../shared/data/enwiki_extract --out figures/smollm2/table1 "
-                  "--json figures/smollm2/table1/table1.json --resume")
+SMOLLM2_TABLE1 = (f"torchrun --nproc_per_node 2 -m keyscope evaluate {_SMOLLM2} --data {SMOLLM2_LLAMA2} --known --n-facts 30 "
+                  f"--methods rome,rome+rep --protocol paper --tau-sweep 0.5,0.6,0.7,0.8,0.9,0.95 {_ENWIKI} "
+                  "--out figures/smollm2/table1 --json figures/smollm2/table1/table1.json --resume")
 
 
 def smollm2_table1(figures: Path) -> str:
@@ -176,83 +192,103 @@ def smollm2_schemas(figures: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _paired_deltas(folder: Path, columns) -> tuple[int, list[str]]:
-    """``(n, parts)``: ROME+REP − ROME of each of ``columns`` in points with its paired 95% cluster-bootstrap interval,
-    recomputed from the per-fact rows of ``folder/table1_facts.csv`` (:func:`keyscope.evaluate.paired_bootstrap_interval`,
-    seed 0) over the ``n`` facts both methods scored."""
+def _paired_deltas(folder: Path, columns, base: str = "rome") -> tuple[int, list[str]]:
+    """``(n, parts)``: ``base``+REP − ``base`` (ROME or MEMIT) of each of ``columns`` in points with its paired 95%
+    cluster-bootstrap interval, recomputed from the per-fact rows of ``folder/table1_facts.csv``
+    (:func:`keyscope.evaluate.paired_bootstrap_interval`, seed 0) over the ``n`` facts both methods scored."""
     from keyscope.evaluate import paired_bootstrap_interval
     from keyscope.experiments.table1 import HEADERS
 
     by_fact: dict[str, dict[str, dict]] = {}
     for row in read_csv(folder / "table1_facts.csv"):
         by_fact.setdefault(row["case_id"], {})[row["method"]] = row
-    paired = [f for f in by_fact.values() if "rome" in f and "rome+rep" in f]
+    gated = f"{base}+rep"
+    paired = [f for f in by_fact.values() if base in f and gated in f]
     parts = []
     for column in columns:
         hits, totals, base_hits, base_totals = (
             np.array([float(f[method][f"{column}_{what}"]) for f in paired])
-            for method, what in (("rome+rep", "hits"), ("rome+rep", "total"), ("rome", "hits"), ("rome", "total")))
+            for method, what in ((gated, "hits"), (gated, "total"), (base, "hits"), (base, "total")))
         difference = 100 * (hits.sum() / totals.sum() - base_hits.sum() / base_totals.sum())
         low, high = paired_bootstrap_interval(hits, totals, base_hits, base_totals)
         parts.append(f"{HEADERS[column]} {_signed(difference)} [{_signed(100 * low)}, {_signed(100 * high)}]")
     return len(paired), parts
 
 
-def _table1(figures: Path, folder: str, command: str) -> str:
-    """ROME, ROME+REP and their difference, in percent, of the ``table1.csv`` in ``figures/folder``."""
+def _table1(figures: Path, folder: str, command: str, base: str = "rome") -> str:
+    """``base`` (ROME or MEMIT), ``base``+REP and their difference, in percent, of the ``table1.csv`` in
+    ``figures/folder``."""
     from keyscope.experiments.table1 import HEADERS
 
     by_method = _by(read_csv(figures / folder / "table1.csv"), "method")
+    gated = f"{base}+rep"
     lines = ["| method | " + " | ".join(HEADERS[c] for c in TABLE1_COLUMNS) + " |", "|---|" + "---:|" * len(TABLE1_COLUMNS)]
-    for method, label in (("rome", "ROME"), ("rome+rep", "ROME+REP")):
-        lines.append(f"| {label} | " + " | ".join(percent(_float(by_method[method][c])) for c in TABLE1_COLUMNS) + " |")
-    deltas = [100 * (float(by_method["rome+rep"][c]) - float(by_method["rome"][c])) for c in TABLE1_COLUMNS]
+    for method in (base, gated):
+        lines.append(f"| {method.upper()} | " + " | ".join(percent(_float(by_method[method][c])) for c in TABLE1_COLUMNS) + " |")
+    deltas = [100 * (float(by_method[gated][c]) - float(by_method[base][c])) for c in TABLE1_COLUMNS]
     lines.append("| difference | " + " | ".join(_signed(d) for d in deltas) + " |")
-    counts = {c: by_method["rome"][f"{c}_prompts"] for c in TABLE1_COLUMNS}
+    counts = {c: by_method[base][f"{c}_prompts"] for c in TABLE1_COLUMNS}
     return ("\n".join(lines) + "\n\nPrompts per column: " + ", ".join(f"{HEADERS[c]} {counts[c]}" for c in TABLE1_COLUMNS)
             + f" (`figures/{folder}table1.csv`, intervals in `figures/{folder}table1.md`, from `{command}`).\n")
 
 
-def tau_sweep(figures: Path) -> str:
-    """Figure 7 (``fig7_tau_sweep.csv``): each metric's change from the largest τ to the smallest."""
-    rows = sorted(read_csv(figures / "fig7_tau_sweep.csv"), key=lambda r: float(r["tau"]))
+def tau_changes(figures: Path, folder: str = "") -> tuple[float, float, dict[str, float]]:
+    """Figure 7 (``figures/folder/fig7_tau_sweep.csv``): ``(largest τ, smallest τ, {metric: change in points})``,
+    each metric's change from the largest τ to the smallest (a column without prompts is ``nan``)."""
+    rows = sorted(read_csv(figures / folder / "fig7_tau_sweep.csv"), key=lambda r: float(r["tau"]))
     low, high = rows[0], rows[-1]
     metrics = [k for k in rows[0] if k != "tau"]
-    change = {m: 100 * (float(low[m]) - float(high[m])) for m in metrics}
-    gains = [change[m] for m in metrics if m not in ("success", "locality")]
+    change = {m: 100 * (float(low[m] or "nan") - float(high[m] or "nan")) for m in metrics}
+    return float(high["tau"]), float(low["tau"]), change
+
+
+def tau_sweep(figures: Path, folder: str = "", command: str = REPRODUCE) -> str:
+    """Figure 7 (:func:`tau_changes`): locality's, success's and the robustness columns' change."""
+    high_tau, low_tau, change = tau_changes(figures, folder)
+    gains = [v for m, v in change.items() if m not in ("success", "locality") and not np.isnan(v)]
+    high, low = {"tau": high_tau}, {"tau": low_tau}
     return (f"Lowering τ from {float(high['tau']):g} to {float(low['tau']):g} changes locality by "
             f"{_signed(change['locality'])} points, success by {_signed(change['success'])}, and the robustness "
-            f"columns by {_signed(min(gains))} to {_signed(max(gains))} (`figures/fig7_tau_sweep.csv`, from "
-            f"`{REPRODUCE}`).\n")
+            f"columns by {_signed(min(gains))} to {_signed(max(gains))} (`figures/{folder}fig7_tau_sweep.csv`, from "
+            f"`{command}`).\n")
 
 
-def bounds(figures: Path) -> str:
-    """The lemmas (``bounds_edits.csv``, ``bounds_queries.csv``)."""
-    edits = [r for r in read_csv(figures / "bounds_edits.csv") if r.get("method", "rome") == "rome"]
-    queries = read_csv(figures / "bounds_queries.csv")
+def bounds_numbers(figures: Path, folder: str = "") -> dict:
+    """The lemma checks of one ``keyscope bounds`` run (``figures/folder/bounds_edits.csv``, ``bounds_queries.csv``):
+    Lemma 4.6's AUROC of α for a query's success per method (``(auroc, positives, n)``), Lemma 4.7's for a flipped
+    top-1 on neighbourhood prompts and corpus-scan prefixes (ROME), and Lemma 4.4's shares over ROME's edits."""
+    edits = [r for r in read_csv(figures / folder / "bounds_edits.csv") if r.get("method", "rome") == "rome"]
+    queries = read_csv(figures / folder / "bounds_queries.csv")
 
     def group(method: str, kinds: tuple[str, ...], label: str) -> tuple[float | None, int, int]:
         rows = [r for r in queries if r["method"] == method and r["kind"] in kinds]
         flags = [r[label] == "True" for r in rows]
         return auroc([float(r["alpha"]) for r in rows], flags), sum(flags), len(rows)
 
-    robust = KINDS
-    parts = []
-    for method in ("rome", "rome+rep"):
-        a, pos, n = group(method, robust, "success")
-        parts.append(f"{method}: {a:.2f} over {n} queries ({pos} successes)")
-    neighbourhood = group("rome", ("neighbourhood",), "flipped")
-    corpus = group("rome", ("corpus",), "flipped")
-    holds = np.mean([r["single_head_holds"] == "True" for r in edits])
-    share = np.median([float(r["best_gain_unit"]) / float(r["needed"]) for r in edits])
-    norm_holds = np.mean([r["norm_bound_holds"] == "True" for r in edits])
+    return {"lemma_4_6": {method: group(method, KINDS, "success") for method in ("rome", "rome+rep")},
+            "neighbourhood": group("rome", ("neighbourhood",), "flipped"), "corpus": group("rome", ("corpus",), "flipped"),
+            "edits": len(edits), "single_head_holds": float(np.mean([r["single_head_holds"] == "True" for r in edits])),
+            "best_head_share": float(np.median([float(r["best_gain_unit"]) / float(r["needed"]) for r in edits])),
+            "norm_bound_holds": float(np.mean([r["norm_bound_holds"] == "True" for r in edits]))}
+
+
+def bounds(figures: Path, folder: str = "", command: str = REPRODUCE) -> str:
+    """The lemmas (:func:`bounds_numbers`)."""
+    b = bounds_numbers(figures, folder)
+
+    def auc(value) -> str:
+        return "n/a" if value is None else f"{value:.2f}"
+
+    parts = [f"{method}: {auc(a)} over {n} queries ({pos} successes)" for method, (a, pos, n) in b["lemma_4_6"].items()]
+    neighbourhood, corpus = b["neighbourhood"], b["corpus"]
     return ("Lemma 4.6, AUROC of α at the subject's last token for a query's success — " + "; ".join(parts)
             + f". Lemma 4.7 (ROME), AUROC of α for a flipped top-1: neighbourhood prompts "
-              f"{neighbourhood[0]:.2f} ({neighbourhood[1]} flips of {neighbourhood[2]}), corpus-scan prefixes "
-              f"{corpus[0]:.2f} ({corpus[1]} flips of {corpus[2]}). Lemma 4.4: a single attention head carries "
-              f"ε₁ + ε₂ in {percent(holds)}% of {len(edits)} edits (the largest single-head gain, with all its "
-              f"attention on the subject, is a median {100 * share:.0f}% of ε₁ + ε₂), the Cauchy–Schwarz bound on "
-              f"‖Δv‖ holds in {percent(norm_holds)}% (`figures/bounds_*.csv`, from `{REPRODUCE}`).\n")
+              f"{auc(neighbourhood[0])} ({neighbourhood[1]} flips of {neighbourhood[2]}), corpus-scan prefixes "
+              f"{auc(corpus[0])} ({corpus[1]} flips of {corpus[2]}). Lemma 4.4: a single attention head carries "
+              f"ε₁ + ε₂ in {percent(b['single_head_holds'])}% of {b['edits']} edits (the largest single-head gain, with "
+              f"all its attention on the subject, is a median {100 * b['best_head_share']:.0f}% of ε₁ + ε₂), the "
+              f"Cauchy–Schwarz bound on ‖Δv‖ holds in {percent(b['norm_bound_holds'])}% (`figures/{folder}bounds_*.csv`, "
+              f"from `{command}`).\n")
 
 
 def build(figures: Path) -> str:
@@ -376,25 +412,27 @@ def reach(figures: Path) -> str:
     """``keyscope reach`` over many edits, per method of :data:`REACH` (``reach_edits.csv``: one row per edit;
     sizes and seconds from the run's JSON): for how many edits the top-K positions' median KL exceeds the random
     positions', and the medians over edits of both, of precision@K and of the Spearman correlation."""
-    out = []
-    for table, summary, command in REACH.values():
-        rows = read_csv(figures / table)
-        data = json.loads((figures / summary).read_text())
-        top, rand = (np.array([float(r[k]) for r in rows]) for k in ("top_kl_median", "random_kl_median"))
-        precision = np.array([float(r["precision_at_k"]) for r in rows])
-        rho = np.array([v for v in (_float(r["spearman"]) for r in rows) if v is not None])
-        changed = np.array([float(r["random_changed_fraction"]) for r in rows])
-        k, n = data["top_k"], len(rows)
-        out.append(
-            f"{data['method'].upper()}, {n} edits of known factworld facts ({data['n_tokens']:,} corpus tokens "
-            f"scanned per edit): the median KL of the top-{k} positions exceeds that of {k} random positions in "
-            f"**{int((top > rand).sum())} of {n}** edits (medians over edits: {np.median(top):.2e} against "
-            f"{np.median(rand):.2e} nats); median precision@{k} **{np.median(precision):.2f}** (random positions: "
-            f"{np.median(changed):.2f} changed), median Spearman of s(k) with the KL **{np.median(rho):.2f}** "
-            f"({n - rho.size} undefined); {data['cpu_seconds'] / 60:.1f} min of CPU time on one thread "
-            f"(`OMP_NUM_THREADS=1`; {data['seconds'] / 60:.1f} min of wall-clock time on a shared machine) "
-            f"(`figures/{table}`, `figures/{summary}`, from `{command}`).\n")
-    return "\n".join(out)
+    return "\n".join(_reach_summary(figures, table, summary, command, "factworld") for table, summary, command in REACH.values())
+
+
+def _reach_summary(figures: Path, table: str, summary: str, command: str, model: str) -> str:
+    """One ``keyscope reach --n`` run (:func:`reach`) of ``model``'s known facts."""
+    rows = read_csv(figures / table)
+    data = json.loads((figures / summary).read_text())
+    top, rand = (np.array([float(r[k]) for r in rows]) for k in ("top_kl_median", "random_kl_median"))
+    precision = np.array([float(r["precision_at_k"]) for r in rows])
+    rho = np.array([v for v in (_float(r["spearman"]) for r in rows) if v is not None])
+    changed = np.array([float(r["random_changed_fraction"]) for r in rows])
+    k, n = data["top_k"], len(rows)
+    return (
+        f"{data['method'].upper()}, {n} edits of known {model} facts ({data['n_tokens']:,} corpus tokens "
+        f"scanned per edit): the median KL of the top-{k} positions exceeds that of {k} random positions in "
+        f"**{int((top > rand).sum())} of {n}** edits (medians over edits: {np.median(top):.2e} against "
+        f"{np.median(rand):.2e} nats); median precision@{k} **{np.median(precision):.2f}** (random positions: "
+        f"{np.median(changed):.2f} changed), median Spearman of s(k) with the KL **{np.median(rho):.2f}** "
+        f"({n - rho.size} undefined); {data['cpu_seconds'] / 60:.1f} min of CPU time on one thread "
+        f"(`OMP_NUM_THREADS=1`; {data['seconds'] / 60:.1f} min of wall-clock time on a shared machine) "
+        f"(`figures/{table}`, `figures/{summary}`, from `{command}`).\n")
 
 
 SEQUENTIAL = ("sequential/sequential.csv", "sequential/sequential50.json",
@@ -427,9 +465,14 @@ MEMIT_BOUNDS = ("memit/bounds_memit50.json", "keyscope bounds --methods memit,me
 
 def memit_bounds(figures: Path) -> str:
     """The lemma checks of MEMIT and MEMIT+REP (``keyscope bounds --methods memit,memit+rep``'s JSON)."""
-    summary, command = MEMIT_BOUNDS
+    return _bounds_summary(figures, *MEMIT_BOUNDS, "memit", "MEMIT")
+
+
+def _bounds_summary(figures: Path, summary: str, command: str, base: str, label: str) -> str:
+    """The lemma checks of one ``keyscope bounds`` run (its JSON ``figures/summary``): Lemmas 4.6 and 4.7 per method,
+    Lemma 4.4 of the ``base`` method (``rome`` or ``memit``, the edit ``label`` names)."""
     data = json.loads((figures / summary).read_text())
-    l44 = data["lemma_4_4"]["methods"]["memit"]
+    l44 = data["lemma_4_4"]["methods"][base]
 
     def auc(value) -> str:
         return "n/a" if value is None else f"{value:.2f}"
@@ -443,9 +486,10 @@ def memit_bounds(figures: Path) -> str:
             f"neighbourhood {auc(spec['neighbourhood']['auroc'])} ({spec['neighbourhood']['positives']} flips of "
             f"{spec['neighbourhood']['n_queries']}), corpus {auc(spec['corpus']['auroc'])} "
             f"({spec['corpus']['positives']} flips of {spec['corpus']['n_queries']})")
-    layers = ", ".join(str(layer) for layer in data["edit_layers"]["memit"])
-    return (f"{data['n']} facts edited one at a time by MEMIT at layers {layers}: " + "; ".join(parts)
-            + f". Lemma 4.4 (heads after layer {data['edit_layers']['memit'][-1]}): a single head carries ε₁ + ε₂ in "
+    layers = data["edit_layers"][base]
+    where = f"layers {', '.join(map(str, layers))}" if len(layers) > 1 else f"layer {layers[0]}"
+    return (f"{data['n']} facts edited one at a time by {label} at {where}: " + "; ".join(parts)
+            + f". Lemma 4.4 (heads after layer {layers[-1]}): a single head carries ε₁ + ε₂ in "
               f"{percent(l44['holds_fraction'])}% of edits, the Cauchy–Schwarz bound on ‖Δv‖ holds in "
               f"{percent(l44['norm_bound_holds_fraction'])}% (`figures/{summary}`, from `{command}`).\n")
 
@@ -583,6 +627,47 @@ def smollm2_bench(figures: Path) -> str:
             f"`figures/benchmarks/bench_rome_reference_smollm2.txt`, from `{SMOLLM2_BENCH}`).\n")
 
 
+def smollm2_scan(figures: Path) -> str:
+    """Figure 4 on SmolLM2 (``smollm2/scan/``), with factworld's medians beside it."""
+    factworld = neighbour_medians(figures)
+    return (scan(figures, "smollm2/scan/", SMOLLM2_SCAN) + "\nfactworld's, for comparison: "
+            + ", ".join(f"{factworld[name]:.3f} under the {name} filter" for name in sorted(factworld))
+            + " (`figures/fig4_neighbors.csv`).\n")
+
+
+def smollm2_values(figures: Path) -> str:
+    """Figure 5 and ROME's quality on SmolLM2 (``smollm2/values/``), with factworld's beside it."""
+    f = value_summary(figures)
+    return (values(figures, "smollm2/values/", SMOLLM2_VALUES) + f"\nfactworld's, for comparison: {f['n']} edits, median "
+            f"value norm {f['before']:.1f} before and {f['after']:.1f} after (ratio {f['ratio']:.2f}), success "
+            f"{percent(f['success'])}%, locality {percent(f['locality'])}% (`figures/fig5_value_norms.csv`).\n")
+
+
+def smollm2_tau_sweep(figures: Path) -> str:
+    """Figure 7 on SmolLM2 (``smollm2/table1/fig7_tau_sweep.csv``, the run of Table 1)."""
+    return tau_sweep(figures, "smollm2/table1/", SMOLLM2_TABLE1)
+
+
+def smollm2_bounds(figures: Path) -> str:
+    """The lemma checks on SmolLM2's edits (``smollm2/bounds/``)."""
+    return bounds(figures, "smollm2/bounds/", SMOLLM2_BOUNDS)
+
+
+def smollm2_reach(figures: Path) -> str:
+    """``keyscope reach`` over a handful of SmolLM2's edits (``smollm2/reach/``)."""
+    return _reach_summary(figures, "smollm2/reach/reach_edits.csv", "smollm2/reach/reach.json", SMOLLM2_REACH,
+                          "SmolLM2")
+
+
+def smollm2_memit(figures: Path) -> str:
+    """MEMIT and MEMIT+REP on SmolLM2 with the paper's protocol (``smollm2/memit/``): the table and the paired
+    differences."""
+    paired, parts = _paired_deltas(figures / "smollm2" / "memit", TABLE1_COLUMNS, base="memit")
+    return (_table1(figures, "smollm2/memit/", SMOLLM2_MEMIT, base="memit")
+            + f"\nMEMIT+REP − MEMIT in points, with paired 95% intervals over the {paired} facts: " + "; ".join(parts)
+            + ".\n")
+
+
 BLOCKS: dict[str, Callable[[Path], str]] = {
     "similarity": similarity, "scan": scan, "values": values, "table1": table1, "tau_sweep": tau_sweep,
     "bounds": bounds, "build": build, "trace": trace, "ablation": ablation, "timing": timing, "shape": shape,
@@ -590,7 +675,9 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "memit_bounds": memit_bounds, "smollm2_known": smollm2_known, "smollm2_edit": smollm2_edit,
     "smollm2_trace": smollm2_trace, "smollm2_similarity": smollm2_similarity,
     "smollm2_bos": smollm2_bos, "smollm2_table1": smollm2_table1,
-    "smollm2_bench": smollm2_bench, "smollm2_schemas": smollm2_schemas,
+    "smollm2_bench": smollm2_bench, "smollm2_schemas": smollm2_schemas, "smollm2_scan": smollm2_scan,
+    "smollm2_values": smollm2_values, "smollm2_tau_sweep": smollm2_tau_sweep, "smollm2_bounds": smollm2_bounds,
+    "smollm2_reach": smollm2_reach, "smollm2_memit": smollm2_memit,
 }
 
 

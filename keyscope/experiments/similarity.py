@@ -26,6 +26,8 @@ from keyscope.plotting import fig3
 #: Kinds of the Figure 3 study, in display order; ``random`` is the other-subject baseline.
 STUDY_KINDS = (*KINDS, RANDOM)
 
+TABLE = "fig3_similarity.csv"
+
 
 def perturbation_study(model, facts: Sequence, layer: int, cov, context_docs, config: PerturbationConfig | None = None,
                        progress: bool = True, other_facts=None, exclude: frozenset[str] = frozenset()):
@@ -114,7 +116,7 @@ def run(model, facts, layer: int, cov, context_docs, out_dir: str | Path, model_
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    csv_path = out / "fig3_similarity.csv"
+    csv_path = out / TABLE
     atomic_write(csv_path, lambda tmp: pd.DataFrame(rows).to_csv(tmp, index=False))
     values = {kind: [r["similarity"] for r in rows if r["kind"] == kind] for kind in STUDY_KINDS}
     dist = fig3.similarity_distributions(values, title=f"{model_name}, layer {layer}: keys vs. the original key")
