@@ -13,8 +13,8 @@ of it, and nothing else:
   ``k`` of an edited layer receives, ``s(k) = kᵀC⁻¹k* / k*ᵀC⁻¹k*`` for ROME (Lemma 4.1; the adapted key
   ``k̂`` under REP, Lemma 4.6), per request and per layer for batch editors; and, for the lemma checks
   (:mod:`keyscope.bounds`), the value ``Δv*`` the edit writes at a request's own keys
-  (:meth:`ModelEdit.value_direction`) and its **combined strength** over every edited layer
-  (:meth:`ModelEdit.combined_strength`, below).
+  (:meth:`ModelEdit.value_direction`), the keys it was computed at (:meth:`ModelEdit.own_keys`) and its
+  **combined strength** over every edited layer (:meth:`ModelEdit.combined_strength`, below).
 
 Combined strength of a multi-layer edit
 ---------------------------------------
@@ -31,7 +31,8 @@ An :class:`Editor` is built from the :class:`EditContext` of a run (the edit lay
 methods' configs, ROME's context prefixes, REP's gate negatives), which the caller prepares once with
 :func:`prepare_context`. The registry maps a method's name to its editor class; adding a method is one module
 with its editor and one line in :data:`EDITORS`. Evaluation, the lemma checks, the experiments and the CLI
-know methods only through it.
+know methods only through it; :mod:`keyscope.editing_checks` holds every entry to this contract (the editor
+conformance suite, ``tests/test_editor_conformance.py``).
 """
 
 from __future__ import annotations
@@ -172,6 +173,12 @@ class ModelEdit(ABC):
         layers at the request's own keys (module docstring)."""
         raise KeyscopeError(f"{type(self).__name__} does not state the value it writes (no value_direction); "
                             "the lemma checks need it")
+
+    def own_keys(self, request: int = 0) -> dict[int, torch.Tensor]:
+        """``{l: k_{i,l}}`` ``(d_mlp,)`` each: the keys of request ``request`` the edit was computed at, one per edited
+        layer (module docstring): where it writes ``Δv*``, so that an ungated edit's :meth:`strength` and
+        :meth:`combined_strength` are 1 there (:mod:`keyscope.editing_checks`)."""
+        raise KeyscopeError(f"{type(self).__name__} does not state the keys it was computed at (no own_keys)")
 
     def layer_weights(self, request: int = 0) -> dict[int, float]:
         """``{l: w_l}``: the share of ``Δv*`` (along it) each edited layer writes, summing to 1 (module

@@ -338,6 +338,11 @@ class MEMITEdit(ModelEdit):
             raise KeyscopeError(f"request {request}'s edit writes nothing at its own keys (Δv* = 0)")
         return {u.layer: float(share @ total) / scale for u, share in zip(self.updates, shares)}
 
+    def own_keys(self, request: int = 0) -> dict[int, torch.Tensor]:
+        """``{l: k_{i,l}}``: request ``i``'s prefix-averaged key of each layer (``K_l``'s row, on the model edited
+        at the layers before), where its ``s_{i,l}`` is 1."""
+        return {u.layer: u.keys[request] for u in self.updates}
+
     def _shares(self, request: int) -> list[torch.Tensor]:
         """``c_{i,l}(k_{i,l}) R_l[:, i]`` ``(d_model,)`` float64 per layer."""
         return [u.own()[request].double() * u.residuals[request].double() for u in self.updates]
@@ -436,6 +441,10 @@ class MEMITREPEdit(ModelEdit):
     def value_direction(self, request: int = 0) -> torch.Tensor:
         """The MEMIT edit's ``Δv*`` (the adaptors move keys, not what is written at the requests' keys)."""
         return self.base.value_direction(request)
+
+    def own_keys(self, request: int = 0) -> dict[int, torch.Tensor]:
+        """The MEMIT edit's keys of request ``request`` (before the adaptors)."""
+        return self.base.own_keys(request)
 
     def layer_weights(self, request: int = 0) -> dict[int, float]:
         return self.base.layer_weights(request)

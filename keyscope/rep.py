@@ -656,6 +656,10 @@ class REPEdit(ModelEdit):
         """The ROME edit's ``Δv*`` (the adaptor moves keys, not what is written at ``k*``)."""
         return self.base.value_direction(request)
 
+    def own_keys(self, request: int = 0) -> dict[int, torch.Tensor]:
+        """The ROME edit's ``k*`` (before the adaptor: the key the edit was computed at)."""
+        return self.base.own_keys(request)
+
     def layer_weights(self, request: int = 0) -> dict[int, float]:
         return self.base.layer_weights(request)
 

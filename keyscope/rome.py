@@ -1253,6 +1253,11 @@ class ROMEEdits(ModelEdit):
         """``Δv* = v* − W k*`` ``(d_model,)`` of request ``request``'s edit (:attr:`Edit.residual`)."""
         return self.edits[request].residual
 
+    def own_keys(self, request: int = 0) -> dict[int, torch.Tensor]:
+        """``{layer: k*}`` of request ``request``'s edit (:attr:`Edit.k_star`, where ``W' k* = v*``)."""
+        edit = self.edits[request]
+        return {edit.layer: edit.k_star}
+
     def layer_weights(self, request: int = 0) -> dict[int, float]:
         """``{layer: 1}``: each request's edit is of one layer."""
         return {self.edits[request].layer: 1.0}
