@@ -627,12 +627,20 @@ def smollm2_bench(figures: Path) -> str:
             f"`figures/benchmarks/bench_rome_reference_smollm2.txt`, from `{SMOLLM2_BENCH}`).\n")
 
 
+def rephrase_median(figures: Path, folder: str = "") -> float:
+    """Figure 4's other half (``figures/folder/fig4_rephrase.csv``): the median normalised edit strength of the
+    scanned subjects' rephrased forms at their original keys."""
+    return float(np.median([float(r["score"]) for r in read_csv(figures / folder / "fig4_rephrase.csv")]))
+
+
 def smollm2_scan(figures: Path) -> str:
-    """Figure 4 on SmolLM2 (``smollm2/scan/``), with factworld's medians beside it."""
+    """Figure 4 on SmolLM2 (``smollm2/scan/``) and its subjects' rephrased forms, with factworld's beside them."""
     factworld = neighbour_medians(figures)
-    return (scan(figures, "smollm2/scan/", SMOLLM2_SCAN) + "\nfactworld's, for comparison: "
+    return (scan(figures, "smollm2/scan/", SMOLLM2_SCAN) + "\nThe same subjects' rephrased forms: median "
+            f"**{rephrase_median(figures, 'smollm2/scan/'):.3f}** (`figures/smollm2/scan/fig4_rephrase.csv`). "
+            "factworld's, for comparison: "
             + ", ".join(f"{factworld[name]:.3f} under the {name} filter" for name in sorted(factworld))
-            + " (`figures/fig4_neighbors.csv`).\n")
+            + f", rephrased forms {rephrase_median(figures):.3f} (`figures/fig4_neighbors.csv`, `figures/fig4_rephrase.csv`).\n")
 
 
 def smollm2_values(figures: Path) -> str:
