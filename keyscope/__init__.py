@@ -5,10 +5,50 @@ The *key* of a fact is the input of an MLP's down-projection ``W_out`` at the su
 keys move under rephrased, shuffled and long-context subjects in the whitened space ``C^{-1}`` that
 decides how far a ROME edit reaches (Yan et al., "Keys to Robust Edits"), edits facts with ROME and REP,
 and checks the paper's bounds on the same hooks.
+
+The public names below (:data:`__all__`) are imported from their modules on first use (PEP 562), so that
+``import keyscope`` stays light and the package imports none of its layers above the errors.
 """
+
+from __future__ import annotations
+
+import importlib
 
 from keyscope.errors import KeyscopeError
 
 __version__ = "0.1.0"
 
-__all__ = ["KeyscopeError", "__version__"]
+#: Each public name → the module that defines it.
+_EXPORTS = {
+    # models: loading, the hook names, the edited weight
+    "load_model": "keyscope.models", "default_layer": "keyscope.models", "key_hook": "keyscope.models",
+    "W_out": "keyscope.models",
+    # facts
+    "Fact": "keyscope.datasets", "load_facts": "keyscope.datasets", "read_facts": "keyscope.datasets",
+    "known_facts": "keyscope.predictions",
+    # keys, C = E[k kᵀ] and the whitened metric
+    "collect_keys": "keyscope.keys", "KeyCovariance": "keyscope.covariance",
+    "CovarianceConfig": "keyscope.covariance", "load_or_compute_covariance": "keyscope.covariance",
+    "edit_strength": "keyscope.similarity", "whitened_similarity": "keyscope.similarity",
+    # editing
+    "EditRequest": "keyscope.rome", "ROMEConfig": "keyscope.rome", "REPConfig": "keyscope.rep",
+    "MEMITConfig": "keyscope.memit", "EDITORS": "keyscope.editing", "Editor": "keyscope.editing",
+    "ModelEdit": "keyscope.editing", "EditContext": "keyscope.editing", "make_editor": "keyscope.editing",
+    "prepare_context": "keyscope.editing",
+    # evaluation and the causal trace
+    "EvalConfig": "keyscope.evaluate", "TraceConfig": "keyscope.trace", "trace_facts": "keyscope.trace",
+}
+
+__all__ = ["KeyscopeError", "__version__", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    raise AttributeError(f"module 'keyscope' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
