@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 from keyscope import cache
+from keyscope.capture import Site, run_to
 from keyscope.corpus import Source, TokenBatch, corpus_id, default_corpus, prepends_bos, token_batches
 from keyscope.distributed import World, all_reduce_sum_
 from keyscope.errors import EmptyCorpus
@@ -296,40 +297,29 @@ class KeyCovariance:
         return cov
 
 
-class _KeysAdded(Exception):
-    """Raised from the highest layer's key hook to end the forward pass (:func:`add_batch`)."""
-
-
 def add_batch(model, covariances: Mapping[int, KeyCovariance], batch: TokenBatch) -> int:
     """One stopped forward pass over ``batch`` adding the counted keys of every layer in ``covariances``.
 
-    A hook on each layer's :func:`~keyscope.models.key_hook` adds that layer's keys at the counted positions
-    (``batch.key_mask``: BOS and padding excluded) to its :class:`KeyCovariance` as soon as they exist, so
-    no layer's keys are held after its own Gram product; the forward pass is stopped after the highest layer's
-    key (``stop_at_layer`` and a raised exception, as :func:`keyscope.keys.layer_keys` does). No attention
-    pattern is read, so attention runs through the fused SDPA kernel (:func:`keyscope.models.sdpa_attention`;
-    the keys agree with eager attention to float rounding). Returns the number of counted positions.
+    Each layer's :func:`~keyscope.models.key_hook` is a capture site whose ``keep`` adds that layer's keys at the
+    counted positions (``batch.key_mask``: BOS and padding excluded) to its :class:`KeyCovariance` as soon as they
+    exist, so no layer's keys are held after its own Gram product; the forward pass is stopped after the highest
+    layer's key (:func:`keyscope.capture.run_to`). No attention pattern is read, so attention runs through the
+    fused SDPA kernel (:func:`keyscope.models.sdpa_attention`; the keys agree with eager attention to float
+    rounding). Returns the number of counted positions.
     """
     layers = sorted(covariances)
     for layer in layers:
         check_layer(model, layer)
-    top = layers[-1]
     device = model.cfg.device
     key_mask = batch.key_mask.to(device)  # (batch, pos)
 
-    def add(activation: torch.Tensor, hook, layer: int) -> None:
+    def add(activation: torch.Tensor, layer: int) -> None:
         covariances[layer].add(activation[key_mask])  # (n_counted, d_mlp)
-        if layer == top:
-            raise _KeysAdded
 
-    hooks = [(key_hook(layer), functools.partial(add, layer=layer)) for layer in layers]
-    try:
-        with torch.no_grad(), sdpa_attention(model), model.hooks(fwd_hooks=hooks):
-            model(batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
-                  stop_at_layer=top + 1, return_type=None)
-    except _KeysAdded:
-        return int(batch.key_mask.sum())
-    raise RuntimeError(f"the key hook {key_hook(top)} did not fire during the forward pass")
+    sites = [Site(key_hook(layer), functools.partial(add, layer=layer)) for layer in layers]
+    with torch.no_grad(), sdpa_attention(model):
+        run_to(model, batch.input_ids.to(device), sites, batch.attention_mask.to(device))
+    return int(batch.key_mask.sum())
 
 
 def _gram(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -52,6 +52,7 @@ from dataclasses import dataclass
 
 import torch
 
+from keyscope.capture import Site, run_to
 from keyscope.corpus import Source, TokenBatch, token_batches
 from keyscope.datasets import Fact
 from keyscope.distributed import SINGLE, World, all_gather_object, heartbeat
@@ -489,23 +490,17 @@ def scan_scores(
 
 def keys_at_layers(model, batch: TokenBatch, layers: Sequence[int]) -> dict[int, torch.Tensor]:
     """The keys of a batch's counted positions at each of ``layers``, in stream order: ``{layer: (P, d_mlp)}``.
-    One forward pass with SDPA attention, stopped after the last of them (:func:`layer_keys_of` for a single layer)."""
+    One forward pass with SDPA attention, stopped after the last of them (:func:`keyscope.capture.run_to`; each
+    site keeps only the counted positions), or :func:`layer_keys_of` for a single layer."""
     layers = sorted(set(layers))
     if len(layers) == 1:
         return {layers[0]: layer_keys_of(model, batch, layers[0])}
-    captured: dict[int, torch.Tensor] = {}
-
-    def keep(layer: int):
-        def hook(activation: torch.Tensor, hook) -> None:
-            captured[layer] = activation.detach()
-        return hook
-
     device = model.cfg.device
-    mask = batch.key_mask.to(device)
-    with torch.no_grad(), sdpa_attention(model), model.hooks(fwd_hooks=[(key_hook(layer), keep(layer)) for layer in layers]):
-        model(batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
-              stop_at_layer=layers[-1] + 1, return_type=None)
-    return {layer: captured[layer][mask] for layer in layers}  # (P, d_mlp) each
+    mask = batch.key_mask.to(device)  # (batch, pos)
+    sites = [Site(key_hook(layer), lambda activation: activation.detach()[mask]) for layer in layers]
+    with torch.no_grad(), sdpa_attention(model):
+        kept = run_to(model, batch.input_ids.to(device), sites, batch.attention_mask.to(device))
+    return {layer: kept[key_hook(layer)] for layer in layers}  # (P, d_mlp) each
 
 
 def layer_keys_of(model, batch: TokenBatch, layer: int) -> torch.Tensor:
