@@ -78,10 +78,11 @@ class KeyCovariance:
         cov.C_.shape, cov.n_tokens_        # (d_mlp, d_mlp), 100000
         cov.solve(k_star)                  # C⁻¹ k*, float64
 
-    A running statistic in the style of baukit's ``runningstats``: :meth:`add` (alias :meth:`partial_fit`)
+    A :class:`keyscope.stats.RunningStat` (baukit's ``runningstats``): :meth:`add` (alias :meth:`partial_fit`)
     adds a block of keys to the raw float64 sum ``Σ k kᵀ`` and count, :meth:`merge` adds another estimate's
-    sums (another shard of the corpus), and :meth:`state_dict` / :meth:`load_state_dict` save and restore the
-    raw sums and counts exactly (checkpoints, :mod:`keyscope.covariance_job`). Fitted attributes are derived
+    sums (another shard of the corpus), :meth:`state_dict` / :meth:`load_state_dict` save and restore the
+    raw sums and counts exactly (checkpoints, :mod:`keyscope.covariance_job`), and :meth:`all_reduce` sums them
+    over ``torchrun`` ranks. Fitted attributes are derived
     from them only when read: ``C_`` (``(d_mlp, d_mlp)`` float64, ``Σ k kᵀ / n``), ``n_tokens_`` (keys
     averaged), ``ridge_`` (the ``λ`` of the last Cholesky factorisation); ``spec_`` (what was estimated, as
     stored in the cache) is set by :meth:`fit` and :meth:`load_state_dict`.
@@ -186,13 +187,16 @@ class KeyCovariance:
         """Keys averaged in ``C_``."""
         return self._count
 
-    def all_reduce(self, world: World, d: int, device=None) -> KeyCovariance:
+    def all_reduce(self, world: World, d: int | None = None, device=None) -> KeyCovariance:
         """Sum the raw sums and counts over every rank of ``world`` (``torch.distributed``, float64 and int64);
         afterwards every rank holds the estimate of the union of their key streams. A rank that saw no keys
-        contributes zeros ``(d, d)`` on ``device``. A no-op for a single process; returns self."""
+        contributes zeros ``(d, d)`` on ``device`` (``d``, the key width, is needed then). A no-op for a single
+        process; returns self."""
         if not world.distributed:
             return self
         if self._sum is None:
+            if d is None:
+                raise ValueError("a rank that saw no keys needs the key width d to take part in the all-reduce")
             self._sum = torch.zeros((d, d), dtype=torch.float64, device=device)  # (d_mlp, d_mlp)
         count = torch.tensor([self._count], dtype=torch.int64, device=self._sum.device)
         all_reduce_sum_([self._sum, count], world)

@@ -19,7 +19,7 @@ LAYERS = {
     "keyscope.prompts": 2, "keyscope.gguf": 2,
     "keyscope.capture": 3, "keyscope.models": 3, "keyscope.memory": 3, "keyscope.keys": 3, "keyscope.corpus": 3, "keyscope.datasets": 3,
     "keyscope.predictions": 3, "keyscope.perturbations": 3,
-    "keyscope.covariance": 4, "keyscope.covariance_job": 4, "keyscope.metrics": 4, "keyscope.similarity": 4, "keyscope.scan": 4, "keyscope.trace": 4,
+    "keyscope.stats": 4, "keyscope.covariance": 4, "keyscope.covariance_job": 4, "keyscope.metrics": 4, "keyscope.similarity": 4, "keyscope.scan": 4, "keyscope.trace": 4,
     "keyscope.rome": 5, "keyscope.rep": 5, "keyscope.editing": 5, "keyscope.memit": 5,
     "keyscope.evaluate": 6, "keyscope.bounds": 6, "keyscope.ablation": 6, "keyscope.reach": 6, "keyscope.sequential": 6,
     **dict.fromkeys(["keyscope.experiments", "keyscope.experiments.ablation", "keyscope.experiments.bounds",
