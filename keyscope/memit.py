@@ -199,7 +199,8 @@ def subject_residuals(model, requests: Sequence[rome.EditRequest], layer: int, b
         chunk = located[lo : lo + batch_size]
         input_ids, mask = pad_batch([enc.ids for enc, _ in chunk], pad_id, device=model.cfg.device)  # (batch, pos)
         rows, index = torch.arange(len(chunk)), torch.as_tensor([i for _, i in chunk])  # (batch,) each
-        site = Site(residual_hook(layer), lambda h, rows=rows, index=index: h.detach()[rows, index].float())  # (batch, d_model)
+        site = Site(residual_hook(layer),
+                    lambda h, rows=rows, index=index: h.detach()[rows, index].float())  # (batch, d_model)
         with torch.no_grad():
             out.append(run_to(model, input_ids, [site], mask)[site.name])
     return torch.cat(out).reshape(len(requests), len(prefixes), -1).mean(1)  # (n, d_model)

@@ -335,6 +335,7 @@ def _measure(model, edit, windows: Sequence[tuple[list[int], int]], config: Reac
                                     device=model.cfg.device)  # (b, pos) each
         cols = torch.as_tensor([windows[i][1] for i in rows], device=input_ids.device)  # (b,)
         index = torch.arange(len(rows), device=input_ids.device)
+
         def at_columns(activation: torch.Tensor, index=index, cols=cols) -> torch.Tensor:
             return activation.detach()[index, cols].float()  # (b, d_mlp)
 

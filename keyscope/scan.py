@@ -309,7 +309,7 @@ class ScoreTopK:
         return unmasked
 
     def _merge_hits(self, scores: torch.Tensor, raw: torch.Tensor, positions: torch.Tensor,
-               prefix_ids: torch.Tensor) -> None:
+                    prefix_ids: torch.Tensor) -> None:
         """Merge candidate hits ``(n, S)`` (and ``(n, S, L)`` prefix ids) into the state: the ``top_k`` best of
         both, in :func:`best_rows` order."""
         all_scores = torch.cat([self.scores, scores.to(self.scores.device)])  # (k' + n, S)
@@ -338,7 +338,8 @@ class ScoreTopK:
             self.n_above = self.n_above + state["n_above"]
 
     def state_dict(self) -> dict[str, torch.Tensor | None]:
-        """The running state, a copy on the CPU: ``scores``, ``raw``, ``positions`` ``(k', S)``, ``prefix_ids``
+        """A snapshot of the running state on the CPU (later adds replace these tensors or update copies of
+        them, never these): ``scores``, ``raw``, ``positions`` ``(k', S)``, ``prefix_ids``
         ``(k', S, L)``, ``n_excluded`` and ``n_above`` ``(S,)`` (``None`` without thresholds)."""
         return {"scores": self.scores.cpu(), "raw": self.raw.cpu(), "positions": self.positions.cpu(),
                 "prefix_ids": self.prefix_ids.cpu(), "n_excluded": self.n_excluded.clone(),
