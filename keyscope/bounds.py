@@ -69,6 +69,7 @@ import numpy as np
 import torch
 
 from keyscope import rep, rome
+from keyscope.capture import Site, capture
 from keyscope.corpus import ContextSource
 from keyscope.datasets import Fact
 from keyscope.editing import EDITORS, ModelEdit, check_methods, make_editor, prepare_context
@@ -155,10 +156,11 @@ def lemma_4_4(model, edit: ModelEdit, fact: Fact, method: str = "rome") -> dict 
     last = len(context) - 1
     names = {attention_norm_scale_hook(b) for b in later} | {attention_pattern_hook(b) for b in later}
     names |= {final_norm_scale_hook(), read_hook}
-    logits, cache = model.run_with_cache(ids, names_filter=lambda name: name in names)
+    with capture(model, [Site(name, torch.Tensor.detach) for name in sorted(names)]) as cache:
+        logits = model(ids)  # (1, pos, vocab)
     eps1 = float(logits[0, last, true_id] - logits[0, last, new_id])
-    with edit.applied(model):
-        edited, edited_cache = model.run_with_cache(ids, names_filter=lambda name: name == read_hook)
+    with edit.applied(model), capture(model, [Site(read_hook, torch.Tensor.detach)]) as edited_cache:
+        edited = model(ids)  # (1, pos, vocab)
     eps2 = float(edited[0, last, new_id] - edited[0, last, true_id])
     delta_v = (edited_cache[read_hook][0, subject_pos] - cache[read_hook][0, subject_pos]).double()  # (d_model,)
     W_U = model.W_U.detach()  # (d_model, d_vocab)
@@ -231,28 +233,22 @@ def observe(model, layers: int | Sequence[int], sequences: Sequence[Sequence[int
     alpha_max = torch.zeros(n)
     values = {layer: torch.zeros((n, int(model.cfg.d_model))) for layer in layers}
     log_probs: list[torch.Tensor | None] = [None] * n
-    captured: dict[tuple[str, int], torch.Tensor] = {}
 
-    def keep(name, layer):
-        def hook(activation, hook):
-            captured[(name, layer)] = activation.detach()
-        return hook
-
-    # the first capture hooks are registered before the edit's own, so they read the keys that the edit's hooks
+    # the first captures are registered before the edit's own hooks, so they read the keys that the edit's hooks
     # receive; an adapter's edit (REP on ROME's or MEMIT's) is read after its hooks too: its α is the base edit's
     # strength on the very adapted keys the forward pass used (one dropout draw, where dropout stays on at inference)
     base = getattr(edit, "base", None)
-    before = [(key_hook(layer), keep("key", layer)) for layer in edited]
-    before += [(value_hook(layer), keep("value", layer)) for layer in layers]
-    after = [(key_hook(layer), keep("adapted", layer)) for layer in edited] if base is not None else []
-    with model.hooks(fwd_hooks=before), (edit.applied(model) if edit is not None else nullcontext()), \
-            model.hooks(fwd_hooks=after):
+    before = [Site(key_hook(layer), torch.Tensor.detach) for layer in edited]
+    before += [Site(value_hook(layer), torch.Tensor.detach) for layer in layers]
+    after = [Site(key_hook(layer), torch.Tensor.detach) for layer in edited] if base is not None else []
+    with capture(model, before) as first, (edit.applied(model) if edit is not None else nullcontext()), \
+            capture(model, after) as adapted:
         for rows in length_batches([len(s) for s in sequences], batch_size):
             input_ids, mask = pad_batch([sequences[i] for i in rows], pad_id, "right", device=model.cfg.device)
             logits = model(input_ids, attention_mask=mask, return_type="logits")  # (batch, pos, vocab)
             if edit is not None:
-                read = "adapted" if base is not None else "key"
-                keys = {layer: captured[(read, layer)].float() for layer in edited}  # {layer: (batch, pos, d_mlp)}
+                read = adapted if base is not None else first
+                keys = {layer: read[key_hook(layer)].float() for layer in edited}  # {layer: (batch, pos, d_mlp)}
                 strength = (base if base is not None else edit).combined_strength(keys)  # (batch, pos)
                 strength = strength.masked_fill(mask.to(strength.device) == 0, -math.inf)
             for r, i in enumerate(rows):
@@ -261,7 +257,7 @@ def observe(model, layers: int | Sequence[int], sequences: Sequence[Sequence[int
                     alpha[i] = float(strength[r, positions[i]])
                     alpha_max[i] = float(strength[r, 1 if length > 1 else 0 : length].max())  # BOS excluded
                 for layer in layers:
-                    values[layer][i] = captured[("value", layer)][r, positions[i]].float().cpu()
+                    values[layer][i] = first[value_hook(layer)][r, positions[i]].float().cpu()
                 log_probs[i] = logits[r, length - 1].float().log_softmax(-1).cpu()
     return Observation(alpha, alpha_max, values, torch.stack(log_probs) if n else torch.zeros((0, 1)))
 

@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 from keyscope import cache
+from keyscope.capture import Site, run_to
 from keyscope.corpus import Source, TokenBatch, corpus_id, default_corpus, prepends_bos, token_batches
 from keyscope.distributed import World, all_reduce_sum_
 from keyscope.errors import EmptyCorpus
@@ -77,10 +78,11 @@ class KeyCovariance:
         cov.C_.shape, cov.n_tokens_        # (d_mlp, d_mlp), 100000
         cov.solve(k_star)                  # C⁻¹ k*, float64
 
-    A running statistic in the style of baukit's ``runningstats``: :meth:`add` (alias :meth:`partial_fit`)
+    A :class:`keyscope.stats.RunningStat` (baukit's ``runningstats``): :meth:`add` (alias :meth:`partial_fit`)
     adds a block of keys to the raw float64 sum ``Σ k kᵀ`` and count, :meth:`merge` adds another estimate's
-    sums (another shard of the corpus), and :meth:`state_dict` / :meth:`load_state_dict` save and restore the
-    raw sums and counts exactly (checkpoints, :mod:`keyscope.covariance_job`). Fitted attributes are derived
+    sums (another shard of the corpus), :meth:`state_dict` / :meth:`load_state_dict` save and restore the
+    raw sums and counts exactly (checkpoints, :mod:`keyscope.covariance_job`), and :meth:`all_reduce` sums them
+    over ``torchrun`` ranks. Fitted attributes are derived
     from them only when read: ``C_`` (``(d_mlp, d_mlp)`` float64, ``Σ k kᵀ / n``), ``n_tokens_`` (keys
     averaged), ``ridge_`` (the ``λ`` of the last Cholesky factorisation); ``spec_`` (what was estimated, as
     stored in the cache) is set by :meth:`fit` and :meth:`load_state_dict`.
@@ -185,13 +187,16 @@ class KeyCovariance:
         """Keys averaged in ``C_``."""
         return self._count
 
-    def all_reduce(self, world: World, d: int, device=None) -> KeyCovariance:
+    def all_reduce(self, world: World, d: int | None = None, device=None) -> KeyCovariance:
         """Sum the raw sums and counts over every rank of ``world`` (``torch.distributed``, float64 and int64);
         afterwards every rank holds the estimate of the union of their key streams. A rank that saw no keys
-        contributes zeros ``(d, d)`` on ``device``. A no-op for a single process; returns self."""
+        contributes zeros ``(d, d)`` on ``device`` (``d``, the key width, is needed then). A no-op for a single
+        process; returns self."""
         if not world.distributed:
             return self
         if self._sum is None:
+            if d is None:
+                raise ValueError("a rank that saw no keys needs the key width d to take part in the all-reduce")
             self._sum = torch.zeros((d, d), dtype=torch.float64, device=device)  # (d_mlp, d_mlp)
         count = torch.tensor([self._count], dtype=torch.int64, device=self._sum.device)
         all_reduce_sum_([self._sum, count], world)
@@ -296,40 +301,29 @@ class KeyCovariance:
         return cov
 
 
-class _KeysAdded(Exception):
-    """Raised from the highest layer's key hook to end the forward pass (:func:`add_batch`)."""
-
-
 def add_batch(model, covariances: Mapping[int, KeyCovariance], batch: TokenBatch) -> int:
     """One stopped forward pass over ``batch`` adding the counted keys of every layer in ``covariances``.
 
-    A hook on each layer's :func:`~keyscope.models.key_hook` adds that layer's keys at the counted positions
-    (``batch.key_mask``: BOS and padding excluded) to its :class:`KeyCovariance` as soon as they exist, so
-    no layer's keys are held after its own Gram product; the forward pass is stopped after the highest layer's
-    key (``stop_at_layer`` and a raised exception, as :func:`keyscope.keys.layer_keys` does). No attention
-    pattern is read, so attention runs through the fused SDPA kernel (:func:`keyscope.models.sdpa_attention`;
-    the keys agree with eager attention to float rounding). Returns the number of counted positions.
+    Each layer's :func:`~keyscope.models.key_hook` is a capture site whose ``keep`` adds that layer's keys at the
+    counted positions (``batch.key_mask``: BOS and padding excluded) to its :class:`KeyCovariance` as soon as they
+    exist, so no layer's keys are held after its own Gram product; the forward pass is stopped after the highest
+    layer's key (:func:`keyscope.capture.run_to`). No attention pattern is read, so attention runs through the
+    fused SDPA kernel (:func:`keyscope.models.sdpa_attention`; the keys agree with eager attention to float
+    rounding). Returns the number of counted positions.
     """
     layers = sorted(covariances)
     for layer in layers:
         check_layer(model, layer)
-    top = layers[-1]
     device = model.cfg.device
     key_mask = batch.key_mask.to(device)  # (batch, pos)
 
-    def add(activation: torch.Tensor, hook, layer: int) -> None:
+    def add(activation: torch.Tensor, layer: int) -> None:
         covariances[layer].add(activation[key_mask])  # (n_counted, d_mlp)
-        if layer == top:
-            raise _KeysAdded
 
-    hooks = [(key_hook(layer), functools.partial(add, layer=layer)) for layer in layers]
-    try:
-        with torch.no_grad(), sdpa_attention(model), model.hooks(fwd_hooks=hooks):
-            model(batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
-                  stop_at_layer=top + 1, return_type=None)
-    except _KeysAdded:
-        return int(batch.key_mask.sum())
-    raise RuntimeError(f"the key hook {key_hook(top)} did not fire during the forward pass")
+    sites = [Site(key_hook(layer), functools.partial(add, layer=layer)) for layer in layers]
+    with torch.no_grad(), sdpa_attention(model):
+        run_to(model, batch.input_ids.to(device), sites, batch.attention_mask.to(device))
+    return int(batch.key_mask.sum())
 
 
 def _gram(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

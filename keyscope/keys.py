@@ -15,42 +15,27 @@ from collections.abc import Sequence
 
 import torch
 
+from keyscope.capture import run_to
 from keyscope.models import check_layer, key_hook
 from keyscope.prompts import encode, fill, length_batches, locate, pad_batch, tokens_overlapping
-
-
-class _KeysCaptured(Exception):
-    """Raised from the key hook to end the forward pass as soon as the key exists."""
-
-    def __init__(self, key: torch.Tensor):
-        super().__init__("keys captured")
-        self.key = key
 
 
 def layer_keys(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, layer: int) -> torch.Tensor:
     """All positions' layer-``layer`` keys of a batch: ``(batch, pos, d_mlp)`` in the model's dtype.
 
-    The forward pass is stopped twice over: ``stop_at_layer=layer + 1`` makes the bridge skip every later
-    block, and the hook on :func:`~keyscope.models.key_hook` raises as soon as the key is computed, so the
-    rest of block ``layer`` (the down-projection) and — for the last layer — the final norm and unembedding
-    are skipped too. Runs under ``torch.no_grad()``; padded positions hold meaningless keys that callers
-    must mask out. This is the streaming primitive of :mod:`keyscope.covariance` and corpus scans.
+    One forward pass stopped at the key (:func:`keyscope.capture.run_to`): the bridge skips every later block
+    (``stop_at_layer=layer + 1``) and the capture ends the pass as soon as the key is computed, so the rest of block
+    ``layer`` (the down-projection) and — for the last layer — the final norm and unembedding are skipped too.
+    Runs under ``torch.no_grad()``; padded positions hold meaningless keys that callers must mask out. This is the
+    streaming primitive of :mod:`keyscope.covariance` and corpus scans.
     """
     check_layer(model, layer)
-
-    def capture(activation: torch.Tensor, hook) -> None:
-        raise _KeysCaptured(activation)
-
     device = model.cfg.device
     input_ids = input_ids.to(device)
     if attention_mask is not None:
         attention_mask = attention_mask.to(device)
-    try:
-        with torch.no_grad(), model.hooks(fwd_hooks=[(key_hook(layer), capture)]):
-            model(input_ids, attention_mask=attention_mask, stop_at_layer=layer + 1, return_type=None)
-    except _KeysCaptured as captured:
-        return captured.key  # (batch, pos, d_mlp)
-    raise RuntimeError(f"the key hook {key_hook(layer)} did not fire during the forward pass")
+    with torch.no_grad():
+        return run_to(model, input_ids, [key_hook(layer)], attention_mask)[key_hook(layer)]  # (batch, pos, d_mlp)
 
 
 def collect_context_keys(

@@ -71,6 +71,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 
 from keyscope import rep, rome
+from keyscope.capture import Site, run_to
 from keyscope.editing import Editor, GateNegatives, ModelEdit
 from keyscope.errors import KeyscopeError
 from keyscope.keys import collect_keys
@@ -193,18 +194,15 @@ def subject_residuals(model, requests: Sequence[rome.EditRequest], layer: int, b
     tokenizer = model.tokenizer
     located = [locate(tokenizer, rome.prefixed(prefix, r.template), r.subject) for r in requests for prefix in prefixes]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    out, captured = [], {}
-
-    def capture(activation: torch.Tensor, hook) -> None:
-        captured["h"] = activation.detach()
-
+    out = []
     for lo in range(0, len(located), batch_size):
         chunk = located[lo : lo + batch_size]
         input_ids, mask = pad_batch([enc.ids for enc, _ in chunk], pad_id, device=model.cfg.device)  # (batch, pos)
-        with torch.no_grad(), model.hooks(fwd_hooks=[(residual_hook(layer), capture)]):
-            model(input_ids, attention_mask=mask, stop_at_layer=layer + 1, return_type=None)
-        rows = torch.arange(len(chunk))
-        out.append(captured["h"][rows, torch.as_tensor([i for _, i in chunk])].float())  # (batch, d_model)
+        rows, index = torch.arange(len(chunk)), torch.as_tensor([i for _, i in chunk])  # (batch,) each
+        site = Site(residual_hook(layer),
+                    lambda h, rows=rows, index=index: h.detach()[rows, index].float())  # (batch, d_model)
+        with torch.no_grad():
+            out.append(run_to(model, input_ids, [site], mask)[site.name])
     return torch.cat(out).reshape(len(requests), len(prefixes), -1).mean(1)  # (n, d_model)
 
 

@@ -46,6 +46,7 @@ from pathlib import Path
 
 import torch
 
+from keyscope.capture import Site, run_to
 from keyscope.errors import LayerOutOfRange, ModelNotAvailable
 from keyscope.factworld import MODEL_CARD as FACTWORLD_CARD
 
@@ -708,24 +709,11 @@ def head_ov(model, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
 FINAL_RESIDUAL_HOOK = "ln_final.hook_in"
 
 
-class _ResidualCaptured(Exception):
-    """Raised from :data:`FINAL_RESIDUAL_HOOK` to end the forward pass before the full unembedding."""
-
-    def __init__(self, residual: torch.Tensor):
-        super().__init__("final residual captured")
-        self.residual = residual
-
-
 def _logits_via_final_residual(model, input_ids, attention_mask, rows, positions) -> torch.Tensor:
-    def capture(residual: torch.Tensor, hook) -> None:
-        raise _ResidualCaptured(residual)
-
-    try:
-        with model.hooks(fwd_hooks=[(FINAL_RESIDUAL_HOOK, capture)]):
-            model(input_ids, attention_mask=attention_mask)
-    except _ResidualCaptured as captured:
-        return model.unembed(model.ln_final(captured.residual[rows, positions]))  # (n, vocab)
-    raise RuntimeError(f"the hook {FINAL_RESIDUAL_HOOK} did not fire")
+    """``unembed(ln_final(residual))`` at ``(rows[i], positions[i])``: the forward pass stops at
+    :data:`FINAL_RESIDUAL_HOOK` (:func:`keyscope.capture.run_to`), whose site keeps those positions only."""
+    site = Site(FINAL_RESIDUAL_HOOK, lambda residual: residual[rows, positions])  # (n, d_model)
+    return model.unembed(model.ln_final(run_to(model, input_ids, [site], attention_mask)[site.name]))  # (n, vocab)
 
 
 def fast_logits_ok(model) -> bool:

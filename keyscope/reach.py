@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from keyscope import scan
+from keyscope.capture import Site, capture
 from keyscope.corpus import Source, prepends_bos, token_batches
 from keyscope.datasets import Fact
 from keyscope.errors import KeyscopeError
@@ -328,23 +329,21 @@ def _measure(model, edit, windows: Sequence[tuple[list[int], int]], config: Reac
     strengths = torch.zeros((n, len(layers)), dtype=torch.float64)
     before: list[torch.Tensor | None] = [None] * n
     after: list[torch.Tensor | None] = [None] * n
-    captured: dict[int, torch.Tensor] = {}
-
-    def keep(layer: int):
-        def hook(activation, hook):
-            captured[layer] = activation.detach()
-        return hook
-
     lengths = [col + 1 for _, col in windows]  # causal: tokens after the column do not change it
     for rows in length_batches(lengths, config.check_batch_size):
         input_ids, mask = pad_batch([windows[i][0][: lengths[i]] for i in rows], pad_id, "right",
                                     device=model.cfg.device)  # (b, pos) each
         cols = torch.as_tensor([windows[i][1] for i in rows], device=input_ids.device)  # (b,)
         index = torch.arange(len(rows), device=input_ids.device)
-        with model.hooks(fwd_hooks=[(key_hook(layer), keep(layer)) for layer in layers]):
+
+        def at_columns(activation: torch.Tensor, index=index, cols=cols) -> torch.Tensor:
+            return activation.detach()[index, cols].float()  # (b, d_mlp)
+
+        sites = [Site(key_hook(layer), at_columns) for layer in layers]
+        with capture(model, sites) as kept:
             logits = model(input_ids, attention_mask=mask, return_type="logits")  # (b, pos, vocab)
         for j, layer in enumerate(layers):
-            keys = captured[layer][index, cols].float()  # (b, d_mlp)
+            keys = kept[key_hook(layer)]  # (b, d_mlp)
             strengths[rows, j] = edit.strength(keys, layer, request, config.tau).double().cpu()
         log_p = logits[index, cols].double().log_softmax(-1).cpu()  # (b, vocab)
         with edit.applied(model, config.tau):

@@ -103,6 +103,7 @@ from dataclasses import dataclass, field, fields, replace
 
 import torch
 
+from keyscope.capture import module_output
 from keyscope.covariance import KeyCovariance, load_or_compute_covariance
 from keyscope.editing import Editor, ModelEdit
 from keyscope.errors import KeyscopeError, MalformedRecord, UnknownToken
@@ -691,15 +692,16 @@ def _v_star_batch(model, request: EditRequest, prefixes: Sequence[str], config: 
 ADDITIVE_BLOCK_FAMILIES = frozenset({"gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2"})
 
 
-def _replay_after(model, layer: int, captured: dict):
-    """A forward hook for block ``layer`` that keeps its output (as the HF layer loop passes it on: a tensor, or a
-    tuple whose first item is the residual stream) in ``captured["output"]``, detached."""
+def _block_output(model, layer: int):
+    """A capture of block ``layer``'s output (:func:`keyscope.capture.module_output`: as the HF layer loop passes it
+    on, a tensor or a tuple whose first item is the residual stream), its residual stream detached: the object
+    :func:`_blocks_replayed` returns verbatim. A hook point would give the tensor alone, not the tuple."""
 
-    def keep(module, args, output) -> None:
+    def detached(output):
         first = output if isinstance(output, torch.Tensor) else output[0]
-        captured["output"] = first.detach() if isinstance(output, torch.Tensor) else (first.detach(), *output[1:])
+        return first.detach() if isinstance(output, torch.Tensor) else (first.detach(), *output[1:])
 
-    return model.blocks[layer].register_forward_hook(keep)
+    return module_output(model.blocks[layer], detached)
 
 
 @contextmanager
@@ -787,13 +789,8 @@ class _PrefixCached:
 
     def __init__(self, model, layer: int, batch: _VStarBatch, rows: torch.Tensor, positions: torch.Tensor):
         self.model, self.layer = model, layer
-        recorded: dict = {}
-        handle = _replay_after(model, layer, recorded)
-        try:
-            with torch.no_grad():
-                model(batch.input_ids, attention_mask=batch.attention_mask, stop_at_layer=layer + 1, return_type=None)
-        finally:
-            handle.remove()
+        with _block_output(model, layer) as recorded, torch.no_grad():
+            model(batch.input_ids, attention_mask=batch.attention_mask, stop_at_layer=layer + 1, return_type=None)
         output = recorded["output"]
         output = output if isinstance(output, torch.Tensor) else output[0]  # (batch, pos, d_model)
         device = output.device
@@ -975,13 +972,11 @@ def optimise_delta(model, batch: _VStarBatch, hook: str, value_norm: float, conf
                 raise RuntimeError(f"the forward pass bypassed the replayed blocks 0..{replay_layer} "
                                    f"({calls['replays']} calls)")
             return logits
-        handle = _replay_after(model, replay_layer, recorded) if reuse else None
-        try:
-            with model.hooks(fwd_hooks=[(hook, add_delta)]):
-                return logits_at(model, batch.input_ids, batch.attention_mask, rows, positions)
-        finally:
-            if handle is not None:
-                handle.remove()
+        with (_block_output(model, replay_layer) if reuse else contextlib.nullcontext({})) as kept, \
+                model.hooks(fwd_hooks=[(hook, add_delta)]):
+            logits = logits_at(model, batch.input_ids, batch.attention_mask, rows, positions)
+        recorded.update(kept)
+        return logits
 
     if sdpa is None:
         sdpa = torch.device(device).type == "cuda"

@@ -52,6 +52,7 @@ from dataclasses import dataclass
 
 import torch
 
+from keyscope.capture import Site, run_to
 from keyscope.corpus import Source, TokenBatch, token_batches
 from keyscope.datasets import Fact
 from keyscope.distributed import SINGLE, World, all_gather_object, heartbeat
@@ -259,10 +260,13 @@ class ScoreTopK:
     """Running top-k of any per-position scores of streamed keys against ``S`` columns (subjects, edits).
 
     ``score(keys)`` maps a chunk's keys to ``(P, S)`` scores, or to a ``(scores, raw)`` pair of them (``raw``:
-    a second quantity kept beside each hit; without one it is the score). :meth:`update` scores a chunk
+    a second quantity kept beside each hit; without one it is the score). :meth:`add` scores a chunk
     (unless given its scores), masks the excluded positions, takes the chunk's top-k and merges it into the
     state; state tensors are ``(k, S)`` (and ``(k, S, prefix_tokens)`` ids). With ``thresholds`` ``(S,)`` it
     also counts, per column, the unmasked positions scoring above the column's threshold (``n_above``).
+
+    A :class:`keyscope.stats.RunningStat`: :meth:`merge` folds in another shard's top-k, :meth:`state_dict` /
+    :meth:`load_state_dict` save and restore the state exactly, and :meth:`all_reduce` merges every rank's.
     """
 
     def __init__(self, score, n_columns: int, top_k: int, prefix_tokens: int, device=None,
@@ -284,8 +288,8 @@ class ScoreTopK:
         scores, raw = scored if isinstance(scored, tuple) else (scored, scored)
         return scores.to(self.scores.device, torch.float32), raw.to(self.scores.device, torch.float32)
 
-    def update(self, keys, excluded: torch.Tensor, positions: torch.Tensor, prefix_ids: torch.Tensor,
-               scored: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def add(self, keys, excluded: torch.Tensor, positions: torch.Tensor, prefix_ids: torch.Tensor,
+            scored: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Merge a chunk: keys ``(P, d_mlp)``, excluded ``(P, S)`` bool, stream positions ``(P,)``, prefix ids
         ``(P, L)``; ``scored`` is :meth:`score` of the keys when already computed (it is returned for reuse)."""
         device = self.scores.device
@@ -301,11 +305,11 @@ class ScoreTopK:
         chunk_raw = raw.gather(0, rows)  # (k, S)
         chunk_pos = positions.to(device)[rows]  # (k, S)
         chunk_prefix = prefix_ids.to(device)[rows]  # (k, S, L)
-        self._merge(best, chunk_raw, chunk_pos, chunk_prefix)
+        self._merge_hits(best, chunk_raw, chunk_pos, chunk_prefix)
         return unmasked
 
-    def _merge(self, scores: torch.Tensor, raw: torch.Tensor, positions: torch.Tensor,
-               prefix_ids: torch.Tensor) -> None:
+    def _merge_hits(self, scores: torch.Tensor, raw: torch.Tensor, positions: torch.Tensor,
+                    prefix_ids: torch.Tensor) -> None:
         """Merge candidate hits ``(n, S)`` (and ``(n, S, L)`` prefix ids) into the state: the ``top_k`` best of
         both, in :func:`best_rows` order."""
         all_scores = torch.cat([self.scores, scores.to(self.scores.device)])  # (k' + n, S)
@@ -317,13 +321,41 @@ class ScoreTopK:
         all_prefix = torch.cat([self.prefix_ids, prefix_ids.to(self.prefix_ids.device)])  # (k' + n, S, L)
         self.prefix_ids = all_prefix.gather(0, picks[:, :, None].expand(-1, -1, all_prefix.shape[2]))
 
-    def state(self) -> dict[str, torch.Tensor | None]:
-        """The running state on the CPU (for :meth:`gather`)."""
+    def merge(self, other: ScoreTopK) -> ScoreTopK:
+        """Fold ``other``'s state (the top-k of another share of the positions) into this one: the top-k of both
+        under the total order of :func:`best_rows`, ``n_excluded`` and ``n_above`` summed; returns self."""
+        self._merge_state(other._state())
+        return self
+
+    def _state(self) -> dict[str, torch.Tensor | None]:
+        return {"scores": self.scores, "raw": self.raw, "positions": self.positions, "prefix_ids": self.prefix_ids,
+                "n_excluded": self.n_excluded, "n_above": self.n_above}
+
+    def _merge_state(self, state: dict) -> None:
+        self._merge_hits(state["scores"], state["raw"], state["positions"], state["prefix_ids"])
+        self.n_excluded = self.n_excluded + state["n_excluded"]
+        if self.n_above is not None:
+            self.n_above = self.n_above + state["n_above"]
+
+    def state_dict(self) -> dict[str, torch.Tensor | None]:
+        """A snapshot of the running state on the CPU (later adds replace these tensors or update copies of
+        them, never these): ``scores``, ``raw``, ``positions`` ``(k', S)``, ``prefix_ids``
+        ``(k', S, L)``, ``n_excluded`` and ``n_above`` ``(S,)`` (``None`` without thresholds)."""
         return {"scores": self.scores.cpu(), "raw": self.raw.cpu(), "positions": self.positions.cpu(),
                 "prefix_ids": self.prefix_ids.cpu(), "n_excluded": self.n_excluded.clone(),
                 "n_above": None if self.n_above is None else self.n_above.clone()}
 
-    def gather(self, world: World) -> ScoreTopK:
+    def load_state_dict(self, state: dict) -> ScoreTopK:
+        """Restore :meth:`state_dict` output (onto this instance's device; the score function, ``top_k`` and the
+        thresholds are the constructor's); returns self."""
+        device = self.scores.device
+        self.scores, self.raw = state["scores"].to(device), state["raw"].to(device)
+        self.positions, self.prefix_ids = state["positions"].to(device), state["prefix_ids"].to(device)
+        self.n_excluded = state["n_excluded"].clone()
+        self.n_above = None if state["n_above"] is None else state["n_above"].clone()
+        return self
+
+    def all_reduce(self, world: World) -> ScoreTopK:
         """Merge the states of every rank of ``world`` into this one, in place (a no-op for a single process).
 
         Each rank's state is the top-k of its share of the positions under the total order of
@@ -332,14 +364,14 @@ class ScoreTopK:
         """
         if not world.distributed:
             return self
-        states = all_gather_object(self.state(), world)
+        states = all_gather_object(self.state_dict(), world)
         self.scores, self.raw = self.scores[:0], self.raw[:0]
         self.positions, self.prefix_ids = self.positions[:0], self.prefix_ids[:0]
-        for state in states:
-            self._merge(state["scores"], state["raw"], state["positions"], state["prefix_ids"])
-        self.n_excluded = sum((state["n_excluded"] for state in states), torch.zeros_like(self.n_excluded))
+        self.n_excluded = torch.zeros_like(self.n_excluded)
         if self.n_above is not None:
-            self.n_above = sum((state["n_above"] for state in states), torch.zeros_like(self.n_above))
+            self.n_above = torch.zeros_like(self.n_above)
+        for state in states:
+            self._merge_state(state)
         return self
 
     def state_nbytes(self) -> int:
@@ -460,7 +492,7 @@ def scan_scores(
             if n:
                 rows = slice(int(positions[0]) - emitted, int(positions[0]) - emitted + n)
                 for name, top in tops.items():
-                    top.update(None, excluded[name][rows], positions[:n], chunk[3][:n], (chunk[0][:n], chunk[1][:n]))
+                    top.add(None, excluded[name][rows], positions[:n], chunk[3][:n], (chunk[0][:n], chunk[1][:n]))
             if n < positions.shape[0]:
                 waiting.append(tuple(t[n:] for t in chunk))
         scored, emitted = waiting, hi
@@ -483,29 +515,23 @@ def scan_scores(
         if bar is not None:
             bar.close()
     for top in tops.values():
-        top.gather(world)
+        top.all_reduce(world)
     return {name: _result(model.tokenizer, top, config, subjects, seen) for name, top in tops.items()}
 
 
 def keys_at_layers(model, batch: TokenBatch, layers: Sequence[int]) -> dict[int, torch.Tensor]:
     """The keys of a batch's counted positions at each of ``layers``, in stream order: ``{layer: (P, d_mlp)}``.
-    One forward pass with SDPA attention, stopped after the last of them (:func:`layer_keys_of` for a single layer)."""
+    One forward pass with SDPA attention, stopped after the last of them (:func:`keyscope.capture.run_to`; each
+    site keeps only the counted positions), or :func:`layer_keys_of` for a single layer."""
     layers = sorted(set(layers))
     if len(layers) == 1:
         return {layers[0]: layer_keys_of(model, batch, layers[0])}
-    captured: dict[int, torch.Tensor] = {}
-
-    def keep(layer: int):
-        def hook(activation: torch.Tensor, hook) -> None:
-            captured[layer] = activation.detach()
-        return hook
-
     device = model.cfg.device
-    mask = batch.key_mask.to(device)
-    with torch.no_grad(), sdpa_attention(model), model.hooks(fwd_hooks=[(key_hook(layer), keep(layer)) for layer in layers]):
-        model(batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
-              stop_at_layer=layers[-1] + 1, return_type=None)
-    return {layer: captured[layer][mask] for layer in layers}  # (P, d_mlp) each
+    mask = batch.key_mask.to(device)  # (batch, pos)
+    sites = [Site(key_hook(layer), lambda activation: activation.detach()[mask]) for layer in layers]
+    with torch.no_grad(), sdpa_attention(model):
+        kept = run_to(model, batch.input_ids.to(device), sites, batch.attention_mask.to(device))
+    return {layer: kept[key_hook(layer)] for layer in layers}  # (P, d_mlp) each
 
 
 def layer_keys_of(model, batch: TokenBatch, layer: int) -> torch.Tensor:

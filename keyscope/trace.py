@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from keyscope.capture import Site, run_to
 from keyscope.datasets import Fact
 from keyscope.errors import KeyscopeError, SubjectNotFound
 from keyscope.models import attn_out_hook, embed_hook, model_name, n_layers, value_hook
@@ -238,11 +239,11 @@ def _restorations(kind: str, n_layers_: int, window: int, clean: dict[str, torch
 
 @torch.no_grad()
 def _clean_states(model, prompts: Sequence[_Prompt]) -> dict[str, torch.Tensor]:
-    """Every layer's MLP and attention outputs of the clean runs: ``hook name -> (batch, pos, d_model)``."""
+    """Every layer's MLP and attention outputs of the clean runs: ``hook name -> (batch, pos, d_model)`` (one forward
+    pass stopped after the last of them, :func:`keyscope.capture.run_to`)."""
     input_ids, mask = pad_batch([p.ids for p in prompts], _pad_id(model.tokenizer), "right", device=model.cfg.device)
     names = {_hook(kind, layer) for kind in KINDS for layer in range(n_layers(model))}
-    _, cache = model.run_with_cache(input_ids, attention_mask=mask, names_filter=lambda name: name in names)
-    return {name: cache[name].detach() for name in names}
+    return run_to(model, input_ids, [Site(name, torch.Tensor.detach) for name in sorted(names)], mask)
 
 
 def _trace_batch(model, prompts: Sequence[_Prompt], offset: int, config: TraceConfig, sigma: float) -> list[FactTrace]:

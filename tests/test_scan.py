@@ -230,7 +230,7 @@ def test_topk_merge_across_chunks_equals_global_topk():
             if lo >= N:
                 break
             hi = min(N, lo + size)
-            acc.update(keys[lo:hi], excluded[lo:hi], torch.arange(lo, hi), prefix[lo:hi])
+            acc.add(keys[lo:hi], excluded[lo:hi], torch.arange(lo, hi), prefix[lo:hi])
             sizes_used.append(acc.state_nbytes())
             lo = hi
         torch.testing.assert_close(acc.scores, best)
@@ -247,7 +247,7 @@ def test_memory_does_not_grow_with_the_corpus():
     sizes, mask_sizes = [], []
     for step in range(200):
         ids = torch.randint(0, 8, (32,), generator=g)
-        acc.update(torch.randn(32, d, generator=g), masker(ids), torch.arange(step * 32, step * 32 + 32), torch.zeros(32, 5, dtype=torch.long))
+        acc.add(torch.randn(32, d, generator=g), masker(ids), torch.arange(step * 32, step * 32 + 32), torch.zeros(32, 5, dtype=torch.long))
         sizes.append(acc.state_nbytes())
         mask_sizes.append(masker.state_size())
     assert len(set(sizes[1:])) == 1 and len(set(mask_sizes[1:])) == 1
@@ -326,7 +326,7 @@ def test_ties_are_broken_by_stream_position_whatever_the_chunking_or_sharding():
         acc = scan.ScoreTopK(lambda keys: keys, S, k, prefix_tokens=2)
         for lo, hi in chunks:
             hi = min(hi, N)
-            acc.update(scores[lo:hi], excluded[lo:hi], torch.arange(lo, hi), prefix[lo:hi])
+            acc.add(scores[lo:hi], excluded[lo:hi], torch.arange(lo, hi), prefix[lo:hi])
         return acc
 
     whole = top([(0, N)])
@@ -336,7 +336,7 @@ def test_ties_are_broken_by_stream_position_whatever_the_chunking_or_sharding():
     shards = [top([(lo, lo + 10) for lo in cuts[r::3]]) for r in range(3)]  # 3 ranks, strided batches
     merged = scan.ScoreTopK(lambda keys: keys, S, k, prefix_tokens=2)
     for shard in shards:
-        state = shard.state()
-        merged._merge(state["scores"], state["raw"], state["positions"], state["prefix_ids"])
+        merged.merge(scan.ScoreTopK(lambda keys: keys, S, k, prefix_tokens=2).load_state_dict(shard.state_dict()))
     assert torch.equal(merged.positions, expected) and torch.equal(merged.scores, whole.scores)
     assert sum(int(s.n_excluded.sum()) for s in shards) == int(excluded.sum())
+    assert torch.equal(merged.n_excluded, whole.n_excluded)
