@@ -43,8 +43,12 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     import importlib
 
-    parser = _Parser(prog="keyscope", description="Keys and values of transformer MLP memories.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    from keyscope import __version__
+
+    parser = _Parser(prog="keyscope", description="Keys and values of transformer MLP memories.",
+                     epilog="Run 'keyscope COMMAND --help' for a command's options.")
+    parser.add_argument("--version", action="version", version=f"keyscope {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"keyscope.cli.{name}").register(sub)
     return parser
@@ -147,7 +151,12 @@ def main(argv: list[str] | None = None) -> int:
     with warnings.catch_warnings():  # restores the warning display on return
         warnings.showwarning = _warn
         try:
-            return run(build_parser().parse_args(argv))
+            parser = build_parser()
+            args = parser.parse_args(argv)
+            if args.command is None:  # plain `keyscope`: the commands, and exit status 0
+                parser.print_help()
+                return 0
+            return run(args)
         except _Reported as exc:
             return exc.exit_code
         except BaseException as exc:

@@ -153,7 +153,7 @@ def test_counts_are_checked_by_the_parser_naming_the_flag(env, capsys, argv, fla
     assert "--help" in line
 
 
-@pytest.mark.parametrize("argv", [["bogus"], [], ["trace", "--no-such-option"], ["factworld"]], ids=repr)
+@pytest.mark.parametrize("argv", [["bogus"], ["trace", "--no-such-option"], ["factworld"]], ids=repr)
 def test_usage_errors_are_one_line(capsys, argv):
     fails(capsys, argv)
 
