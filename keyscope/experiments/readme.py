@@ -74,6 +74,8 @@ SMOLLM2_MEMIT = (f"keyscope evaluate {_SMOLLM2} --data {SMOLLM2_LLAMA2} --known 
 def smollm2_similarity(figures: Path) -> str:
     """Figure 3 on SmolLM2 (``smollm2/similarity/fig3_similarity.csv``), with factworld's medians beside it."""
     table = _similarity_table(figures, "smollm2/similarity/fig3_similarity.csv", SMOLLM2_SIMILARITY)
+    subjects = {row["subject"] for row in read_csv(figures / "smollm2" / "similarity" / "fig3_similarity.csv")}
+    table = f"{len(subjects)} subjects:\n\n" + table
     factworld = {kind: float(np.median(v)) for kind, v in similarity_strengths(figures / "fig3_similarity.csv").items()}
     return table + ("\nfactworld's medians, for comparison: rephrased " + f"{factworld[REPHRASE]:.3f}, token shuffles "
                     f"{factworld[SHUFFLE]:.3f}, word shuffles {factworld[SHUFFLE_WORDS]:.3f}, long contexts "
