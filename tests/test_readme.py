@@ -23,7 +23,8 @@ def test_every_readme_block_is_rendered_from_its_artefacts():
     found = readme.blocks(README.read_text())
     assert {"similarity", "scan", "values", "table1", "tau_sweep", "bounds", "build", "trace", "ablation",
             "timing", "smollm2_known", "smollm2_bos", "smollm2_edit", "smollm2_similarity", "smollm2_trace",
-            "smollm2_table1", "smollm2_bench", "smollm2_schemas"} <= set(found)
+            "smollm2_table1", "smollm2_bench", "smollm2_schemas", "smollm2_scan", "smollm2_values", "smollm2_tau_sweep",
+            "smollm2_bounds", "smollm2_reach", "smollm2_memit"} <= set(found)
     for name, body in found.items():
         assert body == readme.render(name, FIGURES), f"README block {name!r} differs from its artefacts"
 
