@@ -34,7 +34,9 @@ _EXPORTS = {
     "EditRequest": "keyscope.rome", "ROMEConfig": "keyscope.rome", "REPConfig": "keyscope.rep",
     "MEMITConfig": "keyscope.memit", "EDITORS": "keyscope.editing", "Editor": "keyscope.editing",
     "ModelEdit": "keyscope.editing", "EditContext": "keyscope.editing", "make_editor": "keyscope.editing",
-    "prepare_context": "keyscope.editing",
+    "prepare_context": "keyscope.editing", "as_bridge": "keyscope.models",
+    # one call: edit facts, score them, keep the edited model (EasyEdit's editor.edit)
+    "edit": "keyscope.session", "EditSession": "keyscope.session",
     # evaluation and the causal trace
     "EvalConfig": "keyscope.evaluate", "TraceConfig": "keyscope.trace", "trace_facts": "keyscope.trace",
 }

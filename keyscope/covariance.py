@@ -425,8 +425,12 @@ def load_or_compute_covariance(
 
     Cached through :func:`keyscope.cache.cached` under the :func:`covariance_spec` (model name and upstream
     weights fingerprint, layer, corpus id, token count, window length, BOS convention, exclusions).
-    ``recompute=True`` ignores and overwrites the cache. ``C_`` is returned on the model's device.
+    ``recompute=True`` ignores and overwrites the cache. ``C_`` is returned on the model's device. ``model``: a
+    bridge or a Hugging Face model (:func:`keyscope.models.as_bridge`: the same cache entry either way).
     """
+    from keyscope.models import as_bridge
+
+    model = as_bridge(model)
     check_layer(model, layer)
     corpus = default_corpus(model) if corpus is None else corpus
     config = CovarianceConfig(layer, n_tokens, seq_len, batch_size, prepend_bos, ridge_scale)

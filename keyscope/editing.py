@@ -117,9 +117,13 @@ def prepare_context(model, layer: int, cov, methods: Sequence[str] = ("rome",), 
                     batch_size: int = 32, load_covariance: Callable[[int], object] | None = None) -> EditContext:
     """The :class:`EditContext` of a run of ``methods``: ROME's context prefixes and, when one of the methods
     trains a gate with negatives (REP with ``gate_negatives``), the layer keys of every subject in ``facts``
-    (one prompt each) and ``n_corpus_negatives`` keys of ``corpus``."""
+    (one prompt each) and ``n_corpus_negatives`` keys of ``corpus``. ``model``: a bridge or a Hugging Face model
+    (:func:`keyscope.models.as_bridge`)."""
     from keyscope import rep, rome
     from keyscope.keys import collect_keys
+    from keyscope.models import as_bridge
+
+    model = as_bridge(model)
 
     rome_config = rome_config or rome.ROMEConfig.for_model(model)
     rep_config = rep_config or rep.REPConfig()
@@ -302,8 +306,11 @@ def editor_class(name: str) -> type[Editor]:
 
 
 def make_editor(name: str, model, context: EditContext) -> Editor:
-    """The editor of method ``name`` for a run with ``context``."""
-    return editor_class(name)(model, context)
+    """The editor of method ``name`` for a run with ``context``, on ``model``: a TransformerLens 4 bridge or a Hugging
+    Face ``PreTrainedModel`` (wrapped once, :func:`keyscope.models.as_bridge`)."""
+    from keyscope.models import as_bridge
+
+    return editor_class(name)(as_bridge(model), context)
 
 
 def check_methods(methods: Sequence[str]) -> tuple[str, ...]:

@@ -273,7 +273,7 @@ def _quiet_loading() -> Iterator[None]:
             hub_states.update(saved_states)
 
 
-def _boot(target: str, device: str, dtype: torch.dtype):
+def _boot(target: str, device: str, dtype: torch.dtype, hf_model=None):
     """``TransformerBridge.boot_transformers`` with HF's stderr noise turned down for the load alone (the import
     too: TransformerLens's bridge sets the ``transformers`` logger's level when it is first imported), and the
     global random generators it draws from restored afterwards (the weights come from the checkpoint).
@@ -284,7 +284,8 @@ def _boot(target: str, device: str, dtype: torch.dtype):
     every prompt behind a token it never saw there. keyscope reads a model as it was trained: a BOS exactly where
     its own tokenizer puts one (LLaMA-2's ``<s>``, factworld's ``<bos>``; none for GPT-2 or SmolLM2), in every
     prompt, probe, corpus window and edit. The bridge's tokenizer object is kept (with its pad token and right
-    padding) and its ``add_bos_token`` set back; a tokenizer that still differs is a :class:`ModelNotAvailable`."""
+    padding) and its ``add_bos_token`` set back; a tokenizer that still differs is a :class:`ModelNotAvailable`.
+    ``hf_model``: a Hugging Face model already in memory, wrapped instead of loaded (:func:`as_bridge`)."""
     cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     with _quiet_loading(), torch.random.fork_rng(devices=cuda):
         from transformer_lens.model_bridge import TransformerBridge
@@ -294,7 +295,7 @@ def _boot(target: str, device: str, dtype: torch.dtype):
             own, failure = AutoTokenizer.from_pretrained(target), None
         except Exception as exc:  # any failure (a missing optional package too): the boot's own error comes first
             own, failure = None, exc
-        model = TransformerBridge.boot_transformers(target, device=device, dtype=dtype)
+        model = TransformerBridge.boot_transformers(target, device=device, dtype=dtype, hf_model=hf_model)
     if own is None:
         raise ModelNotAvailable(f"{target}: cannot load its tokenizer the Hugging Face way: {_first_line(failure)}")
     probe = "The Eiffel Tower is in"
@@ -426,6 +427,57 @@ def load_model(name_or_path: str = FACTWORLD, device: str | None = None, dtype: 
     register_source(model, ModelSource(name_or_path, source, repo_id))  # the directory first: the card is read from it
     register_source(model, ModelSource(name_or_path, source, repo_id, model_card(model)))  # once, checked at load
     return model
+
+
+#: The bridge of each Hugging Face model :func:`as_bridge` wrapped, kept as long as the model lives.
+_BRIDGES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def is_bridge(model) -> bool:
+    """Whether ``model`` is a TransformerLens 4 ``TransformerBridge`` (what keyscope's functions run on)."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    return isinstance(model, TransformerBridge)
+
+
+def as_bridge(model):
+    """``model`` as keyscope runs it: a TransformerLens 4 ``TransformerBridge`` as it is, or a Hugging Face
+    ``PreTrainedModel`` (e.g. from ``AutoModelForCausalLM.from_pretrained(name)``) wrapped in one — once: the same
+    bridge for the same model every time, over the model's own modules, so an edit applied through the bridge is in
+    the Hugging Face model too, and restored with it. The wrapped model is read as :func:`load_model` reads
+    ``name`` (its ``name_or_path``): the same tokenizer and BOS convention, the same ``keyscope.json`` card, and the
+    same name in every cache key, so a covariance computed for ``load_model(name)`` is found for it and the other way
+    round (when the weights are equal). The bridge is put in eval mode. Anything else is a :class:`ModelNotAvailable`."""
+    if is_bridge(model):
+        return model
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        raise ModelNotAvailable(f"keyscope runs on a TransformerLens 4 TransformerBridge (keyscope.load_model) or a Hugging "
+                            f"Face PreTrainedModel, not a {type(model).__name__}")
+    if model in _BRIDGES:
+        return _BRIDGES[model]
+    name = getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")
+    if not name:
+        raise ModelNotAvailable("this Hugging Face model has no name_or_path (built in memory?); save it with "
+                            "save_pretrained and load it from that folder, so keyscope can read its tokenizer")
+    path = Path(name).expanduser()
+    source = path.resolve() if path.is_dir() else None
+    repo_id = None if source is not None else name
+    if source is None:
+        cached = cached_snapshot(name)
+        repo_id, source = cached if cached is not None else (name, None)
+    parameter = next(model.parameters())
+    try:
+        bridge = _boot(name, str(parameter.device), parameter.dtype, hf_model=model)
+    except (OSError, ValueError, KeyError, TypeError, *_config_errors()) as exc:
+        raise _load_error(name, source, exc) from exc
+    _check_dense_mlp(bridge, name)
+    bridge.eval()
+    register_source(bridge, ModelSource(name, source, repo_id))
+    register_source(bridge, ModelSource(name, source, repo_id, model_card(bridge)))
+    _BRIDGES[model] = bridge
+    return bridge
 
 
 @dataclass(frozen=True)

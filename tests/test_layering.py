@@ -22,6 +22,7 @@ LAYERS = {
     "keyscope.stats": 4, "keyscope.covariance": 4, "keyscope.covariance_job": 4, "keyscope.metrics": 4, "keyscope.similarity": 4, "keyscope.scan": 4, "keyscope.trace": 4,
     "keyscope.rome": 5, "keyscope.rep": 5, "keyscope.editing": 5, "keyscope.memit": 5,
     "keyscope.evaluate": 6, "keyscope.bounds": 6, "keyscope.editing_checks": 6, "keyscope.ablation": 6, "keyscope.reach": 6, "keyscope.sequential": 6,
+    "keyscope.session": 6,
     **dict.fromkeys(["keyscope.experiments", "keyscope.experiments.ablation", "keyscope.experiments.bounds",
                      "keyscope.experiments.edit", "keyscope.experiments.factworld", "keyscope.experiments.readme",
                      "keyscope.experiments.reproduce", "keyscope.experiments.scan", "keyscope.experiments.similarity",
