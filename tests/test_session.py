@@ -11,7 +11,7 @@ import keyscope
 from keyscope.covariance import CovarianceConfig, covariance_spec
 from keyscope.datasets import load_facts
 from keyscope.errors import KeyscopeError, ModelNotAvailable
-from keyscope.evaluate import evaluate_fact, fact_request
+from keyscope.evaluate import evaluate_fact
 from keyscope.models import as_bridge, load_model
 from keyscope.predictions import known_facts, known_mask
 
