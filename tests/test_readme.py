@@ -1,4 +1,4 @@
-"""The README's and REPORT's numbers against the artefacts committed in figures/."""
+"""The numbers of the README, the docs and REPORT against the artefacts committed in figures/."""
 
 from __future__ import annotations
 
@@ -16,17 +16,65 @@ from keyscope.experiments import readme, reproduce
 ROOT = Path(__file__).resolve().parents[1]
 FIGURES = ROOT / "figures"
 README = ROOT / "README.md"
+DOCS = ROOT / "docs"
 REPORT = FIGURES / "REPORT.md"
 
-
-def test_every_readme_block_is_rendered_from_its_artefacts():
-    found = readme.blocks(README.read_text())
-    assert {"similarity", "scan", "values", "table1", "tau_sweep", "bounds", "build", "trace", "ablation",
+#: The results every version of the README showed; each must still be rendered somewhere in README.md or docs/.
+REQUIRED = {"similarity", "scan", "values", "table1", "tau_sweep", "bounds", "build", "trace", "ablation",
             "timing", "smollm2_known", "smollm2_bos", "smollm2_edit", "smollm2_similarity", "smollm2_trace",
             "smollm2_table1", "smollm2_bench", "smollm2_schemas", "smollm2_scan", "smollm2_values", "smollm2_tau_sweep",
-            "smollm2_bounds", "smollm2_reach", "smollm2_memit"} <= set(found)
-    for name, body in found.items():
-        assert body == readme.render(name, FIGURES), f"README block {name!r} differs from its artefacts"
+            "smollm2_bounds", "smollm2_reach", "smollm2_memit", "shape", "paper", "reach", "sequential", "memit_bounds"}
+
+
+def _pages() -> list[Path]:
+    """README.md and every markdown page under docs/, as ``python -m keyscope.experiments.readme README.md docs
+    figures`` reads them."""
+    return readme.markdown_files([README, DOCS])
+
+
+def _occurrences() -> list[tuple[str, str, str]]:
+    """``(file, name, body)`` of every block of the README and the docs."""
+    return [(path.relative_to(ROOT).as_posix(), m["name"], m["body"])
+            for path in _pages() for m in readme.BLOCK.finditer(path.read_text())]
+
+
+def test_every_result_is_rendered_somewhere_and_every_name_is_known():
+    names = [name for _, name, _ in _occurrences()]
+    assert REQUIRED <= set(readme.BLOCKS), "a required block has no renderer"
+    assert set(readme.BLOCKS) <= set(names), f"blocks rendered nowhere: {sorted(set(readme.BLOCKS) - set(names))}"
+    assert set(names) <= set(readme.BLOCKS), f"blocks without a renderer: {sorted(set(names) - set(readme.BLOCKS))}"
+
+
+@pytest.mark.parametrize(("page", "name", "body"), _occurrences(), ids=[f"{f}:{n}" for f, n, _ in _occurrences()])
+def test_block_is_rendered_from_its_artefacts(page, name, body):
+    assert body == readme.render(name, FIGURES), f"block {name!r} of {page} differs from its artefacts"
+
+
+def test_pages_hold_no_unclosed_or_misspelt_block():
+    for path in _pages():
+        text = path.read_text()
+        opened = re.findall(r"<!-- keyscope:([a-z0-9_]+) -->", text)
+        closed = re.findall(r"<!-- /keyscope:([a-z0-9_]+) -->", text)
+        assert sorted(opened) == sorted(closed) == sorted(readme.blocks(text)), path
+
+
+def test_renderer_rewrites_files_and_folders_and_names_missing_artefacts(tmp_path, capsys):
+    figures = tmp_path / "figures"
+    figures.mkdir()
+    shutil.copy(FIGURES / "factworld_build_seed0.json", figures)
+    (tmp_path / "docs" / "sub").mkdir(parents=True)
+    page = tmp_path / "docs" / "sub" / "page.md"
+    page.write_text("a\n<!-- keyscope:trace -->\nstale\n<!-- /keyscope:trace -->\n"
+                    "<!-- keyscope:values -->\nkept\n<!-- /keyscope:values -->\n")
+    top = tmp_path / "README.md"
+    top.write_text("<!-- keyscope:trace -->\n<!-- /keyscope:trace -->\n")
+    assert readme.main([str(top), str(tmp_path / "docs"), str(figures)]) == 1  # values' artefact is missing
+    assert readme.blocks(top.read_text())["trace"] == readme.render("trace", FIGURES)
+    blocks = readme.blocks(page.read_text())
+    assert blocks["trace"] == readme.render("trace", FIGURES) and blocks["values"] == "kept\n"
+    assert "page.md: not rendered, artefacts missing: values" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError):
+        readme.update(page.read_text(), figures)
 
 
 def test_update_rewrites_a_stale_block_and_keeps_the_rest():

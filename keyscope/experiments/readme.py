@@ -1,9 +1,11 @@
-"""The README's result blocks, rendered from the artefacts committed in ``figures/``.
+"""The result blocks of the README and the docs, rendered from the artefacts committed in ``figures/``.
 
-A block of ``README.md`` lies between ``<!-- keyscope:NAME -->`` and ``<!-- /keyscope:NAME -->`` and holds exactly
-``render(NAME, figures)``: every number in it is read from an artefact file (CSV or JSON) that a command printed
-in the block wrote. ``python -m keyscope.experiments.readme README.md figures`` rewrites every block from the
-artefacts; ``tests/test_readme.py`` fails when a block and its artefacts disagree, so the prose cannot drift from
+A block of ``README.md`` or of a page under ``docs/`` lies between ``<!-- keyscope:NAME -->`` and
+``<!-- /keyscope:NAME -->`` and holds exactly ``render(NAME, figures)``: every number in it is read from an artefact
+file (CSV or JSON) that a command printed in the block wrote. ``python -m keyscope.experiments.readme README.md docs
+figures`` rewrites every block of the files and folders given (a folder: its ``*.md`` files, recursively) from the
+artefacts in the last argument; a block whose artefact is not there yet is left as it was and named on stderr (exit
+status 1). ``tests/test_readme.py`` fails when a block and its artefacts disagree, so the prose cannot drift from
 the data.
 """
 
@@ -684,6 +686,90 @@ def smollm2_memit(figures: Path) -> str:
             + ".\n")
 
 
+MEMIT_BATCH10 = ("keyscope evaluate --methods memit,memit+rep --n 50 --batch-size 10 --out figures/memit "
+                 "--json figures/memit/memit50.json")
+MEMIT_BATCH1 = ("keyscope evaluate --methods memit,memit+rep --n 50 --batch-size 1 --out figures/memit/batch1 "
+                "--json figures/memit/memit50_batch1.json")
+MEMIT_GATES = "keyscope evaluate --methods memit+rep --n 50 --batch-size {b} --out figures/memit/gates{b} --json figures/memit/gates{b}.json"
+
+
+def memit(figures: Path) -> str:
+    """MEMIT and MEMIT+REP on factworld, ten facts per edit (``memit/``) and one (``memit/batch1/``), and MEMIT's
+    speed against single ROME edits (``benchmarks/bench_memit.txt``, its JSON line)."""
+    bench = json.loads((figures / "benchmarks" / "bench_memit.txt").read_text().strip().splitlines()[-1])
+    return ("Ten facts per edit:\n\n" + _table1(figures, "memit/", MEMIT_BATCH10, base="memit")
+            + "\nOne fact per edit:\n\n" + _table1(figures, "memit/batch1/", MEMIT_BATCH1, base="memit")
+            + f"\nMEMIT writing {bench['n']} facts in one batch ran at {bench['ratio_rome_over_memit']:.2f}× the speed of "
+              f"{bench['n']} single ROME edits ({bench['memit_seconds']:.0f} s against {bench['rome_seconds']:.0f} s on "
+              f"{bench['threads']} shared CPU thread; each fact still needs its own target optimisation, "
+              f"{bench['memit_mean_z_steps']:.1f} steps on average against ROME's {bench['rome_mean_v_steps']:.1f}; "
+              f"MEMIT at layers {', '.join(map(str, bench['memit_layers']))}: `figures/benchmarks/bench_memit.txt`, from "
+              f"`benchmarks/bench_memit.py --n {bench['n']}`).\n")
+
+
+def memit_gates(figures: Path) -> str:
+    """Where MEMIT+REP's gates fire in the passes that score Locality (``memit/gates10.json``, ten facts per edit;
+    ``memit/gates1.json``, one): ``gate_counts`` and ``gate_*`` of :mod:`keyscope.evaluate`."""
+    runs = {b: json.loads((figures / "memit" / f"gates{b}.json").read_text())["methods"]["memit+rep"] for b in (10, 1)}
+    ten, one = runs[10], runs[1]
+    c10, c1 = ten["gate_counts"], one["gate_counts"]
+    return (f"Ten facts per edit: another request's adaptor is on in {percent(c10['other'] / c10['prompts'])}% of the "
+            f"{c10['prompts']} neighbourhood prompts (the fact's own adaptors in {percent(c10['own'] / c10['prompts'])}%); "
+            f"a prompt whose top-1 changed has on average {ten['gate_adaptors_failed']:.1f} adaptors on, over "
+            f"{percent(ten['gate_positions_failed'])}% of its positions, a kept one {ten['gate_adaptors_kept']:.1f} over "
+            f"{percent(ten['gate_positions_kept'])}% (`figures/memit/gates10.json`, from `{MEMIT_GATES.format(b=10)}`). "
+            f"One fact per edit: the fact's own adaptors are on in {percent(c1['own'] / c1['prompts'])}% of its "
+            f"neighbourhood prompts; {c1['failed_on']} of the {c1['failed']} prompts whose top-1 changed had one on "
+            f"({percent(c1['failed_on'] / c1['failed'])}%, against {percent(c1['kept_on'] / c1['kept'])}% of the kept "
+            f"ones), Locality is {percent(one['locality_gate_on'])}% where some gate is on and "
+            f"{percent(one['locality_gate_off'])}% where none is, and a changed prompt has "
+            f"{one['gate_adaptors_failed']:.1f} adaptors on over {percent(one['gate_positions_failed'])}% of its positions, "
+            f"a kept one {one['gate_adaptors_kept']:.1f} over {percent(one['gate_positions_kept'])}% "
+            f"(`figures/memit/gates1.json`, from `{MEMIT_GATES.format(b=1)}`).\n")
+
+
+def benchmarks(figures: Path) -> str:
+    """The CPU benchmarks quoted in the docs: ROME's v* with the layers below the edit run once against the plain
+    loop (``benchmarks/bench_v_star.txt``) and the covariance fit against the bare forward pass
+    (``benchmarks/bench_gpu_small.txt``); each file's first line is the command that wrote it."""
+    lines = (figures / "benchmarks" / "bench_v_star.txt").read_text().splitlines()
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines if line.startswith("| ") and "---" not in line]
+    header, rows = rows[0], rows[1:]
+    col = {name: i for i, name in enumerate(header)}
+    reuse = [r for r in rows if r[col["loop"]] == "reuse"]
+    worst = max(float(r[col["max ‖Δv*‖/‖v*‖"]]) for r in rows)
+    gpu = (figures / "benchmarks" / "bench_gpu_small.txt").read_text()
+    fit = float(re.search(r"fit / bare sdpa: ([0-9.]+)", gpu)[1])
+    command = lines[0].lstrip("# ").split("   ")[0]
+    gpu_command = gpu.splitlines()[0].lstrip("# ").split("   ")[0]
+    return ("ROME's v* with the layers below the edit run once is "
+            + ", ".join(f"{r[col['speed-up']]} faster on {r[col['model']]} at layer {r[col['layer']]}" for r in reuse)
+            + f", with the same v* to ≤ {worst:.1e} relative (`figures/benchmarks/bench_v_star.txt`, from `{command}`); "
+              f"the covariance fit ran at {fit:.2f}× the bare SDPA pass (`figures/benchmarks/bench_gpu_small.txt`, from "
+              f"`{gpu_command}`).\n")
+
+
+def docs_check(figures: Path) -> str:
+    """The last headless-browser check of the docs site (``docs_check.json``, ``benchmarks/check_docs.py``)."""
+    run = json.loads((figures / "docs_check.json").read_text())
+    return (f"{run['pages']} pages and {run['images']} images ({run['distinct_images']} distinct figures) opened in "
+            f"{run['browser']}: {len(run['failures'])} failures (`figures/docs_check.json`, from `{run['command']}`).\n")
+
+
+def side_by_side(figures: Path) -> str:
+    """factworld, SmolLM2 and the paper side by side: Table 1's ROME+REP − ROME per column and the measures of
+    Figures 3–5 and 7 and the lemmas (:func:`keyscope.experiments.reproduce.deltas_table` and
+    :func:`~keyscope.experiments.reproduce.real_model_table`, the tables of ``REPORT.md``)."""
+    from keyscope.experiments import reproduce
+
+    model = json.loads((figures / "reproduce_timings.json").read_text())["config"]["model"]
+    deltas = reproduce.deltas_table(figures, model)
+    measures = reproduce.real_model_table(figures, model)
+    return ("\n".join(deltas + measures)
+            + "\n(`figures/table1.csv`, `figures/smollm2/`; the paper's column quotes Yan et al. for LLaMA-2-7B: Table 1's "
+              "deltas as numbers, the figures' claims in words)\n")
+
+
 BLOCKS: dict[str, Callable[[Path], str]] = {
     "similarity": similarity, "scan": scan, "values": values, "table1": table1, "tau_sweep": tau_sweep,
     "bounds": bounds, "build": build, "trace": trace, "ablation": ablation, "timing": timing, "shape": shape,
@@ -693,7 +779,9 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "smollm2_bos": smollm2_bos, "smollm2_table1": smollm2_table1,
     "smollm2_bench": smollm2_bench, "smollm2_schemas": smollm2_schemas, "smollm2_scan": smollm2_scan,
     "smollm2_values": smollm2_values, "smollm2_tau_sweep": smollm2_tau_sweep, "smollm2_bounds": smollm2_bounds,
-    "smollm2_reach": smollm2_reach, "smollm2_memit": smollm2_memit,
+    "smollm2_reach": smollm2_reach, "smollm2_memit": smollm2_memit, "side_by_side": side_by_side,
+    "memit": memit, "memit_gates": memit_gates, "benchmarks": benchmarks,
+    "docs_check": docs_check,
 }
 
 
@@ -702,16 +790,58 @@ def render(name: str, figures: str | Path) -> str:
 
 
 def blocks(text: str) -> dict[str, str]:
-    """The blocks of a README text: ``{name: body}``."""
+    """The blocks of a markdown text: ``{name: body}``."""
     return {m["name"]: m["body"] for m in BLOCK.finditer(text)}
 
 
-def update(text: str, figures: str | Path) -> str:
-    """``text`` with every block re-rendered from the artefacts in ``figures``."""
-    return BLOCK.sub(lambda m: f"<!-- keyscope:{m['name']} -->\n{render(m['name'], figures)}<!-- /keyscope:{m['name']} -->",
-                     text)
+def update(text: str, figures: str | Path, missing: list[str] | None = None) -> str:
+    """``text`` with every block re-rendered from the artefacts in ``figures``. A block whose artefact does not
+    exist raises :class:`FileNotFoundError`, unless ``missing`` is a list: then the block is left as it was and its
+    name appended to ``missing``."""
+
+    def sub(m: re.Match) -> str:
+        try:
+            body = render(m["name"], figures)
+        except FileNotFoundError:
+            if missing is None:
+                raise
+            missing.append(m["name"])
+            return m[0]
+        return f"<!-- keyscope:{m['name']} -->\n{body}<!-- /keyscope:{m['name']} -->"
+
+    return BLOCK.sub(sub, text)
 
 
-if __name__ == "__main__":  # python -m keyscope.experiments.readme README.md figures
-    readme, figures_dir = Path(sys.argv[1]), Path(sys.argv[2])
-    write_text(readme, update(readme.read_text(), figures_dir))
+def markdown_files(paths) -> list[Path]:
+    """The markdown files of ``paths``, in order: a file as it is, a folder as its ``*.md`` files, recursively and
+    sorted."""
+    files: list[Path] = []
+    for path in map(Path, paths):
+        files += sorted(path.rglob("*.md")) if path.is_dir() else [path]
+    return files
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m keyscope.experiments.readme FILE_OR_FOLDER… FIGURES``: rewrite every block of the files (a
+    folder: its ``*.md`` files) from the artefacts in ``FIGURES``. Exit status 1 when some block's artefact is
+    missing (that block is left as it was), 2 for a wrong command line."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) < 2:
+        print("usage: python -m keyscope.experiments.readme FILE_OR_FOLDER... FIGURES", file=sys.stderr)
+        return 2
+    *paths, figures_dir = argv
+    status = 0
+    for path in markdown_files(paths):
+        missing: list[str] = []
+        text = path.read_text()
+        updated = update(text, figures_dir, missing)
+        if updated != text:
+            write_text(path, updated)
+        if missing:
+            print(f"{path}: not rendered, artefacts missing: {', '.join(missing)}", file=sys.stderr)
+            status = 1
+    return status
+
+
+if __name__ == "__main__":  # python -m keyscope.experiments.readme README.md docs figures
+    sys.exit(main())

@@ -41,7 +41,7 @@ from keyscope.predictions import UnknownFacts, known_facts
 from keyscope.trace import TraceConfig
 
 REPORT = "REPORT.md"
-#: Where the real model's Table 1 lies in ``figures/`` (README "Real model, offline"); REPORT.md shows its deltas
+#: Where the real model's Table 1 lies in ``figures/`` (docs/results-smollm2.md); REPORT.md shows its deltas
 #: beside the reproduced model's and the paper's when it is there.
 SMOLLM2_TABLE1 = "smollm2/table1"
 STAGES = ("covariance", "trace", "figure 3", "figure 4", "figure 5", "table 1 + figure 7", "bounds", "report")
@@ -137,6 +137,34 @@ def _bounds_block(figures: Path, model: str, layer: int, config: dict) -> str:
     return bounds_exp.format_summary(result)
 
 
+def deltas_table(figures: str | Path, model: str) -> list[str]:
+    """ROME+REP minus ROME per Table 1 column, in points: ``model``'s (``figures/table1.csv``), SmolLM2's (where
+    ``figures/smollm2/table1/`` is committed) and the paper's on LLaMA-2-7B; a markdown table as lines, with its
+    heading sentence (empty without both methods in ``table1.csv``)."""
+    figures = Path(figures)
+    table = _table1_summary(figures)
+    if "rome" not in table or "rome+rep" not in table:
+        return []
+    real = figures / SMOLLM2_TABLE1
+    other = _table1_summary(real) if (real / table1_exp.TABLE_CSV).exists() else None
+    lines = ["ROME+REP minus ROME, in points (paper: LLaMA-2-7B, Table 1; it reports no word shuffles and no "
+             "near-twin split" + ("; SmolLM2-135M: `smollm2/table1/table1.csv`, the paper's query protocol)"
+                                  if other else ")") + ":", "",
+             f"| metric | keyscope{f' on {model}' if other else ''} |{' keyscope on smollm2-135m |' if other else ''} paper |",
+             "|---|---:|" + ("---:|" if other else "") + "---:|"]
+
+    def delta(t: dict, metric: str) -> str:
+        a, b = t["rome+rep"][metric], t["rome"][metric]
+        return _num(None if a is None or b is None else 100 * (a - b), 1)
+
+    for metric in METRICS:
+        paper = table1_exp.PAPER_DELTAS.get(metric)
+        lines.append(f"| {table1_exp.HEADERS[metric]} | {delta(table, metric)} |"
+                     + (f" {delta(other, metric)} |" if other else "")
+                     + f" {'' if paper is None else f'{paper:+.1f}'} |")
+    return lines + [""]
+
+
 def report(figures: str | Path, run: dict) -> str:
     """``REPORT.md`` rendered from the artefacts in ``figures`` and the run's record ``run`` (``{"seconds", "layer",
     "config"}``, what ``keyscope reproduce --json`` writes, e.g. ``figures/reproduce_timings.json``): every number
@@ -180,25 +208,7 @@ def report(figures: str | Path, run: dict) -> str:
     n_edits = len({r["case_id"] for r in read_csv(figures / table1_exp.FACTS_CSV) if r["method"] == names[0]})
     lines += ["## Table 1: ROME and ROME+REP", "", table1_exp.summary_markdown(table, names, n_edits, model, layer).rstrip(),
               ""]
-    if "rome" in table and "rome+rep" in table:
-        real = figures / SMOLLM2_TABLE1
-        other = _table1_summary(real) if (real / table1_exp.TABLE_CSV).exists() else None
-        lines += ["ROME+REP minus ROME, in points (paper: LLaMA-2-7B, Table 1; it reports no word shuffles and no "
-                  "near-twin split" + ("; SmolLM2-135M: `smollm2/table1/table1.csv`, the paper's query protocol)"
-                                       if other else ")") + ":", "",
-                  f"| metric | keyscope{f' on {model}' if other else ''} |{' keyscope on smollm2-135m |' if other else ''} paper |",
-                  "|---|---:|" + ("---:|" if other else "") + "---:|"]
-
-        def delta(t: dict, metric: str) -> str:
-            a, b = t["rome+rep"][metric], t["rome"][metric]
-            return _num(None if a is None or b is None else 100 * (a - b), 1)
-
-        for metric in METRICS:
-            paper = table1_exp.PAPER_DELTAS.get(metric)
-            lines.append(f"| {table1_exp.HEADERS[metric]} | {delta(table, metric)} |"
-                         + (f" {delta(other, metric)} |" if other else "")
-                         + f" {'' if paper is None else f'{paper:+.1f}'} |")
-        lines.append("")
+    lines += deltas_table(figures, model)
     sweep_path = figures / table1_exp.SWEEP_CSV
     if sweep_path.exists():
         shown = [m for m in METRICS if not m.endswith("_ood_new")]
@@ -219,9 +229,22 @@ REAL_MODEL = ("smollm2-135m", "smollm2")
 
 
 def _real_model_section(figures: Path, model: str) -> list[str]:
+    """REPORT.md's section of :func:`real_model_table`, with its heading."""
+    lines = real_model_table(figures, model)
+    if not lines:
+        return []
+    name, folder = REAL_MODEL
+    return [f"## {name} beside {model} and the paper", "",
+            f"Each {name} number comes from `figures/{folder}/` (the commands are printed with each result on the docs' "
+            f"SmolLM2 page, `docs/results-smollm2.md`); the paper's column is LLaMA-2-7B's claim, read from its figures.",
+            "", *lines]
+
+
+def real_model_table(figures: str | Path, model: str) -> list[str]:
     """The paper's measures side by side on ``model`` (``figures/``), SmolLM2-135M (``figures/smollm2/``: each row
     only where its artefact is committed) and what the paper reports for LLaMA-2-7B. The paper gives Figures 3–5
     and 7 as plots, so its column states the claim, not a number; only Table 1's deltas are numbers."""
+    figures = Path(figures)
     name, folder = REAL_MODEL
     real = figures / folder
     if not real.is_dir():
@@ -266,10 +289,7 @@ def _real_model_section(figures: Path, model: str) -> list[str]:
                      _pct(there["norm_bound_holds"]), "a bound (holds always in theory)"))
     if not rows:
         return []
-    lines = [f"## {name} beside {model} and the paper", "",
-             f"Each {name} number comes from `figures/{folder}/` (the commands are printed in the README's \"Real model, "
-             f"offline\" section); the paper's column is LLaMA-2-7B's claim, read from its figures.", "",
-             f"| measure | {model} | {name} | paper |", "|---|---:|---:|---|"]
+    lines = [f"| measure | {model} | {name} | paper |", "|---|---:|---:|---|"]
     lines += [f"| {measure} | {a} | {b} | {c} |" for measure, a, b, c in rows]
     return lines + [""]
 
