@@ -37,7 +37,7 @@ def test_the_readme_example_is_the_one_the_docs_show():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("block", [0, 1], ids=["readme", "rome+rep"])
+@pytest.mark.parametrize("block", [0, 1, 2], ids=["readme", "rome+rep", "edit"])
 def test_python_blocks_run_as_written(block, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("KEYSCOPE_CACHE", str(tmp_path / "cache"))  # C computed afresh, never the user's cache
     code = _python_blocks(DOCS / "api.md")[block]
