@@ -38,7 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from keyscope.atomic import write_text  # noqa: E402
+from keyscope._infra.atomic import write_text  # noqa: E402
 
 #: CounterFact-like requests (the first three as CounterFact words them).
 REQUESTS = [
@@ -65,7 +65,7 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 def keyscope_tokens_per_step(model, request, prefixes, config) -> int:
     """Positions one step of keyscope's v* loop runs through the blocks above the layer: each row of the batch
     from its subject's last token on, padded to the longest (``S`` of ``rome._PrefixCached``)."""
-    from keyscope import rome
+    from keyscope.editing import rome
 
     batch = rome._v_star_batch(model, request, prefixes, config)
     subject = batch.inject[..., 0].argmax(1)  # (batch,)
@@ -79,7 +79,7 @@ def profile_step(model, request, layer: int, prefixes, config) -> tuple[float, f
     cancel)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from keyscope import rome
+    from keyscope.editing import rome
 
     k_star = rome.edit_key(model, request, layer, prefixes, config)
     totals = []
@@ -101,10 +101,10 @@ def profile_step(model, request, layer: int, prefixes, config) -> tuple[float, f
 
 
 def main(argv=None) -> int:
-    from keyscope import rome
-    from keyscope.corpus import documents
-    from keyscope.covariance import KeyCovariance
-    from keyscope.models import load_model, model_dir, n_layers
+    from keyscope.analysis.covariance import KeyCovariance
+    from keyscope.data.corpus import documents
+    from keyscope.editing import rome
+    from keyscope.model.models import load_model, model_dir, n_layers
     from tests.test_rome import _rome_reference
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

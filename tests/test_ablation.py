@@ -5,14 +5,15 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from keyscope import ablation, rep, rome
-from keyscope import evaluate as ev
-from keyscope.covariance import KeyCovariance
-from keyscope.datasets import Fact
-from keyscope.editing import make_editor, prepare_context
-from keyscope.errors import KeyscopeError
-from keyscope.models import load_model
-from keyscope.perturbations import PerturbationConfig, fact_probes
+from keyscope._infra.errors import KeyscopeError
+from keyscope.analysis.covariance import KeyCovariance
+from keyscope.data.datasets import Fact
+from keyscope.data.perturbations import PerturbationConfig, fact_probes
+from keyscope.editing import rep, rome
+from keyscope.editing.base import make_editor, prepare_context
+from keyscope.evaluation import ablation
+from keyscope.evaluation import evaluate as ev
+from keyscope.model.models import load_model
 from tests import hf_tiny
 
 LAYER = 1
@@ -65,7 +66,7 @@ def test_near_twins_with_the_ood_keys_computed_once_are_identical(setup):
 
 
 def test_differences_are_paired_against_keyscope():
-    from keyscope.metrics import METRICS
+    from keyscope.evaluation.metrics import METRICS
 
     def scored(success, locality):
         return {m: (0, 0, 0) for m in METRICS} | {"success": (success, 1, success), "locality": locality}
@@ -85,7 +86,7 @@ def test_differences_are_paired_against_keyscope():
 
 
 def test_verdict_reads_the_paired_intervals():
-    from keyscope.metrics import METRICS
+    from keyscope.evaluation.metrics import METRICS
 
     cols = METRICS
     none = {m: None for m in cols}
@@ -143,13 +144,13 @@ def test_ablate_refuses_duplicate_or_no_variants(setup):
 
 @pytest.mark.slow
 def test_a_stopped_ablation_resumes_from_its_checkpoint_to_the_same_result(tmp_path, monkeypatch):
-    """:func:`keyscope.ablation.ablate` keeps its per-fact rows in a :class:`keyscope.evaluate.Checkpoint` as
-    :func:`keyscope.evaluate.evaluate` does (the shared :func:`keyscope.evaluate.run_facts`); the rows are stand-ins,
+    """:func:`keyscope.evaluation.ablation.ablate` keeps its per-fact rows in a :class:`keyscope.evaluation.evaluate.Checkpoint` as
+    :func:`keyscope.evaluation.evaluate.evaluate` does (the shared :func:`keyscope.evaluation.evaluate.run_facts`); the rows are stand-ins,
     the mechanism is the real one on factworld's facts."""
     import torch
 
-    from keyscope.datasets import load_facts
-    from keyscope.metrics import METRICS
+    from keyscope.data.datasets import load_facts
+    from keyscope.evaluation.metrics import METRICS
 
     model = load_model("factworld")
     facts = load_facts("factworld")

@@ -1,4 +1,4 @@
-"""``keyscope.atomic``: a file appears whole or not at all, and a rewrite is a new inode (what lets
+"""``keyscope._infra.atomic``: a file appears whole or not at all, and a rewrite is a new inode (what lets
 ``nothing_left_on_failure`` keep the old content by a hard link)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from keyscope.atomic import _umask, atomic_write, save_figure, write_text
+from keyscope._infra.atomic import _umask, atomic_write, save_figure, write_text
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary_file(tmp_path):

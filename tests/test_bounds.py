@@ -7,15 +7,16 @@ from itertools import islice
 import pytest
 import torch
 
-from keyscope import bounds, memit, rome
-from keyscope import corpus as corpora
-from keyscope.covariance import KeyCovariance, load_or_compute_covariance
-from keyscope.datasets import load_facts
-from keyscope.editing import ModelEdit
-from keyscope.errors import KeyscopeError
-from keyscope.experiments.bounds import format_summary
-from keyscope.models import Norm, attention_norm, default_layer, final_norm, head_ov, load_model
-from keyscope.rep import REPConfig
+from keyscope._infra.errors import KeyscopeError
+from keyscope.analysis.covariance import KeyCovariance, load_or_compute_covariance
+from keyscope.data import corpus as corpora
+from keyscope.data.datasets import load_facts
+from keyscope.editing import memit, rome
+from keyscope.editing.base import ModelEdit
+from keyscope.editing.rep import REPConfig
+from keyscope.evaluation import bounds
+from keyscope.model.models import Norm, attention_norm, default_layer, final_norm, head_ov, load_model
+from keyscope.studies.bounds import format_summary
 
 
 def test_auroc_and_pearson():

@@ -6,8 +6,8 @@ import warnings
 import pytest
 import torch
 
-from keyscope import cache
-from keyscope.errors import CorruptCache
+from keyscope._infra import cache
+from keyscope._infra.errors import CorruptCache
 
 SPEC = {"model": "tiny", "layer": 1, "n_tokens": 100, "excluded": ["bos", "padding"]}
 

@@ -1,9 +1,9 @@
-"""keyscope.capture: the one capture primitive, on tiny random checkpoints of every supported architecture.
+"""keyscope.model.capture: the one capture primitive, on tiny random checkpoints of every supported architecture.
 
 Checked: captured activations equal ``run_with_cache``'s bit for bit (stopped or not, with a mask, with a
 ``keep``); ``stop=True`` runs no hook point after the last site; the hooks are gone after the block, whether it
 ends normally, by the stop or by an exception; an unknown site is a one-line error; and no module of the
-package outside :mod:`keyscope.capture` hooks the model to read an activation (the interventions that change
+package outside :mod:`keyscope.model.capture` hooks the model to read an activation (the interventions that change
 one are listed with their reason).
 """
 
@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from keyscope import capture as cap
-from keyscope.models import (
+from keyscope.data.prompts import pad_batch
+from keyscope.model import capture as cap
+from keyscope.model.models import (
     FINAL_RESIDUAL_HOOK,
     attention_norm_scale_hook,
     attention_pattern_hook,
@@ -28,7 +29,6 @@ from keyscope.models import (
     residual_hook,
     value_hook,
 )
-from keyscope.prompts import pad_batch
 from tests import hf_tiny
 
 PACKAGE = Path(__file__).resolve().parents[1] / "keyscope"
@@ -187,13 +187,13 @@ def test_last_block_bounds_only_block_sites():
 HOOKING = {"hooks", "run_with_cache", "run_with_hooks", "add_hook", "register_forward_hook",
            "register_forward_pre_hook", "register_full_backward_hook", "register_full_backward_pre_hook"}
 
-#: The hooks outside keyscope/capture.py, by (module, enclosing function): none reads an activation.
+#: The hooks outside keyscope/model/capture.py, by (module, enclosing function): none reads an activation.
 ALLOWED = {
-    ("keyscope/rome.py", "optimise_delta"): "adds ROME's δ to the value or residual (an intervention)",
-    ("keyscope/rep.py", "adapted"): "replaces every key by REP's adapted key k̂ (an intervention)",
-    ("keyscope/rep.py", "recorded_gates"): "a pre-hook on keyscope's own KeyAdaptor modules, not on the model: "
+    ("keyscope/editing/rome.py", "optimise_delta"): "adds ROME's δ to the value or residual (an intervention)",
+    ("keyscope/editing/rep.py", "adapted"): "replaces every key by REP's adapted key k̂ (an intervention)",
+    ("keyscope/editing/rep.py", "recorded_gates"): "a pre-hook on keyscope's own KeyAdaptor modules, not on the model: "
                                            "records the adaptor's gate decisions",
-    ("keyscope/trace.py", "_probabilities_once"): "corrupts the embeddings and restores clean states (interventions)",
+    ("keyscope/analysis/trace.py", "_probabilities_once"): "corrupts the embeddings and restores clean states (interventions)",
 }
 
 
@@ -221,10 +221,10 @@ def hooking_calls(package: Path) -> set[tuple[str, str]]:
 
 def test_no_module_but_capture_hooks_the_model_to_read_activations():
     calls = hooking_calls(PACKAGE)
-    outside = {call for call in calls if call[0] != "keyscope/capture.py"}
-    assert outside <= set(ALLOWED), f"hooks outside keyscope/capture.py: {sorted(outside - set(ALLOWED))}"
+    outside = {call for call in calls if call[0] != "keyscope/model/capture.py"}
+    assert outside <= set(ALLOWED), f"hooks outside keyscope/model/capture.py: {sorted(outside - set(ALLOWED))}"
     assert set(ALLOWED) <= outside, f"stale allow-list entries: {sorted(set(ALLOWED) - outside)}"
-    assert {call for call in calls if call[0] == "keyscope/capture.py"}
+    assert {call for call in calls if call[0] == "keyscope/model/capture.py"}
 
 
 def test_the_grep_sees_a_new_capture(tmp_path):

@@ -5,8 +5,8 @@ import itertools
 import pytest
 import torch
 
-from keyscope import corpus
-from keyscope.errors import EmptyCorpus, KeyscopeError
+from keyscope._infra.errors import EmptyCorpus, KeyscopeError
+from keyscope.data import corpus
 from tests import hf_tiny
 
 

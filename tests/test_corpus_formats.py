@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from keyscope import corpus
-from keyscope.errors import EmptyCorpus
+from keyscope._infra.errors import EmptyCorpus
+from keyscope.data import corpus
 from tests import hf_tiny
 
 WIKIEXTRACTOR = """<doc id="56564557" url="?curid=56564557" title="Marcus Claudius Tacitus">
@@ -136,8 +136,8 @@ FORMATS = {
 @pytest.mark.parametrize("name", sorted(FORMATS))
 def test_every_format_gives_documents_for_c_scans_and_long_contexts(tmp_path, name):
     """WikiText (tokenised and raw), WikiExtractor folders and plain text all give their documents to
-    ``C`` and corpus scans (:func:`keyscope.corpus.token_batches`) and to long contexts
-    (:class:`keyscope.corpus.ContextSource`), and a corpus too small for a context is one line."""
+    ``C`` and corpus scans (:func:`keyscope.data.corpus.token_batches`) and to long contexts
+    (:class:`keyscope.data.corpus.ContextSource`), and a corpus too small for a context is one line."""
     relative, data = FORMATS[name]
     path = tmp_path / relative
     path.parent.mkdir(parents=True, exist_ok=True)

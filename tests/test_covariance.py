@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from keyscope import cache, covariance
-from keyscope.corpus import token_batches
-from keyscope.covariance import KeyCovariance, load_or_compute_covariance
-from keyscope.errors import EmptyCorpus
-from keyscope.models import W_out, key_hook, load_model
+from keyscope._infra import cache
+from keyscope._infra.errors import EmptyCorpus
+from keyscope.analysis import covariance
+from keyscope.analysis.covariance import KeyCovariance, load_or_compute_covariance
+from keyscope.data.corpus import token_batches
+from keyscope.model.models import W_out, key_hook, load_model
 from tests import hf_tiny
 
 LAYER = 1

@@ -5,18 +5,18 @@ import math
 import pytest
 import torch
 
-from keyscope import cache
-from keyscope.covariance import KIND, KeyCovariance, covariance_spec, load_or_compute_covariance
-from keyscope.covariance_job import (
+from keyscope._infra import cache
+from keyscope._infra.distributed import SINGLE
+from keyscope._infra.errors import EmptyCorpus
+from keyscope.analysis.covariance import KIND, KeyCovariance, covariance_spec, load_or_compute_covariance
+from keyscope.analysis.covariance_job import (
     CovarianceJob,
     checkpoint_file,
     compute_covariances,
     fit_layers,
     parse_layers,
 )
-from keyscope.distributed import SINGLE
-from keyscope.errors import EmptyCorpus
-from keyscope.models import load_model
+from keyscope.model.models import load_model
 from tests import hf_tiny
 
 DOCS = hf_tiny.TRAINING_TEXT * 3

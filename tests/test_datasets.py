@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from keyscope import datasets as ds
-from keyscope.errors import KeyscopeError, MalformedRecord, SubjectNotFound
-from keyscope.prompts import fill
+from keyscope._infra.errors import KeyscopeError, MalformedRecord, SubjectNotFound
+from keyscope.data import datasets as ds
+from keyscope.data.prompts import fill
 
 # ------------------------------------------------------------------------------------------ fixture records
 

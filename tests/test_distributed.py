@@ -3,9 +3,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from keyscope import distributed
-from keyscope.distributed import World
-from keyscope.errors import KeyscopeError, RankFailed
+from keyscope._infra import distributed
+from keyscope._infra.distributed import World
+from keyscope._infra.errors import KeyscopeError, RankFailed
 
 
 def test_from_env_reads_torchrun_variables():

@@ -1,5 +1,5 @@
-"""The editor conformance suite (issue #26): every check of :mod:`keyscope.editing_checks` on every method of
-:data:`keyscope.editing.EDITORS`, read from the registry when this module is collected, so a newly registered
+"""The editor conformance suite (issue #26): every check of :mod:`keyscope.editing.checks` on every method of
+:data:`keyscope.editing.base.EDITORS`, read from the registry when this module is collected, so a newly registered
 method is checked with no change here (scikit-learn's ``parametrize_with_checks``,
 ``sklearn/utils/estimator_checks.py``).
 
@@ -18,10 +18,11 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from keyscope import rep, rome
-from keyscope.covariance import KeyCovariance
-from keyscope.editing import EDITORS, ModelEdit, prepare_context
-from keyscope.editing_checks import (
+from keyscope.analysis.covariance import KeyCovariance
+from keyscope.data.perturbations import Probe
+from keyscope.editing import rep, rome
+from keyscope.editing.base import EDITORS, ModelEdit, prepare_context
+from keyscope.editing.checks import (
     CheckSetting,
     ConformanceError,
     check_applied_restores,
@@ -31,8 +32,7 @@ from keyscope.editing_checks import (
     parametrize_with_checks,
     yield_all_checks,
 )
-from keyscope.models import MODEL_CARD, W_out, down_projection, load_model
-from keyscope.perturbations import Probe
+from keyscope.model.models import MODEL_CARD, W_out, down_projection, load_model
 from tests import hf_tiny
 
 LAYER = 1

@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from keyscope import evaluate as ev
-from keyscope.datasets import Fact
-from keyscope.editing import make_editor, prepare_context
-from keyscope.keys import collect_keys
-from keyscope.metrics import METRICS, plan_queries, score_plan
-from keyscope.models import load_model
+from keyscope.analysis.keys import collect_keys
+from keyscope.data.datasets import Fact
+from keyscope.editing.base import make_editor, prepare_context
+from keyscope.evaluation import evaluate as ev
+from keyscope.evaluation.metrics import METRICS, plan_queries, score_plan
+from keyscope.model.models import load_model
 from tests import hf_tiny
 
 
@@ -64,9 +64,9 @@ def test_summarize_micro_averages_over_prompts_not_facts():
 
 
 def test_near_twin_ood_probes_count_in_ood_but_not_in_ood_new(tiny_checkpoints):
-    from keyscope import rep
-    from keyscope.covariance import KeyCovariance
-    from keyscope.perturbations import KINDS, FactProbes, Probe
+    from keyscope.analysis.covariance import KeyCovariance
+    from keyscope.data.perturbations import KINDS, FactProbes, Probe
+    from keyscope.editing import rep
 
     model = load_model(str(tiny_checkpoints["llama"]))
     layer = 1
@@ -92,9 +92,9 @@ def test_near_twin_ood_probes_count_in_ood_but_not_in_ood_new(tiny_checkpoints):
 
 def _one_rome_rep_fact(tiny_checkpoints):
     """A tiny ROME / ROME+REP setting of one fact: ``(model, layer, cov, fact, queries, context)``."""
-    from keyscope import rep, rome
-    from keyscope.covariance import KeyCovariance
-    from keyscope.perturbations import PerturbationConfig, fact_probes
+    from keyscope.analysis.covariance import KeyCovariance
+    from keyscope.data.perturbations import PerturbationConfig, fact_probes
+    from keyscope.editing import rep, rome
 
     model = load_model(str(tiny_checkpoints["llama"]))
     layer = 1
@@ -113,7 +113,7 @@ def _one_rome_rep_fact(tiny_checkpoints):
 
 
 def test_tau_groups_score_exactly_like_one_pass_per_tau(tiny_checkpoints):
-    from keyscope import rep, rome
+    from keyscope.editing import rep, rome
 
     model, layer, cov, fact, queries, context = _one_rome_rep_fact(tiny_checkpoints)
     rome_config, rep_config = context.rome_config, context.rep_config
@@ -153,10 +153,10 @@ def test_gate_counts_by_hand():
 def test_gates_on_locality_prompts_are_attributed_to_own_and_other_requests(tiny_checkpoints):
     from contextlib import ExitStack, contextmanager
 
-    from keyscope import rep
-    from keyscope.editing import ModelEdit
-    from keyscope.keys import layer_keys
-    from keyscope.metrics import QueryPlan
+    from keyscope.analysis.keys import layer_keys
+    from keyscope.editing import rep
+    from keyscope.editing.base import ModelEdit
+    from keyscope.evaluation.metrics import QueryPlan
     from tests.test_rep import forced_adaptor
 
     class TwoRequests(ModelEdit):  # two requests' adaptors, nothing else
@@ -245,8 +245,8 @@ def test_run_facts_share_one_context_source_and_stop_on_a_corpus_too_small(monke
     than skipping every fact."""
     from types import SimpleNamespace
 
-    from keyscope.errors import EmptyCorpus
-    from keyscope.perturbations import PerturbationConfig
+    from keyscope._infra.errors import EmptyCorpus
+    from keyscope.data.perturbations import PerturbationConfig
 
     tok = hf_tiny.byte_level_bpe_tokenizer()
     facts = [Fact(case_id=i, prompt="{} works as a", subject=subject, target_new="poet", target_true="doctor")
@@ -271,7 +271,7 @@ def test_run_facts_share_one_context_source_and_stop_on_a_corpus_too_small(monke
 def test_checkpoint_keeps_chunks_by_spec_and_refuses_another_runs_file(tmp_path):
     import warnings
 
-    from keyscope.distributed import World
+    from keyscope._infra.distributed import World
 
     rows = [{"case_id": 7, "seconds": {"rome": 0.1 + 0.2}, "methods": {"rome": {"success": (1, 1, 0)}}}]
     first = ev.Checkpoint({"context": "a"}, root=tmp_path)

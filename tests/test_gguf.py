@@ -14,8 +14,8 @@ import json
 import pytest
 import torch
 
-from keyscope import gguf
-from keyscope.errors import ModelNotAvailable
+from keyscope._infra.errors import ModelNotAvailable
+from keyscope.model import gguf
 
 # CounterFact record 0 (Meng et al. 2022; case 0 of counterfact_orig_format_1400_patil.json), the README's example
 CASE_0 = {
@@ -77,7 +77,7 @@ def test_manifest_verifies_every_file(tmp_path):
 
 
 def test_load_model_names_the_missing_package(monkeypatch):
-    from keyscope.models import load_model
+    from keyscope.model.models import load_model
 
     fake = gguf.PackagedModel("tiny-named", "keyscope-no-such-distribution", "1.0", "x/model.gguf", "0" * 64, "test")
     monkeypatch.setitem(gguf.PACKAGED, fake.name, fake)
@@ -90,7 +90,7 @@ def test_load_model_names_the_missing_package(monkeypatch):
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from keyscope.models import load_model
+    from keyscope.model.models import load_model
 
     return load_model("smollm2-135m", device="cpu")
 
@@ -105,7 +105,7 @@ def stdlib_text():
 
 @pytest.mark.slow
 def test_smollm2_loads_converted_once_and_verified(smollm2):
-    from keyscope.models import d_mlp, d_model, default_layer, model_dir, n_layers
+    from keyscope.model.models import d_mlp, d_model, default_layer, model_dir, n_layers
 
     assert (n_layers(smollm2), d_model(smollm2), d_mlp(smollm2)) == (30, 576, 1536)
     folder = model_dir(smollm2)
@@ -117,7 +117,7 @@ def test_smollm2_loads_converted_once_and_verified(smollm2):
 
 @pytest.mark.slow
 def test_smollm2_reads_text_as_trained_without_bos(smollm2):
-    from keyscope.models import hf_prepends_bos
+    from keyscope.model.models import hf_prepends_bos
 
     ids = smollm2.tokenizer("The mother tongue of Danielle Darrieux is")["input_ids"]
     assert not hf_prepends_bos(smollm2)
@@ -126,11 +126,11 @@ def test_smollm2_reads_text_as_trained_without_bos(smollm2):
 
 @pytest.mark.slow
 def test_smollm2_knows_case_0_and_one_rome_edit_writes_it_keeps_neighbours_and_restores(smollm2, stdlib_text):
-    from keyscope.covariance import load_or_compute_covariance
-    from keyscope.datasets import Fact
-    from keyscope.models import W_out, default_layer
-    from keyscope.predictions import next_token_top_k, predicts_target, prompt_context
-    from keyscope.rome import EditRequest, ROMEConfig, applied, compute_edit
+    from keyscope.analysis.covariance import load_or_compute_covariance
+    from keyscope.analysis.predictions import next_token_top_k, predicts_target, prompt_context
+    from keyscope.data.datasets import Fact
+    from keyscope.editing.rome import EditRequest, ROMEConfig, applied, compute_edit
+    from keyscope.model.models import W_out, default_layer
 
     fact = Fact(case_id=0, prompt=CASE_0["prompt"], subject=CASE_0["subject"], target_new=CASE_0["target_new"],
                 target_true=CASE_0["target_true"])

@@ -3,10 +3,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from keyscope.errors import LayerOutOfRange, SubjectNotFound
-from keyscope.keys import collect_keys, layer_keys
-from keyscope.models import down_projection, key_hook, load_model, value_hook
-from keyscope.prompts import locate, pad_batch
+from keyscope._infra.errors import LayerOutOfRange, SubjectNotFound
+from keyscope.analysis.keys import collect_keys, layer_keys
+from keyscope.data.prompts import locate, pad_batch
+from keyscope.model.models import down_projection, key_hook, load_model, value_hook
 from tests import hf_tiny
 
 LAYER = 1

@@ -12,21 +12,21 @@ PACKAGE = Path(__file__).resolve().parents[1] / "keyscope"
 #: Layer of every module of the package; a module may import modules of its own layer or below. A module that
 #: exists but is not listed here (or in :data:`LEAVES`) fails :func:`test_every_module_is_listed`.
 LAYERS = {
-    "keyscope": 0, "keyscope.errors": 0, "keyscope.atomic": 0, "keyscope.cache": 0, "keyscope.distributed": 0,
+    "keyscope": 0, "keyscope._infra.errors": 0, "keyscope._infra.atomic": 0, "keyscope._infra.cache": 0, "keyscope._infra.distributed": 0,
     **dict.fromkeys(["keyscope.factworld", "keyscope.factworld.card", "keyscope.factworld.corpus",
                      "keyscope.factworld.export", "keyscope.factworld.quality", "keyscope.factworld.tokenizer",
                      "keyscope.factworld.train", "keyscope.factworld.world"], 1),
-    "keyscope.prompts": 2, "keyscope.gguf": 2,
-    "keyscope.capture": 3, "keyscope.models": 3, "keyscope.memory": 3, "keyscope.keys": 3, "keyscope.corpus": 3, "keyscope.datasets": 3,
-    "keyscope.predictions": 3, "keyscope.perturbations": 3,
-    "keyscope.stats": 4, "keyscope.covariance": 4, "keyscope.covariance_job": 4, "keyscope.metrics": 4, "keyscope.similarity": 4, "keyscope.scan": 4, "keyscope.trace": 4,
-    "keyscope.rome": 5, "keyscope.rep": 5, "keyscope.editing": 5, "keyscope.memit": 5,
-    "keyscope.evaluate": 6, "keyscope.bounds": 6, "keyscope.editing_checks": 6, "keyscope.ablation": 6, "keyscope.reach": 6, "keyscope.sequential": 6,
-    **dict.fromkeys(["keyscope.experiments", "keyscope.experiments.ablation", "keyscope.experiments.bounds",
-                     "keyscope.experiments.edit", "keyscope.experiments.factworld", "keyscope.experiments.readme",
-                     "keyscope.experiments.reproduce", "keyscope.experiments.scan", "keyscope.experiments.similarity",
-                     "keyscope.experiments.table1", "keyscope.experiments.tables", "keyscope.experiments.trace",
-                     "keyscope.experiments.values", "keyscope.experiments.reach", "keyscope.experiments.sequential"], 7),
+    "keyscope.data.prompts": 2, "keyscope.model.gguf": 2,
+    "keyscope.model.capture": 3, "keyscope.model.models": 3, "keyscope._infra.memory": 3, "keyscope.analysis.keys": 3, "keyscope.data.corpus": 3, "keyscope.data.datasets": 3,
+    "keyscope.analysis.predictions": 3, "keyscope.data.perturbations": 3,
+    "keyscope.analysis.stats": 4, "keyscope.analysis.covariance": 4, "keyscope.analysis.covariance_job": 4, "keyscope.evaluation.metrics": 4, "keyscope.analysis.similarity": 4, "keyscope.analysis.scan": 4, "keyscope.analysis.trace": 4,
+    "keyscope.editing.rome": 5, "keyscope.editing.rep": 5, "keyscope.editing.base": 5, "keyscope.editing.memit": 5,
+    "keyscope.evaluation.evaluate": 6, "keyscope.evaluation.bounds": 6, "keyscope.editing.checks": 6, "keyscope.evaluation.ablation": 6, "keyscope.evaluation.reach": 6, "keyscope.evaluation.sequential": 6,
+    **dict.fromkeys(["keyscope.studies", "keyscope.studies.ablation", "keyscope.studies.bounds",
+                     "keyscope.studies.edit", "keyscope.studies.factworld", "keyscope.studies.readme",
+                     "keyscope.studies.reproduce", "keyscope.studies.scan", "keyscope.studies.similarity",
+                     "keyscope.studies.table1", "keyscope.studies.tables", "keyscope.studies.trace",
+                     "keyscope.studies.values", "keyscope.studies.reach", "keyscope.studies.sequential"], 7),
     **dict.fromkeys(["keyscope.cli", "keyscope.cli.bounds", "keyscope.cli.common", "keyscope.cli.data",
                      "keyscope.cli.edit", "keyscope.cli.evaluate", "keyscope.cli.factworld", "keyscope.cli.output",
                      "keyscope.cli.reproduce", "keyscope.cli.scan", "keyscope.cli.similarity", "keyscope.cli.trace",
@@ -35,9 +35,9 @@ LAYERS = {
 
 #: Plotting: a leaf that imports nothing of keyscope but itself (and that anything but the library's lower
 #: layers may import).
-LEAVES = ("keyscope.plotting", "keyscope.plotting.bounds", "keyscope.plotting.fig3", "keyscope.plotting.fig4",
-          "keyscope.plotting.fig5", "keyscope.plotting.fig7", "keyscope.plotting.trace",
-          "keyscope.plotting.reach", "keyscope.plotting.sequential")
+LEAVES = ("keyscope.studies.plotting", "keyscope.studies.plotting.bounds", "keyscope.studies.plotting.fig3", "keyscope.studies.plotting.fig4",
+          "keyscope.studies.plotting.fig5", "keyscope.studies.plotting.fig7", "keyscope.studies.plotting.trace",
+          "keyscope.studies.plotting.reach", "keyscope.studies.plotting.sequential")
 
 
 def package_modules(package_dir: Path, prefix: str = "keyscope.") -> set[str]:
@@ -60,7 +60,7 @@ ENTRY_POINTS = {"keyscope.__main__"}
 
 
 def layer_of(name: str) -> int | None:
-    """The layer of ``name`` — a module, or a name imported from one (``keyscope.perturbations.KINDS``): that of
+    """The layer of ``name`` — a module, or a name imported from one (``keyscope.data.perturbations.KINDS``): that of
     its longest listed prefix (``keyscope`` itself only for the package)."""
     best = None
     for prefix, layer in LAYERS.items():
@@ -107,10 +107,10 @@ def test_an_unlisted_module_fails_the_check(tmp_path):
     assert unlisted(fake) == []
     (fake / "newthing.py").write_text("")
     (fake / "experiments" / "newstudy.py").write_text("")
-    assert unlisted(fake) == ["keyscope.experiments.newstudy", "keyscope.newthing"]
-    assert layer_of("keyscope.newthing") is None and layer_of("keyscope.covariance") == 4
-    assert layer_of("keyscope.experiments.trace") == 7 and layer_of("keyscope") == 0
-    assert layer_of("keyscope.perturbations.KINDS") == 3
+    assert unlisted(fake) == ["keyscope.studies.newstudy", "keyscope.newthing"]
+    assert layer_of("keyscope.newthing") is None and layer_of("keyscope.analysis.covariance") == 4
+    assert layer_of("keyscope.studies.trace") == 7 and layer_of("keyscope") == 0
+    assert layer_of("keyscope.data.perturbations.KINDS") == 3
 
 
 def test_dependencies_point_one_way():
@@ -120,7 +120,7 @@ def test_dependencies_point_one_way():
         own = layer_of(name)
         for target in imports(path):
             if name in LEAVES:
-                if not target.startswith("keyscope.plotting"):
+                if not target.startswith("keyscope.studies.plotting"):
                     violations.append(f"{name} (plotting is a leaf) imports {target}")
                 continue
             if target.startswith("keyscope.cli") and not name.startswith("keyscope.cli") and name not in ENTRY_POINTS:
@@ -134,9 +134,9 @@ def test_dependencies_point_one_way():
 def test_data_modules_run_no_model():
     """Prompts, fact files and corpora are read without model code: the token and prompt helpers import nothing
     of keyscope but its errors, and ``datasets`` needs no key capture, predictions or models to fill a prompt."""
-    assert {t for t in imports(PACKAGE / "prompts.py")} <= {"keyscope.errors", "keyscope.errors.SubjectNotFound"}
-    model_code = ("keyscope.keys", "keyscope.predictions", "keyscope.models", "keyscope.rome")
+    assert {t for t in imports(PACKAGE / "prompts.py")} <= {"keyscope._infra.errors", "keyscope._infra.errors.SubjectNotFound"}
+    model_code = ("keyscope.analysis.keys", "keyscope.analysis.predictions", "keyscope.model.models", "keyscope.editing.rome")
     assert [t for t in imports(PACKAGE / "datasets.py") if t.startswith(model_code)] == []
-    # corpus.default_corpus reads a model's name and card (keyscope.models), nothing that runs it
+    # corpus.default_corpus reads a model's name and card (keyscope.model.models), nothing that runs it
     assert [t for t in imports(PACKAGE / "corpus.py") if t.startswith(model_code)
-            and t not in ("keyscope.models", "keyscope.models.model_card", "keyscope.models.model_name")] == []
+            and t not in ("keyscope.model.models", "keyscope.model.models.model_card", "keyscope.model.models.model_name")] == []

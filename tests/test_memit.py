@@ -6,14 +6,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from keyscope import memit, rome
-from keyscope.covariance import KeyCovariance
-from keyscope.editing import EDITORS, prepare_context
-from keyscope.errors import KeyscopeError
-from keyscope.keys import collect_keys
-from keyscope.models import W_out, load_model
-from keyscope.perturbations import Probe
-from keyscope.prompts import locate, pad_batch
+from keyscope._infra.errors import KeyscopeError
+from keyscope.analysis.covariance import KeyCovariance
+from keyscope.analysis.keys import collect_keys
+from keyscope.data.perturbations import Probe
+from keyscope.data.prompts import locate, pad_batch
+from keyscope.editing import memit, rome
+from keyscope.editing.base import EDITORS, prepare_context
+from keyscope.model.models import W_out, load_model
 from tests import hf_tiny
 
 LAYERS = (0, 1)
@@ -94,7 +94,7 @@ class _Stub:
 
 
 def _stub(model_type, n_layers=48, card=None):
-    from keyscope.models import ModelSource, register_source
+    from keyscope.model.models import ModelSource, register_source
 
     model = _Stub(model_type, n_layers)
     register_source(model, ModelSource("x", card=card or {}))
@@ -249,7 +249,7 @@ def test_memit_rep_fits_an_adaptor_per_request_and_layer_and_undoes_everything(t
     context = prepare_context(model, LAYERS[-1], covs[LAYERS[-1]], ["memit+rep"],
                               rome_config=rome.ROMEConfig(context_template_length_params=((3, 2),)),
                               load_covariance=covs.__getitem__)
-    from keyscope.rep import REPConfig
+    from keyscope.editing.rep import REPConfig
 
     context = type(context)(**{**context.__dict__, "rep_config": REPConfig(steps=20, gate_negatives=False)})
     editor = EDITORS["memit+rep"](model, context, config)

@@ -5,9 +5,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from keyscope import memory
-from keyscope.covariance import KeyCovariance
-from keyscope.models import load_model
+from keyscope._infra import memory
+from keyscope.analysis.covariance import KeyCovariance
+from keyscope.model.models import load_model
 from tests import hf_tiny
 
 

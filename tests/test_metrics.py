@@ -1,4 +1,4 @@
-"""keyscope.metrics: each metric against numbers computed by hand from hand-built teacher-forced scores, and
+"""keyscope.evaluation.metrics: each metric against numbers computed by hand from hand-built teacher-forced scores, and
 :func:`score_plan` on a real model against a direct teacher-forced computation from its logits."""
 
 from __future__ import annotations
@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from keyscope import metrics
-from keyscope.datasets import Fact
-from keyscope.metrics import LOCALITY, METRICS, SUCCESS, QueryPlan, plan_queries, score_plan
-from keyscope.models import load_model
-from keyscope.perturbations import KINDS, FactProbes, Probe
-from keyscope.predictions import TargetScores, target_sequence
+from keyscope.analysis.predictions import TargetScores, target_sequence
+from keyscope.data.datasets import Fact
+from keyscope.data.perturbations import KINDS, FactProbes, Probe
+from keyscope.evaluation import metrics
+from keyscope.evaluation.metrics import LOCALITY, METRICS, SUCCESS, QueryPlan, plan_queries, score_plan
+from keyscope.model.models import load_model
 from tests import hf_tiny
 
 # ------------------------------------------------------------------------------------ hand-computed cases
@@ -85,7 +85,7 @@ def test_a_subset_of_metrics_and_a_fact_without_neighbourhood_prompts(fake_score
     plan, scores = _hand_plan(locality=())
     fake_scores(plan, scores)
     assert score_plan(None, plan, [], 7, (SUCCESS, LOCALITY)) == {SUCCESS: (1, 1, 1), LOCALITY: (0, 0, 0)}
-    from keyscope.evaluate import summarize
+    from keyscope.evaluation.evaluate import summarize
 
     out = score_plan(None, plan, [], 7)
     summary = summarize([{"case_id": 0, "methods": {"rome": out}}], n_resamples=10)["rome"]

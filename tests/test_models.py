@@ -1,4 +1,4 @@
-"""keyscope.models on tiny random checkpoints of every supported architecture.
+"""keyscope.model.models on tiny random checkpoints of every supported architecture.
 
 The contract checked here is the one every editing method relies on: for each block ``L``
 
@@ -6,7 +6,7 @@ The contract checked here is the one every editing method relies on: for each bl
 * ``value = hook_out = W_out @ key + b_out`` with ``W_out`` the ``(d_model, d_mlp)`` view,
 * writing into that view edits the model, and writing the old weights back restores it bit for bit,
 
-plus the one-line errors of :func:`keyscope.models.load_model`, the default edit layer, and what
+plus the one-line errors of :func:`keyscope.model.models.load_model`, the default edit layer, and what
 ``stop_at_layer`` really skips.
 """
 
@@ -26,9 +26,9 @@ import pytest
 import torch
 
 import keyscope.factworld
-from keyscope import models
-from keyscope.errors import KeyscopeError, LayerOutOfRange, ModelNotAvailable
-from keyscope.prompts import encode, pad_batch
+from keyscope._infra.errors import KeyscopeError, LayerOutOfRange, ModelNotAvailable
+from keyscope.data.prompts import encode, pad_batch
+from keyscope.model import models
 from tests import hf_tiny
 
 ARCHS = hf_tiny.ARCHITECTURES
@@ -495,8 +495,8 @@ def test_logits_at_selected_positions_equal_full_logits(tiny_checkpoints, arch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_sdpa_attention_gives_the_eager_keys_and_logits_and_restores_the_bridge(bridges, arch):
-    from keyscope.keys import layer_keys
-    from keyscope.prompts import pad_batch
+    from keyscope.analysis.keys import layer_keys
+    from keyscope.data.prompts import pad_batch
 
     model = bridges[arch]
     ids, mask = pad_batch([list(range(5, 29)), list(range(7, 15))], 0, "left")  # padding inside the batch

@@ -7,9 +7,9 @@ from collections import Counter
 
 import pytest
 
-from keyscope import perturbations as pt
-from keyscope.datasets import Fact
-from keyscope.prompts import fill, locate, subject_last_index
+from keyscope.data import perturbations as pt
+from keyscope.data.datasets import Fact
+from keyscope.data.prompts import fill, locate, subject_last_index
 from tests import hf_tiny
 
 
@@ -188,9 +188,9 @@ def test_edit_probes_are_the_edit_prompt_its_rephrasings_shuffles_and_one_long_c
         tokenizers, kinds, n_shuffles, context_tokens, max_positions):
     """``keyscope edit``'s parametrisation of the one builder gives the probes its own builder made before
     (reference: that builder's steps, written out with the primitives)."""
-    from keyscope.experiments import edit as ed
-    from keyscope.predictions import prompt_context
-    from keyscope.rome import EditRequest
+    from keyscope.analysis.predictions import prompt_context
+    from keyscope.editing.rome import EditRequest
+    from keyscope.studies import edit as ed
 
     tok = tokenizers["bpe"]
     fact = _fact(kinds)
@@ -217,10 +217,10 @@ def test_edit_probes_are_the_edit_prompt_its_rephrasings_shuffles_and_one_long_c
 
 
 def test_figure_5_rephrases_are_every_rephrased_subject_in_the_fact_prompt(tokenizers):
-    """Figure 5's parametrisation (:data:`keyscope.perturbations.REPHRASES`): every non-blank rephrasing,
+    """Figure 5's parametrisation (:data:`keyscope.data.perturbations.REPHRASES`): every non-blank rephrasing,
     more than the default cap of 10, in the dataset's order, and nothing else."""
-    from keyscope.experiments import values as va
-    from keyscope.predictions import target_sequence
+    from keyscope.analysis.predictions import target_sequence
+    from keyscope.studies import values as va
 
     tok, fact = tokenizers["bpe"], _long_fact()
     probes = pt.fact_probes(tok, fact, iter(hf_tiny.TRAINING_TEXT * 20), pt.REPHRASES)
@@ -241,7 +241,7 @@ def test_no_shuffles_asked_gives_none(tokenizers):
 
 
 def test_facts_sharing_a_context_source_get_text_of_their_own_and_a_tiny_corpus_says_so(tokenizers, recwarn):
-    from keyscope.corpus import ContextSource
+    from keyscope.data.corpus import ContextSource
 
     tok = tokenizers["bpe"]
     config = pt.PerturbationConfig(n_rephrase=0, n_shuffles=0, n_word_shuffles=0, n_long_contexts=2,

@@ -3,9 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from keyscope.datasets import Fact
-from keyscope.models import load_model
-from keyscope.predictions import (
+from keyscope.analysis.predictions import (
     decode_token,
     known_facts,
     known_mask,
@@ -14,7 +12,9 @@ from keyscope.predictions import (
     prompt_context,
     target_context,
 )
-from keyscope.prompts import fill
+from keyscope.data.datasets import Fact
+from keyscope.data.prompts import fill
+from keyscope.model.models import load_model
 from tests import hf_tiny
 
 PROMPTS = ["The Eiffel Tower is located in", "Michael Jordan played basketball for the", "Kobe Bryant",
@@ -53,7 +53,7 @@ def test_contexts_keep_the_bos_and_stop_before_the_target(model):
 
 
 def test_score_targets_is_teacher_forced_and_shares_rows(model):
-    from keyscope.predictions import score_targets, target_sequence
+    from keyscope.analysis.predictions import score_targets, target_sequence
 
     tokenizer = model.tokenizer
     pairs = [("The Eiffel Tower is located in", "Rome Italy"), ("The Eiffel Tower is located in", "Paris"),

@@ -6,8 +6,8 @@ import unicodedata
 
 import pytest
 
-from keyscope.errors import SubjectNotFound
-from keyscope.prompts import encode, fill, length_batches, locate, subject_last_index
+from keyscope._infra.errors import SubjectNotFound
+from keyscope.data.prompts import encode, fill, length_batches, locate, subject_last_index
 from tests import hf_tiny
 
 
@@ -149,7 +149,7 @@ def test_lenient_fill_still_raises_for_an_absent_subject():
 
 
 def test_unknown_pieces_name_the_text_the_tokenizer_cannot_read():
-    from keyscope.prompts import unknown_pieces, unknown_subject_pieces, unknown_token_message
+    from keyscope.data.prompts import unknown_pieces, unknown_subject_pieces, unknown_token_message
 
     sp = hf_tiny.sentencepiece_style_tokenizer()  # no byte fallback: Cyrillic letters are <unk>, one per letter
     encoded = encode(sp, "Жюль Paris lives in Ёлка")

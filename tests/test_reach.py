@@ -6,12 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from keyscope import reach, rome, scan
-from keyscope.corpus import token_batches
-from keyscope.covariance import KeyCovariance
-from keyscope.editing import ModelEdit
-from keyscope.models import load_model
-from keyscope.perturbations import Probe
+from keyscope.analysis import scan
+from keyscope.analysis.covariance import KeyCovariance
+from keyscope.data.corpus import token_batches
+from keyscope.data.perturbations import Probe
+from keyscope.editing import rome
+from keyscope.editing.base import ModelEdit
+from keyscope.evaluation import reach
+from keyscope.model.models import load_model
 from tests import hf_tiny
 
 LAYER = 1

@@ -5,12 +5,12 @@ import dataclasses
 import pytest
 import torch
 
-from keyscope import rep, rome
-from keyscope.covariance import KeyCovariance
-from keyscope.errors import InvalidKeys, KeyscopeError, NotFitted
-from keyscope.keys import collect_keys
-from keyscope.models import W_out, load_model
-from keyscope.perturbations import Probe
+from keyscope._infra.errors import InvalidKeys, KeyscopeError, NotFitted
+from keyscope.analysis.covariance import KeyCovariance
+from keyscope.analysis.keys import collect_keys
+from keyscope.data.perturbations import Probe
+from keyscope.editing import rep, rome
+from keyscope.model.models import W_out, load_model
 from tests import hf_tiny
 
 D = 64
@@ -327,13 +327,13 @@ def forced_adaptor(model, layer: int, bias: float, tau: float = 0.9, seed: int =
 
 
 def _batch(model, texts):
-    from keyscope.prompts import pad_batch
+    from keyscope.data.prompts import pad_batch
 
     return pad_batch([model.tokenizer(t)["input_ids"] for t in texts], 0, "right")  # (batch, pos) ids and mask
 
 
 def test_recorded_gates_count_forced_and_partial_gates_and_change_nothing(tiny):
-    from keyscope.keys import layer_keys
+    from keyscope.analysis.keys import layer_keys
 
     model, _, _ = tiny
     ids, mask = _batch(model, ["The actress Danielle Darrieux", "Paris", "The Eiffel Tower is located in"])

@@ -9,14 +9,28 @@ import numpy as np
 import pytest
 import torch
 
-from keyscope import perturbations as pt
-from keyscope import rome
-from keyscope import similarity as sim
-from keyscope.covariance import KeyCovariance
-from keyscope.errors import KeyscopeError, LayerOutOfRange, MalformedRecord, SubjectNotFound, UnknownToken
-from keyscope.keys import collect_keys
-from keyscope.models import W_out, b_out, hf_prepends_bos, hf_state_dict, load_model, save_model, value_hook
-from keyscope.prompts import encode, fill, locate
+from keyscope._infra.errors import (
+    KeyscopeError,
+    LayerOutOfRange,
+    MalformedRecord,
+    SubjectNotFound,
+    UnknownToken,
+)
+from keyscope.analysis import similarity as sim
+from keyscope.analysis.covariance import KeyCovariance
+from keyscope.analysis.keys import collect_keys
+from keyscope.data import perturbations as pt
+from keyscope.data.prompts import encode, fill, locate
+from keyscope.editing import rome
+from keyscope.model.models import (
+    W_out,
+    b_out,
+    hf_prepends_bos,
+    hf_state_dict,
+    load_model,
+    save_model,
+    value_hook,
+)
 from tests import hf_tiny
 
 LAYER = 1
@@ -82,7 +96,7 @@ class _Stub:
 
 
 def _stub_model(name: str, model_type: str, directory=None):
-    from keyscope.models import ModelSource, register_source
+    from keyscope.model.models import ModelSource, register_source
 
     model = _Stub(model_type)
     register_source(model, ModelSource(name, directory))
@@ -612,7 +626,7 @@ VARIANTS = {
 def _v_star_every_way(model, request, layer, config, prefixes=None):
     """v* by each of :data:`VARIANTS`, with how often block 0's own module ran in each and the query lengths block
     ``layer + 1`` saw."""
-    from keyscope.models import fast_logits_ok
+    from keyscope.model.models import fast_logits_ok
 
     prefixes = rome.context_prefixes(model, config) if prefixes is None else prefixes
     k_star = rome.compute_k_star(model, request, layer, prefixes)
@@ -659,7 +673,7 @@ def test_fast_v_star_loop_runs_lower_layers_once_and_gives_the_same_v_star(model
 
 
 def test_fast_v_star_loop_on_factworld_stops_at_the_same_step():
-    from keyscope.datasets import load_facts
+    from keyscope.data.datasets import load_facts
 
     model = load_model("factworld")
     fact = load_facts("factworld")[0]
@@ -699,7 +713,7 @@ def test_v_star_from_the_suffix_with_cached_prefix_equals_the_plain_loop(tiny_ch
 def test_prefix_cached_logits_equal_a_full_forward_on_a_padded_batch(tiny_checkpoints, arch):
     """The logits of :class:`rome._PrefixCached` at a random δ against a full forward with δ hooked into the MLP
     output, on the right-padded v* batch of prompts of different lengths."""
-    from keyscope.models import fast_logits_ok, logits_at, sdpa_attention
+    from keyscope.model.models import fast_logits_ok, logits_at, sdpa_attention
 
     model = load_model(str(tiny_checkpoints[arch]))
     assert fast_logits_ok(model)  # (its one-off check runs the model: before the hooks)

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from keyscope import scan
-from keyscope.corpus import prepends_bos, token_batches
-from keyscope.covariance import KeyCovariance
-from keyscope.datasets import Fact
-from keyscope.experiments import scan as scan_experiment
-from keyscope.models import load_model
-from keyscope.similarity import edit_strength_matrix
+from keyscope.analysis import scan
+from keyscope.analysis.covariance import KeyCovariance
+from keyscope.analysis.similarity import edit_strength_matrix
+from keyscope.data.corpus import prepends_bos, token_batches
+from keyscope.data.datasets import Fact
+from keyscope.model.models import load_model
+from keyscope.studies import scan as scan_experiment
 from tests import hf_tiny, reference
 
 LAYER = 1

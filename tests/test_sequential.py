@@ -3,13 +3,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from keyscope import corpus as corpora
-from keyscope import sequential as seq
-from keyscope.covariance import load_or_compute_covariance
-from keyscope.datasets import load_facts
-from keyscope.errors import KeyscopeError
-from keyscope.models import default_layer, load_model
-from keyscope.rome import ROMEConfig
+from keyscope._infra.errors import KeyscopeError
+from keyscope.analysis.covariance import load_or_compute_covariance
+from keyscope.data import corpus as corpora
+from keyscope.data.datasets import load_facts
+from keyscope.editing.rome import ROMEConfig
+from keyscope.evaluation import sequential as seq
+from keyscope.model.models import default_layer, load_model
 
 
 @pytest.fixture(scope="module")

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from keyscope import perturbations as pt
-from keyscope import similarity as sim
-from keyscope.covariance import KeyCovariance
-from keyscope.models import load_model
+from keyscope.analysis import similarity as sim
+from keyscope.analysis.covariance import KeyCovariance
+from keyscope.data import perturbations as pt
+from keyscope.model.models import load_model
 from tests import hf_tiny, reference
 
 LAYER = 1

@@ -1,4 +1,4 @@
-"""keyscope.stats: the key covariance and the scan's running top-k are one kind of running statistic.
+"""keyscope.analysis.stats: the key covariance and the scan's running top-k are one kind of running statistic.
 
 The same generic check runs on both: fold a stream in chunks, or in shards merged afterwards (through a saved and
 restored state), and get the statistic of the whole stream; ``all_reduce`` is a no-op for a single process.
@@ -11,10 +11,10 @@ import inspect
 import pytest
 import torch
 
-from keyscope.covariance import KeyCovariance
-from keyscope.distributed import SINGLE
-from keyscope.scan import ScoreTopK
-from keyscope.stats import RunningStat
+from keyscope._infra.distributed import SINGLE
+from keyscope.analysis.covariance import KeyCovariance
+from keyscope.analysis.scan import ScoreTopK
+from keyscope.analysis.stats import RunningStat
 
 N, D, S, K = 90, 12, 3, 5
 PROTOCOL = ("add", "merge", "state_dict", "load_state_dict", "all_reduce")

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from keyscope import trace
-from keyscope.datasets import load_facts
-from keyscope.models import embed_hook, load_model, value_hook
+from keyscope.analysis import trace
+from keyscope.data.datasets import load_facts
+from keyscope.model.models import embed_hook, load_model, value_hook
 
 CONFIG = trace.TraceConfig(n=3, samples=2, seed=0)
 
