@@ -1,6 +1,6 @@
 """The packages are the layers, and dependencies point one way: CLI → studies → evaluation → editing → analysis →
 data → model → factworld → infrastructure; plotting (inside studies) is a leaf; no library module imports the
-CLI."""
+CLI; and no module imports itself through others (no import cycle, counting imports inside functions)."""
 
 from __future__ import annotations
 
@@ -86,6 +86,74 @@ def module_name(path: Path, root: Path = PACKAGE) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def import_graph(package_dir: Path) -> dict[str, set[str]]:
+    """Module → the keyscope modules it imports: every import statement, also inside functions, and
+    ``importlib.import_module`` of a literal name. ``from keyscope.X import a`` imports the module
+    ``keyscope.X.a`` when that is one, else ``keyscope.X``; the implicit import of a module's parent packages is
+    not an edge."""
+    paths = {module_name(path, package_dir): path for path in package_dir.rglob("*.py")}
+
+    def module_of(name: str) -> str | None:
+        while name and name not in paths:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph = {}
+    for name, path in paths.items():
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("keyscope"):
+                targets.update(module_of(f"{node.module}.{a.name}") for a in node.names)
+            elif isinstance(node, ast.Import):
+                targets.update(module_of(a.name) for a in node.names if a.name.startswith("keyscope"))
+            elif imported_by_name(node):
+                targets.add(module_of(imported_by_name(node)))
+        graph[name] = targets - {None, name}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of ``graph`` with more than one module (Tarjan, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found = []
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph.get(child, ())))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    found.append(sorted(component))
+    return sorted(found)
+
+
 def test_every_module_is_in_a_layer():
     assert not unlisted(PACKAGE), f"modules in no layer package of LAYERS: {unlisted(PACKAGE)}"
     stale = sorted(set(LAYERS) - package_modules(PACKAGE))
@@ -131,6 +199,28 @@ def test_dependencies_point_one_way():
             if own is not None and theirs is not None and theirs > own:
                 violations.append(f"{name} (layer {own}) imports {target} (layer {theirs})")
     assert not violations, "\n".join(sorted(violations))
+
+
+def test_no_import_cycles():
+    """No module imports itself through others, counting every import statement (also inside functions: a
+    function-level import is a cycle that only waits for its first call)."""
+    found = cycles(import_graph(PACKAGE))
+    assert not found, "import cycles:\n" + "\n".join(" ↔ ".join(component) for component in found)
+
+
+def test_the_cycle_check_finds_a_cycle_through_a_function(tmp_path):
+    fake = tmp_path / "keyscope"
+    (fake / "editing").mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    (fake / "editing" / "__init__.py").write_text("")
+    (fake / "editing" / "base.py").write_text("def prepare():\n    from keyscope.editing import rome\n")
+    (fake / "editing" / "rome.py").write_text("from keyscope.editing.base import prepare\n")
+    (fake / "editing" / "memit.py").write_text("import importlib\nimportlib.import_module('keyscope.editing.rome')\n")
+    graph = import_graph(fake)
+    assert graph["keyscope.editing.memit"] == {"keyscope.editing.rome"}
+    assert cycles(graph) == [["keyscope.editing.base", "keyscope.editing.rome"]]
+    (fake / "editing" / "base.py").write_text("def prepare():\n    pass\n")
+    assert cycles(import_graph(fake)) == []
 
 
 def test_data_modules_run_no_model():

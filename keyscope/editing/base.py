@@ -112,18 +112,25 @@ class EditContext:
         return self._covariances[layer]
 
 
+#: The methods whose settings every run's :class:`EditContext` carries, whatever the run's methods (ROME's config
+#: and context prefixes, REP's config: evaluation reads them for every method), in the order they are prepared.
+CONTEXT_METHODS = ("rome", "rome+rep")
+
+
 def prepare_context(model, layer: int, cov, methods: Sequence[str] = ("rome",), facts: Sequence = (), corpus=None,
                     rome_config=None, rep_config=None, n_corpus_negatives: int = 512, seed: int = 0,
                     batch_size: int = 32, load_covariance: Callable[[int], object] | None = None) -> EditContext:
     """The :class:`EditContext` of a run of ``methods``: ROME's context prefixes and, when one of the methods
     trains a gate with negatives (REP with ``gate_negatives``), the layer keys of every subject in ``facts``
-    (one prompt each) and ``n_corpus_negatives`` keys of ``corpus``."""
+    (one prompt each) and ``n_corpus_negatives`` keys of ``corpus``. The method-specific settings come from the
+    editors of :data:`CONTEXT_METHODS` (:meth:`Editor.prepare`), found through the registry: this module imports
+    no method."""
     from keyscope.analysis.keys import collect_keys
-    from keyscope.editing import rep, rome
 
-    rome_config = rome_config or rome.ROMEConfig.for_model(model)
-    rep_config = rep_config or rep.REPConfig()
-    prefixes = rome.context_prefixes(model, rome_config)
+    settings = {"rome_config": rome_config, "rep_config": rep_config, "prefixes": ("",)}
+    for method in CONTEXT_METHODS:
+        editor_class(method).prepare(model, settings)
+    rome_config, rep_config, prefixes = settings["rome_config"], settings["rep_config"], settings["prefixes"]
     negatives = GateNegatives()
     if rep_config.gate_negatives and any(editor_class(m).uses_gate_negatives for m in methods):
         from keyscope.analysis.scan import sample_corpus_keys
@@ -243,6 +250,13 @@ class Editor(ABC):
     def __init__(self, model, context: EditContext):
         self.model = model
         self.context = context
+
+    @classmethod
+    def prepare(cls, model, settings: dict) -> None:
+        """Fill in ``settings`` (the :class:`EditContext` fields :func:`prepare_context` builds: ``rome_config``,
+        ``rep_config``, ``prefixes``) with what this method's editors read from the context and the caller did not
+        give; called for each of :data:`CONTEXT_METHODS`. Nothing by default."""
+        return None
 
     @abstractmethod
     def compute(self, requests: Sequence, probes: Sequence | None = None) -> ModelEdit:

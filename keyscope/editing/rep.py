@@ -688,6 +688,11 @@ class ROMEREPEditor(Editor):
     uses_probes = True
     uses_gate_negatives = True
 
+    @classmethod
+    def prepare(cls, model, settings: dict) -> None:
+        """REP's config (keyscope's :class:`REPConfig` unless given)."""
+        settings["rep_config"] = settings["rep_config"] or REPConfig()
+
     def compute(self, requests: Sequence, probes: Sequence | None = None) -> REPEdit:
         probes = self._probes(requests, probes)
         return self.adapt(rome.ROMEEditor(self.model, self.context).compute(requests), probes)

@@ -1268,6 +1268,13 @@ class ROMEEditor(Editor):
 
     name = "rome"
 
+    @classmethod
+    def prepare(cls, model, settings: dict) -> None:
+        """ROME's config (:meth:`ROMEConfig.for_model` unless given) and its context prefixes
+        (:func:`context_prefixes`, sampled or read from the cache)."""
+        settings["rome_config"] = settings["rome_config"] or ROMEConfig.for_model(model)
+        settings["prefixes"] = context_prefixes(model, settings["rome_config"])
+
     def compute(self, requests: Sequence, probes: Sequence | None = None) -> ROMEEdits:
         ctx = self.context
         return ROMEEdits([compute_edit(self.model, request, ctx.layer, ctx.cov, ctx.rome_config, prefixes=ctx.prefixes)
