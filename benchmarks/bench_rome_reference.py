@@ -2,7 +2,7 @@
 (issues #13, #25).
 
 For each request: ``ΔW`` of ``ROMEConfig(reference=True)`` and of keyscope's default against the transcription
-in ``tests/test_rome.py`` (``_rome_reference``: ``rome_main``/``compute_u``/``compute_v`` written out on the
+in ``tests/editing/test_rome.py`` (``_rome_reference``: ``rome_main``/``compute_u``/``compute_v`` written out on the
 Hugging Face model and tokenizer), with the same hyper-parameters (the model's published ones,
 ``ROMEConfig.for_model``), the same prefixes (``rome.context_prefixes``) and the same ``C⁻¹``; the cosine of
 ``ΔW`` (and for reference mode ``‖ΔW − ΔW_transcription‖ / ‖ΔW_transcription‖``), the seconds of each whole edit
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
     from keyscope.data.corpus import documents
     from keyscope.editing import rome
     from keyscope.model.models import load_model, model_dir, n_layers
-    from tests.test_rome import _rome_reference
+    from tests.editing.test_rome import _rome_reference
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=RANDOM_GPT2,

@@ -32,7 +32,7 @@ methods' configs, ROME's context prefixes, REP's gate negatives), which the call
 :func:`prepare_context`. The registry maps a method's name to its editor class; adding a method is one module
 with its editor and one line in :data:`EDITORS`. Evaluation, the lemma checks, the experiments and the CLI
 know methods only through it; :mod:`keyscope.editing.checks` holds every entry to this contract (the editor
-conformance suite, ``tests/test_editor_conformance.py``).
+conformance suite, ``tests/editing/test_editor_conformance.py``).
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ method is checked without a line of test code (issue #26):
 
 The checks run on a :class:`CheckSetting` — a model, the :class:`~keyscope.editing.base.EditContext` of a run, the
 requests and their probes — that the caller builds (the test suite: a tiny random LLaMA with its own card,
-``tests/test_editor_conformance.py``). :func:`check_editor` runs them all on one method;
+``tests/editing/test_editor_conformance.py``). :func:`check_editor` runs them all on one method;
 :func:`parametrize_with_checks` parametrizes a pytest test over ``(method, check)`` pairs with readable ids, and
 marks the checks ``expected_failed_checks`` names as strict xfails, as scikit-learn's does.
 """

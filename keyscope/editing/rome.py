@@ -888,7 +888,7 @@ def compute_v_star(
     (:func:`keyscope.model.models.sdpa_attention`; v* reads no attention pattern); on CPU its backward pass measured
     no faster than eager attention, so it is off there. ``reuse_lower_layers=False, sdpa=False`` is the plain loop (every step a
     full eager forward with ``δ`` hooked into the MLP output); all give the same ``v*`` to float tolerance
-    (tests/test_rome.py; benchmarks/bench_v_star.py measures each against the plain loop).
+    (tests/editing/test_rome.py; benchmarks/bench_v_star.py measures each against the plain loop).
 
     ``progress=True`` shows a tqdm bar over the steps with the loss and the target probability (off by default).
     """

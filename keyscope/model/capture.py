@@ -5,7 +5,7 @@ Every reader of activations — the keys of :mod:`keyscope.analysis.keys`, the c
 keys, the fast logits' final residual (:func:`keyscope.model.models.logits_at`), the clean states of causal tracing and
 the lemma checks of :mod:`keyscope.evaluation.bounds` — names its **sites**, TransformerLens hook points
 (:func:`keyscope.model.models.key_hook` and its siblings), and gets their activations back from this module. No other
-module registers a hook to read an activation (``tests/test_capture.py`` greps for it); the hooks that *change*
+module registers a hook to read an activation (``tests/model/test_capture.py`` greps for it); the hooks that *change*
 an activation (ROME's δ, REP's adapted keys, tracing's corruption and restoration) are interventions and stay
 with their methods.
 

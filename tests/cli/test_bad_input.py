@@ -5,7 +5,7 @@
 Every command runs in-process (``keyscope.cli.main``) on tiny local models; a case fails before the work it
 guards, so the whole catalogue takes seconds. The Python API's cases (a request dict without ``target_new``,
 ``REP.fit`` keys of the wrong type, width or emptiness, an unfitted adaptor, an ``<unk>`` target) are in
-``tests/test_rome.py`` and ``tests/test_rep.py``.
+``tests/editing/test_rome.py`` and ``tests/editing/test_rep.py``.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ from keyscope.model.models import (
 )
 from tests import hf_tiny
 
-PACKAGE = Path(__file__).resolve().parents[1] / "keyscope"
+PACKAGE = Path(__file__).resolve().parents[2] / "keyscope"
 LAYER = 1
 
 

@@ -157,7 +157,7 @@ def test_gates_on_locality_prompts_are_attributed_to_own_and_other_requests(tiny
     from keyscope.editing import rep
     from keyscope.editing.base import ModelEdit
     from keyscope.evaluation.metrics import QueryPlan
-    from tests.test_rep import forced_adaptor
+    from tests.editing.test_rep import forced_adaptor
 
     class TwoRequests(ModelEdit):  # two requests' adaptors, nothing else
         gated = True
