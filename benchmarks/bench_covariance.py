@@ -7,7 +7,7 @@ Prints tokens/s for
 
 * ``full``      — the whole forward pass (logits), for reference;
 * ``bare``      — ``model(ids, attention_mask=…, stop_at_layer=layer + 1)``: the baseline;
-* ``keys``      — :func:`keyscope.keys.layer_keys` (stopped forward + hook that ends the pass at the key);
+* ``keys``      — :func:`keyscope.analysis.keys.layer_keys` (stopped forward + hook that ends the pass at the key);
 * ``fit``       — :meth:`KeyCovariance.fit_batches` on the same pre-tokenised batches (keys + masking +
   float32 Gram into the float64 accumulator);
 * ``end2end``   — :meth:`KeyCovariance.fit` from raw text (tokenising and packing included);
@@ -29,10 +29,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from keyscope.corpus import token_batches  # noqa: E402
-from keyscope.covariance import KeyCovariance  # noqa: E402
-from keyscope.keys import layer_keys  # noqa: E402
-from keyscope.models import load_model  # noqa: E402
+from keyscope.analysis.covariance import KeyCovariance  # noqa: E402
+from keyscope.analysis.keys import layer_keys  # noqa: E402
+from keyscope.data.corpus import token_batches  # noqa: E402
+from keyscope.model.models import load_model  # noqa: E402
 
 
 def _corpus(n_docs: int = 2000) -> list[str]:

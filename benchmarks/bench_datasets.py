@@ -3,7 +3,7 @@
 For every file given (default: the CounterFact, REP and Patil files under ``/work/shared/data``) this prints
 the detected schema, the records, how many loaded as facts and how many subjects the GPT-2 tokenizer locates
 in their prompts, with each failure's record index and reason; then, over the loaded facts, how many
-rephrased-subject, shuffled-subject and long-context probes the builders of :mod:`keyscope.similarity` make
+rephrased-subject, shuffled-subject and long-context probes the builders of :mod:`keyscope.analysis.similarity` make
 (long contexts of exactly ``--context-tokens`` GPT-2 tokens of Wikipedia text, checked by re-tokenising), and the
 time each step takes. A Patil paraphrase table is joined to the original-schema CounterFact facts.
 
@@ -18,17 +18,17 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from keyscope import corpus as corpora
-from keyscope import datasets as ds
-from keyscope.errors import KeyscopeError, SubjectNotFound
-from keyscope.perturbations import (
+from keyscope._infra.errors import KeyscopeError, SubjectNotFound
+from keyscope.data import corpus as corpora
+from keyscope.data import datasets as ds
+from keyscope.data.perturbations import (
     Probe,
     count_prefix_tokens,
     long_context,
     rephrased_subjects,
     shuffled_subjects,
 )
-from keyscope.prompts import locate
+from keyscope.data.prompts import locate
 
 DATA = Path("/work/shared/data")
 DEFAULT_FILES = sorted(glob.glob(str(DATA / "counterfact" / "*.json"))) + sorted(

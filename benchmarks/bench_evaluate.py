@@ -5,7 +5,7 @@ and what the τ grouping saves on a Figure 7 sweep.
     python benchmarks/bench_evaluate.py --facts 50 --taus 0.5,0.6,0.7,0.8,0.9,0.95
 
 Both runs of the sweep comparison score the same facts with the same fitted adaptors: once with the τ
-grouping of :func:`keyscope.evaluate.evaluate_fact` (thresholds whose gate turns on the same positions share
+grouping of :func:`keyscope.evaluation.evaluate.evaluate_fact` (thresholds whose gate turns on the same positions share
 one forward pass; an all-off gate reuses ROME's scores), once with one pass per τ. The ratio of their scoring
 times is printed; both must give identical scores (checked).
 """
@@ -20,19 +20,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from keyscope import (  # noqa: E402
-    corpus,  # noqa: E402
-    rep,
-    rome,
-)
-from keyscope import evaluate as ev  # noqa: E402
-from keyscope.covariance import load_or_compute_covariance  # noqa: E402
-from keyscope.datasets import load_facts  # noqa: E402
-from keyscope.editing import make_editor, prepare_context  # noqa: E402
-from keyscope.metrics import plan_queries, score_plan  # noqa: E402
-from keyscope.models import default_layer, load_model  # noqa: E402
-from keyscope.perturbations import fact_probes, subject_forms  # noqa: E402
-from keyscope.predictions import sample_known_facts  # noqa: E402
+from keyscope.analysis.covariance import load_or_compute_covariance  # noqa: E402
+from keyscope.analysis.predictions import sample_known_facts  # noqa: E402
+from keyscope.data import corpus  # noqa: E402
+from keyscope.data.datasets import load_facts  # noqa: E402
+from keyscope.data.perturbations import fact_probes, subject_forms  # noqa: E402
+from keyscope.editing import rep, rome  # noqa: E402
+from keyscope.editing.base import make_editor, prepare_context  # noqa: E402
+from keyscope.evaluation import evaluate as ev  # noqa: E402
+from keyscope.evaluation.metrics import plan_queries, score_plan  # noqa: E402
+from keyscope.model.models import default_layer, load_model  # noqa: E402
 
 
 def main() -> int:

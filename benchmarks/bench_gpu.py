@@ -14,14 +14,14 @@ Printed, each the best of ``--rounds`` interleaved rounds after ``--warmup`` unt
 second of counted (non-BOS) tokens:
 
 * ``bare eager`` / ``bare sdpa``: the forward pass stopped at the layer-``--layer`` key
-  (:func:`keyscope.keys.layer_keys`), with the bridge's eager attention and with
-  :func:`keyscope.models.sdpa_attention`;
+  (:func:`keyscope.analysis.keys.layer_keys`), with the bridge's eager attention and with
+  :func:`keyscope.model.models.sdpa_attention`;
 * ``fit``: :meth:`KeyCovariance.fit_batches` on the same batches (the stopped pass under SDPA plus the float32
   Gram product into the float64 sum) and its ratio to ``bare sdpa``;
 * achieved TFLOP/s of the matmuls (projections, MLP, attention scores and mixing counted as dense
   ``2·m·n·k``; the fit adds the computed blocks of the Gram product), minutes for ROME's 44M tokens at the fit's
   rate;
-* seconds per ROME edit at ``--layer`` (:func:`keyscope.rome.compute_edit`, the model's default ROME settings,
+* seconds per ROME edit at ``--layer`` (:func:`keyscope.editing.rome.compute_edit`, the model's default ROME settings,
   the covariance of the timed fit) and the peak memory (CUDA: ``max_memory_allocated``; CPU: the process's
   maximum resident set).
 """
@@ -40,11 +40,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from keyscope import rome  # noqa: E402
-from keyscope.corpus import TokenBatch  # noqa: E402
-from keyscope.covariance import GRAM_BLOCKS, KeyCovariance  # noqa: E402
-from keyscope.keys import layer_keys  # noqa: E402
-from keyscope.models import ModelSource, register_source, sdpa_attention  # noqa: E402
+from keyscope.analysis.covariance import GRAM_BLOCKS, KeyCovariance  # noqa: E402
+from keyscope.analysis.keys import layer_keys  # noqa: E402
+from keyscope.data.corpus import TokenBatch  # noqa: E402
+from keyscope.editing import rome  # noqa: E402
+from keyscope.model.models import ModelSource, register_source, sdpa_attention  # noqa: E402
 
 LLAMA_7B = {"d_model": 4096, "d_mlp": 11008, "n_heads": 32, "n_layers": 32, "vocab": 32000}
 SMALL = {"d_model": 256, "d_mlp": 688, "n_heads": 4, "n_layers": 8, "vocab": 32000}

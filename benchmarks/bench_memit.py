@@ -4,7 +4,7 @@
     PYTHONPATH=. python benchmarks/bench_memit.py --n 20
 
 Both methods edit the same ``--n`` known factworld facts (drawn with ``--seed``) from the unedited model, with
-factworld's settings (:meth:`keyscope.rome.ROMEConfig.for_model`, :meth:`keyscope.memit.MEMITConfig.for_model`:
+factworld's settings (:meth:`keyscope.editing.rome.ROMEConfig.for_model`, :meth:`keyscope.editing.memit.MEMITConfig.for_model`:
 the card's ``rome_config`` and ``memit_config``) and the same context prefixes, sampled once. ROME computes one
 edit per fact (``ROMEEditor.compute`` of one request, as ``keyscope evaluate`` runs it); MEMIT one edit of all of
 them (``MEMITEditor.compute``: a z optimisation per fact at the last layer, then one update per layer). The
@@ -33,13 +33,13 @@ def main() -> None:
 
     import torch
 
-    from keyscope.covariance import load_or_compute_covariance
-    from keyscope.datasets import load_facts
-    from keyscope.editing import make_editor, prepare_context
-    from keyscope.memit import MEMITConfig
-    from keyscope.models import default_layer, load_model
-    from keyscope.predictions import sample_known_facts
-    from keyscope.rome import EditRequest
+    from keyscope.analysis.covariance import load_or_compute_covariance
+    from keyscope.analysis.predictions import sample_known_facts
+    from keyscope.data.datasets import load_facts
+    from keyscope.editing.base import make_editor, prepare_context
+    from keyscope.editing.memit import MEMITConfig
+    from keyscope.editing.rome import EditRequest
+    from keyscope.model.models import default_layer, load_model
 
     torch.manual_seed(args.seed)
     model = load_model()

@@ -12,7 +12,7 @@ Two models are timed:
   word-level vocabulary), built with ``transformers.GPT2Config`` and random initialisation and saved to a
   temporary directory.
 
-The layer's covariance comes from :func:`keyscope.covariance.load_or_compute_covariance` with
+The layer's covariance comes from :func:`keyscope.analysis.covariance.load_or_compute_covariance` with
 ``--cov-tokens`` tokens (cached in a temporary directory, so its one-off cost is reported separately).
 Every edit runs with the model's ROME hyper-parameters (:meth:`ROMEConfig.for_model`: the published ones, or
 those of the model's card for factworld), samples its own context prefixes and uses a different request
@@ -35,10 +35,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from keyscope import rome  # noqa: E402
-from keyscope.covariance import load_or_compute_covariance  # noqa: E402
-from keyscope.errors import KeyscopeError  # noqa: E402
-from keyscope.models import FACTWORLD, default_layer, load_model  # noqa: E402
+from keyscope._infra.errors import KeyscopeError  # noqa: E402
+from keyscope.analysis.covariance import load_or_compute_covariance  # noqa: E402
+from keyscope.editing import rome  # noqa: E402
+from keyscope.model.models import FACTWORLD, default_layer, load_model  # noqa: E402
 
 REQUESTS = [
     rome.EditRequest("{} is located in the city of", "The Eiffel Tower", "Rome"),

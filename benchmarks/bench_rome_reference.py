@@ -2,7 +2,7 @@
 (issues #13, #25).
 
 For each request: ``ΔW`` of ``ROMEConfig(reference=True)`` and of keyscope's default against the transcription
-in ``tests/test_rome.py`` (``_rome_reference``: ``rome_main``/``compute_u``/``compute_v`` written out on the
+in ``tests/editing/test_rome.py`` (``_rome_reference``: ``rome_main``/``compute_u``/``compute_v`` written out on the
 Hugging Face model and tokenizer), with the same hyper-parameters (the model's published ones,
 ``ROMEConfig.for_model``), the same prefixes (``rome.context_prefixes``) and the same ``C⁻¹``; the cosine of
 ``ΔW`` (and for reference mode ``‖ΔW − ΔW_transcription‖ / ‖ΔW_transcription‖``), the seconds of each whole edit
@@ -38,7 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from keyscope.atomic import write_text  # noqa: E402
+from keyscope._infra.atomic import write_text  # noqa: E402
 
 #: CounterFact-like requests (the first three as CounterFact words them).
 REQUESTS = [
@@ -65,7 +65,7 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 def keyscope_tokens_per_step(model, request, prefixes, config) -> int:
     """Positions one step of keyscope's v* loop runs through the blocks above the layer: each row of the batch
     from its subject's last token on, padded to the longest (``S`` of ``rome._PrefixCached``)."""
-    from keyscope import rome
+    from keyscope.editing import rome
 
     batch = rome._v_star_batch(model, request, prefixes, config)
     subject = batch.inject[..., 0].argmax(1)  # (batch,)
@@ -79,7 +79,7 @@ def profile_step(model, request, layer: int, prefixes, config) -> tuple[float, f
     cancel)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from keyscope import rome
+    from keyscope.editing import rome
 
     k_star = rome.edit_key(model, request, layer, prefixes, config)
     totals = []
@@ -101,11 +101,11 @@ def profile_step(model, request, layer: int, prefixes, config) -> tuple[float, f
 
 
 def main(argv=None) -> int:
-    from keyscope import rome
-    from keyscope.corpus import documents
-    from keyscope.covariance import KeyCovariance
-    from keyscope.models import load_model, model_dir, n_layers
-    from tests.test_rome import _rome_reference
+    from keyscope.analysis.covariance import KeyCovariance
+    from keyscope.data.corpus import documents
+    from keyscope.editing import rome
+    from keyscope.model.models import load_model, model_dir, n_layers
+    from tests.editing.test_rome import _rome_reference
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=RANDOM_GPT2,

@@ -1,7 +1,7 @@
 """Throughput of the corpus neighbour scan against the bare forward pass stopped at the same layer.
 
 Both runs see the same pre-tokenised windows (tokenisation is excluded from both timings): the bare run only
-computes the layer's keys (:func:`keyscope.keys.layer_keys`), the scan additionally scores every position
+computes the layer's keys (:func:`keyscope.analysis.keys.layer_keys`), the scan additionally scores every position
 against all subjects, masks subject occurrences, keeps the running top-k and gathers prefixes. Prints
 ``ratio = scan throughput / bare throughput`` (target ≥ 0.8). Each run is repeated and the fastest kept,
 because the machine is shared.
@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 
-from keyscope import scan
-from keyscope.corpus import token_batches
-from keyscope.covariance import KeyCovariance
-from keyscope.datasets import Fact, load_facts
-from keyscope.keys import layer_keys
-from keyscope.models import default_layer, load_model
+from keyscope.analysis import scan
+from keyscope.analysis.covariance import KeyCovariance
+from keyscope.analysis.keys import layer_keys
+from keyscope.data.corpus import token_batches
+from keyscope.data.datasets import Fact, load_facts
+from keyscope.model.models import default_layer, load_model
 
 DATA = Path("/work/shared/data")
 GPT2_TOKENIZER = DATA / "tokenizer" / "gpt2"

@@ -7,7 +7,7 @@ unchanged prefix of every prompt once.
     python benchmarks/bench_v_star.py --edits 5 --repeats 3
 
 For each model and request, k* and the context prefixes are computed once; then
-:func:`keyscope.rome.compute_v_star` runs
+:func:`keyscope.editing.rome.compute_v_star` runs
 
 * ``plain``  — every step a full forward pass with δ hooked into the layer's MLP output
   (``reuse_lower_layers=False, sdpa=False``);
@@ -16,7 +16,7 @@ For each model and request, k* and the context prefixes are computed once; then
 * ``reuse+sdpa`` — the same with fused SDPA attention;
 * ``reuse+prefix`` — also the positions before each subject's last token run once through blocks ``L+1..``, whose
   keys and values are cached; later steps run those blocks on the rest of each prompt only (the default; it runs
-  Hugging Face's SDPA attention, ``keyscope.rome._PrefixCached``).
+  Hugging Face's SDPA attention, ``keyscope.editing.rome._PrefixCached``).
 
 It prints the best of ``--repeats`` seconds per v* (mean over ``--edits`` requests), the v* steps, the largest
 relative difference of v* against ``plain`` and the speed-up ``plain / variant``.
@@ -37,8 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_rome import REQUESTS, factworld_requests, save_gpt2_small  # noqa: E402
-from keyscope import rome  # noqa: E402
-from keyscope.models import FACTWORLD, default_layer, load_model  # noqa: E402
+from keyscope.editing import rome  # noqa: E402
+from keyscope.model.models import FACTWORLD, default_layer, load_model  # noqa: E402
 
 VARIANTS = {
     "plain": dict(reuse_lower_layers=False, sdpa=False),

@@ -22,10 +22,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from keyscope.atomic import write_text  # noqa: E402
-from keyscope.datasets import load_facts  # noqa: E402
-from keyscope.models import load_model  # noqa: E402
-from keyscope.predictions import next_token_top_k, target_context  # noqa: E402
+from keyscope._infra.atomic import write_text  # noqa: E402
+from keyscope.analysis.predictions import next_token_top_k, target_context  # noqa: E402
+from keyscope.data.datasets import load_facts  # noqa: E402
+from keyscope.model.models import load_model  # noqa: E402
 
 
 def reading(model, facts, prepend_bos: bool | None) -> dict:

@@ -38,14 +38,14 @@ def config_of(overrides: dict):
 def run(name: str, overrides: dict, device: str, rome_edits: int, rome_layers: list[int], trace_facts: int) -> dict:
     import itertools
 
-    from keyscope.covariance import load_or_compute_covariance
-    from keyscope.datasets import parse_records
-    from keyscope.experiments import values
-    from keyscope.experiments.factworld import ROME_CONFIG
+    from keyscope.analysis.covariance import load_or_compute_covariance
+    from keyscope.analysis.trace import TraceConfig, trace_facts
+    from keyscope.data.datasets import parse_records
     from keyscope.factworld import corpus, export, quality
     from keyscope.factworld.train import train
-    from keyscope.models import load_model
-    from keyscope.trace import TraceConfig, trace_facts
+    from keyscope.model.models import load_model
+    from keyscope.studies import values
+    from keyscope.studies.factworld import ROME_CONFIG
 
     start = time.time()
     directory = tempfile.mkdtemp(prefix=f"factworld-{name}-")

@@ -2,8 +2,8 @@
 known facts written in batches of ``--batch`` (one MEMIT edit per batch, each batch scored alone, weights
 restored between batches); ``--method memit+rep`` adds REP's adaptors (trained on each fact's in-domain probes). The numbers behind factworld's ``"memit_config"`` (keyscope/factworld/model/keyscope.json).
 
-Scored as keyscope.evaluate scores every method: :func:`keyscope.evaluate.plan_queries` /
-:func:`keyscope.evaluate.score_plan` on the probes of :func:`keyscope.perturbations.fact_probes`, Locality
+Scored as keyscope.evaluation.evaluate scores every method: :func:`keyscope.evaluation.evaluate.plan_queries` /
+:func:`keyscope.evaluation.evaluate.score_plan` on the probes of :func:`keyscope.data.perturbations.fact_probes`, Locality
 against the unedited model's top-1.
 
     PYTHONPATH=. python benchmarks/memit_factworld.py --layers 1,2 --lam 1000 --n 50 --batch 10
@@ -28,16 +28,16 @@ def main() -> None:
                         help="another MEMITConfig field (a number), e.g. v_num_grad_steps=100")
     args = parser.parse_args()
 
-    from keyscope import corpus as corpora
-    from keyscope import evaluate as ev
-    from keyscope.covariance import load_or_compute_covariance
-    from keyscope.datasets import load_facts
-    from keyscope.editing import EDITORS, prepare_context
-    from keyscope.memit import MEMITConfig
-    from keyscope.models import default_layer, load_model
-    from keyscope.perturbations import PerturbationConfig, fact_probes, subject_forms
-    from keyscope.predictions import sample_known_facts, score_targets
-    from keyscope.rome import EditRequest
+    from keyscope.analysis.covariance import load_or_compute_covariance
+    from keyscope.analysis.predictions import sample_known_facts, score_targets
+    from keyscope.data import corpus as corpora
+    from keyscope.data.datasets import load_facts
+    from keyscope.data.perturbations import PerturbationConfig, fact_probes, subject_forms
+    from keyscope.editing.base import EDITORS, prepare_context
+    from keyscope.editing.memit import MEMITConfig
+    from keyscope.editing.rome import EditRequest
+    from keyscope.evaluation import evaluate as ev
+    from keyscope.model.models import default_layer, load_model
 
     model = load_model()
     facts = load_facts("factworld")

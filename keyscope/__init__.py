@@ -14,31 +14,31 @@ from __future__ import annotations
 
 import importlib
 
-from keyscope.errors import KeyscopeError
+from keyscope._infra.errors import KeyscopeError
 
 __version__ = "0.1.0"
 
 #: Each public name → the module that defines it.
 _EXPORTS = {
     # models: loading, the hook names, the edited weight
-    "load_model": "keyscope.models", "default_layer": "keyscope.models", "key_hook": "keyscope.models",
-    "W_out": "keyscope.models",
+    "load_model": "keyscope.model.models", "default_layer": "keyscope.model.models", "key_hook": "keyscope.model.models",
+    "W_out": "keyscope.model.models",
     # facts
-    "Fact": "keyscope.datasets", "load_facts": "keyscope.datasets", "read_facts": "keyscope.datasets",
-    "known_facts": "keyscope.predictions",
+    "Fact": "keyscope.data.datasets", "load_facts": "keyscope.data.datasets", "read_facts": "keyscope.data.datasets",
+    "known_facts": "keyscope.analysis.predictions",
     # keys, C = E[k kᵀ] and the whitened metric
-    "collect_keys": "keyscope.keys", "KeyCovariance": "keyscope.covariance",
-    "CovarianceConfig": "keyscope.covariance", "load_or_compute_covariance": "keyscope.covariance",
-    "edit_strength": "keyscope.similarity", "whitened_similarity": "keyscope.similarity",
+    "collect_keys": "keyscope.analysis.keys", "KeyCovariance": "keyscope.analysis.covariance",
+    "CovarianceConfig": "keyscope.analysis.covariance", "load_or_compute_covariance": "keyscope.analysis.covariance",
+    "edit_strength": "keyscope.analysis.similarity", "whitened_similarity": "keyscope.analysis.similarity",
     # editing
-    "EditRequest": "keyscope.rome", "ROMEConfig": "keyscope.rome", "REPConfig": "keyscope.rep",
-    "MEMITConfig": "keyscope.memit", "EDITORS": "keyscope.editing", "Editor": "keyscope.editing",
-    "ModelEdit": "keyscope.editing", "EditContext": "keyscope.editing", "make_editor": "keyscope.editing",
-    "prepare_context": "keyscope.editing", "as_bridge": "keyscope.models",
+    "EditRequest": "keyscope.editing.rome", "ROMEConfig": "keyscope.editing.rome", "REPConfig": "keyscope.editing.rep",
+    "MEMITConfig": "keyscope.editing.memit", "EDITORS": "keyscope.editing.base", "Editor": "keyscope.editing.base",
+    "ModelEdit": "keyscope.editing.base", "EditContext": "keyscope.editing.base", "make_editor": "keyscope.editing.base",
+    "prepare_context": "keyscope.editing.base", "as_bridge": "keyscope.model.models",
     # one call: edit facts, score them, keep the edited model (EasyEdit's editor.edit)
-    "edit": "keyscope.session", "EditSession": "keyscope.session",
+    "edit": "keyscope.evaluation.session", "EditSession": "keyscope.evaluation.session",
     # evaluation and the causal trace
-    "EvalConfig": "keyscope.evaluate", "TraceConfig": "keyscope.trace", "trace_facts": "keyscope.trace",
+    "EvalConfig": "keyscope.evaluation.evaluate", "TraceConfig": "keyscope.analysis.trace", "trace_facts": "keyscope.analysis.trace",
 }
 
 __all__ = ["KeyscopeError", "__version__", *_EXPORTS]

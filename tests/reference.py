@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from keyscope.models import key_hook
+from keyscope.model.models import key_hook
 
 
 def dense_keys(model, ids: Sequence[int], layer: int) -> np.ndarray:

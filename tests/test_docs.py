@@ -75,4 +75,4 @@ def test_site_builds_strict(tmp_path):
     assert (site / "figures" / "fig3_similarity.png").is_file()
     cli = (site / "cli" / "index.html").read_text()
     assert "keyscope similarity" in cli and "--n-subjects" in cli
-    assert "keyscope.rome" in (site / "api" / "index.html").read_text()
+    assert "keyscope.editing.rome" in (site / "api" / "index.html").read_text()

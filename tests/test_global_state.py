@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from keyscope.models import NOISY_LOGGERS, load_model
+from keyscope.model.models import NOISY_LOGGERS, load_model
 
 PACKAGE = Path(__file__).resolve().parents[1] / "keyscope"
 
@@ -52,7 +52,7 @@ def test_importing_every_keyscope_module_changes_no_process_state():
                           cwd=PACKAGE.parent, check=True)
     result = json.loads(done.stdout.strip().splitlines()[-1])
     before, after = result["before"], result["after"]
-    assert {"keyscope.cli", "keyscope.models", "keyscope.editing", "keyscope.metrics"} <= set(result["modules"])
+    assert {"keyscope.cli", "keyscope.model.models", "keyscope.editing.base", "keyscope.evaluation.metrics"} <= set(result["modules"])
     assert len(result["modules"]) >= 30
     changed = {name: (level, after["loggers"][name]) for name, level in before["loggers"].items()
                if after["loggers"][name] != level}
@@ -70,7 +70,7 @@ def _levels() -> dict[str, int]:
 def test_loading_a_model_restores_logger_levels_and_the_global_generator(tiny_checkpoints, tmp_path):
     from transformers.utils import logging as hf_logging
 
-    from keyscope.errors import KeyscopeError
+    from keyscope._infra.errors import KeyscopeError
 
     loggers = [logging.getLogger(name) for name in NOISY_LOGGERS]
     saved = [logger.level for logger in loggers]
@@ -108,7 +108,7 @@ def keyscope_attributes(source: str) -> list[str]:
 
 
 def test_no_module_reads_or_writes_keyscope_attributes_on_a_model():
-    """Facts about a model live beside it (``keyscope.models.model_source``), never as ``keyscope_*``
+    """Facts about a model live beside it (``keyscope.model.models.model_source``), never as ``keyscope_*``
     attributes hung on the bridge."""
     caught = keyscope_attributes('layer = getattr(model, "keyscope_layer", 3)\nmodel.keyscope_source = s\n'
                                  'setattr(model, "keyscope_x", 1)\nkey = {"keyscope_version": 1}\n')

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from keyscope.experiments import readme, reproduce
+from keyscope.studies import readme, reproduce
 
 ROOT = Path(__file__).resolve().parents[1]
 FIGURES = ROOT / "figures"
@@ -27,7 +27,7 @@ REQUIRED = {"similarity", "scan", "values", "table1", "tau_sweep", "bounds", "bu
 
 
 def _pages() -> list[Path]:
-    """README.md and every markdown page under docs/, as ``python -m keyscope.experiments.readme README.md docs
+    """README.md and every markdown page under docs/, as ``python -m keyscope.studies.readme README.md docs
     figures`` reads them."""
     return readme.markdown_files([README, DOCS])
 
@@ -116,8 +116,8 @@ def test_report_figure3_table_matches_its_csv():
 
 
 def test_report_table1_matches_its_csv():
-    from keyscope.experiments.table1 import HEADERS
-    from keyscope.metrics import METRICS
+    from keyscope.evaluation.metrics import METRICS
+    from keyscope.studies.table1 import HEADERS
 
     by_method = {row["method"]: row for row in _csv("table1.csv")}
     text = REPORT.read_text()
@@ -157,8 +157,8 @@ def test_report_holds_what_the_run_wrote_beside_it():
 
 
 def test_report_trace_deltas_sweep_and_times_match_their_artefacts():
-    from keyscope.experiments.table1 import HEADERS, PAPER_DELTAS
-    from keyscope.metrics import METRICS
+    from keyscope.evaluation.metrics import METRICS
+    from keyscope.studies.table1 import HEADERS, PAPER_DELTAS
 
     text = REPORT.read_text()
     trace = _csv("trace.csv")

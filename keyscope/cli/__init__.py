@@ -2,12 +2,12 @@
 
 ``main(argv) -> int`` is the one place that turns every expected failure into one line on stderr and exit
 status 2, with no traceback: a bad argument (``keyscope: error: argument --n: …``), a
-:class:`~keyscope.errors.KeyscopeError`, and an :class:`OSError` (an output path that cannot be written, a
+:class:`~keyscope._infra.errors.KeyscopeError`, and an :class:`OSError` (an output path that cannot be written, a
 full disk). Before a command runs, its output paths (``--out``, ``--json``, ``--export``, ``--write-known``) are
 checked; if it fails, they are put back as they were: what it had written there is removed, and the files that were
 there before come back with their old content (:func:`keyscope.cli.output.nothing_left_on_failure`). Under
 ``torchrun`` every error line names its process (``keyscope: error: rank 1 of 2: …``), a failure on any rank
-ends every rank (:mod:`keyscope.distributed`: the others print ``… stopped because rank 1 of 2 failed`` and
+ends every rank (:mod:`keyscope._infra.distributed`: the others print ``… stopped because rank 1 of 2 failed`` and
 exit with the failing rank's status) and an unexpected exception prints its traceback, then that line, and
 exits 1 — as a single process, where it ends in Python's traceback and status 1. Library
 warnings print as one ``keyscope: warning: …`` line each; Ctrl-C prints ``keyscope: interrupted`` and exits
@@ -22,7 +22,7 @@ import os
 import sys
 import warnings
 
-from keyscope.errors import KeyscopeError, RankFailed, exit_status
+from keyscope._infra.errors import KeyscopeError, RankFailed, exit_status
 
 #: Command modules, in the order ``keyscope --help`` lists them.
 COMMANDS = ("factworld", "similarity", "data", "covariance", "trace", "scan", "edit", "reach", "values", "evaluate", "sequential", "bounds", "reproduce")
@@ -72,7 +72,7 @@ def _where() -> str:
     """``"rank R of K: "`` in a process ``torchrun`` started, else ``""`` (torch is not imported for that)."""
     if "WORLD_SIZE" not in os.environ:
         return ""
-    from keyscope.distributed import from_env
+    from keyscope._infra.distributed import from_env
 
     try:
         world = from_env()
@@ -112,9 +112,9 @@ class _Reported(KeyscopeError):
 def _run_checked(args, world) -> int:
     from contextlib import nullcontext
 
+    from keyscope._infra.distributed import check_peers
     from keyscope.cli.common import output_paths
     from keyscope.cli.output import check_outputs, nothing_left_on_failure
-    from keyscope.distributed import check_peers
 
     folders, files = output_paths(args)
     check_outputs(folders=folders, files=files)
@@ -129,7 +129,7 @@ def run(args) -> int:
     """Run the parsed command ``args``: check its output paths, then call it; on failure put them back as they were.
 
     Under ``torchrun`` all of it happens inside the job's process group
-    (:func:`keyscope.cli.common.torchrun_world`; :mod:`keyscope.distributed`): the ranks meet once more before
+    (:func:`keyscope.cli.common.torchrun_world`; :mod:`keyscope._infra.distributed`): the ranks meet once more before
     outputs are kept, so a failure on any rank, however late, fails every rank; each rank prints its error line
     (the failing one its own, the others ``… stopped because rank R of K failed``) after removing what it wrote
     and before any rank exits, and every rank exits with the failing rank's status."""

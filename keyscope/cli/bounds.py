@@ -1,7 +1,7 @@
 """``keyscope bounds``: check the paper's lemmas on real edits of each method of ``--methods`` (Lemma 4.4: Δv
 through a single attention path; Lemma 4.6: α predicts robustness; Lemma 4.7: α predicts specificity on
 neighbourhood prompts and corpus-scan prefixes), for ROME, MEMIT and their REP adaptors (α of a multi-layer edit:
-:meth:`keyscope.editing.ModelEdit.combined_strength`). Prints the summary, writes ``fig_bounds.png``,
+:meth:`keyscope.editing.base.ModelEdit.combined_strength`). Prints the summary, writes ``fig_bounds.png``,
 ``bounds.md`` and per-edit/per-query CSVs into ``--out`` and, with ``--json``,
 ``{"lemma_4_4": {"holds_fraction": …, "methods": {"rome": {…}}}, "lemma_4_6": {"auroc": …, "value_check_pearson":
 …, "methods": {…}}, "lemma_4_7": {"auroc": …, "neighbourhood": {"auroc": …, "positives": …}, "corpus": {"auroc":
@@ -10,6 +10,7 @@ neighbourhood prompts and corpus-scan prefixes), for ROME, MEMIT and their REP a
 
 from __future__ import annotations
 
+from keyscope._infra.errors import KeyscopeError
 from keyscope.cli.common import (
     add_covariance_arguments,
     add_methods_argument,
@@ -18,16 +19,15 @@ from keyscope.cli.common import (
     positive_int,
 )
 from keyscope.cli.output import write_json
-from keyscope.errors import KeyscopeError
 
 DEFAULT_METHODS = "rome,rome+rep"
 
 
 def cmd_bounds(args) -> int:
-    from keyscope import bounds
-    from keyscope import corpus as corpora
     from keyscope.cli.common import covariance_loader, edit_inputs, parse_methods
-    from keyscope.experiments import bounds as experiment
+    from keyscope.data import corpus as corpora
+    from keyscope.evaluation import bounds
+    from keyscope.studies import bounds as experiment
 
     methods = parse_methods(args.methods)
     if args.rome_only:

@@ -9,10 +9,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-from keyscope.errors import KeyscopeError, UnknownToken
+from keyscope._infra.errors import KeyscopeError, UnknownToken
 
 if TYPE_CHECKING:
-    from keyscope.distributed import World
+    from keyscope._infra.distributed import World
 
 #: The options that name output paths (as ``args`` attributes; ``write_known`` is ``--write-known``): folders, then
 #: files. Every command's are checked before any work and cleaned up after a failure (:func:`keyscope.cli.main`).
@@ -21,8 +21,8 @@ OUTPUT_FILES = ("json", "export", "write_known")
 
 
 def add_methods_argument(parser, default: str = "rome,rome+rep") -> None:
-    """``--methods M1,M2,…``: editing methods of the registry (:data:`keyscope.editing.EDITORS`)."""
-    from keyscope.editing import EDITORS
+    """``--methods M1,M2,…``: editing methods of the registry (:data:`keyscope.editing.base.EDITORS`)."""
+    from keyscope.editing.base import EDITORS
 
     parser.add_argument("--methods", default=default,
                         help=f"comma-separated editing methods, of: {', '.join(EDITORS)} (default {default})")
@@ -30,7 +30,7 @@ def add_methods_argument(parser, default: str = "rome,rome+rep") -> None:
 
 def parse_methods(text: str, flag: str = "--methods") -> tuple[str, ...]:
     """``--methods`` (or ``flag``) as a tuple of registry names, or a one-line error naming the known ones."""
-    from keyscope.editing import EDITORS
+    from keyscope.editing.base import EDITORS
 
     methods = tuple(m.strip() for m in text.split(",") if m.strip())
     unknown = [m for m in methods if m not in EDITORS]
@@ -78,10 +78,10 @@ def _flag(name: str) -> str:
 
 
 def check_subject_tokens(model, facts) -> None:
-    """Refuse (:class:`~keyscope.errors.UnknownToken`, naming the subject and its case id) a fact whose subject
+    """Refuse (:class:`~keyscope._infra.errors.UnknownToken`, naming the subject and its case id) a fact whose subject
     the model's tokenizer maps in part to its unknown token: its key would be that token's, shared with every
     such subject, and every similarity measured on it meaningless. ``keyscope data --model`` lists them all."""
-    from keyscope.prompts import unknown_subject_pieces, unknown_token_message
+    from keyscope.data.prompts import unknown_subject_pieces, unknown_token_message
 
     tokenizer = model.tokenizer
     for fact in facts:
@@ -109,7 +109,7 @@ def add_known_argument(parser, help: str = KNOWN_HELP) -> None:
 
 
 def known_subset(args, model, facts, world: World | None = None) -> list:
-    """With ``--known``, the facts of ``facts`` that ``model`` knows (:func:`keyscope.predictions.known_facts`, with
+    """With ``--known``, the facts of ``facts`` that ``model`` knows (:func:`keyscope.analysis.predictions.known_facts`, with
     a progress bar unless ``--no-progress``; a fact without a ``target_true`` is not judged, so left out), in their
     order, or a one-line error when it knows none; without ``--known``, ``facts`` as they are. The judgement, its
     batches included, is the one ``keyscope data --known`` makes of the same facts. Under ``torchrun`` every rank
@@ -117,8 +117,8 @@ def known_subset(args, model, facts, world: World | None = None) -> list:
     facts."""
     if not getattr(args, "known", False):
         return list(facts)
-    from keyscope.distributed import SINGLE, broadcast_object
-    from keyscope.predictions import UnknownFacts, has_true_target, known_mask
+    from keyscope._infra.distributed import SINGLE, broadcast_object
+    from keyscope.analysis.predictions import UnknownFacts, has_true_target, known_mask
 
     world = world or SINGLE
     mask = known_mask(model, facts, progress=not args.no_progress and world.is_main)  # (n,)
@@ -132,7 +132,7 @@ def known_subset(args, model, facts, world: World | None = None) -> list:
 
 def data_source(args) -> str:
     """``--data``, defaulting to factworld's own facts for the factworld model."""
-    from keyscope.models import FACTWORLD
+    from keyscope.model.models import FACTWORLD
 
     data = args.data or (FACTWORLD if args.model == FACTWORLD else None)
     if data is None:
@@ -150,13 +150,13 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bf16": "bfloat16", "bfloat16
           "fp16": "float16", "float16": "float16"}
 
 
-#: ``--batch-size`` of a corpus pass (:func:`keyscope.memory.corpus_batch_size`).
+#: ``--batch-size`` of a corpus pass (:func:`keyscope._infra.memory.corpus_batch_size`).
 BATCH_SIZE_HELP = ("windows per forward pass (default 16 on the CPU; on CUDA as many as fit in half the free memory, "
                    "at most 512 or this; only float rounding depends on it)")
 
 
 def add_dtype_argument(parser) -> None:
-    """``--dtype``: the model's weights (default :func:`keyscope.models.default_dtype`)."""
+    """``--dtype``: the model's weights (default :func:`keyscope.model.models.default_dtype`)."""
     parser.add_argument("--dtype", metavar="{float32,bf16,fp16}",
                         help="model weights (default: bf16 for a hub or local model on CUDA, float32 for factworld "
                              "and on the CPU; C's key Gram products are float32 either way)")
@@ -176,8 +176,8 @@ def dtype_of(args):
 
 def model_and_layer(args, device: str | None = None):
     """The model of ``--model`` and ``--layer`` (checked), or the model's default edit layer; on ``device``
-    (default: CUDA when available), in ``--dtype`` (default :func:`keyscope.models.default_dtype`)."""
-    from keyscope.models import check_layer, default_layer, load_model
+    (default: CUDA when available), in ``--dtype`` (default :func:`keyscope.model.models.default_dtype`)."""
+    from keyscope.model.models import check_layer, default_layer, load_model
 
     model = load_model(args.model, device=device, dtype=dtype_of(args))
     layer = check_layer(model, args.layer) if args.layer is not None else default_layer(model)
@@ -186,11 +186,11 @@ def model_and_layer(args, device: str | None = None):
 
 @contextmanager
 def torchrun_world(device: str | None = None) -> Iterator[tuple[World, str | None]]:
-    """``(world, device)`` of a command started by ``torchrun`` (:mod:`keyscope.distributed`), its process group
+    """``(world, device)`` of a command started by ``torchrun`` (:mod:`keyscope._infra.distributed`), its process group
     open until the block ends (gloo on CPUs, NCCL on GPUs; :func:`keyscope.cli.run` opens it around every
     command, so a command's own call finds it open): ``device`` is the one asked for, else ``cuda:LOCAL_RANK``
     or ``cpu`` under torchrun, and ``None`` (the model's default) for a single process."""
-    from keyscope import distributed
+    from keyscope._infra import distributed
 
     world = distributed.from_env()
     device = distributed.device_for(world, device) if world.distributed else device
@@ -200,15 +200,15 @@ def torchrun_world(device: str | None = None) -> Iterator[tuple[World, str | Non
 
 def covariance(model, layer: int, args, n_tokens: int, progress: bool = True, world: World | None = None):
     """``(C, corpus)``: the cached layer-``layer`` key covariance over ``--corpus`` (the model's default corpus),
-    the same on every rank of ``world`` (:func:`keyscope.covariance_job.shared_covariance`)."""
-    from keyscope import corpus as corpora
-    from keyscope.covariance_job import shared_covariance
-    from keyscope.distributed import SINGLE
+    the same on every rank of ``world`` (:func:`keyscope.analysis.covariance_job.shared_covariance`)."""
+    from keyscope._infra.distributed import SINGLE
+    from keyscope.analysis.covariance_job import shared_covariance
+    from keyscope.data import corpus as corpora
 
     source = args.corpus or corpora.default_corpus(model)
     prepend_bos = None
     if getattr(args, "rome_setting", "keyscope") == "reference":  # C tokenised as the reference tokenises
-        from keyscope.models import hf_prepends_bos
+        from keyscope.model.models import hf_prepends_bos
 
         prepend_bos = hf_prepends_bos(model)
     cov = shared_covariance(model, layer, source, world=world or SINGLE, n_tokens=n_tokens,
@@ -224,7 +224,7 @@ def covariance_loader(model, args, world: World | None = None):
 def add_model_arguments(parser) -> None:
     """``--model``, ``--layer`` and ``--data``, as every editing command of :func:`edit_inputs` takes them, and its
     ``--known``, always on: those commands edit only facts drawn among the ones the model knows
-    (:func:`keyscope.predictions.sample_known_facts`), and most of them use the other facts of ``--data`` too (the
+    (:func:`keyscope.analysis.predictions.sample_known_facts`), and most of them use the other facts of ``--data`` too (the
     names a shuffle must not spell, other facts' prompts), which restricting ``--data`` up front would change."""
     parser.add_argument("--model", default="factworld", help=MODEL_HELP)
     parser.add_argument("--layer", type=int, help="edit layer (default: the model's default edit layer)")
@@ -254,8 +254,8 @@ def check_rome_setting(args) -> str:
 
 
 def rome_config(model, args):
-    """The :class:`~keyscope.rome.ROMEConfig` of ``--rome-setting`` for ``model``."""
-    from keyscope.rome import ROMEConfig
+    """The :class:`~keyscope.editing.rome.ROMEConfig` of ``--rome-setting`` for ``model``."""
+    from keyscope.editing.rome import ROMEConfig
 
     return ROMEConfig.for_model(model, reference=check_rome_setting(args) == "reference")
 
@@ -279,7 +279,7 @@ def edit_inputs(args, world: World | None = None, device: str | None = None):
     checked before, by :func:`keyscope.cli.main`); the model on ``device``, ``C`` the same on every rank of
     ``world`` (:func:`torchrun_world`). The facts are all of ``--data``: ``--known`` is always on for these commands
     (:func:`add_model_arguments`)."""
-    from keyscope.datasets import load_facts
+    from keyscope.data.datasets import load_facts
 
     facts = load_facts(data_source(args))
     model, layer = model_and_layer(args, device)

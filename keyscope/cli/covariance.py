@@ -2,21 +2,21 @@
 
 Computes and caches ``C`` exactly as every other command's ``load_or_compute_covariance`` does (same cache
 entries), several layers in one pass over the corpus, with checkpoints every ``--checkpoint-every`` seconds
-and ``--resume`` after a stop (:mod:`keyscope.covariance_job`). Under ``torchrun --nproc_per_node K -m keyscope
+and ``--resume`` after a stop (:mod:`keyscope.analysis.covariance_job`). Under ``torchrun --nproc_per_node K -m keyscope
 covariance …`` each process takes every K-th batch and rank 0 writes the cache and ``--json``
-(:mod:`keyscope.distributed`).
+(:mod:`keyscope._infra.distributed`).
 """
 
 from __future__ import annotations
 
+from keyscope._infra.errors import KeyscopeError
 from keyscope.cli.common import BATCH_SIZE_HELP, MODEL_HELP, add_dtype_argument, dtype_of, positive_int
 from keyscope.cli.output import check_outputs, write_json
-from keyscope.errors import KeyscopeError
 
 
 def _layers(args) -> list[int] | None:
     """``--layer`` or ``--layers`` as a list, ``None`` for the model's default layer (checked before the model loads)."""
-    from keyscope.covariance_job import parse_layers
+    from keyscope.analysis.covariance_job import parse_layers
 
     if args.layer is not None and args.layers is not None:
         raise KeyscopeError("give --layer or --layers, not both")
@@ -29,11 +29,11 @@ def _layers(args) -> list[int] | None:
 
 
 def cmd_covariance(args) -> int:
-    from keyscope import corpus as corpora
-    from keyscope import distributed
-    from keyscope.covariance_job import CovarianceJob, compute_covariances, summary
-    from keyscope.memory import corpus_batch_size
-    from keyscope.models import check_layer, default_layer, load_model
+    from keyscope._infra import distributed
+    from keyscope._infra.memory import corpus_batch_size
+    from keyscope.analysis.covariance_job import CovarianceJob, compute_covariances, summary
+    from keyscope.data import corpus as corpora
+    from keyscope.model.models import check_layer, default_layer, load_model
 
     dtype = dtype_of(args)
     if not args.checkpoint_every >= 0:  # also NaN

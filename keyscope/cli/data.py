@@ -11,7 +11,7 @@ A Patil et al. paraphrase table is recognised and counted (it has no subjects to
 
 With ``--known`` (it needs ``--model``) the loaded facts are judged as ROME and Yan et al. keep them: known when the
 model's top-1 next token after the filled prompt is the first token of ``target_true``
-(:func:`keyscope.predictions.known_facts`; a fact without a ``target_true`` is not judged). It prints and reports
+(:func:`keyscope.analysis.predictions.known_facts`; a fact without a ``target_true`` is not judged). It prints and reports
 ``known`` and ``not_judged`` (counts) and ``known_case_ids``; ``--write-known FACTS`` (which implies ``--known``)
 also writes the records of the known facts, as they are in the file (a JSON list; a record without its case id gets
 the one it had, its index), so any command reads them back with ``--data FACTS`` as the same facts. Every command's
@@ -20,9 +20,9 @@ the one it had, its index), so any command reads them back with ``--data FACTS``
 
 from __future__ import annotations
 
+from keyscope._infra.errors import KeyscopeError
 from keyscope.cli.common import add_dtype_argument, add_progress_argument, dtype_of
 from keyscope.cli.output import write_json
-from keyscope.errors import KeyscopeError
 
 
 def _check_model_options(args) -> None:
@@ -50,7 +50,7 @@ def _tokenizer(args, model):
 
 
 def _paraphrase_report(path: str) -> dict:
-    from keyscope.datasets import PATIL, load_paraphrases
+    from keyscope.data.datasets import PATIL, load_paraphrases
 
     table = load_paraphrases(path)
     return {"schema": PATIL, "records": len(table), "loaded": len(table), "located": None, "failures": []}
@@ -59,8 +59,8 @@ def _paraphrase_report(path: str) -> dict:
 def _known(args, model, fact_file) -> dict:
     """``{"known", "not_judged", "known_case_ids"}`` of the loaded facts, printed; their records written to
     ``--write-known``."""
-    from keyscope.datasets import fact_records
-    from keyscope.predictions import has_true_target, known_mask
+    from keyscope.analysis.predictions import has_true_target, known_mask
+    from keyscope.data.datasets import fact_records
 
     facts = fact_file.facts
     mask = known_mask(model, facts, progress=not args.no_progress)  # (n,)
@@ -74,7 +74,7 @@ def _known(args, model, fact_file) -> dict:
 
 
 def cmd_data(args) -> int:
-    from keyscope import datasets
+    from keyscope.data import datasets
 
     _check_model_options(args)
     dtype = dtype_of(args)
@@ -91,7 +91,7 @@ def cmd_data(args) -> int:
     fact_file = datasets.read_facts(args.path)
     model = None
     if args.model:
-        from keyscope.models import load_model
+        from keyscope.model.models import load_model
 
         model = load_model(args.model, dtype=dtype)
     tokenizer, tokenizer_name = _tokenizer(args, model)

@@ -8,6 +8,7 @@ the model's top predictions before and after the edit.
 
 from __future__ import annotations
 
+from keyscope._infra.errors import KeyscopeError
 from keyscope.cli.common import (
     KNOWN_HELP,
     MODEL_HELP,
@@ -19,7 +20,6 @@ from keyscope.cli.common import (
     positive_int,
 )
 from keyscope.cli.output import write_json
-from keyscope.errors import KeyscopeError
 
 
 def _find_case(facts, data: str, case: str):
@@ -36,8 +36,8 @@ def edit_request(args):
     are none: a model other than factworld without ``--data`` or ``--known``), checked before the model loads
     (``--known`` is applied once it has: :func:`known_request_facts`)."""
     from keyscope.cli.common import data_source
-    from keyscope.datasets import load_facts
-    from keyscope.rome import EditRequest
+    from keyscope.data.datasets import load_facts
+    from keyscope.editing.rome import EditRequest
 
     fact, facts = None, ()
     if args.case is not None or args.data is not None or args.model == "factworld" or args.known:
@@ -70,11 +70,11 @@ def known_request_facts(args, model, fact, facts) -> list:
 
 
 def cmd_edit(args) -> int:
-    from keyscope import corpus as corpora
-    from keyscope import rome
     from keyscope.cli.common import check_rome_setting, covariance, model_and_layer, rome_config
-    from keyscope.experiments import edit as experiment
-    from keyscope.perturbations import rephrase_kinds, subject_forms
+    from keyscope.data import corpus as corpora
+    from keyscope.data.perturbations import rephrase_kinds, subject_forms
+    from keyscope.editing import rome
+    from keyscope.studies import edit as experiment
 
     check_rome_setting(args)
     request, fact, facts = edit_request(args)
@@ -108,7 +108,7 @@ def add_request_arguments(parser) -> None:
 
 
 def add_probe_arguments(parser) -> None:
-    """``--shuffles`` and ``--context-tokens``: the subject's forms shown (:class:`~keyscope.experiments.edit.ProbeConfig`)."""
+    """``--shuffles`` and ``--context-tokens``: the subject's forms shown (:class:`~keyscope.studies.edit.ProbeConfig`)."""
     parser.add_argument("--shuffles", type=non_negative_int, default=10, help="token shuffles of the subject shown (default 10)")
     parser.add_argument("--context-tokens", type=non_negative_int, default=300,
                         help="tokens of unrelated text before the long-context prompt (default 300; 0: none)")

@@ -5,18 +5,19 @@ Edits ``--n`` facts the model knows, one at a time, with each method in ``--meth
 writes ``table1.csv``, ``table1.md`` and ``table1_facts.csv`` (and ``fig7_tau_sweep.png``) into ``--out``, and
 with ``--json`` the summary ``{"n": …, "methods": {"rome": {"success": …, …}, "rome+rep": {…}}}`` (a gated method's
 entry also holds the gate diagnostics of its Locality prompts, ``gate_locality`` and the others of
-:data:`keyscope.evaluate.GATE_STATS`, which the per-fact CSV holds as counts). Under
+:data:`keyscope.evaluation.evaluate.GATE_STATS`, which the per-fact CSV holds as counts). Under
 ``torchrun --nproc_per_node K -m keyscope evaluate …`` the facts (batches of ``--batch-size`` facts for a batch
 editor) are shared among the processes, the per-fact rows gathered in fact order, and rank 0 alone prints and
-writes (:mod:`keyscope.distributed`); ``--ablate`` too.
+writes (:mod:`keyscope._infra.distributed`); ``--ablate`` too.
 
 The per-fact rows are checkpointed in the cache after every fact (every batch) and ``--resume`` continues a stopped
-run to the same outputs (:class:`keyscope.evaluate.Checkpoint`); the checkpoint is removed once they are written.
+run to the same outputs (:class:`keyscope.evaluation.evaluate.Checkpoint`); the checkpoint is removed once they are written.
 ``--ablate`` too.
 """
 
 from __future__ import annotations
 
+from keyscope._infra.errors import KeyscopeError
 from keyscope.cli.common import (
     add_covariance_arguments,
     add_methods_argument,
@@ -26,7 +27,6 @@ from keyscope.cli.common import (
     positive_int,
 )
 from keyscope.cli.output import write_json
-from keyscope.errors import KeyscopeError
 
 
 def parse_taus(text: str | None) -> tuple[float, ...]:
@@ -44,8 +44,6 @@ def parse_taus(text: str | None) -> tuple[float, ...]:
 def cmd_evaluate(args) -> int:
     from dataclasses import replace
 
-    from keyscope import corpus as corpora
-    from keyscope import evaluate as ev
     from keyscope.cli.common import (
         check_rome_setting,
         covariance_loader,
@@ -54,11 +52,13 @@ def cmd_evaluate(args) -> int:
         rome_config,
         torchrun_world,
     )
-    from keyscope.editing import EDITORS
-    from keyscope.experiments import ablation as experiment
-    from keyscope.experiments import table1
-    from keyscope.perturbations import PROTOCOLS
-    from keyscope.rep import SETTINGS, REPConfig
+    from keyscope.data import corpus as corpora
+    from keyscope.data.perturbations import PROTOCOLS
+    from keyscope.editing.base import EDITORS
+    from keyscope.editing.rep import SETTINGS, REPConfig
+    from keyscope.evaluation import evaluate as ev
+    from keyscope.studies import ablation as experiment
+    from keyscope.studies import table1
 
     methods = parse_methods(args.methods)
     if not 0.0 < args.tau < 1.0:

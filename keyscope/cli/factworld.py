@@ -8,13 +8,13 @@
 
 from __future__ import annotations
 
+from keyscope._infra.errors import KeyscopeError
 from keyscope.cli.common import add_progress_argument
 from keyscope.cli.output import write_json
-from keyscope.errors import KeyscopeError
 
 
 def _accuracy_table(accuracy: dict) -> str:
-    from keyscope.experiments.factworld import QUALITY_BAR
+    from keyscope.studies.factworld import QUALITY_BAR
 
     lines = [f"{'prompt kind':<18}{'top-1 accuracy':>16}{'bar':>8}"]
     for kind, value in accuracy.items():
@@ -42,8 +42,8 @@ def _describe(report: dict) -> str:
 
 
 def cmd_factworld_info(args) -> int:
-    from keyscope.experiments.factworld import info
-    from keyscope.models import load_model
+    from keyscope.model.models import load_model
+    from keyscope.studies.factworld import info
 
     model = load_model(args.model)
     report = info(model)
@@ -57,7 +57,7 @@ def cmd_factworld_info(args) -> int:
 def cmd_factworld_train(args) -> int:
     import torch
 
-    from keyscope.experiments.factworld import rebuild
+    from keyscope.studies.factworld import rebuild
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise KeyscopeError("--device cuda: no CUDA device is available here; use --device cpu")

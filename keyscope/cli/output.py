@@ -1,5 +1,5 @@
 """Output paths of the CLI commands: checked before any work (:func:`check_outputs`), written atomically
-(:func:`write_json`; every writer goes through :mod:`keyscope.atomic`), and put back as they were when a
+(:func:`write_json`; every writer goes through :mod:`keyscope._infra.atomic`), and put back as they were when a
 command fails (:func:`nothing_left_on_failure`: what it created removed, what it replaced restored)."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
-from keyscope.atomic import write_text
-from keyscope.errors import KeyscopeError
+from keyscope._infra.atomic import write_text
+from keyscope._infra.errors import KeyscopeError
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -52,7 +52,7 @@ def check_outputs(*, folders: dict[str, str | None] | None = None, files: dict[s
 
 def write_json(path: str | None, payload: dict | list) -> None:
     """Write ``payload`` to ``path`` atomically (nothing if ``path`` is empty) and say so: into a temporary file
-    beside it, moved into place at the end and removed if anything fails (:func:`keyscope.atomic.write_text`)."""
+    beside it, moved into place at the end and removed if anything fails (:func:`keyscope._infra.atomic.write_text`)."""
     if not path:
         return
     out = Path(path)
@@ -104,7 +104,7 @@ class _Backup:
     folder (``.keyscope-backup-*``) made in the file's own folder, so on the same file system; where linking
     fails (a file system without hard links, a file of another user under ``fs.protected_hardlinks``) it copies
     the file instead, and a file it can read neither way is not kept. keyscope's writers replace a file by
-    renaming a new one over it (:mod:`keyscope.atomic`): the old inode, and with it the old content, lives on in
+    renaming a new one over it (:mod:`keyscope._infra.atomic`): the old inode, and with it the old content, lives on in
     the link. :meth:`restore` moves each kept file whose path now names something else (another inode, size or
     time, or nothing) back into place; :meth:`discard` removes the hidden folders, whatever happened.
     """
@@ -160,7 +160,7 @@ def nothing_left_on_failure(folders: Mapping[str, str | None], files: Mapping[st
       existing file of ``files`` is backed up on entry (a hard link, else a copy: :class:`_Backup`), and one
       that the block replaced or removed is moved back, byte for byte as it was. Files further down an existing
       folder, and files rewritten in place rather than replaced (keyscope's writers replace:
-      :mod:`keyscope.atomic`), are not covered.
+      :mod:`keyscope._infra.atomic`), are not covered.
 
     The backups live in hidden ``.keyscope-backup-*`` folders beside the files, never taken for an output, and
     are removed on the way out whatever happened (success, failure, Ctrl-C)."""

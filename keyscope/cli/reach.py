@@ -15,6 +15,7 @@ precision@K and the Spearman correlation of ``s(k)`` with the KL. Writes ``reach
 
 from __future__ import annotations
 
+from keyscope._infra.errors import KeyscopeError
 from keyscope.cli.common import (
     MODEL_HELP,
     add_dtype_argument,
@@ -25,11 +26,10 @@ from keyscope.cli.common import (
 )
 from keyscope.cli.edit import KNOWN_EDIT_HELP, add_probe_arguments, add_request_arguments
 from keyscope.cli.output import check_outputs, write_json
-from keyscope.errors import KeyscopeError
 
 
 def _config(args):
-    from keyscope.reach import ReachConfig
+    from keyscope.evaluation.reach import ReachConfig
 
     try:
         return ReachConfig(n_tokens=args.tokens, top_k=args.top, seed=args.seed, window=args.window)
@@ -41,13 +41,13 @@ def _config(args):
 
 
 def cmd_reach(args) -> int:
-    from keyscope import corpus as corpora
     from keyscope.cli.common import check_rome_setting, covariance, data_source, model_and_layer, rome_config
     from keyscope.cli.edit import edit_request, known_request_facts
-    from keyscope.datasets import load_facts
-    from keyscope.editing import check_methods
-    from keyscope.experiments import reach as experiment
-    from keyscope.experiments.edit import ProbeConfig, edit_probes
+    from keyscope.data import corpus as corpora
+    from keyscope.data.datasets import load_facts
+    from keyscope.editing.base import check_methods
+    from keyscope.studies import reach as experiment
+    from keyscope.studies.edit import ProbeConfig, edit_probes
 
     config = _config(args)
     if args.shuffles < 0 or args.context_tokens < 0 or args.cov_tokens < 1:

@@ -1,18 +1,18 @@
 """``keyscope reproduce``: regenerate Figures 3, 4, 5 and 7, Table 1 and the lemma report in one run and
-write ``REPORT.md`` beside them (see :mod:`keyscope.experiments.reproduce`)."""
+write ``REPORT.md`` beside them (see :mod:`keyscope.studies.reproduce`)."""
 
 from __future__ import annotations
 
+from keyscope._infra.errors import KeyscopeError
 from keyscope.cli.common import MODEL_HELP, add_known_argument, add_progress_argument
 from keyscope.cli.output import write_json
-from keyscope.errors import KeyscopeError
 
 
 def cmd_reproduce(args) -> int:
     from dataclasses import replace
 
     from keyscope.cli.evaluate import parse_taus
-    from keyscope.experiments import reproduce
+    from keyscope.studies import reproduce
 
     config = reproduce.ReproduceConfig(model=args.model, data=args.data, layer=args.layer, corpus=args.corpus,
                                        seed=args.seed, known=args.known)

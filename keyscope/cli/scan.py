@@ -12,13 +12,14 @@ subject, and writes into ``--out``:
 
 It prints the best hit's prefix per subject (Figure 4 right). Under ``torchrun --nproc_per_node K -m keyscope
 scan …`` each process scans every K-th batch of the corpus, the top-k lists are gathered and merged into the
-single-process ones exactly (ties by stream position), and rank 0 alone writes (:mod:`keyscope.distributed`).
+single-process ones exactly (ties by stream position), and rank 0 alone writes (:mod:`keyscope._infra.distributed`).
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
 
+from keyscope._infra.errors import KeyscopeError
 from keyscope.cli.common import (
     BATCH_SIZE_HELP,
     MODEL_HELP,
@@ -29,7 +30,6 @@ from keyscope.cli.common import (
     positive_int,
 )
 from keyscope.cli.output import write_json
-from keyscope.errors import KeyscopeError
 
 
 def _one_line(text: str, width: int = 90) -> str:
@@ -45,7 +45,8 @@ def cmd_scan(args) -> int:
 
 
 def _scan(args, world, device) -> int:
-    from keyscope import scan
+    from keyscope._infra.memory import DEFAULT_BATCH_SIZE, corpus_batch_size
+    from keyscope.analysis import scan
     from keyscope.cli.common import (
         check_subject_tokens,
         covariance,
@@ -53,9 +54,8 @@ def _scan(args, world, device) -> int:
         known_subset,
         model_and_layer,
     )
-    from keyscope.datasets import read_facts
-    from keyscope.experiments import scan as experiment
-    from keyscope.memory import DEFAULT_BATCH_SIZE, corpus_batch_size
+    from keyscope.data.datasets import read_facts
+    from keyscope.studies import scan as experiment
 
     try:  # check the numbers before the model loads; the layer is set below
         config = scan.ScanConfig(layer=0, n_tokens=args.tokens, seq_len=args.seq_len,

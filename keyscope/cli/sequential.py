@@ -9,6 +9,7 @@ undone at the end, bit-exactly.
 
 from __future__ import annotations
 
+from keyscope._infra.errors import KeyscopeError
 from keyscope.cli.common import (
     add_covariance_arguments,
     add_model_arguments,
@@ -16,7 +17,6 @@ from keyscope.cli.common import (
     positive_int,
 )
 from keyscope.cli.output import check_outputs, write_json
-from keyscope.errors import KeyscopeError
 
 
 def parse_checkpoints(text: str) -> tuple[int, ...]:
@@ -30,10 +30,10 @@ def parse_checkpoints(text: str) -> tuple[int, ...]:
 
 
 def cmd_sequential(args) -> int:
-    from keyscope import corpus as corpora
     from keyscope.cli.common import covariance_loader, edit_inputs, parse_methods
-    from keyscope.experiments import sequential as experiment
-    from keyscope.sequential import SequentialConfig, run_sequential
+    from keyscope.data import corpus as corpora
+    from keyscope.evaluation.sequential import SequentialConfig, run_sequential
+    from keyscope.studies import sequential as experiment
 
     methods = parse_methods(args.method, "--method")
     checkpoints = parse_checkpoints(args.checkpoints)

@@ -3,6 +3,7 @@ contexts, in the whitened metric ``C⁻¹`` that decides how far a ROME edit rea
 
 from __future__ import annotations
 
+from keyscope._infra.errors import KeyscopeError
 from keyscope.cli.common import (
     MODEL_HELP,
     add_dtype_argument,
@@ -11,11 +12,9 @@ from keyscope.cli.common import (
     positive_int,
 )
 from keyscope.cli.output import write_json
-from keyscope.errors import KeyscopeError
 
 
 def cmd_similarity(args) -> int:
-    from keyscope import corpus as corpora
     from keyscope.cli.common import (
         check_subject_tokens,
         covariance,
@@ -23,8 +22,9 @@ def cmd_similarity(args) -> int:
         known_subset,
         model_and_layer,
     )
-    from keyscope.datasets import load_facts
-    from keyscope.experiments import similarity as experiment
+    from keyscope.data import corpus as corpora
+    from keyscope.data.datasets import load_facts
+    from keyscope.studies import similarity as experiment
 
     data = data_source(args)
     facts = load_facts(data)

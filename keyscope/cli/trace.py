@@ -8,6 +8,7 @@ map) and ``trace.csv`` (one row per fact) into ``--out``.
 
 from __future__ import annotations
 
+from keyscope._infra.errors import KeyscopeError
 from keyscope.cli.common import (
     ALWAYS_KNOWN_HELP,
     MODEL_HELP,
@@ -17,15 +18,14 @@ from keyscope.cli.common import (
     positive_int,
 )
 from keyscope.cli.output import write_json
-from keyscope.errors import KeyscopeError
 
 
 def cmd_trace(args) -> int:
+    from keyscope.analysis.trace import TraceConfig
     from keyscope.cli.common import data_source, dtype_of
-    from keyscope.datasets import load_facts
-    from keyscope.experiments import trace as experiment
-    from keyscope.models import load_model
-    from keyscope.trace import TraceConfig
+    from keyscope.data.datasets import load_facts
+    from keyscope.model.models import load_model
+    from keyscope.studies import trace as experiment
 
     try:
         config = TraceConfig(n=args.n, noise_scale=args.noise, samples=args.samples, window=args.window,

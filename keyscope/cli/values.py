@@ -21,7 +21,7 @@ from keyscope.cli.output import write_json
 
 def cmd_values(args) -> int:
     from keyscope.cli.common import check_rome_setting, edit_inputs, rome_config
-    from keyscope.experiments import values as experiment
+    from keyscope.studies import values as experiment
 
     check_rome_setting(args)
     facts, model, layer, cov, _ = edit_inputs(args)

@@ -2,7 +2,7 @@
 
 ``build_world`` generates subjects, aliases, relations and facts from a seed; ``corpus.filler_documents``
 streams unrelated text; ``train`` rebuilds the model; the model shipped in ``keyscope/factworld/model/``
-loads with ``keyscope.models.load_model("factworld")``.
+loads with ``keyscope.model.models.load_model("factworld")``.
 """
 
 from pathlib import Path

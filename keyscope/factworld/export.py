@@ -18,7 +18,7 @@ import json
 import random
 from pathlib import Path
 
-from keyscope.atomic import write_text
+from keyscope._infra.atomic import write_text
 from keyscope.factworld.world import ALIAS_KINDS, World
 
 N_NEIGHBOURS = 10
@@ -70,7 +70,7 @@ def _order_twins(world: World) -> list[list[int]]:
 
 
 def write(world: World, path: str | Path, seed: int = 0) -> Path:
-    """Write :func:`records` as a JSON list, one record per line (atomically: :mod:`keyscope.atomic`)."""
+    """Write :func:`records` as a JSON list, one record per line (atomically: :mod:`keyscope._infra.atomic`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = ",\n".join(json.dumps(r, ensure_ascii=False) for r in records(world, seed))

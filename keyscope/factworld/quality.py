@@ -18,7 +18,7 @@ from collections.abc import Iterable
 import torch
 from tqdm.auto import tqdm
 
-from keyscope.errors import KeyscopeError
+from keyscope._infra.errors import KeyscopeError
 from keyscope.factworld import corpus
 from keyscope.factworld.world import World
 
@@ -56,7 +56,7 @@ def top1_accuracy(
 
 def target_id(tokenizer, target: str) -> int:
     """The one token of ``target`` as it follows a prompt (after a space); a one-line
-    :class:`~keyscope.errors.KeyscopeError` if it has several (factworld's targets are single tokens)."""
+    :class:`~keyscope._infra.errors.KeyscopeError` if it has several (factworld's targets are single tokens)."""
     ids = tokenizer(" " + target, add_special_tokens=False)["input_ids"]
     if len(ids) != 1:
         raise KeyscopeError(f"factworld target {target!r} is {len(ids)} tokens, not one; is this factworld's tokenizer?")

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from keyscope.errors import KeyscopeError
+from keyscope._infra.errors import KeyscopeError
 from keyscope.factworld import corpus
 from keyscope.factworld.world import (
     ALIAS_STATEMENTS,

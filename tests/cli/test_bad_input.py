@@ -5,7 +5,7 @@
 Every command runs in-process (``keyscope.cli.main``) on tiny local models; a case fails before the work it
 guards, so the whole catalogue takes seconds. The Python API's cases (a request dict without ``target_new``,
 ``REP.fit`` keys of the wrong type, width or emptiness, an unfitted adaptor, an ``<unk>`` target) are in
-``tests/test_rome.py`` and ``tests/test_rep.py``.
+``tests/editing/test_rome.py`` and ``tests/editing/test_rep.py``.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from keyscope import cache
+from keyscope._infra import cache
+from keyscope.analysis.covariance import KIND, load_or_compute_covariance
 from keyscope.cli import main
-from keyscope.covariance import KIND, load_or_compute_covariance
-from keyscope.models import load_model
+from keyscope.model.models import load_model
 from tests import hf_tiny
 
 #: Facts the tiny models' tokenizers read (the words are in hf_tiny.TRAINING_TEXT).
@@ -168,8 +168,8 @@ def test_every_command_takes_no_progress(command):
 
 
 def test_the_library_refuses_counts_below_one_too():
-    from keyscope.errors import KeyscopeError
-    from keyscope.experiments import scan, similarity
+    from keyscope._infra.errors import KeyscopeError
+    from keyscope.studies import scan, similarity
 
     facts = [SimpleNamespace(subject=f["subject"]) for f in FACTS]
     for n in (0, -3):

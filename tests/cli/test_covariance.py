@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from keyscope.analysis.covariance import KeyCovariance
 from keyscope.cli import main
-from keyscope.covariance import KeyCovariance
 from tests.cli.conftest import ROOT
 
 ARGS = ["covariance", "--layer", "0", "--tokens", "20000", "--no-progress"]
@@ -108,9 +108,9 @@ def test_dtype_enters_the_cache_key(tmp_path, monkeypatch):
 DRIVER = """
 import os, sys, time
 from pathlib import Path
-import keyscope.covariance_job as job
+import keyscope.analysis.covariance_job as job
 from keyscope.cli import covariance, main
-from keyscope.errors import EmptyCorpus
+from keyscope._infra.errors import EmptyCorpus
 
 mode, out, rank = sys.argv[1], Path(sys.argv[2]), os.environ["RANK"]
 if rank == "1" and mode == "shard":

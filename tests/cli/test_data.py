@@ -104,7 +104,7 @@ NO_CASE_ID = {13, 14}  # records whose case id is their index in the file
 
 @pytest.fixture(scope="module")
 def factworld_model():
-    from keyscope.models import load_model
+    from keyscope.model.models import load_model
 
     return load_model("factworld")
 
@@ -124,15 +124,15 @@ def mixed_facts(tmp_path, monkeypatch):
 
 def _known_ids(model, path) -> list:
     """The case ids of the facts of ``path`` that ``model`` predicts top-1, computed fact by fact."""
-    from keyscope.datasets import load_facts
-    from keyscope.predictions import predicts_target
+    from keyscope.analysis.predictions import predicts_target
+    from keyscope.data.datasets import load_facts
 
     return [f.case_id for f in load_facts(path) if predicts_target(model, [f], batch_size=1).item()]
 
 
 def test_known_counts_the_facts_the_model_predicts_and_writes_their_records(mixed_facts, factworld_model, tmp_path,
                                                                             capsys):
-    from keyscope.datasets import load_facts
+    from keyscope.data.datasets import load_facts
 
     path, records = mixed_facts
     subset, report = tmp_path / "out" / "known.json", tmp_path / "report.json"
@@ -192,8 +192,8 @@ def test_known_on_a_paraphrase_table_is_one_line(tmp_path, capsys):
 
 
 def test_scan_with_known_studies_only_known_facts(mixed_facts, factworld_model, tmp_path):
-    from keyscope.datasets import load_facts
-    from keyscope.experiments.scan import distinct_subjects
+    from keyscope.data.datasets import load_facts
+    from keyscope.studies.scan import distinct_subjects
 
     path, _ = mixed_facts
     base = ["scan", "--data", path, "--tokens", "300", "--cov-tokens", "400", "--seq-len", "32", "--batch-size", "4",
@@ -244,7 +244,7 @@ def test_known_is_always_on_where_a_command_draws_known_facts(command):
 
 
 def test_reproduce_report_names_known_in_its_command_line():
-    from keyscope.experiments import reproduce
+    from keyscope.studies import reproduce
 
     figures = Path(__file__).resolve().parents[2] / "figures"
     run = json.loads((figures / "reproduce_timings.json").read_text())

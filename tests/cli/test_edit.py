@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from keyscope.cli import main
-from keyscope.models import load_model
+from keyscope.model.models import load_model
 
 FACTS = [
     {"case_id": 7, "prompt": "The Eiffel Tower is located in", "subject": "The Eiffel Tower", "target_new": "Rome",

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from keyscope.cli import main
-from keyscope.metrics import METRICS
+from keyscope.evaluation.metrics import METRICS
 
 QUICK = ["--no-progress", "--tokens", "20000"]
 
@@ -124,7 +124,7 @@ def test_evaluate_ablate_reports_every_variant(env, tmp_path, capsys):
     out, report = tmp_path / "figs", tmp_path / "ablation.json"
     assert main(["evaluate", "--ablate", "--n", "1", "--out", str(out), "--json", str(report), *QUICK]) == 0
     payload = json.loads(report.read_text())
-    from keyscope.ablation import VARIANTS
+    from keyscope.evaluation.ablation import VARIANTS
 
     assert list(payload["variants"]) == [v.name for v in VARIANTS]
     for name, entry in payload["variants"].items():
@@ -172,7 +172,7 @@ def test_torchrun_two_gloo_processes_give_the_single_process_rows(tmp_path, keys
 def test_evaluate_resume_continues_a_stopped_run_to_the_same_table(env, cache, tmp_path, capsys, monkeypatch):
     """A run stopped after its first fact keeps that fact's rows; ``--resume`` scores only the others and writes the
     uninterrupted run's files, byte for byte (the JSON but for its wall-clock seconds); the checkpoint is then gone."""
-    from keyscope import evaluate as ev
+    from keyscope.evaluation import evaluate as ev
 
     argv = ["evaluate", "--n", "2", *QUICK]
     assert main([*argv, "--out", str(tmp_path / "one"), "--json", str(tmp_path / "one.json")]) == 0

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from keyscope.atomic import save_figure, write_text
+from keyscope._infra.atomic import save_figure, write_text
+from keyscope._infra.errors import KeyscopeError
 from keyscope.cli.output import BACKUP_PREFIX, nothing_left_on_failure, write_json
-from keyscope.errors import KeyscopeError
 
 OLD_FIGURE = b"\x89PNG old figure \x00\xff"
 

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from keyscope.cli import main
-from keyscope.rep import REPConfig
+from keyscope.editing.rep import REPConfig
 from tests.cli.test_edit import FACTS
 
 

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from keyscope import models
 from keyscope.cli import main
-from keyscope.rep import REPConfig
+from keyscope.editing.rep import REPConfig
+from keyscope.model import models
 
 
 @pytest.mark.slow

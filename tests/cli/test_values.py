@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from keyscope.cli import main
-from keyscope.models import load_model
-from keyscope.prompts import fill
+from keyscope.data.prompts import fill
+from keyscope.model.models import load_model
 from tests import hf_tiny
 
 #: (template, subject, neighbourhood subjects): the words are all in the word-level tokenizer's vocabulary.
@@ -96,9 +96,9 @@ def test_values_is_deterministic(inputs, capsys):
 
 
 def test_values_run_restores_the_weights_after_every_edit(inputs, word_checkpoint):
-    from keyscope.covariance import KeyCovariance
-    from keyscope.datasets import load_facts
-    from keyscope.experiments import values
+    from keyscope.analysis.covariance import KeyCovariance
+    from keyscope.data.datasets import load_facts
+    from keyscope.studies import values
 
     model = load_model(str(word_checkpoint[0]))
     before = {name: p.detach().clone() for name, p in model.original_model.named_parameters()}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from keyscope.experiments.factworld import failures, rebuild
+from keyscope.studies.factworld import failures, rebuild
 
 
 @pytest.mark.training

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from keyscope.experiments.factworld import QUALITY_BAR
 from keyscope.factworld import quality
 from keyscope.factworld.card import world_of
-from keyscope.models import default_layer, load_model, model_card
+from keyscope.model.models import default_layer, load_model, model_card
+from keyscope.studies.factworld import QUALITY_BAR
 
 
 @pytest.fixture(scope="module")

@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from keyscope.experiments.factworld import QUALITY_BAR, BelowQualityBar, BuildConfig, failures, rebuild
 from keyscope.factworld.tokenizer import TokenizerConfig
 from keyscope.factworld.train import ModelConfig, TrainConfig, train
 from keyscope.factworld.world import WorldConfig
+from keyscope.studies.factworld import QUALITY_BAR, BelowQualityBar, BuildConfig, failures, rebuild
 
 TINY = TrainConfig(
     world=WorldConfig(n_subjects=24),
@@ -52,7 +52,7 @@ def test_a_model_below_the_bar_is_an_error_and_leaves_nothing_at_out(tmp_path):
     assert 0 <= card["default_layer"] < 2 and len(card["trace"]["indirect_effect"]) == 2
     assert card["tokenizer"] == "bpe" and card["rome_check"]["n"] >= 1 and failures(card)
     assert not list(tmp_path.glob(".*partial*"))
-    from keyscope.models import default_layer, load_model
+    from keyscope.model.models import default_layer, load_model
 
     assert default_layer(load_model(str(kept))) == card["default_layer"]
     with pytest.raises(Exception, match="already exists"):
@@ -71,7 +71,7 @@ def test_the_bar_names_every_miss():
 
 
 def test_a_model_that_meets_the_bar_is_moved_to_out_with_its_export(tmp_path, monkeypatch):
-    from keyscope.experiments import factworld as fw
+    from keyscope.studies import factworld as fw
 
     monkeypatch.setattr(fw, "QUALITY_BAR", {"canonical": 0.0, "trained_aliases": 0.0, "rome_success": 0.0,
                                             "rome_locality": 0.0, "min_layer": 0})
