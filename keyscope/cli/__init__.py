@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="keyscope", description="Keys and values of transformer MLP memories.",
                      epilog="Run 'keyscope COMMAND --help' for a command's options.")
     parser.add_argument("--version", action="version", version=f"keyscope {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", help="the command to run")
     for name in COMMANDS:
         importlib.import_module(f"keyscope.cli.{name}").register(sub)
     return parser
@@ -133,9 +133,10 @@ def run(args) -> int:
     outputs are kept, so a failure on any rank, however late, fails every rank; each rank prints its error line
     (the failing one its own, the others ``… stopped because rank R of K failed``) after removing what it wrote
     and before any rank exits, and every rank exits with the failing rank's status."""
-    from keyscope.cli.common import torchrun_world
+    from keyscope.cli.common import check_device, resolve_progress, torchrun_world
 
-    with torchrun_world(getattr(args, "device", None)) as (world, _):
+    resolve_progress(args)  # progress bars on a terminal only, unless --progress or --no-progress
+    with torchrun_world(check_device(getattr(args, "device", None))) as (world, _):
         if not world.distributed:
             return _run_checked(args, world)
         try:

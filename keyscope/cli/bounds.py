@@ -16,6 +16,9 @@ from keyscope.cli.common import (
     add_methods_argument,
     add_model_arguments,
     add_output_arguments,
+    add_scan_tokens_argument,
+    add_seed_argument,
+    command_parser,
     positive_int,
 )
 from keyscope.cli.output import write_json
@@ -48,15 +51,23 @@ def cmd_bounds(args) -> int:
 
 def register(sub) -> None:
     """Add ``keyscope bounds`` to the top-level subparsers ``sub``."""
-    p = sub.add_parser("bounds", help="check Lemmas 4.4, 4.6 and 4.7 on real edits")
+    p = command_parser(
+        sub, "bounds", help="check Lemmas 4.4, 4.6 and 4.7 on real edits",
+        description="Checks the paper's lemmas on real edits of each method of --methods: Lemma 4.4 (the value "
+                    "change through a single attention path, and its bound), Lemma 4.6 (AUROC of the edit "
+                    "strength alpha for a query's robustness) and Lemma 4.7 (AUROC of alpha for a flipped "
+                    "prediction on neighbourhood prompts and on corpus-scan prefixes of --scan-tokens tokens). "
+                    "Writes fig_bounds.png, bounds.md and per-edit and per-query CSVs into --out.",
+        examples=["keyscope bounds --n 20",
+                  "keyscope bounds --methods memit,memit+rep --n 50 --out figures/memit --json bounds.json"])
     add_model_arguments(p)
     p.add_argument("--n", type=positive_int, default=50, help="number of edited facts (default 50)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the facts and splits")
+    add_seed_argument(p, "the facts and splits")
     add_methods_argument(p, DEFAULT_METHODS)
     p.add_argument("--rome-only", action="store_true", help="ROME alone (--methods rome)")
     p.add_argument("--corpus", help="corpus for C, REP's negatives and the scan (default: the model's default)")
     p.add_argument("--context", help="text for the long contexts (default: the corpus)")
     add_covariance_arguments(p)
-    p.add_argument("--scan-tokens", type=positive_int, default=50_000, help="corpus tokens scanned for Lemma 4.7 prefixes")
+    add_scan_tokens_argument(p, 50_000, what=" for Lemma 4.7's prefixes")
     add_output_arguments(p, "outputs")
     p.set_defaults(func=cmd_bounds)

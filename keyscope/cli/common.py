@@ -1,10 +1,23 @@
 """What several commands share: the model and layer from ``--model/--layer``, the facts from ``--data`` (and the
-known ones of ``--known``), the layer's key covariance ``C`` from ``--corpus/--recompute``, ``--no-progress``, the
-output options, and the argument types that check counts while parsing."""
+known ones of ``--known``), the layer's key covariance ``C`` from ``--corpus/--cov-tokens/--recompute``,
+``--device``, ``--progress/--no-progress``, the output options, each command's parser (description and examples),
+and the argument types that check counts while parsing.
+
+One vocabulary for every command (old spellings stay as aliases of the same option, so older command lines run):
+
+* ``--cov-tokens N``: corpus tokens for ``C`` (alias ``--tokens`` where ``--tokens`` meant that);
+* ``--scan-tokens N``: corpus tokens scanned (``scan``, ``reach``, ``bounds``; alias ``--tokens`` in scan and reach);
+* ``--top-k K`` (alias ``--top`` in reach), ``--n-subjects N`` (alias ``--subjects`` in scan), ``--methods M1,M2``
+  (alias ``--method`` in sequential and reach), ``--mask-window W`` for positions masked after a subject's
+  occurrence (alias ``--window`` in scan and reach; ``trace``'s ``--window`` is ROME's restored layers);
+* ``--device``, ``--seed``, ``--out`` (default ``keyscope-out/COMMAND``), ``--json``, ``--progress/--no-progress``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
+import textwrap
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -16,16 +29,59 @@ if TYPE_CHECKING:
 
 #: The options that name output paths (as ``args`` attributes; ``write_known`` is ``--write-known``): folders, then
 #: files. Every command's are checked before any work and cleaned up after a failure (:func:`keyscope.cli.main`).
-OUTPUT_FOLDERS = ("out",)
+OUTPUT_FOLDERS = ("out", "save")
 OUTPUT_FILES = ("json", "export", "write_known")
 
 
-def add_methods_argument(parser, default: str = "rome,rome+rep") -> None:
-    """``--methods M1,M2,…``: editing methods of the registry (:data:`keyscope.editing.base.EDITORS`)."""
+#: Where ``--out`` goes by default: ``keyscope-out/COMMAND`` in the current directory, a folder that holds no
+#: committed file (the repository's artefacts are in ``figures/``; write there with ``--out figures``).
+OUT_ROOT = "keyscope-out"
+
+
+def default_out(command: str) -> str:
+    """``--out``'s default for ``command``: ``keyscope-out/COMMAND`` (relative to the current directory)."""
+    return f"{OUT_ROOT}/{command}"
+
+
+def _example(command: str, width: int) -> str:
+    """``command`` indented, cut before an option (never inside one's value) into lines continued with ``\\``."""
+    lines, line = [], "  "
+    for i, chunk in enumerate(command.split(" --")):
+        piece = chunk if i == 0 else "--" + chunk
+        if line.strip() and len(line) + 1 + len(piece) + 2 > width:
+            lines.append(line + " \\")
+            line = "      " + piece
+        else:
+            line = f"{line} {piece}" if line.strip() else line + piece
+    return "\n".join(lines + [line])
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The description and the examples as written (wrapped by :func:`command_parser`); options' help wrapped
+    without breaking a word at its hyphen (``keyscope-out/…``, ``--cov-tokens``)."""
+
+    def _split_lines(self, text, width):
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
+def command_parser(sub, name: str, *, help: str, description: str, examples: list[str] | tuple[str, ...]):
+    """The parser of ``keyscope NAME``: ``help`` for the command list, ``description`` (one paragraph, wrapped) at
+    the top of ``keyscope NAME --help`` and ``examples`` (command lines) below the options."""
+    width = 78
+    text = textwrap.fill(" ".join(description.split()), width)
+    epilog = "examples:\n" + "\n".join(_example(e, width) for e in examples)
+    return sub.add_parser(name, help=help, description=text, epilog=epilog,
+                          formatter_class=HelpFormatter)
+
+
+def add_methods_argument(parser, default: str = "rome,rome+rep", aliases: tuple[str, ...] = (),
+                         help: str | None = None) -> None:
+    """``--methods M1,M2,…`` (and ``aliases``, e.g. ``--method``): editing methods of the registry
+    (:data:`keyscope.editing.EDITORS`), in ``args.methods``."""
     from keyscope.editing.base import EDITORS
 
-    parser.add_argument("--methods", default=default,
-                        help=f"comma-separated editing methods, of: {', '.join(EDITORS)} (default {default})")
+    parser.add_argument("--methods", *aliases, dest="methods", default=default, metavar="M1,M2,…",
+                        help=help or f"comma-separated editing methods, of: {', '.join(EDITORS)} (default {default})")
 
 
 def parse_methods(text: str, flag: str = "--methods") -> tuple[str, ...]:
@@ -61,8 +117,62 @@ def _int_at_least(text: str, low: int) -> int:
 
 
 def add_progress_argument(parser) -> None:
-    """``--no-progress``: every command takes it (progress bars go to stderr)."""
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    """``--progress`` / ``--no-progress``: every command takes them (progress bars go to stderr, and by default only
+    when stderr is a terminal: :func:`resolve_progress`)."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--progress", action="store_true",
+                       help="show progress bars even when stderr is not a terminal (default: only on a terminal)")
+    group.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def resolve_progress(args, isatty=None) -> bool:
+    """The one rule for progress bars, applied by :func:`keyscope.cli.run` before a command runs: on with
+    ``--progress``, off with ``--no-progress``, else on only when stderr is a terminal (so a piped log gets no
+    ``\\r`` updates). Sets ``args.progress`` to the answer and ``args.no_progress`` to its negation (what the
+    commands read) and returns the answer. The library's functions keep their explicit ``progress=`` parameter."""
+    if not hasattr(args, "no_progress"):
+        return False
+    forced, off = bool(getattr(args, "progress", False)), bool(args.no_progress)
+    tty = sys.stderr.isatty() if isatty is None else isatty
+    shown = forced or (not off and bool(tty))
+    args.progress, args.no_progress = shown, not shown
+    return shown
+
+
+def add_seed_argument(parser, what: str) -> None:
+    """``--seed S`` (default 0), its help saying what it draws (``what``)."""
+    parser.add_argument("--seed", type=int, default=0, help=f"seed of {what} (default 0)")
+
+
+def add_device_argument(parser) -> None:
+    """``--device``: where the model runs (checked before any work by :func:`check_device`)."""
+    parser.add_argument("--device", metavar="DEVICE",
+                        help="cpu, cuda, cuda:1, … (default: cuda if available, else cpu; under torchrun "
+                             "cuda:LOCAL_RANK)")
+
+
+def check_device(text: str | None) -> str | None:
+    """``--device`` as given, or a one-line error, before any work, for one that is not a device or not here."""
+    if text is None:
+        return None
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise KeyscopeError(f"--device {text!r} is not a device; give cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise KeyscopeError(f"--device {text}: no CUDA device is available here; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise KeyscopeError(f"--device {text}: there are {torch.cuda.device_count()} CUDA devices here "
+                                f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise KeyscopeError(f"--device {text}: MPS is not available here; use --device cpu")
+    elif device.type != "cpu":
+        raise KeyscopeError(f"--device {text!r}: keyscope runs on cpu, cuda or cuda:N")
+    return text
 
 
 def output_paths(args) -> tuple[dict[str, str | None], dict[str, str | None]]:
@@ -136,8 +246,43 @@ def data_source(args) -> str:
 
     data = args.data or (FACTWORLD if args.model == FACTWORLD else None)
     if data is None:
+        unknown = unknown_model(args.model)
+        if unknown:
+            raise KeyscopeError(f"{unknown}; a model other than factworld also needs --data (a CounterFact/REP JSON "
+                                f"file)")
         raise KeyscopeError("--data is required for a model other than factworld (a CounterFact/REP JSON file)")
     return data
+
+
+def unknown_model(name: str) -> str | None:
+    """Why ``--model name`` names nothing keyscope could load, found without the network (one clause, naming it), or
+    ``None`` when it may name a model: factworld, a packaged model (:data:`keyscope.model.gguf.PACKAGED`), an existing
+    directory or ``.gguf`` file, a hub model in the local cache, or a hub name not close to a name keyscope knows
+    (it may be downloaded). A name that is close (``factword``) is a misspelling, a path that does not exist is
+    missing, and a name that is no valid hub name is neither."""
+    import difflib
+    from pathlib import Path
+
+    from keyscope.model.gguf import PACKAGED
+    from keyscope.model.models import FACTWORLD, _looks_local, cached_snapshot
+
+    known = (FACTWORLD, *PACKAGED)
+    if name in known or Path(name).expanduser().exists():
+        return None
+    if _looks_local(name) or name.endswith(".gguf"):
+        return f"--model {name}: no such directory or file"
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except ValueError:
+        return (f"--model {name!r} is neither a model keyscope knows ({', '.join(known)}), a local directory nor a "
+                f"valid Hugging Face model name")
+    close = difflib.get_close_matches(name.lower(), known, n=1, cutoff=0.75)
+    if close and cached_snapshot(name) is None:
+        return (f"--model {name!r} is not a model keyscope knows ({', '.join(known)}), a local directory nor a hub "
+                f"model in the local cache (did you mean {close[0]}?)")
+    return None
 
 
 #: ``--model``'s help, the same on every command.
@@ -176,9 +321,10 @@ def dtype_of(args):
 
 def model_and_layer(args, device: str | None = None):
     """The model of ``--model`` and ``--layer`` (checked), or the model's default edit layer; on ``device``
-    (default: CUDA when available), in ``--dtype`` (default :func:`keyscope.model.models.default_dtype`)."""
+    (default: ``--device``, else CUDA when available), in ``--dtype`` (default :func:`keyscope.model.models.default_dtype`)."""
     from keyscope.model.models import check_layer, default_layer, load_model
 
+    device = device or getattr(args, "device", None)
     model = load_model(args.model, device=device, dtype=dtype_of(args))
     layer = check_layer(model, args.layer) if args.layer is not None else default_layer(model)
     return model, layer
@@ -217,8 +363,8 @@ def covariance(model, layer: int, args, n_tokens: int, progress: bool = True, wo
 
 
 def covariance_loader(model, args, world: World | None = None):
-    """``L ↦ C`` of layer ``L`` over ``--corpus`` with ``--tokens`` (cached), for editors that edit several layers."""
-    return lambda layer: covariance(model, layer, args, args.tokens, progress=not args.no_progress, world=world)[0]
+    """``L ↦ C`` of layer ``L`` over ``--corpus`` with ``--cov-tokens`` (cached), for editors that edit several layers."""
+    return lambda layer: covariance(model, layer, args, args.cov_tokens, progress=not args.no_progress, world=world)[0]
 
 
 def add_model_arguments(parser) -> None:
@@ -232,6 +378,7 @@ def add_model_arguments(parser) -> None:
                         "of one schema joined by commas, read as one)")
     add_known_argument(parser, ALWAYS_KNOWN_HELP)
     add_dtype_argument(parser)
+    add_device_argument(parser)
 
 
 #: ``--rome-setting`` values: keyscope's ROME, or kmeng01/rome's algorithm exactly (``ROMEConfig(reference=True)``).
@@ -260,22 +407,54 @@ def rome_config(model, args):
     return ROMEConfig.for_model(model, reference=check_rome_setting(args) == "reference")
 
 
+#: ``--cov-tokens``' default: corpus tokens for ``C``.
+COV_TOKENS = 100_000
+
+
+def add_cov_tokens_argument(parser, aliases: tuple[str, ...] = ("--tokens",), note: str = "") -> None:
+    """``--cov-tokens N`` (and ``aliases``: ``--tokens`` where it meant C's tokens), in ``args.cov_tokens``."""
+    parser.add_argument("--cov-tokens", *aliases, dest="cov_tokens", type=positive_int, default=COV_TOKENS,
+                        metavar="N", help=f"corpus tokens for the key covariance C (default {COV_TOKENS:,}){note}")
+
+
+def add_scan_tokens_argument(parser, default: int, aliases: tuple[str, ...] = (), what: str = "") -> None:
+    """``--scan-tokens N`` (and ``aliases``: ``--tokens`` in scan and reach): corpus tokens scanned, in
+    ``args.scan_tokens``."""
+    parser.add_argument("--scan-tokens", *aliases, dest="scan_tokens", type=positive_int, default=default,
+                        metavar="N", help=f"corpus tokens scanned{what} (default {default:,})")
+
+
+def add_mask_window_argument(parser, what: str) -> None:
+    """``--mask-window W`` (alias ``--window``): positions masked after each occurrence (scan, reach)."""
+    parser.add_argument("--mask-window", "--window", dest="mask_window", type=non_negative_int, default=10,
+                        metavar="W", help=f"positions masked after each occurrence of {what}'s last token (default "
+                                          f"10; trace's --window is another thing: its restored layers)")
+
+
 def add_covariance_arguments(parser) -> None:
-    """``--tokens`` and ``--recompute`` for the layer's key covariance C."""
-    parser.add_argument("--tokens", type=positive_int, default=100_000, help="corpus tokens for C (default 100,000)")
+    """``--cov-tokens`` (alias ``--tokens``) and ``--recompute`` for the layer's key covariance C."""
+    add_cov_tokens_argument(parser)
     parser.add_argument("--recompute", action="store_true", help="recompute C even if cached")
 
 
-def add_output_arguments(parser, what: str = "the figure and CSV") -> None:
-    """``--no-progress``, ``--out`` and ``--json``."""
+def add_out_argument(parser, what: str) -> None:
+    """``--out DIR``, by default ``keyscope-out/COMMAND`` (:func:`default_out`; the command is the last word of the
+    parser's ``prog``)."""
+    default = default_out(parser.prog.split()[-1])
+    parser.add_argument("--out", default=default, metavar="DIR",
+                        help=f"output folder for {what} (default {default}/ in the current directory)")
+
+
+def add_output_arguments(parser, what: str = "the figure and CSV", json_help: str = "also write the summary as JSON") -> None:
+    """``--progress/--no-progress``, ``--out`` and ``--json``."""
     add_progress_argument(parser)
-    parser.add_argument("--out", default="figures", help=f"output folder for {what} (default figures/)")
-    parser.add_argument("--json", metavar="PATH", help="also write the summary as JSON")
+    add_out_argument(parser, what)
+    parser.add_argument("--json", metavar="PATH", help=json_help)
 
 
 def edit_inputs(args, world: World | None = None, device: str | None = None):
     """What an editing command starts from: ``(facts, model, layer, C, corpus)`` from ``--data``, ``--model``,
-    ``--layer``, ``--corpus``, ``--tokens``, ``--recompute`` and ``--no-progress`` (``--out`` and ``--json`` are
+    ``--layer``, ``--corpus``, ``--cov-tokens``, ``--recompute`` and ``--no-progress`` (``--out`` and ``--json`` are
     checked before, by :func:`keyscope.cli.main`); the model on ``device``, ``C`` the same on every rank of
     ``world`` (:func:`torchrun_world`). The facts are all of ``--data``: ``--known`` is always on for these commands
     (:func:`add_model_arguments`)."""
@@ -283,5 +462,42 @@ def edit_inputs(args, world: World | None = None, device: str | None = None):
 
     facts = load_facts(data_source(args))
     model, layer = model_and_layer(args, device)
-    cov, source = covariance(model, layer, args, args.tokens, progress=not args.no_progress, world=world)
+    cov, source = covariance(model, layer, args, args.cov_tokens, progress=not args.no_progress, world=world)
     return facts, model, layer, cov, source
+
+
+def command_parsers(parser) -> dict[str, argparse.ArgumentParser]:
+    """Every command's parser under ``parser`` (nested ones included: ``factworld info``), by its name."""
+    found = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                name = sub.prog.split(" ", 1)[1] if " " in sub.prog else sub.prog
+                found[name] = sub
+                found.update(command_parsers(sub))
+    return found
+
+
+#: The shared options of :func:`flag_table`, in its row order.
+SHARED_FLAGS = ("--model", "--data", "--known", "--layer", "--dtype", "--device", "--corpus", "--cov-tokens",
+                "--scan-tokens", "--recompute", "--n", "--n-subjects", "--top-k", "--methods", "--mask-window",
+                "--window", "--seed", "--out", "--json", "--progress", "--no-progress")
+
+
+def flag_table(parser=None) -> str:
+    """A Markdown table of the shared options (:data:`SHARED_FLAGS`) × the commands, generated from the parsers: a
+    cell is ``✓`` where the command takes the option, plus its other spellings (aliases kept from earlier
+    versions) in brackets, empty where it does not."""
+    if parser is None:
+        from keyscope.cli import build_parser
+
+        parser = build_parser()
+    commands = {name: p for name, p in command_parsers(parser).items() if name != "factworld"}
+    lines = ["| option | " + " | ".join(commands) + " |", "|---" * (len(commands) + 1) + "|"]
+    for flag in SHARED_FLAGS:
+        cells = []
+        for sub in commands.values():
+            action = next((a for a in sub._actions if a.option_strings and a.option_strings[0] == flag), None)
+            cells.append("" if action is None else "✓" + "".join(f" ({alias})" for alias in action.option_strings[1:]))
+        lines.append(f"| `{flag}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -10,7 +10,17 @@ covariance …`` each process takes every K-th batch and rank 0 writes the cache
 from __future__ import annotations
 
 from keyscope._infra.errors import KeyscopeError
-from keyscope.cli.common import BATCH_SIZE_HELP, MODEL_HELP, add_dtype_argument, dtype_of, positive_int
+from keyscope.cli.common import (
+    BATCH_SIZE_HELP,
+    MODEL_HELP,
+    add_cov_tokens_argument,
+    add_device_argument,
+    add_dtype_argument,
+    add_progress_argument,
+    command_parser,
+    dtype_of,
+    positive_int,
+)
 from keyscope.cli.output import check_outputs, write_json
 
 
@@ -48,7 +58,7 @@ def cmd_covariance(args) -> int:
         layers = [check_layer(model, layer) for layer in requested or [default_layer(model)]]
         source = args.corpus or corpora.default_corpus(model)
         batch_size = corpus_batch_size(model, args.seq_len, layers, args.batch_size, world)
-        job = CovarianceJob(tuple(layers), n_tokens=args.tokens, seq_len=args.seq_len, batch_size=batch_size,
+        job = CovarianceJob(tuple(layers), n_tokens=args.cov_tokens, seq_len=args.seq_len, batch_size=batch_size,
                             checkpoint_every=args.checkpoint_every)
         result = compute_covariances(model, job, source, world=world, recompute=args.recompute, resume=args.resume,
                                      progress=not args.no_progress)
@@ -70,22 +80,31 @@ def cmd_covariance(args) -> int:
 
 def register(sub) -> None:
     """Add ``keyscope covariance`` to the top-level subparsers ``sub``."""
-    p = sub.add_parser("covariance", help="compute and cache the key covariance C of one or several layers "
-                                          "(resumable; torchrun for several processes)")
+    p = command_parser(
+        sub, "covariance", help="compute and cache the key covariance C of one or several layers "
+                                "(resumable; torchrun for several processes)",
+        description="Computes and caches the key covariance C = E[k k^T] of one or several layers over --cov-tokens "
+                    "corpus tokens, exactly as every other command computes it (the same cache entries, so they "
+                    "find it), several layers in one pass over the corpus, with checkpoints every "
+                    "--checkpoint-every seconds and --resume after a stop. Under torchrun --nproc_per_node K -m "
+                    "keyscope covariance each process takes every K-th batch and rank 0 writes the cache.",
+        examples=["keyscope covariance --cov-tokens 200000",
+                  "keyscope covariance --model meta-llama/Llama-2-7b-hf --layers 3-8 --cov-tokens 10000000 "
+                  "--device cuda --json cov.json"])
     p.add_argument("--model", default="factworld", help=MODEL_HELP)
     p.add_argument("--layer", type=int, help="key layer (default: the model's default edit layer)")
     p.add_argument("--layers", help="several layers in one pass, e.g. 3-8 or 2,5,9")
     p.add_argument("--corpus", help="corpus (default: factworld filler for factworld, WikiText-103 otherwise; "
                                     "or a text file/folder)")
-    p.add_argument("--tokens", type=positive_int, default=100_000, help="counted corpus tokens (default 100,000)")
+    add_cov_tokens_argument(p)
     p.add_argument("--seq-len", type=positive_int, default=256, help="window length fed to the model (default 256)")
     p.add_argument("--batch-size", type=positive_int, help=BATCH_SIZE_HELP)
     add_dtype_argument(p)  # the default is what the other commands load, so they find the cache
-    p.add_argument("--device", help="cpu, cuda, cuda:1, … (default: cuda:LOCAL_RANK if available, else cpu)")
+    add_device_argument(p)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint of the same job")
     p.add_argument("--checkpoint-every", type=float, default=300.0, metavar="SECONDS",
                    help="seconds between checkpoints of the raw sums (default 300; 0: after every batch)")
     p.add_argument("--recompute", action="store_true", help="recompute C even if cached")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_progress_argument(p)
     p.add_argument("--json", metavar="PATH", help="also write tokens, seconds and tokens/s (overall and per layer)")
     p.set_defaults(func=cmd_covariance)

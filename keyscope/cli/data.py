@@ -21,7 +21,13 @@ the one it had, its index), so any command reads them back with ``--data FACTS``
 from __future__ import annotations
 
 from keyscope._infra.errors import KeyscopeError
-from keyscope.cli.common import add_dtype_argument, add_progress_argument, dtype_of
+from keyscope.cli.common import (
+    add_device_argument,
+    add_dtype_argument,
+    add_progress_argument,
+    command_parser,
+    dtype_of,
+)
 from keyscope.cli.output import write_json
 
 
@@ -29,9 +35,11 @@ def _check_model_options(args) -> None:
     """A one-line error, before any work, for an option that needs ``--model`` given without it."""
     if args.model:
         return
-    for flag, given in (("--known", args.known), ("--write-known", args.write_known), ("--dtype", args.dtype)):
+    for flag, given in (("--known", args.known), ("--write-known", args.write_known), ("--dtype", args.dtype),
+                        ("--device", args.device)):
         if given:
-            why = "the model whose top-1 predictions judge the facts" if flag != "--dtype" else "the model to load"
+            why = ("the model whose top-1 predictions judge the facts" if flag not in ("--dtype", "--device")
+                   else "the model to load")
             raise KeyscopeError(f"{flag} needs --model ({why})")
 
 
@@ -93,7 +101,7 @@ def cmd_data(args) -> int:
     if args.model:
         from keyscope.model.models import load_model
 
-        model = load_model(args.model, dtype=dtype)
+        model = load_model(args.model, device=args.device, dtype=dtype)
     tokenizer, tokenizer_name = _tokenizer(args, model)
     failures = list(fact_file.failures)
     if tokenizer is not None:
@@ -127,8 +135,17 @@ def cmd_data(args) -> int:
 
 def register(sub) -> None:
     """Add ``keyscope data`` to the top-level subparsers ``sub``."""
-    p = sub.add_parser("data", help="detect a fact file's schema, load it and locate its subjects; with --known, "
-                                    "count (and write) the facts a model knows")
+    p = command_parser(
+        sub, "data", help="detect a fact file's schema, load it and locate its subjects; with --known, count (and "
+                          "write) the facts a model knows",
+        description="Checks a fact file before a long run: prints the detected schema (CounterFact, EasyEdit "
+                    "CounterFact, REP release, ROME known facts, factworld), the records loaded, the subjects "
+                    "located in their prompts (by --model's or --tokenizer's tokens, else by characters) and each "
+                    "failure with its record index. With --known, how many facts --model knows (top-1 next token = "
+                    "the first token of target_true) and their case ids; --write-known also writes their records "
+                    "as a fact file that any command reads with --data. Exit status 1 when some records fail.",
+        examples=["keyscope data factworld",
+                  "keyscope data counterfact.json --model smollm2-135m --known --write-known known.json"])
     p.add_argument("path", help="a CounterFact / EasyEdit / REP / factworld / ROME-known JSON file (or several of one "
                                 "schema joined by commas, read as one: each case id from the first file holding it), "
                                 "a Patil paraphrase table, or 'factworld'")
@@ -136,6 +153,7 @@ def register(sub) -> None:
     which.add_argument("--model", help="locate subjects with this model's tokenizer (factworld, hub name, directory)")
     which.add_argument("--tokenizer", metavar="DIR", help="locate subjects with this Hugging Face tokenizer")
     add_dtype_argument(p)
+    add_device_argument(p)
     p.add_argument("--known", action="store_true",
                    help="also judge which loaded facts --model knows: top-1 next token after the prompt = the first "
                         "token of target_true (ROME's and Yan et al.'s filter); reports known, not_judged and "

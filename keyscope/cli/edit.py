@@ -4,6 +4,11 @@ the model's top predictions before and after the edit.
 
     keyscope edit --model gpt2-xl --subject "Danielle Darrieux" --prompt "{}'s mother tongue is" --target English
     keyscope edit --case 12                      # a fact of the factworld world (target = its target_new)
+    keyscope edit --case 12 --save edited/       # and save the edited model as a Hugging Face folder
+
+``--save DIR`` writes the edited model (:func:`keyscope.model.models.save_model`) into a hidden folder beside ``DIR``
+and moves it into place at the end, so a failure leaves nothing at ``DIR``; ``DIR`` must be new or empty (checked
+before any work), and the model in memory is the unedited one again afterwards.
 """
 
 from __future__ import annotations
@@ -12,12 +17,15 @@ from keyscope._infra.errors import KeyscopeError
 from keyscope.cli.common import (
     KNOWN_HELP,
     MODEL_HELP,
+    add_cov_tokens_argument,
+    add_device_argument,
     add_dtype_argument,
     add_known_argument,
     add_progress_argument,
     add_rome_setting_argument,
+    add_seed_argument,
+    command_parser,
     non_negative_int,
-    positive_int,
 )
 from keyscope.cli.output import write_json
 
@@ -77,11 +85,12 @@ def cmd_edit(args) -> int:
     from keyscope.studies import edit as experiment
 
     check_rome_setting(args)
+    check_save_folder(args.save)
     request, fact, facts = edit_request(args)
     model, layer = model_and_layer(args)
     facts = known_request_facts(args, model, fact, facts)
     rome.check_request_tokens(model.tokenizer, request)  # an <unk> subject or target fails before C
-    cov, source = covariance(model, layer, args, args.tokens, progress=not args.no_progress)
+    cov, source = covariance(model, layer, args, args.cov_tokens, progress=not args.no_progress)
     config = experiment.ProbeConfig(experiment.edit_probes(args.shuffles, args.context_tokens, args.seed))
     own = fact is not None and request.subject == fact.subject
     rephrasings = fact.subject_rephrase if own else ()
@@ -91,8 +100,44 @@ def cmd_edit(args) -> int:
                             rephrase_kinds=rephrase_kinds(fact) if own else None, exclude=exclude,
                             progress=not args.no_progress)
     print(experiment.format_report(report))
+    if args.save:
+        with rome.applied(model, report.edit):  # the weights are the unedited ones again when the block ends
+            save_edited(model, args.save)
+        print(f"saved the edited model to {args.save} (use it with --model {args.save} or "
+              f"keyscope.model.models.load_model)")
     write_json(args.json, report.as_json())
     return 0
+
+
+def check_save_folder(path: str | None) -> None:
+    """A one-line error, before any work, for a ``--save`` folder that exists and is not empty (or is a file;
+    :func:`keyscope.cli.output.check_outputs` has checked that it can be written)."""
+    from pathlib import Path
+
+    if path and Path(path).is_dir() and any(Path(path).iterdir()):
+        raise KeyscopeError(f"--save {path} is a folder that is not empty; give a new or empty folder")
+
+
+def save_edited(model, path: str) -> None:
+    """Save ``model`` as a Hugging Face folder at ``path`` (new or empty): written into a hidden folder beside it,
+    moved into place at the end; nothing is left behind when writing fails."""
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from keyscope.model.models import save_model
+
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.keyscope-save-", dir=target.parent))
+    try:
+        save_model(model, staging)
+        if target.is_dir():
+            target.rmdir()  # empty (checked before the work): the finished folder takes its place
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 #: ``--known``'s help for ``edit`` (and ``reach`` with ``--case``).
@@ -116,21 +161,35 @@ def add_probe_arguments(parser) -> None:
 
 def register(sub) -> None:
     """Add ``keyscope edit`` to the top-level subparsers ``sub``."""
-    p = sub.add_parser("edit", help="one ROME edit: predictions before/after on rephrased, shuffled and "
-                                    "long-context prompts, with each key's edit strength")
+    p = command_parser(
+        sub, "edit", help="one ROME edit: predictions before/after on rephrased, shuffled and long-context prompts, "
+                          "with each key's edit strength; --save writes the edited model",
+        description="Computes one ROME edit (--subject, --prompt and --target, or --case ID to take them from a fact "
+                    "of --data) and shows the model's top predictions before and after it on the edit prompt, the "
+                    "subject's rephrased forms, token and word shuffles and a prompt behind a long unrelated "
+                    "context, each with its key's normalised edit strength s(k) = k^T C^-1 k* / k*^T C^-1 k*. "
+                    "The model's weights are restored afterwards; --save DIR also writes the edited model as a "
+                    "Hugging Face folder that --model DIR (or keyscope.model.models.load_model) loads.",
+        examples=["keyscope edit --case 12",
+                  "keyscope edit --model gpt2-xl --subject \"Danielle Darrieux\" --prompt \"{}'s mother tongue is\" "
+                  "--target English --save gpt2-xl-edited"])
     add_request_arguments(p)
     p.add_argument("--data", help="facts for --case: factworld (default for factworld) or a CounterFact/REP file")
     add_known_argument(p, KNOWN_EDIT_HELP)
     p.add_argument("--model", default="factworld", help=MODEL_HELP)
     add_dtype_argument(p)
+    add_device_argument(p)
     p.add_argument("--layer", type=int, help="edit layer (default: the model's default edit layer)")
     p.add_argument("--corpus", help="corpus for C = E[k k^T] and the long context (default: factworld filler for "
                                     "factworld, WikiText-103 otherwise; or a text file/folder)")
-    p.add_argument("--tokens", type=positive_int, default=100_000, help="corpus tokens for C (default 100,000)")
+    add_cov_tokens_argument(p)
     p.add_argument("--recompute", action="store_true", help="recompute C even if cached")
     add_probe_arguments(p)
-    p.add_argument("--seed", type=int, default=0, help="seed of the shuffles")
+    add_seed_argument(p, "the shuffles")
     add_rome_setting_argument(p)
     add_progress_argument(p)
     p.add_argument("--json", metavar="PATH", help="also write everything shown as JSON")
+    p.add_argument("--save", metavar="DIR",
+                   help="also save the edited model as a Hugging Face folder DIR (new or empty; the model in memory "
+                        "is restored); load it with --model DIR")
     p.set_defaults(func=cmd_edit)

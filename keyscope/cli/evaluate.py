@@ -24,6 +24,8 @@ from keyscope.cli.common import (
     add_model_arguments,
     add_output_arguments,
     add_rome_setting_argument,
+    add_seed_argument,
+    command_parser,
     positive_int,
 )
 from keyscope.cli.output import write_json
@@ -76,7 +78,7 @@ def cmd_evaluate(args) -> int:
                         or set(methods) != set(ev.METHODS)):
         raise KeyscopeError("--ablate runs its own methods and settings; drop --methods, --tau-sweep, --rep-setting "
                             "and --rome-setting (--tau sets every variant's gate threshold)")
-    with torchrun_world() as (world, device):
+    with torchrun_world(args.device) as (world, device):
         facts, model, layer, cov, source = edit_inputs(args, world, device)
         progress = not args.no_progress
         context = args.context or source
@@ -111,7 +113,18 @@ def cmd_evaluate(args) -> int:
 
 def register(sub) -> None:
     """Add ``keyscope evaluate`` to the top-level subparsers ``sub``."""
-    p = sub.add_parser("evaluate", help="Table 1: ROME vs ROME+REP robustness; --tau-sweep: Figure 7")
+    p = command_parser(
+        sub, "evaluate", help="Table 1: ROME vs ROME+REP robustness; --tau-sweep: Figure 7",
+        description="Table 1 of Yan et al.: edits --n facts the model knows, one at a time (a batch editor such as "
+                    "MEMIT --batch-size at a time), with each method of --methods, and measures Success, Locality "
+                    "and the Rephrase, Shuffle, Word shuffle and Long rates in-domain and out-of-domain, with 95% "
+                    "intervals; writes table1.csv, table1.md and table1_facts.csv into --out. --tau-sweep adds "
+                    "Figure 7 (fig7_tau_sweep.png); --ablate runs the ablation of keyscope's departures instead. "
+                    "Checkpointed after every fact: --resume continues a stopped run. Under torchrun "
+                    "--nproc_per_node K -m keyscope evaluate the facts are shared among the processes.",
+        examples=["keyscope evaluate --n 50 --methods rome,rome+rep --tau-sweep 0.5,0.7,0.9",
+                  "keyscope evaluate --model smollm2-135m --data FACTS.json --known --n 30 --protocol paper "
+                  "--corpus DIR --out figures/smollm2/table1 --json table1.json --resume"])
     add_model_arguments(p)
     p.add_argument("--n", "--n-facts", dest="n", type=positive_int, default=100,
                    help="number of edited facts (default 100; under torchrun write --n-facts, since torchrun "
@@ -133,7 +146,7 @@ def register(sub) -> None:
                    help="instead of Table 1: ROME+REP under keyscope's settings, the released code's, each departure "
                         "reverted alone and each choice keyscope tried and dropped switched back on (ablation.md, "
                         "ablation.csv)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the facts, splits and adaptors")
+    add_seed_argument(p, "the facts, splits and adaptors")
     p.add_argument("--resume", action="store_true",
                    help="continue a stopped run of the same command from its checkpoint (the per-fact rows, kept in "
                         "the cache after every fact or batch of facts and removed once the outputs are written): the "

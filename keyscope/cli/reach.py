@@ -1,16 +1,17 @@
 """``keyscope reach``: which contexts an edit will change, shown before it is applied, then checked.
 
-Computes the edit (``--method``, any of the registry; no saved model is touched), scores every position of
-``--tokens`` corpus tokens by the edit's strength ``s(k)`` (``kᵀC⁻¹k*/k*ᵀC⁻¹k*`` for ROME, ``α(k̂)`` of the
-adapted key under ROME+REP, the largest over the edited layers), and prints the ``--top`` unrelated positions
+Computes the edit (``--methods``, one method of the registry; alias ``--method``; no saved model is touched), scores
+every position of ``--scan-tokens`` corpus tokens (alias ``--tokens``) by the edit's strength ``s(k)``
+(``kᵀC⁻¹k*/k*ᵀC⁻¹k*`` for ROME, ``α(k̂)`` of the adapted key under ROME+REP, the largest over the edited layers),
+and prints the ``--top-k`` unrelated positions (alias ``--top``)
 (decoded prefix, ``s(k)``), the subject's own rephrased, shuffled and long-context forms with their ``s(k)``
 (what the edit will miss) and a one-line verdict. Then it applies the edit reversibly and measures the KL of
 the next-token distribution and top-1 flips at those positions and at as many random ones (``--seed``):
 precision@K and the Spearman correlation of ``s(k)`` with the KL. Writes ``reach.png`` into ``--out``.
 
-    keyscope reach --case 0 --tokens 100000 --top 20 --json reach.json
+    keyscope reach --case 0 --scan-tokens 100000 --top-k 20 --json reach.json
     keyscope reach --subject "Danielle Darrieux" --prompt "{}'s mother tongue is" --target English --model gpt2-xl
-    keyscope reach --n 50 --tokens 50000 --out figures --json figures/reach_50.json   # 50 known facts
+    keyscope reach --n 50 --scan-tokens 50000 --out figures --json figures/reach_50.json   # 50 known facts
 """
 
 from __future__ import annotations
@@ -18,10 +19,17 @@ from __future__ import annotations
 from keyscope._infra.errors import KeyscopeError
 from keyscope.cli.common import (
     MODEL_HELP,
+    add_cov_tokens_argument,
+    add_device_argument,
     add_dtype_argument,
     add_known_argument,
+    add_mask_window_argument,
+    add_methods_argument,
+    add_output_arguments,
     add_rome_setting_argument,
-    non_negative_int,
+    add_scan_tokens_argument,
+    add_seed_argument,
+    command_parser,
     positive_int,
 )
 from keyscope.cli.edit import KNOWN_EDIT_HELP, add_probe_arguments, add_request_arguments
@@ -32,12 +40,23 @@ def _config(args):
     from keyscope.evaluation.reach import ReachConfig
 
     try:
-        return ReachConfig(n_tokens=args.tokens, top_k=args.top, seed=args.seed, window=args.window)
+        return ReachConfig(n_tokens=args.scan_tokens, top_k=args.top_k, seed=args.seed, window=args.mask_window)
     except ValueError as exc:
         message = str(exc)
-        for field, option in (("n_tokens", "--tokens"), ("top_k", "--top"), ("window", "--window")):
+        for field, option in (("n_tokens", "--scan-tokens"), ("top_k", "--top-k"), ("window", "--mask-window")):
             message = message.replace(f"ScanConfig.{field}", option)
         raise KeyscopeError(message) from exc
+
+
+def one_method(text: str) -> str:
+    """``--methods`` of reach: exactly one method of the registry, or a one-line error."""
+    from keyscope.cli.common import parse_methods
+
+    methods = parse_methods(text)
+    if len(methods) != 1:
+        raise KeyscopeError(f"--methods: reach shows one edit's reach, so it takes one method, not {len(methods)} "
+                            f"({','.join(methods)}); run it once per method")
+    return methods[0]
 
 
 def cmd_reach(args) -> int:
@@ -54,7 +73,8 @@ def cmd_reach(args) -> int:
         raise KeyscopeError("--shuffles and --context-tokens must be >= 0 and --cov-tokens >= 1")
     if args.n is not None and (args.n < 1 or args.case is not None or args.subject or args.prompt or args.target):
         raise KeyscopeError("--n takes a positive number of facts and no --case, --subject, --prompt or --target")
-    check_methods([args.method])
+    method = one_method(args.methods)
+    check_methods([method])
     check_rome_setting(args)
     check_outputs(folders={"--out": args.out}, files={"--json": args.json})
     if args.n is not None:
@@ -67,7 +87,7 @@ def cmd_reach(args) -> int:
     progress = not args.no_progress
     cov, source = covariance(model, layer, args, args.cov_tokens, progress=progress)
     probe_config = ProbeConfig(edit_probes(args.shuffles, args.context_tokens, args.seed))
-    reacher = experiment.Reacher(model, layer, cov, source, args.method, facts, config, probe_config,
+    reacher = experiment.Reacher(model, layer, cov, source, method, facts, config, probe_config,
                                  rome_config(model, args), context_docs=corpora.ContextSource(source),
                                  load_covariance=lambda other: covariance(model, other, args, args.cov_tokens,
                                                                           progress=progress)[0])
@@ -85,8 +105,19 @@ def cmd_reach(args) -> int:
 
 def register(sub) -> None:
     """Add ``keyscope reach`` to the top-level subparsers ``sub``."""
-    p = sub.add_parser("reach", help="an edit's reach before it is applied: the corpus positions it changes most, "
-                                     "the subject's forms it misses, and a check of the prediction")
+    p = command_parser(
+        sub, "reach", help="an edit's reach before it is applied: the corpus positions it changes most, the subject's "
+                           "forms it misses, and a check of the prediction",
+        description="Which contexts an edit will change, shown before it is applied, then checked: computes the "
+                    "edit (one method of the registry; the model is not changed), scores every position of "
+                    "--scan-tokens corpus tokens by the edit's strength s(k), and prints the --top-k unrelated "
+                    "positions it reaches most, the subject's own rephrased, shuffled and long-context forms with "
+                    "their s(k) (what the edit will miss) and a verdict. Then it applies the edit reversibly and "
+                    "measures the KL of the next-token distribution and top-1 flips at those positions and at as "
+                    "many random ones (precision@K, Spearman). Writes reach.png into --out; with --n, the reach of "
+                    "N known facts summarised (reach_edits.csv, reach_edits.png).",
+        examples=["keyscope reach --case 0 --scan-tokens 100000 --top-k 20 --json reach.json",
+                  "keyscope reach --n 50 --methods rome+rep --scan-tokens 50000 --out figures/reach_rep"])
     add_request_arguments(p)
     p.add_argument("--n", type=positive_int, help="instead of one edit: the reach of N known facts of --data drawn with "
                                          "--seed, summarised (reach_edits.csv, reach_edits.png)")
@@ -95,20 +126,20 @@ def register(sub) -> None:
                           f"(always on)")
     p.add_argument("--model", default="factworld", help=MODEL_HELP)
     add_dtype_argument(p)
+    add_device_argument(p)
     p.add_argument("--layer", type=int, help="edit layer (default: the model's default edit layer)")
-    p.add_argument("--method", default="rome", help="editing method of the registry (default rome; e.g. rome+rep)")
+    add_methods_argument(p, "rome", aliases=("--method",),
+                         help="the editing method of the registry, one (default rome; e.g. rome+rep)")
     p.add_argument("--corpus", help="corpus to scan, for C and the long context (default: factworld filler for "
                                     "factworld, WikiText-103 otherwise; or a text file/folder)")
-    p.add_argument("--tokens", type=positive_int, default=100_000, help="corpus tokens scanned (default 100,000)")
-    p.add_argument("--cov-tokens", type=positive_int, default=100_000, help="corpus tokens for C (default 100,000)")
+    add_scan_tokens_argument(p, 100_000, aliases=("--tokens",))
+    add_cov_tokens_argument(p, aliases=(), note="; here --tokens is --scan-tokens")
     p.add_argument("--recompute", action="store_true", help="recompute C even if cached")
-    p.add_argument("--top", type=positive_int, default=20, help="positions listed and checked (default 20)")
-    p.add_argument("--window", type=non_negative_int, default=10,
-                   help="positions masked after each occurrence of the subject or a related name (default 10)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random positions, the shuffles and --n")
+    p.add_argument("--top-k", "--top", dest="top_k", type=positive_int, default=20,
+                   help="positions listed and checked (default 20)")
+    add_mask_window_argument(p, "the subject or a related name")
+    add_seed_argument(p, "the random positions, the shuffles and --n")
     add_probe_arguments(p)
     add_rome_setting_argument(p)
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--out", default="figures", help="output folder for reach.png (default figures/)")
-    p.add_argument("--json", metavar="PATH", help="also write everything shown as JSON")
+    add_output_arguments(p, "reach.png", "also write everything shown as JSON")
     p.set_defaults(func=cmd_reach)

@@ -1,9 +1,9 @@
 """``keyscope scan``: Figure 4 — the corpus positions whose keys an edit of a subject would reach.
 
-Streams ``--tokens`` corpus tokens through the model (stopped after the layer's key), scores every position
-against the keys of ``--subjects`` subjects by the normalised edit strength ``kᵀC⁻¹k*/k*ᵀC⁻¹k*``, masks each
-subject's own occurrences (its last token and ``--window`` positions after), keeps the ``--top-k`` best per
-subject, and writes into ``--out``:
+Streams ``--scan-tokens`` corpus tokens (alias ``--tokens``) through the model (stopped after the layer's key),
+scores every position against the keys of ``--n-subjects`` subjects (alias ``--subjects``) by the normalised edit
+strength ``kᵀC⁻¹k*/k*ᵀC⁻¹k*``, masks each subject's own occurrences (its last token and ``--mask-window``
+positions after; alias ``--window``), keeps the ``--top-k`` best per subject, and writes into ``--out``:
 
 * ``fig4_neighbors.png`` — the distribution of those unrelated top-k scores next to the scores of the same
   subjects' rephrased forms (Figure 4 left);
@@ -23,10 +23,14 @@ from keyscope._infra.errors import KeyscopeError
 from keyscope.cli.common import (
     BATCH_SIZE_HELP,
     MODEL_HELP,
+    add_cov_tokens_argument,
+    add_device_argument,
     add_dtype_argument,
     add_known_argument,
-    add_progress_argument,
-    non_negative_int,
+    add_mask_window_argument,
+    add_output_arguments,
+    add_scan_tokens_argument,
+    command_parser,
     positive_int,
 )
 from keyscope.cli.output import write_json
@@ -40,7 +44,7 @@ def _one_line(text: str, width: int = 90) -> str:
 def cmd_scan(args) -> int:
     from keyscope.cli.common import torchrun_world
 
-    with torchrun_world() as (world, device):
+    with torchrun_world(args.device) as (world, device):
         return _scan(args, world, device)
 
 
@@ -58,14 +62,15 @@ def _scan(args, world, device) -> int:
     from keyscope.studies import scan as experiment
 
     try:  # check the numbers before the model loads; the layer is set below
-        config = scan.ScanConfig(layer=0, n_tokens=args.tokens, seq_len=args.seq_len,
-                                 batch_size=args.batch_size or DEFAULT_BATCH_SIZE, top_k=args.top_k, window=args.window)
+        config = scan.ScanConfig(layer=0, n_tokens=args.scan_tokens, seq_len=args.seq_len,
+                                 batch_size=args.batch_size or DEFAULT_BATCH_SIZE, top_k=args.top_k,
+                                 window=args.mask_window)
     except ValueError as exc:
         raise KeyscopeError(str(exc)) from exc
     data = data_source(args)
     fact_file = read_facts(data)
     model, layer = model_and_layer(args, device)
-    facts = experiment.distinct_subjects(known_subset(args, model, fact_file.facts, world), args.subjects)
+    facts = experiment.distinct_subjects(known_subset(args, model, fact_file.facts, world), args.n_subjects)
     if not facts:
         raise KeyscopeError(f"{data} holds no usable facts ({len(fact_file.failures)} records failed to load)")
     check_subject_tokens(model, facts)
@@ -100,25 +105,35 @@ def _scan(args, world, device) -> int:
 
 def register(sub) -> None:
     """Add ``keyscope scan`` to the top-level subparsers ``sub``."""
-    p = sub.add_parser("scan", help="Figure 4: corpus positions whose keys an edit of a subject would reach")
+    p = command_parser(
+        sub, "scan", help="Figure 4: corpus positions whose keys an edit of a subject would reach",
+        description="Figure 4 of Yan et al.: streams --scan-tokens corpus tokens through the model, scores every "
+                    "position against the keys of --n-subjects subjects by the normalised edit strength "
+                    "k^T C^-1 k* / k*^T C^-1 k*, masks each subject's own occurrences (its last token and "
+                    "--mask-window positions after), keeps the --top-k best per subject and prints each subject's "
+                    "best prefix; writes fig4_neighbors.png, fig4_neighbors.csv and fig4_rephrase.csv into --out. "
+                    "C comes from --cov-tokens tokens of the same corpus (cached). Under torchrun each process "
+                    "scans every K-th batch and the lists are merged exactly.",
+        examples=["keyscope scan --scan-tokens 200000 --n-subjects 20",
+                  "keyscope scan --model smollm2-135m --data FACTS.json --known --corpus DIR --scan-tokens 1000000 "
+                  "--n-subjects 100 --out figures/smollm2/scan"])
     p.add_argument("--model", default="factworld", help=MODEL_HELP)
     p.add_argument("--layer", type=int, help="key layer (default: the model's default edit layer)")
     p.add_argument("--data", help="facts: factworld (default for factworld) or a CounterFact/REP JSON file (or several "
                         "of one schema joined by commas, read as one)")
     add_known_argument(p)
     add_dtype_argument(p)
+    add_device_argument(p)
     p.add_argument("--corpus", help="corpus to scan and to estimate C from (default: factworld filler for "
                                     "factworld, WikiText-103 otherwise; or a text file/folder)")
-    p.add_argument("--tokens", type=positive_int, default=100_000, help="corpus tokens to scan (default 100,000)")
-    p.add_argument("--subjects", type=positive_int, default=20, help="number of distinct subjects (default 20)")
+    add_scan_tokens_argument(p, 100_000, aliases=("--tokens",))
+    p.add_argument("--n-subjects", "--subjects", dest="n_subjects", type=positive_int, default=20,
+                   help="number of distinct subjects (default 20)")
     p.add_argument("--top-k", type=positive_int, default=10, help="hits kept per subject (default 10)")
-    p.add_argument("--window", type=non_negative_int, default=10,
-                   help="positions masked after each subject occurrence's last token (default 10)")
-    p.add_argument("--cov-tokens", type=positive_int, default=100_000, help="corpus tokens for C (default 100,000)")
+    add_mask_window_argument(p, "a subject")
+    add_cov_tokens_argument(p, aliases=(), note="; here --tokens is --scan-tokens")
     p.add_argument("--seq-len", type=positive_int, default=256, help="window length fed to the model (default 256)")
     p.add_argument("--batch-size", type=positive_int, help=BATCH_SIZE_HELP)
     p.add_argument("--recompute", action="store_true", help="recompute C even if cached")
-    add_progress_argument(p)
-    p.add_argument("--out", default="figures", help="output folder for the figure and CSV (default figures/)")
-    p.add_argument("--json", metavar="PATH", help="also write the summary as JSON")
+    add_output_arguments(p, "the figure and CSV")
     p.set_defaults(func=cmd_scan)

@@ -14,6 +14,8 @@ from keyscope.cli.common import (
     add_model_arguments,
     add_output_arguments,
     add_rome_setting_argument,
+    add_seed_argument,
+    command_parser,
     positive_int,
 )
 from keyscope.cli.output import write_json
@@ -39,10 +41,19 @@ def cmd_values(args) -> int:
 
 def register(sub) -> None:
     """Add ``keyscope values`` to the top-level subparsers ``sub``."""
-    p = sub.add_parser("values", help="Figure 5: value norms before/after ROME edits, and edit quality")
+    p = command_parser(
+        sub, "values", help="Figure 5: value norms before/after ROME edits, and edit quality",
+        description="Figure 5 of Yan et al. (ROME's edited values are 'loud voices') and the quality of the edits: "
+                    "edits --n random facts the model knows, one at a time (each undone before the next), with the "
+                    "published ROME hyper-parameters of the model's family; prints efficacy, locality, paraphrase "
+                    "and rephrased-subject top-1 rates, seconds per edit and the median value norm at k* before "
+                    "and after the edit, and writes fig5_value_norms.png and fig5_value_norms.csv into --out.",
+        examples=["keyscope values --n 20",
+                  "keyscope values --model smollm2-135m --data FACTS.json --corpus DIR --n 200 "
+                  "--out figures/smollm2/values --json values.json"])
     add_model_arguments(p)
     p.add_argument("--n", type=positive_int, default=100, help="number of edits (default 100)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the choice of facts")
+    add_seed_argument(p, "the choice of facts")
     p.add_argument("--corpus", help="corpus for C = E[k k^T] (default: factworld filler for factworld, "
                                     "WikiText-103 otherwise; or a text file/folder)")
     add_rome_setting_argument(p)

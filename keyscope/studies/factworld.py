@@ -171,9 +171,9 @@ def rebuild(seed: int = 0, out_dir: str | Path = "factworld-model", config: Trai
     return card
 
 
-def info(model) -> dict:
+def info(model, progress: bool = False) -> dict:
     """What ``keyscope factworld info`` reports for a loaded factworld model: its shape, tokenizer, edit layer,
-    the trace recorded at build time, and top-1 accuracies measured now."""
+    the trace recorded at build time, and top-1 accuracies measured now (``progress``: a bar per prompt kind)."""
     from keyscope.model.models import default_layer, model_card, n_layers
 
     card = model_card(model)
@@ -181,7 +181,7 @@ def info(model) -> dict:
         raise KeyscopeError("this is not a factworld model (its keyscope.json card is missing or not factworld's)")
     world = world_of(card)
     seed = card.get("train_config", {}).get("seed", 0)
-    accuracy = quality.evaluate(model, model.tokenizer, world, seed=seed, progress=False)
+    accuracy = quality.evaluate(model, model.tokenizer, world, seed=seed, progress=progress)
     return {
         "accuracy": accuracy,
         "subjects": len(world.subjects),

@@ -66,6 +66,7 @@ class ReproduceConfig:
     bounds_edits: int = 50
     seed: int = 0
     known: bool = False  # Figures 3 and 4 on the facts the model knows only (the other stages draw only those)
+    device: str | None = None  # where the model runs (default: CUDA when available)
 
 
 def _pct(value) -> str:
@@ -313,7 +314,7 @@ def run(config: ReproduceConfig, out_dir: str | Path = "figures", progress: bool
         bar.update(1)
 
     start = stage("covariance")
-    model = load_model(config.model)
+    model = load_model(config.model, device=config.device)
     name = model_name(model)
     layer = default_layer(model) if config.layer is None else config.layer
     data = config.data or ("factworld" if config.model == "factworld" else None)

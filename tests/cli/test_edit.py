@@ -82,14 +82,100 @@ def test_edit_from_arguments_has_no_rephrasings(inputs, capsys):
     assert "'The Eiffel Tower is located in' -> 'Rome'" in capsys.readouterr().out
 
 
-def test_edit_shows_the_v_star_optimisation_unless_no_progress(inputs, capsys):
+def test_edit_shows_the_v_star_optimisation_with_progress_only(inputs, capsys):
+    """Progress bars on a terminal only (stderr captured here is none), unless ``--progress`` forces them."""
     argv = [a for a in inputs["base"] if a != "--no-progress"] + [
         "--subject", "The Eiffel Tower", "--prompt", "{} is located in", "--target", "Rome", "--shuffles", "0",
         "--context-tokens", "0"]
-    assert main(argv) == 0
+    assert main(argv + ["--progress"]) == 0
     assert "v* layer 1" in capsys.readouterr().err
+    assert main(argv) == 0
+    assert "v* layer" not in capsys.readouterr().err
     assert main(argv + ["--no-progress"]) == 0
     assert "v* layer" not in capsys.readouterr().err
+
+
+def _target_probability(model, prompt: str, target: str) -> float:
+    """P(first token of `` target`` | ``prompt``) under ``model``."""
+    context = model.tokenizer(prompt)["input_ids"]
+    token = model.tokenizer(prompt + " " + target)["input_ids"][len(context)]
+    with torch.no_grad():
+        return float(model(torch.tensor([context]), return_type="logits")[0, -1].softmax(-1)[token])
+
+
+def _files(folder) -> dict[str, bytes]:
+    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+def test_edit_save_writes_the_edited_model_and_leaves_the_original_alone(inputs, capsys, tiny_checkpoints,
+                                                                         monkeypatch):
+    from keyscope.cli import common
+
+    source = tiny_checkpoints["llama"]
+    on_disk = _files(source)
+    loaded = []
+    real = common.model_and_layer
+
+    def recording(args, device=None):  # the model the command edits, and its weights before the edit
+        model, layer = real(args, device)
+        loaded.append((model, {k: v.clone() for k, v in model.state_dict().items()}))
+        return model, layer
+
+    monkeypatch.setattr(common, "model_and_layer", recording)
+    saved, report = inputs["tmp"] / "edited", inputs["tmp"] / "edit.json"
+    argv = inputs["base"] + ["--data", inputs["facts"], "--case", "8", "--shuffles", "0", "--context-tokens", "0",
+                             "--save", str(saved), "--json", str(report)]
+    assert main(argv) == 0
+    assert f"saved the edited model to {saved}" in capsys.readouterr().out
+    assert (saved / "config.json").is_file() and any(saved.glob("*.safetensors"))
+    assert not [p for p in inputs["tmp"].iterdir() if "keyscope-save" in p.name]  # no staging folder left
+    model, before = loaded[0]
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the model in memory: restored bit-exactly
+    assert _files(source) == on_disk  # the original folder: untouched
+    prompt = "Michael Jordan played basketball for the"
+    original, edited = load_model(str(source)), load_model(str(saved))
+    p_before, p_after = _target_probability(original, prompt, "Lakers"), _target_probability(edited, prompt, "Lakers")
+    assert p_after > p_before, (p_before, p_after)
+    shown = json.loads(report.read_text())["probes"][0]  # the edit prompt, before and after the edit in memory
+    assert p_before == pytest.approx(shown["target_probability_before"], rel=1e-4)
+    assert p_after == pytest.approx(shown["target_probability_after"], rel=1e-4)  # the saved model is the edited one
+
+
+def test_edit_save_refuses_a_folder_that_is_not_empty_before_any_work(inputs, capsys):
+    full = inputs["tmp"] / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("x")
+    argv = inputs["base"] + ["--data", inputs["facts"], "--case", "8", "--save", str(full)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--save" in err and "not empty" in err and "\n" not in err
+    assert [p.name for p in full.iterdir()] == ["keep.txt"] and not (inputs["tmp"] / "cache").exists()
+    afile = inputs["tmp"] / "afile"
+    afile.write_text("x")
+    assert main(inputs["base"] + ["--case", "8", "--data", inputs["facts"], "--save", str(afile)]) == 2
+    assert "--save" in capsys.readouterr().err and afile.read_text() == "x"
+
+
+def test_a_failed_save_leaves_nothing(inputs, capsys, monkeypatch):
+    import keyscope.model.models
+
+    def broken(model, path):
+        (path / "config.json").write_text("{}")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(keyscope.model.models, "save_model", broken)
+    saved = inputs["tmp"] / "new" / "edited"
+    argv = inputs["base"] + ["--data", inputs["facts"], "--case", "8", "--shuffles", "0", "--context-tokens", "0",
+                             "--save", str(saved)]
+    assert main(argv) == 2
+    assert "No space left" in capsys.readouterr().err
+    assert not (inputs["tmp"] / "new").exists()
+    empty = inputs["tmp"] / "empty"
+    empty.mkdir()
+    assert main(argv[:-1] + [str(empty)]) == 2
+    assert empty.is_dir() and not any(empty.iterdir())
+    assert not [p for p in inputs["tmp"].iterdir() if "keyscope-save" in p.name]
 
 
 @pytest.mark.parametrize(

@@ -61,7 +61,7 @@ def test_reach_of_many_factworld_facts_summarises_the_distribution(tmp_path, mon
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--case", "8", "--top", "0"], "argument --top: must be at least 1"),
+    (["--case", "8", "--top", "0"], "argument --top-k/--top: must be at least 1"),
     (["--case", "8", "--method", "memo"], "unknown method"),
     (["--case", "8", "--n", "3"], "--n takes"),
     (["--subject", "Michael Jordan"], "give --prompt, --target"),
