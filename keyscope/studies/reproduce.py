@@ -176,7 +176,7 @@ def report(figures: str | Path, run: dict) -> str:
     model = config["model"]
     lines = [f"# keyscope reproduction of \"Keys to Robust Edits\" on `{model}`", "",
              f"Layer {layer}; seed {config['seed']}; regenerate with `keyscope reproduce --model {model}"
-             f"{' --known' if config.get('known') else ''}`. "
+             f"{' --known' if config.get('known') else ''} --out figures`. "
              f"Stage times: " + ", ".join(f"{k} {v:.0f} s" for k, v in run["seconds"].items() if k != "report") + ".", ""]
     if (figures / trace_exp.TABLE).exists():
         lines += _trace_section(figures, config, layer)
