@@ -476,28 +476,3 @@ def command_parsers(parser) -> dict[str, argparse.ArgumentParser]:
                 found[name] = sub
                 found.update(command_parsers(sub))
     return found
-
-
-#: The shared options of :func:`flag_table`, in its row order.
-SHARED_FLAGS = ("--model", "--data", "--known", "--layer", "--dtype", "--device", "--corpus", "--cov-tokens",
-                "--scan-tokens", "--recompute", "--n", "--n-subjects", "--top-k", "--methods", "--mask-window",
-                "--window", "--seed", "--out", "--json", "--progress", "--no-progress")
-
-
-def flag_table(parser=None) -> str:
-    """A Markdown table of the shared options (:data:`SHARED_FLAGS`) × the commands, generated from the parsers: a
-    cell is ``✓`` where the command takes the option, plus its other spellings (aliases kept from earlier
-    versions) in brackets, empty where it does not."""
-    if parser is None:
-        from keyscope.cli import build_parser
-
-        parser = build_parser()
-    commands = {name: p for name, p in command_parsers(parser).items() if name != "factworld"}
-    lines = ["| option | " + " | ".join(commands) + " |", "|---" * (len(commands) + 1) + "|"]
-    for flag in SHARED_FLAGS:
-        cells = []
-        for sub in commands.values():
-            action = next((a for a in sub._actions if a.option_strings and a.option_strings[0] == flag), None)
-            cells.append("" if action is None else "✓" + "".join(f" ({alias})" for alias in action.option_strings[1:]))
-        lines.append(f"| `{flag}` | " + " | ".join(cells) + " |")
-    return "\n".join(lines)

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from keyscope.cli import COMMANDS, build_parser, main
-from keyscope.cli.common import OUT_ROOT, command_parsers, flag_table, resolve_progress
+from keyscope.cli.common import OUT_ROOT, command_parsers, resolve_progress
+from keyscope.cli.reference import flag_matrix
 
 FACTWORLD_DATA = Path(__file__).resolve().parents[2] / "data" / "factworld" / "factworld.json"
 
@@ -111,7 +112,7 @@ def test_one_flag_name_has_one_dest_across_commands():
 
 
 def test_the_flag_table_is_generated_from_the_parsers():
-    table = flag_table().splitlines()
+    table = flag_matrix().splitlines()
     assert table[0].startswith("| option | factworld info | factworld train | similarity |")
     rows = {line.split(" | ")[0].strip("| `"): line for line in table[2:]}
     assert "✓ (--tokens)" in rows["--cov-tokens"] and "✓ (--tokens)" in rows["--scan-tokens"]
