@@ -126,7 +126,7 @@ class FactFile:
     failures: tuple[Failure, ...]
     indices: tuple[int, ...] = ()  # record index of each fact
     records: tuple = field(default=(), repr=False, compare=False)  # the parsed JSON records, in file order
-    duplicates: int = 0  # facts of a later file whose case id an earlier file of the same --data had (read_facts)
+    duplicates: int = 0  # facts of a later file that an earlier file of the same --data had (same case id and fact)
 
 
 class _RecordError(Exception):
@@ -416,13 +416,20 @@ def read_facts(source: str | Path) -> FactFile:
 
     Several files read as one (:func:`_union`): their records in order, and each case id's fact from the first
     file that holds it (Yan et al.'s LLaMA-2, Mistral and Qwen test sets share most of their facts; the later
-    copies are counted in ``FactFile.duplicates``, not loaded). Raises :class:`UnknownSchema` (a
+    copies are counted in ``FactFile.duplicates``, not loaded). A case id that names different facts in two files
+    (subject, prompt or targets differ: files numbered apart), or a record without its case id, is an error. Raises :class:`UnknownSchema` (a
     :class:`KeyscopeError`, one line) for an unreadable file, invalid JSON, an unknown schema, files of different
     schemas or a Patil paraphrase table; problems of single records are returned as failures.
     """
     sources = split_sources(source)
     if len(sources) > 1:
-        return _union([read_facts(part) for part in sources])
+        parts = []
+        for part in sources:
+            try:
+                parts.append(read_facts(part))
+            except UnknownSchema as exc:  # name the file at fault
+                raise UnknownSchema(str(exc) if str(part) in str(exc) else f"{part}: {exc}") from exc
+        return _union(parts)
     if isinstance(source, str) and source == FACTWORLD:
         records, name = _factworld_records(), FACTWORLD
         schema = FACTWORLD_SCHEMA
@@ -442,14 +449,23 @@ def _union(files: Sequence[FactFile]) -> FactFile:
     if len(schemas) > 1:
         raise UnknownSchema("the files of one --data must share a schema: "
                             + ", ".join(f"{f.source} is {f.schema}" for f in files))
-    facts, failures, indices, records, seen, duplicates, offset = [], [], [], [], set(), 0, 0
+    facts, failures, indices, records, seen, duplicates, offset = [], [], [], [], {}, 0, 0
+    key = "known_id" if files[0].schema == ROME_KNOWN else "case_id"
     for f in files:
         failures += [replace(failure, index=failure.index + offset) for failure in f.failures]
         for fact, index in zip(f.facts, f.indices):
+            if key not in f.records[index]:
+                raise UnknownSchema(f"{f.source}: record {index} has no {key}; the files of one --data are joined by "
+                                    f"case id, so each record needs its own")
+            same = (fact.subject, fact.filled_prompt, fact.target_new, fact.target_true)
             if fact.case_id in seen:
+                first, where = seen[fact.case_id]
+                if first != same:
+                    raise UnknownSchema(f"case id {fact.case_id!r} names different facts in {where} and {f.source}; "
+                                        f"the files of one --data must number their facts alike")
                 duplicates += 1
                 continue
-            seen.add(fact.case_id)
+            seen[fact.case_id] = (same, f.source)
             facts.append(fact)
             indices.append(index + offset)
         records += f.records

@@ -43,7 +43,7 @@ class EditSession:
     """What :func:`edit` returns: the bridge with every edit applied (``model``), the edits (``edits``: one
     :class:`~keyscope.editing.ModelEdit` per fact, in order), the scored rows and their :func:`keyscope.evaluation.evaluate.summarize`
     (``summary[method][metric]``: micro-averaged rate, ``ci``, ``counts``). :meth:`restore` (or leaving a ``with``
-    block) takes the edits out."""
+    block) takes the edits out; two sessions on one model are restored in the reverse order of their making."""
 
     model: object
     method: str
@@ -95,7 +95,9 @@ def edit(model, facts: Sequence[Fact | Mapping], method: str = "rome", *, layer:
     ``corpus``'s documents. ``probes`` sets the queries per fact (:data:`keyscope.data.perturbations.PROTOCOLS`); its
     seed is ``seed``, as in ``keyscope evaluate``. ``pool``: the facts whose sentences make the out-of-domain long
     contexts and whose subjects' forms no probe may hold — ``keyscope evaluate`` uses the whole fact file; default
-    ``facts``, which must then name more than one subject.
+    ``facts``, which must then name more than one subject; REP's gate negatives come from it too, as from the fact
+    file in ``keyscope evaluate``. ``cov`` must be the covariance of ``layer``; a multi-layer editor (MEMIT) gets
+    its other layers' from ``corpus`` (cached).
     """
     (method,) = check_methods([method])
     model = as_bridge(model)
@@ -105,14 +107,19 @@ def edit(model, facts: Sequence[Fact | Mapping], method: str = "rome", *, layer:
     layer = default_layer(model) if layer is None else layer
     corpus = corpus if corpus is not None else default_corpus(model)
     cov = cov if cov is not None else load_or_compute_covariance(model, layer, corpus, progress=False)
-    context = prepare_context(model, layer, cov, [method], facts, corpus, seed=seed, batch_size=batch_size)
-    editors = {method: make_editor(method, model, context)}
-    probes = replace(probes or PerturbationConfig(), seed=seed)  # one seed, as EvalConfig has it
-    contexts = ContextSource.of(context_docs if context_docs is not None else corpus)
+    if getattr(getattr(cov, "config", None), "layer", layer) != layer:
+        raise KeyscopeError(f"cov is the covariance of layer {cov.config.layer}, not of the edit layer {layer}")
     pool = _as_facts(pool) if pool is not None else facts
+    pool = pool + [f for f in facts if f.case_id not in {g.case_id for g in pool}]  # the edited facts are in it
     if len({f.subject for f in pool}) < 2:
         raise KeyscopeError("the out-of-domain long contexts are made of facts about other subjects: pass facts of "
                             "several subjects, or a larger pool= (e.g. the whole fact file)")
+    context = prepare_context(model, layer, cov, [method], pool, corpus, seed=seed, batch_size=batch_size,
+                              load_covariance=lambda other: load_or_compute_covariance(model, other, corpus,
+                                                                                       progress=False))
+    editors = {method: make_editor(method, model, context)}
+    probes = replace(probes or PerturbationConfig(), seed=seed)  # one seed, as EvalConfig has it
+    contexts = ContextSource.of(context_docs if context_docs is not None else corpus)
     forms = subject_forms(pool)
     session = EditSession(model, method, layer, [], [], {})
     for fact in facts:

@@ -426,11 +426,13 @@ def load_model(name_or_path: str = FACTWORLD, device: str | None = None, dtype: 
     model.eval()
     register_source(model, ModelSource(name_or_path, source, repo_id))  # the directory first: the card is read from it
     register_source(model, ModelSource(name_or_path, source, repo_id, model_card(model)))  # once, checked at load
+    model.original_model.__dict__[_BRIDGE_ATTRIBUTE] = model  # as_bridge(model.original_model) is this bridge
     return model
 
 
-#: The bridge of each Hugging Face model :func:`as_bridge` wrapped, kept as long as the model lives.
-_BRIDGES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+#: Where a Hugging Face model keeps the bridge over it (:func:`as_bridge`, :func:`load_model`): an entry of the
+#: model's ``__dict__``, not a registered submodule, so the two die together.
+_BRIDGE_ATTRIBUTE = "_keyscope_bridge"
 
 
 def is_bridge(model) -> bool:
@@ -447,7 +449,9 @@ def as_bridge(model):
     the Hugging Face model too, and restored with it. The wrapped model is read as :func:`load_model` reads
     ``name`` (its ``name_or_path``): the same tokenizer and BOS convention, the same ``keyscope.json`` card, and the
     same name in every cache key, so a covariance computed for ``load_model(name)`` is found for it and the other way
-    round (when the weights are equal). The bridge is put in eval mode. Anything else is a :class:`ModelNotAvailable`."""
+    round (when the weights are equal). The bridge is put in eval mode, and TransformerLens swaps the model's
+    submodules for its bridge components and its attention for the eager implementation, for good: wrap a model you
+    run through keyscope from then on. Anything else is a :class:`ModelNotAvailable`."""
     if is_bridge(model):
         return model
     from transformers import PreTrainedModel
@@ -455,8 +459,8 @@ def as_bridge(model):
     if not isinstance(model, PreTrainedModel):
         raise ModelNotAvailable(f"keyscope runs on a TransformerLens 4 TransformerBridge (keyscope.load_model) or a Hugging "
                             f"Face PreTrainedModel, not a {type(model).__name__}")
-    if model in _BRIDGES:
-        return _BRIDGES[model]
+    if _BRIDGE_ATTRIBUTE in model.__dict__:
+        return model.__dict__[_BRIDGE_ATTRIBUTE]
     name = getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")
     if not name:
         raise ModelNotAvailable("this Hugging Face model has no name_or_path (built in memory?); save it with "
@@ -469,14 +473,15 @@ def as_bridge(model):
         repo_id, source = cached if cached is not None else (name, None)
     parameter = next(model.parameters())
     try:
-        bridge = _boot(name, str(parameter.device), parameter.dtype, hf_model=model)
+        bridge = _boot(str(source) if source is not None else name, str(parameter.device), parameter.dtype,
+                       hf_model=model)
     except (OSError, ValueError, KeyError, TypeError, *_config_errors()) as exc:
         raise _load_error(name, source, exc) from exc
     _check_dense_mlp(bridge, name)
     bridge.eval()
     register_source(bridge, ModelSource(name, source, repo_id))
     register_source(bridge, ModelSource(name, source, repo_id, model_card(bridge)))
-    _BRIDGES[model] = bridge
+    model.__dict__[_BRIDGE_ATTRIBUTE] = bridge
     return bridge
 
 

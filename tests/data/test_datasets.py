@@ -274,13 +274,21 @@ def test_several_files_read_as_one_with_each_case_id_once(tmp_path):
     a duplicate and its later fact left out; files of two schemas are one line."""
     other = {**REP, "case_id": 7, "prompt": "Xenix, created by", "subject": "Xenix"}
     first, second = tmp_path / "a.json", tmp_path / "b.json"
-    first.write_text(json.dumps([REP, {"prompt": "no subject"}]))
-    second.write_text(json.dumps([{**REP, "target_new": "Apple"}, other]))
+    first.write_text(json.dumps([REP, {"case_id": 9, "prompt": "no subject"}]))
+    second.write_text(json.dumps([{**REP, "locality_prompt": ["another"]}, other]))
     both = ds.read_facts(f"{first},{second}")
     assert both.schema == ds.REP and both.n_records == 4 and both.duplicates == 1
     assert [f.case_id for f in both.facts] == [143, 7]
-    assert both.facts[0].target_new == "Adobe"  # the first file's copy
+    assert both.facts[0].neighborhood_prompts == tuple(REP["locality_prompt"])  # the first file's copy
     assert both.indices == (0, 3) and [f.index for f in both.failures] == [1]
+    renumbered = tmp_path / "c.json"  # the same case id for another fact: files numbered apart
+    renumbered.write_text(json.dumps([{**REP, "target_new": "Apple"}]))
+    with pytest.raises(ds.UnknownSchema, match="case id 143 names different facts"):
+        ds.read_facts(f"{first},{renumbered}")
+    unnumbered = tmp_path / "d.json"
+    unnumbered.write_text(json.dumps([{k: v for k, v in other.items() if k != "case_id"}]))
+    with pytest.raises(ds.UnknownSchema, match="has no case_id"):
+        ds.read_facts(f"{first},{unnumbered}")
     assert ds.fact_records(both, [1]) == [other]
     assert ds.sniff_schema(f"{first}, {second}") == ds.REP
     assert [f.case_id for f in ds.load_facts(f"{first},{second}", on_error="skip")] == [143, 7]

@@ -82,3 +82,17 @@ def test_a_hugging_face_model_is_wrapped_once_with_the_cache_key_of_load_model(t
     assert bridge.tokenizer("a b c")["input_ids"] == loaded.tokenizer("a b c")["input_ids"]
     weight = hf.model.layers[1].mlp.down_proj.weight
     assert keyscope.W_out(bridge, 1).data_ptr() == weight.data_ptr()  # the bridge runs the model's own modules
+
+
+def test_load_model_and_as_bridge_share_one_bridge(factworld):
+    model, _, _ = factworld
+    assert as_bridge(model.original_model) is model
+
+
+@pytest.mark.slow
+def test_a_multi_layer_editor_gets_the_covariance_of_each_of_its_layers(factworld):
+    model, every, facts = factworld
+    before = [p.detach().clone() for p in model.parameters()]
+    with keyscope.edit(model, facts, "memit", pool=every) as session:
+        assert len(session.edits) == 2 and session.metrics()["success"] is not None
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
