@@ -248,9 +248,9 @@ def test_reproduce_report_names_known_in_its_command_line():
 
     figures = Path(__file__).resolve().parents[2] / "figures"
     run = json.loads((figures / "reproduce_timings.json").read_text())
-    assert "reproduce --model factworld`" in reproduce.report(figures, run)  # a committed run: no --known
+    assert "reproduce --model factworld --out figures`" in reproduce.report(figures, run)  # a committed run: no --known
     known = reproduce.report(figures, {**run, "config": {**run["config"], "known": True}})
-    assert "reproduce --model factworld --known`" in known
+    assert "reproduce --model factworld --known --out figures`" in known
 
 
 def test_several_files_report_the_duplicates_left_out(tmp_path, capsys):
