@@ -110,7 +110,8 @@ def edit(model, facts: Sequence[Fact | Mapping], method: str = "rome", *, layer:
     if getattr(getattr(cov, "config", None), "layer", layer) != layer:
         raise KeyscopeError(f"cov is the covariance of layer {cov.config.layer}, not of the edit layer {layer}")
     pool = _as_facts(pool) if pool is not None else facts
-    pool = pool + [f for f in facts if f.case_id not in {g.case_id for g in pool}]  # the edited facts are in it
+    pooled = {f.case_id for f in pool}
+    pool = pool + [f for f in facts if f.case_id not in pooled]  # the edited facts are in it
     if len({f.subject for f in pool}) < 2:
         raise KeyscopeError("the out-of-domain long contexts are made of facts about other subjects: pass facts of "
                             "several subjects, or a larger pool= (e.g. the whole fact file)")
