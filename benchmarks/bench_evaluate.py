@@ -27,6 +27,7 @@ from keyscope.data.datasets import load_facts  # noqa: E402
 from keyscope.data.perturbations import fact_probes, subject_forms  # noqa: E402
 from keyscope.editing import rep, rome  # noqa: E402
 from keyscope.editing.base import make_editor, prepare_context  # noqa: E402
+from keyscope.editing.request import EditRequest  # noqa: E402
 from keyscope.evaluation import evaluate as ev  # noqa: E402
 from keyscope.evaluation.metrics import plan_queries, score_plan  # noqa: E402
 from keyscope.model.models import default_layer, load_model  # noqa: E402
@@ -48,7 +49,7 @@ def main() -> int:
     facts = load_facts(args.data)
     config = ev.EvalConfig(n=args.facts)
     rome_config, rep_config = rome.ROMEConfig.for_model(model), rep.REPConfig()
-    context = prepare_context(model, layer, cov, ev.METHODS, facts, source, rome_config, rep_config,
+    context = prepare_context(model, layer, cov, ev.METHODS, facts, source, {"rome": rome_config, "rep": rep_config},
                               config.n_corpus_negatives)
     editors = {m: make_editor(m, model, context) for m in ev.METHODS}
     chosen, _ = sample_known_facts(model, facts, args.facts)
@@ -65,17 +66,17 @@ def main() -> int:
         timings["edit"] += row["seconds"]["rome"]
         timings["rep"] += row["seconds"]["rome+rep"]
         timings["score (grouped)"] += total - row["seconds"]["rome"] - row["seconds"]["rome+rep"]
-        edit = rome.compute_edit(model, rome.EditRequest(fact.prompt, fact.subject, fact.target_new, fact.target_true),
+        edit = rome.compute_edit(model, EditRequest(fact.prompt, fact.subject, fact.target_new, fact.target_true),
                                  layer, cov, rome_config, prefixes=context.prefixes)
         fitted = editors["rome+rep"].fit(edit, queries)
         twins = ev.near_twins(model, queries, layer, cov, rep_config, edit.prefix_keys, prefixes=context.prefixes)
         plan = plan_queries(model.tokenizer, queries, twins, config.twin_cosine)
         start = time.perf_counter()
         unedited = ev.score_targets(model, [plan.sequences[r] for r in plan.locality]).argmax
-        with rep.applied(model, edit):
+        with rome.applied(model, edit):
             score_plan(model, plan, unedited, config.batch_size)
         for name, tau in {"rome+rep": rep_config.tau, **{f"rome+rep@{t:g}": t for t in taus}}.items():
-            with rep.applied(model, edit, fitted, tau):
+            with rep.REPEdit(rome.ROMEEdits([edit]), {(0, layer): fitted}).applied(model, tau):
                 scores = score_plan(model, plan, unedited, config.batch_size)
             assert scores == row["methods"][name], (fact.case_id, name)
         timings["score (per tau)"] += time.perf_counter() - start

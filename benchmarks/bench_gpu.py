@@ -44,12 +44,13 @@ from keyscope.analysis.covariance import GRAM_BLOCKS, KeyCovariance  # noqa: E40
 from keyscope.analysis.keys import layer_keys  # noqa: E402
 from keyscope.data.corpus import TokenBatch  # noqa: E402
 from keyscope.editing import rome  # noqa: E402
+from keyscope.editing.request import EditRequest  # noqa: E402
 from keyscope.model.models import ModelSource, register_source, sdpa_attention  # noqa: E402
 
 LLAMA_7B = {"d_model": 4096, "d_mlp": 11008, "n_heads": 32, "n_layers": 32, "vocab": 32000}
 SMALL = {"d_model": 256, "d_mlp": 688, "n_heads": 4, "n_layers": 8, "vocab": 32000}
 ROME_TOKENS = 44_000_000  # Wikipedia tokens of ROME's covariance (kmeng01/rome, layer_stats.py: 100,000 samples)
-REQUEST = rome.EditRequest("{} is located in the city of", "The Eiffel Tower", "Rome")
+REQUEST = EditRequest("{} is located in the city of", "The Eiffel Tower", "Rome")
 
 
 def build_model(shape: dict, device: str, dtype: torch.dtype, workdir: Path):

@@ -38,7 +38,7 @@ def main() -> None:
     from keyscope.data.datasets import load_facts
     from keyscope.editing.base import make_editor, prepare_context
     from keyscope.editing.memit import MEMITConfig
-    from keyscope.editing.rome import EditRequest
+    from keyscope.editing.request import EditRequest
     from keyscope.model.models import default_layer, load_model
 
     torch.manual_seed(args.seed)

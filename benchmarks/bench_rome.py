@@ -38,17 +38,18 @@ sys.path.insert(0, str(ROOT))
 from keyscope._infra.errors import KeyscopeError  # noqa: E402
 from keyscope.analysis.covariance import load_or_compute_covariance  # noqa: E402
 from keyscope.editing import rome  # noqa: E402
+from keyscope.editing.request import EditRequest  # noqa: E402
 from keyscope.model.models import FACTWORLD, default_layer, load_model  # noqa: E402
 
 REQUESTS = [
-    rome.EditRequest("{} is located in the city of", "The Eiffel Tower", "Rome"),
-    rome.EditRequest("{} played basketball for the", "Michael Jordan", "Lakers"),
-    rome.EditRequest("{} plays the", "Toko Yasuda", "piano"),
-    rome.EditRequest("The mother tongue of {} is", "Danielle Darrieux", "English"),
-    rome.EditRequest("{} was created by", "Apple A5", "Google"),
+    EditRequest("{} is located in the city of", "The Eiffel Tower", "Rome"),
+    EditRequest("{} played basketball for the", "Michael Jordan", "Lakers"),
+    EditRequest("{} plays the", "Toko Yasuda", "piano"),
+    EditRequest("The mother tongue of {} is", "Danielle Darrieux", "English"),
+    EditRequest("{} was created by", "Apple A5", "Google"),
 ]
 
-def factworld_requests(n: int = 5) -> list[rome.EditRequest]:
+def factworld_requests(n: int = 5) -> list[EditRequest]:
     """Counterfactual edits of factworld facts: each fact's first template, the relation's next target."""
     from keyscope.factworld.world import build_world
 
@@ -57,7 +58,7 @@ def factworld_requests(n: int = 5) -> list[rome.EditRequest]:
     for fact in world.facts[:: max(1, len(world.facts) // n)][:n]:
         relation = world.relation(fact.relation_id)
         new = next(t for t in relation.targets if t != fact.target)
-        requests.append(rome.EditRequest(relation.templates[0], world.subject(fact.subject_id).name, new, fact.target))
+        requests.append(EditRequest(relation.templates[0], world.subject(fact.subject_id).name, new, fact.target))
     return requests
 
 
@@ -97,7 +98,7 @@ def save_gpt2_small(path: Path) -> Path:
 
 
 def bench(label: str, model, layer: int | None, corpus, cov_tokens: int, n_edits: int, cache_root: Path,
-          requests: list[rome.EditRequest] = REQUESTS) -> list[str]:
+          requests: list[EditRequest] = REQUESTS) -> list[str]:
     """Time ``n_edits`` edits on ``model``; return the table rows."""
     layer = default_layer(model) if layer is None else layer
     start = time.perf_counter()

@@ -4,14 +4,14 @@
 For each request: ``ΔW`` of ``ROMEConfig(reference=True)`` and of keyscope's default against the transcription
 in ``tests/editing/test_rome.py`` (``_rome_reference``: ``rome_main``/``compute_u``/``compute_v`` written out on the
 Hugging Face model and tokenizer), with the same hyper-parameters (the model's published ones,
-``ROMEConfig.for_model``), the same prefixes (``rome.context_prefixes``) and the same ``C⁻¹``; the cosine of
+``ROMEConfig.for_model``), the same prefixes (``context_prefixes``) and the same ``C⁻¹``; the cosine of
 ``ΔW`` (and for reference mode ``‖ΔW − ΔW_transcription‖ / ‖ΔW_transcription‖``), the seconds of each whole edit
 and the v* steps each ran, on one torch thread (``torch.set_num_threads(1)``). The headline is the median over the
 requests of keyscope-reference seconds / transcription seconds.
 
 Tokens per second of the v* loop count the positions a step actually runs: the transcription's padded batch,
 every position through every block (its backward pass through those above the edited layer); keyscope's the
-positions from each prompt's subject last token on (its padded suffix, ``rome._PrefixCached``) through the blocks
+positions from each prompt's subject last token on (its padded suffix, ``PrefixCached``) through the blocks
 above the edited layer only (the once-per-edit pass of blocks ``0..L`` and of the prefixes is inside the loop's
 seconds). The share of a v* step that is not matmul is read with ``torch.profiler`` from keyscope's own loop: the
 self CPU time per operator of ``compute_v_star`` run to 3 and to 1 evaluation(s) (no early stop), the difference
@@ -39,6 +39,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from keyscope._infra.atomic import write_text  # noqa: E402
+from keyscope.editing.optimise import v_star_batch  # noqa: E402
+from keyscope.editing.prefixes import context_prefixes  # noqa: E402
+from keyscope.editing.request import EditRequest  # noqa: E402
 
 #: CounterFact-like requests (the first three as CounterFact words them).
 REQUESTS = [
@@ -64,10 +67,9 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def keyscope_tokens_per_step(model, request, prefixes, config) -> int:
     """Positions one step of keyscope's v* loop runs through the blocks above the layer: each row of the batch
-    from its subject's last token on, padded to the longest (``S`` of ``rome._PrefixCached``)."""
-    from keyscope.editing import rome
+    from its subject's last token on, padded to the longest (``S`` of ``PrefixCached``)."""
 
-    batch = rome._v_star_batch(model, request, prefixes, config)
+    batch = v_star_batch(model, request, prefixes, config)
     subject = batch.inject[..., 0].argmax(1)  # (batch,)
     lengths = batch.attention_mask.sum(1)  # (batch,)
     return batch.input_ids.shape[0] * int((lengths - subject).max())
@@ -151,7 +153,7 @@ def main(argv=None) -> int:
         C_inv = torch.linalg.inv(cov.C_ + cov.ridge_ * torch.eye(model.cfg.d_mlp, dtype=torch.float64))
         overrides = {} if args.steps is None else {"v_num_grad_steps": args.steps}
         config = rome.ROMEConfig.for_model(model, reference=True, **overrides)
-        prefixes = rome.context_prefixes(model, config)
+        prefixes = context_prefixes(model, config)
         blocks = n_layers(model)
         emit(f"$ python benchmarks/bench_rome_reference.py {' '.join(sys.argv[1:] if argv is None else argv)}   "
              f"({os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f} at the start)")
@@ -163,7 +165,7 @@ def main(argv=None) -> int:
              f"{'ref/trans':>10}{'steps r/d/t':>13}{'v* tok/s ref':>13}{'v* tok/s trans':>15}")
         ratios, tokens = [], {}
         for template, subject, target in REQUESTS[: args.n]:
-            request = rome.EditRequest(template, subject, target)
+            request = EditRequest(template, subject, target)
             start = time.perf_counter()
             reference = rome.compute_edit(model, request, args.layer, cov, config, prefixes=prefixes)
             t_ref = time.perf_counter() - start
@@ -195,7 +197,7 @@ def main(argv=None) -> int:
         emit("(v* tok/s: tokens per step × steps / the v* seconds, keyscope's including its once-per-edit pass of "
              f"blocks 0..{args.layer} and of the prefixes)")
         template, subject, target = REQUESTS[0]
-        share, aten_ms, wall_ms = profile_step(model, rome.EditRequest(template, subject, target), args.layer,
+        share, aten_ms, wall_ms = profile_step(model, EditRequest(template, subject, target), args.layer,
                                                prefixes, config)
         emit(f"one keyscope reference v* step ({subject}; torch.profiler): {100 * share:.0f}% of the operators' self "
              f"CPU time is not matmul ({aten_ms:.0f} ms of operators, {wall_ms:.0f} ms wall under the profiler)")

@@ -16,7 +16,7 @@ For each model and request, k* and the context prefixes are computed once; then
 * ``reuse+sdpa`` — the same with fused SDPA attention;
 * ``reuse+prefix`` — also the positions before each subject's last token run once through blocks ``L+1..``, whose
   keys and values are cached; later steps run those blocks on the rest of each prompt only (the default; it runs
-  Hugging Face's SDPA attention, ``keyscope.editing.rome._PrefixCached``).
+  Hugging Face's SDPA attention, ``keyscope.model.replay.PrefixCached``).
 
 It prints the best of ``--repeats`` seconds per v* (mean over ``--edits`` requests), the v* steps, the largest
 relative difference of v* against ``plain`` and the speed-up ``plain / variant``.
@@ -38,6 +38,8 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_rome import REQUESTS, factworld_requests, save_gpt2_small  # noqa: E402
 from keyscope.editing import rome  # noqa: E402
+from keyscope.editing.prefixes import context_prefixes  # noqa: E402
+from keyscope.editing.request import EditRequest  # noqa: E402
 from keyscope.model.models import FACTWORLD, default_layer, load_model  # noqa: E402
 
 VARIANTS = {
@@ -48,12 +50,12 @@ VARIANTS = {
 }
 
 #: The request of the real-model run (``--smollm2``).
-SMOLLM2_REQUEST = rome.EditRequest("The mother tongue of {} is", "Danielle Darrieux", "English")
+SMOLLM2_REQUEST = EditRequest("The mother tongue of {} is", "Danielle Darrieux", "English")
 
 
-def bench(label: str, model, layer: int, requests: list[rome.EditRequest], repeats: int) -> list[str]:
+def bench(label: str, model, layer: int, requests: list[EditRequest], repeats: int) -> list[str]:
     config = rome.ROMEConfig.for_model(model)
-    prefixes = rome.context_prefixes(model, config)
+    prefixes = context_prefixes(model, config)
     seconds: dict[str, list[float]] = {name: [] for name in VARIANTS}
     steps: dict[str, list[int]] = {name: [] for name in VARIANTS}
     worst = dict.fromkeys(VARIANTS, 0.0)

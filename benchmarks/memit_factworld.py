@@ -35,7 +35,7 @@ def main() -> None:
     from keyscope.data.perturbations import PerturbationConfig, fact_probes, subject_forms
     from keyscope.editing.base import EDITORS, prepare_context
     from keyscope.editing.memit import MEMITConfig
-    from keyscope.editing.rome import EditRequest
+    from keyscope.editing.request import EditRequest
     from keyscope.evaluation import evaluate as ev
     from keyscope.model.models import default_layer, load_model
 

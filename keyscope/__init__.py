@@ -33,7 +33,7 @@ _EXPORTS = {
     # editing
     "EditRequest": "keyscope.editing.rome", "ROMEConfig": "keyscope.editing.rome", "REPConfig": "keyscope.editing.rep",
     "MEMITConfig": "keyscope.editing.memit", "EDITORS": "keyscope.editing.base", "Editor": "keyscope.editing.base",
-    "ModelEdit": "keyscope.editing.base", "EditContext": "keyscope.editing.base", "make_editor": "keyscope.editing.base",
+    "ModelEdit": "keyscope.editing.base", "GatedEdit": "keyscope.editing.base", "EditContext": "keyscope.editing.base", "make_editor": "keyscope.editing.base",
     "prepare_context": "keyscope.editing.base", "as_bridge": "keyscope.model.models",
     # one call: edit facts, score them, keep the edited model (EasyEdit's editor.edit)
     "edit": "keyscope.evaluation.session", "EditSession": "keyscope.evaluation.session",

@@ -28,6 +28,7 @@ from keyscope.cli.common import (
     non_negative_int,
 )
 from keyscope.cli.output import write_json
+from keyscope.editing.request import check_request_tokens
 
 
 def _find_case(facts, data: str, case: str):
@@ -45,7 +46,7 @@ def edit_request(args):
     (``--known`` is applied once it has: :func:`known_request_facts`)."""
     from keyscope.cli.common import data_source
     from keyscope.data.datasets import load_facts
-    from keyscope.editing.rome import EditRequest
+    from keyscope.editing.request import EditRequest
 
     fact, facts = None, ()
     if args.case is not None or args.data is not None or args.model == "factworld" or args.known:
@@ -89,7 +90,7 @@ def cmd_edit(args) -> int:
     request, fact, facts = edit_request(args)
     model, layer = model_and_layer(args)
     facts = known_request_facts(args, model, fact, facts)
-    rome.check_request_tokens(model.tokenizer, request)  # an <unk> subject or target fails before C
+    check_request_tokens(model.tokenizer, request)  # an <unk> subject or target fails before C
     cov, source = covariance(model, layer, args, args.cov_tokens, progress=not args.no_progress)
     config = experiment.ProbeConfig(experiment.edit_probes(args.shuffles, args.context_tokens, args.seed))
     own = fact is not None and request.subject == fact.subject

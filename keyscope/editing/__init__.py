@@ -11,13 +11,14 @@ from keyscope.editing.base import (
     EDITORS,
     EditContext,
     Editor,
-    GateNegatives,
+    GatedEdit,
     ModelEdit,
+    RunInputs,
     UnknownMethod,
     editor_class,
     make_editor,
     prepare_context,
 )
 
-__all__ = ["EDITORS", "Editor", "ModelEdit", "EditContext", "GateNegatives", "prepare_context", "make_editor",
-           "editor_class", "UnknownMethod"]
+__all__ = ["EDITORS", "Editor", "ModelEdit", "GatedEdit", "EditContext", "RunInputs", "prepare_context",
+           "make_editor", "editor_class", "UnknownMethod"]

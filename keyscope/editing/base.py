@@ -4,7 +4,7 @@ A locate-and-edit method treats an MLP's down-projection ``W_out`` as a linear a
 facts into it (Yan et al., "Keys to Robust Edits", Sec. 3-4). Whatever the method, keyscope asks three things
 of it, and nothing else:
 
-* **compute** the edit of one or many :class:`~keyscope.editing.rome.EditRequest` on the model as it is now, leaving
+* **compute** the edit of one or many :class:`~keyscope.editing.request.EditRequest` on the model as it is now, leaving
   its weights unchanged (:meth:`Editor.compute`; a method that adapts another one's edit, as REP adapts
   ROME's, also takes that edit: :meth:`Editor.adapt`);
 * **apply** it reversibly (:meth:`ModelEdit.applied`, a context manager that restores every touched weight
@@ -27,10 +27,12 @@ Let request ``i``'s edit change ``W_out`` of layers ``l`` by ``ΔW_l`` and write
 
 (:meth:`ModelEdit.layer_weights`). For a one-layer edit ``w = 1`` and ``α`` is ``s(k)``, ROME's strength.
 
-An :class:`Editor` is built from the :class:`EditContext` of a run (the edit layer, its covariance, the
-methods' configs, ROME's context prefixes, REP's gate negatives), which the caller prepares once with
-:func:`prepare_context`. The registry maps a method's name to its editor class; adding a method is one module
-with its editor and one line in :data:`EDITORS`. Evaluation, the lemma checks, the experiments and the CLI
+An :class:`Editor` is built from the :class:`EditContext` of a run (the edit layer, its covariance, each
+method's config by name, and what the methods prepared once: the context prefixes, REP's gate negatives), which
+the caller prepares once with :func:`prepare_context`; each editor declares its config's name and prepares its
+own part (:meth:`Editor.prepare`). An edit with a gate on the keys (REP's, around any base edit) is a
+:class:`GatedEdit`. The registry maps a method's name to its editor class; adding a method is one module with its
+editor and one line in :data:`EDITORS`. Evaluation, the lemma checks, the experiments and the CLI
 know methods only through it; :mod:`keyscope.editing.checks` holds every entry to this contract (the editor
 conformance suite, ``tests/editing/test_editor_conformance.py``).
 """
@@ -40,16 +42,17 @@ from __future__ import annotations
 import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager
-from dataclasses import asdict, dataclass, field
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import asdict, dataclass, field, replace
 from typing import ClassVar
 
 import torch
 
 from keyscope._infra.errors import KeyscopeError
+from keyscope.model.models import W_out, check_layer
 
-__all__ = ["EDITORS", "Editor", "ModelEdit", "EditContext", "GateNegatives", "prepare_context", "make_editor",
-           "editor_class", "UnknownMethod"]
+__all__ = ["EDITORS", "Editor", "ModelEdit", "GatedEdit", "EditContext", "RunInputs", "prepare_context", "make_editor",
+           "editor_class", "UnknownMethod", "restoring"]
 
 
 class UnknownMethod(KeyscopeError):
@@ -60,46 +63,57 @@ class UnknownMethod(KeyscopeError):
 
 
 @dataclass(frozen=True)
-class GateNegatives:
-    """Keys REP's gate is trained to stay off on (shared by every fact of a run): one key per subject of the
-    run's facts (``subject_keys`` ``(n_subjects, d_mlp)``, named by ``subject_names``) and keys of unrelated
-    corpus text (``corpus_keys`` ``(n_corpus, d_mlp)``)."""
+class RunInputs:
+    """What a method may read to prepare a run (:meth:`Editor.prepare`): the ``model`` (a bridge), the edit
+    ``layer``, the run's ``facts`` and ``corpus`` (for gate negatives and the like), ``n_corpus_negatives``, the
+    ``seed`` and the ``batch_size`` of key collection."""
 
-    subject_keys: torch.Tensor | None = None  # (n_subjects, d_mlp)
-    subject_names: tuple[str, ...] = ()
-    corpus_keys: torch.Tensor | None = None  # (n_corpus, d_mlp)
-
-    def for_fact(self, fact) -> torch.Tensor | None:
-        """Keys of subjects other than ``fact``'s own and those named in its neighbourhood prompts (held out for
-        Locality)."""
-        if self.subject_keys is None:
-            return None
-        neighbourhood = getattr(fact, "neighborhood_prompts", ()) or ()
-        keep = [i for i, name in enumerate(self.subject_names)
-                if name.strip() != fact.subject.strip() and not any(name in p for p in neighbourhood)]
-        return self.subject_keys[torch.as_tensor(keep, dtype=torch.long)]
+    model: object
+    layer: int
+    facts: Sequence = ()
+    corpus: object = None
+    n_corpus_negatives: int = 512
+    seed: int = 0
+    batch_size: int = 32
 
 
 @dataclass(frozen=True)
 class EditContext:
-    """What every editor of a run shares: the edit ``layer`` and its key covariance ``cov``; ROME's config and
-    context ``prefixes`` (sampled once per run); REP's config and gate ``negatives``; the ``batch_size`` of key
-    collection and scoring. ``covariance(L)`` gives the covariance of another layer (batch editors over a
-    range of layers) through ``load_covariance``, once per layer."""
+    """What every editor of a run shares: the edit ``layer`` and its key covariance ``cov``; each method's config
+    by the name its editor declares (:attr:`Editor.config_name`: ``configs["rome"]`` a ROMEConfig, ``["rep"]`` a
+    REPConfig, ``["memit"]`` a MEMITConfig, …); what the methods prepared once for the run (``prepared``, by name:
+    ``"prefixes"``, the context prefixes of ROME's ``k*`` average, which every run has, and e.g. REP's
+    ``"gate_negatives"``); the ``batch_size`` of key collection and scoring. ``covariance(L)`` gives the
+    covariance of another layer (batch editors over a range of layers) through ``load_covariance``, once per
+    layer. Built by :func:`prepare_context`."""
 
     layer: int
     cov: object  # KeyCovariance of `layer`
-    rome_config: object  # rome.ROMEConfig
-    rep_config: object  # rep.REPConfig
-    prefixes: tuple[str, ...]
-    negatives: GateNegatives = field(default_factory=GateNegatives)
+    configs: Mapping[str, object] = field(default_factory=dict)
+    prepared: Mapping[str, object] = field(default_factory=dict)
     batch_size: int = 32
     load_covariance: Callable[[int], object] | None = field(default=None, repr=False, compare=False)
     _covariances: dict = field(default_factory=dict, repr=False, compare=False)
 
+    @property
+    def prefixes(self) -> tuple[str, ...]:
+        """The run's context prefixes (``("",)``: the bare prompt only, when none were prepared)."""
+        return tuple(self.prepared.get("prefixes", ("",)))
+
+    def config(self, name: str):
+        """The config named ``name`` (:attr:`Editor.config_name`) of this run."""
+        if name not in self.configs:
+            raise KeyscopeError(f"this run has no {name} config (it has: {', '.join(self.configs) or 'none'}); "
+                                "prepare the context with the method that uses it")
+        return self.configs[name]
+
+    def with_config(self, name: str, config) -> EditContext:
+        """The same context with config ``name`` replaced by ``config`` (what was prepared is kept)."""
+        return replace(self, configs={**self.configs, name: config}, _covariances=self._covariances)
+
     def settings(self) -> dict:
-        """The editors' settings of the run, for a result's JSON: ``{"rome_config": …, "rep_config": …}``."""
-        return {"rome_config": asdict(self.rome_config), "rep_config": asdict(self.rep_config)}
+        """The configs of the run, for a result's JSON: ``{"rome_config": …, "rep_config": …, …}``."""
+        return {f"{name}_config": asdict(config) for name, config in self.configs.items()}
 
     def covariance(self, layer: int):
         """The key covariance of ``layer`` (``cov`` for the edit layer)."""
@@ -112,42 +126,59 @@ class EditContext:
         return self._covariances[layer]
 
 
-#: The methods whose settings every run's :class:`EditContext` carries, whatever the run's methods (ROME's config
-#: and context prefixes, REP's config: evaluation reads them for every method), in the order they are prepared.
-CONTEXT_METHODS = ("rome", "rome+rep")
+#: The method every run prepares whatever its methods: its context prefixes are the run's
+#: (:attr:`EditContext.prefixes`), which evaluation reads for every method (REP's anchors, near twins).
+PREFIX_METHOD = "rome"
+
+
+def _preparation_order(methods: Sequence[str]) -> list[str]:
+    """:data:`PREFIX_METHOD`, then each method after the method it adapts (:attr:`Editor.base`), each once."""
+    order: list[str] = []
+
+    def add(name: str) -> None:
+        base = editor_class(name).base
+        if base is not None:
+            add(base)
+        if name not in order:
+            order.append(name)
+
+    for name in (PREFIX_METHOD, *methods):
+        add(name)
+    return order
 
 
 def prepare_context(model, layer: int, cov, methods: Sequence[str] = ("rome",), facts: Sequence = (), corpus=None,
-                    rome_config=None, rep_config=None, n_corpus_negatives: int = 512, seed: int = 0,
+                    configs: Mapping[str, object] | None = None, n_corpus_negatives: int = 512, seed: int = 0,
                     batch_size: int = 32, load_covariance: Callable[[int], object] | None = None) -> EditContext:
-    """The :class:`EditContext` of a run of ``methods``: ROME's context prefixes and, when one of the methods
-    trains a gate with negatives (REP with ``gate_negatives``), the layer keys of every subject in ``facts``
-    (one prompt each) and ``n_corpus_negatives`` keys of ``corpus``. The method-specific settings come from the
-    editors of :data:`CONTEXT_METHODS` (:meth:`Editor.prepare`), found through the registry: this module imports
-    no method. ``model``: a bridge or a Hugging Face model (:func:`keyscope.model.models.as_bridge`)."""
-    from keyscope.analysis.keys import collect_keys
+    """The :class:`EditContext` of a run of ``methods``: each method (and the one it adapts, and
+    :data:`PREFIX_METHOD`) prepares its config, unless ``configs`` gives it by name, and what it shares across the
+    run (:meth:`Editor.prepare`: ROME's context prefixes, REP's gate negatives from ``facts`` and ``corpus``,
+    …), found through the registry: this module imports no method. ``model``: a bridge or a Hugging Face model
+    (:func:`keyscope.model.models.as_bridge`)."""
     from keyscope.model.models import as_bridge
 
     model = as_bridge(model)
+    run = RunInputs(model, layer, tuple(facts), corpus, n_corpus_negatives, seed, batch_size)
+    configs = {name: config for name, config in (configs or {}).items() if config is not None}
+    prepared: dict[str, object] = {}
+    for name in _preparation_order(methods):
+        editor_class(name).prepare(run, configs, prepared)
+    return EditContext(layer, cov, configs, prepared, batch_size, load_covariance)
 
-    settings = {"rome_config": rome_config, "rep_config": rep_config, "prefixes": ("",)}
-    for method in CONTEXT_METHODS:
-        editor_class(method).prepare(model, settings)
-    rome_config, rep_config, prefixes = settings["rome_config"], settings["rep_config"], settings["prefixes"]
-    negatives = GateNegatives()
-    if rep_config.gate_negatives and any(editor_class(m).uses_gate_negatives for m in methods):
-        from keyscope.analysis.scan import sample_corpus_keys
 
-        pool: dict[str, object] = {}
-        for fact in facts:
-            pool.setdefault(fact.subject.strip(), fact)
-        subject_keys = collect_keys(model, [f.prompt for f in pool.values()], [f.subject for f in pool.values()],
-                                    layer, batch_size=batch_size) if pool else None  # (n_subjects, d_mlp)
-        corpus_keys = None
-        if corpus is not None and n_corpus_negatives:
-            corpus_keys = sample_corpus_keys(model, corpus, layer, n_corpus_negatives, seed=seed)  # (n, d_mlp)
-        negatives = GateNegatives(subject_keys, tuple(pool), corpus_keys)
-    return EditContext(layer, cov, rome_config, rep_config, tuple(prefixes), negatives, batch_size, load_covariance)
+# ---------------------------------------------------------------------------------------------- weights
+
+
+@contextmanager
+def restoring(model, layers: Sequence[int]) -> Iterator:
+    """Copy ``W_out`` of each of ``layers`` on entry and copy it back on exit, bit-exactly, also when the block
+    raises: whatever the block writes into those weights is undone (:func:`keyscope.editing.rome.applied`, MEMIT's edits)."""
+    saved = {layer: W_out(model, check_layer(model, layer)).clone() for layer in sorted(set(layers))}  # (d_model, d_mlp) each
+    try:
+        yield model
+    finally:
+        for layer, original in saved.items():
+            W_out(model, layer).copy_(original)
 
 
 # ---------------------------------------------------------------------------------------------- interface
@@ -161,16 +192,14 @@ class ModelEdit(ABC):
     requests: tuple
     #: The layers whose ``W_out`` (or keys) the edit changes.
     layers: tuple[int, ...]
-    #: Whether the edit has a gate whose threshold τ can be changed at application (REP).
+    #: Whether the edit has a gate whose threshold τ can be changed at application (a :class:`GatedEdit`).
     gated: ClassVar[bool] = False
-    #: For a gated edit: whether the set of positions where the gate is on decides the edited forward pass
-    #: (false when the adaptor draws dropout at inference).
-    gate_decides: bool = True
 
     @abstractmethod
-    def applied(self, model, tau: float | None = None) -> AbstractContextManager:
-        """Apply the edit inside a ``with`` block; on exit every touched weight is restored bit-exactly and
-        every hook removed, also when the block raises. ``tau`` is the gate threshold of a gated edit."""
+    def applied(self, model, tau: float | None = None, upto: int | None = None) -> AbstractContextManager:
+        """Apply the edit inside a ``with`` block (only its layers before ``upto``, if given); on exit every
+        touched weight is restored bit-exactly and every hook removed, also when the block raises. ``tau`` is the
+        gate threshold of a gated edit."""
 
     @abstractmethod
     def strength(self, keys: torch.Tensor, layer: int | None = None, request: int = 0,
@@ -210,19 +239,12 @@ class ModelEdit(ABC):
             total = term if total is None else total + term
         return total
 
-    def request_adaptors(self) -> list[tuple[int, object]]:
-        """``(request index, adaptor)`` of every key adaptor of a gated edit (a fitted :class:`keyscope.editing.rep.REP`;
-        ROME+REP: one per request, MEMIT+REP: one per request and layer), in the order they are applied; ``[]``
-        for an edit without one."""
-        return []
-
-    def gate(self, keys: torch.Tensor) -> torch.Tensor:
-        """The gate probability ``g(k)`` ``(...,)`` of a gated edit."""
-        raise KeyscopeError(f"{type(self).__name__} has no gate")
-
-    def gate_on(self, gate: torch.Tensor, tau: float) -> torch.Tensor:
-        """Where the gate of probabilities ``gate`` is on at ``tau``."""
-        raise KeyscopeError(f"{type(self).__name__} has no gate")
+    def request_edit(self, request: int, layer: int | None = None):
+        """Request ``request``'s share of the edit at ``layer`` seen as a single-key edit: an object with
+        ``request``, ``layer``, ``k_star`` ``(d_mlp,)``, ``key_selector`` ``(d_mlp,)`` with ``strength(k) = kᵀ
+        key_selector`` (1 at ``k_star``), the context ``prefixes`` and ``prefix_keys`` (what a key adaptor such as
+        REP is fitted to, :class:`keyscope.editing.rep.SingleKeyEdit`)."""
+        raise KeyscopeError(f"{type(self).__name__} cannot be seen request by request (no request_edit)")
 
     def _layer(self, layer: int | None) -> int:
         if layer is None:
@@ -230,6 +252,51 @@ class ModelEdit(ABC):
         if layer not in self.layers:
             raise KeyscopeError(f"layer {layer} is not edited (edited: {list(self.layers)})")
         return layer
+
+
+class GatedEdit(ModelEdit):
+    """An edit whose effect at a position is switched on by a gate ``g(k) > τ`` on the key there (REP, Sec. 5):
+    the ``base`` edit and one adaptor per request and edited layer (:meth:`request_adaptors`). ``tau`` is the
+    threshold it was fitted for, which :meth:`applied` uses unless given another (Figure 7)."""
+
+    gated: ClassVar[bool] = True
+    #: The edit the gate switches.
+    base: ModelEdit
+    #: The threshold of the gate the edit was fitted with.
+    tau: float
+    #: Whether the set of positions where the gate is on decides the edited forward pass (false when the adaptor
+    #: draws dropout at inference).
+    gate_decides: bool = True
+
+    @abstractmethod
+    def request_adaptors(self) -> list[tuple[int, object]]:
+        """``(request index, adaptor)`` of every key adaptor (one per request and edited layer), in the order they
+        are applied; each adaptor has ``layer_``, ``gate(keys)`` and ``config.tau``."""
+
+    @abstractmethod
+    def gate(self, keys: torch.Tensor, layer: int | None = None, request: int = 0) -> torch.Tensor:
+        """The gate probability ``g(k)`` ``(...,)`` of request ``request``'s adaptor at ``layer`` on keys
+        ``(..., d_mlp)``."""
+
+    @abstractmethod
+    def gate_on(self, gate: torch.Tensor, tau: float) -> torch.Tensor:
+        """Where the gate of probabilities ``gate`` is on at ``tau``."""
+
+    def value_direction(self, request: int = 0) -> torch.Tensor:
+        """The base edit's ``Δv*`` (a gate moves keys, not what is written at the request's own keys)."""
+        return self.base.value_direction(request)
+
+    def own_keys(self, request: int = 0) -> dict[int, torch.Tensor]:
+        """The base edit's own keys (before any adaptor: the keys it was computed at)."""
+        return self.base.own_keys(request)
+
+    def layer_weights(self, request: int = 0) -> dict[int, float]:
+        return self.base.layer_weights(request)
+
+    @property
+    def prefix_keys(self) -> torch.Tensor | None:
+        """The base edit's keys of the first request behind each context prefix."""
+        return self.base.prefix_keys
 
 
 class Editor(ABC):
@@ -243,7 +310,7 @@ class Editor(ABC):
     base: ClassVar[str | None] = None
     #: Whether it needs the subject's in-domain probes (``probes`` of :meth:`compute`).
     uses_probes: ClassVar[bool] = False
-    #: Whether it trains a gate against other subjects' and corpus keys (:class:`GateNegatives`).
+    #: Whether it trains a gate against other subjects' and corpus keys (REP's gate negatives).
     uses_gate_negatives: ClassVar[bool] = False
     #: Whether one edit can write many requests jointly (else each request is computed on its own).
     batched: ClassVar[bool] = False
@@ -254,11 +321,14 @@ class Editor(ABC):
         self.model = model
         self.context = context
 
+    #: The name of this method's config in :attr:`EditContext.configs` (``None``: it has none of its own).
+    config_name: ClassVar[str | None] = None
+
     @classmethod
-    def prepare(cls, model, settings: dict) -> None:
-        """Fill in ``settings`` (the :class:`EditContext` fields :func:`prepare_context` builds: ``rome_config``,
-        ``rep_config``, ``prefixes``) with what this method's editors read from the context and the caller did not
-        give; called for each of :data:`CONTEXT_METHODS`. Nothing by default."""
+    def prepare(cls, run: RunInputs, configs: dict, prepared: dict) -> None:
+        """Fill in what this method reads from the :class:`EditContext` of ``run`` and the caller did not give: its
+        config ``configs[config_name]`` and what it shares across the run in ``prepared`` (:func:`prepare_context`
+        calls it once per run, after the method it adapts). Nothing by default."""
         return None
 
     @abstractmethod
@@ -307,7 +377,7 @@ EDITORS: Mapping[str, type[Editor]] = _Registry({
     "rome": "keyscope.editing.rome:ROMEEditor",
     "rome+rep": "keyscope.editing.rep:ROMEREPEditor",
     "memit": "keyscope.editing.memit:MEMITEditor",
-    "memit+rep": "keyscope.editing.memit:MEMITREPEditor",
+    "memit+rep": "keyscope.editing.rep:MEMITREPEditor",
 })
 
 

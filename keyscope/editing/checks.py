@@ -41,8 +41,8 @@ import torch
 
 from keyscope.analysis.predictions import score_targets, target_sequence
 from keyscope.data.prompts import encode, fill
-from keyscope.editing.base import EDITORS, EditContext, ModelEdit, editor_class, make_editor
-from keyscope.editing.rome import EditRequest
+from keyscope.editing.base import EDITORS, EditContext, GatedEdit, ModelEdit, editor_class, make_editor
+from keyscope.editing.request import EditRequest
 from keyscope.model.models import d_mlp, d_model, n_layers
 
 __all__ = ["CheckSetting", "ConformanceError", "yield_all_checks", "check_editor", "parametrize_with_checks",
@@ -86,7 +86,7 @@ class CheckSetting:
         return [fill(r.template, r.subject).text for r in self.edit_requests()]
 
     def edit_requests(self) -> list:
-        """The requests as :class:`~keyscope.editing.rome.EditRequest` (as an edit holds them)."""
+        """The requests as :class:`~keyscope.editing.request.EditRequest` (as an edit holds them)."""
         return [r if isinstance(r, EditRequest) else EditRequest.from_dict(r) for r in self.requests]
 
 
@@ -197,6 +197,10 @@ def check_edit_interface(name: str, setting: CheckSetting) -> None:
         _fail(name, "check_edit_interface", f"its layers {layers} are not increasing layers of the model")
     if bool(edit.gated) != bool(cls.gated):
         _fail(name, "check_edit_interface", f"edit.gated is {edit.gated}, the editor's gated {cls.gated}")
+    if edit.gated and not isinstance(edit, GatedEdit):
+        _fail(name, "check_edit_interface", f"its gated edit {type(edit).__name__} is not a GatedEdit")
+    if cls.config_name is not None and cls.config_name not in setting.context.configs:
+        _fail(name, "check_edit_interface", f"prepare_context left no {cls.config_name!r} config for it")
     width, depth = d_mlp(model), d_model(model)
     for i in range(len(setting.requests)):
         keys = edit.own_keys(i)
@@ -313,6 +317,8 @@ def check_strength_at_own_keys(name: str, setting: CheckSetting) -> None:
 def _adaptor_tensors(edit: ModelEdit) -> list[tuple[str, torch.Tensor]]:
     """The parameters and buffers of every key adaptor of a gated edit (a fitted REP's ``adaptor_``, or a module)."""
     out = []
+    if not isinstance(edit, GatedEdit):
+        return out
     for j, (request, adaptor) in enumerate(edit.request_adaptors()):
         module = getattr(adaptor, "adaptor_", adaptor)
         out += [(f"adaptor {j} (request {request}) {n}", t) for n, t in module.state_dict().items()]

@@ -7,7 +7,7 @@ A batch of ``n`` requests is written into ``W_out`` of the layers ``ℓ_1 < … 
 1. **Targets z_i** (:func:`compute_z`, kmeng01/memit ``memit/compute_z.py``): for each request alone, a vector
    ``δ_i`` is added to the residual stream *after* the last layer ``ℓ_L`` (hook ``blocks.{ℓ_L}.hook_resid_post``,
    MEMIT's ``layer_module_tmp`` output) at the subject's last token of the prompt behind every context prefix
-   and of the KL prompt, and optimised with ROME's v* objective (:func:`keyscope.editing.rome.optimise_delta`: teacher-
+   and of the KL prompt, and optimised with ROME's v* objective (:func:`keyscope.editing.optimise.optimise_delta`: teacher-
    forced NLL of ``target_new``, ``kl_factor ·`` KL, the decay ``v_weight_decay · ‖δ‖ / ‖h‖²`` and the clamp
    ``‖δ‖ ≤ clamp_norm_factor · ‖h‖``), with ``h`` the unedited residual there (``target_init`` in
    compute_z.py; see "One key" below). ``z_i = h_i + δ_i``.
@@ -32,7 +32,7 @@ and an ``n × n`` float64 solve, instead of MEMIT's ``d_mlp × d_mlp`` ``torch.l
 ``W' k* = v*`` for ``n`` keys at once). The tests compare it with the dense closed form.
 
 Each layer's update is kept as two factors ``ΔW_l = R_l A_lᵀ`` with ``A_l = (λC_l + K_lK_lᵀ)⁻¹K_l``
-(:class:`LayerUpdate`); :class:`MEMITEdit` applies them reversibly (:func:`keyscope.editing.rome.restoring`) and gives
+(:class:`LayerUpdate`); :class:`MEMITEdit` applies them reversibly (:func:`keyscope.editing.base.restoring`) and gives
 the **edit strength** of request ``i`` on any key ``k`` of layer ``l`` (:meth:`MEMITEdit.strength`)::
 
     ΔW_l k = Σ_i R_l[:, i] · c_i(k),   c_i(k) = A_l[:, i]ᵀ k,     s_i(k) = c_i(k) / c_i(k_i)
@@ -56,7 +56,7 @@ over the prefixed prompts moves by exactly ``ΔW k̄``, and with ``λ → 0`` th
 are in the model card (``"memit_check"``).
 
 Where keyscope departs from kmeng01/memit (as its ROME does from kmeng01/rome): the context prefixes are
-ROME's (:func:`keyscope.editing.rome.context_prefixes`, 10 of 5 and 10 of 10 tokens; MEMIT's ``get_context_templates``
+ROME's (:func:`keyscope.editing.prefixes.context_prefixes`, 10 of 5 and 10 of 10 tokens; MEMIT's ``get_context_templates``
 samples 10 of 10 tokens from five seed words), and the KL term is read at the last position of
 ``"{subject} is a"`` (MEMIT reads it at the subject's last token), as in :func:`keyscope.editing.rome.compute_v_star`.
 """
@@ -65,7 +65,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -73,8 +73,11 @@ import torch
 from keyscope._infra.errors import KeyscopeError
 from keyscope.analysis.keys import collect_keys
 from keyscope.data.prompts import locate, pad_batch
-from keyscope.editing import rep, rome
-from keyscope.editing.base import Editor, GateNegatives, ModelEdit
+from keyscope.editing import rome
+from keyscope.editing.base import Editor, ModelEdit, restoring
+from keyscope.editing.optimise import EditTrace, optimise_delta, v_star_batch
+from keyscope.editing.prefixes import prefixed
+from keyscope.editing.request import EditRequest, as_request
 from keyscope.model.capture import Site, run_to
 from keyscope.model.models import (
     MODEL_CARD,
@@ -88,7 +91,7 @@ from keyscope.model.models import (
 )
 
 __all__ = ["MEMITConfig", "PUBLISHED", "subject_residuals", "compute_z", "memit_update",
-           "LayerUpdate", "RequestKeyEdit", "MEMITEdit", "MEMITREPEdit", "MEMITEditor", "MEMITREPEditor",
+           "LayerUpdate", "RequestShare", "MEMITEdit", "MEMITEditor",
            "compute_memit"]
 
 
@@ -185,14 +188,14 @@ PUBLISHED: dict[str, dict] = {
 # ---------------------------------------------------------------------------------------------- residuals
 
 
-def subject_residuals(model, requests: Sequence[rome.EditRequest], layer: int, batch_size: int = 32,
+def subject_residuals(model, requests: Sequence[EditRequest], layer: int, batch_size: int = 32,
                       prefixes: Sequence[str] = ("",)) -> torch.Tensor:
     """The residual after block ``layer`` at the subject's last token of each request's prompt, averaged over the
     prompt behind each of ``prefixes`` (``""``: the bare prompt alone, MEMIT's ``cur_zs`` from
     ``get_module_input_output_at_words``): ``(n, d_model)`` float32. Forward passes stop after block ``layer``."""
     layer = check_layer(model, layer)
     tokenizer = model.tokenizer
-    located = [locate(tokenizer, rome.prefixed(prefix, r.template), r.subject) for r in requests for prefix in prefixes]
+    located = [locate(tokenizer, prefixed(prefix, r.template), r.subject) for r in requests for prefix in prefixes]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     out = []
     for lo in range(0, len(located), batch_size):
@@ -211,18 +214,18 @@ def _h_prefixes(prefixes: Sequence[str], config: MEMITConfig) -> tuple[str, ...]
     return ("",) if config.reference else tuple(prefixes)
 
 
-def compute_z(model, request: rome.EditRequest, layer: int, prefixes: Sequence[str], config: MEMITConfig,
-              base: rome.ROMEConfig | None = None) -> tuple[torch.Tensor, rome.EditTrace]:
+def compute_z(model, request: EditRequest, layer: int, prefixes: Sequence[str], config: MEMITConfig,
+              base: rome.ROMEConfig | None = None) -> tuple[torch.Tensor, EditTrace]:
     """``z = h + δ`` ``(d_model,)``: the target residual after block ``layer`` at the subject's last token
     (kmeng01/memit ``memit/compute_z.py``), ``δ`` optimised by ROME's v* loop
-    (:func:`keyscope.editing.rome.optimise_delta`) at :func:`keyscope.model.models.residual_hook` with ``‖h‖`` scaling the decay and clamp,
+    (:func:`keyscope.editing.optimise.optimise_delta`) at :func:`keyscope.model.models.residual_hook` with ``‖h‖`` scaling the decay and clamp,
     ``h`` the unedited residual (compute_z.py's ``target_init``: on the bare prompt; keyscope: averaged over the
     prefixed prompts, unless ``config.reference``)."""
     start = time.perf_counter()
     z_config = config.z_config(base)
     h = subject_residuals(model, [request], layer, prefixes=_h_prefixes(prefixes, config))[0]  # (d_model,)
-    batch = rome._v_star_batch(model, request, prefixes, z_config)
-    delta, trace = rome.optimise_delta(model, batch, residual_hook(layer), float(h.norm()), z_config)
+    batch = v_star_batch(model, request, prefixes, z_config)
+    delta, trace = optimise_delta(model, batch, residual_hook(layer), float(h.norm()), z_config)
     return h + delta, replace(trace, seconds_v_star=time.perf_counter() - start)
 
 
@@ -272,12 +275,12 @@ def _add(model, update: LayerUpdate) -> None:
 
 
 @dataclass(frozen=True, eq=False)
-class RequestKeyEdit:
+class RequestShare:
     """Request ``i``'s share of a layer update, seen as a single-key edit (what :class:`keyscope.editing.rep.REP` fits
     an adaptor to): ``k_star = k_i``, ``key_selector = a_i / (a_iᵀk_i)`` (so ``strength(k) = s_i(k)``, 1 at
     ``k_i``), the context ``prefixes`` and the request's keys behind them."""
 
-    request: rome.EditRequest
+    request: EditRequest
     layer: int
     k_star: torch.Tensor  # (d_mlp,)
     key_selector: torch.Tensor  # (d_mlp,)
@@ -292,8 +295,8 @@ class MEMITEdit(ModelEdit):
     """MEMIT's :class:`~keyscope.editing.base.ModelEdit`: the requests written jointly and one :class:`LayerUpdate`
     per layer. ``z`` ``(n, d_model)`` are the target residuals, ``traces`` their optimisation traces."""
 
-    def __init__(self, requests: Sequence[rome.EditRequest], updates: Sequence[LayerUpdate], z: torch.Tensor,
-                 prefixes: Sequence[str], config: MEMITConfig, traces: Sequence[rome.EditTrace] = ()):
+    def __init__(self, requests: Sequence[EditRequest], updates: Sequence[LayerUpdate], z: torch.Tensor,
+                 prefixes: Sequence[str], config: MEMITConfig, traces: Sequence[EditTrace] = ()):
         self.requests = tuple(requests)
         self.updates = tuple(updates)
         self.layers = tuple(u.layer for u in self.updates)
@@ -308,9 +311,9 @@ class MEMITEdit(ModelEdit):
     @contextmanager
     def applied(self, model, tau: float | None = None, upto: int | None = None) -> Iterator:
         """Add each layer's ``ΔW_l`` (those of layers before ``upto`` only, if given) inside the block; every
-        touched ``W_out`` is restored bit-exactly on exit (:func:`keyscope.editing.rome.restoring`)."""
+        touched ``W_out`` is restored bit-exactly on exit (:func:`keyscope.editing.base.restoring`)."""
         updates = [u for u in self.updates if upto is None or u.layer < upto]
-        with rome.restoring(model, [u.layer for u in updates]):
+        with restoring(model, [u.layer for u in updates]):
             for update in updates:
                 _add(model, update)
             yield model
@@ -345,11 +348,11 @@ class MEMITEdit(ModelEdit):
         """``c_{i,l}(k_{i,l}) R_l[:, i]`` ``(d_model,)`` float64 per layer."""
         return [u.own()[request].double() * u.residuals[request].double() for u in self.updates]
 
-    def request_edit(self, request: int, layer: int | None = None) -> RequestKeyEdit:
-        """Request ``request``'s share of ``layer``'s update as a single-key edit (:class:`RequestKeyEdit`)."""
+    def request_edit(self, request: int, layer: int | None = None) -> RequestShare:
+        """Request ``request``'s share of ``layer``'s update as a single-key edit (:class:`RequestShare`)."""
         update = self.update(layer)
         own = update.own()[request]
-        return RequestKeyEdit(self.requests[request], update.layer, update.keys[request],
+        return RequestShare(self.requests[request], update.layer, update.keys[request],
                               update.key_selectors[request] / own, self.prefixes, update.prefix_keys[request])
 
     @property
@@ -363,7 +366,7 @@ def compute_memit(model, requests: Sequence, config: MEMITConfig, covariances: d
     """The MEMIT edit of ``requests`` (module docstring): ``covariances`` maps each of ``config.layers`` to its
     :class:`~keyscope.analysis.covariance.KeyCovariance` (of the unedited model, as MEMIT's cached statistics). The
     weights are unchanged on return (each layer is written while the next is computed, then restored)."""
-    requests = [rome._as_request(r) for r in requests]
+    requests = [as_request(r) for r in requests]
     if not requests:
         raise KeyscopeError("an edit needs at least one request")
     layers = [check_layer(model, layer) for layer in config.layers]
@@ -372,12 +375,12 @@ def compute_memit(model, requests: Sequence, config: MEMITConfig, covariances: d
     zs, traces = zip(*(compute_z(model, r, z_layer, prefixes, config, base) for r in requests))
     Z = torch.stack(zs)  # (n, d_model)
     updates = []
-    with rome.restoring(model, layers):
+    with restoring(model, layers):
         for i, layer in enumerate(layers):
-            templates = [rome.prefixed(prefix, r.template) for r in requests for prefix in prefixes]
+            templates = [prefixed(prefix, r.template) for r in requests for prefix in prefixes]
             subjects = [r.subject for r in requests for _ in prefixes]
             prefix_keys = collect_keys(model, templates, subjects, layer, batch_size)  # (n · p, d_mlp)
-            prefix_keys = prefix_keys.reshape(len(requests), len(prefixes), -1)  # (n, p, d_mlp) as rome.prefixed_keys
+            prefix_keys = prefix_keys.reshape(len(requests), len(prefixes), -1)  # (n, p, d_mlp) as prefixed_keys
             K = prefix_keys.mean(1)  # (n, d_mlp) compute_ks: keys averaged over the context templates
             H = subject_residuals(model, requests, z_layer, batch_size, _h_prefixes(prefixes, config))  # (n, d_model) cur_zs
             R = (Z.double() - H.double()) / (len(layers) - i)  # (n, d_model) the remaining layers' share
@@ -399,104 +402,21 @@ class MEMITEditor(Editor):
 
     name = "memit"
     batched = True
+    config_name = "memit"
 
-    def __init__(self, model, context, config: MEMITConfig | None = None):
+    def __init__(self, model, context):
         super().__init__(model, context)
-        self.config = config or MEMITConfig.for_model(model)
+        self.config = context.config(self.config_name)
         self.covariances = {layer: context.covariance(check_layer(model, layer)) for layer in self.config.layers}
+
+    @classmethod
+    def prepare(cls, run, configs: dict, prepared: dict) -> None:
+        """MEMIT's config (:meth:`MEMITConfig.for_model` unless given); it reads ROME's config and the run's
+        context prefixes too (prepared for every run)."""
+        if cls.config_name not in configs:
+            configs[cls.config_name] = MEMITConfig.for_model(run.model)
 
     def compute(self, requests: Sequence, probes: Sequence | None = None) -> MEMITEdit:
         ctx = self.context
-        return compute_memit(self.model, requests, self.config, self.covariances, ctx.prefixes, ctx.rome_config,
+        return compute_memit(self.model, requests, self.config, self.covariances, ctx.prefixes, ctx.config("rome"),
                              ctx.batch_size)
-
-
-class MEMITREPEdit(ModelEdit):
-    """MEMIT+REP's :class:`~keyscope.editing.base.ModelEdit`: the MEMIT edit ``base`` and one REP adaptor per request
-    and edited layer (``adaptors[(request, layer)]``), applied together; adaptors of one layer compose in
-    request order."""
-
-    gated = True
-
-    def __init__(self, base: MEMITEdit, adaptors: dict[tuple[int, int], rep.REP]):
-        self.base = base
-        self.adaptors = dict(adaptors)
-        self.requests = base.requests
-        self.layers = base.layers
-
-    @contextmanager
-    def applied(self, model, tau: float | None = None) -> Iterator:
-        with self.base.applied(model), ExitStack() as stack:
-            for adaptor in self.adaptors.values():
-                stack.enter_context(rep.adapted(model, adaptor, tau))
-            yield model
-
-    def strength(self, keys: torch.Tensor, layer: int | None = None, request: int = 0,
-                 tau: float | None = None) -> torch.Tensor:
-        """``s_i(k̂)`` of the keys adapted by request ``request``'s adaptor at ``layer``."""
-        return self.adaptors[(request, self._layer(layer))].strength(keys, tau)
-
-    def value_direction(self, request: int = 0) -> torch.Tensor:
-        """The MEMIT edit's ``Δv*`` (the adaptors move keys, not what is written at the requests' keys)."""
-        return self.base.value_direction(request)
-
-    def own_keys(self, request: int = 0) -> dict[int, torch.Tensor]:
-        """The MEMIT edit's keys of request ``request`` (before the adaptors)."""
-        return self.base.own_keys(request)
-
-    def layer_weights(self, request: int = 0) -> dict[int, float]:
-        return self.base.layer_weights(request)
-
-    def request_adaptors(self) -> list[tuple[int, rep.REP]]:
-        return [(request, adaptor) for (request, _), adaptor in self.adaptors.items()]
-
-    def gate(self, keys: torch.Tensor, layer: int | None = None, request: int = 0) -> torch.Tensor:
-        return self.adaptors[(request, self._layer(layer))].gate(keys)
-
-    def gate_on(self, gate: torch.Tensor, tau: float) -> torch.Tensor:
-        return next(iter(self.adaptors.values())).adaptor_.gate_on(gate, tau)
-
-    @property
-    def prefix_keys(self) -> torch.Tensor:
-        return self.base.prefix_keys
-
-
-class MEMITREPEditor(Editor):
-    """MEMIT+REP: the MEMIT edit of the requests and, for each request and edited layer ``l``, a REP adaptor on
-    the layer-``l`` keys fitted (:meth:`keyscope.editing.rep.ROMEREPEditor.fit`) to request ``i``'s share of ``ΔW_l``
-    (:meth:`MEMITEdit.request_edit`: strength 1 at ``k_i``) on the request's in-domain probes, with the keys
-    collected on the model as the adaptor will see them (the updates and adaptors of the layers before ``l``
-    applied). Gate negatives of other subjects and corpus text are the run's, which are keys of the run's layer
-    (:attr:`~keyscope.editing.base.EditContext.layer`): they are used at that layer only; at the other layers the
-    gate learns from the context negatives alone."""
-
-    name = "memit+rep"
-    base = "memit"
-    batched = True
-    gated = True
-    uses_probes = True
-    uses_gate_negatives = True
-
-    def __init__(self, model, context, config: MEMITConfig | None = None):
-        super().__init__(model, context)
-        self.memit = MEMITEditor(model, context, config)
-        self.config = self.memit.config
-
-    def compute(self, requests: Sequence, probes: Sequence | None = None) -> MEMITREPEdit:
-        probes = self._probes(requests, probes)
-        return self.adapt(self.memit.compute(requests), probes)
-
-    def adapt(self, base_edit: MEMITEdit, probes: Sequence | None = None) -> MEMITREPEdit:
-        probes = self._probes(base_edit.requests, probes)
-        ctx = self.context
-        adaptors: dict[tuple[int, int], rep.REP] = {}
-        for layer in base_edit.layers:
-            fitter = rep.ROMEREPEditor(self.model, ctx if layer == ctx.layer else replace(ctx, negatives=GateNegatives()))
-            with ExitStack() as stack:  # the keys this layer's adaptor will see: earlier layers' updates and adaptors
-                stack.enter_context(base_edit.applied(self.model, upto=layer))
-                for (_, earlier), adaptor in list(adaptors.items()):
-                    if earlier < layer:
-                        stack.enter_context(rep.adapted(self.model, adaptor))
-                for i, p in enumerate(probes):
-                    adaptors[(i, layer)] = fitter.fit(base_edit.request_edit(i, layer), p)
-        return MEMITREPEdit(base_edit, adaptors)

@@ -42,7 +42,7 @@ The released code's setting, exactly
 ``EasyEditOurs/easyeditor/models/aggregator.py`` run by ``scripts/edit_llama.sh``; each field is cited to
 file and line in the method). Per step ``t`` (10 Adam steps at lr 5e-4), with ``u = C⁻¹k̄ / ‖C⁻¹k̄‖`` —
 ROME's left vector (``rome/compute_u.py`` L123-127, ``k̄`` the prefix-averaged key), which ``rome_main.py``
-L48, L70 passes to the aggregator as its target vector; :attr:`keyscope.editing.rome.Edit.key_selector` has its
+L48, L70 passes to the aggregator as its target vector; :attr:`keyscope.editing.rome.RankOneEdit.key_selector` has its
 direction:
 
 * **positives**: the original subject behind every ROME context prefix but the bare one, and the in-domain
@@ -56,15 +56,15 @@ direction:
   ``|·|`` ("v5: remove abs"), the anchor a mean squared error over the ``d_mlp`` coordinates;
 * at inference the branch is on where ``g(k) > τ`` (strictly) and dropout stays on.
 
-:func:`adapted` puts a fitted adaptor on a model inside a ``with`` block; :func:`applied` applies a ROME
-edit and its adaptor together and removes both on exit (weights restored bit-exactly, the hook removed),
-also on an exception.
+:func:`adapted` puts a fitted adaptor on a model inside a ``with`` block; :class:`REPEdit` holds a base edit (ROME's,
+MEMIT's) and its adaptors, and its ``applied`` applies them together and removes both on exit (weights restored
+bit-exactly, the hooks removed), also on an exception.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from typing import Protocol
@@ -72,15 +72,17 @@ from typing import Protocol
 import torch
 
 from keyscope._infra.errors import InvalidKeys, NotFitted
-from keyscope.analysis.keys import collect_context_keys
+from keyscope.analysis.keys import collect_context_keys, collect_keys
+from keyscope.analysis.scan import sample_corpus_keys
 from keyscope.analysis.similarity import probe_keys
 from keyscope.data.perturbations import KINDS, LONG, REPHRASE, SHUFFLE, TEMPLATE, Probe
-from keyscope.editing import rome
-from keyscope.editing.base import Editor, ModelEdit
+from keyscope.editing.base import Editor, GatedEdit, ModelEdit, RunInputs, editor_class
+from keyscope.editing.prefixes import prefixed, prefixed_keys
+from keyscope.editing.request import EditRequest
 from keyscope.model.models import check_layer, key_hook
 
 __all__ = ["REPConfig", "KeyAdaptor", "REP", "REPKeys", "gather_keys", "training_positives", "behind_prefixes",
-           "minibatches", "check_keys", "KeyEdit", "adapted", "recorded_gates", "applied", "REPEdit", "ROMEREPEditor", "OBJECTIVES", "ANCHORS",
+           "minibatches", "check_keys", "SingleKeyEdit", "adapted", "recorded_gates", "REPEdit", "GateNegatives", "REPEditor", "ROMEREPEditor", "MEMITREPEditor", "OBJECTIVES", "ANCHORS",
            "ANCHOR_LOSSES", "SETTINGS"]
 
 #: ``strength``: ``(α(k̂) − 1)²``; ``paper``: ``−|α(k̂)| / ‖k̂‖`` (scaled); ``released``: ``−(k̂/‖k̂‖)ᵀu``.
@@ -285,13 +287,13 @@ class KeyAdaptor(torch.nn.Module):
 # ---------------------------------------------------------------------------------------------- keys
 
 
-class KeyEdit(Protocol):
+class SingleKeyEdit(Protocol):
     """What REP needs of the edit it adapts: one key ``k_star`` ``(d_mlp,)`` of ``layer`` and the
     ``key_selector`` ``(d_mlp,)`` with ``strength(k) = kᵀ key_selector`` (1 at ``k_star``), the ``request``, the
-    context ``prefixes`` and the keys behind them (``prefix_keys``, or ``None``). A :class:`keyscope.editing.rome.Edit`
-    is one; so is a request's share of a MEMIT layer update (:class:`keyscope.editing.memit.RequestKeyEdit`)."""
+    context ``prefixes`` and the keys behind them (``prefix_keys``, or ``None``). A :class:`keyscope.editing.rome.RankOneEdit`
+    is one; so is a request's share of a MEMIT layer update (:class:`keyscope.editing.memit.RequestShare`)."""
 
-    request: rome.EditRequest
+    request: EditRequest
     layer: int
     k_star: torch.Tensor
     key_selector: torch.Tensor
@@ -316,7 +318,7 @@ def behind_prefixes(probes: Sequence[Probe], prefixes: Sequence[str]) -> list[Pr
     """Each of ``probes`` behind each of ``prefixes``, probe by probe: ROME's context template
     ``"{prefix}. {template}"`` (the probe itself for the bare prefix ``""``). A long-context probe already has
     its own preceding text and is kept once, as it is."""
-    return [p if prefix == "" or p.kind == LONG else replace(p, template=rome.prefixed(prefix, p.template))
+    return [p if prefix == "" or p.kind == LONG else replace(p, template=prefixed(prefix, p.template))
             for p in probes for prefix in (prefixes if p.kind != LONG else ("",))]
 
 
@@ -331,7 +333,7 @@ def training_positives(probes: Sequence[Probe], config: REPConfig, prefixes: Seq
 
 def gather_keys(
     model,
-    edit: KeyEdit,
+    edit: SingleKeyEdit,
     positives: Sequence[Probe],
     config: REPConfig,
     subject_keys: torch.Tensor | None = None,
@@ -357,11 +359,11 @@ def gather_keys(
     pos = probe_keys(model, positives, layer, batch_size=batch_size) if positives else torch.zeros((0, d), device=device)
     prefix_keys = edit.prefix_keys  # (n_prefixes, d_mlp), the edit prompt first
     if prefix_keys is None:
-        prefix_keys = rome.prefixed_keys(model, request, layer, edit.prefixes)
+        prefix_keys = prefixed_keys(model, request, layer, edit.prefixes)
     anchors = prefix_keys
     if config.anchor == "bare":
         bare = [i for i, prefix in enumerate(edit.prefixes) if prefix == ""][:1]
-        anchors = prefix_keys[bare] if bare else rome.prefixed_keys(model, request, layer, ("",))  # (1, d_mlp)
+        anchors = prefix_keys[bare] if bare else prefixed_keys(model, request, layer, ("",))  # (1, d_mlp)
     if config.positive_prefixes and config.anchor == "bare":  # kept unchanged as anchors otherwise
         prefixed = [i for i, prefix in enumerate(edit.prefixes) if prefix != ""]
         pos = torch.cat([prefix_keys[prefixed].to(pos.device, pos.dtype), pos])  # (n_prefixed + n_pos, d_mlp)
@@ -447,7 +449,7 @@ class REP:
     def __init__(self, config: REPConfig | None = None):
         self.config = config or REPConfig()
 
-    def fit(self, edit: KeyEdit, keys: REPKeys) -> REP:
+    def fit(self, edit: SingleKeyEdit, keys: REPKeys) -> REP:
         """Train the adaptor for ``edit`` on ``keys`` (Algorithm 1): ``config.steps`` Adam steps on
 
         ``objective(B_t) + anchor_weight · anchor + gate_weight · BCE``
@@ -604,108 +606,160 @@ def recorded_gates(reps: Sequence[REP]) -> Iterator[list[list[torch.Tensor]]]:
             handle.remove()
 
 
-@contextmanager
-def applied(model, edit: rome.Edit, rep: REP | None = None, tau: float | None = None) -> Iterator:
-    """ROME and REP together: apply ``edit`` to ``W_out`` (:func:`keyscope.editing.rome.applied`) and, if ``rep``
-    is given, its adaptor on the keys (:func:`adapted`); on exit both are removed — the weights restored
-    bit-exactly and the hook taken off — also when the block raises."""
-    if rep is not None:
-        rep._check_fitted()
-    with rome.applied(model, edit):
-        if rep is None:
-            yield model
-        else:
-            if rep.layer_ != edit.layer:
-                raise ValueError(f"the adaptor is for layer {rep.layer_}, the edit is at layer {edit.layer}")
-            with adapted(model, rep, tau):
-                yield model
-
-
 # ---------------------------------------------------------------------------------------------- editor
 
 
-class REPEdit(ModelEdit):
-    """ROME+REP's :class:`~keyscope.editing.base.ModelEdit`: the ROME edits of ``base`` and one fitted adaptor per
-    request, applied together (:func:`applied`; several adaptors of one layer compose in request order)."""
+class REPEdit(GatedEdit):
+    """A base edit (ROME's, MEMIT's or any :class:`~keyscope.editing.base.ModelEdit` with ``request_edit``) and one
+    fitted REP adaptor per request and edited layer (``adaptors[(request, layer)]``), applied together: the base
+    edit, then the adaptors in the order they were fitted (layer by layer; adaptors of one layer compose in
+    request order)."""
 
-    gated = True
-
-    def __init__(self, base: rome.ROMEEdits, adaptors: Sequence[REP]):
-        if len(adaptors) != len(base.edits):
-            raise ValueError(f"{len(adaptors)} adaptors for {len(base.edits)} edits")
+    def __init__(self, base: ModelEdit, adaptors: Mapping[tuple[int, int], REP]):
+        if not adaptors:
+            raise ValueError("a gated edit needs at least one adaptor")
+        for adaptor in adaptors.values():
+            adaptor._check_fitted()  # refused before anything is applied
         self.base = base
-        self.adaptors = tuple(adaptors)
+        self.adaptors = dict(adaptors)
         self.requests = base.requests
         self.layers = base.layers
-        self.gate_decides = not any(a.config.dropout_at_inference for a in self.adaptors)
+        first = next(iter(self.adaptors.values()))
+        self.tau = first.config.tau
+        self.gate_decides = not any(a.config.dropout_at_inference for a in self.adaptors.values())
 
     @contextmanager
-    def applied(self, model, tau: float | None = None) -> Iterator:
-        with rome.applied(model, *self.base.edits), ExitStack() as stack:
-            for adaptor in self.adaptors:
-                stack.enter_context(adapted(model, adaptor, tau))
+    def applied(self, model, tau: float | None = None, upto: int | None = None) -> Iterator:
+        with self.base.applied(model, upto=upto), ExitStack() as stack:
+            for (_, layer), adaptor in self.adaptors.items():
+                if upto is None or layer < upto:
+                    stack.enter_context(adapted(model, adaptor, tau))
             yield model
 
     def strength(self, keys: torch.Tensor, layer: int | None = None, request: int = 0,
                  tau: float | None = None) -> torch.Tensor:
-        """``α(k̂)`` of the adapted keys (Lemma 4.6 with REP's keys, :meth:`REP.strength`)."""
-        self._layer(layer)
-        return self.adaptors[request].strength(keys, tau)
-
-    def value_direction(self, request: int = 0) -> torch.Tensor:
-        """The ROME edit's ``Δv*`` (the adaptor moves keys, not what is written at ``k*``)."""
-        return self.base.value_direction(request)
-
-    def own_keys(self, request: int = 0) -> dict[int, torch.Tensor]:
-        """The ROME edit's ``k*`` (before the adaptor: the key the edit was computed at)."""
-        return self.base.own_keys(request)
-
-    def layer_weights(self, request: int = 0) -> dict[int, float]:
-        return self.base.layer_weights(request)
+        """``α(k̂)`` of the keys adapted by request ``request``'s adaptor at ``layer`` (Lemma 4.6 with REP's keys,
+        :meth:`REP.strength`)."""
+        return self.adaptors[(request, self._layer(layer))].strength(keys, tau)
 
     def request_adaptors(self) -> list[tuple[int, REP]]:
-        return list(enumerate(self.adaptors))
+        return [(request, adaptor) for (request, _), adaptor in self.adaptors.items()]
 
-    def gate(self, keys: torch.Tensor) -> torch.Tensor:
-        return self.adaptors[0].gate(keys)
+    def gate(self, keys: torch.Tensor, layer: int | None = None, request: int = 0) -> torch.Tensor:
+        return self.adaptors[(request, self._layer(layer))].gate(keys)
 
     def gate_on(self, gate: torch.Tensor, tau: float) -> torch.Tensor:
-        return self.adaptors[0].adaptor_.gate_on(gate, tau)
-
-    @property
-    def prefix_keys(self) -> torch.Tensor | None:
-        return self.base.prefix_keys
+        return next(iter(self.adaptors.values())).adaptor_.gate_on(gate, tau)
 
 
-class ROMEREPEditor(Editor):
-    """ROME+REP: the ROME edit of each request and a REP adaptor fitted on the request's in-domain probes
-    (:meth:`~keyscope.data.perturbations.FactProbes.training_probes`, or a sequence of :class:`Probe`) and the run's
-    gate negatives (never the subjects of the fact's neighbourhood prompts, held out for Locality)."""
+@dataclass(frozen=True)
+class GateNegatives:
+    """Keys REP's gate is trained to stay off on (shared by every fact of a run): one key per subject of the
+    run's facts (``subject_keys`` ``(n_subjects, d_mlp)``, named by ``subject_names``) and keys of unrelated
+    corpus text (``corpus_keys`` ``(n_corpus, d_mlp)``), all of the run's layer."""
 
-    name = "rome+rep"
-    base = "rome"
+    subject_keys: torch.Tensor | None = None  # (n_subjects, d_mlp)
+    subject_names: tuple[str, ...] = ()
+    corpus_keys: torch.Tensor | None = None  # (n_corpus, d_mlp)
+
+    def for_fact(self, fact) -> torch.Tensor | None:
+        """Keys of subjects other than ``fact``'s own and those named in its neighbourhood prompts (held out for
+        Locality)."""
+        if self.subject_keys is None:
+            return None
+        neighbourhood = getattr(fact, "neighborhood_prompts", ()) or ()
+        keep = [i for i, name in enumerate(self.subject_names)
+                if name.strip() != fact.subject.strip() and not any(name in p for p in neighbourhood)]
+        return self.subject_keys[torch.as_tensor(keep, dtype=torch.long)]
+
+    @classmethod
+    def collect(cls, run: RunInputs) -> GateNegatives:
+        """The negatives of ``run``: the key of each distinct subject of ``run.facts`` (its own prompt) and
+        ``run.n_corpus_negatives`` keys of ``run.corpus`` (:func:`keyscope.analysis.scan.sample_corpus_keys`)."""
+        pool: dict[str, object] = {}
+        for fact in run.facts:
+            pool.setdefault(fact.subject.strip(), fact)
+        subject_keys = collect_keys(run.model, [f.prompt for f in pool.values()], [f.subject for f in pool.values()],
+                                    run.layer, batch_size=run.batch_size) if pool else None  # (n_subjects, d_mlp)
+        corpus_keys = None
+        if run.corpus is not None and run.n_corpus_negatives:
+            corpus_keys = sample_corpus_keys(run.model, run.corpus, run.layer, run.n_corpus_negatives,
+                                             seed=run.seed)  # (n, d_mlp)
+        return cls(subject_keys, tuple(pool), corpus_keys)
+
+
+class REPEditor(Editor):
+    """REP around the edit of method :attr:`~keyscope.editing.base.Editor.base`: for each request and edited layer
+    ``l``, an adaptor on the layer-``l`` keys fitted (:meth:`fit`) to request ``i``'s share of the edit at ``l``
+    (:meth:`~keyscope.editing.base.ModelEdit.request_edit`: strength 1 at its key) on the request's in-domain probes
+    (:meth:`~keyscope.data.perturbations.FactProbes.training_probes`, or a sequence of :class:`Probe`), with the keys
+    collected on the model as the adaptor will see them (the base edit's layers before ``l`` and their adaptors
+    applied). The run's gate negatives are keys of the run's layer
+    (:attr:`~keyscope.editing.base.EditContext.layer`): they are used at that layer only (never the subjects of
+    the fact's neighbourhood prompts, held out for Locality); at other layers the gate learns from the context
+    negatives alone."""
+
     gated = True
     uses_probes = True
     uses_gate_negatives = True
+    config_name = "rep"
+
+    def __init__(self, model, context):
+        super().__init__(model, context)
+        self.base_editor = editor_class(self.base)(model, context)
+        self.config = context.config(self.config_name)
 
     @classmethod
-    def prepare(cls, model, settings: dict) -> None:
-        """REP's config (keyscope's :class:`REPConfig` unless given)."""
-        settings["rep_config"] = settings["rep_config"] or REPConfig()
+    def prepare(cls, run: RunInputs, configs: dict, prepared: dict) -> None:
+        """REP's config (keyscope's :class:`REPConfig` unless given) and, when it trains its gate against negatives
+        (:attr:`REPConfig.gate_negatives`), the run's :class:`GateNegatives` (once per run)."""
+        configs.setdefault(cls.config_name, REPConfig())
+        if configs[cls.config_name].gate_negatives and "gate_negatives" not in prepared:
+            prepared["gate_negatives"] = GateNegatives.collect(run)
 
     def compute(self, requests: Sequence, probes: Sequence | None = None) -> REPEdit:
         probes = self._probes(requests, probes)
-        return self.adapt(rome.ROMEEditor(self.model, self.context).compute(requests), probes)
+        return self.adapt(self.base_editor.compute(requests), probes)
 
-    def adapt(self, base_edit: rome.ROMEEdits, probes: Sequence | None = None) -> REPEdit:
+    def adapt(self, base_edit: ModelEdit, probes: Sequence | None = None) -> REPEdit:
         probes = self._probes(base_edit.requests, probes)
-        return REPEdit(base_edit, [self.fit(edit, p) for edit, p in zip(base_edit.edits, probes)])
+        run_negatives = self.context.prepared.get("gate_negatives", GateNegatives())
+        adaptors: dict[tuple[int, int], REP] = {}
+        for layer in base_edit.layers:
+            negatives = run_negatives if layer == self.context.layer else GateNegatives()
+            with ExitStack() as stack:  # the keys this layer's adaptor will see: earlier layers' edits and adaptors
+                stack.enter_context(base_edit.applied(self.model, upto=layer))
+                for (_, earlier), adaptor in list(adaptors.items()):
+                    if earlier < layer:
+                        stack.enter_context(adapted(self.model, adaptor))
+                for i, p in enumerate(probes):
+                    adaptors[(i, layer)] = self.fit(base_edit.request_edit(i, layer), p, negatives)
+        return REPEdit(base_edit, adaptors)
 
-    def fit(self, edit: KeyEdit, probes) -> REP:
-        """REP's adaptor for one ROME ``edit`` (or any :class:`KeyEdit`), trained on ``probes`` (module docstring)."""
+    def fit(self, edit: SingleKeyEdit, probes, negatives: GateNegatives | None = None) -> REP:
+        """REP's adaptor for one single-key ``edit`` (:class:`SingleKeyEdit`: a ROME edit, a request's share of a MEMIT
+        layer update), trained on ``probes`` and ``negatives`` (default: the run's) (module docstring)."""
         ctx = self.context
+        if negatives is None:
+            negatives = ctx.prepared.get("gate_negatives", GateNegatives())
         positives = probes.training_probes() if hasattr(probes, "training_probes") else list(probes)
         fact = getattr(probes, "fact", edit.request)
-        keys = gather_keys(self.model, edit, positives, ctx.rep_config, subject_keys=ctx.negatives.for_fact(fact),
-                           corpus_keys=ctx.negatives.corpus_keys, batch_size=ctx.batch_size)
-        return REP(ctx.rep_config).fit(edit, keys)
+        keys = gather_keys(self.model, edit, positives, self.config, subject_keys=negatives.for_fact(fact),
+                           corpus_keys=negatives.corpus_keys, batch_size=ctx.batch_size)
+        return REP(self.config).fit(edit, keys)
+
+
+class ROMEREPEditor(REPEditor):
+    """ROME+REP: REP's adaptor around each request's ROME edit (:class:`REPEditor`)."""
+
+    name = "rome+rep"
+    base = "rome"
+
+
+class MEMITREPEditor(REPEditor):
+    """MEMIT+REP: REP's adaptors around the MEMIT edit of the requests, one per request and edited layer
+    (:class:`REPEditor`)."""
+
+    name = "memit+rep"
+    base = "memit"
+    batched = True

@@ -59,7 +59,7 @@ word-built vocabulary may know no "Therefore") or, for the LLaMA family, from Ea
 (:attr:`ROMEConfig.prefix_seeds`), after the model's BOS or its card's :attr:`ROMEConfig.prefix_start` (SmolLM2's
 pretraining separator). Each prefix is decoded to text (braces removed, whitespace collapsed) and put before the
 prompt as ``"{prefix}. {prompt}"``; the bare prompt is the first template, as in ROME. They are sampled once per
-model and setting and kept in keyscope's cache (:func:`context_prefixes`).
+model and setting and kept in keyscope's cache (:func:`~keyscope.editing.prefixes.context_prefixes`).
 
 Reference mode
 --------------
@@ -74,7 +74,7 @@ Reference mode
 * **two keys**: the direction ``u ∝ C⁻¹k̄`` comes from the prefix-averaged key ``k̄`` (``compute_u``), but
   ``v*`` is installed at the bare prompt's key ``k₀``: ``ΔW = (v* − W k₀)(C⁻¹k̄)ᵀ / (k₀ᵀC⁻¹k̄)``
   (``compute_v``'s ``right_vector = (target - cur_output) / torch.dot(cur_input, left_vector)``), so
-  :attr:`Edit.k_star` is ``k₀`` (``W' k₀ = v*`` exactly) and ``s(k) = kᵀC⁻¹k̄ / k₀ᵀC⁻¹k̄``;
+  :attr:`RankOneEdit.k_star` is ``k₀`` (``W' k₀ = v*`` exactly) and ``s(k) = kᵀC⁻¹k̄ / k₀ᵀC⁻¹k̄``;
 * **the v* objective**: the KL "essence" term is read at the subject's last token of ``"{} is a"``
   (``lookup_idxs`` of the KL prompt), and the weight decay ``‖δ‖ / ‖v‖²`` and the clamp radius use the
   bare prompt's value ``v = W k₀ + b`` (``target_init``).
@@ -86,7 +86,7 @@ reference``). Everything *around* the edit — REP's training keys, the probes a
 :mod:`keyscope.evaluation.evaluate` — uses ``model.tokenizer``, which reads text as the model's own tokenizer does for every
 model :func:`keyscope.model.models.load_model` loads, so the two tokenisations agree.
 
-Timings of every stage are recorded in :class:`EditTrace`. Applying edits: :func:`apply` (permanent),
+Timings of every stage are recorded in :class:`~keyscope.editing.optimise.EditTrace`. Applying edits: :func:`apply` (permanent),
 :func:`applied` (a context manager that restores the weights bit-exactly on exit, also on an exception),
 :func:`keyscope.model.models.save_model` (a Hugging Face directory that :func:`keyscope.model.models.load_model` loads with
 the edits in).
@@ -94,8 +94,6 @@ the edits in).
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -103,20 +101,15 @@ from dataclasses import dataclass, field, fields, replace
 
 import torch
 
-from keyscope._infra.errors import KeyscopeError, MalformedRecord, UnknownToken
+from keyscope._infra.errors import KeyscopeError
 from keyscope.analysis.covariance import KeyCovariance, load_or_compute_covariance
-from keyscope.analysis.keys import collect_keys
 from keyscope.data.prompts import (
     SLOT,
-    encode,
-    fill,
-    pad_batch,
-    tokens_overlapping,
-    unknown_pieces,
-    unknown_token_message,
 )
-from keyscope.editing.base import Editor, ModelEdit
-from keyscope.model.capture import module_output
+from keyscope.editing.base import Editor, ModelEdit, restoring
+from keyscope.editing.optimise import EditTrace, optimise_delta, v_star_batch
+from keyscope.editing.prefixes import bos_convention, context_prefixes, prefixed_keys
+from keyscope.editing.request import EditRequest, as_request, check_request_tokens
 from keyscope.model.models import (
     MODEL_CARD,
     W_out,
@@ -126,48 +119,26 @@ from keyscope.model.models import (
     d_model,
     default_layer,
     family,
-    fast_logits_ok,
-    frozen,
-    hf_prepends_bos,
-    logits_at,
     model_card,
     model_name,
-    sdpa_attention,
     value_hook,
 )
+from keyscope.model.replay import ADDITIVE_BLOCK_FAMILIES
 
 __all__ = [
     "ROMEConfig",
-    "EditRequest",
-    "EditTrace",
-    "Edit",
-    "EmptyTarget",
-    "TargetTokenization",
+    "RankOneEdit",
     "compute_edit",
-    "check_request_tokens",
-    "context_prefixes",
     "compute_k_star",
     "edit_key",
-    "prefixed",
-    "prefixed_keys",
     "compute_v_star",
     "rank_one_update",
     "predicted_value",
     "apply",
     "applied",
-    "restoring",
-    "optimise_delta",
     "ROMEEdits",
     "ROMEEditor",
 ]
-
-
-class EmptyTarget(KeyscopeError):
-    """An edit request whose new target is empty or whitespace."""
-
-
-class TargetTokenization(KeyscopeError):
-    """A target whose first token would merge with the end of the prompt."""
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -293,94 +264,8 @@ PUBLISHED_BY_NAME: dict[str, dict] = {
 # ---------------------------------------------------------------------------------------------- records
 
 
-@dataclass(frozen=True)
-class EditRequest:
-    """One fact to write: ``prompt`` (a template with ``{}`` for the subject, or a filled prompt holding
-    ``subject``), the ``subject``, the new target ``target_new`` and optionally the true one (recorded only).
-
-    Raises :class:`~keyscope._infra.errors.SubjectNotFound` if the subject is not in the prompt,
-    :class:`~keyscope._infra.errors.MalformedRecord` for a field that is not a string or a prompt with more than one
-    ``{}`` slot (each slot would be filled with the subject, and the edit would write at the first only), and
-    :class:`EmptyTarget` for an empty target.
-    """
-
-    prompt: str
-    subject: str
-    target_new: str
-    target_true: str | None = None
-
-    def __post_init__(self):
-        for name in ("prompt", "subject"):
-            value = getattr(self, name)
-            if not isinstance(value, str):
-                raise MalformedRecord(f"edit request field {name!r} must be a string, not {type(value).__name__}")
-        if self.prompt.count(SLOT) > 1:
-            raise MalformedRecord(f"prompt {self.prompt!r} has {self.prompt.count(SLOT)} subject slots {SLOT}; "
-                                  f"give exactly one, where the edited subject goes")
-        fill(self.prompt, self.subject)  # raises SubjectNotFound
-        if not isinstance(self.target_new, str) or not self.target_new.strip():
-            raise EmptyTarget(
-                f"empty target_new for {fill(self.prompt, self.subject).text!r}; give the new object to write"
-            )
-
-    @property
-    def template(self) -> str:
-        """The prompt with exactly one ``{}`` at the subject occurrence that is edited."""
-        return fill(self.prompt, self.subject).template
-
-    @classmethod
-    def from_dict(cls, record: Mapping) -> EditRequest:
-        """From a CounterFact-style record: ``prompt``, ``subject``, ``target_new`` (a string or
-        ``{"str": ...}``) and optionally ``target_true``. Raises :class:`~keyscope._infra.errors.MalformedRecord` for
-        a missing field."""
-
-        def text(value):
-            return value.get("str") if isinstance(value, Mapping) else value
-
-        if not isinstance(record, Mapping):
-            raise MalformedRecord(f"an edit request must be a mapping, not {type(record).__name__}")
-        missing = [name for name in ("prompt", "subject", "target_new") if record.get(name) is None]
-        if missing:
-            raise MalformedRecord(f"edit request lacks {', '.join(missing)} (it has {', '.join(map(str, record)) or 'nothing'}); "
-                                  f"give prompt (with {SLOT} for the subject), subject and target_new")
-        return cls(record["prompt"], record["subject"], text(record["target_new"]), text(record.get("target_true")))
-
-
-@dataclass(frozen=True)
-class EditTrace:
-    """What the v* optimisation did and how long each stage took.
-
-    Per evaluated step (one forward pass each): the total ``loss``, its terms ``nll`` (mean over prompts of
-    the mean target-token NLL), ``kl`` (unweighted KL) and ``weight_decay`` (weighted), and
-    ``target_probability`` (mean over prompts of the geometric-mean target-token probability, ROME's
-    "avg prob"). The last entry belongs to the returned δ.
-    """
-
-    loss: tuple[float, ...]
-    nll: tuple[float, ...]
-    kl: tuple[float, ...]
-    weight_decay: tuple[float, ...]
-    target_probability: tuple[float, ...]
-    delta_norm: float  # final ‖δ‖ = ‖v* − W k*‖
-    max_delta_norm: float  # the clamp radius clamp_norm_factor · ‖W k* + b‖
-    value_norm: float  # ‖W k* + b‖
-    stopped_early: bool
-    seconds_prefixes: float = 0.0
-    seconds_k_star: float = 0.0
-    seconds_v_star: float = 0.0
-    seconds_update: float = 0.0
-
-    @property
-    def n_steps(self) -> int:
-        return len(self.loss)
-
-    @property
-    def seconds(self) -> float:
-        return self.seconds_prefixes + self.seconds_k_star + self.seconds_v_star + self.seconds_update
-
-
 @dataclass(frozen=True, eq=False)
-class Edit:
+class RankOneEdit:
     """A computed ROME edit of ``W_out`` of ``layer``: ``ΔW = residual ⊗ key_selector``.
 
     * ``k_star`` ``(d_mlp,)``: the key at which ``W' k* = v*`` holds exactly: the prefix-averaged key (the
@@ -421,172 +306,10 @@ class Edit:
 # ---------------------------------------------------------------------------------------------- k*
 
 
-def _clean_prefix(text: str) -> str:
-    """A generated prefix as ROME uses it: no braces (they would be template slots), one-line whitespace."""
-    text = text.replace("{", " ").replace("}", " ").replace("\ufffd", " ")
-    return " ".join(text.split())
-
-
-def prefixed(prefix: str, template: str) -> str:
-    """``"{prefix}. {template}"`` (ROME's context template), or the template itself for ``prefix == ""``."""
-    return template if prefix == "" else f"{prefix}. {template}"
-
-
-def _start_ids(tokenizer) -> list[int]:
-    """The tokens every sequence starts with (the BOS); the BOS or else the EOS if the tokenizer adds nothing."""
-    ids = list(encode(tokenizer, "").ids)
-    if ids:
-        return ids
-    for token in (getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
-        if token is not None:
-            return [int(token)]
-    raise ValueError(f"tokenizer {type(tokenizer).__name__} has neither a BOS nor an EOS token to start prefixes from")
-
-
-#: Version of :func:`sample_context_prefixes`'s algorithm, part of the prefixes' cache key.
-PREFIX_SAMPLER = 2
-
-
-def _sample_rows(model, starts: list[list[int]], length: int, top_k: int, generator: torch.Generator) -> list[list[int]]:
-    """Extend each row of ``starts`` (all of one length) to ``length`` tokens by top-``top_k`` sampling."""
-    ids = torch.tensor(starts, dtype=torch.long)  # (n, pos)
-    n_vocab = len(model.tokenizer)
-    with torch.no_grad():
-        while ids.shape[1] < length:
-            last = torch.full((ids.shape[0],), ids.shape[1] - 1)  # (n,)
-            logits = logits_at(model, ids.to(model.cfg.device), None, torch.arange(ids.shape[0]), last)
-            logits = logits.float().cpu()  # (n, vocab)
-            logits[:, n_vocab:] = float("-inf")
-            top = logits.topk(min(top_k, n_vocab), dim=-1)  # (n, k)
-            choice = torch.multinomial(top.values.softmax(-1), 1, generator=generator)  # (n, 1)
-            ids = torch.cat([ids, top.indices.gather(1, choice)], dim=1)  # (n, pos + 1)
-    return ids.tolist()
-
-
-def _prefix_start(tokenizer, config: ROMEConfig) -> list[int]:
-    """The tokens before every sampled prefix (dropped from it): ``config.prefix_start``'s id, else the
-    tokenizer's own BOS (none where it adds none)."""
-    if config.prefix_start is None:
-        return list(encode(tokenizer, "").ids)
-    token = tokenizer.convert_tokens_to_ids(config.prefix_start)
-    if token is None or tokenizer.convert_ids_to_tokens(int(token)) != config.prefix_start:
-        raise KeyscopeError(f"prefix_start {config.prefix_start!r} is not a token of the model's tokenizer")
-    return [int(token)]
-
-
-def sample_context_prefixes(model, config: ROMEConfig) -> list[list[int]]:
-    """The token ids of ROME's context prefixes (BOS excluded), sampled from ``model``; see :func:`context_prefixes`.
-
-    From the BOS alone (``config.prefix_seeds == ()``): all ``N = Σ count`` rows in one batch, sampled to the
-    longest length, a row of a ``(length, count)`` group keeping its first ``length`` tokens (BOS included, as
-    ROME's ``max_out_len``). From seed words: each seed's ``count // len(seeds)`` rows of each group, in EasyEdit's
-    order (seed by seed), one batch per seed, to the longest length (the start token — the tokenizer's own BOS or
-    ``config.prefix_start`` — and the seed's tokens counted, as ``generate_fast``'s ``max_out_len``). One ``torch.Generator`` seeded with ``config.seed`` draws
-    every token, in that order."""
-    groups = [(length, count) for length, count in config.context_template_length_params if count > 0]
-    tokenizer = model.tokenizer
-    generator = torch.Generator().manual_seed(config.seed)
-    longest = max(length for length, _ in groups)
-    head = _prefix_start(tokenizer, config)
-    if not config.prefix_seeds:
-        start = head or _start_ids(tokenizer)
-        lengths = [length for length, count in groups for _ in range(count)]
-        rows = _sample_rows(model, [start] * len(lengths), longest, config.prefix_top_k, generator)
-        return [row[len(start) : max(length, len(start))] for row, length in zip(rows, lengths)]
-    per_seed = {seed: [] for seed in config.prefix_seeds}  # seed → its rows' lengths, group by group
-    for length, count in groups:
-        for seed in config.prefix_seeds:
-            per_seed[seed] += [length] * (count // len(config.prefix_seeds))
-    sampled = {}
-    for seed, lengths in per_seed.items():
-        if lengths:
-            start = head + list(encode(tokenizer, seed, prepend_bos=False).ids)
-            rows = _sample_rows(model, [start] * len(lengths), max(longest, len(start)), config.prefix_top_k, generator)
-            sampled[seed] = [row[len(head) : max(length, len(start))] for row, length in zip(rows, lengths)]
-    # EasyEdit's order: group by group, and within a group seed by seed
-    order, taken = [], dict.fromkeys(per_seed, 0)
-    for _, count in groups:
-        n = count // len(config.prefix_seeds)
-        for seed in config.prefix_seeds:
-            order += sampled.get(seed, [])[taken[seed] : taken[seed] + n]
-            taken[seed] += n
-    return order
-
-
-def _prefixes_spec(model, config: ROMEConfig) -> dict:
-    from keyscope.analysis.covariance import weights_fingerprint
-
-    return {
-        "sampler": PREFIX_SAMPLER,
-        "model": model_name(model),
-        "weights": weights_fingerprint(model),
-        "dtype": str(next(model.original_model.parameters()).dtype),
-        "vocab": len(model.tokenizer),
-        "bos": list(encode(model.tokenizer, "").ids),
-        "lengths": [list(group) for group in config.context_template_length_params],
-        "top_k": config.prefix_top_k,
-        "seeds": list(config.prefix_seeds),
-        "start": config.prefix_start,
-        "seed": config.seed,
-    }
-
-
-def context_prefixes(model, config: ROMEConfig | None = None, cache: bool = True) -> tuple[str, ...]:
-    """ROME's context prefixes, sampled from ``model``: ``("", p_1, …, p_N)`` with ``""`` the bare prompt.
-
-    Sampled with top-``prefix_top_k`` sampling from a ``torch.Generator`` seeded with ``config.seed``, from the
-    BOS or from ``config.prefix_seeds`` (:func:`sample_context_prefixes`; logits beyond the tokenizer's
-    vocabulary masked out), decoded without special tokens and cleaned (:func:`_clean_prefix`). Deterministic
-    for a given model, config and device. With ``cache`` the sampled ids are kept in keyscope's cache, keyed by
-    the model's weights and the sampler's settings (:mod:`keyscope._infra.cache`: atomic, verified), so every command
-    and edit of a model reads the same prefixes without sampling them again.
-    """
-    from keyscope._infra import cache as artefacts
-
-    config = config or ROMEConfig.for_model(model)
-    if not any(count > 0 for _, count in config.context_template_length_params):
-        return ("",)
-
-    def compute() -> dict[str, torch.Tensor]:
-        rows = sample_context_prefixes(model, config)
-        width = max((len(row) for row in rows), default=0)
-        ids = torch.zeros((len(rows), width), dtype=torch.long)  # (n_prefixes, width)
-        for i, row in enumerate(rows):
-            ids[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
-        return {"ids": ids, "lengths": torch.tensor([len(row) for row in rows], dtype=torch.long)}
-
-    tensors = artefacts.cached("prefixes", _prefixes_spec(model, config), compute) if cache else compute()
-    rows = [ids[:length].tolist() for ids, length in zip(tensors["ids"], tensors["lengths"].tolist())]
-    texts = model.tokenizer.batch_decode(rows, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-    return ("", *(_clean_prefix(text) for text in texts))
-
-
-def _prepend_bos(model, config: ROMEConfig) -> bool | None:
-    """The BOS convention of the edit's tokenisation: the bridge's own (``None``), or in reference mode the
-    plain Hugging Face tokenizer's (:func:`keyscope.model.models.hf_prepends_bos`)."""
-    return hf_prepends_bos(model) if config.reference else None
-
-
-def prefixed_keys(
-    model, request: EditRequest, layer: int, prefixes: Sequence[str], prepend_bos: bool | None = None
-) -> torch.Tensor:
-    """The layer-``layer`` keys ``k(x_j + prompt)`` at the subject's last token behind each prefix (``""`` =
-    the bare prompt, first): ``(n_prefixes, d_mlp)`` float32.
-
-    The key at the subject's last token depends only on the tokens up to it, so the rest of the prompt
-    does not matter; the forward passes stop at the key (:func:`keyscope.analysis.keys.collect_keys`, whose
-    ``prepend_bos`` convention applies).
-    """
-    layer = check_layer(model, layer)
-    templates = [prefixed(prefix, request.template) for prefix in prefixes]
-    subjects = [request.subject] * len(templates)
-    return collect_keys(model, templates, subjects, layer, prepend_bos=prepend_bos)  # (n_prefixes, d_mlp)
-
-
 def edit_key(model, request: EditRequest, layer: int, prefixes: Sequence[str], config: ROMEConfig) -> torch.Tensor:
-    """The key :func:`compute_edit` installs ``v*`` at (:attr:`Edit.k_star`) without computing the edit: the
+    """The key :func:`compute_edit` installs ``v*`` at (:attr:`RankOneEdit.k_star`) without computing the edit: the
     prefix-averaged key, or the bare prompt's in reference mode. ``(d_mlp,)`` float32."""
-    return _edit_keys(prefixed_keys(model, request, layer, prefixes, _prepend_bos(model, config)), config)[0]
+    return _edit_keys(prefixed_keys(model, request, layer, prefixes, bos_convention(model, config)), config)[0]
 
 
 def _edit_keys(prefix_keys: torch.Tensor, config: ROMEConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -606,241 +329,6 @@ def compute_k_star(
 
 
 # ---------------------------------------------------------------------------------------------- v*
-
-
-@dataclass(frozen=True)
-class _VStarBatch:
-    """The padded batch of the v* objective: the prefixed, teacher-forced prompts, then the KL prompt."""
-
-    input_ids: torch.Tensor  # (batch, pos)
-    attention_mask: torch.Tensor  # (batch, pos)
-    inject: torch.Tensor  # (batch, pos, 1): 1 at each row's subject last token, where δ is added
-    target_rows: torch.Tensor  # (n_targets,) the prompt of each target token
-    target_positions: torch.Tensor  # (n_targets,) the position whose logits predict it
-    target_ids: torch.Tensor  # (n_targets,)
-    n_prompts: int
-    kl_position: int  # where the KL prompt (row n_prompts) is read: its last token, or (reference) the subject's
-
-
-def _teacher_forced(
-    tokenizer, template: str, subject: str, target: str, prepend_bos: bool | None = None
-) -> tuple[list[int], int, list[int], list[int]]:
-    """Tokenise ``template`` filled with ``subject`` and followed by ``target`` in one pass.
-
-    A space separates them unless the prompt ends or the target starts with whitespace (ROME prepends a
-    space to the target). Returns the ids to feed (up to but excluding the last target token), the
-    subject's last token index, the target token ids and the positions whose logits predict them.
-    """
-    span = fill(template, subject)
-    prompt = span.text
-    separator = "" if prompt[-1:].isspace() or target[:1].isspace() else " "
-    text = prompt + separator + target
-    encoded = encode(tokenizer, text, prepend_bos=prepend_bos)
-    subject_index = tokens_overlapping(encoded, span.start, span.end)[-1]
-    target_indices = tokens_overlapping(encoded, len(prompt) + len(separator), len(text))
-    if not target_indices:
-        raise EmptyTarget(f"target {target!r} has no token in the tokenisation of {text!r}")
-    first = target_indices[0]
-    if encoded.offsets[first][0] < len(prompt.rstrip()) or target_indices != list(range(first, target_indices[-1] + 1)):
-        raise TargetTokenization(
-            f"the target {target!r} does not start on a token boundary after {prompt!r}; "
-            f"start it with a space or end the prompt with one"
-        )
-    if first <= subject_index:
-        raise TargetTokenization(f"the target {target!r} overlaps the subject {subject!r} in {text!r}")
-    target_ids = [encoded.ids[i] for i in target_indices]
-    return list(encoded.ids[: target_indices[-1]]), subject_index, target_ids, [i - 1 for i in target_indices]
-
-
-def _v_star_batch(model, request: EditRequest, prefixes: Sequence[str], config: ROMEConfig) -> _VStarBatch:
-    tokenizer = model.tokenizer
-    prepend_bos = _prepend_bos(model, config)
-    sequences, subject_indices = [], []
-    rows, positions, targets = [], [], []
-    for row, prefix in enumerate(prefixes):
-        ids, subject_index, target_ids, target_positions = _teacher_forced(
-            tokenizer, prefixed(prefix, request.template), request.subject, request.target_new, prepend_bos
-        )
-        sequences.append(ids)
-        subject_indices.append(subject_index)
-        rows += [row] * len(target_ids)
-        positions += target_positions
-        targets += target_ids
-    kl_span = fill(config.kl_prompt, request.subject)
-    kl_encoded = encode(tokenizer, kl_span.text, prepend_bos=prepend_bos)
-    kl_last = max(i for i, special in enumerate(kl_encoded.special) if not special)
-    kl_subject = tokens_overlapping(kl_encoded, kl_span.start, kl_span.end)[-1]
-    kl_position = kl_subject if config.reference else kl_last  # rome/compute_v.py: lookup_idxs of the KL prompt
-    sequences.append(list(kl_encoded.ids[: kl_last + 1]))
-    subject_indices.append(kl_subject)
-
-    device = model.cfg.device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    input_ids, attention_mask = pad_batch(sequences, pad_id, "right", device=device)  # (batch, pos)
-    inject = torch.zeros((*input_ids.shape, 1), dtype=torch.float32, device=device)  # (batch, pos, 1)
-    inject[torch.arange(len(sequences)), torch.as_tensor(subject_indices), 0] = 1.0
-    as_long = dict(dtype=torch.long, device=device)
-    return _VStarBatch(
-        input_ids, attention_mask, inject, torch.tensor(rows, **as_long), torch.tensor(positions, **as_long),
-        torch.tensor(targets, **as_long), len(prefixes), kl_position,
-    )
-
-
-#: HF model types whose block output is the residual stream plus the attention and MLP outputs (pre-norm or
-#: parallel-residual blocks), so that δ added to the block's output equals δ added to its MLP output: the
-#: families :func:`compute_v_star` replays the lower layers for.
-ADDITIVE_BLOCK_FAMILIES = frozenset({"gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2"})
-
-
-def _block_output(model, layer: int):
-    """A capture of block ``layer``'s output (:func:`keyscope.model.capture.module_output`: as the HF layer loop passes it
-    on, a tensor or a tuple whose first item is the residual stream), its residual stream detached: the object
-    :func:`_blocks_replayed` returns verbatim. A hook point would give the tensor alone, not the tuple."""
-
-    def detached(output):
-        first = output if isinstance(output, torch.Tensor) else output[0]
-        return first.detach() if isinstance(output, torch.Tensor) else (first.detach(), *output[1:])
-
-    return module_output(model.blocks[layer], detached)
-
-
-@contextmanager
-def _blocks_replayed(model, layer: int, output, shift) -> Iterator[dict]:
-    """Blocks ``0..layer`` skip their computation: each returns ``output`` (block ``layer``'s recorded output),
-    block ``layer`` with ``shift`` applied to its residual stream. Restored on exit.
-
-    The forward functions are instance attributes shadowing the blocks' own (the bridge's blocks are the modules
-    the HF layer loop calls); the yielded dict counts the replays, so a loop that bypassed them is detected.
-    """
-    calls = {"replays": 0}
-    blocks = [model.blocks[i] for i in range(layer + 1)]
-
-    def replay(*args, shifted: bool, **kwargs):
-        calls["replays"] += 1
-        if not shifted:
-            return output
-        if isinstance(output, torch.Tensor):
-            return shift(output)
-        return (shift(output[0]), *output[1:])
-
-    try:
-        for i, block in enumerate(blocks):
-            vars(block)["forward"] = functools.partial(replay, shifted=i == layer)
-        yield calls
-    finally:
-        for block in blocks:
-            vars(block).pop("forward", None)
-
-
-#: HF model types whose decoder layers (called through the bridge's blocks, attention delegated to HF by
-#: :func:`keyscope.model.models.sdpa_attention`) read earlier positions' keys and values only through ``cache.update(k, v,
-#: layer_idx)``, take a 4-D additive ``attention_mask`` and, for rotary models, the ``position_embeddings`` of the
-#: base model's ``rotary_emb`` (GPT-2's absolute positions are in the recorded residual already): the families whose
-#: v* loop runs only the positions δ can change (:class:`_PrefixCached`), unless a batch is longer than the model's
-#: sliding attention window (which the cached path's mask does not apply).
-PREFIX_CACHE_FAMILIES = frozenset({"gpt2", "llama", "mistral", "qwen2"})
-
-
-class _PrefixKV:
-    """The one method of a Hugging Face ``Cache`` these families' attention calls, ``update(k, v, layer_idx)``.
-
-    While ``recording`` it keeps each layer's keys and values ``(batch, kv_heads, P, head_dim)`` (detached) and
-    returns them; afterwards it returns ``cat(prefix, new)`` along the positions and stores nothing, so the cache
-    never grows over the steps and no step's graph reaches into another's."""
-
-    def __init__(self):
-        self.keys: dict[int, torch.Tensor] = {}
-        self.values: dict[int, torch.Tensor] = {}
-        self.recording = True
-
-    def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args, **kwargs):
-        if self.recording:
-            self.keys[layer_idx], self.values[layer_idx] = keys.detach(), values.detach()
-            return keys, values
-        if layer_idx not in self.keys:  # no prefix at all (P = 0)
-            return keys, values
-        return (torch.cat([self.keys[layer_idx], keys], -2),  # (batch, kv_heads, P + S, head_dim)
-                torch.cat([self.values[layer_idx], values], -2))
-
-
-class _PrefixCached:
-    """The logits of the v* objective from the positions δ can change, with the others' keys and values cached.
-
-    δ is added to the residual after block ``L`` at each row's subject last token ``s_r``. Attention is causal, so
-    every position ``< s_r`` of row ``r`` is the same at every layer whatever δ is: its keys and values in blocks
-    ``L+1..N-1`` are computed once per edit, and each step runs those blocks on the positions ``≥ s_r`` only.
-
-    Layout. Row ``r`` (length ``n_r``) is re-aligned so that its subject's last token sits at column ``P = max_r s_r``:
-    column ``c`` holds original position ``c − P + s_r``; the **prefix** ``c < P`` is left-padded, the **suffix**
-    ``P ≤ c < P + S`` (``S = max_r (n_r − s_r)``) right-padded. Column ``c`` may attend to column ``c'`` iff
-    ``c' ≤ c`` and ``c'`` holds a real token (or ``c' = c``, which keeps a pad's own output finite: a NaN value
-    would turn a zero attention weight into NaN), as an additive ``(batch, 1, q, kv)`` mask. Position ids are the
-    original ones, so rotary embeddings see exactly the angles of the right-padded batch.
-
-    Once: blocks ``0..L`` on the whole batch (``stop_at_layer``, no gradient) for block ``L``'s output at δ = 0, then
-    blocks ``L+1..N-1`` on its prefix columns, ``cache`` recording their keys and values. Each step
-    (:meth:`__call__`): the suffix columns of that output plus δ at column ``P``, through blocks ``L+1..N-1`` with
-    the cache returning ``[prefix k/v ; suffix k/v]``, then the final norm and the unembedding at the target
-    columns only (:func:`keyscope.model.models.logits_at` semantics): ``O(S·(P + S))`` attention and ``O(S)`` MLP work
-    per block instead of ``O(T²)`` and ``O(T)`` for the padded length ``T``. Attention runs in
-    Hugging Face's own modules (:func:`keyscope.model.models.sdpa_attention`, active around every call): the bridge's
-    re-implemented attention reads a cache under ``past_key_values``, a name transformers 5 layers no longer pass.
-    """
-
-    def __init__(self, model, layer: int, batch: _VStarBatch, rows: torch.Tensor, positions: torch.Tensor):
-        self.model, self.layer = model, layer
-        with _block_output(model, layer) as recorded, torch.no_grad():
-            model(batch.input_ids, attention_mask=batch.attention_mask, stop_at_layer=layer + 1, return_type=None)
-        output = recorded["output"]
-        output = output if isinstance(output, torch.Tensor) else output[0]  # (batch, pos, d_model)
-        device = output.device
-        subject = batch.inject[..., 0].argmax(1)  # (batch,) s_r
-        lengths = batch.attention_mask.sum(1)  # (batch,) n_r
-        P, S = int(subject.max()), int((lengths - subject).max())
-        columns = torch.arange(P + S, device=device)  # (P + S,)
-        original = columns[None] - P + subject[:, None]  # (batch, P + S) original position of each column
-        real = (original >= 0) & (original < lengths[:, None])  # (batch, P + S)
-        aligned = output.gather(1, original.clamp(0, output.shape[1] - 1)[..., None].expand(-1, -1, output.shape[-1]))
-        # aligned: (batch, P + S, d_model), block L's output at δ = 0
-        allowed = (columns[:, None] >= columns[None, :]) & real[:, None, :] | torch.eye(P + S, dtype=torch.bool,
-                                                                                         device=device)
-        # allowed: (batch, q = P + S, kv = P + S)
-        mask = torch.zeros(allowed.shape, dtype=output.dtype, device=device).masked_fill(
-            ~allowed, torch.finfo(output.dtype).min)[:, None]  # (batch, 1, P + S, P + S) additive
-        position_ids = original.clamp(min=0)  # (batch, P + S)
-        rotary = getattr(model.original_model.base_model, "rotary_emb", None)
-        with torch.no_grad():
-            cos_sin = None if rotary is None else rotary(aligned, position_ids)  # 2 × (batch, P + S, head_dim)
-        self.cache = _PrefixKV()
-        if P:
-            with torch.no_grad():
-                self._upper_blocks(aligned[:, :P], mask[..., :P, :P], self._positions(position_ids, cos_sin, slice(P)))
-        self.cache.recording = False
-        self.suffix = aligned[:, P:]  # (batch, S, d_model)
-        self.mask = mask[..., P:, :]  # (batch, 1, S, P + S)
-        self.positions = self._positions(position_ids, cos_sin, slice(P, None))
-        self.rows, self.columns = rows, positions - subject[rows]  # (n,), (n,) suffix column of each logit
-
-    @staticmethod
-    def _positions(position_ids: torch.Tensor, cos_sin, columns: slice) -> dict:
-        """The positional keyword arguments of a decoder layer for ``columns``: ``position_ids`` ``(batch, q)`` and,
-        for rotary models, ``position_embeddings`` (cos, sin) ``(batch, q, head_dim)`` each."""
-        extra = {} if cos_sin is None else {"position_embeddings": tuple(t[:, columns] for t in cos_sin)}
-        return {"position_ids": position_ids[:, columns], **extra}
-
-    def _upper_blocks(self, residual: torch.Tensor, mask: torch.Tensor, positions: dict) -> torch.Tensor:
-        """Blocks ``layer+1..N-1`` on ``residual`` ``(batch, q, d_model)``, attending to the cache and themselves."""
-        for block in self.model.blocks[self.layer + 1:]:
-            out = block(residual, attention_mask=mask, cache=self.cache, **positions)
-            residual = out if isinstance(out, torch.Tensor) else out[0]  # (batch, q, d_model)
-        return residual
-
-    def __call__(self, delta: torch.Tensor) -> torch.Tensor:
-        """Logits ``(n, vocab)`` at the target rows and positions with ``δ`` ``(d_model,)`` at column ``P``."""
-        shifted = torch.cat([self.suffix[:, :1] + delta.to(self.suffix.dtype), self.suffix[:, 1:]], 1)
-        # shifted: (batch, S, d_model)
-        final = self._upper_blocks(shifted, self.mask, self.positions)  # (batch, S, d_model)
-        return self.model.unembed(self.model.ln_final(final[self.rows, self.columns]))  # (n, vocab)
 
 
 def compute_v_star(
@@ -872,16 +360,16 @@ def compute_v_star(
     Speed. ``δ`` changes nothing up to and including the layer-``layer`` MLP output, so with
     ``reuse_lower_layers`` (the default) only the first evaluation runs the whole model: it records the output
     of block ``layer`` (the residual stream after it, at ``δ = 0``), and every later step replays it with
-    ``inject · δ`` added and runs only the blocks above (:func:`_blocks_replayed`) — ``r + inject·δ``: δ enters
+    ``inject · δ`` added and runs only the blocks above (:func:`~keyscope.model.replay.blocks_replayed`) — ``r + inject·δ``: δ enters
     the residual after the block instead of the MLP output inside it, the same sum up to float rounding in
     blocks whose output is the residual plus the MLP output (pre-norm and parallel blocks:
-    :data:`ADDITIVE_BLOCK_FAMILIES`); other families (a norm after the MLP, post-norm blocks) run the plain
+    :data:`~keyscope.model.replay.ADDITIVE_BLOCK_FAMILIES`); other families (a norm after the MLP, post-norm blocks) run the plain
     loop whatever ``reuse_lower_layers`` says.
 
     With ``reuse_prefix`` (the default) as well, δ changes nothing *before* each prompt's subject last token
-    either, at any layer (attention is causal): for :data:`PREFIX_CACHE_FAMILIES` those positions run through
+    either, at any layer (attention is causal): for :data:`~keyscope.model.replay.PREFIX_CACHE_FAMILIES` those positions run through
     blocks ``layer+1..`` once, their keys and values cached, and every step runs those blocks on the positions from
-    the subject's last token on only, then unembeds the target positions (:class:`_PrefixCached`; blocks
+    the subject's last token on only, then unembeds the target positions (:class:`~keyscope.model.replay.PrefixCached`; blocks
     ``0..layer`` run once, without the first step's full forward and backward). That path runs Hugging Face's own
     attention through SDPA whatever ``sdpa`` says; ``reuse_prefix=False`` is the replay alone. With
     ``sdpa`` (default: on CUDA devices) attention runs through the fused kernel
@@ -894,7 +382,7 @@ def compute_v_star(
     """
     layer = check_layer(model, layer)
     start = time.perf_counter()
-    batch = _v_star_batch(model, request, prefixes, config)
+    batch = v_star_batch(model, request, prefixes, config)
     W = W_out(model, layer)  # (d_model, d_mlp)
     bias = b_out(model, layer)
     W_k_star = W.float() @ k_star.to(W.device, torch.float32)  # (d_model,)
@@ -906,133 +394,6 @@ def compute_v_star(
                                   label=f"v* layer {layer}")
     v_star = W_k_star + delta  # (d_model,)
     return v_star, replace(trace, seconds_v_star=time.perf_counter() - start)
-
-
-def optimise_delta(model, batch: _VStarBatch, hook: str, value_norm: float, config: ROMEConfig, *,
-                   replay_layer: int | None = None, progress: bool = False, reuse_lower_layers: bool = True,
-                   reuse_prefix: bool = True, sdpa: bool | None = None,
-                   label: str = "δ") -> tuple[torch.Tensor, EditTrace]:
-    """The δ ``(d_model,)`` of ROME's v* objective (:func:`compute_v_star`), added at activation ``hook`` at the
-    subject's last token of every row of ``batch`` (:func:`_v_star_batch`), with the weight decay
-    ``v_weight_decay · ‖δ‖ / value_norm²`` and the clamp ``‖δ‖ ≤ clamp_norm_factor · value_norm``. ROME adds δ
-    at the MLP output (:func:`~keyscope.model.models.value_hook`, ``value_norm = ‖W k* + b‖``); MEMIT's ``compute_z``
-    at the residual stream after a block (:mod:`keyscope.editing.memit`, ``value_norm`` the residual's norm).
-
-    ``replay_layer``: a block whose output plus ``inject · δ`` equals the forward pass with δ added at ``hook``
-    (``None``: none); with ``reuse_lower_layers`` every evaluation after the first replays that block's recorded
-    output instead of running blocks ``0..replay_layer`` (:func:`compute_v_star`, "Speed"), and with ``reuse_prefix``
-    too (families of :data:`PREFIX_CACHE_FAMILIES`) blocks ``replay_layer+1..`` run on each row's positions from
-    its injection on only, the earlier ones' keys and values cached (:class:`_PrefixCached`). ``sdpa`` (default:
-    on CUDA devices) runs attention through the fused kernel; ``progress`` shows a bar over the steps, named
-    ``label``."""
-    start = time.perf_counter()
-    device = model.cfg.device
-    max_norm = config.clamp_norm_factor * value_norm
-
-    delta = torch.zeros(d_model(model), dtype=torch.float32, device=device, requires_grad=True)  # (d_model,)
-    optimizer = torch.optim.Adam([delta], lr=config.v_lr)
-    counts = torch.bincount(batch.target_rows, minlength=batch.n_prompts).float()  # (n_prompts,)
-    kl_row = torch.tensor([batch.n_prompts], device=device)
-    rows = torch.cat([batch.target_rows, kl_row])  # (n_targets + 1,): the target tokens, then the KL prompt
-    positions = torch.cat([batch.target_positions, kl_row.new_tensor([batch.kl_position])])  # (n_targets + 1,)
-    fast_logits_ok(model)  # decide the logits path before the δ hook is installed
-
-    def add_delta(activation: torch.Tensor, hook) -> torch.Tensor:
-        return activation + (batch.inject * delta).to(activation.dtype)  # (batch, pos, d_model)
-
-    reference = None  # (vocab,) log P₀ at the KL position
-    history: dict[str, list[float]] = {k: [] for k in ("loss", "nll", "kl", "weight_decay", "target_probability")}
-    stopped_early = False
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=config.v_num_grad_steps, desc=label, unit="step", leave=False)
-    recorded: dict = {}
-    reuse = reuse_lower_layers and replay_layer is not None
-    window = getattr(model.original_model.config, "sliding_window", None)  # the cache's mask has no sliding window
-    cached = (reuse and reuse_prefix and family(model) in PREFIX_CACHE_FAMILIES and fast_logits_ok(model)
-              and not (window and batch.input_ids.shape[1] > window))
-    prefix_cached: list[_PrefixCached] = []  # built at the first evaluation
-
-    def shift(residual: torch.Tensor) -> torch.Tensor:
-        return residual + (batch.inject * delta).to(residual.dtype)  # (batch, pos, d_model)
-
-    def logits_at_delta() -> torch.Tensor:
-        """Logits ``(n_targets + 1, vocab)`` with the current δ: the suffix pass over the cached prefix, a full pass
-        (hooked δ) or the replay above."""
-        if cached:
-            if not prefix_cached:
-                prefix_cached.append(_PrefixCached(model, replay_layer, batch, rows, positions))
-            return prefix_cached[0](delta)
-        if reuse and "output" in recorded:
-            with _blocks_replayed(model, replay_layer, recorded["output"], shift) as calls:
-                logits = logits_at(model, batch.input_ids, batch.attention_mask, rows, positions)
-            if calls["replays"] != replay_layer + 1:
-                raise RuntimeError(f"the forward pass bypassed the replayed blocks 0..{replay_layer} "
-                                   f"({calls['replays']} calls)")
-            return logits
-        with (_block_output(model, replay_layer) if reuse else contextlib.nullcontext({})) as kept, \
-                model.hooks(fwd_hooks=[(hook, add_delta)]):
-            logits = logits_at(model, batch.input_ids, batch.attention_mask, rows, positions)
-        recorded.update(kept)
-        return logits
-
-    if sdpa is None:
-        sdpa = torch.device(device).type == "cuda"
-    attention = sdpa_attention(model) if sdpa or cached else contextlib.nullcontext()
-    try:
-        with frozen(model), torch.enable_grad(), attention as hf_attention:
-            cached = cached and bool(hf_attention)  # the cache needs Hugging Face's attention modules
-            for step in range(config.v_num_grad_steps):
-                optimizer.zero_grad()
-                logits = logits_at_delta().float()  # (n_targets + 1, vocab)
-                log_probs = logits[:-1].log_softmax(-1).gather(1, batch.target_ids[:, None])[:, 0]  # (n_targets,)
-                per_prompt = torch.zeros(batch.n_prompts, device=device).index_add(0, batch.target_rows, log_probs) / counts
-                nll = -per_prompt.mean()
-                kl_log_probs = logits[-1].log_softmax(-1)  # (vocab,)
-                if reference is None:
-                    reference = kl_log_probs.detach()
-                kl = (kl_log_probs.exp() * (kl_log_probs - reference)).sum()  # KL(P_δ ‖ P₀)
-                weight_decay = config.v_weight_decay * delta.norm() / value_norm**2
-                loss = nll + config.kl_factor * kl + weight_decay
-                probability = float(per_prompt.detach().exp().mean())
-                for name, term in (("loss", loss), ("nll", nll), ("kl", kl), ("weight_decay", weight_decay)):
-                    history[name].append(float(term.detach()))
-                history["target_probability"].append(probability)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{history['loss'][-1]:.3f}", p=f"{probability:.3f}", refresh=False)
-                if (config.early_stop_loss is not None and float(loss.detach()) < config.early_stop_loss) or (
-                    config.early_stop_probability is not None and probability >= config.early_stop_probability
-                ):
-                    stopped_early = True
-                    break
-                if step == config.v_num_grad_steps - 1:
-                    break
-                loss.backward()
-                optimizer.step()
-                with torch.no_grad():
-                    norm = delta.norm()
-                    if norm > max_norm:
-                        delta.mul_(max_norm / norm)
-    finally:
-        if bar is not None:
-            bar.close()
-    delta = delta.detach()
-    trace = EditTrace(
-        loss=tuple(history["loss"]),
-        nll=tuple(history["nll"]),
-        kl=tuple(history["kl"]),
-        weight_decay=tuple(history["weight_decay"]),
-        target_probability=tuple(history["target_probability"]),
-        delta_norm=float(delta.norm()),
-        max_delta_norm=max_norm,
-        value_norm=value_norm,
-        stopped_early=stopped_early,
-        seconds_v_star=time.perf_counter() - start,
-    )
-    return delta, trace
 
 
 # ---------------------------------------------------------------------------------------------- update
@@ -1060,7 +421,7 @@ def rank_one_update(
 
 
 def predicted_value(
-    edit: Edit, key: torch.Tensor, W_out_before: torch.Tensor, b_out_before: torch.Tensor | None = None
+    edit: RankOneEdit, key: torch.Tensor, W_out_before: torch.Tensor, b_out_before: torch.Tensor | None = None
 ) -> torch.Tensor:
     """The patch view of the edited layer (Yan et al., Lemma 4.1 / Corollary 4.2)::
 
@@ -1081,32 +442,6 @@ def predicted_value(
 # ---------------------------------------------------------------------------------------------- compute_edit
 
 
-def _as_request(request) -> EditRequest:
-    if isinstance(request, EditRequest):
-        return request
-    if isinstance(request, Mapping):
-        return EditRequest.from_dict(request)
-    raise MalformedRecord(f"request must be an EditRequest or a mapping, not {type(request).__name__}")
-
-
-def check_request_tokens(tokenizer, request: EditRequest, prepend_bos: bool | None = None) -> None:
-    """Raise :class:`~keyscope._infra.errors.UnknownToken` (naming the text) when the tokenizer maps part of the
-    request's subject (in its filled prompt) or of its new target to its unknown token: the subject's key
-    would be ``<unk>``'s, and v* would be optimised toward ``<unk>``."""
-    request = _as_request(request)
-    span = fill(request.template, request.subject)
-    separator = "" if span.text[-1:].isspace() or request.target_new[:1].isspace() else " "  # as _teacher_forced
-    text = span.text + separator + request.target_new
-    encoded = encode(tokenizer, text, prepend_bos=prepend_bos)
-    for what, value, start, end in (("subject", request.subject, span.start, span.end),
-                                    ("target", request.target_new, len(span.text) + len(separator), len(text))):
-        pieces = unknown_pieces(tokenizer, encoded, start, end)
-        if pieces:
-            consequence = "its key would be that token's" if what == "subject" else "ROME would write that token"
-            raise UnknownToken(f"{unknown_token_message(tokenizer, pieces, f'the {what} {value!r}')}; "
-                               f"{consequence}, not the {what}")
-
-
 def compute_edit(
     model,
     request: EditRequest | Mapping,
@@ -1117,25 +452,25 @@ def compute_edit(
     prefixes: Sequence[str] | None = None,
     corpus=None,
     progress: bool = False,
-) -> Edit:
+) -> RankOneEdit:
     """Compute the ROME edit of ``request`` at ``layer`` (default :func:`keyscope.model.models.default_layer`).
 
     ``cov`` is the layer's :class:`KeyCovariance`; if ``None`` it is loaded or estimated with
     :func:`~keyscope.analysis.covariance.load_or_compute_covariance` over ``corpus`` (default: the model's default
     corpus) with ``config.covariance_tokens`` tokens. ``config`` defaults to :meth:`ROMEConfig.for_model`;
-    ``prefixes`` (``""`` for the bare prompt) default to :func:`context_prefixes`, so passing the same
+    ``prefixes`` (``""`` for the bare prompt) default to :func:`~keyscope.editing.prefixes.context_prefixes`, so passing the same
     prefixes to many edits saves their sampling. The model's weights are unchanged on return: apply the
     edit with :func:`apply` or :func:`applied`. ``progress=True`` shows the v* optimisation as a bar.
 
-    A subject or target the tokenizer maps to its unknown token is refused first (:func:`check_request_tokens`).
+    A subject or target the tokenizer maps to its unknown token is refused first (:func:`~keyscope.editing.request.check_request_tokens`).
     """
-    request = _as_request(request)
+    request = as_request(request)
     layer = check_layer(model, default_layer(model) if layer is None else layer)
     config = config or ROMEConfig.for_model(model)
-    check_request_tokens(model.tokenizer, request, _prepend_bos(model, config))
+    check_request_tokens(model.tokenizer, request, bos_convention(model, config))
     if cov is None:
         cov = load_or_compute_covariance(model, layer, corpus, n_tokens=config.covariance_tokens,
-                                         prepend_bos=_prepend_bos(model, config))
+                                         prepend_bos=bos_convention(model, config))
     elif cov.config.layer != layer:
         raise ValueError(f"the covariance is of layer {cov.config.layer}, the edit is at layer {layer}")
 
@@ -1144,7 +479,7 @@ def compute_edit(
     seconds_prefixes = time.perf_counter() - start
 
     start = time.perf_counter()
-    prefix_keys = prefixed_keys(model, request, layer, prefixes, _prepend_bos(model, config))  # (n_prefixes, d_mlp)
+    prefix_keys = prefixed_keys(model, request, layer, prefixes, bos_convention(model, config))  # (n_prefixes, d_mlp)
     k_star, k_bar = _edit_keys(prefix_keys, config)  # (d_mlp,) where v* is installed, (d_mlp,) ROME eq. 3
     seconds_k_star = time.perf_counter() - start
 
@@ -1156,7 +491,7 @@ def compute_edit(
     seconds_update = time.perf_counter() - start
 
     trace = replace(trace, seconds_prefixes=seconds_prefixes, seconds_k_star=seconds_k_star, seconds_update=seconds_update)
-    return Edit(
+    return RankOneEdit(
         request=request,
         layer=layer,
         k_star=k_star,
@@ -1175,7 +510,7 @@ def compute_edit(
 # ---------------------------------------------------------------------------------------------- applying
 
 
-def _check_fits(model, edit: Edit) -> int:
+def _check_fits(model, edit: RankOneEdit) -> int:
     layer = check_layer(model, edit.layer)
     if tuple(edit.residual.shape) != (d_model(model),) or tuple(edit.key_selector.shape) != (d_mlp(model),):
         raise ValueError(
@@ -1185,7 +520,7 @@ def _check_fits(model, edit: Edit) -> int:
     return layer
 
 
-def apply(model, edit: Edit) -> None:
+def apply(model, edit: RankOneEdit) -> None:
     """Add ``ΔW = residual ⊗ key_selector`` to ``W_out`` of ``edit.layer`` in place, permanently.
 
     Writes through the :func:`keyscope.model.models.W_out` view, so GPT-2's transposed ``Conv1D`` and
@@ -1198,7 +533,7 @@ def apply(model, edit: Edit) -> None:
 
 
 @contextmanager
-def applied(model, *edits: Edit) -> Iterator:
+def applied(model, *edits: RankOneEdit) -> Iterator:
     """Apply ``edits`` (in order) inside the ``with`` block; restore every touched ``W_out`` bit-exactly on
     exit, also when the block raises. Copies of the original weights are taken before anything is
     written and copied back in ``finally``; blocks nest (each restores what it found)."""
@@ -1209,47 +544,35 @@ def applied(model, *edits: Edit) -> Iterator:
         yield model
 
 
-@contextmanager
-def restoring(model, layers: Sequence[int]) -> Iterator:
-    """Copy ``W_out`` of each of ``layers`` on entry and copy it back on exit, bit-exactly, also when the block
-    raises: whatever the block writes into those weights is undone (:func:`applied`, MEMIT's edits)."""
-    saved = {layer: W_out(model, check_layer(model, layer)).clone() for layer in sorted(set(layers))}  # (d_model, d_mlp) each
-    try:
-        yield model
-    finally:
-        for layer, original in saved.items():
-            W_out(model, layer).copy_(original)
-
-
 # ---------------------------------------------------------------------------------------------- editor
 
 
 class ROMEEdits(ModelEdit):
-    """ROME's :class:`~keyscope.editing.base.ModelEdit`: one rank-one :class:`Edit` per request, each computed on the
+    """ROME's :class:`~keyscope.editing.base.ModelEdit`: one rank-one :class:`RankOneEdit` per request, each computed on the
     model as it was (ROME writes one fact at a time), applied together by :func:`applied`."""
 
-    def __init__(self, edits: Sequence[Edit]):
+    def __init__(self, edits: Sequence[RankOneEdit]):
         if not edits:
             raise KeyscopeError("an edit needs at least one request")
         self.edits = tuple(edits)
         self.requests = tuple(e.request for e in self.edits)
         self.layers = tuple(sorted({e.layer for e in self.edits}))
 
-    def applied(self, model, tau: float | None = None):
-        return applied(model, *self.edits)
+    def applied(self, model, tau: float | None = None, upto: int | None = None):
+        return applied(model, *(e for e in self.edits if upto is None or e.layer < upto))
 
     def strength(self, keys: torch.Tensor, layer: int | None = None, request: int = 0,
                  tau: float | None = None) -> torch.Tensor:
-        """``s(k) = kᵀC⁻¹k* / k*ᵀC⁻¹k*`` of request ``request``'s edit (:meth:`Edit.strength`)."""
+        """``s(k) = kᵀC⁻¹k* / k*ᵀC⁻¹k*`` of request ``request``'s edit (:meth:`RankOneEdit.strength`)."""
         self._layer(layer)
         return self.edits[request].strength(keys)
 
     def value_direction(self, request: int = 0) -> torch.Tensor:
-        """``Δv* = v* − W k*`` ``(d_model,)`` of request ``request``'s edit (:attr:`Edit.residual`)."""
+        """``Δv* = v* − W k*`` ``(d_model,)`` of request ``request``'s edit (:attr:`RankOneEdit.residual`)."""
         return self.edits[request].residual
 
     def own_keys(self, request: int = 0) -> dict[int, torch.Tensor]:
-        """``{layer: k*}`` of request ``request``'s edit (:attr:`Edit.k_star`, where ``W' k* = v*``)."""
+        """``{layer: k*}`` of request ``request``'s edit (:attr:`RankOneEdit.k_star`, where ``W' k* = v*``)."""
         edit = self.edits[request]
         return {edit.layer: edit.k_star}
 
@@ -1257,9 +580,16 @@ class ROMEEdits(ModelEdit):
         """``{layer: 1}``: each request's edit is of one layer."""
         return {self.edits[request].layer: 1.0}
 
+    def request_edit(self, request: int, layer: int | None = None) -> RankOneEdit:
+        """Request ``request``'s rank-one :class:`RankOneEdit` (a single-key edit already)."""
+        edit = self.edits[request]
+        if edit.layer != self._layer(layer):
+            raise KeyscopeError(f"request {request} is edited at layer {edit.layer}, not {layer}")
+        return edit
+
     @property
     def prefix_keys(self) -> torch.Tensor | None:
-        """The first request's keys behind each context prefix (:attr:`Edit.prefix_keys`)."""
+        """The first request's keys behind each context prefix (:attr:`RankOneEdit.prefix_keys`)."""
         return self.edits[0].prefix_keys
 
 
@@ -1267,15 +597,19 @@ class ROMEEditor(Editor):
     """ROME (module docstring) at the run's layer with its covariance, config and context prefixes."""
 
     name = "rome"
+    config_name = "rome"
 
     @classmethod
-    def prepare(cls, model, settings: dict) -> None:
-        """ROME's config (:meth:`ROMEConfig.for_model` unless given) and its context prefixes
-        (:func:`context_prefixes`, sampled or read from the cache)."""
-        settings["rome_config"] = settings["rome_config"] or ROMEConfig.for_model(model)
-        settings["prefixes"] = context_prefixes(model, settings["rome_config"])
+    def prepare(cls, run, configs: dict, prepared: dict) -> None:
+        """ROME's config (:meth:`ROMEConfig.for_model` unless given) and the run's context prefixes
+        (:func:`~keyscope.editing.prefixes.context_prefixes`, sampled or read from the cache)."""
+        if cls.config_name not in configs:
+            configs[cls.config_name] = ROMEConfig.for_model(run.model)
+        if "prefixes" not in prepared:
+            prepared["prefixes"] = context_prefixes(run.model, configs[cls.config_name])
 
     def compute(self, requests: Sequence, probes: Sequence | None = None) -> ROMEEdits:
         ctx = self.context
-        return ROMEEdits([compute_edit(self.model, request, ctx.layer, ctx.cov, ctx.rome_config, prefixes=ctx.prefixes)
+        config = ctx.config(self.config_name)
+        return ROMEEdits([compute_edit(self.model, request, ctx.layer, ctx.cov, config, prefixes=ctx.prefixes)
                           for request in requests])

@@ -160,7 +160,7 @@ def ablate_fact(model, fact: Fact, queries: FactProbes, variants: Sequence[Varia
     first = contexts[variants[0].rome_reference]
     ood_keys = ood_probe_keys(model, queries, first.layer, first.batch_size)  # (n_ood, d_mlp), every variant's
     for variant in variants:
-        context = replace(contexts[variant.rome_reference], rep_config=variant.rep)
+        context = contexts[variant.rome_reference].with_config("rep", variant.rep)
         edit = edits[variant.rome_reference]
         twins = near_twins(model, queries, context.layer, context.cov, variant.rep, edit.prefix_keys,
                            context.batch_size, context.prefixes, ood_keys)
@@ -228,8 +228,9 @@ def ablate(model, facts: Sequence[Fact], layer: int, cov, context_docs: Iterable
     start = time.perf_counter()
     negatives = next((v.rep for v in variants if v.rep.gate_negatives), None)
     context = prepare_context(model, layer, cov, ("rome+rep",) if negatives else ("rome",), facts, corpus,
-                              rome_configs[False], negatives, config.n_corpus_negatives, config.seed, config.batch_size)
-    contexts = {ref: replace(context, rome_config=rome_configs[ref]) for ref in (False, True)}
+                              {"rome": rome_configs[False], "rep": negatives}, config.n_corpus_negatives, config.seed,
+                              config.batch_size)
+    contexts = {ref: context.with_config("rome", rome_configs[ref]) for ref in (False, True)}
 
     def score(items):
         return score_each(items, lambda fact, queries: ablate_fact(model, fact, queries, variants, contexts,

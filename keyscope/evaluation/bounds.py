@@ -411,7 +411,7 @@ def run(model, facts: Sequence[Fact], layer: int, cov, context_docs, corpus=None
     eval_config = ev.EvalConfig(n=config.n, seed=config.seed)
     forms = subject_forms(facts)
     contexts = ContextSource.of(context_docs)  # one for every fact: each long context has text of its own
-    edit_context = prepare_context(model, layer, cov, methods, facts, corpus, rome_config, rep_config,
+    edit_context = prepare_context(model, layer, cov, methods, facts, corpus, {"rome": rome_config, "rep": rep_config},
                                    eval_config.n_corpus_negatives, config.seed, config.batch_size, load_covariance)
     editors = {name: make_editor(name, model, edit_context) for name in dict.fromkeys((*bases, *methods))}
     edits, skipped = [], []
@@ -430,7 +430,7 @@ def run(model, facts: Sequence[Fact], layer: int, cov, context_docs, corpus=None
     if corpus is not None and config.scan_top_k:
         # one set of specificity prompts per fact for every method: the corpus prefixes of ROME's k* at `layer`
         k_stars = [done["rome"].edits[0].k_star if "rome" in done else
-                   rome.edit_key(model, ev.fact_request(fact), layer, edit_context.prefixes, edit_context.rome_config)
+                   rome.edit_key(model, ev.fact_request(fact), layer, edit_context.prefixes, edit_context.config("rome"))
                    for fact, done in edits]
         scan = scan_corpus(model, [f for f, _ in edits], cov, corpus,
                            ScanConfig(layer, n_tokens=config.scan_tokens, top_k=config.scan_top_k,

@@ -84,6 +84,8 @@ from keyscope.editing.base import (
     make_editor,
     prepare_context,
 )
+from keyscope.editing.prefixes import prefixed_keys
+from keyscope.editing.request import EditRequest
 from keyscope.evaluation.metrics import (
     METRICS,
     QueryPlan,
@@ -157,7 +159,7 @@ def near_twins(model, queries: FactProbes, layer: int, cov, rep_config: rep.REPC
     largest whitened cosine ``kᵀC⁻¹k' / (‖k‖_C⁻¹ ‖k'‖_C⁻¹)`` with the keys REP trains on: the edit prompt's
     own key, :func:`keyscope.editing.rep.training_positives` of the in-domain probes (with
     ``rep_config.positive_prefixes``, each behind each of ROME's ``prefixes``) and ``anchors`` ``(n, d_mlp)``
-    (the edit's prefixed keys, :attr:`keyscope.editing.rome.Edit.prefix_keys`: REP's anchors with
+    (the edit's prefixed keys, :attr:`keyscope.editing.rome.RankOneEdit.prefix_keys`: REP's anchors with
     ``anchor="prefixes"``; under the default bare anchor they are kept anyway, so the filter is the stricter
     one — k* is their mean, and a probe near one of them is near the edit itself). A probe at or
     above :attr:`EvalConfig.twin_cosine` is a near-twin of a training key. ``ood_keys`` are the probes' keys
@@ -186,9 +188,9 @@ def near_twins(model, queries: FactProbes, layer: int, cov, rep_config: rep.REPC
 # ---------------------------------------------------------------------------------------------- per fact
 
 
-def fact_request(fact: Fact) -> rome.EditRequest:
+def fact_request(fact: Fact) -> EditRequest:
     """The edit request of a fact: its prompt, subject, new and true target."""
-    return rome.EditRequest(fact.prompt, fact.subject, fact.target_new, fact.target_true)
+    return EditRequest(fact.prompt, fact.subject, fact.target_new, fact.target_true)
 
 
 def _anchor_keys(model, fact: Fact, edits: dict[str, ModelEdit], context: EditContext) -> torch.Tensor:
@@ -198,10 +200,10 @@ def _anchor_keys(model, fact: Fact, edits: dict[str, ModelEdit], context: EditCo
         keys = getattr(edit, "prefix_keys", None)
         if keys is not None and len(edit.requests) == 1:
             return keys
-    return rome.prefixed_keys(model, fact_request(fact), context.layer, context.prefixes)
+    return prefixed_keys(model, fact_request(fact), context.layer, context.prefixes)
 
 
-def compute_edits(editors: Mapping[str, Editor], requests: Sequence[rome.EditRequest], probes: Sequence | None,
+def compute_edits(editors: Mapping[str, Editor], requests: Sequence[EditRequest], probes: Sequence | None,
                   done: Mapping[str, ModelEdit] | None = None) -> tuple[dict[str, ModelEdit], dict[str, float]]:
     """Each editor's edit of ``requests`` (those not in ``done``), in order; a method that adapts another's edit
     (:attr:`~keyscope.editing.base.Editor.base`) adapts the one computed here when its base is among ``editors``.
@@ -233,8 +235,8 @@ def evaluate_fact(model, fact: Fact, queries: FactProbes, editors: Mapping[str, 
     computed, seconds = compute_edits(editors, [fact_request(fact)], [queries], edits)
     row = {"case_id": fact.case_id, "seconds": seconds, "methods": {}}
     anchors = _anchor_keys(model, fact, {n: e for n, e in computed.items() if n not in (edits or {})}, context)
-    twins = near_twins(model, queries, context.layer, context.cov, context.rep_config, anchors, batch_size,
-                       context.prefixes)
+    twins = near_twins(model, queries, context.layer, context.cov, context.configs.get("rep", rep.REPConfig()),
+                       anchors, batch_size, context.prefixes)
     plan = plan_queries(model.tokenizer, queries, twins, twin_cosine)
     unedited = score_targets(model, [plan.sequences[r] for r in plan.locality], batch_size=batch_size).argmax
     for name, editor in editors.items():
@@ -243,7 +245,7 @@ def evaluate_fact(model, fact: Fact, queries: FactProbes, editors: Mapping[str, 
             with edit.applied(model):
                 row["methods"][name] = score_plan(model, plan, unedited, batch_size)
             continue
-        names = {name: context.rep_config.tau, **{f"{name}@{tau:g}": tau for tau in taus}}
+        names = {name: edit.tau, **{f"{name}@{tau:g}": tau for tau in taus}}
         own = own_request if name in (edits or {}) else 0
         for group in _gate_groups(model, edit, plan, names, batch_size):
             gates = None
@@ -749,7 +751,7 @@ def evaluate(model, facts: Sequence[Fact], layer: int, cov, context_docs: Iterab
     config = config or EvalConfig()
     rep_config = rep_config or rep.REPConfig()
     start = time.perf_counter()
-    context = prepare_context(model, layer, cov, methods, facts, corpus, rome_config, rep_config,
+    context = prepare_context(model, layer, cov, methods, facts, corpus, {"rome": rome_config, "rep": rep_config},
                               config.n_corpus_negatives, config.seed, config.batch_size, load_covariance)
     editors = {name: make_editor(name, model, context) for name in methods}
     gated = [m for m in methods if EDITORS[m].gated]

@@ -39,7 +39,7 @@ from keyscope.data.corpus import ContextSource
 from keyscope.data.datasets import Fact
 from keyscope.data.perturbations import PerturbationConfig, fact_probes, subject_forms
 from keyscope.editing.base import check_methods, make_editor, prepare_context
-from keyscope.editing.rome import EditRequest
+from keyscope.editing.request import EditRequest
 from keyscope.evaluation import evaluate as ev
 from keyscope.model.models import W_out, model_name, n_layers
 
@@ -169,7 +169,7 @@ def _gate_rate(gated: Sequence[tuple[int, object]], items: Sequence[_Fact], n: i
 
 
 def _adaptors(edit, first_fact: int) -> list[tuple[int, object]]:
-    """``(fact index, REP)`` of every adaptor of a gated edit (:meth:`~keyscope.editing.base.ModelEdit.request_adaptors`)."""
+    """``(fact index, REP)`` of every adaptor of a gated edit (:meth:`~keyscope.editing.base.GatedEdit.request_adaptors`)."""
     return [(first_fact + request, a) for request, a in edit.request_adaptors()]
 
 
@@ -241,7 +241,8 @@ def run_sequential(model, facts: Sequence[Fact], layer: int, cov, context_docs: 
     start = time.perf_counter()
     before = weights_digest(model)
     items, skipped, n_known = _prepare_facts(model, facts, config, context_docs, progress)
-    context = prepare_context(model, layer, cov, methods, [i.fact for i in items], corpus, rome_config, rep_config,
+    context = prepare_context(model, layer, cov, methods, [i.fact for i in items], corpus,
+                              {"rome": rome_config, "rep": rep_config},
                               seed=config.seed, batch_size=config.batch_size, load_covariance=load_covariance)
     results = {m: run_method(model, items, m, context, config, progress) for m in methods}
     restored = weights_digest(model) == before

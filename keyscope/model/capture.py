@@ -25,7 +25,7 @@ block ends.
   told to stop before the block after the last site (``stop_at_layer``, when every site is inside a block), so a
   site that never fires costs no more than the blocks up to it; a site that did not fire is an error.
 * :func:`module_output` — the output *object* of a torch module (a bridge block as Hugging Face's layer loop passes
-  it on: a tensor or a tuple), for a caller that replays it verbatim (ROME's v*, :func:`keyscope.editing.rome.optimise_delta`);
+  it on: a tensor or a tuple), for a caller that replays it verbatim (ROME's v*, :func:`keyscope.editing.optimise.optimise_delta`);
   a PyTorch forward hook, removed in ``finally``.
 
 A :class:`Site` may carry ``keep``, a function applied to the activation inside the hook (selecting the positions a

@@ -11,7 +11,7 @@ By the patch view of the edited layer (Lemma 4.1 / Corollary 4.2 of the paper; :
     W' k + b = W k + b + s(k) · (v* − W k*),        s(k) = kᵀC⁻¹k* / k*ᵀC⁻¹k*
 
 a probe's prediction moves only as far as its key's normalised edit strength ``s(k)`` lets the patch
-through, so each probe is reported with ``s(k)`` (:meth:`keyscope.editing.rome.Edit.strength`), its top-k tokens
+through, so each probe is reported with ``s(k)`` (:meth:`keyscope.editing.rome.RankOneEdit.strength`), its top-k tokens
 before and after, and the probability of the new target's first token before and after. The probes' keys
 are read before the edit; the edit at layer ``L`` does not change any layer-``L`` key (the key is the input
 of the edited ``W_out``).
@@ -27,6 +27,7 @@ from keyscope.data import perturbations
 from keyscope.data.datasets import Fact
 from keyscope.data.prompts import fill
 from keyscope.editing import rome
+from keyscope.editing.request import EditRequest
 from keyscope.model.models import model_name
 
 
@@ -86,7 +87,7 @@ class EditReport:
 
     model: str
     layer: int
-    edit: rome.Edit = field(repr=False)
+    edit: rome.RankOneEdit = field(repr=False)
     probes: list[ProbeOutcome]
     case_id: int | str | None = None
 
@@ -116,7 +117,7 @@ class EditReport:
         }
 
 
-def build_probes(tokenizer, request: rome.EditRequest, rephrasings, context_docs, config: ProbeConfig,
+def build_probes(tokenizer, request: EditRequest, rephrasings, context_docs, config: ProbeConfig,
                  max_positions: int | None = None, rephrase_kinds=None,
                  exclude: frozenset[str] = frozenset()) -> list[perturbations.Probe]:
     """The probes of ``request`` (:func:`keyscope.data.perturbations.fact_probes` under ``config.probes``): the edit
@@ -144,7 +145,7 @@ def _predictions(tokenizer, topk, row: int) -> tuple[Prediction, ...]:
                  for i, p in zip(topk.ids[row].tolist(), topk.probabilities[row].tolist()))
 
 
-def run(model, request: rome.EditRequest, layer: int, cov, context_docs=None, rephrasings=(),
+def run(model, request: EditRequest, layer: int, cov, context_docs=None, rephrasings=(),
         config: ProbeConfig | None = None, rome_config: rome.ROMEConfig | None = None,
         case_id=None, rephrase_kinds=None, exclude: frozenset[str] = frozenset(), progress: bool = False) -> EditReport:
     """Compute the ROME edit of ``request`` at ``layer`` (covariance ``cov``) and probe it (see the module

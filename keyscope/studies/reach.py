@@ -35,7 +35,7 @@ from keyscope.data.perturbations import (
 )
 from keyscope.data.prompts import fill
 from keyscope.editing.base import make_editor, prepare_context
-from keyscope.editing.rome import EditRequest
+from keyscope.editing.request import EditRequest
 from keyscope.evaluation import reach
 from keyscope.model.models import model_name
 from keyscope.studies.edit import ProbeConfig, build_probes, edit_probes
@@ -84,7 +84,7 @@ class Reacher:
         self.probe_config = probe_config or ProbeConfig(edit_probes(seed=self.config.seed))
         self.context_docs = ContextSource.of(context_docs)  # every request's long contexts: text of their own
         self.forms = subject_forms(self.facts)  # a shuffle that spells another subject's name is no shuffle
-        context = prepare_context(model, layer, cov, (method,), self.facts, source, rome_config, rep_config,
+        context = prepare_context(model, layer, cov, (method,), self.facts, source, {"rome": rome_config, "rep": rep_config},
                                   seed=self.config.seed, load_covariance=load_covariance)
         self.editor = make_editor(method, model, context)
         self.settings = context.settings()  # the editors' configs, for the JSON

@@ -17,7 +17,7 @@
 Facts are drawn (seeded) among those the unedited model **knows** — top-1 on the first token of
 ``target_true`` (:func:`keyscope.analysis.predictions.known_facts`), as in ROME and Yan et al. — and that have a
 ``target_new`` different from ``target_true``. The context prefixes are sampled once
-(:func:`keyscope.editing.rome.context_prefixes`) and shared by every edit, as ROME caches them. Writes
+(:func:`keyscope.editing.prefixes.context_prefixes`) and shared by every edit, as ROME caches them. Writes
 ``fig5_value_norms.png`` (:func:`keyscope.studies.plotting.fig5.value_norms`) and ``fig5_value_norms.csv`` (one row
 per edit).
 """
@@ -106,7 +106,7 @@ def run(model, facts, layer: int, cov, out_dir: str | Path | None, n: int = 100,
     tokenizer = model.tokenizer
     chosen, n_known = sample_known_facts(model, facts, n, seed, batch_size)
     start = time.perf_counter()
-    context = prepare_context(model, layer, cov, ("rome",), rome_config=config, batch_size=batch_size)
+    context = prepare_context(model, layer, cov, ("rome",), configs={"rome": config}, batch_size=batch_size)
     seconds_prefixes = time.perf_counter() - start
     editor = make_editor("rome", model, context)
     bias = b_out(model, layer)

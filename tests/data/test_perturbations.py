@@ -189,7 +189,7 @@ def test_edit_probes_are_the_edit_prompt_its_rephrasings_shuffles_and_one_long_c
     """``keyscope edit``'s parametrisation of the one builder gives the probes its own builder made before
     (reference: that builder's steps, written out with the primitives)."""
     from keyscope.analysis.predictions import prompt_context
-    from keyscope.editing.rome import EditRequest
+    from keyscope.editing.request import EditRequest
     from keyscope.studies import edit as ed
 
     tok = tokenizers["bpe"]

@@ -32,6 +32,7 @@ from keyscope.editing.checks import (
     parametrize_with_checks,
     yield_all_checks,
 )
+from keyscope.editing.request import EditRequest
 from keyscope.model.models import MODEL_CARD, W_out, down_projection, load_model
 from tests import hf_tiny
 
@@ -47,8 +48,8 @@ EXPECTED_FAILED_CHECKS = {
         "adaptor moves it, s(k̂*) = 0.968-1.001 on the tiny model (0.997-1.004 with anchor='prefixes')")}
     for method in ("rome+rep", "memit+rep")
 }
-REQUESTS = (rome.EditRequest("The actress {}", "Danielle Darrieux", "Paris"),
-            rome.EditRequest("{} played basketball for the", "Michael Jordan", "Lakers"))
+REQUESTS = (EditRequest("The actress {}", "Danielle Darrieux", "Paris"),
+            EditRequest("{} played basketball for the", "Michael Jordan", "Lakers"))
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +65,8 @@ def setting(tmp_path_factory):
         rome_config = rome.ROMEConfig.for_model(model, v_num_grad_steps=5, context_template_length_params=((3, 2),),
                                                 prefix_seeds=())
         context = prepare_context(model, LAYER, covariances[LAYER], list(EDITORS), REQUESTS,
-                                  list(hf_tiny.TRAINING_TEXT), rome_config, rep.REPConfig(), n_corpus_negatives=16,
+                                  list(hf_tiny.TRAINING_TEXT), {"rome": rome_config, "rep": rep.REPConfig()},
+                                  n_corpus_negatives=16,
                                   load_covariance=covariances.__getitem__)
         probes = [[Probe(r.template, r.subject.split()[-1], "rephrase")] for r in REQUESTS]
         yield CheckSetting(model, context, REQUESTS, probes)

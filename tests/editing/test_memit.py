@@ -13,13 +13,15 @@ from keyscope.data.perturbations import Probe
 from keyscope.data.prompts import locate, pad_batch
 from keyscope.editing import memit, rome
 from keyscope.editing.base import EDITORS, prepare_context
+from keyscope.editing.prefixes import prefixed
+from keyscope.editing.request import EditRequest
 from keyscope.model.models import W_out, load_model
 from tests import hf_tiny
 
 LAYERS = (0, 1)
-REQUESTS = [rome.EditRequest("The actress {}", "Danielle Darrieux", "Paris"),
-            rome.EditRequest("{} played basketball for the", "Michael Jordan", "Lakers"),
-            rome.EditRequest("The capital of {} is", "Slovenia", "Rome")]
+REQUESTS = [EditRequest("The actress {}", "Danielle Darrieux", "Paris"),
+            EditRequest("{} played basketball for the", "Michael Jordan", "Lakers"),
+            EditRequest("The capital of {} is", "Slovenia", "Rome")]
 PREFIXES = ("", "The tower", "In the city")
 
 
@@ -152,7 +154,7 @@ def _residuals(model, requests, layer, prefixes=PREFIXES):
     averaged over the prompt behind each prefix (keyscope's one key; ``("",)``: MEMIT's bare prompt)."""
     out = []
     for r in requests:
-        located = [locate(model.tokenizer, rome.prefixed(p, r.template), r.subject) for p in prefixes]
+        located = [locate(model.tokenizer, prefixed(p, r.template), r.subject) for p in prefixes]
         ids, mask = pad_batch([enc.ids for enc, _ in located], 0)
         _, cache = model.run_with_cache(ids, attention_mask=mask)
         resid = cache[f"blocks.{layer}.hook_resid_post"]  # (batch, pos, d_model)
@@ -172,7 +174,7 @@ def test_layer_updates_follow_memits_loop_densely(tiny, reference):
     Z = edit.z.double()  # (n, d_model)
     try:
         for i, layer in enumerate(LAYERS):
-            keys = torch.stack([collect_keys(model, [rome.prefixed(p, r.template) for p in PREFIXES],
+            keys = torch.stack([collect_keys(model, [prefixed(p, r.template) for p in PREFIXES],
                                              [r.subject] * len(PREFIXES), layer).mean(0) for r in REQUESTS])  # (n, d)
             R = (Z - _residuals(model, REQUESTS, LAYERS[-1], h_prefixes)) / (len(LAYERS) - i)  # (n, d_model)
             delta_W = R.T @ _dense(keys, covs[layer], config.mom2_update_weight)  # (d_model, d_mlp)
@@ -246,13 +248,13 @@ def test_one_layer_at_lambda_zero_installs_z_exactly_on_the_prefix_averaged_resi
 
 def test_memit_rep_fits_an_adaptor_per_request_and_layer_and_undoes_everything(tiny):
     model, covs, config, _ = tiny
-    context = prepare_context(model, LAYERS[-1], covs[LAYERS[-1]], ["memit+rep"],
-                              rome_config=rome.ROMEConfig(context_template_length_params=((3, 2),)),
-                              load_covariance=covs.__getitem__)
     from keyscope.editing.rep import REPConfig
 
-    context = type(context)(**{**context.__dict__, "rep_config": REPConfig(steps=20, gate_negatives=False)})
-    editor = EDITORS["memit+rep"](model, context, config)
+    configs = {"rome": rome.ROMEConfig(context_template_length_params=((3, 2),)), "memit": config,
+               "rep": REPConfig(steps=20, gate_negatives=False)}
+    context = prepare_context(model, LAYERS[-1], covs[LAYERS[-1]], ["memit+rep"], configs=configs,
+                              load_covariance=covs.__getitem__)
+    editor = EDITORS["memit+rep"](model, context)
     probes = [[Probe(r.template, r.subject.split()[-1], "rephrase")] for r in REQUESTS[:2]]
     edit = editor.compute(REQUESTS[:2], probes)
     assert set(edit.adaptors) == {(i, layer) for i in range(2) for layer in LAYERS}

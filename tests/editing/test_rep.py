@@ -10,6 +10,8 @@ from keyscope.analysis.covariance import KeyCovariance
 from keyscope.analysis.keys import collect_keys
 from keyscope.data.perturbations import Probe
 from keyscope.editing import rep, rome
+from keyscope.editing.optimise import EditTrace
+from keyscope.editing.request import EditRequest
 from keyscope.model.models import W_out, load_model
 from tests import hf_tiny
 
@@ -17,20 +19,20 @@ D = 64
 LAYER = 1
 
 
-def _synthetic_edit(seed: int = 0) -> rome.Edit:
-    """An Edit whose key_selector is C⁻¹k*/(k*ᵀC⁻¹k*) for a random SPD C, on random tensors."""
+def _synthetic_edit(seed: int = 0) -> rome.RankOneEdit:
+    """A RankOneEdit whose key_selector is C⁻¹k*/(k*ᵀC⁻¹k*) for a random SPD C, on random tensors."""
     g = torch.Generator().manual_seed(seed)
     A = torch.randn(D, D, generator=g, dtype=torch.float64)
     C = A @ A.T / D + 0.1 * torch.eye(D, dtype=torch.float64)
     k_star = torch.randn(D, generator=g)
     C_inv_k = torch.linalg.solve(C, k_star.double())
     selector = (C_inv_k / (k_star.double() @ C_inv_k)).float()
-    trace = rome.EditTrace((0.0,), (0.0,), (0.0,), (0.0,), (1.0,), 1.0, 4.0, 1.0, False)
-    request = rome.EditRequest("{} plays", "Someone", "piano")
-    return rome.Edit(request, LAYER, k_star, torch.zeros(8), torch.ones(8), selector, ("",), rome.ROMEConfig(), trace)
+    trace = EditTrace((0.0,), (0.0,), (0.0,), (0.0,), (1.0,), 1.0, 4.0, 1.0, False)
+    request = EditRequest("{} plays", "Someone", "piano")
+    return rome.RankOneEdit(request, LAYER, k_star, torch.zeros(8), torch.ones(8), selector, ("",), rome.ROMEConfig(), trace)
 
 
-def _keys(edit: rome.Edit, n: int, alpha: float, seed: int) -> torch.Tensor:
+def _keys(edit: rome.RankOneEdit, n: int, alpha: float, seed: int) -> torch.Tensor:
     """``n`` random keys with edit strength exactly ``alpha``."""
     g = torch.Generator().manual_seed(seed)
     keys = torch.randn(n, D, generator=g)
@@ -60,7 +62,7 @@ def test_paper_setting_reproduces_the_released_code():
         rep.REPConfig(objective="cosine")
 
 
-def _cluster(edit: rome.Edit, n: int, alpha: float, spread: float, seed: int) -> torch.Tensor:
+def _cluster(edit: rome.RankOneEdit, n: int, alpha: float, spread: float, seed: int) -> torch.Tensor:
     """``n`` keys of one subject: a common centre plus noise of relative size ``spread``, all of edit
     strength exactly ``alpha``."""
     centre = _keys(edit, 1, alpha, seed)  # (1, D)
@@ -110,7 +112,7 @@ def test_paper_objective_trains_without_negatives():
 def tiny(tiny_checkpoints):
     model = load_model(str(tiny_checkpoints["llama"]))
     cov = KeyCovariance(LAYER, n_tokens=2000, seq_len=64, progress=False).fit(model, hf_tiny.TRAINING_TEXT * 10)
-    request = rome.EditRequest("The actress {}", "Danielle Darrieux", "Paris")
+    request = EditRequest("The actress {}", "Danielle Darrieux", "Paris")
     config = rome.ROMEConfig.for_model(model, v_num_grad_steps=3)
     edit = rome.compute_edit(model, request, LAYER, cov, config, prefixes=("", "The"))
     return model, cov, edit
@@ -140,13 +142,13 @@ def test_applied_adapts_keys_inside_and_restores_everything_on_exit(tiny):
     ids = torch.tensor([model.tokenizer("The actress Darrieux")["input_ids"]])
     with torch.no_grad():
         logits_before = model(ids)
-    with rep.applied(model, edit, fitted):
+    with rep.REPEdit(rome.ROMEEdits([edit]), {(0, LAYER): fitted}).applied(model):
         adapted = collect_keys(model, ["The actress {}"], ["Darrieux"], LAYER)
         assert not torch.equal(W_out(model, LAYER), W_before)
     assert torch.allclose(adapted[0], fitted.transform(keys.positives)[0], atol=1e-5)
     assert not torch.allclose(adapted, keys.positives)
     assert torch.equal(W_out(model, LAYER), W_before)
-    with pytest.raises(RuntimeError, match="boom"), rep.applied(model, edit, fitted):
+    with pytest.raises(RuntimeError, match="boom"), rep.REPEdit(rome.ROMEEdits([edit]), {(0, LAYER): fitted}).applied(model):
         raise RuntimeError("boom")
     assert torch.equal(W_out(model, LAYER), W_before)
     with torch.no_grad():
@@ -302,7 +304,7 @@ def test_fit_refuses_bad_keys_with_a_keyscope_error(make, message):
 def test_an_unfitted_adaptor_is_refused_before_anything_changes(tiny):
     model, _, edit = tiny
     W_before = W_out(model, LAYER).clone()
-    with pytest.raises(NotFitted, match="not fitted"), rep.applied(model, edit, rep.REP()):
+    with pytest.raises(NotFitted, match="not fitted"), rep.REPEdit(rome.ROMEEdits([edit]), {(0, LAYER): rep.REP()}).applied(model):
         pass
     with pytest.raises(NotFitted, match="not fitted"), rep.adapted(model, rep.REP()):
         pass

@@ -21,7 +21,11 @@ from keyscope.analysis.covariance import KeyCovariance
 from keyscope.analysis.keys import collect_keys
 from keyscope.data import perturbations as pt
 from keyscope.data.prompts import encode, fill, locate
+from keyscope.editing import prefixes as prefixes_module
 from keyscope.editing import rome
+from keyscope.editing.optimise import teacher_forced, v_star_batch
+from keyscope.editing.prefixes import context_prefixes, sample_context_prefixes
+from keyscope.editing.request import EditRequest, EmptyTarget, check_request_tokens
 from keyscope.model.models import (
     W_out,
     b_out,
@@ -31,6 +35,7 @@ from keyscope.model.models import (
     save_model,
     value_hook,
 )
+from keyscope.model.replay import PrefixCached
 from tests import hf_tiny
 
 LAYER = 1
@@ -38,8 +43,8 @@ ARCHS = ("gpt2", "llama")
 #: The subject ends the prompt, so the target is predicted at the edited token itself: on a *random* tiny
 #: model that is the one place where δ reliably reaches the logits (a relation phrase after the subject
 #: would need attention heads that read the subject, which random weights lack).
-REQUEST = rome.EditRequest("The actress {}", "Danielle Darrieux", "Paris", target_true="French")
-OTHER = rome.EditRequest("{} played basketball for the", "Michael Jordan", "Lakers")
+REQUEST = EditRequest("The actress {}", "Danielle Darrieux", "Paris", target_true="French")
+OTHER = EditRequest("{} played basketball for the", "Michael Jordan", "Lakers")
 
 
 @pytest.fixture(scope="module")
@@ -143,14 +148,14 @@ def _one_line(exc_info) -> str:
 
 def test_request_errors_are_one_line_keyscope_errors(models):
     with pytest.raises(SubjectNotFound) as exc:
-        rome.EditRequest("{} is in Paris", "", "Rome")
+        EditRequest("{} is in Paris", "", "Rome")
     _one_line(exc)
     with pytest.raises(SubjectNotFound) as exc:
-        rome.EditRequest("The Eiffel Tower is in", "Colosseum", "Rome")
+        EditRequest("The Eiffel Tower is in", "Colosseum", "Rome")
     assert "Colosseum" in _one_line(exc)
     for empty in ("", "   "):
-        with pytest.raises(rome.EmptyTarget) as exc:
-            rome.EditRequest("{} is in", "The Eiffel Tower", empty)
+        with pytest.raises(EmptyTarget) as exc:
+            EditRequest("{} is in", "The Eiffel Tower", empty)
         assert isinstance(exc.value, KeyscopeError) and "target" in _one_line(exc)
     model = models["llama"]
     for layer in (-1, 3, 99):
@@ -163,22 +168,22 @@ def test_request_errors_are_one_line_keyscope_errors(models):
 
 def test_malformed_requests_and_unknown_tokens_raise_keyscope_errors(models, covs):
     with pytest.raises(MalformedRecord, match="lacks target_new") as exc:
-        rome.EditRequest.from_dict({"prompt": "{} is in", "subject": "The Eiffel Tower"})
+        EditRequest.from_dict({"prompt": "{} is in", "subject": "The Eiffel Tower"})
     _one_line(exc)
     with pytest.raises(MalformedRecord, match="2 subject slots"):  # each {} would be filled, the edit at the first
-        rome.EditRequest("{} is as tall as {}", "The Eiffel Tower", "Rome")
+        EditRequest("{} is as tall as {}", "The Eiffel Tower", "Rome")
     with pytest.raises(MalformedRecord, match="'subject' must be a string"):
-        rome.EditRequest("{} is in", 42, "Rome")  # type: ignore[arg-type]
+        EditRequest("{} is in", 42, "Rome")  # type: ignore[arg-type]
     with pytest.raises(MalformedRecord, match="not list"):
         rome.compute_edit(models["llama"], ["{} is in", "Paris", "Rome"], layer=LAYER, cov=covs["llama"])
     model = models["llama"]  # a BPE without byte fallback: Cyrillic letters are <unk>
-    rome.check_request_tokens(model.tokenizer, REQUEST)  # known text passes
+    check_request_tokens(model.tokenizer, REQUEST)  # known text passes
     with pytest.raises(UnknownToken, match="'Жупа' of the target 'Жупа'") as exc:
-        rome.compute_edit(model, rome.EditRequest("{} is in", "The Eiffel Tower", "Жупа"), LAYER, covs["llama"])
+        rome.compute_edit(model, EditRequest("{} is in", "The Eiffel Tower", "Жупа"), LAYER, covs["llama"])
     _one_line(exc)
     with pytest.raises(UnknownToken, match="of the subject 'Жюль Verne'"):
-        rome.compute_edit(model, rome.EditRequest("{} is in", "Жюль Verne", "Paris"), LAYER, covs["llama"])
-    rome.check_request_tokens(models["gpt2"].tokenizer, rome.EditRequest("{} is in", "Жюль", "Жупа"))  # byte-level
+        rome.compute_edit(model, EditRequest("{} is in", "Жюль Verne", "Paris"), LAYER, covs["llama"])
+    check_request_tokens(models["gpt2"].tokenizer, EditRequest("{} is in", "Жюль", "Жупа"))  # byte-level
 
 
 def test_v_star_progress_bar_changes_nothing(models, covs, capsys):
@@ -194,9 +199,9 @@ def test_v_star_progress_bar_changes_nothing(models, covs, capsys):
 def test_request_from_counterfact_record_and_filled_prompt():
     record = {"prompt": "{} plays the", "subject": "Toko Yasuda", "target_new": {"str": "piano"},
               "target_true": {"str": "guitar"}}
-    request = rome.EditRequest.from_dict(record)
+    request = EditRequest.from_dict(record)
     assert (request.target_new, request.target_true, request.template) == ("piano", "guitar", "{} plays the")
-    filled = rome.EditRequest("Toko Yasuda plays the guitar like Toko Yasuda", "Toko Yasuda", "piano")
+    filled = EditRequest("Toko Yasuda plays the guitar like Toko Yasuda", "Toko Yasuda", "piano")
     assert filled.template == "{} plays the guitar like Toko Yasuda"
 
 
@@ -292,7 +297,7 @@ def test_essence_kl_and_weight_decay_terms(models, covs, edits, arch):
 
 def test_multi_token_target_is_teacher_forced(models):
     tokenizer = models["llama"].tokenizer
-    ids, subject_index, target_ids, positions = rome._teacher_forced(tokenizer, "{} lives in", "Kobe Bryant", "Los Angeles")
+    ids, subject_index, target_ids, positions = teacher_forced(tokenizer, "{} lives in", "Kobe Bryant", "Los Angeles")
     full = encode(tokenizer, "Kobe Bryant lives in Los Angeles")
     assert len(target_ids) >= 2 and list(full.ids) == ids + target_ids[-1:]  # the last target token is not fed
     assert positions == list(range(len(full.ids) - len(target_ids) - 1, len(full.ids) - 1))
@@ -308,7 +313,7 @@ def test_determinism_under_a_seed(models, covs, edits):
     for name in ("k_star", "v_star", "residual", "key_selector"):
         assert torch.equal(getattr(again, name), getattr(first, name)), name
     assert again.trace.loss == first.trace.loss
-    other_seed = rome.context_prefixes(model, dataclasses.replace(first.config, seed=1))
+    other_seed = context_prefixes(model, dataclasses.replace(first.config, seed=1))
     assert other_seed[0] == "" and other_seed != first.prefixes
 
 
@@ -319,10 +324,10 @@ def test_prefixes_from_easyedit_seeds_in_its_order_and_lengths(models, tmp_path,
     model = models["llama"]
     config = rome.ROMEConfig.for_model(model)
     assert config.prefix_seeds == rome.EASYEDIT_PREFIX_SEEDS
-    prefixes = rome.context_prefixes(model, config)
+    prefixes = context_prefixes(model, config)
     assert len(prefixes) == 21 and prefixes[0] == ""
     seeds = [seed for _ in config.context_template_length_params for seed in config.prefix_seeds for _ in range(2)]
-    rows = rome.sample_context_prefixes(model, config)
+    rows = sample_context_prefixes(model, config)
     starts = [list(model.tokenizer(seed)["input_ids"][1:]) for seed in seeds]  # the seed's tokens, no BOS
     assert all(row[: len(start)] == start for row, start in zip(rows, starts, strict=True))
     bos = 1  # the LLaMA-style tokenizer adds <s>, which ROME's max_out_len counts; a longer seed is kept whole
@@ -334,12 +339,12 @@ def test_prefixes_are_cached_per_model_and_settings(models, tmp_path, monkeypatc
     monkeypatch.setenv("KEYSCOPE_CACHE", str(tmp_path))
     model = models["gpt2"]
     config = rome.ROMEConfig.for_model(model)
-    first = rome.context_prefixes(model, config)
-    assert first == rome.context_prefixes(model, config, cache=False)  # the cache holds what sampling gives
-    monkeypatch.setattr(rome, "sample_context_prefixes", lambda *a: pytest.fail("sampled again"))
-    assert rome.context_prefixes(model, config) == first
+    first = context_prefixes(model, config)
+    assert first == context_prefixes(model, config, cache=False)  # the cache holds what sampling gives
+    monkeypatch.setattr(prefixes_module, "sample_context_prefixes", lambda *a: pytest.fail("sampled again"))
+    assert context_prefixes(model, config) == first
     with pytest.raises(pytest.fail.Exception):  # another seed is another entry
-        rome.context_prefixes(model, dataclasses.replace(config, seed=7))
+        context_prefixes(model, dataclasses.replace(config, seed=7))
 
 
 # ------------------------------------------------------------------------------------------- rank-one update
@@ -628,7 +633,7 @@ def _v_star_every_way(model, request, layer, config, prefixes=None):
     ``layer + 1`` saw."""
     from keyscope.model.models import fast_logits_ok
 
-    prefixes = rome.context_prefixes(model, config) if prefixes is None else prefixes
+    prefixes = context_prefixes(model, config) if prefixes is None else prefixes
     k_star = rome.compute_k_star(model, request, layer, prefixes)
     fast_logits_ok(model)  # its one-off check runs the model: before the counting
     runs, queries = [], []
@@ -677,7 +682,7 @@ def test_fast_v_star_loop_on_factworld_stops_at_the_same_step():
 
     model = load_model("factworld")
     fact = load_facts("factworld")[0]
-    request = rome.EditRequest(fact.prompt, fact.subject, fact.target_new)
+    request = EditRequest(fact.prompt, fact.subject, fact.target_new)
     config = rome.ROMEConfig.for_model(model)
     results = _v_star_every_way(model, request, rome.default_layer(model), config)
     _assert_same_v_star(results)
@@ -688,7 +693,7 @@ def test_fast_v_star_loop_on_factworld_stops_at_the_same_step():
 PREFIX_REQUESTS = (
     REQUEST,
     OTHER,
-    rome.EditRequest("The Republic of {} is a country in", "Slovenia", "Central Europe"),
+    EditRequest("The Republic of {} is a country in", "Slovenia", "Central Europe"),
 )
 
 
@@ -711,7 +716,7 @@ def test_v_star_from_the_suffix_with_cached_prefix_equals_the_plain_loop(tiny_ch
 
 @pytest.mark.parametrize("arch", ("gpt2", "llama", "mistral"))
 def test_prefix_cached_logits_equal_a_full_forward_on_a_padded_batch(tiny_checkpoints, arch):
-    """The logits of :class:`rome._PrefixCached` at a random δ against a full forward with δ hooked into the MLP
+    """The logits of :class:`PrefixCached` at a random δ against a full forward with δ hooked into the MLP
     output, on the right-padded v* batch of prompts of different lengths."""
     from keyscope.model.models import fast_logits_ok, logits_at, sdpa_attention
 
@@ -719,7 +724,7 @@ def test_prefix_cached_logits_equal_a_full_forward_on_a_padded_batch(tiny_checkp
     assert fast_logits_ok(model)  # (its one-off check runs the model: before the hooks)
     config = rome.ROMEConfig()
     prefixes = ("", "The", "Michael Jordan played basketball for the Chicago Bulls.")
-    batch = rome._v_star_batch(model, OTHER, prefixes, config)
+    batch = v_star_batch(model, OTHER, prefixes, config)
     assert not batch.attention_mask.all()  # padded
     rows = torch.cat([batch.target_rows, torch.tensor([batch.n_prompts])])
     positions = torch.cat([batch.target_positions, torch.tensor([batch.kl_position])])
@@ -727,7 +732,7 @@ def test_prefix_cached_logits_equal_a_full_forward_on_a_padded_batch(tiny_checkp
     with torch.no_grad(), model.hooks(fwd_hooks=[(value_hook(LAYER), lambda a, hook: a + batch.inject * delta)]):
         full = logits_at(model, batch.input_ids, batch.attention_mask, rows, positions)  # (n, vocab)
     with torch.no_grad(), sdpa_attention(model):
-        cached = rome._PrefixCached(model, LAYER, batch, rows, positions)(delta)  # (n, vocab)
+        cached = PrefixCached(model, LAYER, batch, rows, positions)(delta)  # (n, vocab)
     torch.testing.assert_close(cached, full, rtol=1e-4, atol=1e-4 * float(full.abs().max()))
 
 

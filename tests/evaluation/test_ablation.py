@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 import pytest
 
@@ -37,8 +35,8 @@ def test_the_keyscope_variant_scores_exactly_as_table1(setup):
     rome_configs = {ref: rome.ROMEConfig.for_model(model, reference=ref, v_num_grad_steps=3) for ref in (False, True)}
     rep_config = rep.REPConfig(steps=30)
     context = prepare_context(model, LAYER, cov, ev.METHODS, [FACT, OTHER], list(hf_tiny.TRAINING_TEXT * 5),
-                              rome_configs[False], rep_config, n_corpus_negatives=16)
-    contexts = {ref: replace(context, rome_config=rome_configs[ref]) for ref in (False, True)}
+                              {"rome": rome_configs[False], "rep": rep_config}, n_corpus_negatives=16)
+    contexts = {ref: context.with_config("rome", rome_configs[ref]) for ref in (False, True)}
     variants = (ablation.Variant("keyscope", "x", rep_config),
                 ablation.Variant("released", "y", rep.REPConfig.released(), rome_reference=True),
                 ablation.Variant("no_negatives", "z", rep.REPConfig(steps=30, gate_negatives=False)))

@@ -14,6 +14,7 @@ from keyscope.data.datasets import load_facts
 from keyscope.editing import memit, rome
 from keyscope.editing.base import ModelEdit
 from keyscope.editing.rep import REPConfig
+from keyscope.editing.request import EditRequest
 from keyscope.evaluation import bounds
 from keyscope.model.models import Norm, attention_norm, default_layer, final_norm, head_ov, load_model
 from keyscope.studies.bounds import format_summary
@@ -67,8 +68,8 @@ def test_heads_ov_and_norms_rebuild_the_attention_output(tiny_checkpoints, arch)
 
 # ---------------------------------------------------------------------------------------------- combined strength
 
-REQUESTS = [rome.EditRequest("The actress {}", "Danielle Darrieux", "Paris"),
-            rome.EditRequest("{} played basketball for the", "Michael Jordan", "Lakers")]
+REQUESTS = [EditRequest("The actress {}", "Danielle Darrieux", "Paris"),
+            EditRequest("{} played basketball for the", "Michael Jordan", "Lakers")]
 
 
 def _memit_edit(n: int, layers: tuple[int, ...], d_model: int = 6, d_mlp: int = 12, lam: float = 3.0):

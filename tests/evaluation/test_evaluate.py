@@ -7,6 +7,7 @@ import torch
 from keyscope.analysis.keys import collect_keys
 from keyscope.data.datasets import Fact
 from keyscope.editing.base import make_editor, prepare_context
+from keyscope.editing.request import EditRequest
 from keyscope.evaluation import evaluate as ev
 from keyscope.evaluation.metrics import METRICS, plan_queries, score_plan
 from keyscope.model.models import load_model
@@ -107,8 +108,8 @@ def _one_rome_rep_fact(tiny_checkpoints):
     queries = fact_probes(model.tokenizer, fact, iter(hf_tiny.TRAINING_TEXT * 20), config,
                           other_facts=[fact, other])
     context = prepare_context(model, layer, cov, ev.METHODS, [fact, other], list(hf_tiny.TRAINING_TEXT * 5),
-                              rome.ROMEConfig.for_model(model, v_num_grad_steps=3), rep.REPConfig(steps=40),
-                              n_corpus_negatives=16)
+                              {"rome": rome.ROMEConfig.for_model(model, v_num_grad_steps=3),
+                               "rep": rep.REPConfig(steps=40)}, n_corpus_negatives=16)
     return model, layer, cov, fact, queries, context
 
 
@@ -116,19 +117,19 @@ def test_tau_groups_score_exactly_like_one_pass_per_tau(tiny_checkpoints):
     from keyscope.editing import rep, rome
 
     model, layer, cov, fact, queries, context = _one_rome_rep_fact(tiny_checkpoints)
-    rome_config, rep_config = context.rome_config, context.rep_config
+    rome_config, rep_config = context.config("rome"), context.config("rep")
     taus = (0.05, 0.5, 0.95)
     editors = {m: make_editor(m, model, context) for m in ev.METHODS}
     row = ev.evaluate_fact(model, fact, queries, editors, context, taus)
     assert set(row["methods"]) == {"rome", "rome+rep", *(f"rome+rep@{t:g}" for t in taus)}
-    edit = rome.compute_edit(model, rome.EditRequest(fact.prompt, fact.subject, fact.target_new, fact.target_true),
+    edit = rome.compute_edit(model, EditRequest(fact.prompt, fact.subject, fact.target_new, fact.target_true),
                              layer, cov, rome_config, prefixes=context.prefixes)
     fitted = editors["rome+rep"].fit(edit, queries)
     twins = ev.near_twins(model, queries, layer, cov, rep_config, edit.prefix_keys, prefixes=context.prefixes)
     plan = plan_queries(model.tokenizer, queries, twins, 0.95)
     unedited = ev.score_targets(model, [plan.sequences[r] for r in plan.locality]).argmax
     for tau in taus:
-        with rep.applied(model, edit, fitted, tau):
+        with rep.REPEdit(rome.ROMEEdits([edit]), {(0, layer): fitted}).applied(model, tau):
             assert score_plan(model, plan, unedited, 32) == row["methods"][f"rome+rep@{tau:g}"], tau
 
 

@@ -12,6 +12,7 @@ from keyscope.data.corpus import token_batches
 from keyscope.data.perturbations import Probe
 from keyscope.editing import rome
 from keyscope.editing.base import ModelEdit
+from keyscope.editing.request import EditRequest
 from keyscope.evaluation import reach
 from keyscope.model.models import load_model
 from tests import hf_tiny
@@ -19,7 +20,7 @@ from tests import hf_tiny
 LAYER = 1
 CORPUS = hf_tiny.TRAINING_TEXT * 2
 #: The subject ends the prompt (see tests/editing/test_rome.py: on a random tiny model δ reaches the logits there).
-REQUEST = rome.EditRequest("The actress {}", "Danielle Darrieux", "Paris", target_true="French")
+REQUEST = EditRequest("The actress {}", "Danielle Darrieux", "Paris", target_true="French")
 CONFIG = reach.ReachConfig(n_tokens=600, top_k=6, seq_len=32, batch_size=3, window=3, prefix_tokens=5,
                            check_batch_size=4)
 

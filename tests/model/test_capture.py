@@ -189,7 +189,7 @@ HOOKING = {"hooks", "run_with_cache", "run_with_hooks", "add_hook", "register_fo
 
 #: The hooks outside keyscope/model/capture.py, by (module, enclosing function): none reads an activation.
 ALLOWED = {
-    ("keyscope/editing/rome.py", "optimise_delta"): "adds ROME's δ to the value or residual (an intervention)",
+    ("keyscope/editing/optimise.py", "optimise_delta"): "adds ROME's δ to the value or residual (an intervention)",
     ("keyscope/editing/rep.py", "adapted"): "replaces every key by REP's adapted key k̂ (an intervention)",
     ("keyscope/editing/rep.py", "recorded_gates"): "a pre-hook on keyscope's own KeyAdaptor modules, not on the model: "
                                            "records the adaptor's gate decisions",

@@ -129,7 +129,8 @@ def test_smollm2_knows_case_0_and_one_rome_edit_writes_it_keeps_neighbours_and_r
     from keyscope.analysis.covariance import load_or_compute_covariance
     from keyscope.analysis.predictions import next_token_top_k, predicts_target, prompt_context
     from keyscope.data.datasets import Fact
-    from keyscope.editing.rome import EditRequest, ROMEConfig, applied, compute_edit
+    from keyscope.editing.request import EditRequest
+    from keyscope.editing.rome import ROMEConfig, applied, compute_edit
     from keyscope.model.models import W_out, default_layer
 
     fact = Fact(case_id=0, prompt=CASE_0["prompt"], subject=CASE_0["subject"], target_new=CASE_0["target_new"],
