@@ -31,7 +31,7 @@ _EXPORTS = {
     "CovarianceConfig": "keyscope.analysis.covariance", "load_or_compute_covariance": "keyscope.analysis.covariance",
     "edit_strength": "keyscope.analysis.similarity", "whitened_similarity": "keyscope.analysis.similarity",
     # editing
-    "EditRequest": "keyscope.editing.rome", "ROMEConfig": "keyscope.editing.rome", "REPConfig": "keyscope.editing.rep",
+    "EditRequest": "keyscope.editing.request", "ROMEConfig": "keyscope.editing.rome", "REPConfig": "keyscope.editing.rep",
     "MEMITConfig": "keyscope.editing.memit", "EDITORS": "keyscope.editing.base", "Editor": "keyscope.editing.base",
     "ModelEdit": "keyscope.editing.base", "GatedEdit": "keyscope.editing.base", "EditContext": "keyscope.editing.base", "make_editor": "keyscope.editing.base",
     "prepare_context": "keyscope.editing.base", "as_bridge": "keyscope.model.models",

@@ -13,8 +13,9 @@ with the second projection initialised to zero, so an untrained adaptor is the i
 gate is binary: the branch is on where ``g(k) > τ`` (default 0.9; ``g ≥ τ`` without ``gate_strict``), off
 (``k̂ = k`` exactly) elsewhere, and dropout is off (unless ``dropout_at_inference``).
 
-Training (Algorithm 1) uses keys of the unedited model, which the edit does not change (``W_out`` of layer
-``L`` reads the keys; it does not produce them):
+Training (Algorithm 1) uses the keys the adaptor will see: those of the model without the edit at layer ``L``
+and above, which the edit of layer ``L`` does not change (``W_out`` of layer ``L`` reads the keys; it does not
+produce them) — for a multi-layer base edit, with its earlier layers and their adaptors applied:
 
 * **positives** ``k_s``: keys of the same subject under rephrased subjects, shuffled subject tokens, long
   preceding contexts and other prompt templates — the in-domain half of each kind;
@@ -71,7 +72,7 @@ from typing import Protocol
 
 import torch
 
-from keyscope._infra.errors import InvalidKeys, NotFitted
+from keyscope._infra.errors import InvalidKeys, KeyscopeError, NotFitted
 from keyscope.analysis.keys import collect_context_keys, collect_keys
 from keyscope.analysis.scan import sample_corpus_keys
 from keyscope.analysis.similarity import probe_keys
@@ -708,6 +709,9 @@ class REPEditor(Editor):
         super().__init__(model, context)
         self.base_editor = editor_class(self.base)(model, context)
         self.config = context.config(self.config_name)
+        if self.config.gate_negatives and "gate_negatives" not in context.prepared:
+            raise KeyscopeError(f"REP's config trains its gate against negatives, but the context holds none: "
+                                f"prepare it with {self.name} among its methods (prepare_context)")
 
     @classmethod
     def prepare(cls, run: RunInputs, configs: dict, prepared: dict) -> None:

@@ -169,7 +169,10 @@ def _gate_rate(gated: Sequence[tuple[int, object]], items: Sequence[_Fact], n: i
 
 
 def _adaptors(edit, first_fact: int) -> list[tuple[int, object]]:
-    """``(fact index, REP)`` of every adaptor of a gated edit (:meth:`~keyscope.editing.base.GatedEdit.request_adaptors`)."""
+    """``(fact index, REP)`` of every adaptor of a gated edit (:meth:`~keyscope.editing.base.GatedEdit.request_adaptors`);
+    none for an edit without a gate."""
+    if not edit.gated:
+        return []
     return [(first_fact + request, a) for request, a in edit.request_adaptors()]
 
 

@@ -1,14 +1,12 @@
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 
 import pytest
 import torch
 
 from keyscope.cli import main
-from keyscope.editing.rep import REPConfig
 from keyscope.model import models
 
 
@@ -23,7 +21,7 @@ def test_sequential_writes_checkpoints_figure_csv_and_leaves_the_weights_bit_exa
     assert all(torch.equal(p.detach(), snapshot[n]) for n, p in model.original_model.named_parameters())
     payload = json.loads(report.read_text())
     assert [e["n_edits"] for e in payload["checkpoints"]] == [1, 3] and payload["weights_restored"] is True
-    assert payload["rep_config"] == dataclasses.asdict(REPConfig()) and payload["rome_config"]["v_num_grad_steps"] > 0
+    assert "rep_config" not in payload and payload["rome_config"]["v_num_grad_steps"] > 0  # only what ROME used
     assert all({"retention", "locality", "rephrase_id", "long_ood"} <= set(e) for e in payload["checkpoints"])
     assert (out / "fig_sequential.png").stat().st_size > 0
     rows = list(csv.DictReader(open(out / "sequential.csv")))

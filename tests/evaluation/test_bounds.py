@@ -200,7 +200,7 @@ def test_bounds_run_of_rome_keeps_the_value_check_an_identity(factworld):
     assert set(result.summary["lemma_4_4"]["methods"]) == {"rome"}
     assert format_summary(result).splitlines()[0].endswith("2 ROME edits")
     payload = result.as_json()  # the settings the run edited with
-    assert payload["rome_config"]["v_num_grad_steps"] == 10 and payload["rep_config"]["tau"] == 0.9
+    assert payload["rome_config"]["v_num_grad_steps"] == 10 and "rep_config" not in payload  # no REP in the run
 
 
 def test_summary_and_report_give_lemma_4_4_per_edit_method():
