@@ -282,17 +282,17 @@ def _shown(text: str, width: int = 80) -> str:
     return flat if len(flat) <= width else "…" + flat[-(width - 1):]
 
 
-def format_report(report: ReachReport) -> str:
+def format_report(report: ReachReport, timings: bool = True) -> str:
     """The report as text: the request, the top positions with their measured change, the subject's forms,
-    the verdict and the check."""
+    the verdict and the check (``timings=False``: without the seconds of each stage, as a notebook shows it)."""
     result, check, request = report.result, report.result.check, report.request
     t = report.seconds
     lines = [
         f"{report.model}, layer {report.layer}, {report.method}: {fill(request.template, request.subject).text!r} -> "
         f"{request.target_new!r}" + (f" (case {report.case_id})" if report.case_id is not None else ""),
-        f"scanned {result.n_tokens:,} corpus tokens ({result.n_excluded:,} masked as the subject or related); "
-        f"edit {t['edit']:.2f} s, forms {t['forms']:.2f} s, scan {t['scan']:.2f} s, check {t['check']:.2f} s, "
-        f"total {t['total']:.2f} s",
+        f"scanned {result.n_tokens:,} corpus tokens ({result.n_excluded:,} masked as the subject or related)"
+        + (f"; edit {t['edit']:.2f} s, forms {t['forms']:.2f} s, scan {t['scan']:.2f} s, check {t['check']:.2f} s, "
+           f"total {t['total']:.2f} s" if timings else ""),
         f"top {len(check.top)} unrelated positions by s(k) (KL = KL(unedited || edited) of the next token):",
         f"{'rank':>4} {'s(k)':>7} {'KL':>9} flip  prefix",
     ]

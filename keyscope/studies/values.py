@@ -190,8 +190,9 @@ def run(model, facts, config: ValuesConfig, *, cov, out_dir: str | Path | None =
     return ValuesResult(name, layer, rows, summary, skipped, rome_config, [figure_path, table_path], {"value_norms": figure})
 
 
-def format_summary(result: ValuesResult) -> str:
-    """The quality numbers and value-norm medians as text."""
+def format_summary(result: ValuesResult, timings: bool = True) -> str:
+    """The quality numbers and value-norm medians as text (``timings=False``: without the seconds, as a notebook
+    shows it)."""
     s = result.summary
 
     def pct(value) -> str:
@@ -205,8 +206,8 @@ def format_summary(result: ValuesResult) -> str:
         f"locality (neighbours unchanged) {pct(s['locality'])}",
         f"paraphrase (new target top-1)   {pct(s['paraphrase'])}",
         f"rephrased subject (new top-1)   {pct(s['rephrase'])}",
-        f"seconds per edit                {s['seconds_per_edit']:.3f} (prefixes sampled once: "
-        f"{s['seconds_prefixes']:.3f} s)",
+        *([f"seconds per edit                {s['seconds_per_edit']:.3f} (prefixes sampled once: "
+           f"{s['seconds_prefixes']:.3f} s)"] if timings else []),
         f"median |v| before {norms['before']['median']:.3f}, after {norms['after']['median']:.3f} "
         f"(median ratio {norms['ratio']['median']:.2f})",
     ]
