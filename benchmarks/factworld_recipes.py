@@ -68,7 +68,8 @@ def run(name: str, overrides: dict, device: str, rome_edits: int, rome_layers: l
     for layer in dict.fromkeys([traced["layer"], *rome_layers]):
         if rome_edits and layer < model.cfg.n_layers - 1:
             cov = load_or_compute_covariance(model, layer, docs, n_tokens=60_000, progress=False, root=directory)
-            summary = values.run(model, facts, layer, cov, None, n=rome_edits, seed=0, progress=False).summary
+            summary = values.run(model, facts, values.ValuesConfig(layer, n=rome_edits, seed=0), cov=cov,
+                                 progress=False).summary
             result["rome"][str(layer)] = {"success": summary["success"], "locality": summary["locality"],
                                           "n": summary["n"]}
     result["total_seconds"] = round(time.time() - start)

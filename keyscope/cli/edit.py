@@ -92,14 +92,14 @@ def cmd_edit(args) -> int:
     facts = known_request_facts(args, model, fact, facts)
     check_request_tokens(model.tokenizer, request)  # an <unk> subject or target fails before C
     cov, source = covariance(model, layer, args, args.cov_tokens, progress=not args.no_progress)
-    config = experiment.ProbeConfig(experiment.edit_probes(args.shuffles, args.context_tokens, args.seed))
+    probes = experiment.ProbeConfig(experiment.edit_probes(args.shuffles, args.context_tokens, args.seed))
+    config = experiment.EditConfig(layer, probes, rome_config(model, args))
     own = fact is not None and request.subject == fact.subject
-    rephrasings = fact.subject_rephrase if own else ()
     exclude = subject_forms(facts)  # a shuffle that spells another subject's name is no shuffle
-    report = experiment.run(model, request, layer, cov, corpora.ContextSource(source), rephrasings, config,
-                            rome_config(model, args), case_id=fact.case_id if fact is not None else None,
+    report = experiment.run(model, request, config, cov=cov, context_docs=corpora.ContextSource(source),
+                            rephrasings=fact.subject_rephrase if own else (),
                             rephrase_kinds=rephrase_kinds(fact) if own else None, exclude=exclude,
-                            progress=not args.no_progress)
+                            case_id=fact.case_id if fact is not None else None, progress=not args.no_progress)
     print(experiment.format_report(report))
     if args.save:
         with rome.applied(model, report.edit):  # the weights are the unedited ones again when the block ends

@@ -84,9 +84,11 @@ def cmd_evaluate(args) -> int:
         context = args.context or source
         checkpoint = ev.Checkpoint({"context": corpora.corpus_id(context)}, resume=args.resume)
         if args.ablate:
-            result, files = experiment.run(model, facts, layer, cov, corpora.ContextSource(context), source,
-                                           ev.EvalConfig(n=args.n, seed=args.seed), args.out, tau=args.tau,
-                                           seed=args.seed, progress=progress, world=world, checkpoint=checkpoint)
+            config = experiment.AblationConfig(layer, ev.EvalConfig(n=args.n, seed=args.seed), tau=args.tau,
+                                               seed=args.seed)
+            result, files = experiment.run(model, facts, config, cov=cov, context_docs=corpora.ContextSource(context),
+                                           corpus=source, out_dir=args.out, progress=progress, world=world,
+                                           checkpoint=checkpoint)
         else:
             rep_config = REPConfig.named(args.rep_setting, tau=args.tau)
             config = ev.EvalConfig(n=args.n, seed=args.seed, edit_batch=args.batch_size,

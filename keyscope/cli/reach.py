@@ -87,15 +87,16 @@ def cmd_reach(args) -> int:
     progress = not args.no_progress
     cov, source = covariance(model, layer, args, args.cov_tokens, progress=progress)
     probe_config = ProbeConfig(edit_probes(args.shuffles, args.context_tokens, args.seed))
-    reacher = experiment.Reacher(model, layer, cov, source, method, facts, config, probe_config,
-                                 rome_config(model, args), context_docs=corpora.ContextSource(source),
+    reacher_config = experiment.ReacherConfig(layer, method, config, probe_config, rome_config(model, args))
+    reacher = experiment.Reacher(model, reacher_config, cov=cov, corpus=source, facts=facts,
+                                 context_docs=corpora.ContextSource(source),
                                  load_covariance=lambda other: covariance(model, other, args, args.cov_tokens,
                                                                           progress=progress)[0])
     if args.n is not None:
-        report = experiment.run_many(reacher, args.n, args.out, progress)
+        report = experiment.run_many(reacher, args.n, out_dir=args.out, progress=progress)
         print(experiment.format_many(report))
     else:
-        report = experiment.run(reacher, request, args.out, fact, progress)
+        report = experiment.run(reacher, request, out_dir=args.out, fact=fact, progress=progress)
         print(experiment.format_report(report))
     for path in report.files:
         print(f"wrote {path}")

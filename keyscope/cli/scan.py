@@ -78,7 +78,8 @@ def _scan(args, world, device) -> int:
     cov, source = covariance(model, layer, args, args.cov_tokens, progress=progress, world=world)
     config = replace(config, layer=layer,
                      batch_size=corpus_batch_size(model, config.seq_len, [layer], args.batch_size, world))
-    report = experiment.run(model, facts, cov, source, config, args.out, args.model, progress=progress, world=world)
+    report = experiment.run(model, facts, config, cov=cov, corpus=source, out_dir=args.out, model_name=args.model,
+                            progress=progress, world=world)
     if not world.is_main:  # rank 0 alone prints and writes
         return 0
     result, summary = report.result, report.summary

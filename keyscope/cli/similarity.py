@@ -40,9 +40,10 @@ def cmd_similarity(args) -> int:
     progress = not args.no_progress
     cov, source = covariance(model, layer, args, args.cov_tokens, progress=progress)
     context_docs = corpora.ContextSource(source)
-    result = experiment.run(model, facts, layer, cov, context_docs, args.out, args.model,
-                            n_subjects=args.n_subjects, seed=args.seed, pca_subject=args.pca_subject,
-                            progress=progress)
+    config = experiment.SimilarityConfig(layer, n_subjects=args.n_subjects, seed=args.seed,
+                                         pca_subject=args.pca_subject)
+    result = experiment.run(model, facts, config, cov=cov, context_docs=context_docs, out_dir=args.out,
+                            model_name=args.model, progress=progress)
     print(f"{args.model}, layer {layer}: normalised edit strength k^T C^-1 k_orig / k_orig^T C^-1 k_orig "
           f"over {len({r['case_id'] for r in result.rows})} subjects (C from {cov.n_tokens_:,} tokens of {source})")
     print(experiment.format_table(result.summary))

@@ -40,7 +40,8 @@ def cmd_trace(args) -> int:
     if args.case is not None:
         experiment.find_case(facts, args.case)  # an unknown id fails before the trace
     model = load_model(args.model, device=args.device, dtype=dtype)
-    report = experiment.run(model, facts, config, args.out, case=args.case, progress=not args.no_progress)
+    report = experiment.run(model, facts, config, out_dir=args.out, case=args.case,
+                            progress=not args.no_progress)
     print(experiment.format_summary(report))
     for path in report.files:
         print(f"wrote {path}")

@@ -28,8 +28,8 @@ def cmd_values(args) -> int:
     check_rome_setting(args)
     facts, model, layer, cov, _ = edit_inputs(args)
     progress = not args.no_progress
-    result = experiment.run(model, facts, layer, cov, args.out, n=args.n, seed=args.seed,
-                            config=rome_config(model, args), progress=progress)
+    config = experiment.ValuesConfig(layer, n=args.n, seed=args.seed, rome_config=rome_config(model, args))
+    result = experiment.run(model, facts, config, cov=cov, out_dir=args.out, progress=progress)
     print(experiment.format_summary(result))
     for skip in result.skipped:
         print(f"skipped case {skip['case_id']}: {skip['reason']}")

@@ -8,11 +8,13 @@ interval) and ``ablation.csv`` (the same numbers, with the prompt counts; the di
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from keyscope._infra.atomic import write_text
 from keyscope._infra.distributed import SINGLE, World
 from keyscope.evaluation import ablation
+from keyscope.evaluation.evaluate import EvalConfig
 from keyscope.evaluation.metrics import METRICS
 from keyscope.studies.table1 import HEADERS, metric_rows, text_rows
 from keyscope.studies.tables import write_csv
@@ -69,13 +71,24 @@ def format_table(result: ablation.AblationResult) -> str:
     return "\n".join(lines)
 
 
-def run(model, facts, layer: int, cov, context_docs, corpus, config, out_dir: str | Path | None, tau: float | None = None,
-        seed: int | None = None, progress: bool = True, world: World = SINGLE, checkpoint=None
-        ) -> tuple[ablation.AblationResult, list[Path]]:
+@dataclass(frozen=True)
+class AblationConfig:
+    """What the ablation scores: the edited ``layer``, the facts and probes of each (``evaluation``, a
+    :class:`~keyscope.evaluation.evaluate.EvalConfig`), and, if given, the gate threshold ``tau`` and adaptor
+    ``seed`` that replace every variant's own. No I/O."""
+
+    layer: int
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
+    tau: float | None = None
+    seed: int | None = None
+
+
+def run(model, facts, config: AblationConfig, *, cov, context_docs, corpus=None, out_dir: str | Path | None = None,
+        progress: bool = True, world: World = SINGLE, checkpoint=None) -> tuple[ablation.AblationResult, list[Path]]:
     """:func:`keyscope.evaluation.ablation.ablate` over :data:`keyscope.evaluation.ablation.VARIANTS` (with its ``checkpoint``, if any),
     written into ``out_dir`` (nothing written for ``None``, nor by ranks other than 0 of a ``torchrun`` ``world``)."""
-    result = ablation.ablate(model, facts, layer, cov, context_docs, corpus=corpus, config=config, tau=tau, seed=seed,
-                             progress=progress, world=world, checkpoint=checkpoint)
+    result = ablation.ablate(model, facts, config.layer, cov, context_docs, corpus=corpus, config=config.evaluation,
+                             tau=config.tau, seed=config.seed, progress=progress, world=world, checkpoint=checkpoint)
     return result, ([] if out_dir is None or not world.is_main else write(result, out_dir))
 
 

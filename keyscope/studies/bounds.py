@@ -74,15 +74,19 @@ def format_summary(result: bounds.BoundsResult) -> str:
     return "\n".join(lines)
 
 
+def figure(result: bounds.BoundsResult):
+    """``fig_bounds.png``'s figure (:func:`keyscope.studies.plotting.bounds.alpha_scatter`)."""
+    from keyscope.editing.base import EDITORS
+
+    methods = {r["method"] for r in result.query_rows}
+    return plot.alpha_scatter(result.query_rows, title=title(result), bases={m: EDITORS[m].base for m in methods})
+
+
 def write(result: bounds.BoundsResult, out_dir: str | Path) -> list[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = [out / FIGURE, out / REPORT]
-    from keyscope.editing.base import EDITORS
-
-    methods = {r["method"] for r in result.query_rows}
-    figure = plot.alpha_scatter(result.query_rows, title=title(result), bases={m: EDITORS[m].base for m in methods})
-    save_figure(figure, files[0], dpi=150)
+    save_figure(figure(result), files[0], dpi=150)
     write_text(files[1], "```\n" + format_summary(result) + "\n```\n")
     if result.lemma_4_4_rows:
         write_csv(out / EDITS_CSV, result.lemma_4_4_rows)

@@ -1,7 +1,7 @@
 """One ROME edit, shown through the prompts whose keys it does and does not reach.
 
-``run`` computes the ROME edit of one request (:func:`keyscope.editing.rome.compute_edit`) and reads the model's
-next-token predictions before and after it (:func:`keyscope.editing.rome.applied`) on the probes of Yan et al.
+``run`` computes the ROME edit of one request at the layer of its :class:`EditConfig`
+(:func:`keyscope.editing.rome.compute_edit`) and reads the model's next-token predictions before and after it (:func:`keyscope.editing.rome.applied`) on the probes of Yan et al.
 ("Keys to Robust Edits", Sec. 3): the edit prompt itself, each rephrased subject, up to ``n_shuffles``
 token shuffles and as many word-order shuffles of the subject (:mod:`keyscope.data.perturbations`) and the prompt
 behind ``long_context_tokens`` tokens of unrelated text.
@@ -145,18 +145,29 @@ def _predictions(tokenizer, topk, row: int) -> tuple[Prediction, ...]:
                  for i, p in zip(topk.ids[row].tolist(), topk.probabilities[row].tolist()))
 
 
-def run(model, request: EditRequest, layer: int, cov, context_docs=None, rephrasings=(),
-        config: ProbeConfig | None = None, rome_config: rome.ROMEConfig | None = None,
-        case_id=None, rephrase_kinds=None, exclude: frozenset[str] = frozenset(), progress: bool = False) -> EditReport:
-    """Compute the ROME edit of ``request`` at ``layer`` (covariance ``cov``) and probe it (see the module
-    docstring); ``progress`` shows the v* optimisation. The model's weights are the same on return."""
-    config = config or ProbeConfig()
+@dataclass(frozen=True)
+class EditConfig:
+    """One edit's study: the ``layer`` edited, the probes it is shown on (:class:`ProbeConfig`) and ROME's
+    hyper-parameters (``rome_config``; default: :meth:`keyscope.editing.rome.ROMEConfig.for_model`). No I/O."""
+
+    layer: int
+    probes: ProbeConfig = field(default_factory=ProbeConfig)
+    rome_config: rome.ROMEConfig | None = None
+
+
+def run(model, request: EditRequest, config: EditConfig, *, cov, context_docs=None, rephrasings=(),
+        rephrase_kinds=None, exclude: frozenset[str] = frozenset(), case_id=None, progress: bool = False) -> EditReport:
+    """Compute the ROME edit of ``request`` at ``config.layer`` (covariance ``cov``) and probe it (see the module
+    docstring): ``context_docs`` is the text of the long context, ``rephrasings`` the subject's rephrased forms
+    (``rephrase_kinds`` naming each), ``exclude`` the forms no shuffle may spell; ``progress`` shows the v*
+    optimisation. The model's weights are the same on return."""
+    layer, shown = config.layer, config.probes  # shown: the probes and predictions shown
     tokenizer = model.tokenizer
-    probes = build_probes(tokenizer, request, rephrasings, context_docs, config,
+    probes = build_probes(tokenizer, request, rephrasings, context_docs, shown,
                           max_positions=getattr(model.cfg, "n_ctx", None), rephrase_kinds=rephrase_kinds,
                           exclude=exclude)
-    keys = similarity.probe_keys(model, probes, layer, batch_size=config.batch_size)  # (n_probes, d_mlp)
-    edit = rome.compute_edit(model, request, layer, cov, rome_config, progress=progress)
+    keys = similarity.probe_keys(model, probes, layer, batch_size=shown.batch_size)  # (n_probes, d_mlp)
+    edit = rome.compute_edit(model, request, layer, cov, config.rome_config, progress=progress)
     strength = edit.strength(keys).cpu()  # (n_probes,)
 
     contexts, targets = [], []
@@ -164,7 +175,7 @@ def run(model, request: EditRequest, layer: int, cov, context_docs=None, rephras
         context, target = target_context(tokenizer, probe.prompt, request.target_new)
         contexts.append(context)
         targets.append(target)
-    kwargs = dict(k=config.top_k, batch_size=config.batch_size, targets=targets)
+    kwargs = dict(k=shown.top_k, batch_size=shown.batch_size, targets=targets)
     before = next_token_top_k(model, contexts, **kwargs)
     with rome.applied(model, edit):
         after = next_token_top_k(model, contexts, **kwargs)

@@ -124,7 +124,7 @@ def _measure(directory: Path, world, seed: int, config: BuildConfig, progress: b
     start = time.perf_counter()
     try:
         cov = load_or_compute_covariance(model, traced.layer, n_tokens=config.covariance_tokens, progress=progress)
-        check = values.run(model, facts, traced.layer, cov, out_dir=None, n=config.rome_edits, seed=seed,
+        check = values.run(model, facts, values.ValuesConfig(traced.layer, n=config.rome_edits, seed=seed), cov=cov,
                            progress=progress)
         card["rome_check"] = {"success": check.summary["success"], "locality": check.summary["locality"],
                               "n": check.summary["n"], "layer": traced.layer,

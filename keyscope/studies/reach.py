@@ -35,7 +35,9 @@ from keyscope.data.perturbations import (
 )
 from keyscope.data.prompts import fill
 from keyscope.editing.base import make_editor, prepare_context
+from keyscope.editing.rep import REPConfig
 from keyscope.editing.request import EditRequest
+from keyscope.editing.rome import ROMEConfig
 from keyscope.evaluation import reach
 from keyscope.model.models import model_name
 from keyscope.studies.edit import ProbeConfig, build_probes, edit_probes
@@ -71,22 +73,43 @@ class ReachReport:
                 **self.settings}
 
 
-class Reacher:
-    """The editor and the probe settings of a run, shared by every request it is asked about; ``load_covariance(L)``
-    gives the key covariance of another layer, for editors that edit several (MEMIT)."""
+@dataclass(frozen=True)
+class ReacherConfig:
+    """What a :class:`Reacher` edits and how it shows and checks the reach. No I/O.
 
-    def __init__(self, model, layer: int, cov, source, method: str = "rome", facts: Sequence = (),
-                 config: reach.ReachConfig | None = None, probe_config: ProbeConfig | None = None,
-                 rome_config=None, rep_config=None, context_docs=None, load_covariance=None):
-        self.model, self.layer, self.source, self.method = model, layer, source, method
+    ``layer``: the edited layer (the scanned keys'); ``method``: the editor (:data:`keyscope.editing.base.EDITORS`);
+    ``reach``: what is scanned and checked (:class:`keyscope.evaluation.reach.ReachConfig`; its ``seed`` also draws
+    the facts of :func:`run_many` and a method's training probes); ``probes``: the subject's forms shown
+    (default: :func:`keyscope.studies.edit.edit_probes` with the reach's seed); ``rome_config``/``rep_config``:
+    the editors' hyper-parameters (default: each editor's own)."""
+
+    layer: int
+    method: str = "rome"
+    reach: reach.ReachConfig = field(default_factory=reach.ReachConfig)
+    probes: ProbeConfig | None = None
+    rome_config: ROMEConfig | None = None
+    rep_config: REPConfig | None = None
+
+
+class Reacher:
+    """The editor and the probe settings of a run (:class:`ReacherConfig`), shared by every request it is asked
+    about: ``cov`` is the layer's key covariance, ``corpus`` the corpus scanned (a name or path,
+    :mod:`keyscope.data.corpus`), ``facts`` the data (a method that fits on probes gets a fact's; the subjects'
+    forms no shuffle may spell), ``context_docs`` the text of the long contexts; ``load_covariance(L)`` gives the key
+    covariance of another layer, for editors that edit several (MEMIT)."""
+
+    def __init__(self, model, config: ReacherConfig, *, cov, corpus, facts: Sequence = (), context_docs=None,
+                 load_covariance=None):
+        self.model, self.layer, self.source, self.method = model, config.layer, corpus, config.method
         self.facts = tuple(facts)
-        self.config = config or reach.ReachConfig()
-        self.probe_config = probe_config or ProbeConfig(edit_probes(seed=self.config.seed))
+        self.config = config.reach
+        self.probe_config = config.probes or ProbeConfig(edit_probes(seed=self.config.seed))
         self.context_docs = ContextSource.of(context_docs)  # every request's long contexts: text of their own
         self.forms = subject_forms(self.facts)  # a shuffle that spells another subject's name is no shuffle
-        context = prepare_context(model, layer, cov, (method,), self.facts, source, {"rome": rome_config, "rep": rep_config},
-                                  seed=self.config.seed, load_covariance=load_covariance)
-        self.editor = make_editor(method, model, context)
+        context = prepare_context(model, self.layer, cov, (self.method,), self.facts, corpus,
+                                  {"rome": config.rome_config, "rep": config.rep_config}, seed=self.config.seed,
+                                  load_covariance=load_covariance)
+        self.editor = make_editor(self.method, model, context)
         self.settings = context.settings()  # the editors' configs, for the JSON
 
     def probes(self, request: EditRequest, fact=None) -> list:
@@ -139,8 +162,9 @@ def figure_of(report: ReachReport):
                f"Spearman {_fmt(check.spearman)}"))
 
 
-def run(reacher: Reacher, request: EditRequest, out_dir: str | Path, fact=None, progress: bool = True) -> ReachReport:
-    """:meth:`Reacher.run` and ``reach.png`` in ``out_dir``."""
+def run(reacher: Reacher, request: EditRequest, *, out_dir: str | Path, fact=None, progress: bool = True) -> ReachReport:
+    """:meth:`Reacher.run` (``fact``: the fact of the data ``request`` edits, if any) and ``reach.png`` in
+    ``out_dir``."""
     report = reacher.run(request, fact, progress)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -213,7 +237,7 @@ class ManyReport:
                 "files": [str(f) for f in self.files], **self.settings}
 
 
-def run_many(reacher: Reacher, n: int, out_dir: str | Path, progress: bool = True) -> ManyReport:
+def run_many(reacher: Reacher, n: int, *, out_dir: str | Path, progress: bool = True) -> ManyReport:
     """:meth:`Reacher.run` for ``n`` known facts of ``reacher.facts`` drawn with the config's seed; a fact whose
     edit raises a :class:`~keyscope._infra.errors.KeyscopeError` is skipped with its reason."""
     from tqdm.auto import tqdm
@@ -260,17 +284,17 @@ def _shown(text: str, width: int = 80) -> str:
     return flat if len(flat) <= width else "…" + flat[-(width - 1):]
 
 
-def format_report(report: ReachReport) -> str:
+def format_report(report: ReachReport, timings: bool = True) -> str:
     """The report as text: the request, the top positions with their measured change, the subject's forms,
-    the verdict and the check."""
+    the verdict and the check (``timings=False``: without the seconds of each stage, as a notebook shows it)."""
     result, check, request = report.result, report.result.check, report.request
     t = report.seconds
     lines = [
         f"{report.model}, layer {report.layer}, {report.method}: {fill(request.template, request.subject).text!r} -> "
         f"{request.target_new!r}" + (f" (case {report.case_id})" if report.case_id is not None else ""),
-        f"scanned {result.n_tokens:,} corpus tokens ({result.n_excluded:,} masked as the subject or related); "
-        f"edit {t['edit']:.2f} s, forms {t['forms']:.2f} s, scan {t['scan']:.2f} s, check {t['check']:.2f} s, "
-        f"total {t['total']:.2f} s",
+        f"scanned {result.n_tokens:,} corpus tokens ({result.n_excluded:,} masked as the subject or related)"
+        + (f"; edit {t['edit']:.2f} s, forms {t['forms']:.2f} s, scan {t['scan']:.2f} s, check {t['check']:.2f} s, "
+           f"total {t['total']:.2f} s" if timings else ""),
         f"top {len(check.top)} unrelated positions by s(k) (KL = KL(unedited || edited) of the next token):",
         f"{'rank':>4} {'s(k)':>7} {'KL':>9} flip  prefix",
     ]

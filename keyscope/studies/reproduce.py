@@ -331,25 +331,26 @@ def run(config: ReproduceConfig, out_dir: str | Path = "figures", progress: bool
     done("covariance", start)
 
     start = stage("trace")
-    results["trace"] = trace_exp.run(model, facts, TraceConfig(n=config.trace_facts, seed=config.seed), out,
+    results["trace"] = trace_exp.run(model, facts, TraceConfig(n=config.trace_facts, seed=config.seed), out_dir=out,
                                      progress=False)
     done("trace", start)
 
     start = stage("figure 3")
-    results["similarity"] = similarity_exp.run(model, studied, layer, cov, corpora.ContextSource(source), out, name,
-                                               n_subjects=config.similarity_subjects, seed=config.seed,
-                                               progress=False)
+    results["similarity"] = similarity_exp.run(
+        model, studied, similarity_exp.SimilarityConfig(layer, n_subjects=config.similarity_subjects, seed=config.seed),
+        cov=cov, context_docs=corpora.ContextSource(source), out_dir=out, model_name=name, progress=False)
     done("figure 3", start)
 
     start = stage("figure 4")
     scan_facts = scan_exp.distinct_subjects(studied, config.scan_subjects)
     scan_config = scan_lib.ScanConfig(layer=layer, n_tokens=config.scan_tokens)
-    results["scan"] = scan_exp.run(model, scan_facts, cov, source, scan_config, out, name, progress=False)
+    results["scan"] = scan_exp.run(model, scan_facts, scan_config, cov=cov, corpus=source, out_dir=out, model_name=name,
+                                   progress=False)
     done("figure 4", start)
 
     start = stage("figure 5")
-    results["values"] = values_exp.run(model, facts, layer, cov, out, n=config.values_edits, seed=config.seed,
-                                       progress=False)
+    results["values"] = values_exp.run(model, facts, values_exp.ValuesConfig(layer, n=config.values_edits, seed=config.seed),
+                                       cov=cov, out_dir=out, progress=False)
     done("figure 5", start)
 
     start = stage("table 1 + figure 7")

@@ -23,6 +23,7 @@ from keyscope._infra.errors import KeyscopeError
 from keyscope.analysis import scan
 from keyscope.analysis.similarity import edit_strength_matrix, probe_keys
 from keyscope.data.perturbations import REPHRASE, REPHRASES, fact_probes
+from keyscope.model.models import model_name as name_of
 from keyscope.studies.plotting.fig4 import fig4_neighbors
 from keyscope.studies.tables import write_csv
 
@@ -126,14 +127,17 @@ def _filter_summary(result: scan.ScanResult, other: scan.ScanResult | None) -> d
     return summary
 
 
-def run(model, facts, cov, source, config: scan.ScanConfig, out_dir: str | Path, model_name: str,
+def run(model, facts, config: scan.ScanConfig, *, cov, corpus, out_dir: str | Path, model_name: str | None = None,
         progress: bool = True, world: World = SINGLE) -> ScanReport:
-    """Scan ``source`` for the keys of ``facts`` at ``config.layer`` under both exclusion filters; write the
-    figure and CSV into ``out_dir``.
+    """Scan ``corpus`` (a corpus name or path, :mod:`keyscope.data.corpus`) for the keys of ``facts`` at
+    ``config.layer`` (covariance ``cov``) under both exclusion filters; write the figure and CSV into ``out_dir``;
+    ``model_name`` titles the figure (default: the model's own name).
 
     Under ``torchrun`` (``world``) each rank scans its share of the corpus batches and every rank gets the
     merged top-k (:func:`keyscope.analysis.scan.scan_scores`); rank 0 alone scores the rephrased subjects and writes
     files, the other ranks return a report without a summary or files."""
+    source = corpus
+    model_name = model_name or name_of(model)
     k_stars = scan.subject_keys(model, facts, config.layer)  # (S, d_mlp)
     results = scan.scan_corpus(model, facts, cov, source, config, progress=progress, k_stars=k_stars, world=world)
     if not world.is_main:

@@ -1,9 +1,9 @@
 """Figure 3: whitened similarity of perturbed subject keys to the original key.
 
-``run`` picks ``n_subjects`` facts of distinct subjects (seeded), builds each fact's rephrased, shuffled,
-long-context and random-subject probes (:func:`keyscope.data.perturbations.fact_probes`), measures the normalised
-edit strength of every probe's key against the original prompt's key in the metric ``C⁻¹`` of the layer's
-key covariance, and writes ``fig3_similarity.png``, ``fig3_pca.png`` and ``fig3_similarity.csv``.
+``run`` picks ``config.n_subjects`` facts of distinct subjects (seeded; :class:`SimilarityConfig`), builds each
+fact's rephrased, shuffled, long-context and random-subject probes (:func:`keyscope.data.perturbations.fact_probes`),
+measures the normalised edit strength of every probe's key against the original prompt's key in the metric ``C⁻¹``
+of the layer's key covariance, and writes ``fig3_similarity.png``, ``fig3_pca.png`` and ``fig3_similarity.csv``.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from keyscope._infra.errors import KeyscopeError
 from keyscope.analysis import similarity
 from keyscope.data.corpus import ContextSource
 from keyscope.data.perturbations import KINDS, RANDOM, PerturbationConfig, fact_probes, subject_forms
+from keyscope.model.models import model_name as name_of
 from keyscope.studies.plotting import fig3
 
 #: Kinds of the Figure 3 study, in display order; ``random`` is the other-subject baseline.
@@ -103,15 +104,33 @@ def pick_facts(facts, n_subjects: int, seed: int) -> list:
     return chosen[:n_subjects]
 
 
-def run(model, facts, layer: int, cov, context_docs, out_dir: str | Path, model_name: str, n_subjects: int = 100,
-        seed: int = 0, pca_subject: str | None = None, progress: bool = True) -> SimilarityResult:
-    """Run the Figure 3 study and write its outputs into ``out_dir``."""
+@dataclass(frozen=True)
+class SimilarityConfig:
+    """What the Figure 3 study measures. No I/O.
+
+    ``layer``: the key layer; ``n_subjects``: facts of distinct subjects studied, drawn with ``seed`` (which also
+    draws their shuffles and long contexts); ``pca_subject``: the subject of the PCA panel (default: the first
+    studied)."""
+
+    layer: int
+    n_subjects: int = 100
+    seed: int = 0
+    pca_subject: str | None = None
+
+
+def run(model, facts, config: SimilarityConfig, *, cov, context_docs, out_dir: str | Path,
+        model_name: str | None = None, progress: bool = True) -> SimilarityResult:
+    """Run the Figure 3 study of ``config`` on ``facts`` (``cov``: the layer's key covariance; ``context_docs``: the
+    text of the long contexts) and write its outputs into ``out_dir``; ``model_name`` titles the figures (default:
+    the model's own name)."""
+    model_name = model_name or name_of(model)
+    layer, n_subjects, seed, pca_subject = config.layer, config.n_subjects, config.seed, config.pca_subject
     chosen = pick_facts(facts, n_subjects, seed)
-    config = PerturbationConfig(seed=seed)
+    probes = PerturbationConfig(seed=seed)
     forms = subject_forms(facts)
     context_docs = ContextSource.of(context_docs)  # the PCA subject's contexts follow the others' text
-    rows, keys = perturbation_study(model, chosen, layer, cov, context_docs, config, progress=progress,
-                                               other_facts=facts, exclude=forms)
+    rows, keys = perturbation_study(model, chosen, layer, cov, context_docs, probes, progress=progress,
+                                    other_facts=facts, exclude=forms)
     summary = summarize(rows)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -128,8 +147,8 @@ def run(model, facts, layer: int, cov, context_docs, out_dir: str | Path, model_
         pca_fact = next((f for f in facts if f.subject == pca_subject), None)
         if pca_fact is None:
             raise KeyscopeError(f"--pca-subject {pca_subject!r} is not a subject of the dataset")
-        _, extra = perturbation_study(model, [pca_fact], layer, cov, context_docs, config, progress=False,
-                                                 other_facts=facts, exclude=forms)
+        _, extra = perturbation_study(model, [pca_fact], layer, cov, context_docs, probes, progress=False,
+                                      other_facts=facts, exclude=forms)
         keys.update(extra)
     pca_fact = pca_fact or chosen[0]
     kinds, pca_keys = keys[pca_fact.case_id]

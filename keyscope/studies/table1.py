@@ -82,11 +82,12 @@ def summary_markdown(summary: dict, names, n_edits: int, model: str, layer: int)
     return "\n".join(lines) + "\n"
 
 
-def format_table(result: ev.EvalResult, methods=ev.METHODS) -> str:
-    """Table 1 as aligned text for the terminal."""
+def format_table(result: ev.EvalResult, methods=ev.METHODS, timings: bool = True) -> str:
+    """Table 1 as aligned text for the terminal (``timings=False``: without the seconds, as a notebook shows it)."""
     names = [m for m in methods if m in result.summary]
     lines = text_rows(result.summary, names)
-    lines.append(f"{len(result.rows)} edits ({result.n_known} known facts), {result.seconds:.0f} s")
+    lines.append(f"{len(result.rows)} edits ({result.n_known} known facts)"
+                 + (f", {result.seconds:.0f} s" if timings else ""))
     return "\n".join(lines)
 
 
@@ -122,6 +123,19 @@ def write(result: ev.EvalResult, out_dir: str | Path, methods=ev.METHODS) -> lis
     return files + write_sweep(result, out)
 
 
+def sweep_figure(result: ev.EvalResult):
+    """Figure 7 (:func:`keyscope.studies.plotting.fig7.tau_sweep`) of ``result``'s τ sweep, or ``None`` without one."""
+    sweep = result.tau_sweep()
+    if not sweep:
+        return None
+    taus = sorted(sweep)
+    shown = [m for m in METRICS if not m.endswith("_ood_new")]
+    return fig7.tau_sweep(taus, {m: [sweep[t][m] for t in taus] for m in shown},
+                          baseline=result.summary.get("rome"), labels=HEADERS,
+                          title=f"{result.model}, layer {result.layer}, {len(result.rows)} edits: ROME+REP "
+                                "against τ (dotted: ROME)")
+
+
 def write_sweep(result: ev.EvalResult, out_dir: str | Path) -> list[Path]:
     """Figure 7 and its CSV, if ``result`` has a τ sweep (nothing otherwise)."""
     out = Path(out_dir)
@@ -130,11 +144,6 @@ def write_sweep(result: ev.EvalResult, out_dir: str | Path) -> list[Path]:
         return []
     out.mkdir(parents=True, exist_ok=True)
     taus = sorted(sweep)
-    shown = [m for m in METRICS if not m.endswith("_ood_new")]
-    figure = fig7.tau_sweep(taus, {m: [sweep[t][m] for t in taus] for m in shown},
-                            baseline=result.summary.get("rome"), labels=HEADERS,
-                            title=f"{result.model}, layer {result.layer}, {len(result.rows)} edits: ROME+REP "
-                                  "against τ (dotted: ROME)")
-    save_figure(figure, out / FIGURE, dpi=150)
+    save_figure(sweep_figure(result), out / FIGURE, dpi=150)
     write_csv(out / SWEEP_CSV, [{"tau": t, **sweep[t]} for t in taus])
     return [out / FIGURE, out / SWEEP_CSV]

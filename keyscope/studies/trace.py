@@ -46,7 +46,7 @@ def find_case(facts, case):
     return chosen
 
 
-def run(model, facts, config: trace.TraceConfig, out_dir: str | Path | None, case=None,
+def run(model, facts, config: trace.TraceConfig, *, out_dir: str | Path | None = None, case=None,
         progress: bool = True) -> TraceReport:
     """Trace ``facts`` (module docstring); the heat map shows fact ``case`` (a case id; default: the first
     traced fact). With ``out_dir=None`` nothing is written."""

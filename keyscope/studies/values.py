@@ -1,7 +1,7 @@
 """Figure 5 and edit quality: ROME's installed values are "loud voices".
 
-``run`` edits ``n`` counterfactual facts one at a time — each with :func:`keyscope.editing.rome.compute_edit` and
-:func:`keyscope.editing.rome.applied`, so the model is restored bit-exactly before the next edit — and records:
+``run`` edits ``config.n`` counterfactual facts (:class:`ValuesConfig`) one at a time — each with
+:func:`keyscope.editing.rome.compute_edit` and :func:`keyscope.editing.rome.applied`, so the model is restored bit-exactly before the next edit — and records:
 
 * the **value norm at the edited key** before the edit, ``‖v‖ = ‖W k* + b‖`` (the unedited MLP output at
   ``k*``; ``b = 0`` for bias-free MLPs), and after it, ``‖v* + b‖`` (the rank-one update makes
@@ -96,17 +96,34 @@ def _plan(tokenizer, fact) -> QueryPlan:
     return plan
 
 
-def run(model, facts, layer: int, cov, out_dir: str | Path | None, n: int = 100, seed: int = 0,
-        config: rome.ROMEConfig | None = None, batch_size: int = 64, progress: bool = True) -> ValuesResult:
-    """Edit ``n`` known facts one at a time at ``layer`` (covariance ``cov``), measure quality and value
-    norms (module docstring) and write the figure and CSV into ``out_dir`` (nothing for ``None``)."""
+@dataclass(frozen=True)
+class ValuesConfig:
+    """What the Figure 5 study edits and measures. No I/O.
+
+    ``layer``: the edited layer; ``n``: known facts edited, drawn with ``seed``; ``rome_config``: ROME's
+    hyper-parameters (default: :meth:`keyscope.editing.rome.ROMEConfig.for_model`); ``batch_size``: prompts per
+    forward pass."""
+
+    layer: int
+    n: int = 100
+    seed: int = 0
+    rome_config: rome.ROMEConfig | None = None
+    batch_size: int = 64
+
+
+def run(model, facts, config: ValuesConfig, *, cov, out_dir: str | Path | None = None,
+        progress: bool = True) -> ValuesResult:
+    """Edit ``config.n`` known facts of ``facts`` one at a time at ``config.layer`` (covariance ``cov``), measure
+    quality and value norms (module docstring) and write the figure and CSV into ``out_dir`` (nothing for
+    ``None``)."""
     from tqdm.auto import tqdm
 
-    config = config or rome.ROMEConfig.for_model(model)
+    layer, n, seed, batch_size = config.layer, config.n, config.seed, config.batch_size
+    rome_config = config.rome_config or rome.ROMEConfig.for_model(model)
     tokenizer = model.tokenizer
     chosen, n_known = sample_known_facts(model, facts, n, seed, batch_size)
     start = time.perf_counter()
-    context = prepare_context(model, layer, cov, ("rome",), configs={"rome": config}, batch_size=batch_size)
+    context = prepare_context(model, layer, cov, ("rome",), configs={"rome": rome_config}, batch_size=batch_size)
     seconds_prefixes = time.perf_counter() - start
     editor = make_editor("rome", model, context)
     bias = b_out(model, layer)
@@ -162,7 +179,7 @@ def run(model, facts, layer: int, cov, out_dir: str | Path | None, n: int = 100,
 
     name = model_name(model)
     if out_dir is None:
-        return ValuesResult(name, layer, rows, summary, skipped, config)
+        return ValuesResult(name, layer, rows, summary, skipped, rome_config)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     figure = fig5.value_norms(before_norms, after_norms,
@@ -170,11 +187,12 @@ def run(model, facts, layer: int, cov, out_dir: str | Path | None, n: int = 100,
     figure_path, table_path = out / FIGURE, out / TABLE
     save_figure(figure, figure_path, dpi=150)
     write_csv(table_path, rows)
-    return ValuesResult(name, layer, rows, summary, skipped, config, [figure_path, table_path], {"value_norms": figure})
+    return ValuesResult(name, layer, rows, summary, skipped, rome_config, [figure_path, table_path], {"value_norms": figure})
 
 
-def format_summary(result: ValuesResult) -> str:
-    """The quality numbers and value-norm medians as text."""
+def format_summary(result: ValuesResult, timings: bool = True) -> str:
+    """The quality numbers and value-norm medians as text (``timings=False``: without the seconds, as a notebook
+    shows it)."""
     s = result.summary
 
     def pct(value) -> str:
@@ -188,8 +206,8 @@ def format_summary(result: ValuesResult) -> str:
         f"locality (neighbours unchanged) {pct(s['locality'])}",
         f"paraphrase (new target top-1)   {pct(s['paraphrase'])}",
         f"rephrased subject (new top-1)   {pct(s['rephrase'])}",
-        f"seconds per edit                {s['seconds_per_edit']:.3f} (prefixes sampled once: "
-        f"{s['seconds_prefixes']:.3f} s)",
+        *([f"seconds per edit                {s['seconds_per_edit']:.3f} (prefixes sampled once: "
+           f"{s['seconds_prefixes']:.3f} s)"] if timings else []),
         f"median |v| before {norms['before']['median']:.3f}, after {norms['after']['median']:.3f} "
         f"(median ratio {norms['ratio']['median']:.2f})",
     ]

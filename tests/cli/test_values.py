@@ -103,8 +103,8 @@ def test_values_run_restores_the_weights_after_every_edit(inputs, word_checkpoin
     model = load_model(str(word_checkpoint[0]))
     before = {name: p.detach().clone() for name, p in model.original_model.named_parameters()}
     cov = KeyCovariance(1, n_tokens=500, seq_len=64, progress=False).fit(model, hf_tiny.TRAINING_TEXT * 3)
-    result = values.run(model, load_facts(inputs["base"][inputs["base"].index("--data") + 1]), 1, cov,
-                        inputs["tmp"] / "run", n=2, progress=False)
+    result = values.run(model, load_facts(inputs["base"][inputs["base"].index("--data") + 1]),
+                        values.ValuesConfig(1, n=2), cov=cov, out_dir=inputs["tmp"] / "run", progress=False)
     assert result.summary["n"] == 2 and set(result.figures) == {"value_norms"}
     after = dict(model.original_model.named_parameters())
     assert all(torch.equal(after[name].detach(), tensor) for name, tensor in before.items())
