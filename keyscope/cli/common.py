@@ -3,19 +3,27 @@ known ones of ``--known``), the layer's key covariance ``C`` from ``--corpus/--c
 ``--device``, ``--progress/--no-progress``, the output options, each command's parser (description and examples),
 and the argument types that check counts while parsing.
 
-One vocabulary for every command (old spellings stay as aliases of the same option, so older command lines run):
+One vocabulary for every command. The old spellings stay for one release as deprecated aliases
+(:class:`DeprecatedAlias`, registered by :func:`add_option`): hidden from ``--help``, and on a command line they print
+one line on stderr naming the new spelling, then do what it does:
 
-* ``--cov-tokens N``: corpus tokens for ``C`` (alias ``--tokens`` where ``--tokens`` meant that);
-* ``--scan-tokens N``: corpus tokens scanned (``scan``, ``reach``, ``bounds``; alias ``--tokens`` in scan and reach);
-* ``--top-k K`` (alias ``--top`` in reach), ``--n-subjects N`` (alias ``--subjects`` in scan), ``--methods M1,M2``
-  (alias ``--method`` in sequential and reach), ``--mask-window W`` for positions masked after a subject's
-  occurrence (alias ``--window`` in scan and reach; ``trace``'s ``--window`` is ROME's restored layers);
+* ``--cov-tokens N``: corpus tokens for ``C`` (deprecated ``--tokens`` where ``--tokens`` meant that);
+* ``--scan-tokens N``: corpus tokens scanned (``scan``, ``reach``, ``bounds``; deprecated ``--tokens`` in scan and
+  reach);
+* ``--top-k K`` (deprecated ``--top`` in reach), ``--n-subjects N`` (deprecated ``--subjects`` in scan),
+  ``--methods M1,M2`` (deprecated ``--method`` in sequential and reach), ``--mask-window W`` for positions masked
+  after a subject's occurrence (deprecated ``--window`` in scan and reach; ``trace``'s ``--window`` is ROME's
+  restored layers, no alias);
 * ``--device``, ``--seed``, ``--out`` (default ``keyscope-out/COMMAND``), ``--json``, ``--progress/--no-progress``.
+
+``evaluate``'s ``--n-facts`` is no deprecated spelling: it is ``--n`` where ``torchrun`` would take ``--n`` for one of
+its own options.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import textwrap
 from collections.abc import Iterator
@@ -74,14 +82,60 @@ def command_parser(sub, name: str, *, help: str, description: str, examples: lis
                           formatter_class=HelpFormatter)
 
 
+def deprecation_message(old: str, new: str) -> str:
+    """The one line a deprecated spelling ``old`` of the option ``new`` prints on stderr when it is used."""
+    return f"keyscope: {old} is deprecated; use {new} (the old spelling goes in the next release)"
+
+
+class DeprecatedAlias(argparse.Action):
+    """An old spelling of an option, kept for one release: hidden from ``--help`` and the usage line; on a command
+    line it prints :func:`deprecation_message` on stderr (under ``torchrun`` on rank 0 alone), then does exactly
+    what ``current``, the option under its new spelling, does with the same value (same type, same ``dest``).
+    Registered by :func:`add_option`."""
+
+    def __init__(self, option_strings, dest, current: argparse.Action, **kwargs):
+        super().__init__(option_strings, dest, nargs=current.nargs, const=current.const, default=argparse.SUPPRESS,
+                         type=current.type, choices=current.choices, metavar=current.metavar,
+                         help=argparse.SUPPRESS)
+        self.current = current
+
+    @property
+    def new(self) -> str:
+        """The new spelling: the option's first name."""
+        return self.current.option_strings[0]
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if os.environ.get("RANK", "0") == "0":
+            print(deprecation_message(option_string or self.option_strings[0], self.new), file=sys.stderr)
+        self.current(parser, namespace, values, self.new)
+
+
+def add_option(parser, *flags: str, deprecated: tuple[str, ...] = (), **kwargs) -> argparse.Action:
+    """``parser.add_argument(*flags, **kwargs)``, and each spelling of ``deprecated`` as a :class:`DeprecatedAlias`
+    of it: the one way an old spelling of an option is kept. Returns the option's action."""
+    action = parser.add_argument(*flags, **kwargs)
+    for old in deprecated:
+        parser.add_argument(old, dest=action.dest, action=DeprecatedAlias, current=action)
+    return action
+
+
+def deprecated_aliases(parser) -> dict[argparse.Action, tuple[str, ...]]:
+    """``{action: its deprecated spellings}`` of ``parser``'s options that have some (:class:`DeprecatedAlias`)."""
+    found: dict[argparse.Action, tuple[str, ...]] = {}
+    for action in parser._actions:
+        if isinstance(action, DeprecatedAlias):
+            found[action.current] = (*found.get(action.current, ()), *action.option_strings)
+    return found
+
+
 def add_methods_argument(parser, default: str = "rome,rome+rep", aliases: tuple[str, ...] = (),
                          help: str | None = None) -> None:
-    """``--methods M1,M2,…`` (and ``aliases``, e.g. ``--method``): editing methods of the registry
+    """``--methods M1,M2,…`` (and the deprecated ``aliases``, e.g. ``--method``): editing methods of the registry
     (:data:`keyscope.editing.EDITORS`), in ``args.methods``."""
     from keyscope.editing.base import EDITORS
 
-    parser.add_argument("--methods", *aliases, dest="methods", default=default, metavar="M1,M2,…",
-                        help=help or f"comma-separated editing methods, of: {', '.join(EDITORS)} (default {default})")
+    add_option(parser, "--methods", deprecated=aliases, dest="methods", default=default, metavar="M1,M2,…",
+               help=help or f"comma-separated editing methods, of: {', '.join(EDITORS)} (default {default})")
 
 
 def parse_methods(text: str, flag: str = "--methods") -> tuple[str, ...]:
@@ -412,27 +466,28 @@ COV_TOKENS = 100_000
 
 
 def add_cov_tokens_argument(parser, aliases: tuple[str, ...] = ("--tokens",), note: str = "") -> None:
-    """``--cov-tokens N`` (and ``aliases``: ``--tokens`` where it meant C's tokens), in ``args.cov_tokens``."""
-    parser.add_argument("--cov-tokens", *aliases, dest="cov_tokens", type=positive_int, default=COV_TOKENS,
-                        metavar="N", help=f"corpus tokens for the key covariance C (default {COV_TOKENS:,}){note}")
+    """``--cov-tokens N`` (and the deprecated ``aliases``: ``--tokens`` where it meant C's tokens), in
+    ``args.cov_tokens``."""
+    add_option(parser, "--cov-tokens", deprecated=aliases, dest="cov_tokens", type=positive_int, default=COV_TOKENS,
+               metavar="N", help=f"corpus tokens for the key covariance C (default {COV_TOKENS:,}){note}")
 
 
 def add_scan_tokens_argument(parser, default: int, aliases: tuple[str, ...] = (), what: str = "") -> None:
-    """``--scan-tokens N`` (and ``aliases``: ``--tokens`` in scan and reach): corpus tokens scanned, in
-    ``args.scan_tokens``."""
-    parser.add_argument("--scan-tokens", *aliases, dest="scan_tokens", type=positive_int, default=default,
-                        metavar="N", help=f"corpus tokens scanned{what} (default {default:,})")
+    """``--scan-tokens N`` (and the deprecated ``aliases``: ``--tokens`` in scan and reach): corpus tokens scanned,
+    in ``args.scan_tokens``."""
+    add_option(parser, "--scan-tokens", deprecated=aliases, dest="scan_tokens", type=positive_int, default=default,
+               metavar="N", help=f"corpus tokens scanned{what} (default {default:,})")
 
 
 def add_mask_window_argument(parser, what: str) -> None:
-    """``--mask-window W`` (alias ``--window``): positions masked after each occurrence (scan, reach)."""
-    parser.add_argument("--mask-window", "--window", dest="mask_window", type=non_negative_int, default=10,
-                        metavar="W", help=f"positions masked after each occurrence of {what}'s last token (default "
+    """``--mask-window W`` (deprecated ``--window``): positions masked after each occurrence (scan, reach)."""
+    add_option(parser, "--mask-window", deprecated=("--window",), dest="mask_window", type=non_negative_int, default=10,
+               metavar="W", help=f"positions masked after each occurrence of {what}'s last token (default "
                                           f"10; trace's --window is another thing: its restored layers)")
 
 
 def add_covariance_arguments(parser) -> None:
-    """``--cov-tokens`` (alias ``--tokens``) and ``--recompute`` for the layer's key covariance C."""
+    """``--cov-tokens`` (deprecated ``--tokens``) and ``--recompute`` for the layer's key covariance C."""
     add_cov_tokens_argument(parser)
     parser.add_argument("--recompute", action="store_true", help="recompute C even if cached")
 

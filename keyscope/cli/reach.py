@@ -1,9 +1,9 @@
 """``keyscope reach``: which contexts an edit will change, shown before it is applied, then checked.
 
-Computes the edit (``--methods``, one method of the registry; alias ``--method``; no saved model is touched), scores
-every position of ``--scan-tokens`` corpus tokens (alias ``--tokens``) by the edit's strength ``s(k)``
+Computes the edit (``--methods``, one method of the registry; deprecated ``--method``; no saved model is touched), scores
+every position of ``--scan-tokens`` corpus tokens (deprecated ``--tokens``) by the edit's strength ``s(k)``
 (``kᵀC⁻¹k*/k*ᵀC⁻¹k*`` for ROME, ``α(k̂)`` of the adapted key under ROME+REP, the largest over the edited layers),
-and prints the ``--top-k`` unrelated positions (alias ``--top``)
+and prints the ``--top-k`` unrelated positions (deprecated ``--top``)
 (decoded prefix, ``s(k)``), the subject's own rephrased, shuffled and long-context forms with their ``s(k)``
 (what the edit will miss) and a one-line verdict. Then it applies the edit reversibly and measures the KL of
 the next-token distribution and top-1 flips at those positions and at as many random ones (``--seed``):
@@ -25,6 +25,7 @@ from keyscope.cli.common import (
     add_known_argument,
     add_mask_window_argument,
     add_methods_argument,
+    add_option,
     add_output_arguments,
     add_rome_setting_argument,
     add_scan_tokens_argument,
@@ -134,10 +135,10 @@ def register(sub) -> None:
     p.add_argument("--corpus", help="corpus to scan, for C and the long context (default: factworld filler for "
                                     "factworld, WikiText-103 otherwise; or a text file/folder)")
     add_scan_tokens_argument(p, 100_000, aliases=("--tokens",))
-    add_cov_tokens_argument(p, aliases=(), note="; here --tokens is --scan-tokens")
+    add_cov_tokens_argument(p, aliases=(), note="; here the deprecated --tokens is --scan-tokens")
     p.add_argument("--recompute", action="store_true", help="recompute C even if cached")
-    p.add_argument("--top-k", "--top", dest="top_k", type=positive_int, default=20,
-                   help="positions listed and checked (default 20)")
+    add_option(p, "--top-k", deprecated=("--top",), dest="top_k", type=positive_int, default=20,
+               help="positions listed and checked (default 20)")
     add_mask_window_argument(p, "the subject or a related name")
     add_seed_argument(p, "the random positions, the shuffles and --n")
     add_probe_arguments(p)

@@ -3,7 +3,10 @@
 :func:`markdown` gives one section per command (``factworld info`` and ``factworld train`` each their own): its
 help line, its description when it has one, its usage and a table of its arguments with their help and defaults,
 then its epilog (examples) when it has one; :func:`flag_table` lists every option name with the commands that take
-it and each distinct help text it has there. ``docs/hooks.py`` puts both into ``docs/cli.md`` at build time, so
+it and each distinct help text it has there, then every deprecated spelling (kept for one release,
+:class:`keyscope.cli.common.DeprecatedAlias`) with the commands that still take it and the option to use instead.
+Deprecated spellings never appear as options of their own: in a command's table and in :func:`flag_matrix` they
+are marked beside the option they stand for. ``docs/hooks.py`` puts both into ``docs/cli.md`` at build time, so
 the reference cannot drift from the parser; ``python -m keyscope.cli.reference`` prints them.
 """
 
@@ -12,6 +15,8 @@ from __future__ import annotations
 import argparse
 import html
 from collections.abc import Iterator
+
+from keyscope.cli.common import DeprecatedAlias, deprecated_aliases
 
 #: The markers of ``docs/cli.md`` that the docs build replaces by :func:`flag_table` and :func:`markdown`.
 FLAGS_MARKER = "<!-- generated:cli-flags -->"
@@ -77,6 +82,11 @@ def _arguments(parser: argparse.ArgumentParser) -> list[argparse.Action]:
     return [a for a in parser._actions if not isinstance(a, argparse._HelpAction) and a.help != argparse.SUPPRESS]
 
 
+def _deprecated(spellings: tuple[str, ...]) -> str:
+    """The note beside an option with ``spellings`` kept from earlier versions (``""`` for none)."""
+    return f" (deprecated: {', '.join(f'`{old}`' for old in spellings)})" if spellings else ""
+
+
 def section(name: str, help_line: str, parser: argparse.ArgumentParser, level: int = 2) -> str:
     """One command's section: heading, help line, description, usage, arguments, epilog."""
     lines = [f"{'#' * level} keyscope {name}", ""]
@@ -89,7 +99,8 @@ def section(name: str, help_line: str, parser: argparse.ArgumentParser, level: i
     arguments = _arguments(parser)
     if arguments:
         lines += ["| argument | help | default |", "|---|---|---|"]
-        lines += [f"| {_name(a)} | {_cell(_help(a))} | {_default(a)} |" for a in arguments]
+        old = deprecated_aliases(parser)
+        lines += [f"| {_name(a)}{_deprecated(old.get(a, ()))} | {_cell(_help(a))} | {_default(a)} |" for a in arguments]
         lines.append("")
     if parser.epilog:
         lines += ["```text", parser.epilog.strip(), "```", ""]
@@ -106,21 +117,32 @@ def markdown(parser: argparse.ArgumentParser | None = None, level: int = 2) -> s
 
 
 def flag_table(parser: argparse.ArgumentParser | None = None) -> str:
-    """Every option name, the commands that take it and each distinct help text it has (one row per meaning)."""
+    """Every option name, the commands that take it and each distinct help text it has (one row per meaning), then
+    every deprecated spelling, the commands that take it and the option it stands for there (one row each)."""
     if parser is None:
         from keyscope.cli import build_parser
 
         parser = build_parser()
     meanings: dict[str, dict[str, list[str]]] = {}
+    replaced: dict[tuple[str, str], list[str]] = {}  # (old spelling, new) -> commands
     for name, _, child in commands(parser):
         for action in _arguments(child):
             for option in action.option_strings:
                 if option.startswith("--"):
                     meanings.setdefault(option, {}).setdefault(_help(action), []).append(name)
+        for action in child._actions:
+            if isinstance(action, DeprecatedAlias):
+                for old in action.option_strings:
+                    replaced.setdefault((old, action.new), []).append(name)
     lines = ["| flag | commands | help |", "|---|---|---|"]
     for option in sorted(meanings):
         for text, names in meanings[option].items():
             lines.append(f"| `{option}` | {', '.join(names)} | {_cell(text) or '—'} |")
+    if replaced:
+        lines += ["", "Deprecated spellings, kept for one release: each prints a warning on stderr and does what the "
+                      "option in its row does; the next release drops them.", "",
+                  "| deprecated | commands | use instead |", "|---|---|---|"]
+        lines += [f"| `{old}` | {', '.join(names)} | `{new}` |" for (old, new), names in sorted(replaced.items())]
     return "\n".join(lines) + "\n"
 
 
@@ -132,8 +154,8 @@ SHARED_FLAGS = ("--model", "--data", "--known", "--layer", "--dtype", "--device"
 
 def flag_matrix(parser=None) -> str:
     """A Markdown table of the shared options (:data:`SHARED_FLAGS`) × the commands, generated from the parsers: a
-    cell is ``✓`` where the command takes the option, plus its other spellings (aliases kept from earlier
-    versions) in brackets, empty where it does not."""
+    cell is ``✓`` where the command takes the option, plus its deprecated spellings there (kept from earlier
+    versions for one release) in brackets, empty where it does not."""
     if parser is None:
         from keyscope.cli import build_parser
 
@@ -145,8 +167,10 @@ def flag_matrix(parser=None) -> str:
     for flag in SHARED_FLAGS:
         cells = []
         for sub in commands.values():
-            action = next((a for a in sub._actions if a.option_strings and a.option_strings[0] == flag), None)
-            cells.append("" if action is None else "✓" + "".join(f" ({alias})" for alias in action.option_strings[1:]))
+            action = next((a for a in sub._actions if a.option_strings and a.option_strings[0] == flag
+                           and not isinstance(a, DeprecatedAlias)), None)
+            old = deprecated_aliases(sub).get(action, ()) if action is not None else ()
+            cells.append("" if action is None else "✓" + "".join(f" ({alias}, deprecated)" for alias in old))
         lines.append(f"| `{flag}` | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -1,9 +1,9 @@
 """``keyscope scan``: Figure 4 — the corpus positions whose keys an edit of a subject would reach.
 
-Streams ``--scan-tokens`` corpus tokens (alias ``--tokens``) through the model (stopped after the layer's key),
-scores every position against the keys of ``--n-subjects`` subjects (alias ``--subjects``) by the normalised edit
+Streams ``--scan-tokens`` corpus tokens (deprecated ``--tokens``) through the model (stopped after the layer's key),
+scores every position against the keys of ``--n-subjects`` subjects (deprecated ``--subjects``) by the normalised edit
 strength ``kᵀC⁻¹k*/k*ᵀC⁻¹k*``, masks each subject's own occurrences (its last token and ``--mask-window``
-positions after; alias ``--window``), keeps the ``--top-k`` best per subject, and writes into ``--out``:
+positions after; deprecated ``--window``), keeps the ``--top-k`` best per subject, and writes into ``--out``:
 
 * ``fig4_neighbors.png`` — the distribution of those unrelated top-k scores next to the scores of the same
   subjects' rephrased forms (Figure 4 left);
@@ -28,6 +28,7 @@ from keyscope.cli.common import (
     add_dtype_argument,
     add_known_argument,
     add_mask_window_argument,
+    add_option,
     add_output_arguments,
     add_scan_tokens_argument,
     command_parser,
@@ -128,11 +129,11 @@ def register(sub) -> None:
     p.add_argument("--corpus", help="corpus to scan and to estimate C from (default: factworld filler for "
                                     "factworld, WikiText-103 otherwise; or a text file/folder)")
     add_scan_tokens_argument(p, 100_000, aliases=("--tokens",))
-    p.add_argument("--n-subjects", "--subjects", dest="n_subjects", type=positive_int, default=20,
-                   help="number of distinct subjects (default 20)")
+    add_option(p, "--n-subjects", deprecated=("--subjects",), dest="n_subjects", type=positive_int, default=20,
+               help="number of distinct subjects (default 20)")
     p.add_argument("--top-k", type=positive_int, default=10, help="hits kept per subject (default 10)")
     add_mask_window_argument(p, "a subject")
-    add_cov_tokens_argument(p, aliases=(), note="; here --tokens is --scan-tokens")
+    add_cov_tokens_argument(p, aliases=(), note="; here the deprecated --tokens is --scan-tokens")
     p.add_argument("--seq-len", type=positive_int, default=256, help="window length fed to the model (default 256)")
     p.add_argument("--batch-size", type=positive_int, help=BATCH_SIZE_HELP)
     p.add_argument("--recompute", action="store_true", help="recompute C even if cached")

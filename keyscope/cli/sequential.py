@@ -1,5 +1,5 @@
 """``keyscope sequential``: ``--n`` edits one after another (each on the model edited by the ones before) with
-each of ``--methods`` (alias ``--method``), measured at ``--checkpoints``: retention of earlier edits, locality against the unedited
+each of ``--methods`` (deprecated ``--method``), measured at ``--checkpoints``: retention of earlier edits, locality against the unedited
 model, their Rephrase/Shuffle/Long rates and, for REP, how often a gate fires on another edit's subject.
 
 Prints the checkpoints, writes ``fig_sequential.png`` and ``sequential.csv`` into ``--out`` and with ``--json``

@@ -122,34 +122,34 @@ def test_out_in_a_read_only_folder_fails_before_any_work(env, capsys):
 COUNTS = [
     (["similarity", "--n-subjects", "0"], "--n-subjects"),
     (["similarity", "--n-subjects", "-3"], "--n-subjects"),
-    (["similarity", "--tokens", "0"], "--cov-tokens/--tokens"),
-    (["similarity", "--cov-tokens", "0"], "--cov-tokens/--tokens"),
-    (["scan", "--subjects", "-2"], "--n-subjects/--subjects"),
-    (["scan", "--n-subjects", "0"], "--n-subjects/--subjects"),
+    (["similarity", "--tokens", "0"], "--tokens"),
+    (["similarity", "--cov-tokens", "0"], "--cov-tokens"),
+    (["scan", "--subjects", "-2"], "--subjects"),
+    (["scan", "--n-subjects", "0"], "--n-subjects"),
     (["scan", "--top-k", "0"], "--top-k"),
-    (["scan", "--tokens", "-1"], "--scan-tokens/--tokens"),
-    (["scan", "--scan-tokens", "0"], "--scan-tokens/--tokens"),
+    (["scan", "--tokens", "-1"], "--tokens"),
+    (["scan", "--scan-tokens", "0"], "--scan-tokens"),
     (["scan", "--cov-tokens", "0"], "--cov-tokens"),
-    (["scan", "--window", "-1"], "--mask-window/--window"),
+    (["scan", "--window", "-1"], "--window"),
     (["scan", "--seq-len", "0"], "--seq-len"),
     (["scan", "--batch-size", "0"], "--batch-size"),
-    (["reach", "--top", "0"], "--top-k/--top"),
-    (["reach", "--tokens", "0"], "--scan-tokens/--tokens"),
-    (["reach", "--mask-window", "-1"], "--mask-window/--window"),
+    (["reach", "--top", "0"], "--top"),
+    (["reach", "--tokens", "0"], "--tokens"),
+    (["reach", "--mask-window", "-1"], "--mask-window"),
     (["trace", "--n", "0"], "--n"),
     (["trace", "--samples", "0"], "--samples"),
     (["trace", "--window", "0"], "--window"),
     (["trace", "--n", "ten"], "--n"),
-    (["edit", "--tokens", "0"], "--cov-tokens/--tokens"),
+    (["edit", "--tokens", "0"], "--tokens"),
     (["edit", "--shuffles", "-1"], "--shuffles"),
     (["edit", "--context-tokens", "-5"], "--context-tokens"),
     (["values", "--n", "0"], "--n"),
-    (["values", "--tokens", "0"], "--cov-tokens/--tokens"),
+    (["values", "--tokens", "0"], "--tokens"),
     (["evaluate", "--n", "-1"], "--n/--n-facts"), (["evaluate", "--n-facts", "0"], "--n/--n-facts"),
-    (["evaluate", "--tokens", "1.5"], "--cov-tokens/--tokens"),
+    (["evaluate", "--tokens", "1.5"], "--tokens"),
     (["bounds", "--n", "0"], "--n"),
     (["bounds", "--scan-tokens", "0"], "--scan-tokens"),
-    (["covariance", "--tokens", "0"], "--cov-tokens/--tokens"),
+    (["covariance", "--tokens", "0"], "--tokens"),
     (["reproduce", "--scan-tokens", "0"], "--scan-tokens"),
 ]
 
@@ -226,7 +226,7 @@ def test_an_edit_of_an_unknown_subject_is_refused_before_c(env, capsys):
     assert not cached_files(env)
 
 
-@pytest.mark.parametrize("command", [["similarity", "--n-subjects", "2"], ["scan", "--subjects", "2"]], ids=" ".join)
+@pytest.mark.parametrize("command", [["similarity", "--n-subjects", "2"], ["scan", "--n-subjects", "2"]], ids=" ".join)
 def test_studying_unknown_subjects_is_refused_before_c(env, capsys, command):
     unknown = env["tmp"] / "unknown.json"
     unknown.write_text(json.dumps([FACTS[0], {**FACTS[1], "prompt": "{} played basketball for the",
@@ -255,7 +255,7 @@ def test_data_counts_unknown_tokens_and_two_slots_as_failures(env, capsys):
 # ---------------------------------------------------------------------------------------------- corpora
 
 def corpus_case(env, capsys, corpus: Path, *messages: str) -> None:
-    argv = ["similarity", *env["model"], "--tokens", "300", "--out", str(env["out"]), "--json",
+    argv = ["similarity", *env["model"], "--cov-tokens", "300", "--out", str(env["out"]), "--json",
             str(env["tmp"] / "sim.json")]
     argv[argv.index("--corpus") + 1] = str(corpus)
     fails(capsys, argv, *messages, out=env["out"])
@@ -283,7 +283,7 @@ def test_a_nearly_empty_corpus_is_refused_and_not_cached(env, capsys):
 # ---------------------------------------------------------------------------------------------- failures after work
 
 def similarity_argv(env) -> list[str]:
-    return ["similarity", *env["model"], "--tokens", "200", "--n-subjects", "1", "--out", str(env["out"]),
+    return ["similarity", *env["model"], "--cov-tokens", "200", "--n-subjects", "1", "--out", str(env["out"]),
             "--json", str(env["out"] / "sim.json")]
 
 

@@ -15,7 +15,7 @@ from keyscope.analysis.covariance import KeyCovariance
 from keyscope.cli import main
 from tests.cli.conftest import ROOT
 
-ARGS = ["covariance", "--layer", "0", "--tokens", "20000", "--no-progress"]
+ARGS = ["covariance", "--layer", "0", "--cov-tokens", "20000", "--no-progress"]
 
 
 def _C(report: Path) -> torch.Tensor:
@@ -27,14 +27,14 @@ def test_json_reports_tokens_seconds_and_rate(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("KEYSCOPE_CACHE", str(tmp_path / "cache"))
     report = tmp_path / "cov.json"
     assert main([*ARGS, "--layers", "0-1", "--layer", "0"]) == 2  # not both
-    assert main(["covariance", "--layers", "0-1", "--tokens", "3000", "--no-progress", "--json", str(report)]) == 0
+    assert main(["covariance", "--layers", "0-1", "--cov-tokens", "3000", "--no-progress", "--json", str(report)]) == 0
     data = json.loads(report.read_text())
     assert data["tokens"] == data["tokens_this_run"] == 3000 and data["world_size"] == 1
     assert data["seconds"] > 0 and data["tokens_per_second"] == pytest.approx(3000 / data["seconds"])
     assert [entry["layer"] for entry in data["layers"]] == [0, 1]
     assert all(entry["n_tokens"] == 3000 and not entry["from_cache"] for entry in data["layers"])
     assert "3,000 tokens in" in capsys.readouterr().out
-    assert main(["covariance", "--layer", "1", "--tokens", "3000", "--no-progress", "--json", str(report)]) == 0
+    assert main(["covariance", "--layer", "1", "--cov-tokens", "3000", "--no-progress", "--json", str(report)]) == 0
     assert json.loads(report.read_text())["layers"][0]["from_cache"]  # later runs find the entry
 
 
@@ -46,7 +46,7 @@ def test_json_reports_tokens_seconds_and_rate(tmp_path, monkeypatch, capsys):
 ])
 def test_bad_input_is_one_line(tmp_path, monkeypatch, capsys, argv, message):
     monkeypatch.setenv("KEYSCOPE_CACHE", str(tmp_path / "cache"))
-    assert main(["covariance", "--tokens", "100", "--no-progress", *argv]) == 2
+    assert main(["covariance", "--cov-tokens", "100", "--no-progress", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("keyscope: error:") and message in err and "Traceback" not in err
 
@@ -92,7 +92,7 @@ def test_dtype_enters_the_cache_key(tmp_path, monkeypatch):
     """An explicit --dtype float32 finds the entry of the default (factworld on the CPU: float32); bf16 writes
     its own."""
     monkeypatch.setenv("KEYSCOPE_CACHE", str(tmp_path / "cache"))
-    base = ["covariance", "--layer", "0", "--tokens", "500", "--no-progress"]
+    base = ["covariance", "--layer", "0", "--cov-tokens", "500", "--no-progress"]
     reports = {}
     for name, extra in (("default", []), ("float32", ["--dtype", "float32"]), ("bf16", ["--dtype", "bf16"])):
         assert main([*base, *extra, "--json", str(tmp_path / f"{name}.json")]) == 0
@@ -144,7 +144,7 @@ def test_a_failure_on_one_torchrun_rank_ends_both_with_one_line_each(tmp_path, m
            "CUDA_VISIBLE_DEVICES": ""}
     began = time.time()
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(driver), mode, str(tmp_path), "covariance", "--layer", "0", "--tokens", "2000", "--batch-size", "2",
+                           str(driver), mode, str(tmp_path), "covariance", "--layer", "0", "--cov-tokens", "2000", "--batch-size", "2",
                            "--no-progress", "--json", str(report)],
                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     ends = {rank: (tmp_path / f"rank{rank}").read_text().split() for rank in (0, 1)}  # both ended by themselves

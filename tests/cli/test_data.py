@@ -196,8 +196,8 @@ def test_scan_with_known_studies_only_known_facts(mixed_facts, factworld_model, 
     from keyscope.studies.scan import distinct_subjects
 
     path, _ = mixed_facts
-    base = ["scan", "--data", path, "--tokens", "300", "--cov-tokens", "400", "--seq-len", "32", "--batch-size", "4",
-            "--subjects", "5", "--out", str(tmp_path / "out"), "--no-progress"]
+    base = ["scan", "--data", path, "--scan-tokens", "300", "--cov-tokens", "400", "--seq-len", "32", "--batch-size", "4",
+            "--n-subjects", "5", "--out", str(tmp_path / "out"), "--no-progress"]
     studied = {}
     for known in (False, True):
         report = tmp_path / f"scan_{known}.json"

@@ -24,7 +24,7 @@ REPORT_KEYS = {"model", "layer", "case_id", "request", "seconds", "v_star", "pro
 def inputs(tmp_path, tiny_checkpoints, cli_files):
     facts, corpus = cli_files(FACTS)
     base = ["edit", "--model", str(tiny_checkpoints["llama"]), "--layer", "1", "--corpus", str(corpus),
-            "--tokens", "500", "--no-progress"]
+            "--cov-tokens", "500", "--no-progress"]
     return {"base": base, "facts": str(facts), "tmp": tmp_path}
 
 
@@ -199,7 +199,7 @@ def test_edit_errors_are_one_line_with_exit_2(inputs, capsys, extra, message):
 def test_edit_a_factworld_case(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("KEYSCOPE_CACHE", str(tmp_path / "cache"))
     report = tmp_path / "edit.json"
-    argv = ["edit", "--case", "0", "--shuffles", "2", "--tokens", "20000", "--no-progress", "--json", str(report)]
+    argv = ["edit", "--case", "0", "--shuffles", "2", "--cov-tokens", "20000", "--no-progress", "--json", str(report)]
     assert main(argv) == 0
     result = json.loads(report.read_text())
     kinds = [p["kind"] for p in result["probes"]]

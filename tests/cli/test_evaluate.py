@@ -10,7 +10,7 @@ import pytest
 from keyscope.cli import main
 from keyscope.evaluation.metrics import METRICS
 
-QUICK = ["--no-progress", "--tokens", "20000"]
+QUICK = ["--no-progress", "--cov-tokens", "20000"]
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from tests.cli.test_edit import FACTS
 def inputs(tmp_path, tiny_checkpoints, cli_files):
     facts, corpus = cli_files(FACTS)
     base = ["reach", "--model", str(tiny_checkpoints["llama"]), "--layer", "1", "--corpus", str(corpus),
-            "--data", str(facts), "--tokens", "400", "--cov-tokens", "500", "--top", "5", "--shuffles", "2",
+            "--data", str(facts), "--scan-tokens", "400", "--cov-tokens", "500", "--top-k", "5", "--shuffles", "2",
             "--context-tokens", "30", "--no-progress", "--out", str(tmp_path / "out")]
     return {"base": base, "tmp": tmp_path}
 
@@ -22,7 +22,7 @@ def inputs(tmp_path, tiny_checkpoints, cli_files):
 @pytest.mark.parametrize("method", ["rome", "rome+rep"])
 def test_reach_of_a_case_shows_top_missed_and_the_check(inputs, capsys, method):
     path = inputs["tmp"] / "reach.json"
-    assert main(inputs["base"] + ["--case", "8", "--method", method, "--json", str(path)]) == 0
+    assert main(inputs["base"] + ["--case", "8", "--methods", method, "--json", str(path)]) == 0
     printed = capsys.readouterr().out
     result = json.loads(path.read_text())
     assert result["method"] == method and result["case_id"] == 8 and result["layers"] == [1]
@@ -49,7 +49,7 @@ def test_reach_of_a_case_shows_top_missed_and_the_check(inputs, capsys, method):
 def test_reach_of_many_factworld_facts_summarises_the_distribution(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("KEYSCOPE_CACHE", str(tmp_path / "cache"))
     path, out = tmp_path / "many.json", tmp_path / "out"
-    argv = ["reach", "--n", "2", "--tokens", "2000", "--cov-tokens", "5000", "--top", "5", "--shuffles", "0",
+    argv = ["reach", "--n", "2", "--scan-tokens", "2000", "--cov-tokens", "5000", "--top-k", "5", "--shuffles", "0",
             "--context-tokens", "0", "--no-progress", "--out", str(out), "--json", str(path)]
     assert main(argv) == 0
     result = json.loads(path.read_text())
@@ -62,8 +62,8 @@ def test_reach_of_many_factworld_facts_summarises_the_distribution(tmp_path, mon
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--case", "8", "--top", "0"], "argument --top-k/--top: must be at least 1"),
-    (["--case", "8", "--method", "memo"], "unknown method"),
+    (["--case", "8", "--top-k", "0"], "argument --top-k: must be at least 1"),
+    (["--case", "8", "--methods", "memo"], "unknown method"),
     (["--case", "8", "--n", "3"], "--n takes"),
     (["--subject", "Michael Jordan"], "give --prompt, --target"),
 ])

@@ -32,8 +32,8 @@ def inputs(tmp_path, tiny_checkpoints, cli_files):
 def test_scan_writes_figure_csv_and_prints_top1(inputs, capsys):
     out, report = inputs["tmp"] / "out", inputs["tmp"] / "scan.json"
     argv = ["scan", "--model", inputs["model"], "--data", inputs["facts"], "--corpus", inputs["corpus"],
-            "--layer", "1", "--tokens", "300", "--cov-tokens", "400", "--subjects", "3", "--top-k", "4",
-            "--window", "3", "--seq-len", "32", "--batch-size", "4", "--out", str(out), "--json", str(report),
+            "--layer", "1", "--scan-tokens", "300", "--cov-tokens", "400", "--n-subjects", "3", "--top-k", "4",
+            "--mask-window", "3", "--seq-len", "32", "--batch-size", "4", "--out", str(out), "--json", str(report),
             "--no-progress"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
@@ -78,7 +78,7 @@ def test_bad_numbers_are_one_line(inputs, capsys):
 @pytest.mark.slow
 def test_torchrun_two_gloo_processes_find_the_single_process_neighbours(tmp_path, keyscope_processes):
     """Both runs read the same cached C; the 2-process scan splits the corpus batches and merges the top-k."""
-    argv = ["scan", "--tokens", "6000", "--cov-tokens", "4000", "--subjects", "6", "--top-k", "5", "--seq-len", "64",
+    argv = ["scan", "--scan-tokens", "6000", "--cov-tokens", "4000", "--n-subjects", "6", "--top-k", "5", "--seq-len", "64",
             "--batch-size", "4", "--no-progress"]
     cache = tmp_path / "cache"
     keyscope_processes([*argv, "--out", tmp_path / "one", "--json", tmp_path / "one.json"], cache)

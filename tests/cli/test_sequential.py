@@ -16,7 +16,7 @@ def test_sequential_writes_checkpoints_figure_csv_and_leaves_the_weights_bit_exa
     snapshot = {n: p.detach().clone() for n, p in model.original_model.named_parameters()}
     monkeypatch.setattr(models, "load_model", lambda *args, **kwargs: model)  # the command edits this very object
     out, report = tmp_path / "out", tmp_path / "seq.json"
-    assert main(["sequential", "--method", "rome", "--n", "3", "--checkpoints", "1,3", "--out", str(out),
+    assert main(["sequential", "--methods", "rome", "--n", "3", "--checkpoints", "1,3", "--out", str(out),
                  "--json", str(report), "--no-progress"]) == 0
     assert all(torch.equal(p.detach(), snapshot[n]) for n, p in model.original_model.named_parameters())
     payload = json.loads(report.read_text())
@@ -30,7 +30,7 @@ def test_sequential_writes_checkpoints_figure_csv_and_leaves_the_weights_bit_exa
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--method", "nope"], "unknown method"),
+    (["--methods", "nope"], "unknown method"),
     (["--checkpoints", "a,b"], "--checkpoints"),
     (["--n", "5", "--checkpoints", "10"], "checkpoints must lie in 1..5"),
     (["--batch-size", "0"], "--batch-size"),

@@ -44,7 +44,7 @@ def test_similarity_on_a_local_model(tiny_checkpoints, rep_file, tmp_path, capsy
     facts, corpus = rep_file
     out, report = tmp_path / "figs", tmp_path / "sim.json"
     argv = ["similarity", "--model", str(tiny_checkpoints["llama"]), "--layer", "1", "--data", str(facts),
-            "--corpus", str(corpus), "--tokens", "2000", "--out", str(out), "--json", str(report)]
+            "--corpus", str(corpus), "--cov-tokens", "2000", "--out", str(out), "--json", str(report)]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     result = json.loads(report.read_text())
@@ -69,7 +69,7 @@ def test_similarity_bad_input_is_one_line(tiny_checkpoints, rep_file, tmp_path, 
     monkeypatch.setenv("KEYSCOPE_CACHE", str(tmp_path / "cache"))
     facts, corpus = rep_file
     base = ["similarity", "--model", str(tiny_checkpoints["llama"]), "--data", str(facts), "--corpus", str(corpus),
-            "--tokens", "500", "--out", str(tmp_path)]
+            "--cov-tokens", "500", "--out", str(tmp_path)]
     if "--data" in argv:
         base[base.index("--data") + 1] = str(tmp_path / argv[1])
         argv = []
@@ -96,7 +96,7 @@ def test_long_contexts_from_a_small_wikitext_raw_file_outlast_the_facts(tiny_che
                             for t in ("Blue River", "Old Mill")).encode())
     report = tmp_path / "sim.json"
     argv = ["similarity", "--model", str(tiny_checkpoints["llama"]), "--layer", "1", "--data", str(facts),
-            "--corpus", str(raw), "--tokens", "200", "--out", str(tmp_path / "figs"), "--json", str(report), "--no-progress"]
+            "--corpus", str(raw), "--cov-tokens", "200", "--out", str(tmp_path / "figs"), "--json", str(report), "--no-progress"]
     assert main(argv) == 0
     err = capsys.readouterr().err
     warnings = [line for line in err.splitlines() if line.startswith("keyscope: warning:")]

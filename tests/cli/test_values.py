@@ -47,7 +47,7 @@ def inputs(tmp_path, word_checkpoint, cli_files):
     path, records = word_checkpoint
     facts, corpus = cli_files(records)
     base = ["values", "--model", str(path), "--data", str(facts), "--layer", "1", "--corpus", str(corpus),
-            "--tokens", "500", "--no-progress"]
+            "--cov-tokens", "500", "--no-progress"]
     return {"base": base, "tmp": tmp_path, "records": records}
 
 

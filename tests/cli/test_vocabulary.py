@@ -1,5 +1,5 @@
-"""One vocabulary for every command (issue #27): the canonical flags and the old spellings kept as aliases of the
-same option, a description, examples and a help text for every option, ``--out`` outside ``figures/``,
+"""One vocabulary for every command (issue #27): the canonical flags and the old spellings kept as deprecated
+aliases of the same option (their warning: ``test_deprecated.py``), a description, examples and a help text for every option, ``--out`` outside ``figures/``,
 ``--device`` wherever a model loads, the unknown ``--model`` named before ``--data``, progress bars on a terminal
 only."""
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from keyscope.cli import COMMANDS, build_parser, main
-from keyscope.cli.common import OUT_ROOT, command_parsers, resolve_progress
+from keyscope.cli.common import OUT_ROOT, DeprecatedAlias, command_parsers, resolve_progress
 from keyscope.cli.reference import flag_matrix
 
 FACTWORLD_DATA = Path(__file__).resolve().parents[2] / "data" / "factworld" / "factworld.json"
@@ -54,14 +54,16 @@ def test_similarity_help_shows_an_example(capsys):
         main(["similarity", "--help"])
     assert exit_.value.code == 0
     out = capsys.readouterr().out
-    assert "examples:\n  keyscope similarity" in out and "--cov-tokens N, --tokens N" in out
+    assert "examples:\n  keyscope similarity" in out and "--cov-tokens N " in out
+    assert "--tokens" not in out.replace("--cov-tokens", "")  # the deprecated spelling is not offered
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
 
-#: (command, canonical argv, alias argv, dest, value): both spellings fill the same dest with the same value.
+#: (command, canonical argv, deprecated argv, dest, value): both spellings fill the same dest with the same value
+#: (every deprecated spelling, found in the parsers, is checked in ``test_deprecated.py``).
 ALIASES = [
     (["similarity"], ["--cov-tokens", "7"], ["--tokens", "7"], "cov_tokens", 7),
     (["edit"], ["--cov-tokens", "7"], ["--tokens", "7"], "cov_tokens", 7),
@@ -87,37 +89,42 @@ def test_an_old_spelling_is_an_alias_of_the_canonical_flag(command, canonical, a
     assert getattr(parse([*command, *canonical]), dest) == getattr(parse([*command, *alias]), dest) == value
 
 
-def test_scan_and_reach_keep_tokens_for_the_scanned_tokens_and_c_apart():
+def test_scan_and_reach_keep_tokens_for_the_scanned_tokens_and_c_apart(capsys):
     for command in ("scan", "reach"):
         args = parse([command, "--tokens", "5", "--cov-tokens", "9"])
         assert (args.scan_tokens, args.cov_tokens) == (5, 9)
     args = parse(["bounds", "--tokens", "5", "--scan-tokens", "9"])
     assert (args.cov_tokens, args.scan_tokens) == (5, 9)
-    assert parse(["trace", "--window", "10"]).window == 10  # trace's --window: ROME's restored layers
+    capsys.readouterr()
+    assert parse(["trace", "--window", "10"]).window == 10  # trace's --window: ROME's restored layers, no alias
+    assert capsys.readouterr().err == ""
 
 
 def test_one_flag_name_has_one_dest_across_commands():
-    """Every canonical flag (an option's first spelling) fills the same dest in every command."""
+    """Every canonical flag (an option's first spelling, deprecated ones aside) fills the same dest in every
+    command."""
     dests: dict[str, set[str]] = {}
     for parser in PARSERS.values():
         for action in parser._actions:
-            if action.option_strings:
+            if action.option_strings and not isinstance(action, DeprecatedAlias):
                 dests.setdefault(action.option_strings[0], set()).add(action.dest)
     assert {flag: d for flag, d in dests.items() if len(d) > 1} == {}
     for flag in ("--cov-tokens", "--scan-tokens", "--top-k", "--n-subjects", "--methods", "--mask-window",
                  "--device", "--seed", "--out", "--json", "--progress", "--no-progress"):
         assert flag in dests, flag
-    canonical = {action.option_strings[0] for p in PARSERS.values() for action in p._actions if action.option_strings}
-    assert not canonical & {"--tokens", "--top", "--subjects", "--method"}  # only ever aliases
+    canonical = {option for p in PARSERS.values() for action in p._actions
+                 if action.option_strings and not isinstance(action, DeprecatedAlias) for option in action.option_strings}
+    assert not canonical & {"--tokens", "--top", "--subjects", "--method"}  # only ever deprecated aliases
 
 
 def test_the_flag_table_is_generated_from_the_parsers():
     table = flag_matrix().splitlines()
     assert table[0].startswith("| option | factworld info | factworld train | similarity |")
     rows = {line.split(" | ")[0].strip("| `"): line for line in table[2:]}
-    assert "✓ (--tokens)" in rows["--cov-tokens"] and "✓ (--tokens)" in rows["--scan-tokens"]
-    assert "✓ (--top)" in rows["--top-k"] and "✓ (--subjects)" in rows["--n-subjects"]
-    assert "✓ (--method)" in rows["--methods"] and "✓ (--window)" in rows["--mask-window"]
+    assert "✓ (--tokens, deprecated)" in rows["--cov-tokens"] and "✓ (--tokens, deprecated)" in rows["--scan-tokens"]
+    assert "✓ (--top, deprecated)" in rows["--top-k"] and "✓ (--subjects, deprecated)" in rows["--n-subjects"]
+    assert "✓ (--method, deprecated)" in rows["--methods"] and "✓ (--window, deprecated)" in rows["--mask-window"]
+    assert rows["--window"].count("✓") == 1 and "deprecated" not in rows["--window"]  # trace's alone
 
 
 @pytest.mark.parametrize("name", MODEL_COMMANDS)
