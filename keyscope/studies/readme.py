@@ -68,13 +68,13 @@ _SMOLLM2 = "--model smollm2-135m"
 _ENWIKI = "--corpus ../shared/data/enwiki_extract"
 SMOLLM2_SIMILARITY = (f"keyscope similarity {_SMOLLM2} --data {SMOLLM2_REP_FILES} --known {_ENWIKI} --n-subjects 200 "
                       "--out figures/smollm2/similarity --json figures/smollm2/similarity/similarity.json")
-SMOLLM2_SCAN = (f"keyscope scan {_SMOLLM2} --data {SMOLLM2_LLAMA2} --known {_ENWIKI} --tokens 1000000 --subjects 100 "
+SMOLLM2_SCAN = (f"keyscope scan {_SMOLLM2} --data {SMOLLM2_LLAMA2} --known {_ENWIKI} --scan-tokens 1000000 --n-subjects 100 "
                 "--out figures/smollm2/scan --json figures/smollm2/scan/scan.json")
 SMOLLM2_VALUES = (f"keyscope values {_SMOLLM2} --data {SMOLLM2_COUNTERFACT} --n 200 {_ENWIKI} --out figures/smollm2/values "
                   "--json figures/smollm2/values/values.json")
 SMOLLM2_BOUNDS = (f"keyscope bounds {_SMOLLM2} --data {SMOLLM2_LLAMA2} --n 20 {_ENWIKI} --out figures/smollm2/bounds "
                   "--json figures/smollm2/bounds/bounds.json")
-SMOLLM2_REACH = (f"keyscope reach {_SMOLLM2} --data {SMOLLM2_LLAMA2} --n 5 --tokens 50000 --top 20 {_ENWIKI} "
+SMOLLM2_REACH = (f"keyscope reach {_SMOLLM2} --data {SMOLLM2_LLAMA2} --n 5 --scan-tokens 50000 --top-k 20 {_ENWIKI} "
                  "--out figures/smollm2/reach --json figures/smollm2/reach/reach.json")
 SMOLLM2_MEMIT = (f"keyscope evaluate {_SMOLLM2} --data {SMOLLM2_LLAMA2} --known --n 10 --methods memit,memit+rep "
                  f"--protocol paper {_ENWIKI} --out figures/smollm2/memit --json figures/smollm2/memit/table1.json")
@@ -370,9 +370,9 @@ def shape(figures: Path) -> str:
 
 
 REACH = {"rome": ("reach_edits.csv", "reach_50.json",
-                   "keyscope reach --n 50 --tokens 50000 --top 20 --out figures --json figures/reach_50.json"),
+                   "keyscope reach --n 50 --scan-tokens 50000 --top-k 20 --out figures --json figures/reach_50.json"),
          "rome+rep": ("reach_rep/reach_edits.csv", "reach_50_rep.json",
-                      "keyscope reach --n 50 --method rome+rep --tokens 50000 --top 20 --out figures/reach_rep "
+                      "keyscope reach --n 50 --methods rome+rep --scan-tokens 50000 --top-k 20 --out figures/reach_rep "
                       "--json figures/reach_50_rep.json")}
 
 
@@ -404,7 +404,7 @@ def _reach_summary(figures: Path, table: str, summary: str, command: str, model:
 
 
 SEQUENTIAL = ("sequential/sequential.csv", "sequential/sequential50.json",
-              "keyscope sequential --method rome,rome+rep,memit,memit+rep --n 50 --checkpoints 10,20,30,40,50 "
+              "keyscope sequential --methods rome,rome+rep,memit,memit+rep --n 50 --checkpoints 10,20,30,40,50 "
               "--out figures/sequential --json figures/sequential/sequential50.json")
 
 
