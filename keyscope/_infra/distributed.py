@@ -5,14 +5,14 @@ torchrun's multi-node flags) starts ``K`` copies and sets ``RANK``, ``WORLD_SIZE
 ``MASTER_ADDR`` and ``MASTER_PORT`` in each one's environment. :func:`from_env` reads them and
 :func:`process_group` initialises the default process group — NCCL when the processes use CUDA devices,
 gloo on CPUs — and destroys it on exit. Without torchrun's variables everything here is a single process
-(``World(rank=0, size=1)``) and no process group is created.
+(``ProcessRank(rank=0, size=1)``) and no process group is created.
 
 Work is split by deterministic striding (:func:`shard`): rank ``r`` of ``size`` takes items
 ``r, r + size, r + 2·size, …`` of a stream every rank generates identically, so the union of the shards is
 the stream and no two ranks share an item. Partial results are combined with :func:`all_reduce_sum_`
 (float64 sums and int64 counts, so the sum is the single-process one up to the order of float64 additions)
 and :func:`broadcast_object` (rank 0's decisions), or gathered with :func:`all_gather_object` (each rank's
-top-k lists or per-fact rows, merged in a fixed order); only rank 0 writes files (:attr:`World.is_main`).
+top-k lists or per-fact rows, merged in a fixed order); only rank 0 writes files (:attr:`ProcessRank.is_main`).
 
 **A failure on one rank ends every rank.** Inside :func:`process_group` every collective of this module first
 exchanges one status per rank (a small ``all_reduce``, :func:`check_peers`): 0 for "fine". A rank whose own
@@ -50,7 +50,7 @@ DEFAULT_TIMEOUT_S = 600.0
 
 
 @dataclass(frozen=True)
-class World:
+class ProcessRank:
     """This process's place among ``size`` processes: ``rank`` (global) and ``local_rank`` (on its node)."""
 
     rank: int = 0
@@ -67,11 +67,11 @@ class World:
         return self.size > 1
 
 
-SINGLE = World()
+SINGLE = ProcessRank()
 
 
-def from_env(environ=None) -> World:
-    """The :class:`World` torchrun describes in ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` (single process
+def from_env(environ=None) -> ProcessRank:
+    """The :class:`ProcessRank` torchrun describes in ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` (single process
     when they are absent)."""
     env = os.environ if environ is None else environ
     if "RANK" not in env or "WORLD_SIZE" not in env:
@@ -80,10 +80,10 @@ def from_env(environ=None) -> World:
     rank = int(env["RANK"])
     if not 0 <= rank < size:
         raise ValueError(f"RANK={rank} is outside WORLD_SIZE={size}")
-    return World(rank=rank, size=size, local_rank=int(env.get("LOCAL_RANK", rank)))
+    return ProcessRank(rank=rank, size=size, local_rank=int(env.get("LOCAL_RANK", rank)))
 
 
-def device_for(world: World, device: str | None = None) -> str:
+def device_for(world: ProcessRank, device: str | None = None) -> str:
     """The device this rank computes on: ``device`` if given, else ``cuda:LOCAL_RANK`` when CUDA is available
     (one GPU per process, as torchrun's ``--nproc_per_node`` assumes), else the CPU."""
     if device is not None:
@@ -113,7 +113,7 @@ class _Guard:
     """The failure exchange of the process group :func:`process_group` opened: where its status tensor lives,
     and whether a collective broke (after which no rank can be reached)."""
 
-    world: World
+    world: ProcessRank
     device: str
     timeout: float
     broken: bool = False
@@ -155,7 +155,7 @@ def _exchange(guard: _Guard, status: int) -> list[int]:
         return [int(s) for s in box.tolist()]
 
 
-def check_peers(world: World) -> None:
+def check_peers(world: ProcessRank) -> None:
     """Raise :class:`~keyscope._infra.errors.RankFailed` if another rank of the open :func:`process_group` failed: the
     status exchange every collective here starts with (every rank must call it at the same point; a no-op for
     a single process or a group the caller opened)."""
@@ -172,7 +172,7 @@ def check_peers(world: World) -> None:
 
 
 @contextmanager
-def process_group(world: World, device: str, timeout: float | None = None) -> Iterator[World]:
+def process_group(world: ProcessRank, device: str, timeout: float | None = None) -> Iterator[ProcessRank]:
     """Initialise the default process group for ``world`` (NCCL on CUDA, gloo otherwise) and destroy it on exit.
 
     ``timeout`` (seconds, default :func:`timeout_from_env`) bounds each wait at a collective. Inside the block
@@ -212,7 +212,7 @@ def process_group(world: World, device: str, timeout: float | None = None) -> It
         dist.destroy_process_group()
 
 
-def _store_barrier(world: World, key: str, timeout: float) -> None:
+def _store_barrier(world: ProcessRank, key: str, timeout: float) -> None:
     """Wait until every rank has reached this point (at most ``timeout`` seconds), through the process group's
     store, not a collective: no rank tears its gloo connections down while another still finishes its last
     collective on them. Without it a rank aborted at exit ("terminate called without an active exception") in
@@ -232,7 +232,7 @@ def _store_barrier(world: World, key: str, timeout: float) -> None:
 HEARTBEAT_ITEMS = 16
 
 
-def heartbeat(world: World, index: int) -> None:
+def heartbeat(world: ProcessRank, index: int) -> None:
     """Inside a long loop over a stream every rank walks whole (:func:`shard`, the scan's batches): a status
     exchange (:func:`check_peers`) after every ``HEARTBEAT_ITEMS · size`` items of the stream, so a rank that
     failed stops the others within a few of their own items, not at the loop's end. Positions in the stream,
@@ -241,7 +241,7 @@ def heartbeat(world: World, index: int) -> None:
         check_peers(world)
 
 
-def shard(items: Iterable[T], world: World, start: int = 0) -> Iterator[tuple[int, T]]:
+def shard(items: Iterable[T], world: ProcessRank, start: int = 0) -> Iterator[tuple[int, T]]:
     """``(index, item)`` for this rank's items of ``items``: the indices ``i ≥ start`` with ``i % size == rank``.
 
     Every rank must iterate the same stream, to its end; the items of the other ranks are skipped, not computed
@@ -253,7 +253,7 @@ def shard(items: Iterable[T], world: World, start: int = 0) -> Iterator[tuple[in
         heartbeat(world, index)
 
 
-def all_reduce_sum_(tensors: Iterable[torch.Tensor], world: World) -> None:
+def all_reduce_sum_(tensors: Iterable[torch.Tensor], world: ProcessRank) -> None:
     """Sum each tensor over all ranks, in place (a no-op for a single process)."""
     if not world.distributed:
         return
@@ -266,7 +266,7 @@ def all_reduce_sum_(tensors: Iterable[torch.Tensor], world: World) -> None:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
 
 
-def all_reduce_min(value: int, world: World, device: str = "cpu") -> int:
+def all_reduce_min(value: int, world: ProcessRank, device: str = "cpu") -> int:
     """The smallest of the ranks' integer ``value`` (``value`` itself for a single process); ``device`` is where
     the collective's tensor lives (a CUDA device under NCCL)."""
     if not world.distributed:
@@ -280,7 +280,7 @@ def all_reduce_min(value: int, world: World, device: str = "cpu") -> int:
         return int(box.item())
 
 
-def broadcast_object(value: T, world: World) -> T:
+def broadcast_object(value: T, world: ProcessRank) -> T:
     """Rank 0's ``value`` on every rank (pickled; for small decisions such as which layers to compute)."""
     if not world.distributed:
         return value
@@ -293,7 +293,7 @@ def broadcast_object(value: T, world: World) -> T:
     return box[0]
 
 
-def barrier(world: World) -> None:
+def barrier(world: ProcessRank) -> None:
     """Wait for every rank (a no-op for a single process)."""
     if world.distributed:
         import torch.distributed as dist
@@ -303,7 +303,7 @@ def barrier(world: World) -> None:
             dist.barrier()
 
 
-def all_gather_object(value: T, world: World) -> list[T]:
+def all_gather_object(value: T, world: ProcessRank) -> list[T]:
     """Every rank's ``value``, in rank order, on every rank (pickled; ``[value]`` for a single process)."""
     if not world.distributed:
         return [value]

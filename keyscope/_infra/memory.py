@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from keyscope._infra.distributed import SINGLE, World, all_reduce_min
+from keyscope._infra.distributed import SINGLE, ProcessRank, all_reduce_min
 
 #: Batch size of corpus passes when none is asked for, on the CPU (and the cap on CUDA).
 DEFAULT_BATCH_SIZE = 16
@@ -57,7 +57,7 @@ def window_bytes(model, seq_len: int, layers: Sequence[int]) -> int:
 
 
 def corpus_batch_size(model, seq_len: int, layers: Sequence[int], requested: int | None = None,
-                      world: World = SINGLE) -> int:
+                      world: ProcessRank = SINGLE) -> int:
     """The batch size of a corpus pass of ``model`` (module docstring): ``requested`` (or
     :data:`DEFAULT_BATCH_SIZE`) on the CPU; on CUDA what fits in the free memory, at most ``requested`` (or
     :data:`MAX_BATCH_SIZE`), the same on every rank of ``world``."""

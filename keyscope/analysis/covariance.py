@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from keyscope._infra import cache
-from keyscope._infra.distributed import World, all_reduce_sum_
+from keyscope._infra.distributed import ProcessRank, all_reduce_sum_
 from keyscope._infra.errors import EmptyCorpus
 from keyscope.data.corpus import Source, TokenBatch, corpus_id, default_corpus, prepends_bos, token_batches
 from keyscope.model.capture import Site, run_to
@@ -187,7 +187,7 @@ class KeyCovariance:
         """Keys averaged in ``C_``."""
         return self._count
 
-    def all_reduce(self, world: World, d: int | None = None, device=None) -> KeyCovariance:
+    def all_reduce(self, world: ProcessRank, d: int | None = None, device=None) -> KeyCovariance:
         """Sum the raw sums and counts over every rank of ``world`` (``torch.distributed``, float64 and int64);
         afterwards every rank holds the estimate of the union of their key streams. A rank that saw no keys
         contributes zeros ``(d, d)`` on ``device`` (``d``, the key width, is needed then). A no-op for a single

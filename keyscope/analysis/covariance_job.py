@@ -40,7 +40,7 @@ import torch
 
 from keyscope._infra import cache
 from keyscope._infra.atomic import atomic_write
-from keyscope._infra.distributed import SINGLE, World, all_reduce_sum_, barrier, broadcast_object, shard
+from keyscope._infra.distributed import SINGLE, ProcessRank, all_reduce_sum_, barrier, broadcast_object, shard
 from keyscope._infra.errors import CorruptCache, EmptyCorpus
 from keyscope.analysis.covariance import (
     KIND,
@@ -106,13 +106,13 @@ class JobResult:
         return self.tokens_this_run / self.seconds if self.tokens_this_run and self.seconds > 0 else None
 
 
-def checkpoint_file(specs: dict[int, dict], job: CovarianceJob, world: World, root=None) -> Path:
+def checkpoint_file(specs: dict[int, dict], job: CovarianceJob, world: ProcessRank, root=None) -> Path:
     """Where rank ``world.rank`` of a ``world.size``-process run of ``job`` keeps its checkpoint."""
     return cache.artefact_dir(CHECKPOINT_KIND, _checkpoint_spec(specs, job, world), root) / (
         f"rank{world.rank}of{world.size}.safetensors")
 
 
-def _checkpoint_spec(specs: dict[int, dict], job: CovarianceJob, world: World) -> dict:
+def _checkpoint_spec(specs: dict[int, dict], job: CovarianceJob, world: ProcessRank) -> dict:
     return {"format": CHECKPOINT_FORMAT, "layers": [specs[layer] for layer in sorted(specs)],
             "batch_size": job.batch_size, "world_size": world.size}
 
@@ -163,7 +163,7 @@ def fit_layers(
     corpus: Source,
     specs: dict[int, dict],
     *,
-    world: World = SINGLE,
+    world: ProcessRank = SINGLE,
     resume: bool = False,
     root=None,
     progress: bool = True,
@@ -272,7 +272,7 @@ def compute_covariances(
     job: CovarianceJob,
     corpus: Source,
     *,
-    world: World = SINGLE,
+    world: ProcessRank = SINGLE,
     recompute: bool = False,
     resume: bool = False,
     root=None,
@@ -364,7 +364,7 @@ def shared_covariance(
     layer: int,
     corpus: Source,
     *,
-    world: World = SINGLE,
+    world: ProcessRank = SINGLE,
     n_tokens: int = 100_000,
     prepend_bos: bool | None = None,
     recompute: bool = False,

@@ -52,7 +52,7 @@ from dataclasses import dataclass
 
 import torch
 
-from keyscope._infra.distributed import SINGLE, World, all_gather_object, heartbeat
+from keyscope._infra.distributed import SINGLE, ProcessRank, all_gather_object, heartbeat
 from keyscope.analysis.keys import collect_keys, layer_keys
 from keyscope.data.corpus import Source, TokenBatch, token_batches
 from keyscope.data.datasets import Fact
@@ -355,7 +355,7 @@ class ScoreTopK:
         self.n_above = None if state["n_above"] is None else state["n_above"].clone()
         return self
 
-    def all_reduce(self, world: World) -> ScoreTopK:
+    def all_reduce(self, world: ProcessRank) -> ScoreTopK:
         """Merge the states of every rank of ``world`` into this one, in place (a no-op for a single process).
 
         Each rank's state is the top-k of its share of the positions under the total order of
@@ -424,7 +424,7 @@ def scan_batches(
     config: ScanConfig,
     subjects: Sequence[str] | None = None,
     progress: bool = True,
-    world: World = SINGLE,
+    world: ProcessRank = SINGLE,
 ) -> dict[str, ScanResult]:
     """Scan token ``batches`` for the keys most similar to each row of ``k_stars`` ``(S, d_mlp)``, once per
     filter of ``masks``.
@@ -452,7 +452,7 @@ def scan_scores(
     progress: bool = True,
     layers: Sequence[int] | None = None,
     thresholds: torch.Tensor | None = None,
-    world: World = SINGLE,
+    world: ProcessRank = SINGLE,
 ) -> dict[str, ScanResult]:
     """The streaming scan with any score: every counted position of ``batches`` is scored by
     ``score({layer: keys (P, d_mlp)}) -> (P, n_columns)`` (or a ``(scores, raw)`` pair; :class:`ScoreTopK`)
@@ -624,7 +624,7 @@ def scan_corpus(
     progress: bool = True,
     k_stars: torch.Tensor | None = None,
     filters: Sequence[str] = FILTERS,
-    world: World = SINGLE,
+    world: ProcessRank = SINGLE,
 ) -> dict[str, ScanResult]:
     """Scan ``config.n_tokens`` positions of ``corpus`` for each fact subject's nearest keys (module docstring),
     under each of ``filters`` (:func:`filter_variants`): ``{filter: ScanResult}``.

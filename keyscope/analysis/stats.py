@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
-from keyscope._infra.distributed import World
+from keyscope._infra.distributed import ProcessRank
 
 S = TypeVar("S", bound="RunningStat")
 
@@ -43,4 +43,4 @@ class RunningStat(Protocol):
 
     def load_state_dict(self: S, state: dict[str, Any]) -> S: ...
 
-    def all_reduce(self: S, world: World) -> S: ...
+    def all_reduce(self: S, world: ProcessRank) -> S: ...

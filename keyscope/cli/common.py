@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 from keyscope._infra.errors import KeyscopeError, UnknownToken
 
 if TYPE_CHECKING:
-    from keyscope._infra.distributed import World
+    from keyscope._infra.distributed import ProcessRank
 
 #: The options that name output paths (as ``args`` attributes; ``write_known`` is ``--write-known``): folders, then
 #: files. Every command's are checked before any work and cleaned up after a failure (:func:`keyscope.cli.main`).
@@ -272,7 +272,7 @@ def add_known_argument(parser, help: str = KNOWN_HELP) -> None:
     parser.add_argument("--known", action="store_true", help=help)
 
 
-def known_subset(args, model, facts, world: World | None = None) -> list:
+def known_subset(args, model, facts, world: ProcessRank | None = None) -> list:
     """With ``--known``, the facts of ``facts`` that ``model`` knows (:func:`keyscope.analysis.predictions.known_facts`, with
     a progress bar unless ``--no-progress``; a fact without a ``target_true`` is not judged, so left out), in their
     order, or a one-line error when it knows none; without ``--known``, ``facts`` as they are. The judgement, its
@@ -385,7 +385,7 @@ def model_and_layer(args, device: str | None = None):
 
 
 @contextmanager
-def torchrun_world(device: str | None = None) -> Iterator[tuple[World, str | None]]:
+def torchrun_world(device: str | None = None) -> Iterator[tuple[ProcessRank, str | None]]:
     """``(world, device)`` of a command started by ``torchrun`` (:mod:`keyscope._infra.distributed`), its process group
     open until the block ends (gloo on CPUs, NCCL on GPUs; :func:`keyscope.cli.run` opens it around every
     command, so a command's own call finds it open): ``device`` is the one asked for, else ``cuda:LOCAL_RANK``
@@ -398,7 +398,7 @@ def torchrun_world(device: str | None = None) -> Iterator[tuple[World, str | Non
         yield world, device
 
 
-def covariance(model, layer: int, args, n_tokens: int, progress: bool = True, world: World | None = None):
+def covariance(model, layer: int, args, n_tokens: int, progress: bool = True, world: ProcessRank | None = None):
     """``(C, corpus)``: the cached layer-``layer`` key covariance over ``--corpus`` (the model's default corpus),
     the same on every rank of ``world`` (:func:`keyscope.analysis.covariance_job.shared_covariance`)."""
     from keyscope._infra.distributed import SINGLE
@@ -416,7 +416,7 @@ def covariance(model, layer: int, args, n_tokens: int, progress: bool = True, wo
     return cov, source
 
 
-def covariance_loader(model, args, world: World | None = None):
+def covariance_loader(model, args, world: ProcessRank | None = None):
     """``L ↦ C`` of layer ``L`` over ``--corpus`` with ``--cov-tokens`` (cached), for editors that edit several layers."""
     return lambda layer: covariance(model, layer, args, args.cov_tokens, progress=not args.no_progress, world=world)[0]
 
@@ -507,7 +507,7 @@ def add_output_arguments(parser, what: str = "the figure and CSV", json_help: st
     parser.add_argument("--json", metavar="PATH", help=json_help)
 
 
-def edit_inputs(args, world: World | None = None, device: str | None = None):
+def edit_inputs(args, world: ProcessRank | None = None, device: str | None = None):
     """What an editing command starts from: ``(facts, model, layer, C, corpus)`` from ``--data``, ``--model``,
     ``--layer``, ``--corpus``, ``--cov-tokens``, ``--recompute`` and ``--no-progress`` (``--out`` and ``--json`` are
     checked before, by :func:`keyscope.cli.main`); the model on ``device``, ``C`` the same on every rank of

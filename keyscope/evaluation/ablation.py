@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
-from keyscope._infra.distributed import SINGLE, World
+from keyscope._infra.distributed import SINGLE, ProcessRank
 from keyscope._infra.errors import KeyscopeError
 from keyscope.analysis.predictions import score_targets
 from keyscope.data.datasets import Fact
@@ -206,7 +206,7 @@ class AblationResult:
 
 def ablate(model, facts: Sequence[Fact], layer: int, cov, context_docs: Iterable[str], corpus=None,
            variants: Sequence[Variant] = VARIANTS, config: EvalConfig | None = None, tau: float | None = None,
-           seed: int | None = None, progress: bool = True, world: World = SINGLE,
+           seed: int | None = None, progress: bool = True, world: ProcessRank = SINGLE,
            checkpoint: Checkpoint | None = None) -> AblationResult:
     """Score ROME and each of ``variants`` on ``config.n`` known facts (module docstring). ``tau`` and ``seed``,
     if given, replace every variant's gate threshold and adaptor seed. Under ``torchrun`` (``world``) the facts

@@ -61,7 +61,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from keyscope._infra.distributed import SINGLE, World, all_gather_object, broadcast_object
+from keyscope._infra.distributed import SINGLE, ProcessRank, all_gather_object, broadcast_object
 from keyscope._infra.errors import EmptyCorpus, KeyscopeError
 from keyscope.analysis.predictions import sample_known_facts, score_targets, target_runs
 from keyscope.analysis.similarity import probe_keys, whitened_cosine_matrix
@@ -564,7 +564,7 @@ class Checkpoint:
         the spec."""
         self.spec = {**self.spec, **json.loads(json.dumps(parts, default=repr))}
 
-    def open(self, case_ids: Sequence, chunk: int, world: World) -> dict[int, tuple[list, list, list]]:
+    def open(self, case_ids: Sequence, chunk: int, world: ProcessRank) -> dict[int, tuple[list, list, list]]:
         """Fix the checkpoint's path for the drawn facts ``case_ids``, in chunks of ``chunk``, on ``world``; with
         ``resume`` return the chunks it holds (index → ``(case_ids, rows, skipped)``), else nothing."""
         from keyscope._infra import cache
@@ -640,7 +640,7 @@ def run_spec(model, facts: Sequence[Fact], layer: int, cov, corpus=None) -> dict
 
 def run_facts(model, facts: Sequence[Fact], config: EvalConfig, context_docs: Iterable[str],
               score: Callable[[Sequence[tuple[Fact, FactProbes]]], tuple[list[dict], list[dict]]], desc: str,
-              progress: bool = True, chunk: int = 1, world: World = SINGLE,
+              progress: bool = True, chunk: int = 1, world: ProcessRank = SINGLE,
               checkpoint: Checkpoint | None = None) -> tuple[list[dict], list[dict], int]:
     """``score(items)`` for ``config.n`` known facts drawn with ``config.seed``, in chunks of ``chunk`` facts
     with their probes (:func:`keyscope.data.perturbations.fact_probes`); ``score`` returns ``(rows, skipped)``.
@@ -728,7 +728,7 @@ def evaluate(model, facts: Sequence[Fact], layer: int, cov, context_docs: Iterab
              methods: Sequence[str] = METHODS, config: EvalConfig | None = None,
              rome_config: rome.ROMEConfig | None = None, rep_config: rep.REPConfig | None = None,
              taus: Sequence[float] = (), progress: bool = True,
-             load_covariance: Callable[[int], object] | None = None, world: World = SINGLE,
+             load_covariance: Callable[[int], object] | None = None, world: ProcessRank = SINGLE,
              record_gates: bool = True, checkpoint: Checkpoint | None = None) -> EvalResult:
     """Evaluate ``methods`` (names in :data:`keyscope.editing.base.EDITORS`) on ``config.n`` known facts drawn with
     ``config.seed`` (module docstring); batch editors get ``config.edit_batch`` facts per edit.

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from keyscope._infra.atomic import write_text
-from keyscope._infra.distributed import SINGLE, World
+from keyscope._infra.distributed import SINGLE, ProcessRank
 from keyscope.evaluation import ablation
 from keyscope.evaluation.evaluate import EvalConfig
 from keyscope.evaluation.metrics import METRICS
@@ -84,7 +84,7 @@ class AblationConfig:
 
 
 def run(model, facts, config: AblationConfig, *, cov, context_docs, corpus=None, out_dir: str | Path | None = None,
-        progress: bool = True, world: World = SINGLE, checkpoint=None) -> tuple[ablation.AblationResult, list[Path]]:
+        progress: bool = True, world: ProcessRank = SINGLE, checkpoint=None) -> tuple[ablation.AblationResult, list[Path]]:
     """:func:`keyscope.evaluation.ablation.ablate` over :data:`keyscope.evaluation.ablation.VARIANTS` (with its ``checkpoint``, if any),
     written into ``out_dir`` (nothing written for ``None``, nor by ranks other than 0 of a ``torchrun`` ``world``)."""
     result = ablation.ablate(model, facts, config.layer, cov, context_docs, corpus=corpus, config=config.evaluation,

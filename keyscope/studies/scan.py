@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from keyscope._infra.atomic import atomic_write, save_figure
-from keyscope._infra.distributed import SINGLE, World
+from keyscope._infra.distributed import SINGLE, ProcessRank
 from keyscope._infra.errors import KeyscopeError
 from keyscope.analysis import scan
 from keyscope.analysis.similarity import edit_strength_matrix, probe_keys
@@ -128,7 +128,7 @@ def _filter_summary(result: scan.ScanResult, other: scan.ScanResult | None) -> d
 
 
 def run(model, facts, config: scan.ScanConfig, *, cov, corpus, out_dir: str | Path, model_name: str | None = None,
-        progress: bool = True, world: World = SINGLE) -> ScanReport:
+        progress: bool = True, world: ProcessRank = SINGLE) -> ScanReport:
     """Scan ``corpus`` (a corpus name or path, :mod:`keyscope.data.corpus`) for the keys of ``facts`` at
     ``config.layer`` (covariance ``cov``) under both exclusion filters; write the figure and CSV into ``out_dir``;
     ``model_name`` titles the figure (default: the model's own name).

@@ -4,14 +4,14 @@ import pytest
 import torch
 
 from keyscope._infra import distributed
-from keyscope._infra.distributed import World
+from keyscope._infra.distributed import ProcessRank
 from keyscope._infra.errors import KeyscopeError, RankFailed
 
 
 def test_from_env_reads_torchrun_variables():
     assert distributed.from_env({}) == distributed.SINGLE
     world = distributed.from_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"})
-    assert world == World(rank=3, size=4, local_rank=1) and world.distributed and not world.is_main
+    assert world == ProcessRank(rank=3, size=4, local_rank=1) and world.distributed and not world.is_main
     assert distributed.from_env({"RANK": "0", "WORLD_SIZE": "1"}).is_main
     with pytest.raises(ValueError, match="outside"):
         distributed.from_env({"RANK": "2", "WORLD_SIZE": "2"})
@@ -19,10 +19,10 @@ def test_from_env_reads_torchrun_variables():
 
 def test_shards_partition_the_stream():
     items = list("abcdefghij")
-    shards = [list(distributed.shard(items, World(rank=r, size=3))) for r in range(3)]
+    shards = [list(distributed.shard(items, ProcessRank(rank=r, size=3))) for r in range(3)]
     assert shards[1] == [(1, "b"), (4, "e"), (7, "h")]
     assert sorted(i for part in shards for i, _ in part) == list(range(10))
-    assert list(distributed.shard(items, World(rank=1, size=3), start=5)) == [(7, "h")]
+    assert list(distributed.shard(items, ProcessRank(rank=1, size=3), start=5)) == [(7, "h")]
 
 
 def test_single_process_helpers_are_no_ops():
@@ -55,7 +55,7 @@ def _rank_main(rank: int, port: int, folder: str, case: str) -> None:
     from pathlib import Path
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    world = World(rank=rank, size=2)
+    world = ProcessRank(rank=rank, size=2)
     seen, index = "gathered", -1
     try:
         with distributed.process_group(world, "cpu", timeout=2.0):

@@ -272,34 +272,34 @@ def test_run_facts_share_one_context_source_and_stop_on_a_corpus_too_small(monke
 def test_checkpoint_keeps_chunks_by_spec_and_refuses_another_runs_file(tmp_path):
     import warnings
 
-    from keyscope._infra.distributed import World
+    from keyscope._infra.distributed import ProcessRank
 
     rows = [{"case_id": 7, "seconds": {"rome": 0.1 + 0.2}, "methods": {"rome": {"success": (1, 1, 0)}}}]
     first = ev.Checkpoint({"context": "a"}, root=tmp_path)
-    assert first.open([7, 9], 1, World()) == {}  # a fresh run restores nothing
+    assert first.open([7, 9], 1, ProcessRank()) == {}  # a fresh run restores nothing
     first.save({0: ([7], rows, [])})
     assert first.path == tmp_path / ev.CHECKPOINT_KIND / first.path.parent.name / "rank0of1.json"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         (ids, restored, skipped), = ev.Checkpoint({"context": "a"}, resume=True, root=tmp_path).open(
-            [7, 9], 1, World()).values()
+            [7, 9], 1, ProcessRank()).values()
     assert ids == [7] and skipped == []
     assert restored[0]["seconds"]["rome"] == 0.1 + 0.2  # floats exactly; tuples come back as lists
     assert restored[0]["methods"]["rome"]["success"] == [1, 1, 0]
     # another spec, another draw or another number of processes: another file, so nothing to resume, one warning
-    for spec, ids, world in (({"context": "b"}, [7, 9], World()), ({"context": "a"}, [9, 7], World()),
-                             ({"context": "a"}, [7, 9], World(rank=0, size=2))):
+    for spec, ids, world in (({"context": "b"}, [7, 9], ProcessRank()), ({"context": "a"}, [9, 7], ProcessRank()),
+                             ({"context": "a"}, [7, 9], ProcessRank(rank=0, size=2))):
         with pytest.warns(UserWarning, match="no checkpoint of this run"):
             assert ev.Checkpoint(spec, resume=True, root=tmp_path).open(ids, 1, world) == {}
     # a damaged file, or one holding another spec, is not used
     first.path.write_text("{not json")
     with pytest.warns(UserWarning, match="not used"):
-        assert ev.Checkpoint({"context": "a"}, resume=True, root=tmp_path).open([7, 9], 1, World()) == {}
+        assert ev.Checkpoint({"context": "a"}, resume=True, root=tmp_path).open([7, 9], 1, ProcessRank()) == {}
     other = ev.Checkpoint({"context": "b"}, root=tmp_path)
-    other.open([7, 9], 1, World())
+    other.open([7, 9], 1, ProcessRank())
     other.save({0: ([7], rows, [])})
     first.path.write_text(other.path.read_text())
     with pytest.warns(UserWarning, match="written for a different run"):
-        assert ev.Checkpoint({"context": "a"}, resume=True, root=tmp_path).open([7, 9], 1, World()) == {}
+        assert ev.Checkpoint({"context": "a"}, resume=True, root=tmp_path).open([7, 9], 1, ProcessRank()) == {}
     first.remove()
     assert not first.path.parent.exists()
