@@ -7,12 +7,12 @@ loads with ``keyscope.model.models.load_model("factworld")``.
 
 from pathlib import Path
 
-from keyscope.factworld.world import Fact, Relation, Subject, World, WorldConfig, build_world
+from keyscope.factworld.world import Relation, Subject, World, WorldConfig, WorldFact, build_world
 
 #: Name of the small JSON card a keyscope-built model directory carries (world, training run, default layer).
 MODEL_CARD = "keyscope.json"
 
-__all__ = ["Fact", "Relation", "Subject", "World", "WorldConfig", "build_world", "MODEL_CARD", "shipped_model_dir"]
+__all__ = ["WorldFact", "Relation", "Subject", "World", "WorldConfig", "build_world", "MODEL_CARD", "shipped_model_dir"]
 
 
 def shipped_model_dir() -> Path:

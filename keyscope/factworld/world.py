@@ -162,7 +162,10 @@ class Subject:
 
 
 @dataclass(frozen=True)
-class Fact:
+class WorldFact:
+    """One fact of the world: subject ``subject_id`` has ``target`` for relation ``relation_id`` (a fact file's
+    record, with its prompts and rephrasings, is a :class:`keyscope.data.datasets.Fact`)."""
+
     case_id: int
     subject_id: int
     relation_id: str
@@ -176,7 +179,7 @@ class World:
     config: WorldConfig
     relations: list[Relation]
     subjects: list[Subject]
-    facts: list[Fact]
+    facts: list[WorldFact]
     _by_relation: dict[str, Relation] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -188,7 +191,7 @@ class World:
     def subject(self, subject_id: int) -> Subject:
         return self.subjects[subject_id]
 
-    def facts_of(self, subject_id: int) -> list[Fact]:
+    def facts_of(self, subject_id: int) -> list[WorldFact]:
         n = len(self.relations)
         return self.facts[subject_id * n : (subject_id + 1) * n]
 
@@ -383,7 +386,7 @@ def build_world(config: WorldConfig | None = None) -> World:
         trained = tuple(i in trained_idx for i in range(config.n_aliases))
         subjects.append(Subject(sid, name, fam, tuple(aliases), trained))
 
-    facts: list[Fact] = []
+    facts: list[WorldFact] = []
     family_targets: dict[tuple[int, str], str] = {}
     for s in subjects:
         for r in relations:
@@ -391,5 +394,5 @@ def build_world(config: WorldConfig | None = None) -> World:
             if key not in family_targets:
                 family_targets[key] = rng.choice(r.targets) if rng.random() < config.family_shares_fact else ""
             target = family_targets[key] or rng.choice(r.targets)
-            facts.append(Fact(len(facts), s.subject_id, r.relation_id, target))
+            facts.append(WorldFact(len(facts), s.subject_id, r.relation_id, target))
     return World(config, relations, subjects, facts)
