@@ -70,6 +70,7 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
+from keyscope._infra import published
 from keyscope._infra.errors import KeyscopeError
 from keyscope.analysis.keys import collect_keys
 from keyscope.data.prompts import locate, pad_batch
@@ -168,18 +169,11 @@ class MEMITConfig:
         return config
 
 
-#: Published MEMIT hyper-parameters per HF ``model_type``.
-PUBLISHED: dict[str, dict] = {
-    # kmeng01/memit hparams/MEMIT/gpt2-xl.json (= EasyEdit hparams/MEMIT/gpt2-xl.json)
-    "gpt2": {"layers": (13, 14, 15, 16, 17), "mom2_update_weight": 20000.0, "v_num_grad_steps": 20, "v_lr": 0.5,
-             "v_weight_decay": 0.5, "clamp_norm_factor": 0.75, "kl_factor": 0.0625},
-    # kmeng01/memit hparams/MEMIT/EleutherAI_gpt-j-6B.json
-    "gptj": {"layers": (3, 4, 5, 6, 7, 8), "mom2_update_weight": 15000.0, "v_num_grad_steps": 25, "v_lr": 0.5,
-             "v_weight_decay": 0.5, "clamp_norm_factor": 0.75, "kl_factor": 0.0625},
-    # zjunlp/EasyEdit hparams/MEMIT/llama-7b.yaml (Llama-2-7b)
-    "llama": {"layers": (4, 5, 6, 7, 8), "mom2_update_weight": 15000.0, "v_num_grad_steps": 25, "v_lr": 0.5,
-              "v_weight_decay": 1e-3, "clamp_norm_factor": 4.0, "kl_factor": 0.0625},
-}
+#: Published MEMIT hyper-parameters per HF ``model_type``, each cited in ``keyscope/editing/hparams/memit.json``
+#: (table ``family``; :data:`PUBLISHED_TABLE` gives the citations).
+PUBLISHED_TABLE = published.load("keyscope.editing", "hparams/memit.json", "family",
+                                 [f.name for f in fields(MEMITConfig)])
+PUBLISHED: dict[str, dict] = PUBLISHED_TABLE.entries()
 
 
 # ---------------------------------------------------------------------------------------------- residuals

@@ -66,15 +66,16 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Protocol
 
 import torch
 
+from keyscope._infra import published
 from keyscope._infra.errors import InvalidKeys, NotFitted
 from keyscope.analysis.keys import collect_context_keys
 from keyscope.analysis.similarity import probe_keys
-from keyscope.data.perturbations import KINDS, LONG, REPHRASE, SHUFFLE, TEMPLATE, Probe
+from keyscope.data.perturbations import KINDS, LONG, TEMPLATE, Probe
 from keyscope.editing import rome
 from keyscope.editing.base import Editor, ModelEdit
 from keyscope.model.models import check_layer, key_hook
@@ -167,42 +168,15 @@ class REPConfig:
         5e-4 for 10 steps on the normalised objective with ``|·|``, no long contexts, no gate negatives,
         dropout left on at test time (``--rep-setting paper``); its anchor, mini-batches and adaptor details are
         the default's, which are the released code's. :meth:`released` is the faithful one."""
-        paper = dict(lr=5e-4, steps=10, objective="paper", gate_negatives=False, train_long_context=False,
-                     dropout_at_inference=True)
+        paper = SETTINGS_TABLE.entries()["paper"]  # keyscope/editing/hparams/rep.json, cited per field
         return cls(**{**paper, **overrides})
 
     @classmethod
     def released(cls, **overrides) -> REPConfig:
-        """The released code's setting, exactly (module docstring; ``--rep-setting released``). Citations are
-        to ElliottYan/RobustKeyEdit at 5c54348: ``aggregator.py`` is ``EasyEditOurs/easyeditor/models/
-        aggregator.py``, ``rome_hparams.py`` its ``models/rome/rome_hparams.py`` (the defaults),
-        ``edit_llama.sh`` ``scripts/edit_llama.sh`` (the REP run's overrides, L45)."""
-        released = dict(
-            rank=32,  # aggregator.py L375 (r = 32; lora_alpha = 32 at L376, so the scaling L386 is 1)
-            gate_hidden_fraction=0.1,  # aggregator.py L396, rome_hparams.py L62
-            dropout=0.1,  # aggregator.py L377, L390: on the projection's input only (L405)
-            tau=0.9,  # edit_llama.sh L31 (cls_threshold = 0.9), rome_hparams.py L59
-            lr=5e-4,  # rome_hparams.py L61 (agg_lr, not overridden), aggregator.py L114-120 (Adam, no decay)
-            steps=10,  # edit_llama.sh L45 (num_train_agg_steps), aggregator.py L227
-            batch_size=15,  # rome_hparams.py L67 (agg_batch_size), aggregator.py L212, L230-240
-            objective="released",  # aggregator.py L306-317: norm (L52 agg_loss_norm), no C (edit_llama.sh L45
-            #                        agg_remove_c), no |·| (L311 "v5: remove abs"); u: rome_main.py L48, L70
-            anchor="bare",  # aggregator.py L219-223 (the bare prompt is popped), L240, L284, L290-291
-            anchor_loss="mse",  # aggregator.py L291 (F.mse_loss, mean over the coordinates)
-            anchor_weight=50000.0,  # edit_llama.sh L32, L45 (target_consistency_weight)
-            gate_weight=0.0,  # aggregator.py L297-299 (cls_loss_weight must be 0)
-            gate_negatives=False,  # aggregator.py L297-299: no classification loss, no negative data
-            train_long_context=False,  # aggregator.py L166-182, L444: the long texts lose "{}"
-            #                            (evaluate.py L330), so no long template survives
-            dropout_at_inference=True,  # aggregator.py L362-365: only the Adaptor's flag is cleared, its
-            #                             Dropout child stays in training mode
-            bias=False,  # aggregator.py L379-380 (Kaiming-uniform A at L383, zero B at L384: as keyscope's)
-            gate_strict=True,  # aggregator.py L417 (cls_pred > cls_threshold)
-            input_scaling=False,  # aggregator.py L405-408: the gate and projection read x itself
-            positive_kinds=(REPHRASE, SHUFFLE),  # aggregator.py L186-208 (first halves; no templates:
-                                                 #                                          L145-146 raise, no word shuffles)
-            positive_prefixes=True,  # aggregator.py L141-142, L193, L206: every subject behind every prefix
-        )
+        """The released code's setting, exactly (module docstring; ``--rep-setting released``). Each field is
+        cited to file and line of ElliottYan/RobustKeyEdit at 5c54348 in ``keyscope/editing/hparams/rep.json``
+        (``SETTINGS_TABLE.citation("released", field)``)."""
+        released = SETTINGS_TABLE.entries()["released"]  # keyscope/editing/hparams/rep.json, cited per field
         return cls(**{**released, **overrides})
 
     @classmethod
@@ -211,6 +185,11 @@ class REPConfig:
         if setting not in SETTINGS:
             raise ValueError(f"the REP setting must be one of {', '.join(SETTINGS)}, not {setting!r}")
         return {"keyscope": cls, "paper": cls.paper, "released": cls.released}[setting](**overrides)
+
+
+#: REP's named settings other than keyscope's default (``paper``, ``released``): the fields they set on top of
+#: :class:`REPConfig`'s defaults, read from ``keyscope/editing/hparams/rep.json`` with a citation per field.
+SETTINGS_TABLE = published.load("keyscope.editing", "hparams/rep.json", "setting", [f.name for f in fields(REPConfig)])
 
 
 def _linear(n_in: int, n_out: int, bias: bool, generator: torch.Generator) -> torch.nn.Linear:

@@ -103,6 +103,7 @@ from dataclasses import dataclass, field, fields, replace
 
 import torch
 
+from keyscope._infra import published
 from keyscope._infra.errors import KeyscopeError, MalformedRecord, UnknownToken
 from keyscope.analysis.covariance import KeyCovariance, load_or_compute_covariance
 from keyscope.analysis.keys import collect_keys
@@ -188,7 +189,8 @@ class ROMEConfig:
     """Hyper-parameters of one ROME edit. ``ROMEConfig()`` holds ROME's GPT-2 XL values; use
     :meth:`for_model` for the published values of a model's family (or the model card's own). No I/O, no state.
 
-    Sources (file paths in kmeng01/rome, kmeng01/memit and zjunlp/EasyEdit): see :data:`PUBLISHED`.
+    Sources (file paths in kmeng01/rome, kmeng01/memit and zjunlp/EasyEdit): each entry of :data:`PUBLISHED` and
+    :data:`PUBLISHED_BY_NAME` carries its own in ``keyscope/editing/hparams/rome.json``.
     """
 
     #: Forward evaluations of the v* objective (ROME's ``v_num_grad_steps``; the last one takes no step).
@@ -263,31 +265,15 @@ class ROMEConfig:
         return replace(cls(), **{**published, **own, **overrides})
 
 
-#: Published ROME hyper-parameters per HF ``model_type``. All of them share ``v_lr = 0.5``,
-#: ``kl_factor = 0.0625``, ``clamp_norm_factor = 4`` and the prefixes ``[[5, 10], [10, 10]]``.
-PUBLISHED: dict[str, dict] = {
-    # kmeng01/rome hparams/ROME/gpt2-xl.json; EasyEdit hparams/ROME/gpt2-xl.yaml, gpt2-large.json
-    "gpt2": {"v_num_grad_steps": 20, "v_lr": 0.5, "v_weight_decay": 0.5, "clamp_norm_factor": 4.0, "kl_factor": 0.0625},
-    # kmeng01/rome hparams/ROME/EleutherAI_gpt-j-6B.json (current version); EasyEdit hparams/ROME/gpt-j-6B.yaml
-    "gptj": {"v_num_grad_steps": 20, "v_lr": 0.5, "v_weight_decay": 0.5, "clamp_norm_factor": 4.0, "kl_factor": 0.0625},
-    # kmeng01/memit hparams/ROME/EleutherAI_gpt-neox-20b.json
-    "gpt_neox": {"v_num_grad_steps": 20, "v_lr": 0.5, "v_weight_decay": 0.5, "clamp_norm_factor": 4.0, "kl_factor": 0.0625},
-    # EasyEdit hparams/ROME/llama-7b.yaml (Llama-2-7b)
-    "llama": {"v_num_grad_steps": 25, "v_lr": 0.5, "v_weight_decay": 1e-3, "clamp_norm_factor": 4.0, "kl_factor": 0.0625,
-             "prefix_seeds": EASYEDIT_PREFIX_SEEDS},
-    # EasyEdit hparams/ROME/mistral-7b.yaml
-    "mistral": {"v_num_grad_steps": 25, "v_lr": 0.5, "v_weight_decay": 1e-3, "clamp_norm_factor": 4.0, "kl_factor": 0.0625,
-               "prefix_seeds": EASYEDIT_PREFIX_SEEDS},
-    # EasyEdit hparams/ROME/qwen2.5-7b.yaml
-    "qwen2": {"v_num_grad_steps": 25, "v_lr": 0.5, "v_weight_decay": 1e-3, "clamp_norm_factor": 4.0, "kl_factor": 0.0625,
-             "prefix_seeds": EASYEDIT_PREFIX_SEEDS},
-}
+#: Published ROME hyper-parameters per HF ``model_type``, each cited in ``keyscope/editing/hparams/rome.json``
+#: (table ``family``; :data:`PUBLISHED_TABLE` gives the citations).
+PUBLISHED_TABLE = published.load("keyscope.editing", "hparams/rome.json", "family", [f.name for f in fields(ROMEConfig)])
+PUBLISHED: dict[str, dict] = PUBLISHED_TABLE.entries()
 
-#: Models whose own published file differs from their family's.
-PUBLISHED_BY_NAME: dict[str, dict] = {
-    # EasyEdit hparams/ROME/gpt2-medium.json: clamp_norm_factor 3 (the other GPT-2 files use 4)
-    "gpt2-medium": {**PUBLISHED["gpt2"], "clamp_norm_factor": 3.0},
-}
+#: Models whose own published file differs from their family's (``hparams/rome.json``, table ``model``).
+PUBLISHED_BY_NAME_TABLE = published.load("keyscope.editing", "hparams/rome.json", "model",
+                                         [f.name for f in fields(ROMEConfig)])
+PUBLISHED_BY_NAME: dict[str, dict] = PUBLISHED_BY_NAME_TABLE.entries()
 
 
 # ---------------------------------------------------------------------------------------------- records

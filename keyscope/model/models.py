@@ -46,27 +46,18 @@ from pathlib import Path
 
 import torch
 
+from keyscope._infra import published
 from keyscope._infra.errors import LayerOutOfRange, ModelNotAvailable
 from keyscope.factworld import MODEL_CARD as FACTWORLD_CARD
 from keyscope.model.capture import Site, run_to
 
 FACTWORLD = "factworld"
 
-#: Edit layers of the published ROME (Meng et al. 2022) and EasyEdit hyper-parameter files.
-PUBLISHED_EDIT_LAYERS: dict[str, int] = {
-    "gpt2-medium": 8,
-    "openai-community/gpt2-medium": 8,
-    "gpt2-large": 12,
-    "openai-community/gpt2-large": 12,
-    "gpt2-xl": 17,
-    "openai-community/gpt2-xl": 17,
-    "EleutherAI/gpt-j-6B": 5,
-    "EleutherAI/gpt-neox-20b": 15,
-    "meta-llama/Llama-2-7b-hf": 5,
-    "meta-llama/Llama-2-7b-chat-hf": 5,
-    "mistralai/Mistral-7B-v0.1": 5,
-    "Qwen/Qwen2.5-7B-Instruct": 5,
-}
+#: Edit layers of the published ROME (Meng et al. 2022), MEMIT and EasyEdit hyper-parameter files, by hub name;
+#: each cited in ``keyscope/model/edit_layers.json`` (:data:`PUBLISHED_EDIT_LAYERS_TABLE` gives the citations).
+PUBLISHED_EDIT_LAYERS_TABLE = published.load("keyscope.model", "edit_layers.json", "model", ["layer"])
+PUBLISHED_EDIT_LAYERS: dict[str, int] = {name: values["layer"]
+                                         for name, values in PUBLISHED_EDIT_LAYERS_TABLE.values.items()}
 
 #: For a model not in the table: the published layer as a fraction of depth for its family
 #: (GPT-2 medium/XL edit about a third of the way in; GPT-J, LLaMA-2 and Mistral at 5 of 28-32 layers).
