@@ -20,8 +20,8 @@ Training (Algorithm 1) uses keys of the unedited model, which the edit does not 
   preceding contexts and other prompt templates — the in-domain half of each kind;
 * **anchors**: the bare edit prompt's key, kept unchanged (``50000 ·`` its mean squared change, the released
   code's; ``anchor="prefixes"`` adds its prefixed keys, whose mean is ``k*``);
-* objective ``"paper"``: maximise ``|(k̂_s/‖k̂_s‖)ᵀ C⁻¹k*|`` (an earlier reading of the released code,
-  which in fact has no ``|·|``: see below) plus the anchor term; objective
+* objective ``"paper"``: maximise ``|(k̂_s/‖k̂_s‖)ᵀ C⁻¹k*|`` (a looser reading of the released code,
+  which has no ``|·|``: see below) plus the anchor term; objective
   ``"strength"`` (keyscope's default): ``(α(k̂_s) − 1)²``, i.e.
   make each positive key receive exactly the edit ``k*`` receives — the normalised objective is blind to
   ``‖k̂_s‖``, so it can point a key at ``C⁻¹k*`` and still leave ``α`` far from 1;
@@ -99,7 +99,7 @@ POSITIVE_KINDS = (*KINDS, TEMPLATE)
 @dataclass(frozen=True)
 class REPConfig:
     """Architecture, training and inference settings of the adaptor. ``REPConfig()`` is keyscope's
-    default; :meth:`released` is the released code's setting, exactly; :meth:`paper` an earlier approximation
+    default; :meth:`released` is the released code's setting, exactly; :meth:`paper` a looser approximation
     of it on keyscope's data and adaptor. No I/O.
 
     Training data: ``positive_kinds`` (``None``: every kind given) selects the probes REP trains on,
@@ -119,7 +119,7 @@ class REPConfig:
     lr: float = 2e-3
     steps: int = 150
     objective: str = "strength"
-    anchor_weight: float = 50000.0  # the released code's (no measured effect of keyscope's 10 × relative error)
+    anchor_weight: float = 50000.0  # the released code's (edit_llama.sh L32, L45)
     gate_weight: float = 1.0
     gate_negatives: bool = True
     train_long_context: bool = True
@@ -128,10 +128,8 @@ class REPConfig:
     n_random_negatives: int = 32  # other subjects drawn at random
     n_context_negatives: int = 8  # template/context positions per training prompt
     seed: int = 0
-    # The fields below are the released code's choices: reverting keyscope's own (prefixed anchors with a
-    # relative error, every positive at every step, biases, g ≥ τ, keys scaled by 1/RMS) to them had no measured
-    # effect on 50 factworld edits (paired 95% intervals, figures/ablation_former_defaults); switched back on
-    # under these defaults, keyscope's adaptor details cost 1.2 points of locality (figures/ablation.md).
+    # The fields below default to the released code's choices (hparams/rep.json cites each); the alternatives
+    # keyscope tried are ablation variants ("tried" rows), and docs/departures.md gives what each measured.
     anchor: str = "bare"
     anchor_loss: str = "mse"
     batch_size: int | None = 15  # None: every positive at every step

@@ -69,8 +69,8 @@ Reference mode
 * **tokenisation**: prompts are tokenised as ``AutoTokenizer.from_pretrained`` tokenises them
   (:func:`keyscope.model.models.hf_prepends_bos`) — for a model :func:`keyscope.model.models.load_model` loaded, the way its
   ``model.tokenizer`` tokenises anyway; for a bridge booted elsewhere, which prepends a BOS to every tokenizer,
-  the BOS is dropped for GPT-2 (a BOS changes every key: the bare prompt's key of a GPT-2-small-shape model
-  moves to cosine 0.70 of the reference's);
+  the BOS is dropped for GPT-2 (a BOS changes every key, since attention at every position reads it;
+  ``docs/departures.md``);
 * **two keys**: the direction ``u ∝ C⁻¹k̄`` comes from the prefix-averaged key ``k̄`` (``compute_u``), but
   ``v*`` is installed at the bare prompt's key ``k₀``: ``ΔW = (v* − W k₀)(C⁻¹k̄)ᵀ / (k₀ᵀC⁻¹k̄)``
   (``compute_v``'s ``right_vector = (target - cur_output) / torch.dot(cur_input, left_vector)``), so
@@ -247,7 +247,7 @@ class ROMEConfig:
 
         1. ``overrides``;
         2. the model's own card (``"rome_config"`` in the ``keyscope.json`` of a keyscope-built directory:
-           factworld's card records the settings measured for it, see
+           factworld's card holds its recipe, see
            :data:`keyscope.studies.factworld.ROME_CONFIG`);
         3. the published file of that exact hub model (``gpt2-medium``, :data:`PUBLISHED_BY_NAME`), else of
            its family (:data:`PUBLISHED`);
@@ -871,8 +871,8 @@ def compute_v_star(
     ``0..layer`` run once, without the first step's full forward and backward). That path runs Hugging Face's own
     attention through SDPA whatever ``sdpa`` says; ``reuse_prefix=False`` is the replay alone. With
     ``sdpa`` (default: on CUDA devices) attention runs through the fused kernel
-    (:func:`keyscope.model.models.sdpa_attention`; v* reads no attention pattern); on CPU its backward pass measured
-    no faster than eager attention, so it is off there. ``reuse_lower_layers=False, sdpa=False`` is the plain loop (every step a
+    (:func:`keyscope.model.models.sdpa_attention`; v* reads no attention pattern); it is off on CPU, where it does
+    not speed up the loop (``docs/scaling.md``). ``reuse_lower_layers=False, sdpa=False`` is the plain loop (every step a
     full eager forward with ``δ`` hooked into the MLP output); all give the same ``v*`` to float tolerance
     (tests/editing/test_rome.py; benchmarks/bench_v_star.py measures each against the plain loop).
 
