@@ -36,7 +36,7 @@ from keyscope.factworld.train import TrainConfig, train
 #: with more v* steps and context prefixes sampled from the BOS alone (kmeng01/rome). The recipe and the reason for
 #: each of its fields are data: ``keyscope/editing/hparams/factworld.json`` (:data:`RECIPES` gives the citations).
 RECIPES = published.load("keyscope.editing", "hparams/factworld.json", "recipe")
-ROME_CONFIG = RECIPES.entries()["rome"]
+ROME_CONFIG = json.loads(json.dumps(RECIPES.entries()["rome"]))  # as the card holds it (JSON lists)
 
 #: The quality bar every seed must clear: top-1 accuracies (fractions), ROME at the traced layer, and an edit
 #: site above the first layer.
