@@ -13,9 +13,9 @@ windows, forward pass stopped at the key by :func:`add_batch`, which serves seve
 are excluded** (the BOS position is the atypical attention-sink key and never a subject's last token);
 every other position counts, including the EOS separators between packed documents. The exclusions are
 recorded in the cache spec. Each batch adds ``keysᵀ keys`` computed as a float32 matmul on the keys'
-device to a **float64** accumulator: measured against a float64 matmul on non-centred keys this is ~2×
-faster on CPU with a relative error of ~4e-8 (float32 rounding), while a float32 accumulator drifts as the
-token count grows. Only the block upper triangle of ``keysᵀ keys`` is computed (about a third less work).
+device to a **float64** accumulator: each batch's products carry float32 rounding only (relative error of
+order ``2⁻²⁴`` per product), while a float32 accumulator would drift as the token count grows; it is cheaper than a
+float64 matmul (``docs/scaling.md``, "Numbers without an artefact"). Only the block upper triangle of ``keysᵀ keys`` is computed (about a third less work).
 bf16/fp16 keys on CUDA use a tensor-core matmul with float32 accumulation and output, which is exact for
 their products; keep TF32 off for float32 models (PyTorch's default).
 

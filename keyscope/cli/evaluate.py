@@ -138,7 +138,7 @@ def register(sub) -> None:
     p.add_argument("--tau-sweep", metavar="T1,T2,…", help="also evaluate REP at these thresholds (Figure 7)")
     p.add_argument("--rep-setting", default="keyscope", metavar="{keyscope,paper,released}",
                    help="REP training: keyscope's default, 'released' (the released code's setting, exactly) or "
-                        "'paper' (an earlier, looser approximation of it: the released steps, lr, objective and dropout "
+                        "'paper' (a looser approximation of it: the released steps, lr, objective and dropout "
                         "on keyscope's training data)")
     add_rome_setting_argument(p)
     p.add_argument("--protocol", default="keyscope", metavar="{keyscope,paper}",

@@ -219,8 +219,8 @@ WIKITEXT_PROBE_TIMEOUT_S = 5.0
 
 def _probe_wikitext(name: str) -> None:
     """Raise the one-line :class:`KeyscopeError` at once when the hub cannot serve dataset ``name`` (offline mode,
-    no network): one request with a short timeout and no retries, instead of the ~30 s of retries ``datasets``
-    spends (and prints) before giving up."""
+    no network): one request with a short timeout and no retries, instead of the retries ``datasets``
+    runs (and prints) before giving up."""
     from huggingface_hub import HfApi, is_offline_mode
 
     reason = "HF_HUB_OFFLINE is set" if is_offline_mode() else None

@@ -51,9 +51,8 @@ the **prefix-averaged** key ``k̄`` — the two-key mix keyscope's ROME avoids (
 definition"). keyscope reads ``h`` and ``H`` averaged over the prompt behind every context prefix, the prompts δ
 is optimised on: the residual after the last layer is affine in that layer's ``W_out`` update, so its average
 over the prefixed prompts moves by exactly ``ΔW k̄``, and with ``λ → 0`` the last layer closes the average gap
-``Z − H`` exactly. ``MEMITConfig(reference=True)`` reads them on the bare prompt, as the reference. On factworld
-(50 facts in batches of 10, layers 1–2, λ = 1000) the reference leaves ``success`` at 0.84; the one key's numbers
-are in the model card (``"memit_check"``).
+``Z − H`` exactly. ``MEMITConfig(reference=True)`` reads them on the bare prompt, as the reference
+(``docs/departures.md`` compares the two readings).
 
 Where keyscope departs from kmeng01/memit (as its ROME does from kmeng01/rome): the context prefixes are
 ROME's (:func:`keyscope.editing.prefixes.context_prefixes`, 10 of 5 and 10 of 10 tokens; MEMIT's ``get_context_templates``
@@ -70,6 +69,7 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
+from keyscope._infra import published
 from keyscope._infra.errors import KeyscopeError
 from keyscope.analysis.keys import collect_keys
 from keyscope.data.prompts import locate, pad_batch
@@ -105,10 +105,9 @@ class MEMITConfig:
     or the model card's own. No I/O. The z optimisation reuses ROME's v* loop (:meth:`z_config`).
 
     λ is not scale-free: one request's key receives the share ``g / (λ + g)`` of its residual, ``g = k*ᵀC⁻¹k*``
-    (:meth:`LayerUpdate.own`). On GPT-J or LLaMA-7B ``g`` is large next to the published λ; on factworld
-    (``d_mlp = 512``) ``g ≈ 1.0–1.4·10³`` at layer 1, so LLaMA's λ = 15000 would install about 7% of each
-    residual (success 0.2 on 10 facts). Factworld's card sets its own λ, layers and z steps (``"memit_config"``,
-    measured in ``"memit_check"`` with ``benchmarks/memit_factworld.py``)."""
+    (:meth:`LayerUpdate.own`; the one-request case of MEMIT eq. 14), so a published λ suits models whose ``g`` is
+    large next to it, and a model whose ``g`` is not needs its own λ: a model card sets it (``"memit_config"``;
+    factworld's is chosen in ``docs/results-factworld.md``, "MEMIT")."""
 
     #: The edited layers, in increasing order; z is optimised after the last one.
     layers: tuple[int, ...] = (13, 14, 15, 16, 17)  # gpt2-xl.json "layers"
@@ -152,7 +151,7 @@ class MEMITConfig:
     @classmethod
     def for_model(cls, model, **overrides) -> MEMITConfig:
         """The MEMIT hyper-parameters for ``model``, each field from the first of: ``overrides``; the model card's
-        ``"memit_config"`` (factworld's records the layers measured for it); the published file of its family
+        ``"memit_config"`` (factworld's sets its own layers, λ and z steps); the published file of its family
         (:data:`PUBLISHED`); MEMIT's GPT-2 XL values. Raises :class:`KeyscopeError` when the layers do not exist
         in ``model``."""
         own = dict(model_card(model).get("memit_config", {}))
@@ -171,18 +170,11 @@ class MEMITConfig:
         return config
 
 
-#: Published MEMIT hyper-parameters per HF ``model_type``.
-PUBLISHED: dict[str, dict] = {
-    # kmeng01/memit hparams/MEMIT/gpt2-xl.json (= EasyEdit hparams/MEMIT/gpt2-xl.json)
-    "gpt2": {"layers": (13, 14, 15, 16, 17), "mom2_update_weight": 20000.0, "v_num_grad_steps": 20, "v_lr": 0.5,
-             "v_weight_decay": 0.5, "clamp_norm_factor": 0.75, "kl_factor": 0.0625},
-    # kmeng01/memit hparams/MEMIT/EleutherAI_gpt-j-6B.json
-    "gptj": {"layers": (3, 4, 5, 6, 7, 8), "mom2_update_weight": 15000.0, "v_num_grad_steps": 25, "v_lr": 0.5,
-             "v_weight_decay": 0.5, "clamp_norm_factor": 0.75, "kl_factor": 0.0625},
-    # zjunlp/EasyEdit hparams/MEMIT/llama-7b.yaml (Llama-2-7b)
-    "llama": {"layers": (4, 5, 6, 7, 8), "mom2_update_weight": 15000.0, "v_num_grad_steps": 25, "v_lr": 0.5,
-              "v_weight_decay": 1e-3, "clamp_norm_factor": 4.0, "kl_factor": 0.0625},
-}
+#: Published MEMIT hyper-parameters per HF ``model_type``, each cited in ``keyscope/editing/hparams/memit.json``
+#: (table ``family``; :data:`PUBLISHED_TABLE` gives the citations).
+PUBLISHED_TABLE = published.load("keyscope.editing", "hparams/memit.json", "family",
+                                 [f.name for f in fields(MEMITConfig)])
+PUBLISHED: dict[str, dict] = PUBLISHED_TABLE.entries()
 
 
 # ---------------------------------------------------------------------------------------------- residuals

@@ -21,8 +21,8 @@ produce them) — for a multi-layer base edit, with its earlier layers and their
   preceding contexts and other prompt templates — the in-domain half of each kind;
 * **anchors**: the bare edit prompt's key, kept unchanged (``50000 ·`` its mean squared change, the released
   code's; ``anchor="prefixes"`` adds its prefixed keys, whose mean is ``k*``);
-* objective ``"paper"``: maximise ``|(k̂_s/‖k̂_s‖)ᵀ C⁻¹k*|`` (an earlier reading of the released code,
-  which in fact has no ``|·|``: see below) plus the anchor term; objective
+* objective ``"paper"``: maximise ``|(k̂_s/‖k̂_s‖)ᵀ C⁻¹k*|`` (a looser reading of the released code,
+  which has no ``|·|``: see below) plus the anchor term; objective
   ``"strength"`` (keyscope's default): ``(α(k̂_s) − 1)²``, i.e.
   make each positive key receive exactly the edit ``k*`` receives — the normalised objective is blind to
   ``‖k̂_s‖``, so it can point a key at ``C⁻¹k*`` and still leave ``α`` far from 1;
@@ -67,16 +67,17 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Protocol
 
 import torch
 
+from keyscope._infra import published
 from keyscope._infra.errors import InvalidKeys, KeyscopeError, NotFitted
 from keyscope.analysis.keys import collect_context_keys, collect_keys
 from keyscope.analysis.scan import sample_corpus_keys
 from keyscope.analysis.similarity import probe_keys
-from keyscope.data.perturbations import KINDS, LONG, REPHRASE, SHUFFLE, TEMPLATE, Probe
+from keyscope.data.perturbations import KINDS, LONG, TEMPLATE, Probe
 from keyscope.editing.base import Editor, GatedEdit, ModelEdit, RunInputs, editor_class
 from keyscope.editing.prefixes import prefixed, prefixed_keys
 from keyscope.editing.request import EditRequest
@@ -101,7 +102,7 @@ POSITIVE_KINDS = (*KINDS, TEMPLATE)
 @dataclass(frozen=True)
 class REPConfig:
     """Architecture, training and inference settings of the adaptor. ``REPConfig()`` is keyscope's
-    default; :meth:`released` is the released code's setting, exactly; :meth:`paper` an earlier approximation
+    default; :meth:`released` is the released code's setting, exactly; :meth:`paper` a looser approximation
     of it on keyscope's data and adaptor. No I/O.
 
     Training data: ``positive_kinds`` (``None``: every kind given) selects the probes REP trains on,
@@ -121,7 +122,7 @@ class REPConfig:
     lr: float = 2e-3
     steps: int = 150
     objective: str = "strength"
-    anchor_weight: float = 50000.0  # the released code's (no measured effect of keyscope's 10 × relative error)
+    anchor_weight: float = 50000.0  # the released code's (edit_llama.sh L32, L45)
     gate_weight: float = 1.0
     gate_negatives: bool = True
     train_long_context: bool = True
@@ -130,10 +131,8 @@ class REPConfig:
     n_random_negatives: int = 32  # other subjects drawn at random
     n_context_negatives: int = 8  # template/context positions per training prompt
     seed: int = 0
-    # The fields below are the released code's choices: reverting keyscope's own (prefixed anchors with a
-    # relative error, every positive at every step, biases, g ≥ τ, keys scaled by 1/RMS) to them had no measured
-    # effect on 50 factworld edits (paired 95% intervals, figures/ablation_former_defaults); switched back on
-    # under these defaults, keyscope's adaptor details cost 1.2 points of locality (figures/ablation.md).
+    # The fields below default to the released code's choices (hparams/rep.json cites each); the alternatives
+    # keyscope tried are ablation variants ("tried" rows), and docs/departures.md gives what each measured.
     anchor: str = "bare"
     anchor_loss: str = "mse"
     batch_size: int | None = 15  # None: every positive at every step
@@ -170,42 +169,15 @@ class REPConfig:
         5e-4 for 10 steps on the normalised objective with ``|·|``, no long contexts, no gate negatives,
         dropout left on at test time (``--rep-setting paper``); its anchor, mini-batches and adaptor details are
         the default's, which are the released code's. :meth:`released` is the faithful one."""
-        paper = dict(lr=5e-4, steps=10, objective="paper", gate_negatives=False, train_long_context=False,
-                     dropout_at_inference=True)
+        paper = SETTINGS_TABLE.entries()["paper"]  # keyscope/editing/hparams/rep.json, cited per field
         return cls(**{**paper, **overrides})
 
     @classmethod
     def released(cls, **overrides) -> REPConfig:
-        """The released code's setting, exactly (module docstring; ``--rep-setting released``). Citations are
-        to ElliottYan/RobustKeyEdit at 5c54348: ``aggregator.py`` is ``EasyEditOurs/easyeditor/models/
-        aggregator.py``, ``rome_hparams.py`` its ``models/rome/rome_hparams.py`` (the defaults),
-        ``edit_llama.sh`` ``scripts/edit_llama.sh`` (the REP run's overrides, L45)."""
-        released = dict(
-            rank=32,  # aggregator.py L375 (r = 32; lora_alpha = 32 at L376, so the scaling L386 is 1)
-            gate_hidden_fraction=0.1,  # aggregator.py L396, rome_hparams.py L62
-            dropout=0.1,  # aggregator.py L377, L390: on the projection's input only (L405)
-            tau=0.9,  # edit_llama.sh L31 (cls_threshold = 0.9), rome_hparams.py L59
-            lr=5e-4,  # rome_hparams.py L61 (agg_lr, not overridden), aggregator.py L114-120 (Adam, no decay)
-            steps=10,  # edit_llama.sh L45 (num_train_agg_steps), aggregator.py L227
-            batch_size=15,  # rome_hparams.py L67 (agg_batch_size), aggregator.py L212, L230-240
-            objective="released",  # aggregator.py L306-317: norm (L52 agg_loss_norm), no C (edit_llama.sh L45
-            #                        agg_remove_c), no |·| (L311 "v5: remove abs"); u: rome_main.py L48, L70
-            anchor="bare",  # aggregator.py L219-223 (the bare prompt is popped), L240, L284, L290-291
-            anchor_loss="mse",  # aggregator.py L291 (F.mse_loss, mean over the coordinates)
-            anchor_weight=50000.0,  # edit_llama.sh L32, L45 (target_consistency_weight)
-            gate_weight=0.0,  # aggregator.py L297-299 (cls_loss_weight must be 0)
-            gate_negatives=False,  # aggregator.py L297-299: no classification loss, no negative data
-            train_long_context=False,  # aggregator.py L166-182, L444: the long texts lose "{}"
-            #                            (evaluate.py L330), so no long template survives
-            dropout_at_inference=True,  # aggregator.py L362-365: only the Adaptor's flag is cleared, its
-            #                             Dropout child stays in training mode
-            bias=False,  # aggregator.py L379-380 (Kaiming-uniform A at L383, zero B at L384: as keyscope's)
-            gate_strict=True,  # aggregator.py L417 (cls_pred > cls_threshold)
-            input_scaling=False,  # aggregator.py L405-408: the gate and projection read x itself
-            positive_kinds=(REPHRASE, SHUFFLE),  # aggregator.py L186-208 (first halves; no templates:
-                                                 #                                          L145-146 raise, no word shuffles)
-            positive_prefixes=True,  # aggregator.py L141-142, L193, L206: every subject behind every prefix
-        )
+        """The released code's setting, exactly (module docstring; ``--rep-setting released``). Each field is
+        cited to file and line of ElliottYan/RobustKeyEdit at 5c54348 in ``keyscope/editing/hparams/rep.json``
+        (``SETTINGS_TABLE.citation("released", field)``)."""
+        released = SETTINGS_TABLE.entries()["released"]  # keyscope/editing/hparams/rep.json, cited per field
         return cls(**{**released, **overrides})
 
     @classmethod
@@ -214,6 +186,11 @@ class REPConfig:
         if setting not in SETTINGS:
             raise ValueError(f"the REP setting must be one of {', '.join(SETTINGS)}, not {setting!r}")
         return {"keyscope": cls, "paper": cls.paper, "released": cls.released}[setting](**overrides)
+
+
+#: REP's named settings other than keyscope's default (``paper``, ``released``): the fields they set on top of
+#: :class:`REPConfig`'s defaults, read from ``keyscope/editing/hparams/rep.json`` with a citation per field.
+SETTINGS_TABLE = published.load("keyscope.editing", "hparams/rep.json", "setting", [f.name for f in fields(REPConfig)])
 
 
 def _linear(n_in: int, n_out: int, bias: bool, generator: torch.Generator) -> torch.nn.Linear:

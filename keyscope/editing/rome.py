@@ -69,8 +69,8 @@ Reference mode
 * **tokenisation**: prompts are tokenised as ``AutoTokenizer.from_pretrained`` tokenises them
   (:func:`keyscope.model.models.hf_prepends_bos`) — for a model :func:`keyscope.model.models.load_model` loaded, the way its
   ``model.tokenizer`` tokenises anyway; for a bridge booted elsewhere, which prepends a BOS to every tokenizer,
-  the BOS is dropped for GPT-2 (a BOS changes every key: the bare prompt's key of a GPT-2-small-shape model
-  moves to cosine 0.70 of the reference's);
+  the BOS is dropped for GPT-2 (a BOS changes every key, since attention at every position reads it;
+  ``docs/departures.md``);
 * **two keys**: the direction ``u ∝ C⁻¹k̄`` comes from the prefix-averaged key ``k̄`` (``compute_u``), but
   ``v*`` is installed at the bare prompt's key ``k₀``: ``ΔW = (v* − W k₀)(C⁻¹k̄)ᵀ / (k₀ᵀC⁻¹k̄)``
   (``compute_v``'s ``right_vector = (target - cur_output) / torch.dot(cur_input, left_vector)``), so
@@ -101,6 +101,7 @@ from dataclasses import dataclass, field, fields, replace
 
 import torch
 
+from keyscope._infra import published
 from keyscope._infra.errors import KeyscopeError
 from keyscope.analysis.covariance import KeyCovariance, load_or_compute_covariance
 from keyscope.data.prompts import (
@@ -159,7 +160,8 @@ class ROMEConfig:
     """Hyper-parameters of one ROME edit. ``ROMEConfig()`` holds ROME's GPT-2 XL values; use
     :meth:`for_model` for the published values of a model's family (or the model card's own). No I/O, no state.
 
-    Sources (file paths in kmeng01/rome, kmeng01/memit and zjunlp/EasyEdit): see :data:`PUBLISHED`.
+    Sources (file paths in kmeng01/rome, kmeng01/memit and zjunlp/EasyEdit): each entry of :data:`PUBLISHED` and
+    :data:`PUBLISHED_BY_NAME` carries its own in ``keyscope/editing/hparams/rome.json``.
     """
 
     #: Forward evaluations of the v* objective (ROME's ``v_num_grad_steps``; the last one takes no step).
@@ -216,7 +218,7 @@ class ROMEConfig:
 
         1. ``overrides``;
         2. the model's own card (``"rome_config"`` in the ``keyscope.json`` of a keyscope-built directory:
-           factworld's card records the settings measured for it, see
+           factworld's card holds its recipe, see
            :data:`keyscope.studies.factworld.ROME_CONFIG`);
         3. the published file of that exact hub model (``gpt2-medium``, :data:`PUBLISHED_BY_NAME`), else of
            its family (:data:`PUBLISHED`);
@@ -234,31 +236,15 @@ class ROMEConfig:
         return replace(cls(), **{**published, **own, **overrides})
 
 
-#: Published ROME hyper-parameters per HF ``model_type``. All of them share ``v_lr = 0.5``,
-#: ``kl_factor = 0.0625``, ``clamp_norm_factor = 4`` and the prefixes ``[[5, 10], [10, 10]]``.
-PUBLISHED: dict[str, dict] = {
-    # kmeng01/rome hparams/ROME/gpt2-xl.json; EasyEdit hparams/ROME/gpt2-xl.yaml, gpt2-large.json
-    "gpt2": {"v_num_grad_steps": 20, "v_lr": 0.5, "v_weight_decay": 0.5, "clamp_norm_factor": 4.0, "kl_factor": 0.0625},
-    # kmeng01/rome hparams/ROME/EleutherAI_gpt-j-6B.json (current version); EasyEdit hparams/ROME/gpt-j-6B.yaml
-    "gptj": {"v_num_grad_steps": 20, "v_lr": 0.5, "v_weight_decay": 0.5, "clamp_norm_factor": 4.0, "kl_factor": 0.0625},
-    # kmeng01/memit hparams/ROME/EleutherAI_gpt-neox-20b.json
-    "gpt_neox": {"v_num_grad_steps": 20, "v_lr": 0.5, "v_weight_decay": 0.5, "clamp_norm_factor": 4.0, "kl_factor": 0.0625},
-    # EasyEdit hparams/ROME/llama-7b.yaml (Llama-2-7b)
-    "llama": {"v_num_grad_steps": 25, "v_lr": 0.5, "v_weight_decay": 1e-3, "clamp_norm_factor": 4.0, "kl_factor": 0.0625,
-             "prefix_seeds": EASYEDIT_PREFIX_SEEDS},
-    # EasyEdit hparams/ROME/mistral-7b.yaml
-    "mistral": {"v_num_grad_steps": 25, "v_lr": 0.5, "v_weight_decay": 1e-3, "clamp_norm_factor": 4.0, "kl_factor": 0.0625,
-               "prefix_seeds": EASYEDIT_PREFIX_SEEDS},
-    # EasyEdit hparams/ROME/qwen2.5-7b.yaml
-    "qwen2": {"v_num_grad_steps": 25, "v_lr": 0.5, "v_weight_decay": 1e-3, "clamp_norm_factor": 4.0, "kl_factor": 0.0625,
-             "prefix_seeds": EASYEDIT_PREFIX_SEEDS},
-}
+#: Published ROME hyper-parameters per HF ``model_type``, each cited in ``keyscope/editing/hparams/rome.json``
+#: (table ``family``; :data:`PUBLISHED_TABLE` gives the citations).
+PUBLISHED_TABLE = published.load("keyscope.editing", "hparams/rome.json", "family", [f.name for f in fields(ROMEConfig)])
+PUBLISHED: dict[str, dict] = PUBLISHED_TABLE.entries()
 
-#: Models whose own published file differs from their family's.
-PUBLISHED_BY_NAME: dict[str, dict] = {
-    # EasyEdit hparams/ROME/gpt2-medium.json: clamp_norm_factor 3 (the other GPT-2 files use 4)
-    "gpt2-medium": {**PUBLISHED["gpt2"], "clamp_norm_factor": 3.0},
-}
+#: Models whose own published file differs from their family's (``hparams/rome.json``, table ``model``).
+PUBLISHED_BY_NAME_TABLE = published.load("keyscope.editing", "hparams/rome.json", "model",
+                                         [f.name for f in fields(ROMEConfig)])
+PUBLISHED_BY_NAME: dict[str, dict] = PUBLISHED_BY_NAME_TABLE.entries()
 
 
 # ---------------------------------------------------------------------------------------------- records
@@ -373,8 +359,8 @@ def compute_v_star(
     ``0..layer`` run once, without the first step's full forward and backward). That path runs Hugging Face's own
     attention through SDPA whatever ``sdpa`` says; ``reuse_prefix=False`` is the replay alone. With
     ``sdpa`` (default: on CUDA devices) attention runs through the fused kernel
-    (:func:`keyscope.model.models.sdpa_attention`; v* reads no attention pattern); on CPU its backward pass measured
-    no faster than eager attention, so it is off there. ``reuse_lower_layers=False, sdpa=False`` is the plain loop (every step a
+    (:func:`keyscope.model.models.sdpa_attention`; v* reads no attention pattern); it is off on CPU, where it does
+    not speed up the loop (``docs/scaling.md``). ``reuse_lower_layers=False, sdpa=False`` is the plain loop (every step a
     full eager forward with ``δ`` hooked into the MLP output); all give the same ``v*`` to float tolerance
     (tests/editing/test_rome.py; benchmarks/bench_v_star.py measures each against the plain loop).
 

