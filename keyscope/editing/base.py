@@ -323,6 +323,8 @@ class Editor(ABC):
 
     #: The name of this method's config in :attr:`EditContext.configs` (``None``: it has none of its own).
     config_name: ClassVar[str | None] = None
+    #: The class of that config (a frozen dataclass declared in the method's module).
+    config_class: ClassVar[type | None] = None
 
     @classmethod
     def prepare(cls, run: RunInputs, configs: dict, prepared: dict) -> None:

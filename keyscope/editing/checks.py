@@ -201,6 +201,8 @@ def check_edit_interface(name: str, setting: CheckSetting) -> None:
         _fail(name, "check_edit_interface", f"its gated edit {type(edit).__name__} is not a GatedEdit")
     if cls.config_name is not None and cls.config_name not in setting.context.configs:
         _fail(name, "check_edit_interface", f"prepare_context left no {cls.config_name!r} config for it")
+    if cls.config_name is not None and not isinstance(setting.context.configs[cls.config_name], cls.config_class):
+        _fail(name, "check_edit_interface", f"its config {cls.config_name!r} is not a {cls.config_class}")
     width, depth = d_mlp(model), d_model(model)
     for i in range(len(setting.requests)):
         keys = edit.own_keys(i)

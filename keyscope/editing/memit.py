@@ -395,6 +395,7 @@ class MEMITEditor(Editor):
     name = "memit"
     batched = True
     config_name = "memit"
+    config_class = MEMITConfig
 
     def __init__(self, model, context):
         super().__init__(model, context)

@@ -681,6 +681,7 @@ class REPEditor(Editor):
     uses_probes = True
     uses_gate_negatives = True
     config_name = "rep"
+    config_class = REPConfig
 
     def __init__(self, model, context):
         super().__init__(model, context)

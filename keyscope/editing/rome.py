@@ -584,6 +584,7 @@ class ROMEEditor(Editor):
 
     name = "rome"
     config_name = "rome"
+    config_class = ROMEConfig
 
     @classmethod
     def prepare(cls, run, configs: dict, prepared: dict) -> None:
