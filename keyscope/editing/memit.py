@@ -73,9 +73,8 @@ from keyscope._infra import published
 from keyscope._infra.errors import KeyscopeError
 from keyscope.analysis.keys import collect_keys
 from keyscope.data.prompts import locate, pad_batch
-from keyscope.editing import rome
 from keyscope.editing.base import Editor, ModelEdit, restoring
-from keyscope.editing.optimise import EditTrace, optimise_delta, v_star_batch
+from keyscope.editing.optimise import DeltaConfig, DeltaSettings, EditTrace, optimise_delta, v_star_batch
 from keyscope.editing.prefixes import prefixed
 from keyscope.editing.request import EditRequest, as_request
 from keyscope.model.capture import Site, run_to
@@ -102,7 +101,7 @@ __all__ = ["MEMITConfig", "PUBLISHED", "subject_residuals", "compute_z", "memit_
 class MEMITConfig:
     """Hyper-parameters of a MEMIT edit. ``MEMITConfig()`` holds MEMIT's GPT-2 XL values
     (kmeng01/memit ``hparams/MEMIT/gpt2-xl.json``); :meth:`for_model` the published values of a model's family
-    or the model card's own. No I/O. The z optimisation reuses ROME's v* loop (:meth:`z_config`).
+    or the model card's own. No I/O. The z optimisation is ROME's v* loop with these settings (:meth:`z_config`).
 
     λ is not scale-free: one request's key receives the share ``g / (λ + g)`` of its residual, ``g = k*ᵀC⁻¹k*``
     (:meth:`LayerUpdate.own`; the one-request case of MEMIT eq. 14), so a published λ suits models whose ``g`` is
@@ -137,16 +136,19 @@ class MEMITConfig:
         object.__setattr__(self, "layers", layers)
         if self.mom2_update_weight < 0:
             raise ValueError(f"mom2_update_weight must be >= 0, not {self.mom2_update_weight}")
-        rome.ROMEConfig(**self._z_fields())  # validates the z settings
+        DeltaConfig(**self._z_fields())  # validates the z settings
 
     def _z_fields(self) -> dict:
         return dict(v_num_grad_steps=self.v_num_grad_steps, v_lr=self.v_lr, v_weight_decay=self.v_weight_decay,
                     clamp_norm_factor=self.clamp_norm_factor, kl_factor=self.kl_factor, kl_prompt=self.kl_prompt,
                     early_stop_loss=self.early_stop_loss)
 
-    def z_config(self, base: rome.ROMEConfig | None = None) -> rome.ROMEConfig:
-        """ROME's config of the v* loop with MEMIT's z settings (``base``'s other fields, e.g. its seed)."""
-        return replace(base or rome.ROMEConfig(), **self._z_fields())
+    def z_config(self, base: DeltaSettings | None = None) -> DeltaConfig:
+        """The settings of the δ loop (:func:`keyscope.editing.optimise.optimise_delta`, ROME's v* loop) with MEMIT's
+        z settings; ``early_stop_probability`` and ``reference`` (the tokenisation's BOS convention) from ``base``,
+        the run's ROME config (default: none, and the bridge's own BOS convention)."""
+        return DeltaConfig(**self._z_fields(), early_stop_probability=getattr(base, "early_stop_probability", None),
+                           reference=getattr(base, "reference", False))
 
     @classmethod
     def for_model(cls, model, **overrides) -> MEMITConfig:
@@ -207,7 +209,7 @@ def _h_prefixes(prefixes: Sequence[str], config: MEMITConfig) -> tuple[str, ...]
 
 
 def compute_z(model, request: EditRequest, layer: int, prefixes: Sequence[str], config: MEMITConfig,
-              base: rome.ROMEConfig | None = None) -> tuple[torch.Tensor, EditTrace]:
+              base: DeltaSettings | None = None) -> tuple[torch.Tensor, EditTrace]:
     """``z = h + δ`` ``(d_model,)``: the target residual after block ``layer`` at the subject's last token
     (kmeng01/memit ``memit/compute_z.py``), ``δ`` optimised by ROME's v* loop
     (:func:`keyscope.editing.optimise.optimise_delta`) at :func:`keyscope.model.models.residual_hook` with ``‖h‖`` scaling the decay and clamp,
@@ -354,7 +356,7 @@ class MEMITEdit(ModelEdit):
 
 
 def compute_memit(model, requests: Sequence, config: MEMITConfig, covariances: dict, prefixes: Sequence[str],
-                  base: rome.ROMEConfig | None = None, batch_size: int = 32) -> MEMITEdit:
+                  base: DeltaSettings | None = None, batch_size: int = 32) -> MEMITEdit:
     """The MEMIT edit of ``requests`` (module docstring): ``covariances`` maps each of ``config.layers`` to its
     :class:`~keyscope.analysis.covariance.KeyCovariance` (of the unedited model, as MEMIT's cached statistics). The
     weights are unchanged on return (each layer is written while the next is computed, then restored)."""

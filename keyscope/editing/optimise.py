@@ -20,13 +20,13 @@ from typing import Protocol
 
 import torch
 
-from keyscope.data.prompts import encode, fill, pad_batch, tokens_overlapping
+from keyscope.data.prompts import SLOT, encode, fill, pad_batch, tokens_overlapping
 from keyscope.editing.prefixes import bos_convention, prefixed
 from keyscope.editing.request import EditRequest, EmptyTarget, TargetTokenization
 from keyscope.model.models import d_model, family, fast_logits_ok, frozen, logits_at, sdpa_attention
 from keyscope.model.replay import PREFIX_CACHE_FAMILIES, PrefixCached, block_output, blocks_replayed
 
-__all__ = ["DeltaSettings", "EditTrace", "VStarBatch", "teacher_forced", "v_star_batch", "optimise_delta"]
+__all__ = ["DeltaSettings", "DeltaConfig", "EditTrace", "VStarBatch", "teacher_forced", "v_star_batch", "optimise_delta"]
 
 
 class DeltaSettings(Protocol):
@@ -42,6 +42,30 @@ class DeltaSettings(Protocol):
     early_stop_loss: float | None
     early_stop_probability: float | None
     reference: bool
+
+
+@dataclass(frozen=True)
+class DeltaConfig:
+    """A :class:`DeltaSettings` of its own (what MEMIT's z step runs with, :meth:`keyscope.editing.memit.MEMITConfig.z_config`);
+    a :class:`keyscope.editing.rome.ROMEConfig` is one too. No I/O."""
+
+    v_num_grad_steps: int
+    v_lr: float
+    v_weight_decay: float
+    clamp_norm_factor: float
+    kl_factor: float
+    kl_prompt: str
+    early_stop_loss: float | None = None
+    early_stop_probability: float | None = None
+    reference: bool = False
+
+    def __post_init__(self):
+        if self.v_num_grad_steps < 1:
+            raise ValueError(f"v_num_grad_steps must be at least 1, not {self.v_num_grad_steps}")
+        if self.clamp_norm_factor <= 0 or self.v_lr <= 0:
+            raise ValueError("clamp_norm_factor and v_lr must be positive")
+        if SLOT not in self.kl_prompt:
+            raise ValueError(f"kl_prompt must contain {SLOT!r} for the subject, not {self.kl_prompt!r}")
 
 
 @dataclass(frozen=True)
