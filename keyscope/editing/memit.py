@@ -74,7 +74,7 @@ from keyscope._infra.errors import KeyscopeError
 from keyscope.analysis.keys import collect_keys
 from keyscope.data.prompts import locate, pad_batch
 from keyscope.editing.base import Editor, ModelEdit, restoring
-from keyscope.editing.optimise import DeltaConfig, DeltaSettings, EditTrace, optimise_delta, v_star_batch
+from keyscope.editing.optimise import DeltaConfig, EditTrace, optimise_delta, v_star_batch
 from keyscope.editing.prefixes import prefixed
 from keyscope.editing.request import EditRequest, as_request
 from keyscope.model.capture import Site, run_to
@@ -143,7 +143,7 @@ class MEMITConfig:
                     clamp_norm_factor=self.clamp_norm_factor, kl_factor=self.kl_factor, kl_prompt=self.kl_prompt,
                     early_stop_loss=self.early_stop_loss)
 
-    def z_config(self, base: DeltaSettings | None = None) -> DeltaConfig:
+    def z_config(self, base: DeltaConfig | None = None) -> DeltaConfig:
         """The settings of the δ loop (:func:`keyscope.editing.optimise.optimise_delta`, ROME's v* loop) with MEMIT's
         z settings; ``early_stop_probability`` and ``reference`` (the tokenisation's BOS convention) from ``base``,
         the run's ROME config (default: none, and the bridge's own BOS convention)."""
@@ -209,7 +209,7 @@ def _h_prefixes(prefixes: Sequence[str], config: MEMITConfig) -> tuple[str, ...]
 
 
 def compute_z(model, request: EditRequest, layer: int, prefixes: Sequence[str], config: MEMITConfig,
-              base: DeltaSettings | None = None) -> tuple[torch.Tensor, EditTrace]:
+              base: DeltaConfig | None = None) -> tuple[torch.Tensor, EditTrace]:
     """``z = h + δ`` ``(d_model,)``: the target residual after block ``layer`` at the subject's last token
     (kmeng01/memit ``memit/compute_z.py``), ``δ`` optimised by ROME's v* loop
     (:func:`keyscope.editing.optimise.optimise_delta`) at :func:`keyscope.model.models.residual_hook` with ``‖h‖`` scaling the decay and clamp,
@@ -356,7 +356,7 @@ class MEMITEdit(ModelEdit):
 
 
 def compute_memit(model, requests: Sequence, config: MEMITConfig, covariances: dict, prefixes: Sequence[str],
-                  base: DeltaSettings | None = None, batch_size: int = 32) -> MEMITEdit:
+                  base: DeltaConfig | None = None, batch_size: int = 32) -> MEMITEdit:
     """The MEMIT edit of ``requests`` (module docstring): ``covariances`` maps each of ``config.layers`` to its
     :class:`~keyscope.analysis.covariance.KeyCovariance` (of the unedited model, as MEMIT's cached statistics). The
     weights are unchanged on return (each layer is written while the next is computed, then restored)."""

@@ -16,7 +16,6 @@ import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 
@@ -26,28 +25,14 @@ from keyscope.editing.request import EditRequest, EmptyTarget, TargetTokenizatio
 from keyscope.model.models import d_model, family, fast_logits_ok, frozen, logits_at, sdpa_attention
 from keyscope.model.replay import PREFIX_CACHE_FAMILIES, PrefixCached, block_output, blocks_replayed
 
-__all__ = ["DeltaSettings", "DeltaConfig", "EditTrace", "VStarBatch", "teacher_forced", "v_star_batch", "optimise_delta"]
-
-
-class DeltaSettings(Protocol):
-    """The settings of the δ optimisation (the fields of a :class:`keyscope.editing.rome.ROMEConfig` of the same
-    names; MEMIT's :meth:`~keyscope.editing.memit.MEMITConfig.z_config` gives one)."""
-
-    v_num_grad_steps: int
-    v_lr: float
-    v_weight_decay: float
-    clamp_norm_factor: float
-    kl_factor: float
-    kl_prompt: str
-    early_stop_loss: float | None
-    early_stop_probability: float | None
-    reference: bool
+__all__ = ["DeltaConfig", "check_delta_settings", "EditTrace", "VStarBatch", "teacher_forced", "v_star_batch", "optimise_delta"]
 
 
 @dataclass(frozen=True)
 class DeltaConfig:
-    """A :class:`DeltaSettings` of its own (what MEMIT's z step runs with, :meth:`keyscope.editing.memit.MEMITConfig.z_config`);
-    a :class:`keyscope.editing.rome.ROMEConfig` is one too. No I/O."""
+    """The settings of the δ optimisation (what MEMIT's z step runs with, :meth:`keyscope.editing.memit.MEMITConfig.z_config`).
+    A :class:`keyscope.editing.rome.ROMEConfig` has the same fields and serves wherever a ``DeltaConfig`` is read.
+    No I/O."""
 
     v_num_grad_steps: int
     v_lr: float
@@ -60,12 +45,18 @@ class DeltaConfig:
     reference: bool = False
 
     def __post_init__(self):
-        if self.v_num_grad_steps < 1:
-            raise ValueError(f"v_num_grad_steps must be at least 1, not {self.v_num_grad_steps}")
-        if self.clamp_norm_factor <= 0 or self.v_lr <= 0:
-            raise ValueError("clamp_norm_factor and v_lr must be positive")
-        if SLOT not in self.kl_prompt:
-            raise ValueError(f"kl_prompt must contain {SLOT!r} for the subject, not {self.kl_prompt!r}")
+        check_delta_settings(self)
+
+
+def check_delta_settings(config) -> None:
+    """Raise ``ValueError`` for settings the δ loop cannot run with (a :class:`DeltaConfig` or a ROMEConfig):
+    no step, a non-positive clamp or learning rate, an essence prompt without the subject's slot."""
+    if config.v_num_grad_steps < 1:
+        raise ValueError(f"v_num_grad_steps must be at least 1, not {config.v_num_grad_steps}")
+    if config.clamp_norm_factor <= 0 or config.v_lr <= 0:
+        raise ValueError("clamp_norm_factor and v_lr must be positive")
+    if SLOT not in config.kl_prompt:
+        raise ValueError(f"kl_prompt must contain {SLOT!r} for the subject, not {config.kl_prompt!r}")
 
 
 @dataclass(frozen=True)
@@ -145,7 +136,7 @@ def teacher_forced(
     return list(encoded.ids[: target_indices[-1]]), subject_index, target_ids, [i - 1 for i in target_indices]
 
 
-def v_star_batch(model, request: EditRequest, prefixes: Sequence[str], config: DeltaSettings) -> VStarBatch:
+def v_star_batch(model, request: EditRequest, prefixes: Sequence[str], config: DeltaConfig) -> VStarBatch:
     tokenizer = model.tokenizer
     prepend_bos = bos_convention(model, config)
     sequences, subject_indices = [], []
@@ -179,7 +170,7 @@ def v_star_batch(model, request: EditRequest, prefixes: Sequence[str], config: D
     )
 
 
-def optimise_delta(model, batch: VStarBatch, hook: str, value_norm: float, config: DeltaSettings, *,
+def optimise_delta(model, batch: VStarBatch, hook: str, value_norm: float, config: DeltaConfig, *,
                    replay_layer: int | None = None, progress: bool = False, reuse_lower_layers: bool = True,
                    reuse_prefix: bool = True, sdpa: bool | None = None,
                    label: str = "δ") -> tuple[torch.Tensor, EditTrace]:

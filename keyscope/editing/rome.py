@@ -104,11 +104,8 @@ import torch
 from keyscope._infra import published
 from keyscope._infra.errors import KeyscopeError
 from keyscope.analysis.covariance import KeyCovariance, load_or_compute_covariance
-from keyscope.data.prompts import (
-    SLOT,
-)
 from keyscope.editing.base import Editor, ModelEdit, restoring
-from keyscope.editing.optimise import EditTrace, optimise_delta, v_star_batch
+from keyscope.editing.optimise import EditTrace, check_delta_settings, optimise_delta, v_star_batch
 from keyscope.editing.prefixes import bos_convention, context_prefixes, prefixed_keys
 from keyscope.editing.request import EditRequest, as_request, check_request_tokens
 from keyscope.model.models import (
@@ -203,12 +200,7 @@ class ROMEConfig:
     reference: bool = False
 
     def __post_init__(self):
-        if self.v_num_grad_steps < 1:
-            raise ValueError(f"v_num_grad_steps must be at least 1, not {self.v_num_grad_steps}")
-        if self.clamp_norm_factor <= 0 or self.v_lr <= 0:
-            raise ValueError("clamp_norm_factor and v_lr must be positive")
-        if SLOT not in self.kl_prompt:
-            raise ValueError(f"kl_prompt must contain {SLOT!r} for the subject, not {self.kl_prompt!r}")
+        check_delta_settings(self)  # the δ loop's own fields
         if any(length < 1 or count < 0 for length, count in self.context_template_length_params):
             raise ValueError("context_template_length_params must be (length >= 1, count >= 0) pairs")
 
